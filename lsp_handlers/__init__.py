@@ -1,0 +1,1 @@
+"""pygls handlers: document sync, inline completion, feedback capture, context building."""

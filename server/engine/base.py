@@ -1,0 +1,138 @@
+"""The one interface every inference engine implements, and the records it returns.
+
+An engine turns a prompt into candidates: each with its text, token ids and the per-token log-probs of
+the sampled tokens under the serving policy (pi_old for training). Log-probs are the model's raw
+distribution (temperature 1, before top-p), which is what the trainer recomputes for pi_theta.
+Adapters are named by `AdapterRef`; a name always stands for one set of weights (vLLM caches by name).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+
+class EngineError(RuntimeError):
+    """The engine could not start or could not answer; the message says why and what to do."""
+
+
+class AdapterError(EngineError):
+    """An adapter could not be loaded, found or unloaded."""
+
+
+@dataclass(slots=True, frozen=True)
+class AdapterRef:
+    """One LoRA adapter as the engine knows it.
+
+    `name` is unique for these weights and never reused for different ones; `lora_id` is the integer
+    id the embedded engine needs (>= 1, also unique); `path` is a peft adapter folder.
+    """
+
+    name: str
+    lora_id: int
+    path: Path
+
+    def __post_init__(self) -> None:
+        if not ADAPTER_NAME_RE.match(self.name):
+            raise AdapterError(
+                f"adapter name {self.name!r} is not valid: use 1-128 letters, digits, '_', '.', ':', '-'"
+            )
+        if self.lora_id < 1:
+            raise AdapterError(f"adapter {self.name!r} has lora_id {self.lora_id}: it must be >= 1")
+
+
+@dataclass(slots=True)
+class Candidate:
+    """One sampled completion."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]  # one per token id: log pi_old(token | prompt, earlier tokens)
+    finish_reason: str  # "stop" (stop string or end-of-text) or "length"
+
+
+@dataclass(slots=True)
+class Timing:
+    """Seconds, measured around the engine call."""
+
+    total_s: float
+    first_token_s: float | None = None
+
+
+@dataclass(slots=True)
+class Generation:
+    """The engine's answer to one request."""
+
+    candidates: list[Candidate]
+    prompt_token_ids: list[int]
+    adapter: str | None
+    timing: Timing
+    request_id: str = ""
+
+
+@dataclass(slots=True)
+class EngineInfo:
+    """What an engine reports about itself (for status and logs)."""
+
+    kind: str
+    model: str
+    max_model_len: int
+    max_loras: int
+    loaded_adapters: list[str] = field(default_factory=list)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An inference engine with LoRA adapters. Implementations: embedded vLLM, remote vLLM server."""
+
+    async def start(self) -> None:
+        """Load the model (or connect); raises `EngineError` with the reason."""
+        ...
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        *,
+        n: int = 1,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        adapter: AdapterRef | None = None,
+        seed: int | None = None,
+        request_id: str | None = None,
+    ) -> Generation:
+        """Sample `n` candidates for `prompt` (text, or token ids from `tokenize`)."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request that is no longer wanted (a newer keystroke replaced it)."""
+        ...
+
+    async def load_adapter(self, adapter: AdapterRef) -> None:
+        """Make `adapter` ready to serve; loading the same name twice is a no-op."""
+        ...
+
+    async def unload_adapter(self, adapter: AdapterRef) -> None:
+        """Free `adapter`; requests already running on it finish first (callers ensure that)."""
+        ...
+
+    async def loaded_adapters(self) -> list[str]:
+        """Names of the adapters the engine holds now."""
+        ...
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` under the served model's tokenizer, without special tokens."""
+        ...
+
+    def detokenize(self, token_ids: list[int]) -> str: ...
+
+    def info(self) -> EngineInfo: ...
+
+    async def close(self) -> None:
+        """Stop the engine and its worker processes; safe to call twice."""
+        ...

@@ -1,0 +1,40 @@
+"""Where Heedful keeps its files: the data dir (database, models, adapters) and the download cache.
+
+Both live outside any source checkout so that a fresh clone reuses a model prepared earlier.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_MODEL_DIRNAME = "SmolLM2-135M-Instruct"
+
+
+def data_dir() -> Path:
+    """`HEEDFUL_DATA_DIR`, else `$XDG_DATA_HOME/heedful` (default `~/.local/share/heedful`)."""
+    explicit = os.environ.get("HEEDFUL_DATA_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg).expanduser() / "heedful"
+
+
+def cache_dir() -> Path:
+    """`HEEDFUL_CACHE_DIR`, else `$XDG_CACHE_HOME/heedful`: downloads that can be fetched again."""
+    explicit = os.environ.get("HEEDFUL_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "heedful"
+
+
+def default_model_dir() -> Path:
+    """Where `heedful model prepare` puts the default model (SmolLM2-135M-Instruct, safetensors)."""
+    return data_dir() / "models" / DEFAULT_MODEL_DIRNAME
+
+
+def config_path() -> Path | None:
+    """The global settings file named by `HEEDFUL_CONFIG`, if any."""
+    explicit = os.environ.get("HEEDFUL_CONFIG")
+    return Path(explicit).expanduser() if explicit else None

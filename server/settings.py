@@ -1,0 +1,670 @@
+"""Settings: TOML files an admin writes, resolved for one (developer, team).
+
+Layers, later wins, key by key:
+
+1. the defaults written here;
+2. the global file (`HEEDFUL_CONFIG`, or the file passed on the command line);
+3. the team's file, `<teams.dir>/<team>.toml` next to the global file;
+4. `[developers."<id>".<section>]` tables of the global file, then of the team file.
+
+Every key is declared once below, with its type, default, help text and allowed values; the README's
+settings reference is generated from the same declarations (`heedful config reference`). A bad value
+raises `SettingsError` naming the file, the key, the value and what is allowed. This module reads files
+and validates; it never writes settings and never touches the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server import paths
+
+TEAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class SettingsError(ValueError):
+    """A settings file or value that cannot be used; the message says where and how to fix it."""
+
+    def __init__(self, source: str, key: str, value: object, allowed: str) -> None:
+        self.source = source
+        self.key = key
+        self.value = value
+        self.allowed = allowed
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"{source}: {key} = {shown} is not valid: {allowed}")
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[Any, ...] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    min_exclusive: bool = False,
+) -> Any:
+    """Declare one settings key with its help text and the values it allows."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if isinstance(default, list):
+        frozen = list(default)
+        return field(default_factory=lambda: list(frozen), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(slots=True)
+class ModelSettings:
+    """The causal language model that serves completions and that adapters are trained on."""
+
+    path: str = setting(
+        "",
+        "Hugging Face model folder (config.json, tokenizer, safetensors). Empty: the default model that "
+        "`heedful model prepare` puts in the data dir (SmolLM2-135M-Instruct).",
+    )
+    name: str = setting(
+        "",
+        "Model name the remote vLLM server was started with (`vllm serve <name>`); empty: the path.",
+    )
+    max_model_len: int = setting(2048, "Longest prompt plus completion in tokens.", min=256, max=131072)
+    fim_template: str = setting(
+        "auto",
+        "Fill-in-the-middle template: `auto` (use the model's FIM tokens when its tokenizer has them), "
+        "`none` (prefix only), or a template with {prefix} and {suffix}.",
+    )
+
+
+@dataclass(slots=True)
+class EngineSettings:
+    """How completions are generated: vLLM in this process, or a vLLM server over HTTP."""
+
+    mode: str = setting(
+        "embedded",
+        "`embedded`: vLLM runs inside `heedful serve`; `remote`: a running `vllm serve --enable-lora` "
+        "server at `engine.url`.",
+        choices=("embedded", "remote"),
+    )
+    url: str = setting("", "Base URL of the remote vLLM server, e.g. http://gpu-host:8000 (mode `remote`).")
+    api_key: str = setting("", "Bearer token for the remote vLLM server (its `--api-key`), if it has one.")
+    request_timeout_s: float = setting(
+        30.0, "Seconds before a generation request to the engine is abandoned.", min=0.1, max=3600
+    )
+    dtype: str = setting(
+        "bfloat16", "Weight and activation type inside vLLM.", choices=("bfloat16", "float16", "float32")
+    )
+    kv_cache_gib: float = setting(
+        1.0,
+        "KV-cache size in GiB for the embedded engine on CPU (sets VLLM_CPU_KVCACHE_SPACE); vLLM's own "
+        "default reservation fails on small machines.",
+        min=0.0625,
+        max=1024,
+    )
+    gpu_memory_utilization: float = setting(
+        0.85, "Share of GPU memory the embedded engine may take (GPU machines only).", min=0.05, max=0.99
+    )
+    cpu_threads_bind: str = setting(
+        "auto",
+        "Cores the CPU engine's OpenMP threads bind to (VLLM_CPU_OMP_THREADS_BIND), e.g. `0-1`; `auto`: "
+        "every core this process may run on; `off`: no binding.",
+    )
+    max_num_seqs: int = setting(
+        16, "Most sequences the engine decodes at once (one completion group counts G).", min=1, max=1024
+    )
+    enforce_eager: bool = setting(
+        False,
+        "Skip graph compilation: faster engine start, slower generation.",
+    )
+    enable_prefix_caching: bool = setting(
+        True,
+        "Reuse the KV cache of shared prompt prefixes (consecutive keystrokes in one file).",
+    )
+    max_loras: int = setting(
+        4,
+        "LoRA adapters active in one batch; at least 2 so a new adapter can load while the old one "
+        "finishes its requests.",
+        min=2,
+        max=256,
+    )
+    max_lora_rank: int = setting(16, "Highest LoRA rank the engine accepts.", choices=(8, 16, 32, 64, 128, 256))
+    max_cpu_loras: int = setting(
+        8, "Adapters the embedded engine keeps loaded in memory (at least `max_loras`).", min=2, max=1024
+    )
+    seed: int = setting(0, "Seed of the engine's sampler, for reproducible runs.", min=0)
+
+
+@dataclass(slots=True)
+class CompletionSettings:
+    """What one completion request asks of the engine."""
+
+    max_tokens: int = setting(64, "Most new tokens in a multi-line completion.", min=1, max=4096)
+    single_line_max_tokens: int = setting(
+        16, "Most new tokens when the completion must end at the line end.", min=1, max=4096
+    )
+    temperature: float = setting(0.2, "Sampling temperature of the shown completion (0: greedy).", min=0.0, max=2.0)
+    group_size: int = setting(4, "G: candidates sampled for a training group (GRPO).", min=2, max=64)
+    group_temperature: float = setting(
+        1.0, "Sampling temperature of the group's candidates.", min=0.0, max=2.0, min_exclusive=True
+    )
+    group_sample_rate: float = setting(0.25, "Share of requests that also sample a training group.", min=0.0, max=1.0)
+    context_tokens: int = setting(
+        1536, "Token budget for prefix plus suffix; nearest lines are kept first.", min=16, max=131072
+    )
+    suffix_share: float = setting(
+        0.25, "Share of the context budget given to the text after the cursor (FIM models).", min=0.0, max=0.9
+    )
+    timeout_ms: int = setting(
+        2000,
+        "A completion the engine has not produced by then is answered with nothing.",
+        min=50,
+        max=600000,
+    )
+    stop: list[str] = setting(
+        ["\n\n\n"], "Stop strings for multi-line completions (single-line ones stop at the line end)."
+    )
+
+
+@dataclass(slots=True)
+class FeedbackSettings:
+    """How what the developer does with a suggestion is followed."""
+
+    edit_snapshot_delays_s: list[float] = setting(
+        [30.0, 120.0], "Seconds after an accept at which the surviving share of the accepted text is recorded."
+    )
+    survival_rewrite_threshold: float = setting(
+        0.5,
+        "An accepted completion of which less than this share survives counts as rewritten.",
+        min=0.0,
+        max=1.0,
+    )
+
+
+@dataclass(slots=True)
+class TrainingSettings:
+    """The background GRPO-TCR / OPD LoRA training (seed section 3.5 defaults)."""
+
+    learning_rate: float = setting(1e-5, "AdamW learning rate.", min=0.0, max=1.0, min_exclusive=True)
+    weight_decay: float = setting(0.01, "AdamW weight decay.", min=0.0, max=1.0)
+    schedule_steps: int = setting(500, "Length of the cosine learning-rate decay in steps.", min=1)
+    grad_clip: float = setting(1.0, "Gradient norm clipping.", min=0.0, max=1000.0, min_exclusive=True)
+    batch_size: int = setting(8, "Rollouts per optimisation step.", min=1, max=4096)
+    steps_per_round: int = setting(50, "Optimisation steps in one training round.", min=1, max=100000)
+    min_new_rollouts: int = setting(16, "New trainable rollouts of a scope needed before a round starts.", min=1)
+    lora_rank: int = setting(8, "Rank of the trained LoRA adapter (<= engine.max_lora_rank).", min=1, max=256)
+    lora_alpha: float = setting(16.0, "LoRA scaling numerator (scale = alpha / rank).", min=0.0, min_exclusive=True)
+    lora_dropout: float = setting(0.05, "Dropout on the LoRA input during training.", min=0.0, max=0.9)
+    lora_target_modules: list[str] = setting(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], "Module names the adapter attaches to."
+    )
+    beta_kl: float = setting(0.01, "Weight of the KL penalty to the frozen reference.", min=0.0, max=10.0)
+    eps_low: float = setting(0.2, "Lower clip bound of the ratio (1 - eps_low).", min=0.0, max=1.0)
+    eps_high: float = setting(0.28, "Upper clip bound of the ratio (1 + eps_high).", min=0.0, max=10.0)
+    l_max: int = setting(512, "Overlong shaping: length in tokens at which the penalty reaches -1.", min=1)
+    l_cache: int = setting(100, "Overlong shaping: width of the linear penalty zone before l_max.", min=0)
+    prm_votes: int = setting(5, "m: MC-dropout votes of the PRM judge (majority wins).", min=1, max=101)
+    threads: int = setting(1, "Torch threads the training worker may use.", min=1, max=1024)
+    nice: int = setting(10, "Scheduling niceness of the training worker (0-19, higher yields more).", min=0, max=19)
+    seed: int = setting(0, "Seed of the trainer.", min=0)
+
+
+@dataclass(slots=True)
+class ThresholdSettings:
+    """Gates before an adapter is published and guards after it serves (seed section 4)."""
+
+    kl_max: float = setting(
+        5.0, "Largest KL to the reference on held-out prompts an adapter may have.", min=0.0, min_exclusive=True
+    )
+    perplexity_margin: float = setting(
+        0.05, "Largest relative rise of held-out general-code perplexity an adapter may cause.", min=0.0
+    )
+    p99_latency_ms: float = setting(250.0, "Serving p99 latency alarm threshold.", min=1.0)
+    p99_window_s: float = setting(300.0, "How long p99 must stay above the threshold to act.", min=1.0)
+    accept_rate_drop: float = setting(
+        0.15, "Accept-rate drop after a swap (absolute) that rolls the adapter back.", min=0.0, max=1.0
+    )
+    accept_rate_window: int = setting(50, "Completions after a swap the accept rate is measured over.", min=1)
+    prm_min_accuracy: float = setting(0.6, "PRM accuracy below which the PRM is retrained.", min=0.0, max=1.0)
+    loss_divergence: float = setting(
+        100.0, "Training loss above which a round counts as diverged.", min=0.0, min_exclusive=True
+    )
+
+
+@dataclass(slots=True)
+class PrivacySettings:
+    """What is kept, for how long, and what is scrubbed first."""
+
+    retention_days: int = setting(90, "Rows older than this are deleted (0: keep forever).", min=0)
+    redact_patterns: list[str] = setting(
+        [], "Extra regular expressions whose matches are replaced by [REDACTED] before storing."
+    )
+    store_prompts: bool = setting(True, "Keep prompt text (needed for training); false keeps token ids only.")
+
+
+@dataclass(slots=True)
+class DatabaseSettings:
+    """The rollout store."""
+
+    url: str = setting(
+        "",
+        "SQLAlchemy async URL, e.g. postgresql+asyncpg://user@host/heedful; empty: SQLite file "
+        "`heedful.db` in the data dir.",
+    )
+
+
+@dataclass(slots=True)
+class LoggingSettings:
+    """Where logs go. Never stdout: in stdio mode it carries the protocol."""
+
+    level: str = setting("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    file: str = setting("", "Log file; empty: standard error.")
+
+
+@dataclass(slots=True)
+class Settings:
+    """Everything resolved for one (developer, team)."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    completion: CompletionSettings = field(default_factory=CompletionSettings)
+    feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    thresholds: ThresholdSettings = field(default_factory=ThresholdSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+    def model_path(self) -> Path:
+        """The model folder to load: `model.path`, else the prepared default model."""
+        return Path(self.model.path).expanduser() if self.model.path else paths.default_model_dir()
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+SECTIONS: dict[str, type[Any]] = {f.name: typing.get_type_hints(Settings)[f.name] for f in dataclasses.fields(Settings)}
+# Top-level tables that are not settings sections.
+TEAMS_TABLE = "teams"
+DEVELOPERS_TABLE = "developers"
+
+
+@dataclass(slots=True)
+class ResolvedSettings:
+    """Settings plus where each non-default value came from (for `heedful config check`)."""
+
+    settings: Settings
+    sources: dict[str, str]
+    files: list[Path]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of one layer
+
+
+def _describe(tp: Any) -> str:
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_describe(inner).removeprefix('a ').removeprefix('an ')}s"
+    return str(tp)
+
+
+def _check_type(tp: Any, value: Any) -> Any | None:
+    """Return the value converted to `tp`, or None when it has the wrong type."""
+    if tp is bool:
+        return value if isinstance(value, bool) else None
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        return None
+    if tp is str:
+        return value if isinstance(value, str) else None
+    if typing.get_origin(tp) is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            return None
+        out = []
+        for item in value:
+            converted = _check_type(inner, item)
+            if converted is None:
+                return None
+            out.append(converted)
+        return out
+    raise TypeError(f"unsupported settings type {tp!r}")  # a programming error, not user input
+
+
+def _allowed_text(tp: Any, meta: Mapping[str, Any]) -> str:
+    if meta.get("choices"):
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    text = _describe(tp)
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        text += f" {'>' if meta.get('min_exclusive') else '>='} {lo} and <= {hi}"
+    elif lo is not None:
+        text += f" {'>' if meta.get('min_exclusive') else '>='} {lo}"
+    elif hi is not None:
+        text += f" <= {hi}"
+    return text
+
+
+def _validate_value(source: str, key: str, tp: Any, meta: Mapping[str, Any], value: Any) -> Any:
+    converted = _check_type(tp, value)
+    allowed = _allowed_text(tp, meta)
+    if converted is None:
+        raise SettingsError(source, key, value, f"expected {allowed}")
+    choices = meta.get("choices")
+    if choices and converted not in choices:
+        raise SettingsError(source, key, value, f"expected {allowed}")
+    items = converted if isinstance(converted, list) else [converted]
+    for item in items:
+        if not isinstance(item, int | float):
+            continue
+        lo, hi = meta.get("min"), meta.get("max")
+        too_low = lo is not None and (item <= lo if meta.get("min_exclusive") else item < lo)
+        if too_low or (hi is not None and item > hi):
+            raise SettingsError(source, key, value, f"expected {allowed}")
+    return converted
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return hint + "known: " + ", ".join(options)
+
+
+def _section_fields(section: str) -> dict[str, tuple[Any, Mapping[str, Any]]]:
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f.metadata) for f in dataclasses.fields(cls)}
+
+
+def validate_sections(source: str, table: Mapping[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Check a `{section: {key: value}}` table; return it with values converted to their types."""
+    out: dict[str, dict[str, Any]] = {}
+    for section, body in table.items():
+        key_path = f"{prefix}{section}"
+        if section not in SECTIONS:
+            raise SettingsError(source, key_path, body, "unknown section; " + _suggest(section, list(SECTIONS)))
+        if not isinstance(body, dict):
+            raise SettingsError(source, key_path, body, f"expected a table [{key_path}]")
+        known = _section_fields(section)
+        converted: dict[str, Any] = {}
+        for key, value in body.items():
+            if key not in known:
+                raise SettingsError(source, f"{key_path}.{key}", value, "unknown key; " + _suggest(key, list(known)))
+            tp, meta = known[key]
+            converted[key] = _validate_value(source, f"{key_path}.{key}", tp, meta, value)
+        out[section] = converted
+    return out
+
+
+@dataclass(slots=True)
+class SettingsFile:
+    """One parsed and validated settings file."""
+
+    path: Path
+    sections: dict[str, dict[str, Any]]
+    developers: dict[str, dict[str, dict[str, Any]]]
+    teams_dir: Path | None
+
+
+def read_settings_file(path: Path, *, is_global: bool) -> SettingsFile:
+    """Parse and validate one file; `is_global` allows the `[teams]` table."""
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SettingsError(source, "(file)", str(path), "the file does not exist; create it or fix the path") from None
+    except OSError as exc:
+        raise SettingsError(source, "(file)", str(path), f"cannot be read ({exc.strerror})") from None
+    try:
+        table = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SettingsError(source, "(file)", str(path), f"must be UTF-8 text ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(source, "(syntax)", str(exc), "must be valid TOML (https://toml.io)") from None
+
+    teams_dir: Path | None = None
+    teams = table.pop(TEAMS_TABLE, None)
+    if teams is not None:
+        if not is_global:
+            raise SettingsError(source, TEAMS_TABLE, teams, "[teams] is only allowed in the global file")
+        if not isinstance(teams, dict) or set(teams) - {"dir"}:
+            raise SettingsError(source, TEAMS_TABLE, teams, "expected a table with the one key `dir`")
+        if not isinstance(teams.get("dir", "teams"), str):
+            raise SettingsError(source, "teams.dir", teams["dir"], "expected a string (a directory path)")
+    if is_global:
+        teams_dir = path.parent / str((teams or {}).get("dir", "teams"))
+
+    developers_raw = table.pop(DEVELOPERS_TABLE, {})
+    if not isinstance(developers_raw, dict):
+        raise SettingsError(source, DEVELOPERS_TABLE, developers_raw, 'expected tables [developers."<id>".<section>]')
+    developers: dict[str, dict[str, dict[str, Any]]] = {}
+    for dev, body in developers_raw.items():
+        if not isinstance(body, dict):
+            raise SettingsError(source, f"developers.{dev}", body, "expected tables of settings sections")
+        developers[dev] = validate_sections(source, body, prefix=f"developers.{dev}.")
+    return SettingsFile(path, validate_sections(source, table), developers, teams_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution
+
+
+def team_file(teams_dir: Path, team: str) -> Path:
+    if not TEAM_NAME_RE.match(team):
+        raise SettingsError(
+            "(identity)", "team", team, "a team name of letters, digits, '_', '.', '-' (at most 64, no leading dot)"
+        )
+    return teams_dir / f"{team}.toml"
+
+
+def resolve(
+    global_file: Path | None = None,
+    *,
+    developer: str | None = None,
+    team: str | None = None,
+) -> ResolvedSettings:
+    """Resolve settings for (developer, team); `global_file` defaults to `HEEDFUL_CONFIG`."""
+    if global_file is None:
+        global_file = paths.config_path()
+    layers: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    files: list[Path] = []
+    dev_layers: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    if global_file is not None:
+        g = read_settings_file(global_file, is_global=True)
+        files.append(global_file)
+        layers.append((str(global_file), g.sections))
+        if developer and developer in g.developers:
+            dev_layers.append((f"{global_file} [developers.{developer}]", g.developers[developer]))
+        if team and g.teams_dir is not None:
+            tf = team_file(g.teams_dir, team)
+            if tf.exists():
+                t = read_settings_file(tf, is_global=False)
+                files.append(tf)
+                layers.append((str(tf), t.sections))
+                if developer and developer in t.developers:
+                    dev_layers.append((f"{tf} [developers.{developer}]", t.developers[developer]))
+    layers.extend(dev_layers)
+
+    merged: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    sources: dict[str, str] = {}
+    for source, sections in layers:
+        for section, values in sections.items():
+            for key, value in values.items():
+                merged[section][key] = value
+                sources[f"{section}.{key}"] = source
+    settings = Settings(**{name: SECTIONS[name](**values) for name, values in merged.items()})
+    _check_consistency(settings, sources)
+    return ResolvedSettings(settings, sources, files)
+
+
+def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
+    """Rules that tie keys together; errors name the file that set the offending key."""
+
+    def src(key: str) -> str:
+        return sources.get(key, "(defaults)")
+
+    if s.engine.mode == "remote" and not re.match(r"^https?://[^\s/]+", s.engine.url):
+        raise SettingsError(
+            src("engine.url") if "engine.url" in sources else src("engine.mode"),
+            "engine.url",
+            s.engine.url,
+            "engine.mode = 'remote' needs the server's base URL, e.g. 'http://127.0.0.1:8000'",
+        )
+    if s.engine.max_cpu_loras < s.engine.max_loras:
+        raise SettingsError(
+            src("engine.max_cpu_loras"),
+            "engine.max_cpu_loras",
+            s.engine.max_cpu_loras,
+            f"expected an integer >= engine.max_loras ({s.engine.max_loras})",
+        )
+    if s.training.lora_rank > s.engine.max_lora_rank:
+        raise SettingsError(
+            src("training.lora_rank"),
+            "training.lora_rank",
+            s.training.lora_rank,
+            f"expected an integer <= engine.max_lora_rank ({s.engine.max_lora_rank}); raise that or lower this",
+        )
+    if s.training.l_cache >= s.training.l_max:
+        raise SettingsError(
+            src("training.l_cache"),
+            "training.l_cache",
+            s.training.l_cache,
+            f"expected an integer < training.l_max ({s.training.l_max})",
+        )
+    if s.completion.single_line_max_tokens > s.completion.max_tokens:
+        raise SettingsError(
+            src("completion.single_line_max_tokens"),
+            "completion.single_line_max_tokens",
+            s.completion.single_line_max_tokens,
+            f"expected an integer <= completion.max_tokens ({s.completion.max_tokens})",
+        )
+    if s.completion.context_tokens + s.completion.max_tokens > s.model.max_model_len:
+        raise SettingsError(
+            src("completion.context_tokens"),
+            "completion.context_tokens",
+            s.completion.context_tokens,
+            f"context_tokens + max_tokens ({s.completion.max_tokens}) must fit model.max_model_len "
+            f"({s.model.max_model_len})",
+        )
+    if s.engine.cpu_threads_bind not in ("auto", "off") and not re.match(
+        r"^\d+(-\d+)?(,\d+(-\d+)?)*$", s.engine.cpu_threads_bind
+    ):
+        raise SettingsError(
+            src("engine.cpu_threads_bind"),
+            "engine.cpu_threads_bind",
+            s.engine.cpu_threads_bind,
+            "expected 'auto', 'off' or a core list such as '0-1' or '0,2-3'",
+        )
+    if s.model.fim_template not in ("auto", "none") and not (
+        "{prefix}" in s.model.fim_template and "{suffix}" in s.model.fim_template
+    ):
+        raise SettingsError(
+            src("model.fim_template"),
+            "model.fim_template",
+            s.model.fim_template,
+            "expected 'auto', 'none' or a template containing {prefix} and {suffix}",
+        )
+    if any(d <= 0 for d in s.feedback.edit_snapshot_delays_s):
+        raise SettingsError(
+            src("feedback.edit_snapshot_delays_s"),
+            "feedback.edit_snapshot_delays_s",
+            s.feedback.edit_snapshot_delays_s,
+            "expected a list of positive numbers of seconds",
+        )
+    for pattern in s.privacy.redact_patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise SettingsError(
+                src("privacy.redact_patterns"),
+                "privacy.redact_patterns",
+                pattern,
+                f"expected valid regular expressions ({exc})",
+            ) from None
+
+
+def check_directory_team_files(global_file: Path) -> list[tuple[Path, SettingsError | None]]:
+    """Validate every team file beside a global file: (path, error or None) per file."""
+    g = read_settings_file(global_file, is_global=True)
+    results: list[tuple[Path, SettingsError | None]] = []
+    if g.teams_dir is None or not g.teams_dir.is_dir():
+        return results
+    for tf in sorted(g.teams_dir.glob("*.toml")):
+        try:
+            resolve(global_file, team=tf.stem)
+            results.append((tf, None))
+        except SettingsError as exc:
+            results.append((tf, exc))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Presentation
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def render_toml(resolved: ResolvedSettings) -> str:
+    """The resolved settings as TOML, each value annotated with the file that set it."""
+    lines: list[str] = []
+    for section, values in resolved.settings.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            origin = resolved.sources.get(f"{section}.{key}", "default")
+            lines.append(f"{key} = {_toml_value(value)}  # {origin}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """Every key with type, default and help: the README's settings reference."""
+    out: list[str] = []
+    for section, cls in SECTIONS.items():
+        out.append(f"### `[{section}]`\n\n{(cls.__doc__ or '').strip()}\n")
+        out.append("| key | type | default | meaning |")
+        out.append("|---|---|---|---|")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            allowed = _allowed_text(hints[f.name], f.metadata)
+            help_text = f.metadata["help"].replace("|", "\\|")
+            out.append(f"| `{f.name}` | {allowed} | `{_toml_value(default)}` | {help_text} |")
+        out.append("")
+    return "\n".join(out)
+
+
+__all__ = [
+    "ResolvedSettings",
+    "Settings",
+    "SettingsError",
+    "check_directory_team_files",
+    "reference_markdown",
+    "render_toml",
+    "resolve",
+]
