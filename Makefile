@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint typecheck pytest demo bench clean
+.PHONY: setup test lint typecheck pytest demo bench readme clean
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,9 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/engine.py
+
+readme: setup
+	$(BIN)/python scripts/update_readme.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -518,47 +518,51 @@ def resolve(
 def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
     """Rules that tie keys together; errors name the file that set the offending key."""
 
-    def src(key: str) -> str:
-        return sources.get(key, "(defaults)")
+    def src(key: str, *related: str) -> str:
+        # Blame the file that set the key, else the file that set the key it conflicts with.
+        for k in (key, *related):
+            if k in sources:
+                return sources[k]
+        return "(defaults)"
 
     if s.engine.mode == "remote" and not re.match(r"^https?://[^\s/]+", s.engine.url):
         raise SettingsError(
-            src("engine.url") if "engine.url" in sources else src("engine.mode"),
+            src("engine.url", "engine.mode"),
             "engine.url",
             s.engine.url,
             "engine.mode = 'remote' needs the server's base URL, e.g. 'http://127.0.0.1:8000'",
         )
     if s.engine.max_cpu_loras < s.engine.max_loras:
         raise SettingsError(
-            src("engine.max_cpu_loras"),
+            src("engine.max_cpu_loras", "engine.max_loras"),
             "engine.max_cpu_loras",
             s.engine.max_cpu_loras,
             f"expected an integer >= engine.max_loras ({s.engine.max_loras})",
         )
     if s.training.lora_rank > s.engine.max_lora_rank:
         raise SettingsError(
-            src("training.lora_rank"),
+            src("training.lora_rank", "engine.max_lora_rank"),
             "training.lora_rank",
             s.training.lora_rank,
             f"expected an integer <= engine.max_lora_rank ({s.engine.max_lora_rank}); raise that or lower this",
         )
     if s.training.l_cache >= s.training.l_max:
         raise SettingsError(
-            src("training.l_cache"),
+            src("training.l_cache", "training.l_max"),
             "training.l_cache",
             s.training.l_cache,
             f"expected an integer < training.l_max ({s.training.l_max})",
         )
     if s.completion.single_line_max_tokens > s.completion.max_tokens:
         raise SettingsError(
-            src("completion.single_line_max_tokens"),
+            src("completion.single_line_max_tokens", "completion.max_tokens"),
             "completion.single_line_max_tokens",
             s.completion.single_line_max_tokens,
             f"expected an integer <= completion.max_tokens ({s.completion.max_tokens})",
         )
     if s.completion.context_tokens + s.completion.max_tokens > s.model.max_model_len:
         raise SettingsError(
-            src("completion.context_tokens"),
+            src("completion.context_tokens", "completion.max_tokens", "model.max_model_len"),
             "completion.context_tokens",
             s.completion.context_tokens,
             f"context_tokens + max_tokens ({s.completion.max_tokens}) must fit model.max_model_len "

@@ -26,7 +26,7 @@ from server.engine.base import (
     Timing,
 )
 from server.engine.tokens import LocalTokenizer
-from server.model_prep import verify_model
+from server.model_prep import ModelError, verify_model
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,10 @@ class EmbeddedEngine:
     async def start(self) -> None:
         if self._llm is not None:
             return
-        verify_model(self._model_path)
+        try:
+            verify_model(self._model_path)
+        except ModelError as exc:
+            raise EngineError(str(exc)) from None
         s = self._settings.engine
         if not has_gpu():
             # vLLM reads these when its engine core starts; the spawned workers inherit them.

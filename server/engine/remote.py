@@ -195,8 +195,10 @@ class RemoteEngine:
             )
             if resp.status_code != 200:
                 hint = ""
-                if resp.status_code == 404:
+                if resp.status_code == 404 and '"detail":"Not Found"' in resp.text.replace(" ", ""):
                     hint = "; start the server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora"
+                elif resp.status_code == 404:
+                    hint = "; the server cannot read that path: share the adapter directory with it"
                 raise AdapterError(
                     f"the vLLM server at {self._base} could not load adapter {adapter.name!r} from "
                     f"{adapter.path} (HTTP {resp.status_code}): {resp.text[:300]}{hint}"
@@ -256,7 +258,7 @@ def vllm_serve_command(settings: Settings, *, host: str, port: int, model_path: 
     return [
         sys.executable,
         "-m",
-        "vllm.entrypoints.cli.main",
+        "server.engine.vllm_launcher",
         "serve",
         model,
         "--host",

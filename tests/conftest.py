@@ -1,0 +1,100 @@
+"""Shared fixtures: the prepared default model, one embedded engine per test session, a Hugging Face
+reference model on the same weights, and LoRA adapters saved by peft."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server import paths
+from server.engine.embedded import EmbeddedEngine
+from server.model_prep import ModelError, verify_model
+from server.settings import Settings
+
+# Keep torch in the test process from fighting the engine for the two cores.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    path = paths.default_model_dir()
+    try:
+        verify_model(path, checksums=False)
+    except ModelError as exc:
+        pytest.fail(f"the default model is not prepared ({exc}); `make test` prepares it via `make setup`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def engine_settings(default_model: Path) -> Settings:
+    s = Settings()
+    s.model.path = str(default_model)
+    s.engine.kv_cache_gib = 1.0
+    return s
+
+
+@pytest.fixture(scope="session")
+async def embedded_engine(engine_settings: Settings) -> AsyncIterator[EmbeddedEngine]:
+    engine = EmbeddedEngine(engine_settings)
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture(scope="session")
+def hf_model(default_model: Path) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(default_model), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def make_lora_adapter(base: Path, out: Path, seed: int, rank: int = 8) -> Path:
+    """A peft LoRA adapter with random (non-zero) A and B, so it visibly changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        init_lora_weights=False,
+        lora_dropout=0.0,
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.3)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    root = tmp_path_factory.mktemp("adapters")
+    yield (
+        make_lora_adapter(default_model, root / "adapter-a", seed=1),
+        make_lora_adapter(default_model, root / "adapter-b", seed=2),
+    )
+
+
+def hf_token_logprobs(model: Any, prompt_ids: list[int], token_ids: list[int]) -> list[float]:
+    """log p(token_t | prompt, tokens_<t) under a Hugging Face model, for comparison with an engine."""
+    import torch
+
+    ids = torch.tensor([prompt_ids + token_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    start = len(prompt_ids) - 1
+    return [float(logp[start + i, tok]) for i, tok in enumerate(token_ids)]

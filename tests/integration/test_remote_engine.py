@@ -1,0 +1,165 @@
+"""The remote engine against a real `vllm serve --enable-lora` subprocess on the default model."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import os
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.engine import AdapterError, AdapterRef, EngineError
+from server.engine.remote import RemoteEngine, vllm_serve_command
+from server.settings import Settings
+from tests.conftest import hf_token_logprobs
+from tests.integration.test_embedded_engine import FUNCTION_STOPS, assert_logprobs_match
+
+pytestmark = [pytest.mark.engine, pytest.mark.remote]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_serving(proc: subprocess.Popen[bytes], url: str, log_file: Path, timeout_s: float = 600.0) -> None:
+    """Wait for the server to list its models; fail at once, with its log, if it exits first."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_file.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    pytest.fail(f"vllm serve did not answer within {timeout_s:.0f} s:\n{log_file.read_text(errors='replace')[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def vllm_server(engine_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log_file = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    env = dict(
+        os.environ,
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+        VLLM_CPU_KVCACHE_SPACE=f"{engine_settings.engine.kv_cache_gib:g}",
+        VLLM_LOGGING_LEVEL="WARNING",
+    )
+    with log_file.open("wb") as log:
+        proc = subprocess.Popen(
+            vllm_serve_command(engine_settings, host="127.0.0.1", port=port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(proc, url, log_file)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.returncode not in (0, -15, 143):
+            print(log_file.read_text(errors="replace")[-3000:])
+
+
+@pytest.fixture(scope="module")
+async def remote_engine(vllm_server: str, engine_settings: Settings) -> AsyncIterator[RemoteEngine]:
+    s = Settings()
+    s.model = engine_settings.model
+    s.engine.mode = "remote"
+    s.engine.url = vllm_server
+    s.engine.request_timeout_s = 120.0
+    engine = RemoteEngine(s, startup_timeout_s=600.0)
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+async def test_remote_completes_fibonacci_into_python_that_parses(remote_engine: RemoteEngine) -> None:
+    prompt = "def fibonacci(n):"
+    gen = await remote_engine.generate(prompt, max_tokens=64, temperature=0.0, stop=FUNCTION_STOPS)
+    (cand,) = gen.candidates
+    ast.parse(prompt + cand.text)
+    assert "return" in cand.text
+    assert gen.prompt_token_ids == remote_engine.tokenize(prompt)
+
+
+async def test_remote_group_logprobs_match_hf(remote_engine: RemoteEngine, hf_model: Any) -> None:
+    gen = await remote_engine.generate("def read_lines(path):\n    ", n=4, max_tokens=16, temperature=1.0, seed=7)
+    assert len(gen.candidates) == 4
+    for cand in gen.candidates:
+        assert cand.token_ids and len(cand.logprobs) == len(cand.token_ids)
+        assert_logprobs_match(cand.logprobs, hf_token_logprobs(hf_model, gen.prompt_token_ids, cand.token_ids))
+
+
+async def test_remote_adapters_load_change_output_and_unload(
+    remote_engine: RemoteEngine, lora_adapters: tuple[Path, Path]
+) -> None:
+    a = AdapterRef("remote-a", 1, lora_adapters[0])
+    b = AdapterRef("remote-b", 2, lora_adapters[1])
+    prompt = "def parse_args(argv):"
+    base = await remote_engine.generate(prompt, max_tokens=16)
+    await remote_engine.load_adapter(a)
+    await remote_engine.load_adapter(b)
+    assert {"remote-a", "remote-b"} <= set(await remote_engine.loaded_adapters())
+    on_a, on_b, on_base = await asyncio.gather(
+        remote_engine.generate(prompt, max_tokens=16, adapter=a),
+        remote_engine.generate(prompt, max_tokens=16, adapter=b),
+        remote_engine.generate(prompt, max_tokens=16),
+    )
+    assert on_a.adapter == "remote-a"
+    assert on_a.candidates[0].token_ids != base.candidates[0].token_ids
+    assert on_b.candidates[0].token_ids != on_a.candidates[0].token_ids
+    assert on_base.candidates[0].token_ids[:4] == base.candidates[0].token_ids[:4]
+    await remote_engine.unload_adapter(a)
+    assert "remote-a" not in await remote_engine.loaded_adapters()
+    with pytest.raises(AdapterError, match="is not loaded"):
+        await remote_engine.generate(prompt, max_tokens=4, adapter=a)
+    await remote_engine.unload_adapter(b)
+
+
+async def test_remote_refuses_a_missing_adapter(remote_engine: RemoteEngine, tmp_path: Path) -> None:
+    # The path is checked on the server's side (it may live on another host): 404 with the reason.
+    with pytest.raises(AdapterError, match="HTTP 404.*share the adapter directory with it"):
+        await remote_engine.load_adapter(AdapterRef("remote-missing", 3, tmp_path / "nowhere"))
+    assert "remote-missing" not in await remote_engine.loaded_adapters()
+
+
+async def test_remote_wrong_model_name_is_reported(vllm_server: str, engine_settings: Settings) -> None:
+    s = Settings()
+    s.model.path = engine_settings.model.path
+    s.model.name = "Qwen2.5-Coder-7B"
+    s.engine.mode = "remote"
+    s.engine.url = vllm_server
+    engine = RemoteEngine(s, startup_timeout_s=600.0)
+    with pytest.raises(EngineError, match="not 'Qwen2.5-Coder-7B': set model.name"):
+        await engine.start()
+    await engine.close()
+
+
+async def test_unreachable_server_is_reported(engine_settings: Settings) -> None:
+    s = Settings()
+    s.model.path = engine_settings.model.path
+    s.engine.mode = "remote"
+    s.engine.url = f"http://127.0.0.1:{free_port()}"
+    engine = RemoteEngine(s, startup_timeout_s=1.0)
+    with pytest.raises(EngineError, match="did not answer within 1 s"):
+        await engine.start()
