@@ -1,0 +1,71 @@
+"""`heedful generate` and `heedful demo` as a user runs them: real engine, output on stdout, errors on stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.cli import demo_prompts
+
+pytestmark = pytest.mark.engine
+
+
+def heedful(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ),
+        timeout=600,
+    )
+
+
+def test_generate_json_from_stdin() -> None:
+    proc = heedful(
+        "generate",
+        "--json",
+        "-n",
+        "2",
+        "--seed",
+        "3",
+        "--temperature",
+        "1.0",
+        "--max-tokens",
+        "8",
+        stdin="def greet(name):",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)  # stdout holds the result and nothing else
+    assert out["prompt_tokens"] > 0
+    assert len(out["candidates"]) == 2
+    for cand in out["candidates"]:
+        assert 0 < len(cand["token_ids"]) <= 8
+        assert len(cand["logprobs"]) == len(cand["token_ids"])
+        assert cand["finish_reason"] in ("stop", "length")
+
+
+def test_generate_errors_are_one_line_with_the_fix(tmp_path: Path) -> None:
+    proc = heedful("generate", str(tmp_path / "nope.py"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"heedful: prefix file {tmp_path / 'nope.py'} does not exist"
+    empty = tmp_path / "empty.py"
+    empty.write_text("   \n")
+    proc = heedful("generate", str(empty))
+    assert proc.returncode == 2
+    assert "the prefix is empty" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_demo_prompts_cut_after_signature_or_docstring() -> None:
+    source = 'import os\n\n\ndef a(x):\n    """Doc."""\n\n\ndef b():\n    return 1\n\n\ndef c(y):\n'
+    prompts = demo_prompts(source)
+    assert [name for name, _ in prompts] == ["a", "c"]  # b has a body already
+    assert prompts[0][1].endswith('def a(x):\n    """Doc."""')
+    assert prompts[1][1].endswith("def c(y):")
