@@ -28,7 +28,8 @@ demo: setup
 	$(BIN)/heedful demo
 
 bench: setup
-	$(BIN)/python bench/engine.py
+	$(BIN)/python -m bench.engine
+	$(BIN)/python -m bench.store
 
 readme: setup
 	$(BIN)/python scripts/update_readme.py

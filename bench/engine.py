@@ -5,7 +5,7 @@ prompt is completed with 16 new tokens, greedy, by: the embedded vLLM engine (ba
 engine with a rank-8 LoRA adapter active, and Hugging Face `generate` on the same weights. Prints
 p50/p95/p99 and the ratio of each to the embedded engine's base latency.
 
-    .venv/bin/python bench/engine.py [--prompts 20] [--rounds 2] [--json]
+    .venv/bin/python -m bench.engine [--prompts 20] [--rounds 2] [--json]
 """
 
 from __future__ import annotations

@@ -51,4 +51,16 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 
+# PostgreSQL's server, for the store's tests (the Debian package; the tests start their own instance).
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  echo "setup: installing PostgreSQL (Debian package postgresql) for the store tests"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null || {
+    $SUDO apt-get update -q >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null
+  }
+  # The package starts a cluster of its own; the tests do not use it.
+  command -v pg_ctlcluster >/dev/null && $SUDO pg_ctlcluster --force 15 main stop >/dev/null 2>&1 || true
+fi
+
 $VENV/bin/heedful model prepare

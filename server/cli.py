@@ -91,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print candidates with token ids and log-probs")
     _add_identity(gen)
 
+    stats = sub.add_parser("stats", help="counts of completions, events, rollouts and adapters in the store")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+
+    purge = sub.add_parser("purge", help="delete every row and adapter of a developer (audited)")
+    purge.add_argument("--developer", required=True, help="the developer id to forget")
+    purge.add_argument("--reason", help="why (written to the audit log)")
+
+    export = sub.add_parser("export", help="a developer's rollouts as (context, response, feedback) triples")
+    export.add_argument("--developer", required=True, help="the developer id")
+    export.add_argument("--format", choices=("jsonl",), default="jsonl", help="output format (jsonl)")
+
+    retention = sub.add_parser("retention", help="delete rows older than privacy.retention_days now")
+    retention.add_argument("--days", type=int, help="override privacy.retention_days")
+
     demo = sub.add_parser("demo", help="complete every function of a sample Python file and print the results")
     demo.add_argument("file", nargs="?", type=Path, help="Python file (default: the bundled sample)")
     demo.add_argument("--max-tokens", type=int, default=48, help="new tokens per completion (default 48)")
@@ -312,6 +326,44 @@ async def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _with_store(args: argparse.Namespace) -> int:
+    import getpass
+
+    from storage.db import StoreError
+    from storage.store import RolloutStore
+
+    settings = _settings(args).settings
+    try:
+        store = await RolloutStore.open(settings)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        if args.command == "stats":
+            counts = await store.stats()
+            if args.json:
+                print(json.dumps(counts, indent=2, sort_keys=True))
+            else:
+                for key, value in counts.items():
+                    print(f"{key}: {json.dumps(value, sort_keys=True)}")
+        elif args.command == "purge":
+            result = await store.purge_developer(args.developer, actor=f"cli:{getpass.getuser()}", reason=args.reason)
+            print(json.dumps({"developer": args.developer, **result}, indent=2))
+        elif args.command == "export":
+            for triple in await store.export_developer(args.developer):
+                print(json.dumps(triple, ensure_ascii=False))
+        elif args.command == "retention":
+            days = settings.privacy.retention_days if args.days is None else args.days
+            if days <= 0:
+                print("retention is off (privacy.retention_days = 0): nothing deleted")
+            else:
+                print(json.dumps(await store.apply_retention(days, actor=f"cli:{getpass.getuser()}"), indent=2))
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        await store.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -327,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_generate(args))
         if args.command == "demo":
             return asyncio.run(_demo(args))
+        if args.command in ("stats", "purge", "export", "retention"):
+            return asyncio.run(_with_store(args))
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     except SettingsError as exc:

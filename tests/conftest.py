@@ -14,6 +14,7 @@ from server import paths
 from server.engine.embedded import EmbeddedEngine
 from server.model_prep import ModelError, verify_model
 from server.settings import Settings
+from tests.pgserver import PostgresUnavailable, create_database, temporary_postgres
 
 # Keep torch in the test process from fighting the engine for the two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -98,3 +99,26 @@ def hf_token_logprobs(model: Any, prompt_ids: list[int], token_ids: list[int]) -
     logp = torch.log_softmax(logits, dim=-1)
     start = len(prompt_ids) - 1
     return [float(logp[start + i, tok]) for i, tok in enumerate(token_ids)]
+
+
+# --- databases ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL server on a free local port for this test session; yields a base URL."""
+    try:
+        with temporary_postgres() as url:
+            yield url
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each kind: a SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'heedful.db'}"
+    import uuid
+
+    return create_database(request.getfixturevalue("postgres_server"), f"t_{uuid.uuid4().hex[:12]}")

@@ -1,0 +1,604 @@
+"""Every query of the rollout store. Repositories take an open `AsyncSession` and never commit: the
+caller (the batching writer, or a service's unit of work) owns the transaction.
+
+Scope isolation: every rollout and adapter query takes a `Scope` and filters on both its kind and id,
+so a query for one team's rollouts cannot return another's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.db import StoreError
+from storage.models import (
+    AdapterStatus,
+    AdapterVersion,
+    AuditEntry,
+    Candidate,
+    Completion,
+    CompletionMode,
+    Developer,
+    Document,
+    Event,
+    EventKind,
+    LspSession,
+    Rollout,
+    RolloutStatus,
+    ScopeKind,
+    Team,
+    utcnow,
+)
+
+KEEP_ADAPTERS = 10
+_Row = TypeVar("_Row")
+
+
+async def _get(session: AsyncSession, model: type[_Row], key: str) -> _Row | None:
+    """`session.get` that keeps what it found for the rest of the unit of work.
+
+    The identity map holds rows weakly, so a batch of events on one session would otherwise load the
+    same session and completion rows again for every event.
+    """
+    cache: dict[tuple[type[Any], str], Any] = session.info.setdefault("heedful_rows", {})
+    row: _Row | None = cache.get((model, key))
+    if row is None:
+        row = await session.get(model, key)
+        if row is not None:
+            cache[(model, key)] = row
+    return row
+
+
+@dataclass(slots=True, frozen=True)
+class Scope:
+    """Whose adapter and rollouts: one developer, or one team."""
+
+    kind: ScopeKind
+    id: str
+
+    @classmethod
+    def developer(cls, developer_id: str) -> Scope:
+        return cls(ScopeKind.DEVELOPER, developer_id)
+
+    @classmethod
+    def team(cls, team_id: str) -> Scope:
+        return cls(ScopeKind.TEAM, team_id)
+
+    @classmethod
+    def parse(cls, text: str) -> Scope:
+        kind, sep, ident = text.partition(":")
+        if not sep or not ident or kind not in ("developer", "team"):
+            raise StoreError(f"scope {text!r} is not valid: write developer:<id> or team:<name>")
+        return cls(ScopeKind(kind), ident)
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}:{self.id}"
+
+
+class IdentityRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    async def ensure_team(self, team_id: str) -> Team:
+        team = await self.s.get(Team, team_id)
+        if team is None:
+            team = Team(id=team_id)
+            self.s.add(team)
+            await self.s.flush()
+        return team
+
+    async def ensure_developer(self, developer_id: str, team_id: str | None = None) -> Developer:
+        if team_id:
+            await self.ensure_team(team_id)
+        dev = await self.s.get(Developer, developer_id)
+        if dev is None:
+            dev = Developer(id=developer_id, team_id=team_id)
+            self.s.add(dev)
+            await self.s.flush()
+        elif team_id and dev.team_id != team_id:
+            dev.team_id = team_id
+        return dev
+
+    async def developer(self, developer_id: str) -> Developer | None:
+        return await self.s.get(Developer, developer_id)
+
+    async def developers_of_team(self, team_id: str) -> list[str]:
+        rows = await self.s.scalars(select(Developer.id).where(Developer.team_id == team_id).order_by(Developer.id))
+        return list(rows)
+
+
+class SessionRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    async def start(
+        self,
+        *,
+        session_id: str,
+        developer_id: str,
+        team_id: str | None,
+        client_name: str | None,
+        client_version: str | None,
+        at: datetime | None = None,
+    ) -> LspSession:
+        await IdentityRepository(self.s).ensure_developer(developer_id, team_id)
+        existing = await self.s.get(LspSession, session_id)
+        if existing is not None:
+            if existing.developer_id != developer_id:
+                raise StoreError(
+                    f"session {session_id!r} belongs to another developer: pick a new sessionId for this connection"
+                )
+            existing.ended_at = None  # a reconnect resumes the session
+            return existing
+        row = LspSession(
+            id=session_id,
+            developer_id=developer_id,
+            team_id=team_id,
+            client_name=client_name,
+            client_version=client_version,
+            started_at=at or utcnow(),
+        )
+        self.s.add(row)
+        await self.s.flush()
+        return row
+
+    async def end(self, session_id: str, at: datetime | None = None) -> None:
+        row = await self.require(session_id)
+        row.ended_at = at or utcnow()
+
+    async def get(self, session_id: str) -> LspSession | None:
+        return await self.s.get(LspSession, session_id)
+
+    async def require(self, session_id: str) -> LspSession:
+        row = await _get(self.s, LspSession, session_id)
+        if row is None:
+            raise StoreError(
+                f"session {session_id!r} is unknown: a session is recorded when its connection initializes"
+            )
+        return row
+
+
+class DocumentRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    async def record(self, *, session_id: str, uri: str, language_id: str | None, version: int) -> Document:
+        await SessionRepository(self.s).require(session_id)
+        row = Document(session_id=session_id, uri=uri, language_id=language_id, version=version)
+        self.s.add(row)
+        await self.s.flush()
+        return row
+
+    async def latest(self, session_id: str, uri: str) -> Document | None:
+        stmt = (
+            select(Document)
+            .where(Document.session_id == session_id, Document.uri == uri)
+            .order_by(Document.id.desc())
+            .limit(1)
+        )
+        return (await self.s.scalars(stmt)).first()
+
+
+class CompletionRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    async def add(self, row: Completion, candidates: Sequence[Candidate]) -> Completion:
+        sess = await SessionRepository(self.s).require(row.session_id)
+        if sess.developer_id != row.developer_id:
+            raise StoreError(
+                f"completion {row.id!r} names developer {row.developer_id!r} but session {row.session_id!r} "
+                f"belongs to {sess.developer_id!r}"
+            )
+        if row.shown_index is not None and not 0 <= row.shown_index < max(1, len(candidates)):
+            raise StoreError(f"completion {row.id!r} shows candidate {row.shown_index} of a group of {len(candidates)}")
+        row.candidates = list(candidates)
+        self.s.add(row)
+        await self.s.flush()
+        return row
+
+    async def get(self, completion_id: str) -> Completion | None:
+        return await self.s.get(Completion, completion_id)
+
+    async def require(self, completion_id: str) -> Completion:
+        row = await _get(self.s, Completion, completion_id)
+        if row is None:
+            raise StoreError(f"completion {completion_id!r} is unknown: use the completionId of a served item")
+        return row
+
+    async def for_session(self, session_id: str) -> list[Completion]:
+        stmt = select(Completion).where(Completion.session_id == session_id).order_by(Completion.created_at)
+        return list(await self.s.scalars(stmt))
+
+    async def latest_for_session(self, session_id: str) -> Completion | None:
+        stmt = (
+            select(Completion)
+            .where(Completion.session_id == session_id)
+            .order_by(Completion.created_at.desc(), Completion.id.desc())
+            .limit(1)
+        )
+        return (await self.s.scalars(stmt)).first()
+
+    async def for_developer(self, developer_id: str) -> list[Completion]:
+        stmt = select(Completion).where(Completion.developer_id == developer_id).order_by(Completion.created_at)
+        return list(await self.s.scalars(stmt))
+
+
+class EventRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    async def add(self, row: Event) -> Event:
+        sess = await SessionRepository(self.s).require(row.session_id)
+        if row.completion_id is not None:
+            completion = await CompletionRepository(self.s).require(row.completion_id)
+            if completion.developer_id != sess.developer_id:
+                raise StoreError(
+                    f"event on completion {row.completion_id!r} comes from session {row.session_id!r} of another "
+                    "developer: feedback can only be given on one's own completions"
+                )
+        elif row.kind != EventKind.CORRECTION:
+            raise StoreError(f"a {row.kind.value!r} event needs the completionId it is about")
+        self.s.add(row)  # flushed with the rest of the unit of work: one INSERT round per batch
+        return row
+
+    async def for_completion(self, completion_id: str) -> list[Event]:
+        stmt = select(Event).where(Event.completion_id == completion_id).order_by(Event.id)
+        return list(await self.s.scalars(stmt))
+
+    async def for_session(self, session_id: str) -> list[Event]:
+        return list(await self.s.scalars(select(Event).where(Event.session_id == session_id).order_by(Event.id)))
+
+    async def counts_by_kind(self) -> dict[str, int]:
+        rows = await self.s.execute(select(Event.kind, func.count()).group_by(Event.kind))
+        counts = {kind.value: 0 for kind in EventKind}
+        counts.update({kind.value: int(n) for kind, n in rows.all()})
+        return counts
+
+
+class RolloutRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    async def add(
+        self,
+        scope: Scope,
+        *,
+        context: str,
+        response: str,
+        next_state: str | None,
+        signal: str | None,
+        rewards: list[Any],
+        judge_votes: list[Any] | None = None,
+        completion_id: str | None = None,
+        developer_id: str | None = None,
+    ) -> Rollout:
+        if completion_id is not None:
+            completion = await CompletionRepository(self.s).require(completion_id)
+            developer_id = developer_id or completion.developer_id
+            owner_ok = (scope.kind == ScopeKind.DEVELOPER and completion.developer_id == scope.id) or (
+                scope.kind == ScopeKind.TEAM and completion.team_id == scope.id
+            )
+            if not owner_ok:
+                raise StoreError(f"completion {completion_id!r} is not in scope {scope}: scopes never mix")
+        row = Rollout(
+            scope_kind=scope.kind,
+            scope_id=scope.id,
+            context=context,
+            response=response,
+            next_state=next_state,
+            signal=signal,
+            rewards=rewards,
+            judge_votes=judge_votes or [],
+            completion_id=completion_id,
+            developer_id=developer_id,
+        )
+        self.s.add(row)
+        await self.s.flush()
+        return row
+
+    async def pending(self, scope: Scope, limit: int | None = None) -> list[Rollout]:
+        stmt = (
+            select(Rollout)
+            .where(Rollout.scope_kind == scope.kind, Rollout.scope_id == scope.id)
+            .where(Rollout.status == RolloutStatus.PENDING)
+            .order_by(Rollout.id)
+        )
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return list(await self.s.scalars(stmt))
+
+    async def in_scope(self, scope: Scope) -> list[Rollout]:
+        stmt = select(Rollout).where(Rollout.scope_kind == scope.kind, Rollout.scope_id == scope.id)
+        return list(await self.s.scalars(stmt.order_by(Rollout.id)))
+
+    async def mark(self, scope: Scope, ids: Sequence[int], status: RolloutStatus, reason: str | None = None) -> int:
+        """Set the status of rollouts of `scope`; ids of other scopes are left alone (and not counted)."""
+        values: dict[str, Any] = {"status": status, "reason": reason}
+        if status == RolloutStatus.TRAINED:
+            values["trained_at"] = utcnow()
+        result = await self.s.execute(
+            update(Rollout)
+            .where(Rollout.id.in_(list(ids)), Rollout.scope_kind == scope.kind, Rollout.scope_id == scope.id)
+            .values(**values)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def counts_by_status(self, scope: Scope | None = None) -> dict[str, int]:
+        stmt = select(Rollout.status, func.count()).group_by(Rollout.status)
+        if scope is not None:
+            stmt = stmt.where(Rollout.scope_kind == scope.kind, Rollout.scope_id == scope.id)
+        counts = {status.value: 0 for status in RolloutStatus}
+        counts.update({status.value: int(n) for status, n in (await self.s.execute(stmt)).all()})
+        return counts
+
+    async def for_developer(self, developer_id: str) -> list[Rollout]:
+        stmt = select(Rollout).where(Rollout.developer_id == developer_id).order_by(Rollout.id)
+        return list(await self.s.scalars(stmt))
+
+
+class AdapterRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    async def add_candidate(
+        self,
+        scope: Scope,
+        *,
+        path: str,
+        step: int,
+        kl: float | None,
+        metrics: dict[str, Any],
+        version_id: str | None = None,
+        parent_id: str | None = None,
+    ) -> AdapterVersion:
+        row = AdapterVersion(
+            scope_kind=scope.kind, scope_id=scope.id, path=path, step=step, kl=kl, metrics=metrics, parent_id=parent_id
+        )
+        if version_id:
+            row.id = version_id
+        self.s.add(row)
+        await self.s.flush()
+        return row
+
+    async def get(self, version_id: str) -> AdapterVersion | None:
+        return await self.s.get(AdapterVersion, version_id)
+
+    async def require(self, scope: Scope, version_id: str) -> AdapterVersion:
+        row = await self.s.get(AdapterVersion, version_id)
+        if row is None or row.scope_kind != scope.kind or row.scope_id != scope.id:
+            raise StoreError(
+                f"adapter version {version_id!r} does not exist in scope {scope}: see heedful adapters list"
+            )
+        return row
+
+    async def active(self, scope: Scope) -> AdapterVersion | None:
+        stmt = select(AdapterVersion).where(
+            AdapterVersion.scope_kind == scope.kind,
+            AdapterVersion.scope_id == scope.id,
+            AdapterVersion.status == AdapterStatus.ACTIVE,
+        )
+        return (await self.s.scalars(stmt)).first()
+
+    async def versions(self, scope: Scope | None = None) -> list[AdapterVersion]:
+        stmt = select(AdapterVersion).order_by(AdapterVersion.created_at.desc(), AdapterVersion.id)
+        if scope is not None:
+            stmt = stmt.where(AdapterVersion.scope_kind == scope.kind, AdapterVersion.scope_id == scope.id)
+        return list(await self.s.scalars(stmt))
+
+    async def activate(self, scope: Scope, version_id: str) -> AdapterVersion:
+        """Make `version_id` the scope's one active adapter; the previous one is retired (same transaction)."""
+        row = await self.require(scope, version_id)
+        if row.status == AdapterStatus.REJECTED:
+            raise StoreError(f"adapter version {version_id!r} was rejected ({row.reason}): it cannot be activated")
+        await self.s.execute(
+            update(AdapterVersion)
+            .where(
+                AdapterVersion.scope_kind == scope.kind,
+                AdapterVersion.scope_id == scope.id,
+                AdapterVersion.status == AdapterStatus.ACTIVE,
+                AdapterVersion.id != version_id,
+            )
+            .values(status=AdapterStatus.RETIRED)
+        )
+        row.status = AdapterStatus.ACTIVE
+        row.activated_at = utcnow()
+        await self.s.flush()
+        return row
+
+    async def reject(self, scope: Scope, version_id: str, reason: str) -> AdapterVersion:
+        row = await self.require(scope, version_id)
+        row.status = AdapterStatus.REJECTED
+        row.reason = reason
+        return row
+
+    async def rollback(self, scope: Scope, to: str | None = None) -> AdapterVersion | None:
+        """Activate `to`, else the most recently active version before the current one.
+
+        Returns the now-active version, or None when rolling back the only version (serving falls back
+        to the team's adapter or the base model).
+        """
+        current = await self.active(scope)
+        if to is not None:
+            return await self.activate(scope, to)
+        if current is None:
+            raise StoreError(f"scope {scope} has no active adapter to roll back")
+        stmt = (
+            select(AdapterVersion)
+            .where(
+                AdapterVersion.scope_kind == scope.kind,
+                AdapterVersion.scope_id == scope.id,
+                AdapterVersion.status == AdapterStatus.RETIRED,
+                AdapterVersion.activated_at.is_not(None),
+                AdapterVersion.activated_at < current.activated_at,
+            )
+            .order_by(AdapterVersion.activated_at.desc())
+            .limit(1)
+        )
+        previous = (await self.s.scalars(stmt)).first()
+        if previous is not None:
+            return await self.activate(scope, previous.id)
+        current.status = AdapterStatus.RETIRED
+        return None
+
+    async def prune(self, scope: Scope, keep: int = KEEP_ADAPTERS) -> list[str]:
+        """Delete all but the newest `keep` versions of a scope (never the active one); return their paths."""
+        rows = await self.versions(scope)
+        doomed = [r for r in rows[keep:] if r.status != AdapterStatus.ACTIVE]
+        if not doomed:
+            return []
+        ids = [r.id for r in doomed]
+        await self.s.execute(update(AdapterVersion).where(AdapterVersion.parent_id.in_(ids)).values(parent_id=None))
+        await self.s.execute(delete(AdapterVersion).where(AdapterVersion.id.in_(ids)))
+        return [r.path for r in doomed]
+
+    async def counts_by_scope(self) -> dict[str, dict[str, int]]:
+        stmt = select(AdapterVersion.scope_kind, AdapterVersion.scope_id, AdapterVersion.status, func.count()).group_by(
+            AdapterVersion.scope_kind, AdapterVersion.scope_id, AdapterVersion.status
+        )
+        out: dict[str, dict[str, int]] = {}
+        for kind, ident, status, n in (await self.s.execute(stmt)).all():
+            out.setdefault(f"{kind.value}:{ident}", {})[status.value] = int(n)
+        return out
+
+
+class AuditRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    async def add(
+        self,
+        *,
+        actor: str,
+        action: str,
+        scope: Scope | None = None,
+        reason: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> AuditEntry:
+        row = AuditEntry(
+            actor=actor,
+            action=action,
+            scope_kind=scope.kind.value if scope else None,
+            scope_id=scope.id if scope else None,
+            reason=reason,
+            detail=detail or {},
+        )
+        self.s.add(row)
+        await self.s.flush()
+        return row
+
+    async def since(self, since: datetime | None = None) -> list[AuditEntry]:
+        stmt = select(AuditEntry).order_by(AuditEntry.id)
+        if since is not None:
+            stmt = stmt.where(AuditEntry.at >= since)
+        return list(await self.s.scalars(stmt))
+
+
+class StatsRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    async def counts(self) -> dict[str, Any]:
+        async def count(model: Any) -> int:
+            return int(await self.s.scalar(select(func.count()).select_from(model)) or 0)
+
+        return {
+            "developers": await count(Developer),
+            "teams": await count(Team),
+            "sessions": await count(LspSession),
+            "completions": await count(Completion),
+            "candidates": await count(Candidate),
+            "events": await EventRepository(self.s).counts_by_kind(),
+            "rollouts": await RolloutRepository(self.s).counts_by_status(),
+            "adapters": await AdapterRepository(self.s).counts_by_scope(),
+        }
+
+
+class RetentionRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    async def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
+        """Delete completions (with candidates and events), events, rollouts, documents and ended
+        sessions older than `cutoff`. Adapters and the audit log have their own lifetimes."""
+        deleted: dict[str, int] = {}
+        for name, stmt in (
+            ("rollouts", delete(Rollout).where(Rollout.created_at < cutoff)),
+            ("events", delete(Event).where(Event.created_at < cutoff)),
+            (
+                "candidates",
+                delete(Candidate).where(
+                    Candidate.completion_id.in_(select(Completion.id).where(Completion.created_at < cutoff))
+                ),
+            ),
+            ("completions", delete(Completion).where(Completion.created_at < cutoff)),
+            ("documents", delete(Document).where(Document.seen_at < cutoff)),
+            ("sessions", delete(LspSession).where(LspSession.ended_at.is_not(None), LspSession.ended_at < cutoff)),
+        ):
+            result = await self.s.execute(stmt)
+            deleted[name] = int(result.rowcount)  # type: ignore[attr-defined]
+        return deleted
+
+
+class PurgeRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    async def developer(self, developer_id: str) -> dict[str, Any]:
+        """Delete every row of a developer; return counts and the adapter paths to remove from disk."""
+        scope = Scope.developer(developer_id)
+        adapters = await AdapterRepository(self.s).versions(scope)
+        paths = [a.path for a in adapters]
+        completion_ids = select(Completion.id).where(Completion.developer_id == developer_id)
+        session_ids = select(LspSession.id).where(LspSession.developer_id == developer_id)
+        counts: dict[str, int] = {}
+        for name, stmt in (
+            (
+                "rollouts",
+                delete(Rollout).where(
+                    (Rollout.developer_id == developer_id)
+                    | ((Rollout.scope_kind == ScopeKind.DEVELOPER) & (Rollout.scope_id == developer_id))
+                    | Rollout.completion_id.in_(completion_ids)
+                ),
+            ),
+            (
+                "events",
+                delete(Event).where(Event.session_id.in_(session_ids) | Event.completion_id.in_(completion_ids)),
+            ),
+            ("candidates", delete(Candidate).where(Candidate.completion_id.in_(completion_ids))),
+            ("completions", delete(Completion).where(Completion.developer_id == developer_id)),
+            ("documents", delete(Document).where(Document.session_id.in_(session_ids))),
+            ("sessions", delete(LspSession).where(LspSession.developer_id == developer_id)),
+            (
+                "adapter_versions",
+                delete(AdapterVersion).where(
+                    AdapterVersion.scope_kind == ScopeKind.DEVELOPER, AdapterVersion.scope_id == developer_id
+                ),
+            ),
+            ("developers", delete(Developer).where(Developer.id == developer_id)),
+        ):
+            result = await self.s.execute(stmt)
+            counts[name] = int(result.rowcount)  # type: ignore[attr-defined]
+        return {"deleted": counts, "adapter_paths": paths}
+
+
+__all__ = [
+    "AdapterRepository",
+    "AuditRepository",
+    "CompletionMode",
+    "CompletionRepository",
+    "DocumentRepository",
+    "EventRepository",
+    "IdentityRepository",
+    "PurgeRepository",
+    "RetentionRepository",
+    "RolloutRepository",
+    "Scope",
+    "SessionRepository",
+    "StatsRepository",
+]

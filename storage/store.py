@@ -1,0 +1,351 @@
+"""The rollout store as the rest of Heedful uses it: open it, record what happens (through the batching
+writer, redacted first), and run the admin operations (stats, retention, purge, export).
+
+Text is redacted here, before a write is even queued, so a secret never reaches the database file,
+its WAL, or a log line. When redaction changes a prompt its token ids are recomputed from the redacted
+text (if a tokenizer was given) or dropped, and the completion is marked `redacted`; candidates whose
+text changed get `logprobs_stale` so the trainer recomputes their log-probs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from server.settings import Settings
+from storage.db import Database, StoreError, open_database
+from storage.models import Candidate, Completion, CompletionMode, Event, EventKind, utcnow
+from storage.redaction import Redactor
+from storage.repositories import (
+    AuditRepository,
+    CompletionRepository,
+    DocumentRepository,
+    EventRepository,
+    PurgeRepository,
+    RetentionRepository,
+    RolloutRepository,
+    SessionRepository,
+    StatsRepository,
+)
+from storage.writer import BatchingWriter
+
+log = logging.getLogger(__name__)
+
+Tokenize = Callable[[str], list[int]]
+
+
+@dataclass(slots=True)
+class CandidateRecord:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None
+    stale: bool = False  # redaction changed the text; ids and log-probs must be recomputed
+
+
+@dataclass(slots=True)
+class CompletionRecord:
+    id: str
+    session_id: str
+    developer_id: str
+    prompt: str
+    prompt_token_ids: list[int]
+    candidates: list[CandidateRecord]
+    shown_index: int | None = 0
+    mode: str = "prefix"
+    team_id: str | None = None
+    uri: str | None = None
+    line: int | None = None
+    character: int | None = None
+    adapter_version: str | None = None
+    arm: str | None = None
+    latency_ms: float | None = None
+    document_id: int | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    redacted: bool = False
+
+    def describe(self) -> str:
+        return f"completion {self.id!r} of session {self.session_id!r}"
+
+    async def apply(self, session: AsyncSession) -> str:
+        try:
+            mode = CompletionMode(self.mode)
+        except ValueError:
+            raise StoreError(f"{self.describe()}: mode {self.mode!r} is not one of 'fim', 'prefix'") from None
+        row = Completion(
+            id=self.id,
+            session_id=self.session_id,
+            developer_id=self.developer_id,
+            team_id=self.team_id,
+            document_id=self.document_id,
+            uri=self.uri,
+            line=self.line,
+            character=self.character,
+            mode=mode,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            adapter_version=self.adapter_version,
+            arm=self.arm,
+            latency_ms=self.latency_ms,
+            shown_index=self.shown_index,
+            redacted=self.redacted,
+            created_at=self.created_at,
+        )
+        cands = [
+            Candidate(
+                index=i,
+                text=c.text,
+                token_ids=c.token_ids,
+                logprobs=c.logprobs,
+                finish_reason=c.finish_reason,
+                logprobs_stale=c.stale,
+            )
+            for i, c in enumerate(self.candidates)
+        ]
+        for c in self.candidates:
+            if not c.stale and len(c.token_ids) != len(c.logprobs):
+                raise StoreError(
+                    f"{self.describe()}: a candidate has {len(c.token_ids)} token ids and {len(c.logprobs)} log-probs"
+                )
+        await CompletionRepository(session).add(row, cands)
+        return self.id
+
+
+@dataclass(slots=True)
+class EventRecord:
+    session_id: str
+    kind: str
+    completion_id: str | None = None
+    accepted_length: int | None = None
+    inferred: bool = False
+    delay_s: float | None = None
+    survival_ratio: float | None = None
+    kept_text: str | None = None
+    text: str | None = None
+    truncated: bool = False
+    created_at: datetime = field(default_factory=utcnow)
+
+    def describe(self) -> str:
+        return f"{self.kind} event on completion {self.completion_id!r} of session {self.session_id!r}"
+
+    async def apply(self, session: AsyncSession) -> Callable[[], int]:
+        try:
+            kind = EventKind(self.kind)
+        except ValueError:
+            allowed = ", ".join(k.value for k in EventKind)
+            raise StoreError(f"{self.describe()}: kind {self.kind!r} is not one of {allowed}") from None
+        if self.accepted_length is not None and self.accepted_length < 0:
+            raise StoreError(f"{self.describe()}: accepted length {self.accepted_length} is negative")
+        if self.survival_ratio is not None and not 0.0 <= self.survival_ratio <= 1.0:
+            raise StoreError(f"{self.describe()}: survival ratio {self.survival_ratio} is outside 0..1")
+        row = Event(
+            session_id=self.session_id,
+            completion_id=self.completion_id,
+            kind=kind,
+            accepted_length=self.accepted_length,
+            inferred=self.inferred,
+            delay_s=self.delay_s,
+            survival_ratio=self.survival_ratio,
+            kept_text=self.kept_text,
+            text=self.text,
+            truncated=self.truncated,
+            created_at=self.created_at,
+        )
+        await EventRepository(session).add(row)
+        return lambda: row.id  # the id exists once the batch is flushed
+
+
+@dataclass(slots=True)
+class SessionStart:
+    session_id: str
+    developer_id: str
+    team_id: str | None = None
+    client_name: str | None = None
+    client_version: str | None = None
+    started_at: datetime = field(default_factory=utcnow)
+
+    def describe(self) -> str:
+        return f"start of session {self.session_id!r} for developer {self.developer_id!r}"
+
+    async def apply(self, session: AsyncSession) -> str:
+        await SessionRepository(session).start(
+            session_id=self.session_id,
+            developer_id=self.developer_id,
+            team_id=self.team_id,
+            client_name=self.client_name,
+            client_version=self.client_version,
+            at=self.started_at,
+        )
+        return self.session_id
+
+
+@dataclass(slots=True)
+class SessionEnd:
+    session_id: str
+    ended_at: datetime = field(default_factory=utcnow)
+
+    def describe(self) -> str:
+        return f"end of session {self.session_id!r}"
+
+    async def apply(self, session: AsyncSession) -> None:
+        await SessionRepository(session).end(self.session_id, self.ended_at)
+
+
+@dataclass(slots=True)
+class DocumentSeen:
+    session_id: str
+    uri: str
+    language_id: str | None
+    version: int
+
+    def describe(self) -> str:
+        return f"document {self.uri!r} v{self.version} of session {self.session_id!r}"
+
+    async def apply(self, session: AsyncSession) -> int:
+        row = await DocumentRepository(session).record(
+            session_id=self.session_id, uri=self.uri, language_id=self.language_id, version=self.version
+        )
+        return row.id
+
+
+class RolloutStore:
+    def __init__(self, db: Database, redactor: Redactor, *, tokenize: Tokenize | None = None) -> None:
+        self.db = db
+        self.redactor = redactor
+        self.writer = BatchingWriter(db)
+        self._tokenize = tokenize
+
+    @classmethod
+    async def open(
+        cls, settings: Settings, *, tokenize: Tokenize | None = None, apply_retention: bool = True
+    ) -> RolloutStore:
+        """Open (and upgrade) the database; delete rows older than `privacy.retention_days`."""
+        db = await open_database(settings.database.url)
+        store = cls(db, Redactor(settings.privacy.redact_patterns), tokenize=tokenize)
+        if apply_retention and settings.privacy.retention_days > 0:
+            try:
+                await store.apply_retention(settings.privacy.retention_days, actor="retention:open")
+            except Exception:
+                await db.dispose()
+                raise
+        return store
+
+    async def close(self) -> None:
+        try:
+            await self.writer.close()
+        finally:
+            await self.db.dispose()
+
+    @asynccontextmanager
+    async def unit(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work: a session whose transaction commits at the end (or rolls back on error)."""
+        async with self.db.sessions() as session, session.begin():
+            yield session
+
+    # -- the language server's writes: queued, redacted, acknowledged by their futures ---------------
+
+    def start_session(self, op: SessionStart) -> Any:
+        op.client_name = self._clean_short(op.client_name)
+        op.client_version = self._clean_short(op.client_version)
+        return self.writer.submit(op)
+
+    def end_session(self, session_id: str) -> Any:
+        return self.writer.submit(SessionEnd(session_id))
+
+    def record_document(self, op: DocumentSeen) -> Any:
+        op.uri = self.redactor.clean(op.uri).text
+        return self.writer.submit(op)
+
+    def record_completion(self, record: CompletionRecord) -> Any:
+        prompt = self.redactor.clean(record.prompt)
+        if prompt.redacted or prompt.truncated or prompt.repaired:
+            record.prompt = prompt.text
+            record.redacted = True
+            # The old ids encode the original text, secret included: never store them.
+            record.prompt_token_ids = self._tokenize(prompt.text) if self._tokenize else []
+        for cand in record.candidates:
+            cleaned = self.redactor.clean(cand.text)
+            if cleaned.text != cand.text:
+                cand.text = cleaned.text
+                cand.token_ids = self._tokenize(cleaned.text) if self._tokenize else []
+                cand.logprobs = []
+                cand.stale = True
+                record.redacted = True
+        return self.writer.submit(record)
+
+    def record_event(self, record: EventRecord) -> Any:
+        truncated = False
+        for name in ("kept_text", "text"):
+            value = getattr(record, name)
+            if value is not None:
+                cleaned = self.redactor.clean(value)
+                setattr(record, name, cleaned.text)
+                truncated = truncated or cleaned.truncated
+        record.truncated = record.truncated or truncated
+        return self.writer.submit(record)
+
+    def _clean_short(self, value: str | None) -> str | None:
+        return None if value is None else self.redactor.clean(value, limit=200).text
+
+    # -- admin operations -------------------------------------------------------------------------
+
+    async def stats(self) -> dict[str, Any]:
+        async with self.unit() as s:
+            return await StatsRepository(s).counts()
+
+    async def apply_retention(self, days: int, *, actor: str = "retention") -> dict[str, int]:
+        if days <= 0:
+            return {}
+        cutoff = datetime.now(UTC) - timedelta(days=days)
+        async with self.unit() as s:
+            deleted = await RetentionRepository(s).delete_older_than(cutoff)
+            if any(deleted.values()):
+                await AuditRepository(s).add(
+                    actor=actor, action="retention", reason=f"privacy.retention_days = {days}", detail=deleted
+                )
+        return deleted
+
+    async def purge_developer(self, developer_id: str, *, actor: str, reason: str | None = None) -> dict[str, Any]:
+        """Delete every row and adapter of a developer, and record it in the audit log."""
+        await self.writer.flush()  # nothing of theirs may land after the purge
+        async with self.unit() as s:
+            result = await PurgeRepository(s).developer(developer_id)
+            await AuditRepository(s).add(
+                actor=actor,
+                action="purge",
+                reason=reason or "heedful purge --developer",
+                detail={"developer": developer_id, "deleted": result["deleted"]},
+            )
+        removed = []
+        for path in result["adapter_paths"]:
+            p = Path(path)
+            if p.exists():
+                shutil.rmtree(p, ignore_errors=False)
+                removed.append(path)
+        result["adapter_dirs_removed"] = removed
+        return result
+
+    async def export_developer(self, developer_id: str) -> list[dict[str, Any]]:
+        """The developer's rollouts as (context, response, feedback) triples."""
+        async with self.unit() as s:
+            rows = await RolloutRepository(s).for_developer(developer_id)
+            return [
+                {
+                    "context": r.context,
+                    "response": r.response,
+                    "feedback": {"next_state": r.next_state, "signal": r.signal, "rewards": r.rewards},
+                    "scope": f"{r.scope_kind.value}:{r.scope_id}",
+                    "status": r.status.value,
+                    "completion_id": r.completion_id,
+                    "created_at": r.created_at.isoformat(),
+                }
+                for r in rows
+            ]

@@ -1,0 +1,211 @@
+"""The one async batching writer: the language server's writes never wait on the disk.
+
+`submit(op)` queues a write and returns at once with a future. A single background task takes everything
+queued (up to `max_batch`), applies it in ONE transaction and commits; then every future of the batch is
+resolved. A write is *acknowledged* when its future has a result: its transaction has committed (on
+SQLite with `synchronous=FULL`, the WAL is on disk), so it survives the process being killed.
+
+Failures never drop a write silently:
+- a write the database refuses (unknown session, constraint, bad value) fails alone: the batch is
+  re-run one write per transaction, and only the bad write's future gets the error;
+- a transient failure (database locked, disk full, connection lost) keeps the whole batch and retries
+  it with backoff, logging each failure; nothing is acknowledged until it is committed;
+- a full queue or a closed writer refuses `submit` with `StoreError` (back-pressure, never a drop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.db import Database, StoreError
+
+log = logging.getLogger(__name__)
+
+
+class WriteOp(Protocol):
+    """One write: applied inside the writer's transaction; returns what the submitter's future gets
+    (or a no-argument callable producing it, called after the batch is flushed and committed)."""
+
+    def describe(self) -> str: ...
+
+    async def apply(self, session: AsyncSession) -> Any: ...
+
+
+class FunctionOp:
+    """A write given as a coroutine function of the session."""
+
+    def __init__(self, fn: Callable[[AsyncSession], Awaitable[Any]], description: str) -> None:
+        self._fn = fn
+        self._description = description
+
+    def describe(self) -> str:
+        return self._description
+
+    async def apply(self, session: AsyncSession) -> Any:
+        return await self._fn(session)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, IntegrityError):
+        return False
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, OperationalError):
+        text = str(exc.orig).lower()
+        return any(s in text for s in ("locked", "busy", "disk", "full", "i/o", "readonly", "read-only", "connection"))
+    return isinstance(exc, ConnectionError | OSError)
+
+
+class BatchingWriter:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_batch: int = 512,
+        max_queue: int = 100_000,
+        retry_initial_s: float = 0.05,
+        retry_max_s: float = 5.0,
+    ) -> None:
+        self._db = db
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[WriteOp, asyncio.Future[Any]]] = asyncio.Queue(maxsize=max_queue)
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.stats = {"batches": 0, "writes": 0, "failed": 0, "retries": 0, "max_batch_seen": 0}
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="heedful-batching-writer")
+
+    def submit(self, op: WriteOp) -> asyncio.Future[Any]:
+        """Queue `op`; the future resolves when it is committed (or fails alone)."""
+        if self._closing:
+            raise StoreError(f"the store is closing: {op.describe()} was not accepted")
+        if self._task is None:
+            self.start()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait((op, future))
+        except asyncio.QueueFull:
+            raise StoreError(
+                f"the write queue is full ({self._queue.maxsize} writes waiting; the database is not keeping "
+                f"up: {self.last_error or 'slow disk'}): {op.describe()} was not accepted"
+            ) from None
+        return future
+
+    async def write(self, op: WriteOp) -> Any:
+        """Submit and wait for the acknowledgement."""
+        return await self.submit(op)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far is committed or failed."""
+        await self._queue.join()
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting writes, commit what is queued, stop the task."""
+        self._closing = True
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout_s)
+        except TimeoutError:
+            left = self._queue.qsize()
+            raise StoreError(
+                f"{left} writes could not be committed within {timeout_s:.0f} s ({self.last_error}); they were "
+                "never acknowledged"
+            ) from None
+        finally:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            # Group commit: take what queued up while the last commit ran, without waiting for more.
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit_batch(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _commit_batch(self, batch: list[tuple[WriteOp, asyncio.Future[Any]]]) -> None:
+        delay = self._retry_initial_s
+        while True:
+            try:
+                results = await self._apply_all([op for op, _ in batch])
+            except Exception as exc:
+                if _is_transient(exc):
+                    self.stats["retries"] += 1
+                    self.last_error = f"{type(exc).__name__}: {getattr(exc, 'orig', exc)}"
+                    log.error(
+                        "store write of %d items failed, retrying in %.2f s: %s", len(batch), delay, self.last_error
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self._retry_max_s)
+                    continue
+                await self._commit_one_by_one(batch)
+                return
+            self._record_batch(len(batch))
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+            return
+
+    async def _apply_all(self, ops: list[WriteOp]) -> list[Any]:
+        async with self._db.sessions() as session, session.begin():
+            results = [await op.apply(session) for op in ops]
+            await session.flush()
+        # An op may return a thunk for what only exists after the flush (an autoincrement id).
+        return [r() if callable(r) else r for r in results]
+
+    async def _commit_one_by_one(self, batch: list[tuple[WriteOp, asyncio.Future[Any]]]) -> None:
+        for op, fut in batch:
+            delay = self._retry_initial_s
+            while True:
+                try:
+                    (result,) = await self._apply_all([op])
+                except Exception as exc:
+                    if _is_transient(exc):
+                        self.stats["retries"] += 1
+                        self.last_error = f"{type(exc).__name__}: {getattr(exc, 'orig', exc)}"
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, self._retry_max_s)
+                        continue
+                    self.stats["failed"] += 1
+                    error = (
+                        exc
+                        if isinstance(exc, StoreError)
+                        else StoreError(f"{op.describe()} was refused by the database: {getattr(exc, 'orig', exc)}")
+                    )
+                    log.warning("store write refused: %s", error)
+                    if not fut.done():
+                        fut.set_exception(error)
+                    break
+                self._record_batch(1)
+                if not fut.done():
+                    fut.set_result(result)
+                break
+
+    def _record_batch(self, size: int) -> None:
+        self.stats["batches"] += 1
+        self.stats["writes"] += size
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], size)
