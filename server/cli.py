@@ -161,7 +161,7 @@ def cmd_config(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "files": [str(f) for f in resolved.files],
-                    "settings": _masked(resolved.settings.to_dict()),
+                    "settings": _masked_settings(resolved).to_dict(),
                     "sources": resolved.sources,
                 },
                 indent=2,
@@ -177,13 +177,6 @@ def cmd_config(args: argparse.Namespace) -> int:
         raise CliError("invalid team files:\n" + "\n".join(failures))
     print(f"ok: {args.file} is valid", file=sys.stderr)
     return 0
-
-
-def _masked(d: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
-    out = {k: dict(v) for k, v in d.items()}
-    if out["engine"].get("api_key"):
-        out["engine"]["api_key"] = "***"
-    return out
 
 
 def _masked_settings(resolved: ResolvedSettings) -> Settings:

@@ -7,8 +7,6 @@ is used through asyncpg when `database.url` names it; the code above this module
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -24,8 +22,6 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from server import paths
-
-log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 5000
@@ -182,8 +178,3 @@ async def current_revision(db: Database) -> str | None:
 
     async with db.engine.connect() as conn:
         return await conn.run_sync(read)
-
-
-def run_sync(coro: Any) -> Any:
-    """Run a coroutine from synchronous CLI code."""
-    return asyncio.run(coro)

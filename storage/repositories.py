@@ -519,6 +519,15 @@ class StatsRepository:
         }
 
 
+async def _delete_counting(session: AsyncSession, statements: Sequence[tuple[str, Any]]) -> dict[str, int]:
+    """Run DELETE statements in order; return the rows each removed, by name."""
+    counts: dict[str, int] = {}
+    for name, stmt in statements:
+        result = await session.execute(stmt)
+        counts[name] = int(result.rowcount)  # type: ignore[attr-defined]
+    return counts
+
+
 class RetentionRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.s = session
@@ -526,23 +535,22 @@ class RetentionRepository:
     async def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
         """Delete completions (with candidates and events), events, rollouts, documents and ended
         sessions older than `cutoff`. Adapters and the audit log have their own lifetimes."""
-        deleted: dict[str, int] = {}
-        for name, stmt in (
-            ("rollouts", delete(Rollout).where(Rollout.created_at < cutoff)),
-            ("events", delete(Event).where(Event.created_at < cutoff)),
-            (
-                "candidates",
-                delete(Candidate).where(
-                    Candidate.completion_id.in_(select(Completion.id).where(Completion.created_at < cutoff))
+        return await _delete_counting(
+            self.s,
+            [
+                ("rollouts", delete(Rollout).where(Rollout.created_at < cutoff)),
+                ("events", delete(Event).where(Event.created_at < cutoff)),
+                (
+                    "candidates",
+                    delete(Candidate).where(
+                        Candidate.completion_id.in_(select(Completion.id).where(Completion.created_at < cutoff))
+                    ),
                 ),
-            ),
-            ("completions", delete(Completion).where(Completion.created_at < cutoff)),
-            ("documents", delete(Document).where(Document.seen_at < cutoff)),
-            ("sessions", delete(LspSession).where(LspSession.ended_at.is_not(None), LspSession.ended_at < cutoff)),
-        ):
-            result = await self.s.execute(stmt)
-            deleted[name] = int(result.rowcount)  # type: ignore[attr-defined]
-        return deleted
+                ("completions", delete(Completion).where(Completion.created_at < cutoff)),
+                ("documents", delete(Document).where(Document.seen_at < cutoff)),
+                ("sessions", delete(LspSession).where(LspSession.ended_at.is_not(None), LspSession.ended_at < cutoff)),
+            ],
+        )
 
 
 class PurgeRepository:
@@ -556,34 +564,34 @@ class PurgeRepository:
         paths = [a.path for a in adapters]
         completion_ids = select(Completion.id).where(Completion.developer_id == developer_id)
         session_ids = select(LspSession.id).where(LspSession.developer_id == developer_id)
-        counts: dict[str, int] = {}
-        for name, stmt in (
-            (
-                "rollouts",
-                delete(Rollout).where(
-                    (Rollout.developer_id == developer_id)
-                    | ((Rollout.scope_kind == ScopeKind.DEVELOPER) & (Rollout.scope_id == developer_id))
-                    | Rollout.completion_id.in_(completion_ids)
+        counts = await _delete_counting(
+            self.s,
+            [
+                (
+                    "rollouts",
+                    delete(Rollout).where(
+                        (Rollout.developer_id == developer_id)
+                        | ((Rollout.scope_kind == ScopeKind.DEVELOPER) & (Rollout.scope_id == developer_id))
+                        | Rollout.completion_id.in_(completion_ids)
+                    ),
                 ),
-            ),
-            (
-                "events",
-                delete(Event).where(Event.session_id.in_(session_ids) | Event.completion_id.in_(completion_ids)),
-            ),
-            ("candidates", delete(Candidate).where(Candidate.completion_id.in_(completion_ids))),
-            ("completions", delete(Completion).where(Completion.developer_id == developer_id)),
-            ("documents", delete(Document).where(Document.session_id.in_(session_ids))),
-            ("sessions", delete(LspSession).where(LspSession.developer_id == developer_id)),
-            (
-                "adapter_versions",
-                delete(AdapterVersion).where(
-                    AdapterVersion.scope_kind == ScopeKind.DEVELOPER, AdapterVersion.scope_id == developer_id
+                (
+                    "events",
+                    delete(Event).where(Event.session_id.in_(session_ids) | Event.completion_id.in_(completion_ids)),
                 ),
-            ),
-            ("developers", delete(Developer).where(Developer.id == developer_id)),
-        ):
-            result = await self.s.execute(stmt)
-            counts[name] = int(result.rowcount)  # type: ignore[attr-defined]
+                ("candidates", delete(Candidate).where(Candidate.completion_id.in_(completion_ids))),
+                ("completions", delete(Completion).where(Completion.developer_id == developer_id)),
+                ("documents", delete(Document).where(Document.session_id.in_(session_ids))),
+                ("sessions", delete(LspSession).where(LspSession.developer_id == developer_id)),
+                (
+                    "adapter_versions",
+                    delete(AdapterVersion).where(
+                        AdapterVersion.scope_kind == ScopeKind.DEVELOPER, AdapterVersion.scope_id == developer_id
+                    ),
+                ),
+                ("developers", delete(Developer).where(Developer.id == developer_id)),
+            ],
+        )
         return {"deleted": counts, "adapter_paths": paths}
 
 

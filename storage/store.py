@@ -9,7 +9,6 @@ text changed get `logprobs_stale` so the trainer recomputes their log-probs.
 
 from __future__ import annotations
 
-import logging
 import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -36,8 +35,6 @@ from storage.repositories import (
     StatsRepository,
 )
 from storage.writer import BatchingWriter
-
-log = logging.getLogger(__name__)
 
 Tokenize = Callable[[str], list[int]]
 
@@ -80,6 +77,11 @@ class CompletionRecord:
             mode = CompletionMode(self.mode)
         except ValueError:
             raise StoreError(f"{self.describe()}: mode {self.mode!r} is not one of 'fim', 'prefix'") from None
+        for c in self.candidates:
+            if not c.stale and len(c.token_ids) != len(c.logprobs):
+                raise StoreError(
+                    f"{self.describe()}: a candidate has {len(c.token_ids)} token ids and {len(c.logprobs)} log-probs"
+                )
         row = Completion(
             id=self.id,
             session_id=self.session_id,
@@ -110,11 +112,6 @@ class CompletionRecord:
             )
             for i, c in enumerate(self.candidates)
         ]
-        for c in self.candidates:
-            if not c.stale and len(c.token_ids) != len(c.logprobs):
-                raise StoreError(
-                    f"{self.describe()}: a candidate has {len(c.token_ids)} token ids and {len(c.logprobs)} log-probs"
-                )
         await CompletionRepository(session).add(row, cands)
         return self.id
 

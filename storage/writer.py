@@ -148,48 +148,14 @@ class BatchingWriter:
                     self._queue.task_done()
 
     async def _commit_batch(self, batch: list[tuple[WriteOp, asyncio.Future[Any]]]) -> None:
-        delay = self._retry_initial_s
-        while True:
-            try:
-                results = await self._apply_all([op for op, _ in batch])
-            except Exception as exc:
-                if _is_transient(exc):
-                    self.stats["retries"] += 1
-                    self.last_error = f"{type(exc).__name__}: {getattr(exc, 'orig', exc)}"
-                    log.error(
-                        "store write of %d items failed, retrying in %.2f s: %s", len(batch), delay, self.last_error
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self._retry_max_s)
-                    continue
-                await self._commit_one_by_one(batch)
-                return
-            self._record_batch(len(batch))
-            for (_, fut), result in zip(batch, results, strict=True):
-                if not fut.done():
-                    fut.set_result(result)
-            return
-
-    async def _apply_all(self, ops: list[WriteOp]) -> list[Any]:
-        async with self._db.sessions() as session, session.begin():
-            results = [await op.apply(session) for op in ops]
-            await session.flush()
-        # An op may return a thunk for what only exists after the flush (an autoincrement id).
-        return [r() if callable(r) else r for r in results]
-
-    async def _commit_one_by_one(self, batch: list[tuple[WriteOp, asyncio.Future[Any]]]) -> None:
-        for op, fut in batch:
-            delay = self._retry_initial_s
-            while True:
+        try:
+            results = await self._apply_retrying([op for op, _ in batch])
+        except Exception:
+            # Something in the batch was refused: run each write alone so only the bad one fails.
+            for op, fut in batch:
                 try:
-                    (result,) = await self._apply_all([op])
+                    (result,) = await self._apply_retrying([op])
                 except Exception as exc:
-                    if _is_transient(exc):
-                        self.stats["retries"] += 1
-                        self.last_error = f"{type(exc).__name__}: {getattr(exc, 'orig', exc)}"
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, self._retry_max_s)
-                        continue
                     self.stats["failed"] += 1
                     error = (
                         exc
@@ -199,13 +165,37 @@ class BatchingWriter:
                     log.warning("store write refused: %s", error)
                     if not fut.done():
                         fut.set_exception(error)
-                    break
-                self._record_batch(1)
-                if not fut.done():
-                    fut.set_result(result)
-                break
+                    continue
+                self._resolve([fut], [result])
+            return
+        self._resolve([fut for _, fut in batch], results)
 
-    def _record_batch(self, size: int) -> None:
+    async def _apply_retrying(self, ops: list[WriteOp]) -> list[Any]:
+        """Apply `ops` in one transaction; retry transient failures with backoff, raise the others."""
+        delay = self._retry_initial_s
+        while True:
+            try:
+                return await self._apply_all(ops)
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                self.stats["retries"] += 1
+                self.last_error = f"{type(exc).__name__}: {getattr(exc, 'orig', exc)}"
+                log.error("store write of %d items failed, retrying in %.2f s: %s", len(ops), delay, self.last_error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max_s)
+
+    async def _apply_all(self, ops: list[WriteOp]) -> list[Any]:
+        async with self._db.sessions() as session, session.begin():
+            results = [await op.apply(session) for op in ops]
+            await session.flush()
+        # An op may return a thunk for what only exists after the flush (an autoincrement id).
+        return [r() if callable(r) else r for r in results]
+
+    def _resolve(self, futures: list[asyncio.Future[Any]], results: list[Any]) -> None:
         self.stats["batches"] += 1
-        self.stats["writes"] += size
-        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], size)
+        self.stats["writes"] += len(futures)
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(futures))
+        for fut, result in zip(futures, results, strict=True):
+            if not fut.done():
+                fut.set_result(result)
