@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: engine too)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    serve = sub.add_parser("serve", help="run the language server (stdio by default)")
+    serve.add_argument("--tcp", action="store_true", help="listen on TCP instead of stdio (any number of editors)")
+    serve.add_argument("--host", default="127.0.0.1", help="TCP address to bind (default 127.0.0.1: this machine)")
+    serve.add_argument("--port", type=int, default=2087, help="TCP port (default 2087; 0: any free port)")
+
     model = sub.add_parser("model", help="prepare or verify the model")
     model_sub = model.add_subparsers(dest="model_command", metavar="ACTION")
     prep = model_sub.add_parser(
@@ -357,6 +362,26 @@ async def _with_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from server.engine import EngineError
+    from server.model_prep import ModelError
+    from server.serve import serve
+    from storage.db import StoreError
+
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port {args.port} is not a TCP port: use 0-65535 (0: any free port)", EXIT_USAGE)
+    settings = _settings(args).settings  # a broken settings file stops here, before any editor connects
+    setup_logging(
+        settings.logging.level if not args.verbose else "DEBUG", args.log_file or settings.logging.file or None
+    )
+    # pygls logs every message it sends at INFO; that is protocol tracing, wanted only with -vv.
+    logging.getLogger("pygls").setLevel(logging.DEBUG if args.verbose > 1 else logging.WARNING)
+    try:
+        return asyncio.run(serve(args.config or paths.config_path(), tcp=args.tcp, host=args.host, port=args.port))
+    except (ModelError, StoreError, EngineError, OSError) as exc:
+        raise CliError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -368,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_model(args)
         if args.command == "config":
             return cmd_config(args)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "generate":
             return asyncio.run(_generate(args))
         if args.command == "demo":

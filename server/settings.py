@@ -94,6 +94,13 @@ class EngineSettings:
     )
     url: str = setting("", "Base URL of the remote vLLM server, e.g. http://gpu-host:8000 (mode `remote`).")
     api_key: str = setting("", "Bearer token for the remote vLLM server (its `--api-key`), if it has one.")
+    startup_timeout_s: float = setting(
+        120.0,
+        "Seconds to wait for the engine at start (the remote server to answer) before reporting it failing; "
+        "`heedful serve` keeps retrying a remote server after that.",
+        min=0.1,
+        max=86400,
+    )
     request_timeout_s: float = setting(
         30.0, "Seconds before a generation request to the engine is abandoned.", min=0.1, max=3600
     )
@@ -605,6 +612,38 @@ def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
             ) from None
 
 
+# Sections an editor may set for its own session (initializationOptions.settings and
+# workspace/didChangeConfiguration); everything else belongs to the admin's files.
+CLIENT_SECTIONS = ("completion", "feedback")
+
+
+def apply_client_settings(resolved: ResolvedSettings, table: Mapping[str, Any], source: str) -> ResolvedSettings:
+    """Layer an editor's settings (`{"completion": {...}, "feedback": {...}}`) over resolved settings.
+
+    Only `CLIENT_SECTIONS` may be set; a bad value raises `SettingsError` naming `source` and the key,
+    and the caller keeps the settings it had.
+    """
+    for section in table:
+        if section not in CLIENT_SECTIONS:
+            raise SettingsError(
+                source,
+                section,
+                table[section],
+                f"editors may set only {', '.join(CLIENT_SECTIONS)}; ask the admin to change [{section}]",
+            )
+    layer = validate_sections(source, table)
+    current = resolved.settings
+    replaced: dict[str, Any] = {}
+    sources = dict(resolved.sources)
+    for section, values in layer.items():
+        replaced[section] = dataclasses.replace(getattr(current, section), **values)
+        for key in values:
+            sources[f"{section}.{key}"] = source
+    settings = dataclasses.replace(current, **replaced)
+    _check_consistency(settings, sources)
+    return ResolvedSettings(settings, sources, resolved.files)
+
+
 def check_directory_team_files(global_file: Path) -> list[tuple[Path, SettingsError | None]]:
     """Validate every team file beside a global file: (path, error or None) per file."""
     g = read_settings_file(global_file, is_global=True)
@@ -664,9 +703,11 @@ def reference_markdown() -> str:
 
 
 __all__ = [
+    "CLIENT_SECTIONS",
     "ResolvedSettings",
     "Settings",
     "SettingsError",
+    "apply_client_settings",
     "check_directory_team_files",
     "reference_markdown",
     "render_toml",

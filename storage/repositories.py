@@ -202,6 +202,16 @@ class CompletionRepository:
         await self.s.flush()
         return row
 
+    async def add_candidates(self, completion_id: str, candidates: Sequence[Candidate]) -> int:
+        """Append group members sampled after the shown one; their indices follow the existing ones."""
+        row = await self.require(completion_id)
+        start = len(row.candidates)
+        for i, cand in enumerate(candidates):
+            cand.index = start + i
+            row.candidates.append(cand)
+        await self.s.flush()
+        return len(row.candidates)
+
     async def get(self, completion_id: str) -> Completion | None:
         return await self.s.get(Completion, completion_id)
 

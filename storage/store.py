@@ -48,6 +48,25 @@ class CandidateRecord:
     stale: bool = False  # redaction changed the text; ids and log-probs must be recomputed
 
 
+def _candidate_rows(describe: str, candidates: list[CandidateRecord]) -> list[Candidate]:
+    for c in candidates:
+        if not c.stale and len(c.token_ids) != len(c.logprobs):
+            raise StoreError(
+                f"{describe}: a candidate has {len(c.token_ids)} token ids and {len(c.logprobs)} log-probs"
+            )
+    return [
+        Candidate(
+            index=i,
+            text=c.text,
+            token_ids=c.token_ids,
+            logprobs=c.logprobs,
+            finish_reason=c.finish_reason,
+            logprobs_stale=c.stale,
+        )
+        for i, c in enumerate(candidates)
+    ]
+
+
 @dataclass(slots=True)
 class CompletionRecord:
     id: str
@@ -66,6 +85,8 @@ class CompletionRecord:
     arm: str | None = None
     latency_ms: float | None = None
     document_id: int | None = None
+    # Or the document's queued write: the writer applies in order, so its row exists by then.
+    document: DocumentSeen | None = None
     created_at: datetime = field(default_factory=utcnow)
     redacted: bool = False
 
@@ -77,17 +98,12 @@ class CompletionRecord:
             mode = CompletionMode(self.mode)
         except ValueError:
             raise StoreError(f"{self.describe()}: mode {self.mode!r} is not one of 'fim', 'prefix'") from None
-        for c in self.candidates:
-            if not c.stale and len(c.token_ids) != len(c.logprobs):
-                raise StoreError(
-                    f"{self.describe()}: a candidate has {len(c.token_ids)} token ids and {len(c.logprobs)} log-probs"
-                )
         row = Completion(
             id=self.id,
             session_id=self.session_id,
             developer_id=self.developer_id,
             team_id=self.team_id,
-            document_id=self.document_id,
+            document_id=self.document_id if self.document is None else self.document.row_id,
             uri=self.uri,
             line=self.line,
             character=self.character,
@@ -101,19 +117,24 @@ class CompletionRecord:
             redacted=self.redacted,
             created_at=self.created_at,
         )
-        cands = [
-            Candidate(
-                index=i,
-                text=c.text,
-                token_ids=c.token_ids,
-                logprobs=c.logprobs,
-                finish_reason=c.finish_reason,
-                logprobs_stale=c.stale,
-            )
-            for i, c in enumerate(self.candidates)
-        ]
+        cands = _candidate_rows(self.describe(), self.candidates)
         await CompletionRepository(session).add(row, cands)
         return self.id
+
+
+@dataclass(slots=True)
+class GroupRecord:
+    """Group members sampled after the shown candidate was answered (off the request path)."""
+
+    completion_id: str
+    candidates: list[CandidateRecord]
+
+    def describe(self) -> str:
+        return f"group of {len(self.candidates)} for completion {self.completion_id!r}"
+
+    async def apply(self, session: AsyncSession) -> int:
+        rows = _candidate_rows(self.describe(), self.candidates)
+        return await CompletionRepository(session).add_candidates(self.completion_id, rows)
 
 
 @dataclass(slots=True)
@@ -202,6 +223,7 @@ class DocumentSeen:
     uri: str
     language_id: str | None
     version: int
+    row_id: int | None = None  # set when applied, for completions queued after it
 
     def describe(self) -> str:
         return f"document {self.uri!r} v{self.version} of session {self.session_id!r}"
@@ -210,6 +232,7 @@ class DocumentSeen:
         row = await DocumentRepository(session).record(
             session_id=self.session_id, uri=self.uri, language_id=self.language_id, version=self.version
         )
+        self.row_id = row.id
         return row.id
 
 
@@ -268,15 +291,27 @@ class RolloutStore:
             record.redacted = True
             # The old ids encode the original text, secret included: never store them.
             record.prompt_token_ids = self._tokenize(prompt.text) if self._tokenize else []
-        for cand in record.candidates:
+        if self._clean_candidates(record.candidates):
+            record.redacted = True
+        return self.writer.submit(record)
+
+    def record_group(self, record: GroupRecord) -> Any:
+        """Append sampled group members to a recorded completion (redacted like the shown one)."""
+        self._clean_candidates(record.candidates)
+        return self.writer.submit(record)
+
+    def _clean_candidates(self, candidates: list[CandidateRecord]) -> bool:
+        """Redact candidate texts in place; True when any changed (their log-probs are then stale)."""
+        changed = False
+        for cand in candidates:
             cleaned = self.redactor.clean(cand.text)
             if cleaned.text != cand.text:
                 cand.text = cleaned.text
                 cand.token_ids = self._tokenize(cleaned.text) if self._tokenize else []
                 cand.logprobs = []
                 cand.stale = True
-                record.redacted = True
-        return self.writer.submit(record)
+                changed = True
+        return changed
 
     def record_event(self, record: EventRecord) -> Any:
         truncated = False

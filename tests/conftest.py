@@ -4,6 +4,7 @@ reference model on the same weights, and LoRA adapters saved by peft."""
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,11 @@ import pytest
 
 from server import paths
 from server.engine.embedded import EmbeddedEngine
+from server.engine.remote import vllm_serve_command
 from server.model_prep import ModelError, verify_model
 from server.settings import Settings
 from tests.pgserver import PostgresUnavailable, create_database, temporary_postgres
+from tests.procs import free_port, wait_until_serving
 
 # Keep torch in the test process from fighting the engine for the two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -44,6 +47,44 @@ async def embedded_engine(engine_settings: Settings) -> AsyncIterator[EmbeddedEn
     await engine.start()
     yield engine
     await engine.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(engine_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real `vllm serve --enable-lora` on the default model for the whole session: its base URL.
+
+    The remote-engine tests use it directly; the language-server tests point every `heedful serve`
+    subprocess at it (engine.mode = "remote"), so the engine starts once, not once per server.
+    """
+    port = free_port()
+    log_file = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    env = dict(
+        os.environ,
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+        VLLM_CPU_KVCACHE_SPACE=f"{engine_settings.engine.kv_cache_gib:g}",
+        VLLM_LOGGING_LEVEL="WARNING",
+    )
+    with log_file.open("wb") as log:
+        proc = subprocess.Popen(
+            vllm_serve_command(engine_settings, host="127.0.0.1", port=port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(proc, url, log_file)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.returncode not in (0, -15, 143):
+            print(log_file.read_text(errors="replace")[-3000:])
 
 
 @pytest.fixture(scope="session")

@@ -37,12 +37,12 @@ log = logging.getLogger(__name__)
 class RemoteEngine:
     """The `Engine` backed by a vLLM server's HTTP API."""
 
-    def __init__(self, settings: Settings, *, startup_timeout_s: float = 120.0) -> None:
+    def __init__(self, settings: Settings, *, startup_timeout_s: float | None = None) -> None:
         self._settings = settings
         self._base = settings.engine.url.rstrip("/")
         self._model_path = settings.model_path()
         self._model_name = settings.model.name or str(self._model_path)
-        self._startup_timeout_s = startup_timeout_s
+        self._startup_timeout_s = settings.engine.startup_timeout_s if startup_timeout_s is None else startup_timeout_s
         self._client: httpx.AsyncClient | None = None
         self._tokenizer: LocalTokenizer | None = None
         self._adapters: dict[str, AdapterRef] = {}

@@ -25,6 +25,10 @@ class LocalTokenizer:
         tid = self._tok.convert_tokens_to_ids(text)
         return tid if isinstance(tid, int) and tid != self._tok.unk_token_id else None
 
+    def vocabulary(self) -> set[str]:
+        """Every token string the tokenizer knows, added special tokens included (for FIM detection)."""
+        return set(self._tok.get_vocab())
+
     @property
     def eos_token_id(self) -> int | None:
         eid = self._tok.eos_token_id

@@ -4,80 +4,20 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import os
-import socket
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from server.engine import AdapterError, AdapterRef, EngineError
-from server.engine.remote import RemoteEngine, vllm_serve_command
+from server.engine.remote import RemoteEngine
 from server.settings import Settings
 from tests.conftest import hf_token_logprobs
 from tests.integration.test_embedded_engine import FUNCTION_STOPS, assert_logprobs_match
+from tests.procs import free_port
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until_serving(proc: subprocess.Popen[bytes], url: str, log_file: Path, timeout_s: float = 600.0) -> None:
-    """Wait for the server to list its models; fail at once, with its log, if it exits first."""
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_file.read_text(errors='replace')[-3000:]}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    pytest.fail(f"vllm serve did not answer within {timeout_s:.0f} s:\n{log_file.read_text(errors='replace')[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def vllm_server(engine_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log_file = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    env = dict(
-        os.environ,
-        VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
-        VLLM_CPU_KVCACHE_SPACE=f"{engine_settings.engine.kv_cache_gib:g}",
-        VLLM_LOGGING_LEVEL="WARNING",
-    )
-    with log_file.open("wb") as log:
-        proc = subprocess.Popen(
-            vllm_serve_command(engine_settings, host="127.0.0.1", port=port),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(proc, url, log_file)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.returncode not in (0, -15, 143):
-            print(log_file.read_text(errors="replace")[-3000:])
 
 
 @pytest.fixture(scope="module")

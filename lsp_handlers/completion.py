@@ -1,0 +1,237 @@
+"""One completion, from cursor position to the text the editor shows, and its record in the store.
+
+`CompletionService.complete` builds the prompt (context.py), asks the engine for the shown candidate,
+post-processes it (postprocess.py) and returns at once. Everything after that is off the request
+path: the completion record is queued on the store's writer, and for a sampled share of requests a
+group of G-1 further candidates (pi_old samples for GRPO) is generated in the background and appended
+to the record. A slow or failing engine answers None and says why in the log; it never raises into
+the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+
+from lsprotocol import types
+
+from lsp_handlers.context import Prompt, build_prompt, fim_template_for
+from lsp_handlers.documents import TextDocument, file_name_of
+from lsp_handlers.postprocess import is_single_line, postprocess
+from server.engine import AdapterRef, Candidate, Engine, EngineError
+from server.runtime import Services
+from server.settings import Settings
+from storage.store import CandidateRecord, CompletionRecord, DocumentSeen, GroupRecord
+
+log = logging.getLogger(__name__)
+
+# Characters of document text around the cursor handed to the prompt builder: far more than any
+# token budget needs (a token is at least one character), and it keeps a 5 MB file cheap.
+_CHARS_PER_TOKEN_BOUND = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    developer_id: str
+    session_id: str
+    team_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What the editor gets: the completion's id, the text to insert at `offset`, and its position."""
+
+    completion_id: str
+    text: str
+    offset: int
+    position: types.Position
+    line_prefix: str
+
+
+def fit_candidate(candidate: Candidate, shown: str, engine: Engine) -> CandidateRecord:
+    """The shown candidate cut to the tokens that produce `shown` (post-processing may cut the end).
+
+    When no token boundary falls exactly at the end of `shown`, the record keeps the covering tokens and
+    is marked stale: the trainer re-tokenizes the text and recomputes its log-probs.
+    """
+    if candidate.text == shown:
+        return CandidateRecord(shown, list(candidate.token_ids), list(candidate.logprobs), candidate.finish_reason)
+    ids = candidate.token_ids
+    for k in range(1, len(ids) + 1):
+        decoded = engine.detokenize(ids[:k])
+        if len(decoded) >= len(shown):
+            exact = decoded == shown
+            return CandidateRecord(
+                shown, list(ids[:k]), list(candidate.logprobs[:k]), "stop" if exact else "trimmed", stale=not exact
+            )
+    return CandidateRecord(shown, list(ids), list(candidate.logprobs), candidate.finish_reason, stale=True)
+
+
+class CompletionService:
+    """Serves completions for the connections of one process (they share the engine and the store)."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self._background: set[asyncio.Task[None]] = set()
+        self._random = random.Random()
+
+    def prompt_for(self, doc: TextDocument, offset: int, settings: Settings) -> Prompt:
+        window = settings.completion.context_tokens * _CHARS_PER_TOKEN_BOUND
+        text = doc.text
+        before = text[max(0, offset - window) : offset]
+        after = text[offset : offset + window]
+        tokenizer = self.services.tokenizer
+        return build_prompt(
+            before,
+            after,
+            file_name=file_name_of(doc.uri),
+            language_id=doc.language_id,
+            budget_tokens=settings.completion.context_tokens,
+            count_tokens=lambda s: len(tokenizer.encode(s)),
+            fim_template=fim_template_for(settings.model.fim_template, self.services.vocabulary),
+            suffix_share=settings.completion.suffix_share,
+        )
+
+    async def complete(
+        self,
+        doc: TextDocument,
+        position: types.Position,
+        *,
+        identity: Identity,
+        settings: Settings,
+        document: DocumentSeen | None,
+    ) -> Served | None:
+        engine = self.services.engine.ready()
+        if engine is None:
+            status = self.services.engine.status
+            log.info("no completion for %s: the engine is %s (%s)", doc.uri, status.state.value, status.message)
+            return None
+        started = time.perf_counter()
+        offset = doc.offset_at(position)
+        line_prefix, line_suffix = doc.line_at(offset)
+        single = is_single_line(line_prefix, line_suffix)
+        prompt = self.prompt_for(doc, offset, settings)
+        # Token healing: a prompt ending in spaces splits the tokenizer's usual whitespace tokens (the
+        # model then writes " with" after four spaces). Send the prompt without them and take them
+        # back off the front of what the model writes.
+        prompt_text, healed = prompt.text, ""
+        if prompt.mode == "prefix":
+            prompt_text = prompt.text.rstrip(" \t")
+            healed = prompt.text[len(prompt_text) :]
+        c = settings.completion
+        adapter = self.services.adapter_for(identity.developer_id, identity.team_id)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        try:
+            gen = await asyncio.wait_for(
+                engine.generate(
+                    prompt_text,
+                    n=1,
+                    max_tokens=c.single_line_max_tokens if single else c.max_tokens,
+                    temperature=c.temperature,
+                    stop=["\n"] if single else list(c.stop),
+                    adapter=adapter,
+                    request_id=request_id,
+                ),
+                timeout=c.timeout_ms / 1000,
+            )
+        except TimeoutError:
+            log.warning("no completion for %s: the engine took longer than %d ms", doc.uri, c.timeout_ms)
+            await self._abort(engine, request_id)
+            return None
+        except asyncio.CancelledError:
+            await self._abort(engine, request_id)
+            raise
+        except EngineError as exc:
+            log.warning("no completion for %s: %s", doc.uri, exc)
+            self.services.engine.report_failure(str(exc))
+            return None
+        except Exception as exc:  # whatever the engine raised, the server keeps serving
+            log.exception("no completion for %s: the engine failed", doc.uri)
+            self.services.engine.report_failure(f"the engine failed: {exc}")
+            return None
+        self.services.engine.report_success()
+        if not gen.candidates:
+            return None
+        raw = gen.candidates[0]
+        consumed = healed if raw.text.startswith(healed) else raw.text[: len(raw.text) - len(raw.text.lstrip(" \t"))]
+        text_after = doc.text[offset : offset + 4096]
+        shown = postprocess(
+            raw.text[len(consumed) :],
+            line_prefix=line_prefix,
+            line_suffix=line_suffix,
+            after=text_after[len(line_suffix) :].lstrip("\r\n"),
+            before_tail=prompt.prefix[-512:],
+            single_line=single,
+        )
+        latency_ms = (time.perf_counter() - started) * 1000
+        if shown is None:
+            log.debug("no completion for %s: nothing useful in %r", doc.uri, raw.text)
+            return None
+        served = Served(f"c-{uuid.uuid4().hex}", shown, offset, position, line_prefix)
+        record = CompletionRecord(
+            id=served.completion_id,
+            session_id=identity.session_id,
+            developer_id=identity.developer_id,
+            team_id=identity.team_id,
+            prompt=prompt_text if settings.privacy.store_prompts else "",
+            prompt_token_ids=list(gen.prompt_token_ids),
+            # The candidate continues the stored prompt exactly: the healed whitespace, then what is shown.
+            candidates=[fit_candidate(raw, consumed + shown, engine)],
+            shown_index=0,
+            mode=prompt.mode,
+            uri=doc.uri,
+            line=position.line,
+            character=position.character,
+            adapter_version=adapter.name if adapter else None,
+            latency_ms=latency_ms,
+            document=document,
+        )
+        self.services.store.record_completion(record)
+        if c.group_size > 1 and self._random.random() < c.group_sample_rate:
+            self._spawn(self._sample_group(engine, prompt_text, served.completion_id, single, settings, adapter))
+        return served
+
+    async def _sample_group(
+        self,
+        engine: Engine,
+        prompt: str,
+        completion_id: str,
+        single: bool,
+        settings: Settings,
+        adapter: AdapterRef | None,
+    ) -> None:
+        c = settings.completion
+        try:
+            gen = await engine.generate(
+                prompt,
+                n=c.group_size - 1,
+                max_tokens=c.single_line_max_tokens if single else c.max_tokens,
+                temperature=c.group_temperature,
+                stop=["\n"] if single else list(c.stop),
+                adapter=adapter,
+            )
+        except Exception as exc:
+            log.warning("the training group of completion %s was not sampled: %s", completion_id, exc)
+            return
+        cands = [CandidateRecord(g.text, list(g.token_ids), list(g.logprobs), g.finish_reason) for g in gen.candidates]
+        self.services.store.record_group(GroupRecord(completion_id, cands))
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort(self, engine: Engine, request_id: str) -> None:
+        try:
+            await engine.abort(request_id)
+        except Exception as exc:
+            log.debug("abort of %s failed: %s", request_id, exc)
+
+    async def drain(self) -> None:
+        """Wait for background group sampling (at shutdown, so no record is left half-made)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

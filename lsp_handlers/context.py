@@ -1,0 +1,637 @@
+"""The prompt for one cursor position: prefix, suffix, file-name header, fitted to a token budget.
+
+This module turns the text around the cursor into the string sent to the engine (step 1 of "The life of one
+completion" in DESIGN.md). It picks the model's fill-in-the-middle template when the tokenizer has one
+(`fim_template_for`), writes a one-line comment naming the file (`comment_header`), and keeps the lines
+nearest to the cursor that fit the budget (`build_prompt`).
+
+It is pure: no I/O, no engine or tokenizer loading, no settings lookup, no logging. Token counting is a
+function the caller passes in, so tests can use a counter whose values are computed by hand.
+
+Cost: `before` and `after` can be whole files of megabytes. Nothing here splits them into lines; the
+builder walks outward from the cursor with `rfind`/`find` and counts only the pieces it considers, so the
+work is proportional to what is kept (plus the one piece that did not fit, whose counting is capped too).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "KNOWN_FIM_TEMPLATES",
+    "CountTokens",
+    "Prompt",
+    "build_prompt",
+    "comment_header",
+    "fim_template_for",
+]
+
+CountTokens = Callable[[str], int]
+"""Number of tokens of a text on its own (no BOS/EOS added); must be 0 for ""."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """The prompt for one cursor position, and the pieces of the document it kept."""
+
+    text: str  # what is sent to the engine
+    mode: Literal["fim", "prefix"]
+    prefix: str  # the kept text before the cursor (a suffix of `before`: ends exactly at the cursor)
+    suffix: str  # the kept text after the cursor (a prefix of `after`; "" in prefix mode)
+    header: str  # the file-name header line put before the prefix ("" when none)
+    tokens: int  # count_tokens(text) of the final prompt
+
+
+# Template -> the special tokens that must all be in the tokenizer's vocabulary for "auto" to pick it.
+# Order matters: "auto" takes the first whose tokens are all present.
+KNOWN_FIM_TEMPLATES: dict[str, tuple[str, ...]] = {
+    # StarCoder, StarCoder2, StableCode, Granite-Code (and other BigCode-tokenizer models).
+    "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>": ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    # SantaCoder spells its FIM tokens with hyphens.
+    "<fim-prefix>{prefix}<fim-suffix>{suffix}<fim-middle>": ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"),
+    # Qwen2.5-Coder (and CodeGemma, which uses the same three tokens).
+    "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>": (
+        "<|fim_prefix|>",
+        "<|fim_suffix|>",
+        "<|fim_middle|>",
+    ),
+    # CodeLlama: Meta's prompt layout; its vocabulary holds the pieces "▁<PRE>", "▁<SUF>", "▁<MID>" (ids
+    # 32007-32009, with U+2581 in front), not "<PRE>".
+    "<PRE> {prefix} <SUF>{suffix} <MID>": ("\u2581<PRE>", "\u2581<SUF>", "\u2581<MID>"),
+    # DeepSeek-Coder: full-width bars (U+FF5C) and U+2581 inside the token names.
+    "<\uff5cfim\u2581begin\uff5c>{prefix}<\uff5cfim\u2581hole\uff5c>{suffix}<\uff5cfim\u2581end\uff5c>": (
+        "<\uff5cfim\u2581begin\uff5c>",
+        "<\uff5cfim\u2581hole\uff5c>",
+        "<\uff5cfim\u2581end\uff5c>",
+    ),
+}
+
+_PLACEHOLDER = re.compile(r"\{prefix\}|\{suffix\}")
+
+
+def _check_template(template: str) -> None:
+    """Raise ValueError unless `template` holds {prefix} and {suffix} exactly once each."""
+    if template.count("{prefix}") != 1 or template.count("{suffix}") != 1:
+        raise ValueError(
+            f"fill-in-the-middle template {template!r} is not valid: it must contain {{prefix}} and {{suffix}} "
+            "exactly once each"
+        )
+
+
+def _fill(template: str, prefix: str, suffix: str) -> str:
+    """The template with its two placeholders replaced, in one pass (text inside prefix is never re-scanned)."""
+    return _PLACEHOLDER.sub(lambda m: prefix if m.group(0) == "{prefix}" else suffix, template)
+
+
+def fim_template_for(setting: str, vocabulary: Collection[str]) -> str | None:
+    """The FIM template to use for `model.fim_template` = `setting`, or None for prefix-only prompts.
+
+    - "none": None.
+    - "auto": the first of `KNOWN_FIM_TEMPLATES` whose special tokens are all in `vocabulary` (e.g. the keys
+      of `tokenizer.get_vocab()`), else None (SmolLM2 has no FIM tokens, so it runs prefix-only).
+    - a template containing {prefix} and {suffix} (once each): the template itself.
+
+    Anything else raises ValueError naming the value and the allowed forms.
+    """
+    keyword = setting.strip().lower()
+    if keyword == "none":
+        return None
+    if keyword == "auto":
+        for template, tokens in KNOWN_FIM_TEMPLATES.items():
+            if all(token in vocabulary for token in tokens):
+                return template
+        return None
+    if "{prefix}" in setting and "{suffix}" in setting:
+        _check_template(setting)
+        return setting
+    raise ValueError(
+        f"model.fim_template = {setting!r} is not valid: use 'auto', 'none', or a template containing "
+        "{prefix} and {suffix}"
+    )
+
+
+# Line-comment syntax by LSP languageId (plus a few ids editors send that the LSP list lacks): (open, close).
+_HASH = ("# ", "")
+_SLASH = ("// ", "")
+_DASH = ("-- ", "")
+_PERCENT = ("% ", "")
+_SEMI = ("; ", "")
+_MARKUP = ("<!-- ", " -->")
+_COMMENT_SYNTAX: dict[str, tuple[str, str]] = {
+    **dict.fromkeys(
+        (
+            "python",
+            "shellscript",
+            "sh",
+            "bash",
+            "zsh",
+            "fish",
+            "ruby",
+            "yaml",
+            "toml",
+            "perl",
+            "perl6",
+            "raku",
+            "r",
+            "dockerfile",
+            "makefile",
+            "cmake",
+            "elixir",
+            "powershell",
+            "coffeescript",
+            "julia",
+            "nim",
+            "crystal",
+            "graphql",
+            "terraform",
+            "hcl",
+            "nix",
+            "tcl",
+            "gdscript",
+            "properties",
+            "dotenv",
+            "starlark",
+            "git-commit",
+            "git-rebase",
+        ),
+        _HASH,
+    ),
+    **dict.fromkeys(
+        (
+            "javascript",
+            "javascriptreact",
+            "typescript",
+            "typescriptreact",
+            "go",
+            "rust",
+            "java",
+            "c",
+            "cpp",
+            "csharp",
+            "kotlin",
+            "swift",
+            "php",
+            "scala",
+            "dart",
+            "groovy",
+            "objective-c",
+            "objective-cpp",
+            "fsharp",
+            "less",
+            "scss",
+            "sass",
+            "jade",
+            "pug",
+            "zig",
+            "proto",
+            "solidity",
+            "jsonc",
+            "glsl",
+            "hlsl",
+            "shaderlab",
+            "verilog",
+            "systemverilog",
+            "d",
+            "odin",
+            "cuda",
+            "cuda-cpp",
+        ),
+        _SLASH,
+    ),
+    **dict.fromkeys(("lua", "sql", "haskell", "elm", "ada", "vhdl", "purescript"), _DASH),
+    **dict.fromkeys(("latex", "tex", "bibtex", "erlang", "matlab", "prolog"), _PERCENT),
+    **dict.fromkeys(("clojure", "lisp", "commonlisp", "scheme", "racket", "ini"), _SEMI),
+    **dict.fromkeys(("html", "xml", "xsl", "markdown", "vue", "svelte"), _MARKUP),
+    "css": ("/* ", " */"),
+    "ocaml": ("(* ", " *)"),
+    "handlebars": ("{{!-- ", " --}}"),
+    "razor": ("@* ", " *@"),
+    "vb": ("' ", ""),
+    "bat": ("REM ", ""),
+    "vim": ('" ', ""),
+}
+
+# Short ids some editors send (Neovim sends its filetype) -> the LSP languageId.
+_LANGUAGE_ALIASES: dict[str, str] = {
+    "py": "python",
+    "js": "javascript",
+    "jsx": "javascriptreact",
+    "ts": "typescript",
+    "tsx": "typescriptreact",
+    "rs": "rust",
+    "rb": "ruby",
+    "cs": "csharp",
+    "kt": "kotlin",
+    "yml": "yaml",
+    "md": "markdown",
+    "objc": "objective-c",
+    "objcpp": "objective-cpp",
+    "make": "makefile",
+    "ps1": "powershell",
+}
+
+# File extension (lower case, no dot) -> LSP languageId, for when the editor sent no languageId.
+_EXTENSIONS: dict[str, str] = {
+    **dict.fromkeys(("py", "pyi", "pyw"), "python"),
+    **dict.fromkeys(("sh", "bash", "zsh", "ksh"), "shellscript"),
+    "fish": "fish",
+    **dict.fromkeys(("rb", "rake", "gemspec"), "ruby"),
+    **dict.fromkeys(("yml", "yaml"), "yaml"),
+    "toml": "toml",
+    **dict.fromkeys(("js", "mjs", "cjs"), "javascript"),
+    "jsx": "javascriptreact",
+    **dict.fromkeys(("ts", "mts", "cts"), "typescript"),
+    "tsx": "typescriptreact",
+    "go": "go",
+    "rs": "rust",
+    "java": "java",
+    **dict.fromkeys(("c", "h"), "c"),
+    **dict.fromkeys(("cc", "cpp", "cxx", "c++", "hpp", "hh", "hxx", "h++", "ipp"), "cpp"),
+    "cs": "csharp",
+    **dict.fromkeys(("kt", "kts"), "kotlin"),
+    "swift": "swift",
+    "php": "php",
+    **dict.fromkeys(("scala", "sc"), "scala"),
+    "dart": "dart",
+    **dict.fromkeys(("groovy", "gradle"), "groovy"),
+    "m": "objective-c",
+    "mm": "objective-cpp",
+    **dict.fromkeys(("fs", "fsi", "fsx"), "fsharp"),
+    "less": "less",
+    "scss": "scss",
+    "sass": "sass",
+    "pug": "pug",
+    "jade": "jade",
+    "zig": "zig",
+    "proto": "proto",
+    "sol": "solidity",
+    "jsonc": "jsonc",
+    **dict.fromkeys(("glsl", "vert", "frag"), "glsl"),
+    "hlsl": "hlsl",
+    **dict.fromkeys(("v", "sv", "svh"), "verilog"),
+    "d": "d",
+    "cu": "cuda-cpp",
+    "lua": "lua",
+    "sql": "sql",
+    **dict.fromkeys(("hs", "lhs"), "haskell"),
+    "elm": "elm",
+    **dict.fromkeys(("adb", "ads"), "ada"),
+    **dict.fromkeys(("vhd", "vhdl"), "vhdl"),
+    "purs": "purescript",
+    **dict.fromkeys(("tex", "sty", "cls"), "latex"),
+    "bib": "bibtex",
+    **dict.fromkeys(("erl", "hrl"), "erlang"),
+    **dict.fromkeys(("clj", "cljs", "cljc", "edn"), "clojure"),
+    **dict.fromkeys(("lisp", "cl", "el"), "lisp"),
+    **dict.fromkeys(("scm", "ss"), "scheme"),
+    "rkt": "racket",
+    **dict.fromkeys(("ini", "cfg"), "ini"),
+    **dict.fromkeys(("html", "htm", "xhtml"), "html"),
+    **dict.fromkeys(("xml", "svg", "xsd", "plist"), "xml"),
+    **dict.fromkeys(("xsl", "xslt"), "xsl"),
+    **dict.fromkeys(("md", "markdown", "mdx"), "markdown"),
+    "vue": "vue",
+    "svelte": "svelte",
+    "css": "css",
+    **dict.fromkeys(("ml", "mli"), "ocaml"),
+    **dict.fromkeys(("hbs", "handlebars"), "handlebars"),
+    **dict.fromkeys(("cshtml", "razor"), "razor"),
+    **dict.fromkeys(("vb", "vbs"), "vb"),
+    **dict.fromkeys(("bat", "cmd"), "bat"),
+    "vim": "vim",
+    "r": "r",
+    **dict.fromkeys(("pl", "pm"), "perl"),
+    **dict.fromkeys(("raku", "rakumod", "p6"), "raku"),
+    **dict.fromkeys(("ps1", "psm1", "psd1"), "powershell"),
+    "coffee": "coffeescript",
+    "jl": "julia",
+    "nim": "nim",
+    "cr": "crystal",
+    **dict.fromkeys(("graphql", "gql"), "graphql"),
+    **dict.fromkeys(("tf", "tfvars"), "terraform"),
+    "hcl": "hcl",
+    "nix": "nix",
+    "tcl": "tcl",
+    "gd": "gdscript",
+    "properties": "properties",
+    **dict.fromkeys(("ex", "exs"), "elixir"),
+    "cmake": "cmake",
+    "mk": "makefile",
+    "dockerfile": "dockerfile",
+    **dict.fromkeys(("bzl", "star"), "starlark"),
+}
+
+# Whole file names (lower case) that say the language without an extension.
+_FILE_NAMES: dict[str, str] = {
+    "makefile": "makefile",
+    "gnumakefile": "makefile",
+    "dockerfile": "dockerfile",
+    "containerfile": "dockerfile",
+    "cmakelists.txt": "cmake",
+    "rakefile": "ruby",
+    "gemfile": "ruby",
+    "build": "starlark",
+    "workspace": "starlark",
+    ".bashrc": "shellscript",
+    ".zshrc": "shellscript",
+    ".profile": "shellscript",
+    ".env": "dotenv",
+}
+
+
+def _language_from_file_name(file_name: str) -> str | None:
+    base = file_name.replace("\\", "/").rsplit("/", 1)[-1].lower()
+    if base in _FILE_NAMES:
+        return _FILE_NAMES[base]
+    if base.startswith("dockerfile.") or base.endswith(".dockerfile"):
+        return "dockerfile"
+    stem, dot, extension = base.rpartition(".")
+    if not dot or not stem:
+        return None
+    return _EXTENSIONS.get(extension)
+
+
+def comment_header(file_name: str | None, language_id: str | None) -> str:
+    """One line naming the file in the language's comment syntax, e.g. "# file: app/main.py\\n".
+
+    `language_id` is the LSP languageId of the document (a few common short forms such as "py" or "sh" are
+    accepted too); when it is None the language is guessed from the file name's extension. No file name, or a
+    language without a known comment syntax (e.g. "json", "plaintext"), gives "". Line breaks inside the
+    name are replaced with spaces so the header stays one line.
+    """
+    if not file_name:
+        return ""
+    if language_id is None:
+        language = _language_from_file_name(file_name)
+    else:
+        key = language_id.strip().lower()
+        language = _LANGUAGE_ALIASES.get(key, key)
+    syntax = _COMMENT_SYNTAX.get(language) if language else None
+    if syntax is None:
+        return ""
+    name = file_name.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
+    opener, closer = syntax
+    return f"{opener}file: {name}{closer}\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fitting text to a budget
+
+_PROBE_CHARS = 256  # a piece longer than this is first counted through growing windows (see _count_within)
+_FIRST_WINDOW = 64  # first window width when cutting a piece down by characters
+
+
+def _count_within(piece: str, limit: int, count: CountTokens, *, from_end: bool) -> int | None:
+    """count(piece) if it is <= limit, else None, without counting all of a huge piece that cannot fit.
+
+    A long piece is first counted through windows of growing width taken from the side nearest the cursor;
+    once a window alone is over the limit the piece is taken not to fit. So the cost is about the size of the
+    text that fits, not the size of the piece (a 5 MB minified line costs a few small counts).
+    """
+    if len(piece) > _PROBE_CHARS:
+        width = _PROBE_CHARS
+        while width < len(piece):
+            window = piece[-width:] if from_end else piece[:width]
+            if count(window) > limit:
+                return None
+            width *= 4
+    n = count(piece)
+    return n if n <= limit else None
+
+
+def _longest_fitting(piece: str, limit: int, count: CountTokens, *, keep_end: bool) -> tuple[str, int]:
+    """The longest end (keep_end) or start of `piece`, cut by characters, whose count is <= limit.
+
+    Galloping then binary search on the width; only widths whose count was checked are returned, so the result
+    always fits even for a counter that is not monotone in the width. Assumes count("") == 0.
+    """
+
+    def part(width: int) -> str:
+        if width <= 0:
+            return ""
+        return piece[-width:] if keep_end else piece[:width]
+
+    fits, fits_count = 0, 0
+    width = _FIRST_WINDOW
+    while True:
+        if width >= len(piece):
+            n = count(piece)
+            if n <= limit:
+                return piece, n
+            too_big = len(piece)
+            break
+        n = count(part(width))
+        if n > limit:
+            too_big = width
+            break
+        fits, fits_count = width, n
+        width *= 2
+    while too_big - fits > 1:
+        mid = (fits + too_big) // 2
+        n = count(part(mid))
+        if n <= limit:
+            fits, fits_count = mid, n
+        else:
+            too_big = mid
+    return part(fits), fits_count
+
+
+@dataclass(slots=True)
+class _Parts:
+    """The kept pieces of one prompt, nearest to the cursor first, with their individual token counts."""
+
+    template: str | None
+    header: str = ""
+    header_tokens: int = 0
+    head: str = ""  # the cursor line's text before the cursor (maybe cut from its left)
+    head_tokens: int = 0
+    earlier: list[str] = field(default_factory=list)  # whole lines before the cursor line, nearest first
+    earlier_tokens: list[int] = field(default_factory=list)
+    tail: str = ""  # the cursor line's text after the cursor, with its line ending (maybe cut from its right)
+    tail_tokens: int = 0
+    later: list[str] = field(default_factory=list)  # whole lines after the cursor line, nearest first
+    later_tokens: list[int] = field(default_factory=list)
+
+    def prefix(self) -> str:
+        return "".join(reversed(self.earlier)) + self.head
+
+    def suffix(self) -> str:
+        return self.tail + "".join(self.later)
+
+    def text(self) -> str:
+        if self.template is None:
+            return self.header + self.prefix()
+        return _fill(self.template, self.header + self.prefix(), self.suffix())
+
+    def drop_farthest_line(self) -> int:
+        """Drop the whole line farthest from the cursor (a suffix line on a tie); its token count, or -1."""
+        if self.later and len(self.later) >= len(self.earlier):
+            self.later.pop()
+            return self.later_tokens.pop()
+        if self.earlier:
+            self.earlier.pop()
+            return self.earlier_tokens.pop()
+        return -1
+
+
+def _take_before(parts: _Parts, before: str, limit: int, count: CountTokens) -> None:
+    """Fill parts.head and parts.earlier from `before` within `limit` tokens, nearest lines first."""
+    start = before.rfind("\n") + 1
+    head = before[start:]
+    n = _count_within(head, limit, count, from_end=True)
+    if n is None:
+        parts.head, parts.head_tokens = _longest_fitting(head, limit, count, keep_end=True)
+        return
+    parts.head, parts.head_tokens = head, n
+    remaining = limit - n
+    end = start  # before[end - 1] is the "\n" that ends the line above
+    while end > 0:
+        line_start = before.rfind("\n", 0, end - 1) + 1
+        line = before[line_start:end]
+        n = _count_within(line, remaining, count, from_end=True)
+        if n is None:
+            break
+        parts.earlier.append(line)
+        parts.earlier_tokens.append(n)
+        remaining -= n
+        end = line_start
+
+
+def _take_after(parts: _Parts, after: str, limit: int, count: CountTokens) -> int:
+    """Fill parts.tail and parts.later from `after` within `limit` tokens; the tokens used."""
+    newline = after.find("\n")
+    end = len(after) if newline < 0 else newline + 1
+    n = _count_within(after[:end], limit, count, from_end=False)
+    if n is None:
+        parts.tail, parts.tail_tokens = _longest_fitting(after[:end], limit, count, keep_end=False)
+        return parts.tail_tokens
+    parts.tail, parts.tail_tokens = after[:end], n
+    used = n
+    while end < len(after):
+        newline = after.find("\n", end)
+        line_end = len(after) if newline < 0 else newline + 1
+        n = _count_within(after[end:line_end], limit - used, count, from_end=False)
+        if n is None:
+            break
+        parts.later.append(after[end:line_end])
+        parts.later_tokens.append(n)
+        used += n
+        end = line_end
+    return used
+
+
+def _fit(parts: _Parts, budget: int, count: CountTokens) -> tuple[str, int]:
+    """Shrink `parts` until count(text) <= budget; the final text and its count.
+
+    Per-piece counts need not add up to the count of the joined text (a tokenizer can merge across piece
+    boundaries), so the joined text is counted and, while it is over, pieces are dropped in this order: whole
+    lines farthest from the cursor (enough of them to cover the excess by their own counts, then recount),
+    then the header, then characters of the cursor line's remainder (from its right), then characters of the
+    cursor line's text before the cursor (from its left). Every round removes text, so this ends.
+    """
+    text = parts.text()
+    n = count(text)
+    while n > budget:
+        excess = n - budget
+        dropped = 0
+        while dropped < excess:
+            freed = parts.drop_farthest_line()
+            if freed < 0:
+                break
+            dropped += max(freed, 1)
+        if dropped == 0:
+            if parts.header:
+                parts.header, parts.header_tokens = "", 0
+            elif parts.tail:
+                cut, cut_n = _longest_fitting(parts.tail, max(parts.tail_tokens - excess, 0), count, keep_end=False)
+                if len(cut) >= len(parts.tail):
+                    cut = parts.tail[:-1]
+                    cut_n = count(cut)
+                parts.tail, parts.tail_tokens = cut, cut_n
+            elif parts.head:
+                cut, cut_n = _longest_fitting(parts.head, max(parts.head_tokens - excess, 0), count, keep_end=True)
+                if len(cut) >= len(parts.head):
+                    cut = parts.head[1:]
+                    cut_n = count(cut)
+                parts.head, parts.head_tokens = cut, cut_n
+            else:
+                raise ValueError(
+                    f"cannot fit a prompt into {budget} tokens: the counter gives {n} for the empty prompt "
+                    f"{text!r} (count_tokens must not add BOS/EOS tokens)"
+                )
+        text = parts.text()
+        n = count(text)
+    return text, n
+
+
+def build_prompt(
+    before: str,
+    after: str,
+    *,
+    file_name: str | None,
+    language_id: str | None,
+    budget_tokens: int,
+    count_tokens: CountTokens,
+    fim_template: str | None,
+    suffix_share: float = 0.25,
+) -> Prompt:
+    """The prompt for a cursor with `before` (all text before it) and `after` (all text after it).
+
+    Prefix mode (`fim_template` None): text = header + prefix. The budget minus the header's tokens goes to
+    the prefix: first the cursor line's text before the cursor (always; cut by characters from its left if it
+    alone is over), then whole earlier lines, nearest first, while each fits; the first that does not fit
+    ends the prefix (the prefix is always one contiguous piece ending at the cursor).
+
+    FIM mode (`fim_template` with {prefix} and {suffix}): text = the template filled with header + prefix
+    and suffix. The template's own tokens (its count filled with empty strings) come off the budget first,
+    then the header's. The suffix gets floor(budget_tokens * suffix_share) tokens (at most what is left): the
+    rest of the cursor line first (cut from its right if alone over), then whole later lines, nearest first,
+    while each fits. The prefix gets all the rest, including what the suffix did not use. When the template
+    alone takes the whole budget, the prompt falls back to prefix mode.
+
+    The header (`comment_header`) is dropped when its tokens leave no room for text (header tokens >= the
+    budget left after the template). Pieces are counted one by one; the assembled text is then recounted
+    and shrunk (see `_fit`) so that `count_tokens(text) <= budget_tokens` always holds.
+
+    Line endings ("\\n", "\\r\\n") are kept as they are, and nothing is added or removed at the cursor:
+    `prefix` is a suffix of `before` and `suffix` a prefix of `after`. Raises ValueError for a budget < 1,
+    a suffix_share outside [0, 1], or a template without {prefix} and {suffix} exactly once each.
+    """
+    if budget_tokens < 1:
+        raise ValueError(f"budget_tokens = {budget_tokens} is not valid: it must be at least 1")
+    if not 0.0 <= suffix_share <= 1.0:
+        raise ValueError(f"suffix_share = {suffix_share} is not valid: it must be between 0 and 1")
+    available = budget_tokens
+    if fim_template is not None:
+        _check_template(fim_template)
+        template_tokens = count_tokens(_fill(fim_template, "", ""))
+        if template_tokens < budget_tokens:
+            available -= template_tokens
+        else:
+            fim_template = None
+
+    header = comment_header(file_name, language_id)
+    header_tokens = count_tokens(header) if header else 0
+    parts = _Parts(template=fim_template)
+    if header and header_tokens < available:
+        parts.header, parts.header_tokens = header, header_tokens
+        available -= header_tokens
+
+    if fim_template is not None:
+        suffix_budget = min(math.floor(budget_tokens * suffix_share + 1e-9), available)
+        available -= _take_after(parts, after, suffix_budget, count_tokens)
+    _take_before(parts, before, available, count_tokens)
+
+    text, tokens = _fit(parts, budget_tokens, count_tokens)
+    return Prompt(
+        text=text,
+        mode="prefix" if fim_template is None else "fim",
+        prefix=parts.prefix(),
+        suffix=parts.suffix(),
+        header=parts.header,
+        tokens=tokens,
+    )

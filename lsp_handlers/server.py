@@ -1,0 +1,588 @@
+"""The language server of one LSP connection: handlers for documents, completions and feedback.
+
+One `HeedfulLanguageServer` serves one connection (one editor session) and holds that session's state:
+identity, resolved settings, open documents, the suggestion currently given per document, and the
+accepted texts it follows. Everything shared between connections (engine, store, tokenizer) lives in
+`server.runtime.Services`. `create_server` registers the handlers on a fresh server object, so a TCP
+listener can serve many editors at once.
+
+Writes go through the store's batching writer. Commands (accept, feedback) answer after their event is
+committed, so an acknowledged event is never lost; notifications cannot be acknowledged, so their
+writes are queued and the writer's own durability applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from lsprotocol import types
+from pygls.capabilities import ServerCapabilitiesBuilder
+from pygls.exceptions import JsonRpcInvalidParams
+from pygls.lsp.server import LanguageServer
+
+from lsp_handlers.completion import CompletionService, Identity, Served
+from lsp_handlers.documents import DocumentError, DocumentStore, StaleVersion, TextDocument, code_points_for_units
+from lsp_handlers.feedback import AcceptedText, Suggestion, Verdict, locate
+from lsp_handlers.protocol import (
+    ACCEPT_COMMAND,
+    DID_PARTIALLY_ACCEPT_COMPLETION,
+    DID_REJECT_COMPLETION,
+    DID_SHOW_COMPLETION,
+    FEEDBACK_COMMAND,
+    STATUS,
+    DidPartiallyAcceptCompletionParams,
+    DidRejectCompletionParams,
+    DidShowCompletionParams,
+    HeedfulProtocol,
+    completion_id_of,
+    is_parse_error,
+)
+from server import __version__
+from server.runtime import EngineStatus, Services
+from server.settings import ResolvedSettings, SettingsError, apply_client_settings
+from storage.store import DocumentSeen, EventRecord, SessionStart
+
+log = logging.getLogger(__name__)
+
+MAX_ID_CHARS = 200
+
+
+@dataclass(slots=True)
+class CompletionState:
+    """A served completion this session may still hear about."""
+
+    served: Served
+    uri: str
+    outcomes: set[str] = field(default_factory=set)  # event kinds already recorded for it
+
+    @property
+    def resolved(self) -> bool:
+        return bool(self.outcomes & {"accepted", "partial_accept", "rejected"})
+
+
+@dataclass(slots=True)
+class OpenDocument:
+    doc: TextDocument
+    seen: DocumentSeen | None = None  # the queued document write; completions link to its row
+
+
+class HeedfulLanguageServer(LanguageServer):
+    """One connection's server and its session state."""
+
+    def __init__(self, services: Services, completions: CompletionService) -> None:
+        super().__init__("heedful", __version__, protocol_cls=HeedfulProtocol)
+        self.services = services
+        self.completions = completions
+        self.identity: Identity | None = None
+        self.resolved: ResolvedSettings = services.base
+        self.client_settings: dict[str, Any] = {}
+        self.documents = DocumentStore()
+        self.open_docs: dict[str, OpenDocument] = {}
+        self.served: dict[str, CompletionState] = {}
+        self.latest_completion: str | None = None
+        self.suggestions: dict[str, Suggestion] = {}  # uri -> the suggestion given last, unresolved
+        self.accepted: list[AcceptedText] = []
+        self.inflight: dict[str, asyncio.Task[Any]] = {}
+        self.timers: set[asyncio.TimerHandle] = set()
+        self.exit_requested = asyncio.Event()
+        self.shutdown_requested = False
+        self.closed = False
+        self.last_status: dict[str, Any] | None = None
+        self._unsubscribe = services.engine.subscribe(self.send_status)
+
+    # -- identity, settings, status --------------------------------------------------------------
+
+    @property
+    def settings(self) -> Any:
+        return self.resolved.settings
+
+    def require_identity(self) -> Identity:
+        if self.identity is None:
+            raise JsonRpcInvalidParams("the server is not initialized: send 'initialize' first")
+        return self.identity
+
+    def send_status(self, status: EngineStatus | None = None) -> None:
+        if self.closed or self.protocol.writer is None or self.identity is None:
+            return
+        status = status or self.services.engine.status
+        adapter = self.services.adapter_for(self.identity.developer_id, self.identity.team_id)
+        params = {
+            "state": status.state.value,
+            "message": status.message,
+            "engine": status.kind,
+            "model": status.model,
+            "adapter": adapter.name if adapter else None,
+            "developerId": self.identity.developer_id,
+            "sessionId": self.identity.session_id,
+        }
+        if params != self.last_status:  # the editor hears about changes, not repeats
+            self.last_status = params
+            self.protocol.notify(STATUS, params)
+
+    def show_message(self, message: str, kind: types.MessageType = types.MessageType.Warning) -> None:
+        self.window_show_message(types.ShowMessageParams(type=kind, message=message))
+
+    def apply_settings(self, table: Any, source: str) -> None:
+        """Layer the editor's settings over the admin's; a bad value is reported and the old ones kept."""
+        if table is None:
+            return
+        if not isinstance(table, dict):
+            self.show_message(f"Heedful: {source} must be an object like {{'completion': {{'max_tokens': 32}}}}")
+            return
+        try:
+            self.resolved = apply_client_settings(self.resolved, table, source)
+            self.client_settings = table
+        except SettingsError as exc:
+            log.warning("%s", exc)
+            self.show_message(f"Heedful: {exc}; the previous settings stay in force")
+
+    def report_server_error(self, error: Exception, source: Any) -> None:
+        if is_parse_error(error):
+            log.warning("malformed message from the client: %s", error)
+            assert isinstance(self.protocol, HeedfulProtocol)
+            self.protocol.answer_parse_error(error)
+            return
+        log.error("server error (%s): %s", getattr(source, "__name__", source), error)
+
+    # -- session end -------------------------------------------------------------------------------
+
+    async def close_session(self) -> None:
+        """Take the pending snapshots now, record the session's end and wait until it is all written."""
+        if self.closed:
+            return
+        self.closed = True
+        self._unsubscribe()
+        for task in list(self.inflight.values()):
+            task.cancel()
+        for handle in list(self.timers):
+            handle.cancel()
+        self.timers.clear()
+        await self.completions.drain()
+        identity = self.identity
+        if identity is None:
+            return
+        futures = [self._snapshot(tracked, final=True) for tracked in self.accepted if tracked.pending_delays]
+        futures.append(self.services.store.end_session(identity.session_id))
+        for fut in futures:
+            try:
+                await fut
+            except Exception as exc:
+                log.error("a write at the end of session %s failed: %s", identity.session_id, exc)
+        self.accepted.clear()
+
+    # -- feedback bookkeeping ------------------------------------------------------------------------
+
+    def record_event(self, kind: str, completion_id: str | None, **fields: Any) -> asyncio.Future[Any]:
+        identity = self.require_identity()
+        if completion_id is not None and completion_id in self.served:
+            self.served[completion_id].outcomes.add(kind)
+        fut: asyncio.Future[Any] = self.services.store.record_event(
+            EventRecord(session_id=identity.session_id, kind=kind, completion_id=completion_id, **fields)
+        )
+        fut.add_done_callback(_log_failed_write)
+        return fut
+
+    def state_of(self, completion_id: str) -> CompletionState:
+        state = self.served.get(completion_id)
+        if state is None:
+            raise JsonRpcInvalidParams(
+                f"completion {completion_id!r} was not served in this session; use the completionId of an item "
+                "this server returned"
+            )
+        return state
+
+    def known(self, completion_id: str, method: str) -> CompletionState | None:
+        """The served completion a notification names; an unknown id is logged and ignored."""
+        state = self.served.get(completion_id)
+        if state is None:
+            log.warning("%s for completion %r, which this session did not serve; ignored", method, completion_id)
+        return state
+
+    def track_accept(self, state: CompletionState, accepted: str) -> None:
+        """Follow `accepted` (inserted at the suggestion's anchor) and schedule its snapshots."""
+        open_doc = self.open_docs.get(state.uri)
+        anchor = state.served.offset
+        sugg = self.suggestions.get(state.uri)
+        if sugg is not None and sugg.completion_id == state.served.completion_id:
+            anchor = sugg.anchor  # moved along with the edits since the completion was served
+            del self.suggestions[state.uri]
+        delays = sorted(self.settings.feedback.edit_snapshot_delays_s)
+        tracked = AcceptedText(state.served.completion_id, state.uri, accepted, anchor, anchor, pending_delays=delays)
+        where = locate(open_doc.doc.text, accepted, anchor) if open_doc is not None else None
+        if where is None:
+            tracked.awaiting_insert = True
+        else:
+            tracked.start, tracked.end = where, where + len(accepted)
+        tracked_doc = open_doc.doc if open_doc is not None else None
+        self.accepted.append(tracked)
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        for delay in delays:
+            handle = loop.call_later(delay, self._on_snapshot_timer, tracked, tracked_doc, delay, started)
+            self.timers.add(handle)
+
+    def _on_snapshot_timer(self, tracked: AcceptedText, doc: TextDocument | None, delay: float, started: float) -> None:
+        if delay in tracked.pending_delays:
+            self._snapshot(tracked, delay=delay, doc=doc)
+
+    def _snapshot(
+        self,
+        tracked: AcceptedText,
+        *,
+        delay: float | None = None,
+        doc: TextDocument | None = None,
+        final: bool = False,
+    ) -> asyncio.Future[Any]:
+        """Record one snapshot: the configured `delay`, or at session end all pending ones at once."""
+        if doc is None:
+            open_doc = self.open_docs.get(tracked.uri)
+            doc = open_doc.doc if open_doc is not None else None
+        text = doc.text if doc is not None else ""
+        ratio, kept = tracked.snapshot(text)
+        if final:
+            # The session ends before the delay: record what is there now, with the delays it stood for.
+            delays, tracked.pending_delays = tracked.pending_delays, []
+            last: asyncio.Future[Any] | None = None
+            for d in delays:
+                last = self.record_event(
+                    "edit_snapshot", tracked.completion_id, delay_s=d, survival_ratio=ratio, kept_text=kept
+                )
+            assert last is not None
+            return last
+        assert delay is not None
+        tracked.pending_delays.remove(delay)
+        if not tracked.pending_delays:
+            self.accepted.remove(tracked)
+        return self.record_event(
+            "edit_snapshot", tracked.completion_id, delay_s=delay, survival_ratio=ratio, kept_text=kept
+        )
+
+    def serve(self, doc: TextDocument, served: Served) -> None:
+        """Remember a served completion; the one it replaces in this document is no longer followed."""
+        state = CompletionState(served, doc.uri)
+        self.served[served.completion_id] = state
+        self.latest_completion = served.completion_id
+        self.suggestions[doc.uri] = Suggestion(served.completion_id, doc.uri, served.offset, served.text)
+        if len(self.served) > 10000:  # a long session: forget the oldest (their events still reach the store)
+            for cid in list(self.served)[:1000]:
+                del self.served[cid]
+
+
+def _log_failed_write(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("an event was not recorded: %s", fut.exception())
+
+
+def _parse_identity(options: Any) -> tuple[str, str, str | None, Any]:
+    """(developer id, session id, team, settings) from initializationOptions; bad values raise InvalidParams."""
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise JsonRpcInvalidParams(
+            'initializationOptions must be an object like {"developerId": "alice", "team": "backend"}'
+        )
+    developer = options.get("developerId")
+    if developer is None:
+        developer = getpass.getuser()
+        log.warning("initializationOptions.developerId is missing; using the OS user %r", developer)
+    session = options.get("sessionId") or f"s-{uuid.uuid4().hex}"
+    team = options.get("team")
+    for key, value, required in (("developerId", developer, True), ("sessionId", session, True), ("team", team, False)):
+        if value is None and not required:
+            continue
+        if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_CHARS:
+            raise JsonRpcInvalidParams(
+                f"initializationOptions.{key} = {value!r} is not valid: expected a non-empty string of at most "
+                f"{MAX_ID_CHARS} characters"
+            )
+    return developer, session, team, options.get("settings")
+
+
+def create_server(services: Services, completions: CompletionService | None = None) -> HeedfulLanguageServer:
+    """A server for one connection, with every Heedful handler registered."""
+    ls = HeedfulLanguageServer(services, completions or CompletionService(services))
+
+    @ls.feature(types.INITIALIZE)
+    def initialize(ls: HeedfulLanguageServer, params: types.InitializeParams) -> None:
+        developer, session_id, team, client_settings = _parse_identity(params.initialization_options)
+        try:
+            ls.resolved = services.resolve(developer, team)
+        except SettingsError as exc:
+            log.error("settings for developer %r, team %r: %s", developer, team, exc)
+            ls.show_message(f"Heedful: {exc}; serving with the global settings until it is fixed")
+            ls.resolved = services.base
+        ls.apply_settings(client_settings, "initializationOptions.settings")
+        ls.identity = Identity(developer, session_id, team)
+        ls.documents = DocumentStore(ServerCapabilitiesBuilder.choose_position_encoding(params.capabilities))
+        info = params.client_info
+        fut = services.store.start_session(
+            SessionStart(
+                session_id=session_id,
+                developer_id=developer,
+                team_id=team,
+                client_name=info.name if info else None,
+                client_version=info.version if info else None,
+            )
+        )
+        fut.add_done_callback(_log_failed_write)
+        log.info(
+            "session %s: developer %r, team %r, client %s", session_id, developer, team, info.name if info else "?"
+        )
+
+    @ls.feature(types.INITIALIZED)
+    def initialized(ls: HeedfulLanguageServer, params: types.InitializedParams) -> None:
+        ls.send_status()
+
+    @ls.feature(types.SHUTDOWN)
+    async def shutdown(ls: HeedfulLanguageServer, params: Any) -> None:
+        ls.shutdown_requested = True
+        await ls.close_session()
+
+    @ls.feature(types.EXIT)
+    def exit_(ls: HeedfulLanguageServer, params: Any) -> None:
+        ls.exit_requested.set()
+
+    @ls.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    def did_change_configuration(ls: HeedfulLanguageServer, params: types.DidChangeConfigurationParams) -> None:
+        table = params.settings
+        if isinstance(table, dict) and "heedful" in table:
+            table = table["heedful"]
+        ls.apply_settings(table, "workspace/didChangeConfiguration")
+
+    # -- documents -----------------------------------------------------------------------------------
+
+    @ls.feature(types.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(ls: HeedfulLanguageServer, params: types.DidOpenTextDocumentParams) -> None:
+        doc = ls.documents.open(params.text_document)
+        seen = None
+        if ls.identity is not None:
+            seen = DocumentSeen(ls.identity.session_id, doc.uri, doc.language_id, doc.version or 0)
+            services.store.record_document(seen).add_done_callback(_log_failed_write)
+        ls.open_docs[doc.uri] = OpenDocument(doc, seen)
+
+    @ls.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(ls: HeedfulLanguageServer, params: types.DidChangeTextDocumentParams) -> None:
+        uri = params.text_document.uri
+        doc = ls.documents.find(uri)
+        if doc is None:
+            log.warning("didChange for %s, which is not open; ignored (send didOpen first)", uri)
+            return
+        try:
+            edits = doc.apply(params.content_changes, params.text_document.version)
+        except StaleVersion as exc:
+            log.warning("%s", exc)
+            return
+        except DocumentError as exc:
+            log.warning("didChange for %s ignored: %s", uri, exc)
+            return
+        sugg = ls.suggestions.get(uri)
+        tracked = [t for t in ls.accepted if t.uri == uri]
+        for edit in edits:
+            for t in tracked:
+                t.observe(edit)
+            if sugg is None:
+                continue
+            verdict = sugg.observe(edit)
+            if verdict is Verdict.DIVERGED:
+                ls.suggestions.pop(uri, None)
+                state = ls.served.get(sugg.completion_id)
+                if state is not None and not state.resolved:
+                    ls.record_event("rejected", sugg.completion_id, inferred=True)
+                sugg = None
+
+    @ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+    def did_close(ls: HeedfulLanguageServer, params: types.DidCloseTextDocumentParams) -> None:
+        uri = params.text_document.uri
+        ls.documents.close(uri)
+        ls.open_docs.pop(uri, None)
+        ls.suggestions.pop(uri, None)
+        task = ls.inflight.pop(uri, None)
+        if task is not None:
+            task.cancel()
+
+    # -- completions ---------------------------------------------------------------------------------
+
+    async def complete(
+        ls: HeedfulLanguageServer, uri: str, position: types.Position
+    ) -> tuple[TextDocument, Served] | None:
+        identity = ls.require_identity()
+        try:
+            doc = ls.documents.get(uri)
+        except DocumentError as exc:
+            raise JsonRpcInvalidParams(str(exc)) from None
+        # A newer request for the same document makes the older one pointless: cancel it.
+        current = asyncio.current_task()
+        previous = ls.inflight.get(uri)
+        if previous is not None and previous is not current and not previous.done():
+            previous.cancel()
+        if current is not None:
+            ls.inflight[uri] = current
+        try:
+            try:
+                doc.offset_at(position)
+            except DocumentError as exc:
+                raise JsonRpcInvalidParams(str(exc)) from None
+            open_doc = ls.open_docs.get(uri)
+            served = await ls.completions.complete(
+                doc,
+                position,
+                identity=identity,
+                settings=ls.settings,
+                document=open_doc.seen if open_doc else None,
+            )
+        finally:
+            if ls.inflight.get(uri) is current:
+                del ls.inflight[uri]
+        if served is None:
+            return None
+        ls.serve(doc, served)
+        return doc, served
+
+    def accept_command(served: Served) -> types.Command:
+        return types.Command(
+            title="Accept Heedful completion",
+            command=ACCEPT_COMMAND,
+            arguments=[{"completionId": served.completion_id}],
+        )
+
+    @ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION)
+    async def inline_completion(
+        ls: HeedfulLanguageServer, params: types.InlineCompletionParams
+    ) -> types.InlineCompletionList | None:
+        result = await complete(ls, params.text_document.uri, params.position)
+        if result is None:
+            return None
+        doc, served = result
+        cursor = doc.position_at(served.offset)
+        item = types.InlineCompletionItem(
+            insert_text=served.text,
+            range=types.Range(start=cursor, end=cursor),
+            command=accept_command(served),
+        )
+        return types.InlineCompletionList(items=[item])
+
+    @ls.feature(
+        types.TEXT_DOCUMENT_COMPLETION,
+        types.CompletionOptions(trigger_characters=[".", "(", " ", "\n"], resolve_provider=False),
+    )
+    async def completion(ls: HeedfulLanguageServer, params: types.CompletionParams) -> types.CompletionList | None:
+        result = await complete(ls, params.text_document.uri, params.position)
+        if result is None:
+            return None
+        doc, served = result
+        # The editor filters items by the word before the cursor, so the item replaces that word.
+        word = _trailing_word(served.line_prefix)
+        start = doc.position_at(served.offset - len(word))
+        cursor = doc.position_at(served.offset)
+        first_line = served.text.split("\n", 1)[0]
+        item = types.CompletionItem(
+            label=(word + first_line).strip()[:80] or served.text.strip()[:80],
+            kind=types.CompletionItemKind.Text,
+            detail="Heedful",
+            filter_text=word + first_line,
+            insert_text_format=types.InsertTextFormat.PlainText,
+            text_edit=types.TextEdit(range=types.Range(start=start, end=cursor), new_text=word + served.text),
+            command=accept_command(served),
+            sort_text="0",
+            preselect=True,
+        )
+        return types.CompletionList(is_incomplete=True, items=[item])
+
+    # -- feedback ------------------------------------------------------------------------------------
+
+    @ls.command(ACCEPT_COMMAND)
+    async def accept(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
+        completion_id = _completion_id_argument(args, ACCEPT_COMMAND)
+        state = ls.state_of(completion_id)
+        if "accepted" in state.outcomes:
+            return {"recorded": False, "completionId": completion_id, "reason": "already accepted"}
+        fut = ls.record_event("accepted", completion_id, accepted_length=len(state.served.text))
+        ls.track_accept(state, state.served.text)
+        event_id = await fut
+        return {"recorded": True, "completionId": completion_id, "eventId": event_id}
+
+    @ls.feature(DID_SHOW_COMPLETION)
+    def did_show(ls: HeedfulLanguageServer, params: DidShowCompletionParams) -> None:
+        completion_id = completion_id_of(params.item)
+        state = ls.known(completion_id, "didShowCompletion")
+        if state is None:
+            return
+        if "shown" not in state.outcomes:
+            ls.record_event("shown", completion_id)
+
+    @ls.feature(DID_PARTIALLY_ACCEPT_COMPLETION)
+    def did_partially_accept(ls: HeedfulLanguageServer, params: DidPartiallyAcceptCompletionParams) -> None:
+        completion_id = completion_id_of(params.item)
+        state = ls.known(completion_id, "didPartiallyAcceptCompletion")
+        if state is None:
+            return
+        if params.accepted_length < 0:
+            log.warning("didPartiallyAcceptCompletion with acceptedLength %d < 0; ignored", params.accepted_length)
+            return
+        # acceptedLength counts UTF-16 units of insertText (the contract); the store keeps characters.
+        chars = code_points_for_units(state.served.text, params.accepted_length, types.PositionEncodingKind.Utf16)
+        accepted = state.served.text[:chars]
+        ls.record_event("partial_accept", completion_id, accepted_length=chars, kept_text=accepted)
+        if accepted:
+            ls.track_accept(state, accepted)
+
+    @ls.feature(DID_REJECT_COMPLETION)
+    def did_reject(ls: HeedfulLanguageServer, params: DidRejectCompletionParams) -> None:
+        state = ls.known(params.completion_id, DID_REJECT_COMPLETION)
+        if state is None:
+            return
+        if "accepted" in state.outcomes or "rejected" in state.outcomes:
+            log.info("reject of completion %s ignored: it is already %s", params.completion_id, state.outcomes)
+            return
+        ls.record_event("rejected", params.completion_id)
+        sugg = ls.suggestions.get(state.uri)
+        if sugg is not None and sugg.completion_id == params.completion_id:
+            ls.suggestions.pop(state.uri, None)
+
+    @ls.command(FEEDBACK_COMMAND)
+    async def feedback(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
+        ls.require_identity()
+        if len(args) != 1 or not isinstance(args[0], dict):
+            raise JsonRpcInvalidParams(
+                f'{FEEDBACK_COMMAND} takes one argument {{"text": "...", "completionId"?: "..."}}, got {list(args)!r}'
+            )
+        body = args[0]
+        text = body.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise JsonRpcInvalidParams(
+                f'{FEEDBACK_COMMAND}: "text" must be the correction, e.g. "use Flask, not Django"; got {text!r}'
+            )
+        completion_id = body.get("completionId", ls.latest_completion)
+        if completion_id is not None:
+            if not isinstance(completion_id, str):
+                raise JsonRpcInvalidParams(
+                    f'{FEEDBACK_COMMAND}: "completionId" must be a string, got {completion_id!r}'
+                )
+            ls.state_of(completion_id)
+        event_id = await ls.record_event("correction", completion_id, text=text)
+        return {"recorded": True, "completionId": completion_id, "eventId": event_id}
+
+    return ls
+
+
+def _completion_id_argument(args: tuple[Any, ...], command: str) -> str:
+    if len(args) == 1:
+        arg = args[0]
+        if isinstance(arg, dict) and isinstance(arg.get("completionId"), str):
+            return str(arg["completionId"])
+        if isinstance(arg, str):
+            return arg
+    raise JsonRpcInvalidParams(f'{command} takes one argument {{"completionId": "..."}}, got {list(args)!r}')
+
+
+def _trailing_word(text: str) -> str:
+    i = len(text)
+    while i > 0 and (text[i - 1].isalnum() or text[i - 1] == "_"):
+        i -= 1
+    return text[i:]

@@ -1,0 +1,145 @@
+"""`heedful serve`: run the language server over stdio (one editor) or TCP (any number of editors).
+
+stdio: the protocol gets a private copy of the real stdout, and file descriptor 1 is pointed at stderr,
+so a stray print (ours, a library's, or a vLLM worker process's) can never corrupt the protocol stream.
+
+TCP binds 127.0.0.1 unless told otherwise; every connection gets its own `HeedfulLanguageServer`
+(its own session), and they all share one engine, one store and one tokenizer. One client's `exit`
+ends its connection, not the process.
+
+On the way out every session records its end and pending snapshots, the store's writer is drained,
+and the engine's worker processes are stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any, BinaryIO
+
+from pygls.io_ import StdoutWriter, run_async
+
+from lsp_handlers.completion import CompletionService
+from lsp_handlers.server import HeedfulLanguageServer, create_server
+from server.runtime import Services
+
+log = logging.getLogger(__name__)
+
+
+class _StreamWriter:
+    """pygls writer over an asyncio StreamWriter (TCP)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    def write(self, data: bytes) -> None:
+        if not self._writer.is_closing():
+            self._writer.write(data)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+async def run_connection(
+    reader: Any, writer: Any, services: Services, completions: CompletionService
+) -> HeedfulLanguageServer:
+    """Serve one connection until the client sends `exit` or closes the stream; then close its session."""
+    ls = create_server(services, completions)
+    ls.protocol.set_writer(writer)
+    stop = threading.Event()
+    loop_task = asyncio.create_task(
+        run_async(stop, reader, ls.protocol, log, ls.report_server_error), name="lsp-read-loop"
+    )
+    exit_task = asyncio.create_task(ls.exit_requested.wait(), name="lsp-exit")
+    try:
+        await asyncio.wait({loop_task, exit_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.set()
+        for task in (loop_task, exit_task):
+            task.cancel()
+        for task in (loop_task, exit_task):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await ls.close_session()
+    return ls
+
+
+async def _stdio_reader(stdin: BinaryIO) -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
+    return reader
+
+
+def _protect_stdout() -> BinaryIO:
+    """A private handle on the real stdout for the protocol; fd 1 now leads to stderr."""
+    protocol_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(protocol_fd, "wb", buffering=0)
+
+
+async def serve_stdio(services: Services) -> int:
+    out = _protect_stdout()
+    try:
+        reader = await _stdio_reader(sys.stdin.buffer)
+    except (ValueError, OSError) as exc:
+        log.error("standard input must be a pipe or socket for `heedful serve` (%s); use --tcp otherwise", exc)
+        return 2
+    completions = CompletionService(services)
+    ls = await run_connection(reader, StdoutWriter(out), services, completions)
+    # LSP: exit after shutdown is a clean stop (0); exit (or a closed stream) without it is not (1).
+    return 0 if ls.shutdown_requested else 1
+
+
+async def serve_tcp(services: Services, host: str, port: int) -> int:
+    completions = CompletionService(services)
+    connections: set[asyncio.Task[Any]] = set()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        log.info("client connected from %s", peer)
+        task = asyncio.current_task()
+        if task is not None:
+            connections.add(task)
+        try:
+            await run_connection(reader, _StreamWriter(writer), services, completions)
+        finally:
+            writer.close()
+            if task is not None:
+                connections.discard(task)
+            log.info("client %s disconnected", peer)
+
+    server = await asyncio.start_server(on_connect, host, port, limit=2**20)
+    bound = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
+    # The one line a supervisor (or a test) reads to learn the port when --port 0 was given.
+    print(f"heedful: listening on {bound}", file=sys.stderr, flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stopping.set)
+    async with server:
+        await stopping.wait()
+        log.info("stopping: closing %d connection(s)", len(connections))
+        server.close()
+        for task in list(connections):
+            task.cancel()
+        if connections:
+            await asyncio.gather(*connections, return_exceptions=True)
+    return 0
+
+
+async def serve(config_path: Any, *, tcp: bool, host: str, port: int) -> int:
+    services = await Services.open(config_path)
+    try:
+        if tcp:
+            return await serve_tcp(services, host, port)
+        return await serve_stdio(services)
+    finally:
+        await services.close()

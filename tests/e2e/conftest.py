@@ -1,0 +1,62 @@
+"""Fixtures for end-to-end tests: a settings file pointing `heedful serve` at the session's vLLM server."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@dataclass(frozen=True)
+class ServerSetup:
+    config: Path
+    db: Path
+    log: Path
+
+    def rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        with sqlite3.connect(self.db) as conn:
+            conn.row_factory = sqlite3.Row
+            return list(conn.execute(sql, args))
+
+
+def write_config(tmp_path: Path, model: Path, engine_url: str, extra: str = "") -> ServerSetup:
+    db = tmp_path / "heedful.db"
+    config = tmp_path / "heedful.toml"
+    config.write_text(
+        f"""
+[model]
+path = "{model}"
+
+[engine]
+mode = "remote"
+url = "{engine_url}"
+request_timeout_s = 120
+
+[completion]
+timeout_ms = 120000
+temperature = 0.0
+group_sample_rate = 1.0
+max_tokens = 24
+
+[feedback]
+edit_snapshot_delays_s = [1.0, 2.0]
+
+[database]
+url = "sqlite+aiosqlite:///{db}"
+{extra}
+"""
+    )
+    return ServerSetup(config, db, tmp_path / "server.log")
+
+
+@pytest.fixture
+def lsp_setup(tmp_path: Path, default_model: Path, vllm_server: str) -> Iterator[ServerSetup]:
+    setup = write_config(tmp_path, default_model, vllm_server)
+    yield setup
+    if setup.log.exists():
+        # Shown by pytest only when the test failed: the server's own account of what happened.
+        print(setup.log.read_text(errors="replace")[-6000:])

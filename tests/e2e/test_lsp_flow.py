@@ -1,0 +1,212 @@
+"""`heedful serve` driven over stdio by a real LSP client, as VS Code and Neovim drive it.
+
+Every test starts the server as a subprocess (engine: the session's real vLLM server, store: a real
+SQLite file), plays an editor session, and then reads what the store recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from lsprotocol import types
+
+from lsp_handlers.documents import client_length
+from tests.e2e.client import HeedfulClient, running_client
+from tests.e2e.conftest import ServerSetup, write_config
+from tests.procs import free_port
+
+pytestmark = [pytest.mark.engine, pytest.mark.remote]
+
+SOURCE = '''"""Small helpers for the café's order files ☕ 🎉."""
+import os
+
+
+def read_lines(path):
+    """Return the lines of a text file without their line endings."""
+    '''
+
+
+def end_of(start: tuple[int, int], text: str, encoding: str) -> tuple[int, int]:
+    """The position after inserting `text` at `start`, in the client's units."""
+    lines = text.split("\n")
+    if len(lines) == 1:
+        return start[0], start[1] + client_length(text, encoding)
+    return start[0] + len(lines) - 1, client_length(lines[-1], encoding)
+
+
+def completion_id(item: Any) -> str:
+    return str(item.command.arguments[0]["completionId"])
+
+
+async def serve_item(client: HeedfulClient, uri: str, line: int, character: int) -> types.InlineCompletionItem:
+    result = await client.inline(uri, line, character)
+    assert result is not None and result.items, "the server answered no completion"
+    item = result.items[0]
+    assert isinstance(item.insert_text, str) and item.insert_text.strip()
+    assert item.command is not None and item.command.command == "heedful.acceptCompletion"
+    assert item.range is not None and item.range.start == types.Position(line=line, character=character)
+    return item
+
+
+@pytest.mark.parametrize("flavour", ["vscode", "neovim"])
+async def test_completion_and_every_kind_of_feedback_reach_the_store(flavour: str, lsp_setup: ServerSetup) -> None:
+    options = {"developerId": f"dev-{flavour}", "sessionId": f"session-{flavour}", "team": "backend"}
+    async with running_client(flavour, lsp_setup.config, lsp_setup.log, options) as client:
+        ready = await client.wait_status("ready")
+        assert ready["developerId"] == f"dev-{flavour}" and ready["engine"] == "remote"
+        enc = client.encoding
+        uri = "file:///work/shop/orders.py"
+        client.open(uri, SOURCE)
+        cursor = (6, 4)
+
+        # 1. Accept: the editor inserts the item, then runs its command.
+        item = await serve_item(client, uri, *cursor)
+        accepted_id = completion_id(item)
+        accepted_text = str(item.insert_text)
+        client.notify("textDocument/didShowCompletion", {"item": client.lc.protocol._converter.unstructure(item)})
+        client.change(uri, [(cursor, cursor, accepted_text)])
+        answer = await client.command("heedful.acceptCompletion", {"completionId": accepted_id})
+        assert answer["recorded"] is True and answer["completionId"] == accepted_id
+
+        # 2. The developer rewrites the accepted text: everything after its first 6 characters goes.
+        keep = accepted_text[:6]
+        cut_from = end_of(cursor, keep, enc)
+        cut_to = end_of(cursor, accepted_text, enc)
+        client.change(uri, [(cut_from, cut_to, "pass")])
+        after_edit = (cut_from[0], cut_from[1] + 4)
+
+        # 3. Partial accept of the next suggestion: its first word only (acceptedLength in UTF-16 units).
+        client.change(uri, [(after_edit, after_edit, "\n\n\ndef count_words(text):\n    ")])
+        cursor2 = (after_edit[0] + 4, 4)
+        item2 = await serve_item(client, uri, *cursor2)
+        partial = str(item2.insert_text)[:3]
+        client.change(uri, [(cursor2, cursor2, partial)])
+        client.notify(
+            "textDocument/didPartiallyAcceptCompletion",
+            {
+                "item": client.lc.protocol._converter.unstructure(item2),
+                "acceptedLength": client_length(partial, types.PositionEncodingKind.Utf16),
+            },
+        )
+
+        # 4. Explicit reject of a third suggestion.
+        line3 = cursor2[0] + 1
+        client.change(uri, [(end_of(cursor2, partial, enc), end_of(cursor2, partial, enc), "\n    ")])
+        item3 = await serve_item(client, uri, line3, 4)
+        client.notify("heedful/didRejectCompletion", {"completionId": completion_id(item3)})
+
+        # 5. Inferred reject: the developer types something the fourth suggestion does not start with.
+        item4 = await serve_item(client, uri, line3, 4)
+        divergent = "zq_" if not str(item4.insert_text).startswith("zq_") else "qz_"
+        client.change(uri, [((line3, 4), (line3, 4), divergent)])
+
+        # 6. An explicit correction, defaulting to the latest completion.
+        answer = await client.command("heedful.feedback", {"text": "Always add type hints"})
+        assert answer["recorded"] is True and answer["completionId"] == completion_id(item4)
+
+        await asyncio.sleep(2.5)  # both snapshot delays (1 s, 2 s) pass while the session is open
+        # The pygls client leaves the partial-accept/reject notifications queued in order; a request
+        # after them proves they were handled before the session ends.
+        await client.command("heedful.feedback", {"text": "prefer pathlib", "completionId": accepted_id})
+        exit_status = await client.stop()
+    assert exit_status == 0
+
+    session = lsp_setup.rows("SELECT * FROM sessions WHERE id = ?", f"session-{flavour}")
+    assert len(session) == 1
+    assert session[0]["developer_id"] == f"dev-{flavour}" and session[0]["team_id"] == "backend"
+    assert session[0]["ended_at"] is not None
+
+    completions = {r["id"]: r for r in lsp_setup.rows("SELECT * FROM completions")}
+    for it in (item, item2, item3, item4):
+        row = completions[completion_id(it)]
+        assert row["session_id"] == f"session-{flavour}" and row["uri"] == uri and row["document_id"] is not None
+    assert completions[accepted_id]["prompt"].endswith('without their line endings."""\n')
+
+    # The shown candidate plus a sampled group of G-1 (group_sample_rate = 1 in this config).
+    candidates = lsp_setup.rows('SELECT * FROM candidates WHERE completion_id = ? ORDER BY "index"', accepted_id)
+    assert candidates[0]["text"].lstrip(" ").startswith(accepted_text.lstrip(" "))
+    assert len(candidates) in (1, 4)
+
+    events = lsp_setup.rows("SELECT * FROM events ORDER BY id")
+    by_kind: dict[str, list[Any]] = {}
+    for e in events:
+        assert e["session_id"] == f"session-{flavour}"
+        by_kind.setdefault(e["kind"], []).append(e)
+
+    (shown,) = by_kind["shown"]
+    assert shown["completion_id"] == accepted_id
+    (acc,) = by_kind["accepted"]
+    assert acc["completion_id"] == accepted_id and acc["accepted_length"] == len(accepted_text)
+    (part,) = by_kind["partial_accept"]
+    assert part["completion_id"] == completion_id(item2) and part["accepted_length"] == len(partial)
+    assert part["kept_text"] == partial
+    rejected = {(e["completion_id"], bool(e["inferred"])) for e in by_kind["rejected"]}
+    assert rejected == {(completion_id(item3), False), (completion_id(item4), True)}
+    corrections = [(e["completion_id"], e["text"]) for e in by_kind["correction"]]
+    assert corrections == [(completion_id(item4), "Always add type hints"), (accepted_id, "prefer pathlib")]
+
+    snaps = [e for e in by_kind["edit_snapshot"] if e["completion_id"] == accepted_id]
+    assert sorted(e["delay_s"] for e in snaps) == [1.0, 2.0]
+    for snap in snaps:
+        assert snap["kept_text"] == keep + "pass"
+        assert 0.0 < snap["survival_ratio"] < 1.0
+    partial_snaps = [e for e in by_kind["edit_snapshot"] if e["completion_id"] == completion_id(item2)]
+    assert {e["kept_text"] for e in partial_snaps} == {partial}
+
+
+async def test_client_without_inline_completion_gets_completion_items(lsp_setup: ServerSetup) -> None:
+    options = {"developerId": "dev-vim", "sessionId": "session-vim"}
+    async with running_client("no-inline", lsp_setup.config, lsp_setup.log, options) as client:
+        await client.wait_status("ready")
+        uri = "file:///work/shop/stats.py"
+        client.open(uri, "def mean(values):\n    total = sum(")
+        result = await client.completion(uri, 1, 16)
+        assert result is not None and result.items
+        item = result.items[0]
+        assert item.text_edit is not None and item.text_edit.new_text.strip()
+        assert item.command is not None and item.command.command == "heedful.acceptCompletion"
+        cid = item.command.arguments[0]["completionId"]
+        client.change(uri, [((1, 16), (1, 16), item.text_edit.new_text)])
+        answer = await client.command("heedful.acceptCompletion", {"completionId": cid})
+        assert answer["recorded"] is True
+    kinds = [r["kind"] for r in lsp_setup.rows("SELECT kind FROM events WHERE completion_id = ?", cid)]
+    assert "accepted" in kinds
+
+
+async def test_configuration_changes_apply_and_bad_values_are_reported(lsp_setup: ServerSetup) -> None:
+    options = {"developerId": "dev-cfg", "sessionId": "session-cfg"}
+    async with running_client("vscode", lsp_setup.config, lsp_setup.log, options) as client:
+        await client.wait_status("ready")
+        client.lc.workspace_did_change_configuration(
+            types.DidChangeConfigurationParams(settings={"heedful": {"completion": {"max_tokens": -5}}})
+        )
+        client.lc.workspace_did_change_configuration(
+            types.DidChangeConfigurationParams(
+                settings={"heedful": {"completion": {"max_tokens": 3, "single_line_max_tokens": 3}}}
+            )
+        )
+        uri = "file:///work/cfg.py"
+        client.open(uri, "def area(radius):\n    return ")
+        item = await serve_item(client, uri, 1, 11)
+        cid = completion_id(item)
+        assert any("completion.max_tokens" in m and "-5" in m for m in client.messages), client.messages
+    (cand,) = lsp_setup.rows('SELECT token_ids FROM candidates WHERE completion_id = ? AND "index" = 0', cid)
+    import json
+
+    assert 1 <= len(json.loads(cand["token_ids"])) <= 3
+
+
+async def test_a_failing_engine_is_reported_and_answers_nothing(tmp_path: Any, default_model: Any) -> None:
+    setup = write_config(tmp_path, default_model, f"http://127.0.0.1:{free_port()}", "")
+    setup.config.write_text(setup.config.read_text().replace("request_timeout_s = 120", "startup_timeout_s = 2"))
+    async with running_client("vscode", setup.config, setup.log, {"developerId": "dev-down"}) as client:
+        failing = await client.wait_status("failing", timeout=120)
+        assert failing["message"]
+        uri = "file:///work/down.py"
+        client.open(uri, "def f():\n    ")
+        assert await client.inline(uri, 1, 4) is None
+        # Still serving: feedback is recorded even while the engine is down.
+        answer = await client.command("heedful.feedback", {"text": "use Flask, not Django"})
+        assert answer["recorded"] is True and answer["completionId"] is None

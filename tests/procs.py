@@ -1,0 +1,32 @@
+"""Subprocess helpers shared by tests and fixtures: free ports, a real `vllm serve`."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_serving(proc: subprocess.Popen[bytes], url: str, log_file: Path, timeout_s: float = 600.0) -> None:
+    """Wait for the server to list its models; fail at once, with its log, if it exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_file.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    pytest.fail(f"vllm serve did not answer within {timeout_s:.0f} s:\n{log_file.read_text(errors='replace')[-3000:]}")

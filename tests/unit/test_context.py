@@ -1,0 +1,659 @@
+"""Prompt building: file-name headers, FIM template choice, and fitting prefix/suffix to a token budget.
+
+The core tests use counters whose values can be checked by hand: `words` (one token per whitespace-separated
+word) and `chars` (one token per code point). The expected prompts are written out literally.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lsp_handlers.context import (
+    KNOWN_FIM_TEMPLATES,
+    Prompt,
+    build_prompt,
+    comment_header,
+    fim_template_for,
+)
+from server.paths import default_model_dir
+
+STARCODER = "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
+SANTACODER = "<fim-prefix>{prefix}<fim-suffix>{suffix}<fim-middle>"
+QWEN = "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+CODELLAMA = "<PRE> {prefix} <SUF>{suffix} <MID>"
+DEEPSEEK = "<\uff5cfim\u2581begin\uff5c>{prefix}<\uff5cfim\u2581hole\uff5c>{suffix}<\uff5cfim\u2581end\uff5c>"
+SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample.py"
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def chars(text: str) -> int:
+    return len(text)
+
+
+def fill(template: str, prefix: str, suffix: str) -> str:
+    """The template filled by hand: split at both placeholders, whichever comes first."""
+    first, second = (
+        ("{prefix}", "{suffix}")
+        if template.index("{prefix}") < template.index("{suffix}")
+        else ("{suffix}", "{prefix}")
+    )
+    head, rest = template.split(first)
+    middle, tail = rest.split(second)
+    values = {"{prefix}": prefix, "{suffix}": suffix}
+    return head + values[first] + middle + values[second] + tail
+
+
+def check_invariants(prompt: Prompt, before: str, after: str, budget: int, count: Callable[[str], int]) -> None:
+    assert prompt.tokens == count(prompt.text)
+    assert prompt.tokens <= budget
+    assert before.endswith(prompt.prefix)
+    assert after.startswith(prompt.suffix)
+
+
+# ---------------------------------------------------------------------------------------------- comment_header
+
+
+@pytest.mark.parametrize(
+    ("file_name", "language_id", "expected"),
+    [
+        ("app/main.py", "python", "# file: app/main.py\n"),
+        ("deploy.sh", "shellscript", "# file: deploy.sh\n"),
+        ("config.yaml", "yaml", "# file: config.yaml\n"),
+        ("pyproject.toml", "toml", "# file: pyproject.toml\n"),
+        ("lib/user.rb", "ruby", "# file: lib/user.rb\n"),
+        ("src/x.ts", "typescript", "// file: src/x.ts\n"),
+        ("src/App.tsx", "typescriptreact", "// file: src/App.tsx\n"),
+        ("main.go", "go", "// file: main.go\n"),
+        ("src/lib.rs", "rust", "// file: src/lib.rs\n"),
+        ("Main.java", "java", "// file: Main.java\n"),
+        ("x.c", "c", "// file: x.c\n"),
+        ("x.cpp", "cpp", "// file: x.cpp\n"),
+        ("Program.cs", "csharp", "// file: Program.cs\n"),
+        ("x.kt", "kotlin", "// file: x.kt\n"),
+        ("x.swift", "swift", "// file: x.swift\n"),
+        ("index.php", "php", "// file: index.php\n"),
+        ("x.scala", "scala", "// file: x.scala\n"),
+        ("x.lua", "lua", "-- file: x.lua\n"),
+        ("q.sql", "sql", "-- file: q.sql\n"),
+        ("Main.hs", "haskell", "-- file: Main.hs\n"),
+        ("x.html", "html", "<!-- file: x.html -->\n"),
+        ("pom.xml", "xml", "<!-- file: pom.xml -->\n"),
+        ("README.md", "markdown", "<!-- file: README.md -->\n"),
+        ("style.css", "css", "/* file: style.css */\n"),
+        ("paper.tex", "latex", "% file: paper.tex\n"),
+        ("core.clj", "clojure", "; file: core.clj\n"),
+        ("run.bat", "bat", "REM file: run.bat\n"),
+        ("Module1.vb", "vb", "' file: Module1.vb\n"),
+        ("main.py", "py", "# file: main.py\n"),  # Neovim-style short id
+        ("main.py", "Python", "# file: main.py\n"),
+    ],
+)
+def test_comment_header_by_language_id(file_name: str, language_id: str, expected: str) -> None:
+    assert comment_header(file_name, language_id) == expected
+
+
+@pytest.mark.parametrize(
+    ("file_name", "expected"),
+    [
+        ("app/main.py", "# file: app/main.py\n"),
+        ("web/app.JS", "// file: web/app.JS\n"),
+        ("src/lib.rs", "// file: src/lib.rs\n"),
+        ("init.lua", "-- file: init.lua\n"),
+        ("docs/index.html", "<!-- file: docs/index.html -->\n"),
+        ("Makefile", "# file: Makefile\n"),
+        ("docker/Dockerfile", "# file: docker/Dockerfile\n"),
+        ("C:\\work\\tool.go", "// file: C:\\work\\tool.go\n"),
+        ("notes.unknownext", ""),
+        ("LICENSE", ""),
+        (".gitignore", ""),
+        ("data.json", ""),  # JSON has no comments
+    ],
+)
+def test_comment_header_guesses_the_language_from_the_file_name(file_name: str, expected: str) -> None:
+    assert comment_header(file_name, None) == expected
+
+
+def test_comment_header_without_file_name_or_with_unknown_language_is_empty() -> None:
+    assert comment_header(None, "python") == ""
+    assert comment_header("", "python") == ""
+    assert comment_header("notes.txt", "plaintext") == ""
+    assert comment_header("data.json", "json") == ""
+    assert comment_header("x.py", "no-such-language") == ""  # an explicit id is not second-guessed
+
+
+def test_comment_header_stays_one_line() -> None:
+    assert comment_header("bad\nname.py", "python") == "# file: bad name.py\n"
+
+
+# -------------------------------------------------------------------------------------------- fim_template_for
+
+
+@pytest.mark.parametrize(
+    ("vocabulary", "expected"),
+    [
+        ({"<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<|endoftext|>"}, STARCODER),
+        ({"<fim-prefix>", "<fim-suffix>", "<fim-middle>", "<fim-pad>"}, SANTACODER),
+        ({"<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>"}, QWEN),
+        ({"\u2581<PRE>", "\u2581<SUF>", "\u2581<MID>", "\u2581<EOT>", "<s>"}, CODELLAMA),
+        ({"<\uff5cfim\u2581begin\uff5c>", "<\uff5cfim\u2581hole\uff5c>", "<\uff5cfim\u2581end\uff5c>"}, DEEPSEEK),
+    ],
+)
+def test_auto_picks_the_family_whose_tokens_are_all_in_the_vocabulary(vocabulary: set[str], expected: str) -> None:
+    assert fim_template_for("auto", vocabulary) == expected
+    assert fim_template_for("auto", {token: 1 for token in vocabulary}) == expected  # get_vocab() is a dict
+    assert expected in KNOWN_FIM_TEMPLATES
+
+
+def test_auto_needs_every_token_of_a_family() -> None:
+    assert fim_template_for("auto", {"<fim_prefix>", "<fim_suffix>"}) is None
+    assert fim_template_for("auto", {"<|fim_prefix|>", "<|fim_middle|>", "hello"}) is None
+    assert fim_template_for("auto", set()) is None
+
+
+def test_auto_takes_the_first_known_family_when_several_match() -> None:
+    vocabulary = {"<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>"}
+    assert fim_template_for("auto", vocabulary) == STARCODER
+
+
+def test_none_and_custom_templates() -> None:
+    vocabulary = {"<fim_prefix>", "<fim_suffix>", "<fim_middle>"}
+    assert fim_template_for("none", vocabulary) is None
+    assert fim_template_for(" None ", vocabulary) is None
+    assert fim_template_for("AUTO", vocabulary) == STARCODER
+    custom = "[SUFFIX]{suffix}[PREFIX]{prefix}"
+    assert fim_template_for(custom, vocabulary) == custom
+
+
+@pytest.mark.parametrize("setting", ["", "fim", "starcoder", "{prefix} only", "<pre>{prefix}{suffix}{prefix}"])
+def test_any_other_setting_is_rejected(setting: str) -> None:
+    with pytest.raises(ValueError) as info:
+        fim_template_for(setting, set())
+    message = str(info.value)
+    assert repr(setting) in message
+    assert "{prefix}" in message
+    assert "{suffix}" in message
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer() -> Any:
+    folder = default_model_dir()
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip(f"the default model's tokenizer is not prepared at {folder} (`make setup` prepares it)")
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(folder))
+
+
+def test_smollm2_has_no_fim_tokens_so_auto_means_prefix_only(smollm2_tokenizer: Any) -> None:
+    assert fim_template_for("auto", smollm2_tokenizer.get_vocab()) is None
+
+
+# ---------------------------------------------------------------------------------------- build_prompt: prefix
+
+
+def test_prefix_mode_with_room_keeps_the_whole_text_after_the_header() -> None:
+    before = "import os\n\ndef main():\n    print(os.getcwd("
+    prompt = build_prompt(
+        before,
+        ")\n\nmain()\n",
+        file_name="app/main.py",
+        language_id="python",
+        budget_tokens=100,
+        count_tokens=words,
+        fim_template=None,
+    )
+    assert prompt == Prompt(
+        text="# file: app/main.py\nimport os\n\ndef main():\n    print(os.getcwd(",
+        mode="prefix",
+        prefix="import os\n\ndef main():\n    print(os.getcwd(",
+        suffix="",
+        header="# file: app/main.py\n",
+        tokens=8,  # header 3 + "import os" 2 + "def main():" 2 + "print(os.getcwd(" 1
+    )
+
+
+def test_small_budget_keeps_the_nearest_whole_lines() -> None:
+    # Pieces: "d = " 2 words, "c = 3\n" 3, "b = 2\n" 3: the cursor line and one line fit in 7.
+    prompt = build_prompt(
+        "a = 1\nb = 2\nc = 3\nd = ",
+        "",
+        file_name=None,
+        language_id=None,
+        budget_tokens=7,
+        count_tokens=words,
+        fim_template=None,
+    )
+    assert prompt.text == "c = 3\nd = "
+    assert prompt.prefix == "c = 3\nd = "
+    assert prompt.header == ""
+    assert prompt.tokens == 5
+
+
+def test_lines_are_kept_contiguously_from_the_cursor() -> None:
+    # "z" 1 + "y = 1\n" 3 = 4; the 6-word line does not fit in the 2 left, so the 1-word "x\n" above it is not
+    # taken either: the prefix never skips a line.
+    prompt = build_prompt(
+        "x\nlong line with many words here\ny = 1\nz",
+        "",
+        file_name=None,
+        language_id=None,
+        budget_tokens=6,
+        count_tokens=words,
+        fim_template=None,
+    )
+    assert prompt.text == "y = 1\nz"
+    assert prompt.tokens == 4
+
+
+def test_header_counts_against_the_budget() -> None:
+    # header 3 words leaves 4: "    return a + b" (4) fits, "def add(a, b):\n" (3) does not.
+    prompt = build_prompt(
+        "def add(a, b):\n    return a + b",
+        "",
+        file_name="m.py",
+        language_id="python",
+        budget_tokens=7,
+        count_tokens=words,
+        fim_template=None,
+    )
+    assert prompt.text == "# file: m.py\n    return a + b"
+    assert prompt.header == "# file: m.py\n"
+    assert prompt.tokens == 7
+
+
+def test_budget_smaller_than_the_header_drops_the_header() -> None:
+    prompt = build_prompt(
+        "a = 1\nb = 2",
+        "",
+        file_name="m.py",
+        language_id="python",
+        budget_tokens=3,  # the header alone is 3 words: it would leave nothing for the code
+        count_tokens=words,
+        fim_template=None,
+    )
+    assert prompt.header == ""
+    assert prompt.text == "b = 2"
+    assert prompt.tokens == 3
+
+
+def test_cursor_line_alone_too_long_is_cut_from_its_left() -> None:
+    before = "first line\nabcdefghij"
+    prompt = build_prompt(
+        before, "", file_name=None, language_id=None, budget_tokens=4, count_tokens=chars, fim_template=None
+    )
+    assert prompt.text == "ghij"
+    assert prompt.prefix == "ghij"
+    # With a header: "# file: x.py\n" is 13 characters, leaving 7 of 20 for the cursor line.
+    prompt = build_prompt(
+        before, "", file_name="x.py", language_id="python", budget_tokens=20, count_tokens=chars, fim_template=None
+    )
+    assert prompt.text == "# file: x.py\ndefghij"
+    assert prompt.tokens == 20
+
+
+def test_cursor_at_the_start_of_a_line_keeps_the_line_break_before_it() -> None:
+    prompt = build_prompt(
+        "a = 1\nb = 2\n",
+        "c = 3\n",
+        file_name=None,
+        language_id=None,
+        budget_tokens=3,
+        count_tokens=words,
+        fim_template=None,
+    )
+    assert prompt.text == "b = 2\n"
+    assert prompt.prefix == "b = 2\n"
+
+
+def test_empty_document() -> None:
+    prompt = build_prompt(
+        "", "", file_name="a.py", language_id="python", budget_tokens=10, count_tokens=words, fim_template=None
+    )
+    assert prompt == Prompt(
+        text="# file: a.py\n", mode="prefix", prefix="", suffix="", header="# file: a.py\n", tokens=3
+    )
+
+
+def test_recount_drops_the_farthest_line_when_pieces_merge() -> None:
+    # This counter charges one extra token for every "\n#", which only appears where two pieces are joined:
+    # pieces "c" 1 + "# b\n" 4 + "# a\n" 4 = 9 fit the budget, but the joined "# a\n# b\nc" counts 10.
+    def merging(text: str) -> int:
+        return len(text) + text.count("\n#")
+
+    prompt = build_prompt(
+        "# a\n# b\nc", "", file_name=None, language_id=None, budget_tokens=9, count_tokens=merging, fim_template=None
+    )
+    assert prompt.text == "# b\nc"
+    assert prompt.tokens == 5
+
+
+@pytest.mark.parametrize("budget", [0, -5])
+def test_budget_below_one_is_rejected(budget: int) -> None:
+    with pytest.raises(ValueError, match="budget_tokens"):
+        build_prompt(
+            "x", "", file_name=None, language_id=None, budget_tokens=budget, count_tokens=words, fim_template=None
+        )
+
+
+def test_invalid_template_and_share_are_rejected() -> None:
+    with pytest.raises(ValueError, match="template"):
+        build_prompt(
+            "x", "", file_name=None, language_id=None, budget_tokens=10, count_tokens=words, fim_template="auto"
+        )
+    with pytest.raises(ValueError, match="suffix_share"):
+        build_prompt(
+            "x",
+            "",
+            file_name=None,
+            language_id=None,
+            budget_tokens=10,
+            count_tokens=words,
+            fim_template=STARCODER,
+            suffix_share=1.5,
+        )
+
+
+# ------------------------------------------------------------------------------------------- build_prompt: FIM
+
+
+def test_fim_layout_with_suffix_share_and_unused_suffix_budget_going_to_the_prefix() -> None:
+    # chars: the template is 36, leaving 44 of 80. Suffix share floor(80 * 0.25) = 20: " + b\n" 5 and "\n" 1
+    # fit, "print(add(1, 2))\n" 17 does not (14 left). The prefix gets 44 - 6 = 38: "    return a" 12 and
+    # "def add(a, b):\n" 15, the whole prefix. Without the 14 unused suffix tokens it would get 24 and lose
+    # the "def" line.
+    before = "def add(a, b):\n    return a"
+    after = " + b\n\nprint(add(1, 2))\n"
+    prompt = build_prompt(
+        before, after, file_name=None, language_id=None, budget_tokens=80, count_tokens=chars, fim_template=STARCODER
+    )
+    assert prompt == Prompt(
+        text="<fim_prefix>def add(a, b):\n    return a<fim_suffix> + b\n\n<fim_middle>",
+        mode="fim",
+        prefix="def add(a, b):\n    return a",
+        suffix=" + b\n\n",
+        header="",
+        tokens=69,
+    )
+
+
+def test_fim_suffix_budget_is_a_share_of_the_budget() -> None:
+    # chars, budget 60, template 36 -> 24 left; header "# file: a.py\n" 13 -> 11 left. Suffix share
+    # floor(60 * 0.1) = 6: "abc\n" 4 fits, "defgh\n" 6 does not (2 left). Prefix 11 - 4 = 7: "x = " 4, then
+    # "y\n" 2 fits, "zz\n" 3 does not (1 left).
+    prompt = build_prompt(
+        "zz\ny\nx = ",
+        "abc\ndefgh\n",
+        file_name="a.py",
+        language_id="python",
+        budget_tokens=60,
+        count_tokens=chars,
+        fim_template=STARCODER,
+        suffix_share=0.1,
+    )
+    assert prompt.text == "<fim_prefix># file: a.py\ny\nx = <fim_suffix>abc\n<fim_middle>"
+    assert prompt.prefix == "y\nx = "
+    assert prompt.suffix == "abc\n"
+    assert prompt.header == "# file: a.py\n"
+    assert prompt.tokens == 36 + 13 + 6 + 4
+
+
+def test_fim_cursor_line_remainder_too_long_is_cut_from_its_right() -> None:
+    # chars, budget 56, template 36 -> 20; suffix floor(56 * 0.25) = 14 of the 17-character remainder
+    # "abcdefghijklmnop\n"; the prefix gets the other 6, of which "x = " takes 4.
+    prompt = build_prompt(
+        "x = ",
+        "abcdefghijklmnop\nnext\n",
+        file_name=None,
+        language_id=None,
+        budget_tokens=56,
+        count_tokens=chars,
+        fim_template=STARCODER,
+    )
+    assert prompt.suffix == "abcdefghijklmn"
+    assert prompt.text == "<fim_prefix>x = <fim_suffix>abcdefghijklmn<fim_middle>"
+    assert prompt.tokens == 36 + 4 + 14
+
+
+def test_custom_template_suffix_first() -> None:
+    # chars: "[SUFFIX][PREFIX]" is 16 of 40 -> 24; suffix floor(40 * 0.25) = 10: "\n" 1 + "z = 3\n" 6 = 7;
+    # prefix 24 - 7 = 17: "y = " 4 + "x = 1\n" 6.
+    template = "[SUFFIX]{suffix}[PREFIX]{prefix}"
+    prompt = build_prompt(
+        "x = 1\ny = ",
+        "\nz = 3\n",
+        file_name=None,
+        language_id=None,
+        budget_tokens=40,
+        count_tokens=chars,
+        fim_template=template,
+    )
+    assert prompt.text == "[SUFFIX]\nz = 3\n[PREFIX]x = 1\ny = "
+    assert prompt.mode == "fim"
+    assert prompt.tokens == 33
+
+
+def test_template_placeholders_inside_the_code_are_left_alone() -> None:
+    before = 'fmt = "{suffix} and {prefix}"\nx = '
+    prompt = build_prompt(
+        before,
+        "{prefix}",
+        file_name=None,
+        language_id=None,
+        budget_tokens=500,
+        count_tokens=chars,
+        fim_template=QWEN,
+    )
+    assert prompt.text == f"<|fim_prefix|>{before}<|fim_suffix|>{{prefix}}<|fim_middle|>"
+
+
+def test_template_larger_than_the_budget_falls_back_to_prefix_mode() -> None:
+    prompt = build_prompt(
+        "a\nbc", "d\n", file_name=None, language_id=None, budget_tokens=30, count_tokens=chars, fim_template=STARCODER
+    )
+    assert prompt == Prompt(text="a\nbc", mode="prefix", prefix="a\nbc", suffix="", header="", tokens=4)
+
+
+def test_codellama_layout_with_words() -> None:
+    # words: "<PRE>  <SUF> <MID>" is 3 words; header 3; suffix floor(20 * 0.25) = 5.
+    prompt = build_prompt(
+        "def f(x):\n    return",
+        " x * 2\n\nprint(f(3))\n",
+        file_name="f.py",
+        language_id="python",
+        budget_tokens=20,
+        count_tokens=words,
+        fim_template=CODELLAMA,
+    )
+    assert prompt.text == "<PRE> # file: f.py\ndef f(x):\n    return <SUF> x * 2\n\nprint(f(3))\n <MID>"
+    check_invariants(prompt, "def f(x):\n    return", " x * 2\n\nprint(f(3))\n", 20, words)
+
+
+# ----------------------------------------------------------------------------------- line endings and unicode
+
+
+def test_crlf_documents_keep_their_line_endings() -> None:
+    prompt = build_prompt(
+        "a = 1\r\nb = 2\r\nc = ",
+        "4\r\nd = 5\r\n",
+        file_name=None,
+        language_id=None,
+        budget_tokens=5,
+        count_tokens=words,
+        fim_template=None,
+    )
+    assert prompt.text == "b = 2\r\nc = "
+    # chars with FIM: template 36 of 60 -> 24; suffix 15: "4\r\n" 3 + "d = 5\r\n" 7; prefix 14: "c = " 4,
+    # "b = 2\r\n" 7, then "a = 1\r\n" 7 does not fit in 3.
+    prompt = build_prompt(
+        "a = 1\r\nb = 2\r\nc = ",
+        "4\r\nd = 5\r\n",
+        file_name=None,
+        language_id=None,
+        budget_tokens=60,
+        count_tokens=chars,
+        fim_template=STARCODER,
+    )
+    assert prompt.text == "<fim_prefix>b = 2\r\nc = <fim_suffix>4\r\nd = 5\r\n<fim_middle>"
+    assert prompt.tokens == 60 - 3
+
+
+def test_non_ascii_and_emoji_are_cut_by_code_point() -> None:
+    before = "s = 'héllo'\nt = '日本語🌍🚀"
+    prompt = build_prompt(
+        before, "'\n", file_name=None, language_id=None, budget_tokens=10, count_tokens=chars, fim_template=None
+    )
+    assert prompt.text == "t = '日本語🌍🚀"  # 10 code points exactly
+    prompt = build_prompt(
+        before, "'\n", file_name=None, language_id=None, budget_tokens=4, count_tokens=chars, fim_template=None
+    )
+    assert prompt.text == "本語🌍🚀"
+    prompt = build_prompt(
+        before, "'\n", file_name=None, language_id=None, budget_tokens=22, count_tokens=chars, fim_template=None
+    )
+    assert prompt.text == "s = 'héllo'\nt = '日本語🌍🚀"  # 12 + 10
+
+
+# --------------------------------------------------------------------------------------------- large documents
+
+
+class CountingCounter:
+    """`chars` or `words` that also adds up how many characters it was asked to count."""
+
+    def __init__(self, inner: Callable[[str], int]) -> None:
+        self.inner = inner
+        self.counted = 0
+
+    def __call__(self, text: str) -> int:
+        self.counted += len(text)
+        return self.inner(text)
+
+
+def test_five_megabytes_before_the_cursor() -> None:
+    line = "total = compute(total, 1)\n"  # 26 characters, 4 words
+    before = line * (5_000_000 // len(line)) + "result = "
+    after = ")\n" + line * 1000
+    assert len(before) > 4_900_000
+    counter = CountingCounter(words)
+    prompt = build_prompt(
+        before,
+        after,
+        file_name="big.py",
+        language_id="python",
+        budget_tokens=1536,
+        count_tokens=counter,
+        fim_template=None,
+    )
+    assert prompt.text.startswith("# file: big.py\n")
+    assert prompt.text.endswith("total = compute(total, 1)\nresult = ")
+    assert prompt.prefix.endswith("result = ")
+    assert before.endswith(prompt.prefix)
+    # header 3 + "result = " 2 leaves 1531: 382 whole lines of 4 words.
+    assert prompt.prefix == line * 382 + "result = "
+    assert prompt.tokens == 3 + 2 + 382 * 4
+    assert counter.counted < 100_000  # proportional to what is kept, not to the 5 MB
+
+
+def test_five_megabyte_single_line_and_fim_suffix() -> None:
+    before = "x = '" + "a" * 5_000_000
+    after = "b" * 5_000_000 + "'\n"
+    counter = CountingCounter(chars)
+    prompt = build_prompt(
+        before,
+        after,
+        file_name=None,
+        language_id=None,
+        budget_tokens=136,
+        count_tokens=counter,
+        fim_template=STARCODER,
+    )
+    # 136 - 36 = 100; suffix floor(136 * 0.25) = 34; prefix 66.
+    assert prompt.text == "<fim_prefix>" + "a" * 66 + "<fim_suffix>" + "b" * 34 + "<fim_middle>"
+    assert prompt.tokens == 136
+    assert counter.counted < 50_000
+
+
+# ------------------------------------------------------------------------------------- the budget is guaranteed
+
+
+def superadditive(text: str) -> int:
+    return len(text) + len(text) // 4
+
+
+def merging_words(text: str) -> int:
+    return len(text.split()) + text.count("\n#") + 2 * text.count(":\n ")
+
+
+def random_document(rng: random.Random) -> str:
+    pieces = ["def f(x):", "    return x", "# note: é🌍", "", "  ", "class A:", "    pass", "print(f(1))", "x = [1, 2]"]
+    newline = rng.choice(["\n", "\r\n"])
+    return newline.join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+
+
+@pytest.mark.parametrize("counter", [chars, words, superadditive, merging_words])
+def test_budget_holds_for_random_documents_cursors_and_budgets(counter: Callable[[str], int]) -> None:
+    rng = random.Random(1234)
+    for _ in range(300):
+        document = random_document(rng)
+        cursor = rng.randint(0, len(document))
+        before, after = document[:cursor], document[cursor:]
+        budget = rng.choice([1, 2, 3, 5, 8, 13, 40, 100, 400])
+        template = rng.choice([None, STARCODER, QWEN, CODELLAMA, "{suffix}|{prefix}"])
+        share = rng.choice([0.0, 0.25, 0.5, 0.9])
+        prompt = build_prompt(
+            before,
+            after,
+            file_name=rng.choice([None, "m.py", "m.ts"]),
+            language_id=None,
+            budget_tokens=budget,
+            count_tokens=counter,
+            fim_template=template,
+            suffix_share=share,
+        )
+        check_invariants(prompt, before, after, budget, counter)
+        if prompt.mode == "prefix":
+            assert prompt.text == prompt.header + prompt.prefix
+            assert prompt.suffix == ""
+        else:
+            assert template is not None
+            assert prompt.text == fill(template, prompt.header + prompt.prefix, prompt.suffix)
+
+
+def test_budget_holds_with_the_smollm2_tokenizer_on_a_real_file(smollm2_tokenizer: Any) -> None:
+    def count(text: str) -> int:
+        return len(smollm2_tokenizer.encode(text, add_special_tokens=False))
+
+    source = SAMPLE.read_text(encoding="utf-8")
+    cursors = sorted({0, len(source), *range(0, len(source), 37), source.index('"""Return the n-th')})
+    for budget in (1, 4, 16, 64, 200, 1536):
+        for cursor in cursors:
+            before, after = source[:cursor], source[cursor:]
+            for template in (None, STARCODER):
+                prompt = build_prompt(
+                    before,
+                    after,
+                    file_name="examples/sample.py",
+                    language_id="python",
+                    budget_tokens=budget,
+                    count_tokens=count,
+                    fim_template=template,
+                )
+                check_invariants(prompt, before, after, budget, count)
+    # With the default budget the whole file fits, header first.
+    cursor = source.index("class Stack:")
+    prompt = build_prompt(
+        source[:cursor],
+        source[cursor:],
+        file_name="examples/sample.py",
+        language_id="python",
+        budget_tokens=1536,
+        count_tokens=count,
+        fim_template=None,
+    )
+    assert prompt.text == "# file: examples/sample.py\n" + source[:cursor]

@@ -1,0 +1,73 @@
+"""Edit-after-accept and inferred rejects, on hand-made edit sequences."""
+
+from __future__ import annotations
+
+import pytest
+
+from lsp_handlers.documents import Edit
+from lsp_handlers.feedback import AcceptedText, Suggestion, Verdict, locate, survival_ratio
+
+
+def test_survival_ratio_counts_characters_kept_in_order() -> None:
+    assert survival_ratio("return x", "return x") == 1.0
+    # "return x" (8) vs "return y": 7 characters match in order.
+    assert survival_ratio("return x", "return y") == pytest.approx(7 / 8)
+    assert survival_ratio("abcd", "") == 0.0
+    assert survival_ratio("", "anything") == 1.0
+    assert survival_ratio("ab", "xxaxxbxx") == 1.0
+
+
+def test_typing_the_suggestion_keeps_it_alive_and_divergence_rejects() -> None:
+    s = Suggestion("c1", "u", anchor=10, text="foo()")
+    assert s.observe(Edit(10, 10, "fo")) is Verdict.TYPED
+    assert s.observe(Edit(12, 12, "o(")) is Verdict.TYPED
+    assert s.observe(Edit(2, 2, "##")) is Verdict.UNTOUCHED  # an edit above moves the anchor
+    assert (s.anchor, s.typed) == (12, 4)
+    assert s.observe(Edit(30, 31, "")) is Verdict.UNTOUCHED  # after the cursor
+    assert s.observe(Edit(16, 16, "x")) is Verdict.DIVERGED  # 'x' where ')' was suggested
+
+
+def test_whole_insert_completes_and_backspace_diverges() -> None:
+    s = Suggestion("c1", "u", anchor=5, text="abc")
+    assert s.observe(Edit(5, 5, "abc")) is Verdict.COMPLETED
+    t = Suggestion("c2", "u", anchor=5, text="abc")
+    assert t.observe(Edit(4, 5, "")) is Verdict.DIVERGED
+
+
+def test_accepted_range_follows_edits() -> None:
+    a = AcceptedText("c1", "u", "return x", start=10, end=18)
+    a.observe(Edit(0, 0, "# hi\n"))  # above: shifts by 5
+    assert (a.start, a.end) == (15, 23)
+    a.observe(Edit(23, 23, "  # tail"))  # typing right after it: outside
+    assert (a.start, a.end) == (15, 23)
+    a.observe(Edit(15, 15, ">>"))  # insertion at its start: before it
+    assert (a.start, a.end) == (17, 25)
+    a.observe(Edit(24, 25, "y + 1"))  # replaces 'x' inside: the range grows by 4
+    assert (a.start, a.end) == (17, 29)
+    text = "# hi\n" + " " * 10 + ">>" + "return y + 1" + "  # tail"
+    ratio, kept = a.snapshot(text)
+    assert kept == "return y + 1" and ratio == pytest.approx(7 / 8)
+
+
+def test_overlapping_deletion_and_retype() -> None:
+    a = AcceptedText("c1", "u", "abcdef", start=10, end=16)
+    a.observe(Edit(8, 13, "Z"))  # deletes 2 chars before it and 'abc': the range covers 'Z' + 'def'
+    assert (a.start, a.end) == (8, 12)
+    a.observe(Edit(8, 12, ""))  # everything deleted
+    assert (a.start, a.end) == (8, 8)
+    assert a.snapshot("x" * 20) == (0.0, "")
+
+
+def test_accept_before_insert_waits_for_the_insert() -> None:
+    a = AcceptedText("c1", "u", "abc", start=5, end=5, awaiting_insert=True)
+    a.observe(Edit(0, 0, "__"))
+    assert (a.start, a.awaiting_insert) == (7, True)
+    a.observe(Edit(7, 7, "abc"))
+    assert (a.start, a.end, a.awaiting_insert) == (7, 10, False)
+
+
+def test_locate_prefers_the_anchor_then_the_nearest_match() -> None:
+    text = "abc....abc..abc"
+    assert locate(text, "abc", 7) == 7
+    assert locate(text, "abc", 10) == 12  # 12 is nearer to 10 than 7 is
+    assert locate(text, "zzz", 3) is None
