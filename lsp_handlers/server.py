@@ -451,7 +451,9 @@ def create_server(services: Services, completions: CompletionService | None = No
             arguments=[{"completionId": served.completion_id}],
         )
 
-    @ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION)
+    # Registered with options: without them pygls leaves inlineCompletionProvider out of the
+    # capabilities, and VS Code's client then never asks for inline completions.
+    @ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(
         ls: HeedfulLanguageServer, params: types.InlineCompletionParams
     ) -> types.InlineCompletionList | None:

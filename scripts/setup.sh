@@ -63,4 +63,43 @@ if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
   command -v pg_ctlcluster >/dev/null && $SUDO pg_ctlcluster --force 15 main stop >/dev/null 2>&1 || true
 fi
 
+# The Node LSP client's packages (tests/e2e/node, Microsoft's vscode-languageserver-protocol), installed
+# with `npm ci` outside the clone at <cache dir>/node/<first 16 hex of sha256(package-lock.json)>/
+# node_modules. tests/e2e/test_node_client.py (node_modules_dir) computes the same path; keep the two in
+# step. Outside the stamp check on purpose: a new lock file is a new directory, and an existing one is
+# skipped at the cost of one hash.
+NODE_LOCK=tests/e2e/node/package-lock.json
+CACHE_DIR="${HEEDFUL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/heedful}"
+CACHE_DIR="${CACHE_DIR/#\~/$HOME}"
+NODE_DIR="$CACHE_DIR/node/$(sha256sum "$NODE_LOCK" | cut -c1-16)"
+if [ ! -d "$NODE_DIR/node_modules" ]; then
+  if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Node.js and npm (Debian packages nodejs, npm) for the Node LSP client test"
+    env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm >/dev/null || {
+      apt-get update -q >/dev/null && env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm >/dev/null
+    } || true
+  fi
+  if ! command -v npm >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then
+    echo "setup: error: node and npm are needed for tests/e2e/test_node_client.py; install Node.js >= 18 with" \
+      "npm (Debian: sudo apt-get install nodejs npm) and run \`make setup\` again" >&2
+    exit 1
+  fi
+  echo "setup: installing the Node LSP client's packages (npm ci) into $NODE_DIR"
+  mkdir -p "$CACHE_DIR/node"
+  NODE_TMP="$(mktemp -d "$CACHE_DIR/node/.partial-XXXXXX")"
+  chmod 755 "$NODE_TMP"
+  cp tests/e2e/node/package.json "$NODE_LOCK" "$NODE_TMP/"
+  if ! (cd "$NODE_TMP" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error); then
+    rm -rf "$NODE_TMP"
+    echo "setup: error: npm ci failed for $NODE_LOCK (is the npm registry reachable?)" >&2
+    exit 1
+  fi
+  # Complete or absent: the directory appears in one rename (a concurrent run may have won the race).
+  mv -T "$NODE_TMP" "$NODE_DIR" 2>/dev/null || rm -rf "$NODE_TMP"
+  if [ ! -d "$NODE_DIR/node_modules" ]; then
+    echo "setup: error: $NODE_DIR exists without node_modules; remove it and run \`make setup\` again" >&2
+    exit 1
+  fi
+fi
+
 $VENV/bin/heedful model prepare

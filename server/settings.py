@@ -107,11 +107,11 @@ class EngineSettings:
     dtype: str = setting(
         "bfloat16", "Weight and activation type inside vLLM.", choices=("bfloat16", "float16", "float32")
     )
-    kv_cache_gib: float = setting(
-        1.0,
-        "KV-cache size in GiB for the embedded engine on CPU (sets VLLM_CPU_KVCACHE_SPACE); vLLM's own "
-        "default reservation fails on small machines.",
-        min=0.0625,
+    kv_cache_gib: int = setting(
+        1,
+        "KV-cache size in whole GiB for the embedded engine on CPU (sets VLLM_CPU_KVCACHE_SPACE, which vLLM "
+        "reads as an integer); vLLM's own default reservation fails on small machines.",
+        min=1,
         max=1024,
     )
     gpu_memory_utilization: float = setting(

@@ -37,7 +37,7 @@ def default_model() -> Path:
 def engine_settings(default_model: Path) -> Settings:
     s = Settings()
     s.model.path = str(default_model)
-    s.engine.kv_cache_gib = 1.0
+    s.engine.kv_cache_gib = 1
     return s
 
 
@@ -54,14 +54,19 @@ def vllm_server(engine_settings: Settings, tmp_path_factory: pytest.TempPathFact
     """One real `vllm serve --enable-lora` on the default model for the whole session: its base URL.
 
     The remote-engine tests use it directly; the language-server tests point every `heedful serve`
-    subprocess at it (engine.mode = "remote"), so the engine starts once, not once per server.
+    subprocess at it (engine.mode = "remote"), so the engine starts once, not once per server. A developer
+    iterating on tests can point HEEDFUL_TEST_VLLM_URL at a `vllm serve` of the default model they keep
+    running.
     """
+    if os.environ.get("HEEDFUL_TEST_VLLM_URL"):
+        yield os.environ["HEEDFUL_TEST_VLLM_URL"]
+        return
     port = free_port()
     log_file = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     env = dict(
         os.environ,
         VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
-        VLLM_CPU_KVCACHE_SPACE=f"{engine_settings.engine.kv_cache_gib:g}",
+        VLLM_CPU_KVCACHE_SPACE=str(engine_settings.engine.kv_cache_gib),
         VLLM_LOGGING_LEVEL="WARNING",
     )
     with log_file.open("wb") as log:

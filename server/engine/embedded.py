@@ -86,7 +86,7 @@ class EmbeddedEngine:
         s = self._settings.engine
         if not has_gpu():
             # vLLM reads these when its engine core starts; the spawned workers inherit them.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{s.kv_cache_gib:g}"
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(s.kv_cache_gib)
             bind = cpu_bind_spec(s.cpu_threads_bind)
             if bind is None:
                 os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)

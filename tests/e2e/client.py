@@ -83,6 +83,7 @@ class HeedfulClient:
         self.messages: list[str] = []
         self._status_changed = asyncio.Event()
         self.versions: dict[str, int] = {}
+        self.capabilities: types.ServerCapabilities | None = None
 
         @self.lc.feature("heedful/status")  # type: ignore[untyped-decorator]
         def on_status(params: Any) -> None:
@@ -123,6 +124,7 @@ class HeedfulClient:
             )
         )
         self.lc.initialized(types.InitializedParams())
+        self.capabilities = result.capabilities
         return result
 
     async def wait_status(self, state: str, timeout: float = 600.0) -> dict[str, Any]:

@@ -56,6 +56,11 @@ async def test_completion_and_every_kind_of_feedback_reach_the_store(flavour: st
     async with running_client(flavour, lsp_setup.config, lsp_setup.log, options) as client:
         ready = await client.wait_status("ready")
         assert ready["developerId"] == f"dev-{flavour}" and ready["engine"] == "remote"
+        caps = client.capabilities
+        assert caps is not None and caps.inline_completion_provider is not None
+        assert caps.completion_provider is not None and caps.execute_command_provider is not None
+        assert set(caps.execute_command_provider.commands) >= {"heedful.acceptCompletion", "heedful.feedback"}
+        assert caps.position_encoding == client.encoding
         enc = client.encoding
         uri = "file:///work/shop/orders.py"
         client.open(uri, SOURCE)
@@ -210,3 +215,20 @@ async def test_a_failing_engine_is_reported_and_answers_nothing(tmp_path: Any, d
         # Still serving: feedback is recorded even while the engine is down.
         answer = await client.command("heedful.feedback", {"text": "use Flask, not Django"})
         assert answer["recorded"] is True and answer["completionId"] is None
+
+
+async def test_the_default_embedded_engine_reports_loading_then_serves(tmp_path: Any, default_model: Any) -> None:
+    config = tmp_path / "heedful.toml"
+    db = tmp_path / "h.db"
+    config.write_text(
+        f'[model]\npath = "{default_model}"\n\n[engine]\nkv_cache_gib = 1\n\n'
+        f'[completion]\ntimeout_ms = 120000\ntemperature = 0.0\n\n[database]\nurl = "sqlite+aiosqlite:///{db}"\n'
+    )
+    async with running_client("neovim", config, tmp_path / "server.log", {"developerId": "dev-embedded"}) as client:
+        ready = await client.wait_status("ready", timeout=600)
+        assert client.statuses[0]["state"] == "loading"
+        assert ready["engine"] == "embedded"
+        uri = "file:///work/embedded.py"
+        client.open(uri, "def square(x):\n    ")
+        item = await serve_item(client, uri, 1, 4)
+        assert "x" in str(item.insert_text)

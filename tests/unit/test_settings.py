@@ -279,3 +279,26 @@ def test_config_check_validates_every_team_file(config_dir: Path) -> None:
     proc = heedful("config", "check", str(config_dir / "heedful.toml"))
     assert proc.returncode == 1
     assert "broken.toml: training.batch_size = 0 is not valid" in proc.stderr
+
+
+def test_kv_cache_takes_whole_gib(tmp_path: Path) -> None:
+    # vLLM on CPU reads VLLM_CPU_KVCACHE_SPACE as an integer: 0.5 would only fail at engine start.
+    f = write(tmp_path / "h.toml", "[engine]\nkv_cache_gib = 0.5\n")
+    with pytest.raises(SettingsError, match=r"engine.kv_cache_gib = 0.5 is not valid: expected an integer >= 1"):
+        resolve(f)
+
+
+def test_client_settings_layer_over_the_admins_and_refuse_other_sections(tmp_path: Path) -> None:
+    from server.settings import apply_client_settings
+
+    base = resolve(write(tmp_path / "h.toml", "[completion]\nmax_tokens = 40\n"))
+    layered = apply_client_settings(base, {"completion": {"temperature": 0.0}}, "editor")
+    assert layered.settings.completion.temperature == 0.0 and layered.settings.completion.max_tokens == 40
+    assert layered.sources["completion.temperature"] == "editor"
+    assert base.settings.completion.temperature == 0.2  # the admin's resolution is untouched
+    with pytest.raises(SettingsError, match=r"editor: engine = .* editors may set only completion, feedback"):
+        apply_client_settings(base, {"engine": {"mode": "remote"}}, "editor")
+    with pytest.raises(
+        SettingsError, match=r"completion.single_line_max_tokens = 16 .* <= completion.max_tokens \(8\)"
+    ):
+        apply_client_settings(base, {"completion": {"max_tokens": 8}}, "editor")
