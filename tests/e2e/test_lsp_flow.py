@@ -7,6 +7,7 @@ SQLite file), plays an editor session, and then reads what the store recorded.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -198,8 +199,6 @@ async def test_configuration_changes_apply_and_bad_values_are_reported(lsp_setup
         cid = completion_id(item)
         assert any("completion.max_tokens" in m and "-5" in m for m in client.messages), client.messages
     (cand,) = lsp_setup.rows('SELECT token_ids FROM candidates WHERE completion_id = ? AND "index" = 0', cid)
-    import json
-
     assert 1 <= len(json.loads(cand["token_ids"])) <= 3
 
 
@@ -232,3 +231,79 @@ async def test_the_default_embedded_engine_reports_loading_then_serves(tmp_path:
         client.open(uri, "def square(x):\n    ")
         item = await serve_item(client, uri, 1, 4)
         assert "x" in str(item.insert_text)
+
+
+async def test_team_and_developer_settings_apply_to_the_session(lsp_setup: ServerSetup) -> None:
+    teams = lsp_setup.config.parent / "teams"
+    teams.mkdir()
+    # The team keeps completions to 2 tokens; one of its developers gets a 50 ms budget the engine cannot meet.
+    (teams / "terse.toml").write_text(
+        "[completion]\nmax_tokens = 2\nsingle_line_max_tokens = 2\n\n"
+        '[developers."dev-impatient".completion]\ntimeout_ms = 50\n'
+    )
+    async with running_client(
+        "vscode", lsp_setup.config, lsp_setup.log, {"developerId": "dev-a", "team": "terse"}
+    ) as a:
+        await a.wait_status("ready")
+        a.open("file:///w/t.py", "def area(radius):\n    return ")
+        item = await serve_item(a, "file:///w/t.py", 1, 11)
+    options = {"developerId": "dev-impatient", "team": "terse"}
+    async with running_client("vscode", lsp_setup.config, lsp_setup.log, options) as b:
+        await b.wait_status("ready")
+        b.open("file:///w/t.py", "def area(radius):\n    return ")
+        assert await b.inline("file:///w/t.py", 1, 11) is None
+    (cand,) = lsp_setup.rows(
+        'SELECT token_ids FROM candidates WHERE completion_id = ? AND "index" = 0', completion_id(item)
+    )
+    assert 1 <= len(json.loads(cand["token_ids"])) <= 2
+    assert "the engine took longer than 50 ms" in lsp_setup.log.read_text()
+
+
+async def test_tcp_serves_several_editors_and_one_exit_ends_only_its_session(
+    lsp_setup: ServerSetup, tmp_path: Any
+) -> None:
+    import re
+    import sys
+
+    from tests.e2e.client import ROOT
+
+    stderr_path = tmp_path / "tcp.log"
+    with stderr_path.open("wb") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "--config", str(lsp_setup.config), "serve", "--tcp", "--port", "0",
+            stderr=stderr, cwd=str(ROOT),
+        )  # fmt: skip
+    try:
+        port = None
+        for _ in range(600):
+            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", stderr_path.read_text())
+            if found:
+                port = int(found.group(1))
+                break
+            assert proc.returncode is None, stderr_path.read_text()
+            await asyncio.sleep(0.1)
+        assert port is not None, stderr_path.read_text()
+        clients = [HeedfulClient("vscode"), HeedfulClient("neovim")]
+        for i, c in enumerate(clients):
+            await c.lc.start_tcp("127.0.0.1", port)
+            await c.initialize({"developerId": f"dev-tcp-{i}", "sessionId": f"session-tcp-{i}"})
+            await c.wait_status("ready")
+            c.open("file:///w/tcp.py", "def cube(x):\n    return ")
+        items = await asyncio.gather(*(serve_item(c, "file:///w/tcp.py", 1, 11) for c in clients))
+        assert all(str(i.insert_text).strip() for i in items)
+        # The first editor leaves; the second keeps being served by the same process.
+        await clients[0].lc.shutdown_async(None)
+        clients[0].lc.exit(None)
+        await asyncio.sleep(0.5)
+        assert proc.returncode is None
+        await serve_item(clients[1], "file:///w/tcp.py", 1, 11)
+        await clients[1].lc.shutdown_async(None)
+        clients[1].lc.exit(None)
+        for c in clients:
+            await c.lc.stop()  # type: ignore[no-untyped-call]
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+    sessions = {r["id"]: r for r in lsp_setup.rows("SELECT * FROM sessions")}
+    assert set(sessions) == {"session-tcp-0", "session-tcp-1"}
+    assert all(s["ended_at"] is not None for s in sessions.values())
