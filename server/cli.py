@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="TCP address to bind (default 127.0.0.1: this machine)")
     serve.add_argument("--port", type=int, default=2087, help="TCP port (default 2087; 0: any free port)")
 
+    train = sub.add_parser("train", help="the training worker: collect rollouts, train scopes, gate, publish")
+    train.add_argument("--once", action="store_true", help="one pass over the scopes, then exit")
+    train.add_argument("--scope", help="train only this scope: developer:<id> or team:<name>")
+    train.add_argument("--force", action="store_true", help="train even with fewer than training.min_new_rollouts")
+    train.add_argument("--interval", type=float, default=30.0, help="seconds between passes (default 30)")
+    train.add_argument("--adapters-dir", type=Path, help="adapter folder (default: <data dir>/adapters)")
+
     model = sub.add_parser("model", help="prepare or verify the model")
     model_sub = model.add_subparsers(dest="model_command", metavar="ACTION")
     prep = model_sub.add_parser(
@@ -362,6 +369,43 @@ async def _with_store(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _train(args: argparse.Namespace) -> int:
+    from personalization.worker import lower_priority, run_worker
+    from storage.db import StoreError
+    from storage.repositories import Scope
+    from storage.store import RolloutStore
+
+    settings = _settings(args).settings
+    if args.interval <= 0:
+        raise CliError(f"--interval {args.interval} must be a positive number of seconds", EXIT_USAGE)
+    try:
+        scope = Scope.parse(args.scope) if args.scope else None
+    except StoreError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    lower_priority(settings)
+    try:
+        store = await RolloutStore.open(settings)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        results = await run_worker(
+            store,
+            settings,
+            once=args.once,
+            scope=scope,
+            interval_s=args.interval,
+            adapters_root=args.adapters_dir,
+            force=args.force,
+        )
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        await store.close()
+    for r in results:
+        print(json.dumps(r.as_dict(), sort_keys=True, default=str))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from server.engine import EngineError
     from server.model_prep import ModelError
@@ -395,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_config(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "train":
+            return asyncio.run(_train(args))
         if args.command == "generate":
             return asyncio.run(_generate(args))
         if args.command == "demo":

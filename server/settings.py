@@ -197,7 +197,14 @@ class FeedbackSettings:
 class TrainingSettings:
     """The background GRPO-TCR / OPD LoRA training (seed section 3.5 defaults)."""
 
-    learning_rate: float = setting(1e-5, "AdamW learning rate.", min=0.0, max=1.0, min_exclusive=True)
+    learning_rate: float = setting(
+        3e-4,
+        "AdamW learning rate. The seed's 1e-5 barely moves a rank-8 LoRA on a 135M model in one round of 50 "
+        "steps; 3e-4 does, within the KL gate.",
+        min=0.0,
+        max=1.0,
+        min_exclusive=True,
+    )
     weight_decay: float = setting(0.01, "AdamW weight decay.", min=0.0, max=1.0)
     schedule_steps: int = setting(500, "Length of the cosine learning-rate decay in steps.", min=1)
     grad_clip: float = setting(1.0, "Gradient norm clipping.", min=0.0, max=1000.0, min_exclusive=True)

@@ -61,7 +61,7 @@ def test_defaults_without_any_file() -> None:
     assert resolved.files == []
     # Seed section 3.5 defaults.
     t = resolved.settings.training
-    assert (t.learning_rate, t.weight_decay, t.grad_clip, t.batch_size, t.beta_kl) == (1e-5, 0.01, 1.0, 8, 0.01)
+    assert (t.learning_rate, t.weight_decay, t.grad_clip, t.batch_size, t.beta_kl) == (3e-4, 0.01, 1.0, 8, 0.01)
     assert resolved.settings.completion.group_size == 4
     assert resolved.settings.thresholds.kl_max == 5.0
 

@@ -1,0 +1,155 @@
+"""A scope's pending rollouts turned into what the trainer consumes: judged groups and OPD samples.
+
+For each pending rollout: the completion's candidates become a group. The shown candidate carries the
+outcome reward the collector recorded; every other member is judged in hindsight against what the
+developer kept, and when that is undecided (or nothing was kept) by the judge given (the PRM), else 0.
+Every reward is shaped by the overlong penalty. When no member earned a positive reward and the kept
+text is known, the kept text joins the group as a demonstration with reward +1 (its pi_old is computed
+by the trainer under the starting policy). A rollout with an explicit correction also yields an OPD
+sample: the shown tokens, to be scored by the teacher with the correction as a hint.
+
+It reads the store; it never writes it and never trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from personalization.grpo import overlong_penalty
+from personalization.rollouts import hindsight_reward
+from personalization.trainer import Group, Sample
+from server.settings import TrainingSettings
+from storage.models import Completion, Event, EventKind, Rollout, RolloutStatus
+from storage.repositories import Scope
+
+Tokenize = Callable[[str], list[int]]
+PRMVote = Callable[[str, str], int]  # (prompt, completion) -> majority vote in {-1, 0, +1}
+
+
+@dataclass(slots=True)
+class Correction:
+    """A shown response and the developer's correction of it, for on-policy distillation."""
+
+    sample: Sample
+    hint: str
+    prompt: str
+
+
+@dataclass(slots=True)
+class TrainingData:
+    rollout_ids: list[int] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
+    corrections: list[Correction] = field(default_factory=list)
+    demonstrations: int = 0
+    judged: dict[str, int] = field(default_factory=dict)  # how unshown members were judged: hindsight/prm/none
+
+
+def hint_prompt(hint: str, prompt_ids: list[int], tokenize: Tokenize) -> list[int]:
+    """The teacher's context: the correction as a comment line, then the original prompt."""
+    return tokenize(f"# The developer's instruction: {hint.strip()}\n") + prompt_ids
+
+
+async def load_training_data(
+    session: AsyncSession,
+    scope: Scope,
+    settings: TrainingSettings,
+    *,
+    tokenize: Tokenize,
+    prm: PRMVote | None = None,
+    limit: int = 2000,
+) -> TrainingData:
+    stmt = (
+        select(Rollout)
+        .where(
+            Rollout.scope_kind == scope.kind,
+            Rollout.scope_id == scope.id,
+            Rollout.status == RolloutStatus.PENDING,
+        )
+        .order_by(Rollout.created_at)
+        .limit(limit)
+    )
+    rollouts = list(await session.scalars(stmt))
+    ids = [r.completion_id for r in rollouts if r.completion_id]
+    completions = {c.id: c for c in await session.scalars(select(Completion).where(Completion.id.in_(ids)))}
+    corrections: dict[str, str] = {}
+    for e in await session.scalars(
+        select(Event).where(Event.completion_id.in_(ids), Event.kind == EventKind.CORRECTION).order_by(Event.id)
+    ):
+        if e.completion_id and e.text:
+            corrections[e.completion_id] = e.text
+    data = TrainingData()
+    for r in rollouts:
+        comp = completions.get(r.completion_id or "")
+        if comp is None:
+            continue
+        data.rollout_ids.append(r.id)
+        group = build_group(r, comp, settings, tokenize=tokenize, prm=prm, data=data)
+        if group is not None:
+            data.groups.append(group)
+        hint = corrections.get(comp.id)
+        if hint and comp.shown_index is not None:
+            shown = comp.candidates[comp.shown_index]
+            ids_ = list(shown.token_ids) if not shown.logprobs_stale else tokenize(shown.text)
+            old = list(shown.logprobs) if not shown.logprobs_stale else None
+            if ids_:
+                data.corrections.append(Correction(Sample(_prompt_ids(comp, tokenize), ids_, old), hint, comp.prompt))
+    return data
+
+
+def _prompt_ids(comp: Completion, tokenize: Tokenize) -> list[int]:
+    return list(comp.prompt_token_ids) if comp.prompt_token_ids else tokenize(comp.prompt)
+
+
+def build_group(
+    rollout: Rollout,
+    comp: Completion,
+    settings: TrainingSettings,
+    *,
+    tokenize: Tokenize,
+    prm: PRMVote | None,
+    data: TrainingData,
+) -> Group | None:
+    prompt_ids = _prompt_ids(comp, tokenize)
+    if not prompt_ids:
+        return None
+    kept = rollout.next_state
+    samples: list[Sample] = []
+    rewards: Sequence[int | None] = rollout.rewards or []
+    for i, cand in enumerate(comp.candidates):
+        ids = list(cand.token_ids) if not cand.logprobs_stale else tokenize(cand.text)
+        if not ids:
+            continue
+        old = list(cand.logprobs) if not cand.logprobs_stale else None
+        reward = rewards[i] if i < len(rewards) else None
+        if reward is None:
+            reward = _judge(comp.prompt, cand.text, kept, prm, data)
+        shaped = reward + overlong_penalty(len(ids), settings.l_max, settings.l_cache)
+        samples.append(Sample(prompt_ids, ids, old, float(shaped)))
+    if not samples:
+        return None
+    if kept and max(s.reward for s in samples) <= 0 and all(c.text.strip() != kept.strip() for c in comp.candidates):
+        # The model never sampled what the developer wanted: show it what they kept.
+        shown = comp.candidates[comp.shown_index].text if comp.shown_index is not None else ""
+        lead = shown[: len(shown) - len(shown.lstrip(" \t"))]  # the healed whitespace the prompt lacks
+        demo_ids = tokenize(lead + kept.lstrip(" \t") if not kept.startswith(lead) else kept)
+        if demo_ids:
+            samples.append(Sample(prompt_ids, demo_ids, None, 1.0, demonstration=True))
+            data.demonstrations += 1
+    return Group(samples)
+
+
+def _judge(prompt: str, text: str, kept: str | None, prm: PRMVote | None, data: TrainingData) -> int:
+    if kept:
+        verdict = hindsight_reward(text, kept)
+        if verdict is not None:
+            data.judged["hindsight"] = data.judged.get("hindsight", 0) + 1
+            return verdict
+    if prm is not None:
+        data.judged["prm"] = data.judged.get("prm", 0) + 1
+        return prm(prompt, text)
+    data.judged["unjudged"] = data.judged.get("unjudged", 0) + 1
+    return 0

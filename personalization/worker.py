@@ -1,0 +1,263 @@
+"""`heedful train`: collect rollouts, train each scope that has enough new ones, gate, publish.
+
+One round for one scope: load its pending rollouts as judged groups and OPD samples (dataset.py),
+start from the scope's active adapter (or a fresh LoRA), run `training.steps_per_round` GRPO-TCR
+steps, then gate (finite loss, KL to the reference on held-out general code, perplexity within the
+margin) and publish (publish.py): a passing adapter becomes active, a failing one is recorded rejected
+with its reasons and the active one stays. Every step's metrics are stored with the version row.
+
+The worker shares the machine with serving: it lowers its own priority (`training.nice`) and caps
+torch's threads (`training.threads`). Scopes are trained one at a time and never mixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from personalization.dataset import TrainingData, hint_prompt, load_training_data
+from personalization.gates import check_gates, general_code_slice, mean_kl, perplexity
+from personalization.publish import clean_partial, publish_adapter, resolve_adapters_root
+from personalization.rollouts import CollectStats, RolloutCollector
+from personalization.trainer import Group, LoraTrainer, OPDSample, finalize_groups
+from server.engine.tokens import LocalTokenizer
+from server.settings import Settings
+from storage.models import RolloutStatus
+from storage.repositories import AdapterRepository, AuditRepository, RolloutRepository, Scope
+from storage.store import RolloutStore
+
+log = logging.getLogger(__name__)
+
+# Held-out text for the KL and perplexity gates: enough to be stable, small enough for a CPU.
+GATE_TEXTS = 6
+GATE_MAX_TOKENS = 256
+
+
+@dataclass(slots=True)
+class RoundResult:
+    scope: Scope
+    status: str  # "published", "rejected" or "skipped"
+    reason: str
+    version_id: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "scope": str(self.scope),
+            "status": self.status,
+            "reason": self.reason,
+            "version": self.version_id,
+            "metrics": {k: v for k, v in self.metrics.items() if k != "steps"},
+        }
+
+
+def lower_priority(settings: Settings) -> None:
+    """Yield the CPU to serving: niceness and a thread cap for torch."""
+    import torch
+
+    try:
+        current = os.nice(0)
+        if settings.training.nice > current:
+            os.nice(settings.training.nice - current)
+    except OSError as exc:
+        log.warning("could not lower the training worker's priority: %s", exc)
+    torch.set_num_threads(settings.training.threads)
+
+
+async def collect(store: RolloutStore, settings: Settings) -> CollectStats:
+    collector = RolloutCollector(
+        rewrite_threshold=settings.feedback.survival_rewrite_threshold,
+        settle_s=max(settings.feedback.edit_snapshot_delays_s, default=0.0) + 30.0,
+    )
+    async with store.unit() as s:
+        return await collector.collect(s)
+
+
+async def pending_scopes(store: RolloutStore) -> dict[Scope, int]:
+    from sqlalchemy import func, select
+
+    from storage.models import Rollout
+
+    async with store.unit() as s:
+        rows = await s.execute(
+            select(Rollout.scope_kind, Rollout.scope_id, func.count())
+            .where(Rollout.status == RolloutStatus.PENDING)
+            .group_by(Rollout.scope_kind, Rollout.scope_id)
+        )
+        return {Scope(kind, sid): int(n) for kind, sid, n in rows}
+
+
+async def train_round(
+    store: RolloutStore,
+    settings: Settings,
+    scope: Scope,
+    *,
+    tokenizer: LocalTokenizer,
+    adapters_root: Path | None = None,
+    force: bool = False,
+) -> RoundResult:
+    """Train one round for `scope` from its pending rollouts; publish or reject the result."""
+    t = settings.training
+    async with store.unit() as s:
+        data = await load_training_data(s, scope, t, tokenize=tokenizer.encode)
+        active = await AdapterRepository(s).active(scope)
+    if not data.rollout_ids:
+        return RoundResult(scope, "skipped", "no pending rollouts")
+    if len(data.rollout_ids) < t.min_new_rollouts and not force:
+        return RoundResult(
+            scope,
+            "skipped",
+            f"{len(data.rollout_ids)} new rollouts, fewer than training.min_new_rollouts = {t.min_new_rollouts}",
+        )
+    started = time.monotonic()
+    result = await asyncio.to_thread(_train, settings, data, tokenizer, Path(active.path) if active else None)
+    trainer_dir, metrics, gate = result
+    metrics["seconds"] = round(time.monotonic() - started, 1)
+    if trainer_dir is None:
+        await _mark(store, scope, data, RolloutStatus.TRAINED, "no signal: every group's rewards were equal")
+        return RoundResult(scope, "skipped", str(metrics.get("reason", "no signal")), metrics=metrics)
+    assert gate is not None
+    try:
+        published = await publish_adapter(
+            store,
+            scope,
+            trainer_dir,
+            step=int(metrics["steps_done"]),
+            kl=float(metrics["gate_kl"]),
+            metrics=metrics,
+            adapters_root=adapters_root,
+            parent_id=active.id if active else None,
+            gate=gate,
+        )
+    finally:
+        _remove_tree(trainer_dir.parent)
+    status = "published" if gate.passed else "rejected"
+    await _mark(store, scope, data, RolloutStatus.TRAINED, f"round {published.version_id}: {status}")
+    return RoundResult(scope, status, gate.summary(), published.version_id, metrics)
+
+
+def _train(
+    settings: Settings, data: TrainingData, tokenizer: LocalTokenizer, init: Path | None
+) -> tuple[Path | None, dict[str, Any], Any]:
+    t = settings.training
+    trainer = LoraTrainer(settings.model_path(), t, init_adapter=init)
+    base_fingerprint = trainer.base_weights_checksum()
+    samples = [s for g in data.groups for s in g.samples] + [c.sample for c in data.corrections]
+    recomputed = trainer.fill_old_logprobs(samples)
+    opd: list[OPDSample] = []
+    opd_dropped = 0
+    for c in data.corrections:
+        if not c.hint.strip() or c.sample.old_logprobs is None:
+            opd_dropped += 1
+            continue
+        hinted = hint_prompt(c.hint, c.sample.prompt_ids[-trainer.max_prompt_tokens :], tokenizer.encode)
+        teacher = trainer.teacher_logprobs(c.sample, hinted)
+        if len(teacher) != len(c.sample.response_ids):
+            opd_dropped += 1
+            continue
+        opd.append(OPDSample(c.sample, teacher))
+    groups, masked = finalize_groups(data.groups)
+    metrics: dict[str, Any] = {
+        "rollouts": len(data.rollout_ids),
+        "groups": len(data.groups),
+        "groups_masked_all_equal": masked,
+        "demonstrations": data.demonstrations,
+        "judged": dict(data.judged),
+        "opd_samples": len(opd),
+        "opd_dropped": opd_dropped,
+        "old_logprobs_recomputed": recomputed,
+        "steps": [],
+    }
+    if not groups and not opd:
+        metrics["reason"] = f"no signal: all {masked} groups had equal rewards and there were no corrections"
+        return None, metrics, None
+    losses: list[float] = []
+    opd_batch = max(1, t.batch_size // 4) if opd else 0
+    for _ in range(t.steps_per_round):
+        batch: list[Group] = trainer.sample_batch(groups, t.batch_size) if groups else []
+        opd_part = trainer._random.sample(opd, min(opd_batch, len(opd))) if opd else []
+        step = trainer.step(batch, opd_part)
+        losses.append(step["loss"])
+        metrics["steps"].append({k: round(v, 6) for k, v in step.items()})
+        if not math.isfinite(step["loss"]):
+            break
+    metrics["steps_done"] = trainer.steps_done
+    metrics["final_loss"] = losses[-1]
+    trainer.model.eval()
+    texts = general_code_slice()[:GATE_TEXTS]
+    kl = mean_kl(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS)
+    ppl_base = perplexity(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS, without_adapter=True)
+    ppl_adapter = perplexity(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS)
+    th = settings.thresholds
+    gate = check_gates(
+        loss_values=losses,
+        kl=kl,
+        perplexity_base=ppl_base,
+        perplexity_adapter=ppl_adapter,
+        kl_max=th.kl_max,
+        perplexity_margin=th.perplexity_margin,
+        loss_max=th.loss_divergence,
+    )
+    metrics.update(gate_kl=kl, perplexity_base=ppl_base, perplexity_adapter=ppl_adapter, gate=gate.summary())
+    metrics["base_weights_unchanged"] = trainer.base_weights_checksum() == base_fingerprint
+    out = Path(tempfile.mkdtemp(prefix="heedful-train-")) / "adapter"
+    trainer.save(out)
+    return out, metrics, gate
+
+
+async def _mark(store: RolloutStore, scope: Scope, data: TrainingData, status: RolloutStatus, reason: str) -> None:
+    async with store.unit() as s:
+        await RolloutRepository(s).mark(scope, data.rollout_ids, status, reason)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def run_worker(
+    store: RolloutStore,
+    settings: Settings,
+    *,
+    once: bool,
+    scope: Scope | None,
+    interval_s: float = 30.0,
+    adapters_root: Path | None = None,
+    force: bool = False,
+) -> list[RoundResult]:
+    """Collect and train until stopped (or one pass with `once`); returns the rounds run."""
+    tokenizer = LocalTokenizer(settings.model_path())
+    root = resolve_adapters_root(adapters_root)
+    removed = await clean_partial(store, root)
+    if removed:
+        log.warning("removed %d half-written adapter folder(s) left by a crash: %s", len(removed), removed)
+    results: list[RoundResult] = []
+    while True:
+        stats = await collect(store, settings)
+        if stats.rollouts:
+            log.info("collected %d rollouts from %d completions", stats.rollouts, stats.completions)
+        scopes = [scope] if scope is not None else list(await pending_scopes(store))
+        for sc in scopes:
+            result = await train_round(store, settings, sc, tokenizer=tokenizer, adapters_root=root, force=force)
+            log.info("round for %s: %s (%s)", sc, result.status, result.reason)
+            if result.status != "skipped":
+                async with store.unit() as s:
+                    await AuditRepository(s).add(
+                        actor="trainer",
+                        action=f"train:{result.status}",
+                        scope=sc,
+                        reason=result.reason,
+                        detail=result.as_dict(),
+                    )
+            results.append(result)
+        if once:
+            return results
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,61 @@
+"""The collector's turn classification on crafted event sequences, and the hindsight judge."""
+
+from __future__ import annotations
+
+from personalization.rollouts import EventView, classify, hindsight_reward, scopes_of
+from storage.repositories import Scope
+
+SHOWN = "def f(x: int) -> int:"
+
+
+def snap(delay: float, ratio: float, kept: str) -> EventView:
+    return EventView("edit_snapshot", delay_s=delay, survival_ratio=ratio, kept_text=kept)
+
+
+def test_nothing_shown_or_no_signal_is_kept_out() -> None:
+    assert classify(None, [EventView("accepted")], rewrite_threshold=0.5).reason == "nothing was shown"
+    for events in ([], [EventView("shown")]):
+        c = classify(SHOWN, events, rewrite_threshold=0.5)
+        assert (c.trainable, c.signal, c.reason) == (False, "none", "no feedback signal")
+
+
+def test_accept_kept_as_is_is_positive_with_the_suggestion_as_next_state() -> None:
+    c = classify(SHOWN, [EventView("shown"), EventView("accepted")], rewrite_threshold=0.5)
+    assert (c.trainable, c.signal, c.reward, c.kept) == (True, "accepted", 1, SHOWN)
+
+
+def test_the_last_snapshot_decides_an_accept() -> None:
+    kept = "def f(x):"
+    events = [EventView("accepted"), snap(120.0, 0.3, kept), snap(30.0, 0.9, SHOWN)]
+    c = classify(SHOWN, events, rewrite_threshold=0.5)
+    # 0.3 is below the threshold 0.5 but at least half of it (0.25): rewritten, reward 0.
+    assert (c.signal, c.reward, c.kept) == ("rewritten", 0, kept)
+    c = classify(SHOWN, [EventView("accepted"), snap(120.0, 0.2, "x")], rewrite_threshold=0.5)
+    assert (c.signal, c.reward, c.kept) == ("rewritten", -1, "x")
+    c = classify(SHOWN, [EventView("accepted"), snap(30.0, 0.5, "def f(")], rewrite_threshold=0.5)
+    assert (c.signal, c.reward, c.kept) == ("accepted", 1, "def f(")
+
+
+def test_partial_accept_rejects_and_corrections() -> None:
+    c = classify(SHOWN, [EventView("partial_accept", accepted_length=5, kept_text="def f")], rewrite_threshold=0.5)
+    assert (c.signal, c.reward, c.kept) == ("partial", 0, "def f")
+    c = classify(SHOWN, [EventView("rejected", inferred=True)], rewrite_threshold=0.5)
+    assert (c.signal, c.reward, c.reason, c.kept) == ("rejected", -1, "rejected (inferred)", None)
+    c = classify(SHOWN, [EventView("rejected", inferred=True), EventView("rejected")], rewrite_threshold=0.5)
+    assert c.reason == "rejected"
+    events = [EventView("accepted"), snap(30.0, 1.0, SHOWN), EventView("correction", text="use Flask, not Django")]
+    c = classify(SHOWN, events, rewrite_threshold=0.5)
+    assert (c.signal, c.reward, c.correction, c.kept) == ("corrected", -1, "use Flask, not Django", SHOWN)
+
+
+def test_hindsight_similarity_bands() -> None:
+    assert hindsight_reward("return a + b", "return a +  b") == 1  # whitespace does not count
+    assert hindsight_reward("return a + b", "raise NotImplementedError") == -1
+    # "return a + b" vs "return a + c": 11 of 12 characters match on each side: ratio 22/24 >= 0.8.
+    assert hindsight_reward("return a + b", "return a + c") == 1
+    assert hindsight_reward("x = compute(a, b)", "y = compute(b, a) or 0") is None  # in between: the PRM decides
+
+
+def test_scopes_never_mix() -> None:
+    assert scopes_of("alice", None) == [Scope.developer("alice")]
+    assert scopes_of("alice", "backend") == [Scope.developer("alice"), Scope.team("backend")]
