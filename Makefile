@@ -30,6 +30,7 @@ demo: setup
 bench: setup
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.store
+	$(BIN)/python -m bench.lsp
 
 readme: setup
 	$(BIN)/python scripts/update_readme.py
