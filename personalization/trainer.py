@@ -177,6 +177,13 @@ class LoraTrainer:
         return len(todo)
 
     @torch.no_grad()
+    def refresh_old_logprobs(self, samples: Sequence[Sample], batch: int = 8) -> None:
+        """Make the current policy pi_old for these samples (a new PPO iteration on the same data)."""
+        for s in samples:
+            s.old_logprobs = None
+        self.fill_old_logprobs(samples, batch)
+
+    @torch.no_grad()
     def teacher_logprobs(self, sample: Sample, hint_prompt_ids: list[int]) -> list[float]:
         """log pi(a_t | s + hint) of the sample's response tokens under the current policy."""
         self.model.eval()

@@ -180,7 +180,10 @@ def _train(
         return None, metrics, None
     losses: list[float] = []
     opd_batch = max(1, t.batch_size // 4) if opd else 0
-    for _ in range(t.steps_per_round):
+    refresh = t.old_policy_refresh_steps
+    for step_no in range(t.steps_per_round):
+        if refresh and step_no and step_no % refresh == 0:
+            trainer.refresh_old_logprobs([s for g in groups for s in g.samples])
         batch: list[Group] = trainer.sample_batch(groups, t.batch_size) if groups else []
         opd_part = trainer._random.sample(opd, min(opd_batch, len(opd))) if opd else []
         step = trainer.step(batch, opd_part)

@@ -211,6 +211,13 @@ class TrainingSettings:
     batch_size: int = setting(8, "Rollouts per optimisation step.", min=1, max=4096)
     steps_per_round: int = setting(50, "Optimisation steps in one training round.", min=1, max=100000)
     min_new_rollouts: int = setting(16, "New trainable rollouts of a scope needed before a round starts.", min=1)
+    old_policy_refresh_steps: int = setting(
+        4,
+        "Every this many steps pi_old becomes the current policy (the ratio restarts at 1). With pi_old fixed "
+        "for a whole round the clip stops a token's probability at (1 + eps_high) times its start, so one "
+        "round cannot teach much; 0 keeps the serving policy's log-probs for the whole round.",
+        min=0,
+    )
     lora_rank: int = setting(8, "Rank of the trained LoRA adapter (<= engine.max_lora_rank).", min=1, max=256)
     lora_alpha: float = setting(16.0, "LoRA scaling numerator (scale = alpha / rank).", min=0.0, min_exclusive=True)
     lora_dropout: float = setting(0.05, "Dropout on the LoRA input during training.", min=0.0, max=0.9)
