@@ -110,10 +110,6 @@ class TextDocument:
             self._line_starts = [0, *(m.end() for m in _LINE_BREAK.finditer(self._text))]
         return self._line_starts
 
-    @property
-    def line_count(self) -> int:
-        return len(self._starts())
-
     def _line_span(self, line: int) -> tuple[int, int]:
         """[start, end) of line `line` without its line break."""
         starts = self._starts()
@@ -203,6 +199,3 @@ class DocumentStore:
 
     def find(self, uri: str) -> TextDocument | None:
         return self._docs.get(uri)
-
-    def __len__(self) -> int:
-        return len(self._docs)

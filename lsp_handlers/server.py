@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import getpass
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,13 +220,12 @@ class HeedfulLanguageServer(LanguageServer):
             tracked.start, tracked.end = where, where + len(accepted)
         tracked_doc = open_doc.doc if open_doc is not None else None
         self.accepted.append(tracked)
-        started = time.monotonic()
         loop = asyncio.get_running_loop()
         for delay in delays:
-            handle = loop.call_later(delay, self._on_snapshot_timer, tracked, tracked_doc, delay, started)
+            handle = loop.call_later(delay, self._on_snapshot_timer, tracked, tracked_doc, delay)
             self.timers.add(handle)
 
-    def _on_snapshot_timer(self, tracked: AcceptedText, doc: TextDocument | None, delay: float, started: float) -> None:
+    def _on_snapshot_timer(self, tracked: AcceptedText, doc: TextDocument | None, delay: float) -> None:
         if delay in tracked.pending_delays:
             self._snapshot(tracked, delay=delay, doc=doc)
 

@@ -36,7 +36,6 @@ class Correction:
 
     sample: Sample
     hint: str
-    prompt: str
 
 
 @dataclass(slots=True)
@@ -96,7 +95,7 @@ async def load_training_data(
             ids_ = list(shown.token_ids) if not shown.logprobs_stale else tokenize(shown.text)
             old = list(shown.logprobs) if not shown.logprobs_stale else None
             if ids_:
-                data.corrections.append(Correction(Sample(_prompt_ids(comp, tokenize), ids_, old), hint, comp.prompt))
+                data.corrections.append(Correction(Sample(_prompt_ids(comp, tokenize), ids_, old), hint))
     return data
 
 

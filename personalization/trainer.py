@@ -20,7 +20,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ from personalization.grpo import group_advantages, grpo_tcr_loss, masked_mean
 from server.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -247,10 +248,11 @@ class LoraTrainer:
         )
         return metrics
 
-    def sample_batch(self, groups: Sequence[Group], size: int) -> list[Group]:
-        if len(groups) <= size:
-            return list(groups)
-        return self._random.sample(list(groups), size)
+    def sample_batch(self, items: Sequence[T], size: int) -> list[T]:
+        """`size` of `items` drawn without replacement by the trainer's seeded generator (all when fewer)."""
+        if len(items) <= size:
+            return list(items)
+        return self._random.sample(list(items), size)
 
     def save(self, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)

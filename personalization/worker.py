@@ -185,7 +185,7 @@ def _train(
         if refresh and step_no and step_no % refresh == 0:
             trainer.refresh_old_logprobs([s for g in groups for s in g.samples])
         batch: list[Group] = trainer.sample_batch(groups, t.batch_size) if groups else []
-        opd_part = trainer._random.sample(opd, min(opd_batch, len(opd))) if opd else []
+        opd_part = trainer.sample_batch(opd, opd_batch)
         step = trainer.step(batch, opd_part)
         losses.append(step["loss"])
         metrics["steps"].append({k: round(v, 6) for k, v in step.items()})

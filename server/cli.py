@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server import __version__, paths
 from server.logs import setup_logging
@@ -28,6 +30,9 @@ from server.settings import (
     render_toml,
     resolve,
 )
+
+if TYPE_CHECKING:
+    from storage.store import RolloutStore
 
 log = logging.getLogger("heedful")
 
@@ -331,18 +336,29 @@ async def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _with_store(args: argparse.Namespace) -> int:
-    import getpass
-
+@contextlib.asynccontextmanager
+async def _open_store(settings: Settings) -> AsyncIterator[RolloutStore]:
+    """The store for one command; a store failure (opening or later) becomes a one-line CLI error."""
     from storage.db import StoreError
     from storage.store import RolloutStore
 
-    settings = _settings(args).settings
     try:
         store = await RolloutStore.open(settings)
     except StoreError as exc:
         raise CliError(str(exc)) from None
     try:
+        yield store
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        await store.close()
+
+
+async def _with_store(args: argparse.Namespace) -> int:
+    import getpass
+
+    settings = _settings(args).settings
+    async with _open_store(settings) as store:
         if args.command == "stats":
             counts = await store.stats()
             if args.json:
@@ -362,10 +378,6 @@ async def _with_store(args: argparse.Namespace) -> int:
                 print("retention is off (privacy.retention_days = 0): nothing deleted")
             else:
                 print(json.dumps(await store.apply_retention(days, actor=f"cli:{getpass.getuser()}"), indent=2))
-    except StoreError as exc:
-        raise CliError(str(exc)) from None
-    finally:
-        await store.close()
     return 0
 
 
@@ -373,7 +385,6 @@ async def _train(args: argparse.Namespace) -> int:
     from personalization.worker import lower_priority, run_worker
     from storage.db import StoreError
     from storage.repositories import Scope
-    from storage.store import RolloutStore
 
     settings = _settings(args).settings
     if args.interval <= 0:
@@ -383,11 +394,7 @@ async def _train(args: argparse.Namespace) -> int:
     except StoreError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     lower_priority(settings)
-    try:
-        store = await RolloutStore.open(settings)
-    except StoreError as exc:
-        raise CliError(str(exc)) from None
-    try:
+    async with _open_store(settings) as store:
         results = await run_worker(
             store,
             settings,
@@ -397,10 +404,6 @@ async def _train(args: argparse.Namespace) -> int:
             adapters_root=args.adapters_dir,
             force=args.force,
         )
-    except StoreError as exc:
-        raise CliError(str(exc)) from None
-    finally:
-        await store.close()
     for r in results:
         print(json.dumps(r.as_dict(), sort_keys=True, default=str))
     return 0

@@ -113,10 +113,6 @@ class EngineHost:
         if self._started:
             self._set(EngineState.READY, None)
 
-    async def wait_started(self) -> None:
-        if self._task is not None:
-            await asyncio.shield(self._task)
-
     async def close(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()

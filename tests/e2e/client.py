@@ -163,15 +163,6 @@ class HeedfulClient:
             )
         )
 
-    def replace_all(self, uri: str, text: str) -> None:
-        self.versions[uri] += 1
-        self.lc.text_document_did_change(
-            types.DidChangeTextDocumentParams(
-                text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=self.versions[uri]),
-                content_changes=[types.TextDocumentContentChangeWholeDocument(text=text)],
-            )
-        )
-
     async def inline(self, uri: str, line: int, character: int) -> types.InlineCompletionList | None:
         result = await self.lc.text_document_inline_completion_async(
             types.InlineCompletionParams(
