@@ -15,6 +15,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lsprotocol import types
@@ -22,8 +23,9 @@ from lsprotocol import types
 from lsp_handlers.context import Prompt, build_prompt, fim_template_for
 from lsp_handlers.documents import TextDocument, file_name_of
 from lsp_handlers.postprocess import is_single_line, postprocess
-from server.engine import AdapterRef, Candidate, Engine, EngineError
-from server.runtime import Services
+from server.engine import Candidate, Engine, EngineError
+from server.registry import BASE, Lease
+from server.runtime import Services, arm_of
 from server.settings import Settings
 from storage.store import CandidateRecord, CompletionRecord, DocumentSeen, GroupRecord
 
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 # Characters of document text around the cursor handed to the prompt builder: far more than any
 # token budget needs (a token is at least one character), and it keeps a 5 MB file cheap.
 _CHARS_PER_TOKEN_BOUND = 16
+ADAPTER_ARMS = ("rl", "rl+baseline")  # served by the developer's (or team's) adapter
+BASELINE_ARMS = ("baseline", "rl+baseline")  # the developer's past corrections go into the prompt
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +83,7 @@ class CompletionService:
         self._background: set[asyncio.Task[None]] = set()
         self._random = random.Random()
 
-    def prompt_for(self, doc: TextDocument, offset: int, settings: Settings) -> Prompt:
+    def prompt_for(self, doc: TextDocument, offset: int, settings: Settings, notes: Sequence[str] = ()) -> Prompt:
         window = settings.completion.context_tokens * _CHARS_PER_TOKEN_BOUND
         text = doc.text
         before = text[max(0, offset - window) : offset]
@@ -94,6 +98,7 @@ class CompletionService:
             count_tokens=lambda s: len(tokenizer.encode(s)),
             fim_template=fim_template_for(settings.model.fim_template, self.services.vocabulary),
             suffix_share=settings.completion.suffix_share,
+            notes=notes,
         )
 
     async def complete(
@@ -114,7 +119,43 @@ class CompletionService:
         offset = doc.offset_at(position)
         line_prefix, line_suffix = doc.line_at(offset)
         single = is_single_line(line_prefix, line_suffix)
-        prompt = self.prompt_for(doc, offset, settings)
+        arm = arm_of(identity.developer_id, settings.experiment.arms)
+        notes: list[str] = []
+        if arm in BASELINE_ARMS:
+            notes = await self.services.corrections_of(identity.developer_id, settings.experiment.baseline_corrections)
+        prompt = self.prompt_for(doc, offset, settings, notes)
+        lease = BASE
+        if arm in ADAPTER_ARMS:
+            try:
+                lease = await self.services.adapters.acquire(identity.developer_id, identity.team_id)
+            except (EngineError, TimeoutError) as exc:
+                log.warning(
+                    "serving %s with the base model: their adapter could not be loaded: %s", identity.developer_id, exc
+                )
+        try:
+            return await self._complete(
+                engine, doc, position, offset, identity, settings, document, prompt, single, arm, lease, started
+            )
+        finally:
+            lease.release()
+
+    async def _complete(
+        self,
+        engine: Engine,
+        doc: TextDocument,
+        position: types.Position,
+        offset: int,
+        identity: Identity,
+        settings: Settings,
+        document: DocumentSeen | None,
+        prompt: Prompt,
+        single: bool,
+        arm: str,
+        lease: Lease,
+        started: float,
+    ) -> Served | None:
+        c = settings.completion
+        line_prefix, line_suffix = doc.line_at(offset)
         # Token healing: a prompt ending in spaces splits the tokenizer's usual whitespace tokens (the
         # model then writes " with" after four spaces). Send the prompt without them and take them
         # back off the front of what the model writes.
@@ -122,8 +163,7 @@ class CompletionService:
         if prompt.mode == "prefix":
             prompt_text = prompt.text.rstrip(" \t")
             healed = prompt.text[len(prompt_text) :]
-        c = settings.completion
-        adapter = self.services.adapter_for(identity.developer_id, identity.team_id)
+        adapter = lease.ref
         request_id = f"cmpl-{uuid.uuid4().hex}"
         try:
             gen = await asyncio.wait_for(
@@ -186,13 +226,16 @@ class CompletionService:
             uri=doc.uri,
             line=position.line,
             character=position.character,
-            adapter_version=adapter.name if adapter else None,
+            adapter_version=lease.version_id,
+            arm=arm,
             latency_ms=latency_ms,
             document=document,
         )
         self.services.store.record_completion(record)
         if c.group_size > 1 and self._random.random() < c.group_sample_rate:
-            self._spawn(self._sample_group(engine, prompt_text, served.completion_id, single, settings, adapter))
+            # The group is sampled from the same adapter, after this request answers: it holds its own lease.
+            group_lease = lease.share()
+            self._spawn(self._sample_group(engine, prompt_text, served.completion_id, single, settings, group_lease))
         return served
 
     async def _sample_group(
@@ -202,7 +245,7 @@ class CompletionService:
         completion_id: str,
         single: bool,
         settings: Settings,
-        adapter: AdapterRef | None,
+        lease: Lease,
     ) -> None:
         c = settings.completion
         try:
@@ -212,11 +255,13 @@ class CompletionService:
                 max_tokens=c.single_line_max_tokens if single else c.max_tokens,
                 temperature=c.group_temperature,
                 stop=["\n"] if single else list(c.stop),
-                adapter=adapter,
+                adapter=lease.ref,
             )
         except Exception as exc:
             log.warning("the training group of completion %s was not sampled: %s", completion_id, exc)
             return
+        finally:
+            lease.release()
         cands = [CandidateRecord(g.text, list(g.token_ids), list(g.logprobs), g.finish_reason) for g in gen.candidates]
         self.services.store.record_group(GroupRecord(completion_id, cands))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,6 +28,7 @@ __all__ = [
     "build_prompt",
     "comment_header",
     "fim_template_for",
+    "notes_header",
 ]
 
 CountTokens = Callable[[str], int]
@@ -355,6 +356,19 @@ def _language_from_file_name(file_name: str) -> str | None:
     return _EXTENSIONS.get(extension)
 
 
+def _comment_syntax(file_name: str | None, language_id: str | None) -> tuple[str, str] | None:
+    if language_id is None:
+        language = _language_from_file_name(file_name) if file_name else None
+    else:
+        key = language_id.strip().lower()
+        language = _LANGUAGE_ALIASES.get(key, key)
+    return _COMMENT_SYNTAX.get(language) if language else None
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
+
+
 def comment_header(file_name: str | None, language_id: str | None) -> str:
     """One line naming the file in the language's comment syntax, e.g. "# file: app/main.py\\n".
 
@@ -365,17 +379,26 @@ def comment_header(file_name: str | None, language_id: str | None) -> str:
     """
     if not file_name:
         return ""
-    if language_id is None:
-        language = _language_from_file_name(file_name)
-    else:
-        key = language_id.strip().lower()
-        language = _LANGUAGE_ALIASES.get(key, key)
-    syntax = _COMMENT_SYNTAX.get(language) if language else None
+    syntax = _comment_syntax(file_name, language_id)
     if syntax is None:
         return ""
-    name = file_name.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
     opener, closer = syntax
-    return f"{opener}file: {name}{closer}\n"
+    return f"{opener}file: {_one_line(file_name)}{closer}\n"
+
+
+def notes_header(notes: Sequence[str], file_name: str | None, language_id: str | None) -> str:
+    """The developer's past corrections as comment lines (the prompt-injection baseline), or "".
+
+    One line introduces them, then one line per note, newest last, each made one line; "" when there are
+    no notes or the language has no known comment syntax.
+    """
+    syntax = _comment_syntax(file_name, language_id)
+    kept = [_one_line(n).strip() for n in notes if n.strip()]
+    if syntax is None or not kept:
+        return ""
+    opener, closer = syntax
+    lines = ["The developer's corrections to earlier suggestions:", *(f"- {n}" for n in kept)]
+    return "".join(f"{opener}{line}{closer}\n" for line in lines)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -578,6 +601,7 @@ def build_prompt(
     count_tokens: CountTokens,
     fim_template: str | None,
     suffix_share: float = 0.25,
+    notes: Sequence[str] = (),
 ) -> Prompt:
     """The prompt for a cursor with `before` (all text before it) and `after` (all text after it).
 
@@ -593,7 +617,9 @@ def build_prompt(
     while each fits. The prefix gets all the rest, including what the suffix did not use. When the template
     alone takes the whole budget, the prompt falls back to prefix mode.
 
-    The header (`comment_header`) is dropped when its tokens leave no room for text (header tokens >= the
+    `notes` (the developer's past corrections, for the prompt-injection baseline) join the header as
+    comment lines after the file name (`notes_header`). The header (`comment_header`, plus the notes) is
+    dropped when its tokens leave no room for text (header tokens >= the
     budget left after the template). Pieces are counted one by one; the assembled text is then recounted
     and shrunk (see `_fit`) so that `count_tokens(text) <= budget_tokens` always holds.
 
@@ -614,7 +640,7 @@ def build_prompt(
         else:
             fim_template = None
 
-    header = comment_header(file_name, language_id)
+    header = comment_header(file_name, language_id) + notes_header(notes, file_name, language_id)
     header_tokens = count_tokens(header) if header else 0
     parts = _Parts(template=fim_template)
     if header and header_tokens < available:

@@ -25,7 +25,7 @@ from pygls.capabilities import ServerCapabilitiesBuilder
 from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 
-from lsp_handlers.completion import CompletionService, Identity, Served
+from lsp_handlers.completion import ADAPTER_ARMS, CompletionService, Identity, Served
 from lsp_handlers.documents import DocumentError, DocumentStore, StaleVersion, TextDocument, code_points_for_units
 from lsp_handlers.feedback import AcceptedText, Suggestion, Verdict, locate
 from lsp_handlers.protocol import (
@@ -43,8 +43,9 @@ from lsp_handlers.protocol import (
     is_parse_error,
 )
 from server import __version__
-from server.runtime import EngineStatus, Services
+from server.runtime import EngineStatus, Services, arm_of
 from server.settings import ResolvedSettings, SettingsError, apply_client_settings
+from storage.repositories import Scope
 from storage.store import DocumentSeen, EventRecord, SessionStart
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class HeedfulLanguageServer(LanguageServer):
         self.closed = False
         self.last_status: dict[str, Any] | None = None
         self._unsubscribe = services.engine.subscribe(self.send_status)
+        self._unsubscribe_adapters = services.adapters.subscribe(self._adapter_changed)
 
     # -- identity, settings, status --------------------------------------------------------------
 
@@ -110,19 +112,31 @@ class HeedfulLanguageServer(LanguageServer):
         if self.closed or self.protocol.writer is None or self.identity is None:
             return
         status = status or self.services.engine.status
-        adapter = self.services.adapter_for(self.identity.developer_id, self.identity.team_id)
+        arm = arm_of(self.identity.developer_id, self.settings.experiment.arms)
+        adapter = None
+        if arm in ADAPTER_ARMS:
+            adapter = self.services.adapters.active_version(self.identity.developer_id, self.identity.team_id)
         params = {
             "state": status.state.value,
             "message": status.message,
             "engine": status.kind,
             "model": status.model,
-            "adapter": adapter.name if adapter else None,
+            "adapter": adapter.version_id if adapter else None,
+            "arm": arm,
             "developerId": self.identity.developer_id,
             "sessionId": self.identity.session_id,
         }
         if params != self.last_status:  # the editor hears about changes, not repeats
             self.last_status = params
             self.protocol.notify(STATUS, params)
+
+    def _adapter_changed(self, scope: Scope, version: str | None) -> None:
+        identity = self.identity
+        if identity is None:
+            return
+        mine = [Scope.developer(identity.developer_id), *([Scope.team(identity.team_id)] if identity.team_id else [])]
+        if scope in mine:
+            self.send_status()
 
     def show_message(self, message: str, kind: types.MessageType = types.MessageType.Warning) -> None:
         self.window_show_message(types.ShowMessageParams(type=kind, message=message))
@@ -157,6 +171,7 @@ class HeedfulLanguageServer(LanguageServer):
             return
         self.closed = True
         self._unsubscribe()
+        self._unsubscribe_adapters()
         for task in list(self.inflight.values()):
             task.cancel()
         for handle in list(self.timers):
@@ -547,7 +562,7 @@ def create_server(services: Services, completions: CompletionService | None = No
 
     @ls.command(FEEDBACK_COMMAND)
     async def feedback(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
-        ls.require_identity()
+        identity = ls.require_identity()
         if len(args) != 1 or not isinstance(args[0], dict):
             raise JsonRpcInvalidParams(
                 f'{FEEDBACK_COMMAND} takes one argument {{"text": "...", "completionId"?: "..."}}, got {list(args)!r}'
@@ -566,6 +581,7 @@ def create_server(services: Services, completions: CompletionService | None = No
                 )
             ls.state_of(completion_id)
         event_id = await ls.record_event("correction", completion_id, text=text)
+        ls.services.forget_corrections(identity.developer_id)
         return {"recorded": True, "completionId": completion_id, "eventId": event_id}
 
     return ls

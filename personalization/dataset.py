@@ -20,22 +20,14 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from personalization.grpo import overlong_penalty
-from personalization.rollouts import hindsight_reward
+from personalization.judge import PRMVote, UnshownJudge
+from personalization.opd import Correction
 from personalization.trainer import Group, Sample
 from server.settings import TrainingSettings
 from storage.models import Completion, Event, EventKind, Rollout, RolloutStatus
 from storage.repositories import Scope
 
 Tokenize = Callable[[str], list[int]]
-PRMVote = Callable[[str, str], int]  # (prompt, completion) -> majority vote in {-1, 0, +1}
-
-
-@dataclass(slots=True)
-class Correction:
-    """A shown response and the developer's correction of it, for on-policy distillation."""
-
-    sample: Sample
-    hint: str
 
 
 @dataclass(slots=True)
@@ -45,11 +37,6 @@ class TrainingData:
     corrections: list[Correction] = field(default_factory=list)
     demonstrations: int = 0
     judged: dict[str, int] = field(default_factory=dict)  # how unshown members were judged: hindsight/prm/none
-
-
-def hint_prompt(hint: str, prompt_ids: list[int], tokenize: Tokenize) -> list[int]:
-    """The teacher's context: the correction as a comment line, then the original prompt."""
-    return tokenize(f"# The developer's instruction: {hint.strip()}\n") + prompt_ids
 
 
 async def load_training_data(
@@ -81,12 +68,13 @@ async def load_training_data(
         if e.completion_id and e.text:
             corrections[e.completion_id] = e.text
     data = TrainingData()
+    judge = UnshownJudge(prm)
     for r in rollouts:
         comp = completions.get(r.completion_id or "")
         if comp is None:
             continue
         data.rollout_ids.append(r.id)
-        group = build_group(r, comp, settings, tokenize=tokenize, prm=prm, data=data)
+        group = build_group(r, comp, settings, tokenize=tokenize, judge=judge, data=data)
         if group is not None:
             data.groups.append(group)
         hint = corrections.get(comp.id)
@@ -96,6 +84,7 @@ async def load_training_data(
             old = list(shown.logprobs) if not shown.logprobs_stale else None
             if ids_:
                 data.corrections.append(Correction(Sample(_prompt_ids(comp, tokenize), ids_, old), hint))
+    data.judged = dict(judge.tally)
     return data
 
 
@@ -109,7 +98,7 @@ def build_group(
     settings: TrainingSettings,
     *,
     tokenize: Tokenize,
-    prm: PRMVote | None,
+    judge: UnshownJudge,
     data: TrainingData,
 ) -> Group | None:
     prompt_ids = _prompt_ids(comp, tokenize)
@@ -125,7 +114,7 @@ def build_group(
         old = list(cand.logprobs) if not cand.logprobs_stale else None
         reward = rewards[i] if i < len(rewards) else None
         if reward is None:
-            reward = _judge(comp.prompt, cand.text, kept, prm, data)
+            reward = judge(comp.prompt, cand.text, kept)
         shaped = reward + overlong_penalty(len(ids), settings.l_max, settings.l_cache)
         samples.append(Sample(prompt_ids, ids, old, float(shaped)))
     if not samples:
@@ -139,16 +128,3 @@ def build_group(
             samples.append(Sample(prompt_ids, demo_ids, None, 1.0, demonstration=True))
             data.demonstrations += 1
     return Group(samples)
-
-
-def _judge(prompt: str, text: str, kept: str | None, prm: PRMVote | None, data: TrainingData) -> int:
-    if kept:
-        verdict = hindsight_reward(text, kept)
-        if verdict is not None:
-            data.judged["hindsight"] = data.judged.get("hindsight", 0) + 1
-            return verdict
-    if prm is not None:
-        data.judged["prm"] = data.judged.get("prm", 0) + 1
-        return prm(prompt, text)
-    data.judged["unjudged"] = data.judged.get("unjudged", 0) + 1
-    return 0

@@ -8,12 +8,11 @@ writes one rollout per scope they belong to (the developer's, and the team's whe
 are never mixed: a rollout belongs to exactly one scope and is trained only there.
 
 Rewards here are the outcome judge's, for the shown candidate; the other group members are judged at
-training time (hindsight against the kept text, then the PRM), see `judge_group`.
+training time (hindsight against the kept text, then the PRM), see `judge.UnshownJudge`.
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -98,25 +97,6 @@ def classify(shown_text: str | None, events: Sequence[EventView], *, rewrite_thr
         inferred = all(e.inferred for e in events if e.kind == "rejected")
         return Classification(True, REJECTED, "rejected (inferred)" if inferred else "rejected", -1)
     return Classification(False, NO_SIGNAL, "no feedback signal")
-
-
-def hindsight_reward(candidate: str, kept: str, *, good: float = 0.8, bad: float = 0.4) -> int | None:
-    """Judge an unshown candidate against what the developer kept.
-
-    Similarity is difflib's ratio on whitespace-normalised text (2 * matching characters / total): it
-    tolerates the small edits developers make (a renamed variable, a reordered argument) while telling
-    apart a different approach. At or above `good`: +1; at or below `bad`: -1; between: None (undecided,
-    the PRM judges it).
-    """
-    a, b = " ".join(candidate.split()), " ".join(kept.split())
-    if not a and not b:
-        return 1
-    ratio = difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
-    if ratio >= good:
-        return 1
-    if ratio <= bad:
-        return -1
-    return None
 
 
 @dataclass(slots=True)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from personalization.grpo import group_advantages, grpo_tcr_loss, masked_mean
+from personalization.opd import OPDSample
 from server.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
@@ -53,14 +54,6 @@ class Group:
     @property
     def masked(self) -> bool:
         return not any(abs(a) > 0 for a in self.advantages)
-
-
-@dataclass(slots=True)
-class OPDSample:
-    """A shown response scored by the teacher (the same model with the correction as a hint)."""
-
-    sample: Sample
-    teacher_logprobs: list[float]
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -204,9 +197,8 @@ class LoraTrainer:
                 samples.append(s)
                 advantages.append([a] * len(s.response_ids))
         for o in opd:
-            assert o.sample.old_logprobs is not None
             samples.append(o.sample)
-            advantages.append([t - p for t, p in zip(o.teacher_logprobs, o.sample.old_logprobs, strict=True)])
+            advantages.append(o.advantages())
         if not samples:
             raise ValueError("a training step needs at least one group with signal or one OPD sample")
         logp, mask = self.response_logprobs(samples)

@@ -22,15 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from personalization.dataset import TrainingData, hint_prompt, load_training_data
+from personalization.dataset import TrainingData, load_training_data
 from personalization.gates import check_gates, general_code_slice, mean_kl, perplexity
+from personalization.judge import fit_scope_prm, prm_examples
+from personalization.opd import build_opd_samples
 from personalization.publish import clean_partial, publish_adapter, resolve_adapters_root
 from personalization.rollouts import CollectStats, RolloutCollector
-from personalization.trainer import Group, LoraTrainer, OPDSample, finalize_groups
+from personalization.trainer import Group, LoraTrainer, finalize_groups
 from server.engine.tokens import LocalTokenizer
 from server.settings import Settings
 from storage.models import RolloutStatus
-from storage.repositories import AdapterRepository, AuditRepository, RolloutRepository, Scope
+from storage.repositories import AdapterRepository, AuditRepository, RolloutRepository, Scope, ScopeControlRepository
 from storage.store import RolloutStore
 
 log = logging.getLogger(__name__)
@@ -106,19 +108,34 @@ async def train_round(
     """Train one round for `scope` from its pending rollouts; publish or reject the result."""
     t = settings.training
     async with store.unit() as s:
-        data = await load_training_data(s, scope, t, tokenize=tokenizer.encode)
-        active = await AdapterRepository(s).active(scope)
-    if not data.rollout_ids:
+        pending = await RolloutRepository(s).count_pending(scope)
+    if not pending:
         return RoundResult(scope, "skipped", "no pending rollouts")
-    if len(data.rollout_ids) < t.min_new_rollouts and not force:
+    if pending < t.min_new_rollouts and not force:
         return RoundResult(
             scope,
             "skipped",
-            f"{len(data.rollout_ids)} new rollouts, fewer than training.min_new_rollouts = {t.min_new_rollouts}",
+            f"{pending} new rollouts, fewer than training.min_new_rollouts = {t.min_new_rollouts}",
         )
     started = time.monotonic()
-    result = await asyncio.to_thread(_train, settings, data, tokenizer, Path(active.path) if active else None)
+    async with store.unit() as s:
+        examples = await prm_examples(s, scope)
+    prm = await asyncio.to_thread(
+        fit_scope_prm,
+        settings.model_path(),
+        examples,
+        min_accuracy=settings.thresholds.prm_min_accuracy,
+        votes=t.prm_votes,
+        seed=t.seed,
+    )
+    async with store.unit() as s:
+        # The PRM votes on this thread (a forward pass per unshown candidate); the worker serves nothing.
+        data = await load_training_data(s, scope, t, tokenize=tokenizer.encode, prm=prm.vote)
+        active = await AdapterRepository(s).active(scope)
+    init = Path(active.path) if active else None
+    result = await asyncio.to_thread(_train, settings, data, tokenizer, init, prm.report.get("held_out_accuracy"))
     trainer_dir, metrics, gate = result
+    metrics["prm"] = prm.report
     metrics["seconds"] = round(time.monotonic() - started, 1)
     if trainer_dir is None:
         await _mark(store, scope, data, RolloutStatus.TRAINED, "no signal: every group's rewards were equal")
@@ -144,25 +161,16 @@ async def train_round(
 
 
 def _train(
-    settings: Settings, data: TrainingData, tokenizer: LocalTokenizer, init: Path | None
+    settings: Settings, data: TrainingData, tokenizer: LocalTokenizer, init: Path | None, prm_accuracy: float | None
 ) -> tuple[Path | None, dict[str, Any], Any]:
     t = settings.training
     trainer = LoraTrainer(settings.model_path(), t, init_adapter=init)
     base_fingerprint = trainer.base_weights_checksum()
     samples = [s for g in data.groups for s in g.samples] + [c.sample for c in data.corrections]
     recomputed = trainer.fill_old_logprobs(samples)
-    opd: list[OPDSample] = []
-    opd_dropped = 0
-    for c in data.corrections:
-        if not c.hint.strip() or c.sample.old_logprobs is None:
-            opd_dropped += 1
-            continue
-        hinted = hint_prompt(c.hint, c.sample.prompt_ids[-trainer.max_prompt_tokens :], tokenizer.encode)
-        teacher = trainer.teacher_logprobs(c.sample, hinted)
-        if len(teacher) != len(c.sample.response_ids):
-            opd_dropped += 1
-            continue
-        opd.append(OPDSample(c.sample, teacher))
+    opd, opd_stats = build_opd_samples(
+        data.corrections, trainer.teacher_logprobs, tokenizer.encode, max_prompt_tokens=trainer.max_prompt_tokens
+    )
     groups, masked = finalize_groups(data.groups)
     metrics: dict[str, Any] = {
         "rollouts": len(data.rollout_ids),
@@ -170,8 +178,9 @@ def _train(
         "groups_masked_all_equal": masked,
         "demonstrations": data.demonstrations,
         "judged": dict(data.judged),
-        "opd_samples": len(opd),
-        "opd_dropped": opd_dropped,
+        "opd_samples": opd_stats.used,
+        "opd_dropped": opd_stats.dropped_total,
+        "opd_dropped_by_reason": dict(opd_stats.dropped),
         "old_logprobs_recomputed": recomputed,
         "steps": [],
     }
@@ -188,6 +197,8 @@ def _train(
         opd_part = trainer.sample_batch(opd, opd_batch)
         step = trainer.step(batch, opd_part)
         losses.append(step["loss"])
+        if prm_accuracy is not None:
+            step["prm_accuracy"] = prm_accuracy
         metrics["steps"].append({k: round(v, 6) for k, v in step.items()})
         if not math.isfinite(step["loss"]):
             break
@@ -248,7 +259,14 @@ async def run_worker(
         if stats.rollouts:
             log.info("collected %d rollouts from %d completions", stats.rollouts, stats.completions)
         scopes = [scope] if scope is not None else list(await pending_scopes(store))
+        async with store.unit() as s:
+            paused = await ScopeControlRepository(s).paused()
         for sc in scopes:
+            if sc in paused:
+                reason = f"training is paused for {sc}: {paused[sc]} (heedful adapters resume --scope {sc})"
+                results.append(RoundResult(sc, "skipped", reason))
+                log.info("round for %s: skipped (%s)", sc, reason)
+                continue
             result = await train_round(store, settings, sc, tokenizer=tokenizer, adapters_root=root, force=force)
             log.info("round for %s: %s (%s)", sc, result.status, result.reason)
             if result.status != "skipped":

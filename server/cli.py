@@ -17,7 +17,7 @@ import re
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from server import __version__, paths
 from server.logs import setup_logging
@@ -75,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="train even with fewer than training.min_new_rollouts")
     train.add_argument("--interval", type=float, default=30.0, help="seconds between passes (default 30)")
     train.add_argument("--adapters-dir", type=Path, help="adapter folder (default: <data dir>/adapters)")
+
+    adapters = sub.add_parser("adapters", help="list adapter versions, roll a scope back, resume its training")
+    adapters_sub = adapters.add_subparsers(dest="adapters_command", metavar="ACTION")
+    listing = adapters_sub.add_parser("list", help="adapter versions, newest first, with status and KL")
+    listing.add_argument("--scope", help="only this scope: developer:<id> or team:<name>")
+    listing.add_argument("--json", action="store_true", help="one JSON object per version")
+    rollback = adapters_sub.add_parser(
+        "rollback", help="take a scope's active adapter out of serving (serving follows within a second)"
+    )
+    rollback.add_argument("--scope", required=True, help="developer:<id> or team:<name>")
+    rollback.add_argument("--to", metavar="VERSION", help="activate this version (default: the previous one)")
+    rollback.add_argument("--reason", help="why, for the audit log")
+    resume = adapters_sub.add_parser("resume", help="resume training for a scope a guard paused")
+    resume.add_argument("--scope", required=True, help="developer:<id> or team:<name>")
+    resume.add_argument("--reason", help="why, for the audit log")
 
     model = sub.add_parser("model", help="prepare or verify the model")
     model_sub = model.add_subparsers(dest="model_command", metavar="ACTION")
@@ -383,16 +398,11 @@ async def _with_store(args: argparse.Namespace) -> int:
 
 async def _train(args: argparse.Namespace) -> int:
     from personalization.worker import lower_priority, run_worker
-    from storage.db import StoreError
-    from storage.repositories import Scope
 
     settings = _settings(args).settings
     if args.interval <= 0:
         raise CliError(f"--interval {args.interval} must be a positive number of seconds", EXIT_USAGE)
-    try:
-        scope = Scope.parse(args.scope) if args.scope else None
-    except StoreError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from None
+    scope = _scope_arg(args.scope)
     lower_priority(settings)
     async with _open_store(settings) as store:
         results = await run_worker(
@@ -406,6 +416,70 @@ async def _train(args: argparse.Namespace) -> int:
         )
     for r in results:
         print(json.dumps(r.as_dict(), sort_keys=True, default=str))
+    return 0
+
+
+def _scope_arg(text: str | None) -> Any:
+    from storage.db import StoreError
+    from storage.repositories import Scope
+
+    if text is None:
+        return None
+    try:
+        return Scope.parse(text)
+    except StoreError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
+async def _adapters(args: argparse.Namespace) -> int:
+    import getpass
+
+    from server.guards import rollback_scope
+    from storage.repositories import AdapterRepository, AuditRepository, ScopeControlRepository
+
+    if args.adapters_command is None:
+        raise CliError("say what to do: heedful adapters list|rollback|resume (see --help)", EXIT_USAGE)
+    scope = _scope_arg(args.scope)
+    actor = f"cli:{getpass.getuser()}"
+    settings = _settings(args).settings
+    async with _open_store(settings) as store, store.unit() as s:
+        if args.adapters_command == "list":
+            paused = await ScopeControlRepository(s).paused()
+            rows = await AdapterRepository(s).versions(scope)
+            for v in rows:
+                sc = f"{v.scope_kind.value}:{v.scope_id}"
+                item = {
+                    "version": v.id,
+                    "scope": sc,
+                    "status": v.status.value,
+                    "created_at": v.created_at.isoformat(),
+                    "activated_at": v.activated_at.isoformat() if v.activated_at else None,
+                    "step": v.step,
+                    "kl": v.kl,
+                    "parent": v.parent_id,
+                    "reason": v.reason,
+                }
+                if args.json:
+                    print(json.dumps(item, sort_keys=True))
+                else:
+                    kl = f"{v.kl:.3f}" if v.kl is not None else "-"
+                    print(f"{v.id}  {sc}  {v.status.value:<11}  kl {kl:<6}  {item['created_at']}  {v.reason or ''}")
+            if not rows and not args.json:
+                print(f"no adapter versions{f' in {scope}' if scope else ''}")
+            for sc_paused, why in paused.items():
+                if scope is None or sc_paused == scope:
+                    print(f"training paused for {sc_paused}: {why}", file=sys.stderr)
+        elif args.adapters_command == "rollback":
+            reason = args.reason or "heedful adapters rollback"
+            done = await rollback_scope(s, scope, actor=actor, reason=reason, to=args.to)
+            assert done is not None
+            print(json.dumps({"scope": str(scope), "rolled_back": done.taken_out, "active": done.active}))
+        elif args.adapters_command == "resume":
+            await ScopeControlRepository(s).set_training_paused(scope, False, None)
+            await AuditRepository(s).add(
+                actor=actor, action="resume_training", scope=scope, reason=args.reason or "heedful adapters resume"
+            )
+            print(json.dumps({"scope": str(scope), "training_paused": False}))
     return 0
 
 
@@ -444,6 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "train":
             return asyncio.run(_train(args))
+        if args.command == "adapters":
+            return asyncio.run(_adapters(args))
         if args.command == "generate":
             return asyncio.run(_generate(args))
         if args.command == "demo":

@@ -12,15 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.engine import AdapterRef, Engine, EngineError, create_engine
+from server.engine import Engine, EngineError, create_engine
 from server.engine.tokens import LocalTokenizer
+from server.guards import Guardian
 from server.model_prep import ModelError, verify_model
+from server.registry import AdapterRegistry
 from server.settings import ResolvedSettings, Settings, resolve
+from storage.repositories import EventRepository
 from storage.store import RolloutStore
 
 log = logging.getLogger(__name__)
@@ -122,6 +127,17 @@ class EngineHost:
             await self._engine.close()
 
 
+def arm_of(developer_id: str, arms: Sequence[str]) -> str:
+    """The developer's experiment arm: a stable hash of the id picks one of `arms` (equal shares)."""
+    if not arms:
+        raise ValueError("experiment.arms is empty: name at least one arm")
+    digest = hashlib.sha256(developer_id.encode("utf-8", "surrogatepass")).digest()
+    return arms[int.from_bytes(digest[:8], "big") % len(arms)]
+
+
+CORRECTIONS_TTL_S = 5.0
+
+
 class Services:
     """The shared parts of one server process."""
 
@@ -139,6 +155,12 @@ class Services:
         self.store = store
         self.tokenizer = tokenizer
         self.vocabulary = tokenizer.vocabulary()
+        settings = base.settings
+        self.adapters = AdapterRegistry(
+            store, engine.ready, capacity=settings.engine.max_loras, poll_s=settings.engine.adapter_poll_s
+        )
+        self._corrections: dict[str, tuple[float, int, list[str]]] = {}
+        self.guardian = Guardian(store, settings.thresholds)
 
     @classmethod
     async def open(cls, config_path: Path | None, *, engine: Engine | None = None) -> Services:
@@ -151,17 +173,32 @@ class Services:
         store = await RolloutStore.open(settings, tokenize=tokenizer.encode)
         host = EngineHost(settings, engine)
         host.start()
-        return cls(config_path, base, host, store, tokenizer)
+        services = cls(config_path, base, host, store, tokenizer)
+        services.adapters.start()
+        services.guardian.start()
+        return services
 
     def resolve(self, developer: str, team: str | None) -> ResolvedSettings:
         return resolve(self.config_path, developer=developer, team=team)
 
-    def adapter_for(self, developer: str, team: str | None) -> AdapterRef | None:
-        """The adapter serving this developer; none until a trained adapter is published for them."""
-        return None
+    async def corrections_of(self, developer: str, limit: int) -> list[str]:
+        """The developer's latest corrections (for the prompt-injection baseline), cached for a few seconds."""
+        cached = self._corrections.get(developer)
+        if cached is not None and time.monotonic() - cached[0] < CORRECTIONS_TTL_S and cached[1] == limit:
+            return cached[2]
+        async with self.store.unit() as s:
+            notes = await EventRepository(s).latest_corrections(developer, limit)
+        self._corrections[developer] = (time.monotonic(), limit, notes)
+        return notes
+
+    def forget_corrections(self, developer: str) -> None:
+        """A new correction was recorded: the next completion reads them again."""
+        self._corrections.pop(developer, None)
 
     async def close(self) -> None:
         try:
+            await self.guardian.close()
+            await self.adapters.close()
             await self.store.close()
         finally:
             await self.engine.close()

@@ -145,6 +145,13 @@ class EngineSettings:
         8, "Adapters the embedded engine keeps loaded in memory (at least `max_loras`).", min=2, max=1024
     )
     seed: int = setting(0, "Seed of the engine's sampler, for reproducible runs.", min=0)
+    adapter_poll_s: float = setting(
+        0.5,
+        "How often serving reads which adapter version is active per scope; a newly published or rolled-back "
+        "version serves within about this long plus its load time.",
+        min=0.05,
+        max=3600,
+    )
 
 
 @dataclass(slots=True)
@@ -208,7 +215,13 @@ class TrainingSettings:
     weight_decay: float = setting(0.01, "AdamW weight decay.", min=0.0, max=1.0)
     schedule_steps: int = setting(500, "Length of the cosine learning-rate decay in steps.", min=1)
     grad_clip: float = setting(1.0, "Gradient norm clipping.", min=0.0, max=1000.0, min_exclusive=True)
-    batch_size: int = setting(8, "Rollouts per optimisation step.", min=1, max=4096)
+    batch_size: int = setting(
+        8,
+        "Groups per optimisation step (each group is one prompt's G candidates, plus a demonstration when "
+        "none was good); a quarter as many OPD samples from corrections join each step.",
+        min=1,
+        max=4096,
+    )
     steps_per_round: int = setting(50, "Optimisation steps in one training round.", min=1, max=100000)
     min_new_rollouts: int = setting(16, "New trainable rollouts of a scope needed before a round starts.", min=1)
     old_policy_refresh_steps: int = setting(
@@ -245,15 +258,51 @@ class ThresholdSettings:
     perplexity_margin: float = setting(
         0.05, "Largest relative rise of held-out general-code perplexity an adapter may cause.", min=0.0
     )
-    p99_latency_ms: float = setting(250.0, "Serving p99 latency alarm threshold.", min=1.0)
-    p99_window_s: float = setting(300.0, "How long p99 must stay above the threshold to act.", min=1.0)
+    p99_latency_ms: float = setting(
+        5000.0,
+        "p99 completion latency (ms) of an adapter above which the guard rolls it back. The default suits a "
+        "2-core CPU laptop (a rank-8 adapter there answers in 1-3 s); on a GPU set your budget (the seed's is "
+        "200-250 ms).",
+        min=1.0,
+    )
+    p99_window_s: float = setting(
+        300.0, "How long an adapter's p99 latency must stay above the threshold before it is rolled back.", min=1.0
+    )
+    guard_interval_s: float = setting(
+        10.0, "How often the server checks active adapters against the guards.", min=0.1, max=86400
+    )
     accept_rate_drop: float = setting(
         0.15, "Accept-rate drop after a swap (absolute) that rolls the adapter back.", min=0.0, max=1.0
     )
     accept_rate_window: int = setting(50, "Completions after a swap the accept rate is measured over.", min=1)
-    prm_min_accuracy: float = setting(0.6, "PRM accuracy below which the PRM is retrained.", min=0.0, max=1.0)
+    prm_min_accuracy: float = setting(
+        0.75,
+        "Held-out accuracy the PRM (trained each round on the scope's own outcomes) needs before its votes "
+        "judge unshown candidates; below it they get 0. The seed's target is above 75%.",
+        min=0.0,
+        max=1.0,
+    )
     loss_divergence: float = setting(
         100.0, "Training loss above which a round counts as diverged.", min=0.0, min_exclusive=True
+    )
+
+
+ARMS = ("rl", "baseline", "rl+baseline", "none")
+
+
+@dataclass(slots=True)
+class ExperimentSettings:
+    """A/B arms: how a team's developers are split to compare personalization with its alternatives."""
+
+    arms: list[str] = setting(
+        ["rl"],
+        "The arms a team's developers are split across, in equal shares by a stable hash of the developer id: "
+        "`rl` (the trained adapter), `baseline` (the developer's last corrections injected into the prompt), "
+        "`rl+baseline` (both), `none` (the base model alone). The arm is stored with every completion.",
+        choices=ARMS,
+    )
+    baseline_corrections: int = setting(
+        10, "How many of the developer's latest corrections the `baseline` arms inject.", min=1, max=100
     )
 
 
@@ -297,6 +346,7 @@ class Settings:
     feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     thresholds: ThresholdSettings = field(default_factory=ThresholdSettings)
+    experiment: ExperimentSettings = field(default_factory=ExperimentSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
@@ -372,7 +422,8 @@ def _check_type(tp: Any, value: Any) -> Any | None:
 
 def _allowed_text(tp: Any, meta: Mapping[str, Any]) -> str:
     if meta.get("choices"):
-        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+        each = "a list whose items are each " if typing.get_origin(tp) is list else ""
+        return each + "one of " + ", ".join(repr(c) for c in meta["choices"])
     text = _describe(tp)
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and hi is not None:
@@ -390,7 +441,7 @@ def _validate_value(source: str, key: str, tp: Any, meta: Mapping[str, Any], val
     if converted is None:
         raise SettingsError(source, key, value, f"expected {allowed}")
     choices = meta.get("choices")
-    if choices and converted not in choices:
+    if choices and any(item not in choices for item in (converted if isinstance(converted, list) else [converted])):
         raise SettingsError(source, key, value, f"expected {allowed}")
     items = converted if isinstance(converted, list) else [converted]
     for item in items:

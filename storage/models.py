@@ -50,7 +50,8 @@ class Base(DeclarativeBase):
 
 
 def str_enum(cls: type[enum.Enum], name: str) -> Enum:
-    # Strings with a CHECK constraint, identical on SQLite and PostgreSQL; values, not member names.
+    # Plain strings (no CHECK constraint, so adding a value needs no migration), identical on SQLite and
+    # PostgreSQL; values, not member names.
     return Enum(cls, name=name, native_enum=False, length=24, values_callable=lambda e: [m.value for m in e])
 
 
@@ -84,6 +85,7 @@ class AdapterStatus(enum.StrEnum):
     ACTIVE = "active"
     RETIRED = "retired"
     REJECTED = "rejected"
+    ROLLED_BACK = "rolled_back"  # taken out of serving by a rollback: never chosen again by a later rollback
 
 
 class Team(Base):
@@ -239,6 +241,18 @@ class AdapterVersion(Base):
     )
     reason: Mapped[str | None] = mapped_column(Text)
     activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ScopeControl(Base):
+    """Switches an admin or a guard sets on one scope (today: training paused, and why)."""
+
+    __tablename__ = "scope_controls"
+
+    scope_kind: Mapped[ScopeKind] = mapped_column(str_enum(ScopeKind, "scope_kind"), primary_key=True)
+    scope_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    training_paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class AuditEntry(Base):

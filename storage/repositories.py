@@ -30,6 +30,7 @@ from storage.models import (
     LspSession,
     Rollout,
     RolloutStatus,
+    ScopeControl,
     ScopeKind,
     Team,
     utcnow,
@@ -264,6 +265,17 @@ class EventRepository:
     async def for_session(self, session_id: str) -> list[Event]:
         return list(await self.s.scalars(select(Event).where(Event.session_id == session_id).order_by(Event.id)))
 
+    async def latest_corrections(self, developer_id: str, limit: int) -> list[str]:
+        """The developer's last `limit` correction texts, oldest first."""
+        stmt = (
+            select(Event.text)
+            .join(LspSession, LspSession.id == Event.session_id)
+            .where(LspSession.developer_id == developer_id, Event.kind == EventKind.CORRECTION, Event.text.is_not(None))
+            .order_by(Event.id.desc())
+            .limit(limit)
+        )
+        return [t for t in reversed(list(await self.s.scalars(stmt))) if t]
+
     async def counts_by_kind(self) -> dict[str, int]:
         rows = await self.s.execute(select(Event.kind, func.count()).group_by(Event.kind))
         counts = {kind.value: 0 for kind in EventKind}
@@ -323,6 +335,29 @@ class RolloutRepository:
             stmt = stmt.limit(limit)
         return list(await self.s.scalars(stmt))
 
+    async def count_pending(self, scope: Scope) -> int:
+        stmt = select(func.count()).where(
+            Rollout.scope_kind == scope.kind, Rollout.scope_id == scope.id, Rollout.status == RolloutStatus.PENDING
+        )
+        return int(await self.s.scalar(stmt) or 0)
+
+    async def outcomes(self, scope: Scope, limit: int) -> list[tuple[str, str, int]]:
+        """(context, shown response, outcome) of the scope's newest rollouts whose outcome is +1 or -1."""
+        stmt = (
+            select(Rollout.context, Rollout.response, Rollout.rewards)
+            .where(Rollout.scope_kind == scope.kind, Rollout.scope_id == scope.id, Rollout.response != "")
+            .order_by(Rollout.created_at.desc(), Rollout.id.desc())
+            .limit(limit * 4)  # most have a decided outcome; undecided ones (0, no signal) are skipped
+        )
+        out: list[tuple[str, str, int]] = []
+        for context, response, rewards in await self.s.execute(stmt):
+            outcome = next((r for r in rewards or [] if r is not None), None)  # only the shown one is set
+            if outcome in (1, -1) and response.strip():
+                out.append((context, response, int(outcome)))
+                if len(out) >= limit:
+                    break
+        return out
+
     async def in_scope(self, scope: Scope) -> list[Rollout]:
         stmt = select(Rollout).where(Rollout.scope_kind == scope.kind, Rollout.scope_id == scope.id)
         return list(await self.s.scalars(stmt.order_by(Rollout.id)))
@@ -350,6 +385,27 @@ class RolloutRepository:
     async def for_developer(self, developer_id: str) -> list[Rollout]:
         stmt = select(Rollout).where(Rollout.developer_id == developer_id).order_by(Rollout.id)
         return list(await self.s.scalars(stmt))
+
+
+class ScopeControlRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    async def set_training_paused(self, scope: Scope, paused: bool, reason: str | None) -> ScopeControl:
+        row = await self.s.get(ScopeControl, (scope.kind, scope.id))
+        if row is None:
+            row = ScopeControl(scope_kind=scope.kind, scope_id=scope.id)
+            self.s.add(row)
+        row.training_paused = paused
+        row.reason = reason
+        row.updated_at = utcnow()
+        await self.s.flush()
+        return row
+
+    async def paused(self) -> dict[Scope, str]:
+        """Scopes whose training is paused, with the reason."""
+        rows = await self.s.scalars(select(ScopeControl).where(ScopeControl.training_paused.is_(True)))
+        return {Scope(r.scope_kind, r.scope_id): r.reason or "" for r in rows}
 
 
 class AdapterRepository:
@@ -395,6 +451,11 @@ class AdapterRepository:
         )
         return (await self.s.scalars(stmt)).first()
 
+    async def all_active(self) -> list[AdapterVersion]:
+        """Every scope's active version (what serving routes to)."""
+        stmt = select(AdapterVersion).where(AdapterVersion.status == AdapterStatus.ACTIVE)
+        return list(await self.s.scalars(stmt))
+
     async def versions(self, scope: Scope | None = None) -> list[AdapterVersion]:
         stmt = select(AdapterVersion).order_by(AdapterVersion.created_at.desc(), AdapterVersion.id)
         if scope is not None:
@@ -427,34 +488,40 @@ class AdapterRepository:
         row.reason = reason
         return row
 
-    async def rollback(self, scope: Scope, to: str | None = None) -> AdapterVersion | None:
-        """Activate `to`, else the most recently active version before the current one.
+    async def rollback(self, scope: Scope, to: str | None = None, reason: str = "") -> AdapterVersion | None:
+        """Take the active version out of serving: activate `to`, else the most recently active version
+        before it that was not itself rolled back.
 
-        Returns the now-active version, or None when rolling back the only version (serving falls back
-        to the team's adapter or the base model).
+        The version taken out is marked `rolled_back` with `reason`, so a later rollback never returns
+        to it (an explicit `to` can). Returns the now-active version, or None when there was nothing to go
+        back to (serving falls back to the team's adapter or the base model).
         """
         current = await self.active(scope)
-        if to is not None:
-            return await self.activate(scope, to)
-        if current is None:
+        if to is None and current is None:
             raise StoreError(f"scope {scope} has no active adapter to roll back")
-        stmt = (
-            select(AdapterVersion)
-            .where(
-                AdapterVersion.scope_kind == scope.kind,
-                AdapterVersion.scope_id == scope.id,
-                AdapterVersion.status == AdapterStatus.RETIRED,
-                AdapterVersion.activated_at.is_not(None),
-                AdapterVersion.activated_at < current.activated_at,
+        if to is not None:
+            target: AdapterVersion | None = await self.activate(scope, to)
+        else:
+            assert current is not None
+            stmt = (
+                select(AdapterVersion)
+                .where(
+                    AdapterVersion.scope_kind == scope.kind,
+                    AdapterVersion.scope_id == scope.id,
+                    AdapterVersion.status == AdapterStatus.RETIRED,
+                    AdapterVersion.activated_at.is_not(None),
+                    AdapterVersion.activated_at < current.activated_at,
+                )
+                .order_by(AdapterVersion.activated_at.desc())
+                .limit(1)
             )
-            .order_by(AdapterVersion.activated_at.desc())
-            .limit(1)
-        )
-        previous = (await self.s.scalars(stmt)).first()
-        if previous is not None:
-            return await self.activate(scope, previous.id)
-        current.status = AdapterStatus.RETIRED
-        return None
+            previous = (await self.s.scalars(stmt)).first()
+            target = await self.activate(scope, previous.id) if previous is not None else None
+        if current is not None and (target is None or current.id != target.id):
+            current.status = AdapterStatus.ROLLED_BACK
+            current.reason = reason or "rolled back"
+        await self.s.flush()
+        return target
 
     async def prune(self, scope: Scope, keep: int = KEEP_ADAPTERS) -> list[str]:
         """Delete all but the newest `keep` versions of a scope (never the active one); return their paths."""
@@ -597,6 +664,12 @@ class PurgeRepository:
                     "adapter_versions",
                     delete(AdapterVersion).where(
                         AdapterVersion.scope_kind == ScopeKind.DEVELOPER, AdapterVersion.scope_id == developer_id
+                    ),
+                ),
+                (
+                    "scope_controls",
+                    delete(ScopeControl).where(
+                        ScopeControl.scope_kind == ScopeKind.DEVELOPER, ScopeControl.scope_id == developer_id
                     ),
                 ),
                 ("developers", delete(Developer).where(Developer.id == developer_id)),

@@ -26,6 +26,7 @@ from storage.repositories import (
     IdentityRepository,
     RolloutRepository,
     Scope,
+    ScopeControlRepository,
     SessionRepository,
 )
 from storage.store import (
@@ -88,7 +89,7 @@ async def test_schema_is_at_head_and_matches_the_models(store: RolloutStore) -> 
 
     from storage.models import Base
 
-    assert await current_revision(store.db) == head_revision() == "0002"
+    assert await current_revision(store.db) == head_revision() == "0003"
     async with store.db.engine.connect() as conn:
         diff = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), Base.metadata))
     assert diff == []
@@ -105,13 +106,15 @@ async def test_upgrade_from_the_previous_revision_keeps_data(database_url: str) 
                 text("INSERT INTO sessions (id, developer_id, started_at) VALUES ('s-old', 'old', CURRENT_TIMESTAMP)")
             )
         await upgrade_schema(db)
-        assert await current_revision(db) == "0002"
+        assert await current_revision(db) == "0003"
         async with db.sessions() as s, s.begin():
             assert (await SessionRepository(s).require("s-old")).developer_id == "old"
             row = await RolloutRepository(s).add(
                 Scope.developer("old"), context="c", response="r", next_state=None, signal="accept", rewards=[1]
             )
             assert row.id is not None
+            await ScopeControlRepository(s).set_training_paused(Scope.developer("old"), True, "KL 6.0 > 5.0")
+            assert await ScopeControlRepository(s).paused() == {Scope.developer("old"): "KL 6.0 > 5.0"}
     finally:
         await db.dispose()
 
@@ -365,8 +368,12 @@ async def test_adapter_versions_activate_rollback_reject_prune(store: RolloutSto
         assert (await repo.get(versions[0].id)).status == AdapterStatus.RETIRED  # type: ignore[union-attr]
     async with store.unit() as s:
         repo = AdapterRepository(s)
-        assert (await repo.rollback(scope)).id == versions[0].id  # type: ignore[union-attr]
+        assert (await repo.rollback(scope, reason="accept rate fell")).id == versions[0].id  # type: ignore[union-attr]
+        taken_out = await repo.get(versions[1].id)
+        assert taken_out is not None and taken_out.status == AdapterStatus.ROLLED_BACK
+        assert taken_out.reason == "accept rate fell"
         assert (await repo.rollback(scope, to=versions[1].id)).id == versions[1].id  # type: ignore[union-attr]
+        assert (await repo.get(versions[0].id)).status == AdapterStatus.ROLLED_BACK  # type: ignore[union-attr]
         with pytest.raises(StoreError, match="does not exist in scope developer:bob"):
             await repo.activate(other, versions[2].id)
         await repo.reject(scope, versions[2].id, "KL 7.1 > 5.0")
@@ -492,3 +499,36 @@ async def test_opening_the_store_applies_retention(database_url: str) -> None:
             assert entry.actor == "retention:open" and entry.detail["rollouts"] == 1
     finally:
         await reopened.close()
+
+
+async def test_outcomes_pending_counts_and_latest_corrections(store: RolloutStore) -> None:
+    await seed(store)
+    for i in range(3):
+        await store.record_completion(completion(f"c{i}"))
+    await store.record_event(EventRecord("s1", "correction", "c0", text="use pathlib"))
+    await store.record_event(EventRecord("s1", "correction", None, text="add type hints"))
+    await store.record_event(EventRecord("s1", "correction", "c1", text="prefer f-strings"))
+    alice = Scope.developer("alice")
+    async with store.unit() as s:
+        repo = RolloutRepository(s)
+        for cid, rewards in (("c0", [1, None]), ("c1", [None, -1]), ("c2", [0, None])):
+            await repo.add(
+                alice,
+                context=f"ctx {cid}",
+                response=f"resp {cid}",
+                next_state=None,
+                signal="x",
+                rewards=rewards,
+                completion_id=cid,
+            )
+    async with store.unit() as s:
+        repo = RolloutRepository(s)
+        assert await repo.count_pending(alice) == 3
+        assert await repo.count_pending(Scope.team("web")) == 0
+        # Decided outcomes only (the 0 is left out), newest first.
+        assert await repo.outcomes(alice, limit=10) == [("ctx c1", "resp c1", -1), ("ctx c0", "resp c0", 1)]
+        assert await repo.outcomes(alice, limit=1) == [("ctx c1", "resp c1", -1)]
+        events = EventRepository(s)
+        assert await events.latest_corrections("alice", 2) == ["add type hints", "prefer f-strings"]
+        assert await events.latest_corrections("alice", 10) == ["use pathlib", "add type hints", "prefer f-strings"]
+        assert await events.latest_corrections("bob", 10) == []

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from personalization.rollouts import EventView, classify, hindsight_reward, scopes_of
+from personalization.judge import hindsight_reward
+from personalization.rollouts import EventView, classify, scopes_of
 from storage.repositories import Scope
 
 SHOWN = "def f(x: int) -> int:"

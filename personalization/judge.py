@@ -1,0 +1,137 @@
+"""Rewards in {-1, 0, +1} for every candidate of a group.
+
+* Outcome judge, the shown candidate: what the developer did with it (the collector's classification in
+  `rollouts.classify`: accept +1, reject -1, accepted then heavily rewritten 0 or -1) is already on the
+  rollout as `rewards[shown_index]`.
+* Hindsight judge, unshown candidates: similarity to what the developer kept (`hindsight_reward`).
+* The PRM (`prm.PRMJudge`), for unshown candidates the hindsight judge cannot decide: a classifier head on
+  the frozen base model, trained here on the scope's own outcomes (`fit_scope_prm`), m MC-dropout votes,
+  majority. It is used only when its accuracy on held-out outcomes reaches
+  `thresholds.prm_min_accuracy`; the accuracy is stored with each training run either way.
+* `prm.LLMJudge` is the pluggable alternative for a larger judge model (m sampled yes/no votes).
+
+Anything no judge can decide gets 0.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from personalization.prm import MIN_FIT_EXAMPLES, LLMJudge, PRMExample, PRMJudge, majority
+from storage.repositories import RolloutRepository, Scope
+
+__all__ = [
+    "LLMJudge",
+    "PRMJudge",
+    "PRMVote",
+    "ScopePRM",
+    "UnshownJudge",
+    "fit_scope_prm",
+    "hindsight_reward",
+    "majority",
+    "prm_examples",
+]
+
+log = logging.getLogger(__name__)
+
+PRMVote = Callable[[str, str], int]  # (prompt, completion) -> majority vote in {-1, 0, +1}
+
+
+def hindsight_reward(candidate: str, kept: str, *, good: float = 0.8, bad: float = 0.4) -> int | None:
+    """Judge an unshown candidate against what the developer kept.
+
+    Similarity is difflib's ratio on whitespace-normalised text (2 * matching characters / total): it
+    tolerates the small edits developers make (a renamed variable, a reordered argument) while telling
+    apart a different approach. At or above `good`: +1; at or below `bad`: -1; between: None (undecided,
+    the PRM judges it).
+    """
+    a, b = " ".join(candidate.split()), " ".join(kept.split())
+    if not a and not b:
+        return 1
+    ratio = difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+    if ratio >= good:
+        return 1
+    if ratio <= bad:
+        return -1
+    return None
+
+
+@dataclass(slots=True)
+class UnshownJudge:
+    """Judges unshown group members: hindsight first, then the PRM, else 0; counts which decided."""
+
+    prm: PRMVote | None = None
+    tally: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, prompt: str, text: str, kept: str | None) -> int:
+        if kept:
+            verdict = hindsight_reward(text, kept)
+            if verdict is not None:
+                return self._count("hindsight", verdict)
+        if self.prm is not None:
+            return self._count("prm", self.prm(prompt, text))
+        return self._count("unjudged", 0)
+
+    def _count(self, by: str, verdict: int) -> int:
+        self.tally[by] = self.tally.get(by, 0) + 1
+        return verdict
+
+
+async def prm_examples(session: AsyncSession, scope: Scope, *, limit: int = 1000) -> list[PRMExample]:
+    """The scope's shown completions with a decided outcome (+1 or -1), newest first: the PRM's labels."""
+    return [PRMExample(c, r, label) for c, r, label in await RolloutRepository(session).outcomes(scope, limit)]
+
+
+@dataclass(slots=True)
+class ScopePRM:
+    """The outcome of fitting the PRM for one scope: the vote function when it is good enough to use."""
+
+    vote: PRMVote | None
+    report: dict[str, Any]
+
+
+def fit_scope_prm(
+    model_path: Path,
+    examples: list[PRMExample],
+    *,
+    min_accuracy: float,
+    votes: int,
+    seed: int = 0,
+) -> ScopePRM:
+    """Train a PRM head on the scope's outcomes and decide whether its votes may be used (synchronous)."""
+    pos = sum(1 for e in examples if e.label == 1)
+    neg = len(examples) - pos
+    report: dict[str, Any] = {"examples": len(examples), "positives": pos, "negatives": neg, "used": False}
+    if len(examples) < MIN_FIT_EXAMPLES or pos < 2 or neg < 2:
+        report["reason"] = (
+            f"too few outcomes to train the PRM ({pos} accepted, {neg} rejected; needs {MIN_FIT_EXAMPLES} "
+            "with at least 2 of each)"
+        )
+        return ScopePRM(None, report)
+    judge = PRMJudge(model_path, seed=seed)
+    fitted = judge.fit(examples, m=votes)
+    accuracy = fitted.held_out_accuracy
+    report.update(
+        held_out_accuracy=accuracy,
+        train_accuracy=fitted.train_accuracy,
+        held_out=fitted.held_out_count,
+        seconds=round(fitted.seconds, 1),
+    )
+    if accuracy is None or accuracy < min_accuracy:
+        report["reason"] = f"held-out accuracy {accuracy} below thresholds.prm_min_accuracy = {min_accuracy}"
+        return ScopePRM(None, report)
+    report["used"] = True
+    report["reason"] = f"held-out accuracy {accuracy:.2f} >= {min_accuracy}"
+
+    def vote(prompt: str, completion: str) -> int:
+        verdict, _ = judge.judge(prompt, completion, votes)
+        return verdict
+
+    return ScopePRM(vote, report)

@@ -1,0 +1,307 @@
+"""Guards on adapters that already serve (seed section 4, "Monitoring"), and the rollback they share
+with `heedful adapters rollback`.
+
+Every `thresholds.guard_interval_s` the server checks each scope's active adapter against what serving
+recorded since it was activated:
+
+* accept rate: over the latest `thresholds.accept_rate_window` completions it served that have an
+  outcome (accepted, partly accepted or rejected), compared with the same number of the scope's
+  completions before it was activated; a drop of more than `thresholds.accept_rate_drop` rolls it back.
+* latency: once it has served for `thresholds.p99_window_s`, if the p99 latency of its completions in
+  that window is above `thresholds.p99_latency_ms` (at least `MIN_LATENCY_SAMPLES` of them), it is
+  rolled back.
+* training loss: a version whose recorded training steps diverged (a loss that is not finite or above
+  `thresholds.loss_divergence`) is rolled back.
+* KL: when the scope's newest adapter measured a KL to the reference above `thresholds.kl_max`, training
+  for the scope is paused (`heedful adapters resume` lifts it).
+
+Each action is one transaction that re-checks the active version first (several servers may guard the
+same store), with an audit entry saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from server.settings import ThresholdSettings
+from storage.models import AdapterVersion, Completion, Event, EventKind
+from storage.repositories import AdapterRepository, AuditRepository, Scope, ScopeControlRepository
+from storage.store import RolloutStore
+
+log = logging.getLogger(__name__)
+
+MIN_LATENCY_SAMPLES = 20
+ACCEPTED = (EventKind.ACCEPTED, EventKind.PARTIAL_ACCEPT)
+
+
+@dataclass(slots=True)
+class Finding:
+    """What a guard found about one scope's active adapter."""
+
+    scope: Scope
+    version_id: str
+    action: str  # "rollback" or "pause_training"
+    reason: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RollbackResult:
+    scope: Scope
+    taken_out: str | None
+    active: str | None
+
+
+async def rollback_scope(
+    session: AsyncSession,
+    scope: Scope,
+    *,
+    actor: str,
+    reason: str,
+    to: str | None = None,
+    expect: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> RollbackResult | None:
+    """Roll the scope back (to `to`, else its previous version) and audit it, in the caller's transaction.
+
+    With `expect`, nothing happens (None) unless `expect` is still the active version: a guard's finding
+    is about one version, and another server may have acted on it already.
+    """
+    repo = AdapterRepository(session)
+    current = await repo.active(scope)
+    if expect is not None and (current is None or current.id != expect):
+        return None
+    now = await repo.rollback(scope, to=to, reason=reason)
+    result = RollbackResult(scope, current.id if current else None, now.id if now else None)
+    await AuditRepository(session).add(
+        actor=actor,
+        action="rollback",
+        scope=scope,
+        reason=reason,
+        detail={"from": result.taken_out, "to": result.active, **(detail or {})},
+    )
+    return result
+
+
+def _scope_filter(scope: Scope) -> Any:
+    if scope.kind.value == "developer":
+        return Completion.developer_id == scope.id
+    return Completion.team_id == scope.id
+
+
+async def _outcomes(session: AsyncSession, completion_ids: list[str]) -> dict[str, bool]:
+    """Completion id -> accepted (True) or rejected (False), for those with an outcome."""
+    out: dict[str, bool] = {}
+    if not completion_ids:
+        return out
+    rows = await session.execute(
+        select(Event.completion_id, Event.kind).where(
+            Event.completion_id.in_(completion_ids),
+            Event.kind.in_([*ACCEPTED, EventKind.REJECTED]),
+        )
+    )
+    for cid, kind in rows:
+        if cid is None:
+            continue
+        out[cid] = out.get(cid, False) or kind in ACCEPTED
+    return out
+
+
+async def _accept_rate(
+    session: AsyncSession, scope: Scope, *, version: str | None, before: datetime | None, after: datetime | None, n: int
+) -> tuple[float | None, int]:
+    """Accept rate over the newest `n` completions with an outcome (served by `version` when given)."""
+    stmt = select(Completion.id).where(_scope_filter(scope))
+    if version is not None:
+        stmt = stmt.where(Completion.adapter_version == version)
+    if before is not None:
+        stmt = stmt.where(Completion.created_at < before)
+    if after is not None:
+        stmt = stmt.where(Completion.created_at >= after)
+    ids = list(await session.scalars(stmt.order_by(Completion.created_at.desc()).limit(n * 4)))
+    outcomes = await _outcomes(session, ids)
+    decided = [outcomes[i] for i in ids if i in outcomes][:n]
+    if not decided:
+        return None, 0
+    return sum(decided) / len(decided), len(decided)
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+async def check_version(
+    session: AsyncSession, version: AdapterVersion, th: ThresholdSettings, *, now: datetime | None = None
+) -> list[Finding]:
+    """What the guards find about one active version (pure reads)."""
+    now = now or datetime.now(UTC)
+    scope = Scope(version.scope_kind, version.scope_id)
+    activated = _aware(version.activated_at or version.created_at)
+    findings: list[Finding] = []
+
+    losses = [s.get("loss") for s in (version.metrics or {}).get("steps", []) if isinstance(s, dict)]
+    bad = [x for x in losses if isinstance(x, int | float) and (not math.isfinite(x) or x > th.loss_divergence)]
+    if bad:
+        findings.append(
+            Finding(
+                scope,
+                version.id,
+                "rollback",
+                f"training loss diverged ({bad[0]} > thresholds.loss_divergence = {th.loss_divergence})",
+                {"guard": "loss"},
+            )
+        )
+
+    rate_after, n_after = await _accept_rate(
+        session, scope, version=version.id, before=None, after=activated, n=th.accept_rate_window
+    )
+    if rate_after is not None and n_after >= th.accept_rate_window:
+        rate_before, n_before = await _accept_rate(
+            session, scope, version=None, before=activated, after=None, n=th.accept_rate_window
+        )
+        if rate_before is not None and n_before >= max(1, th.accept_rate_window // 2):
+            drop = rate_before - rate_after
+            if drop > th.accept_rate_drop:
+                findings.append(
+                    Finding(
+                        scope,
+                        version.id,
+                        "rollback",
+                        f"accept rate fell from {rate_before:.2f} to {rate_after:.2f} over {n_after} completions "
+                        f"(a drop of {drop:.2f} > thresholds.accept_rate_drop = {th.accept_rate_drop})",
+                        {"guard": "accept_rate", "before": rate_before, "after": rate_after, "n": n_after},
+                    )
+                )
+
+    window_start = now - timedelta(seconds=th.p99_window_s)
+    if activated <= window_start:
+        latencies = [
+            float(x)
+            for x in await session.scalars(
+                select(Completion.latency_ms).where(
+                    _scope_filter(scope),
+                    Completion.adapter_version == version.id,
+                    Completion.created_at >= window_start,
+                    Completion.latency_ms.is_not(None),
+                )
+            )
+            if x is not None
+        ]
+        if len(latencies) >= MIN_LATENCY_SAMPLES:
+            p99 = _p99(latencies)
+            if p99 > th.p99_latency_ms:
+                findings.append(
+                    Finding(
+                        scope,
+                        version.id,
+                        "rollback",
+                        f"p99 latency {p99:.0f} ms over the last {th.p99_window_s:.0f} s ({len(latencies)} "
+                        f"completions) is above thresholds.p99_latency_ms = {th.p99_latency_ms:.0f}",
+                        {"guard": "latency", "p99_ms": p99, "n": len(latencies)},
+                    )
+                )
+    return findings
+
+
+async def check_kl(session: AsyncSession, scope: Scope, th: ThresholdSettings) -> Finding | None:
+    """Pause training when the scope's newest adapter measured a KL above the limit."""
+    newest = next((v for v in await AdapterRepository(session).versions(scope) if v.kl is not None), None)
+    if newest is None or newest.kl is None or newest.kl <= th.kl_max:
+        return None
+    return Finding(
+        scope,
+        newest.id,
+        "pause_training",
+        f"KL to the reference {newest.kl:.2f} of version {newest.id} is above thresholds.kl_max = {th.kl_max}",
+        {"guard": "kl", "kl": newest.kl},
+    )
+
+
+async def run_guards(store: RolloutStore, th: ThresholdSettings, *, actor: str = "guard") -> list[Finding]:
+    """One pass over every scope with an adapter: act on what the guards find; return the findings acted on."""
+    acted: list[Finding] = []
+    async with store.unit() as s:
+        repo = AdapterRepository(s)
+        active = await repo.all_active()
+        scopes = {Scope(v.scope_kind, v.scope_id) for v in await repo.versions()}
+        paused = await ScopeControlRepository(s).paused()
+        findings: list[Finding] = []
+        for version in active:
+            found = await check_version(s, version, th)
+            if found:
+                findings.append(found[0])  # one rollback per version is enough
+        for scope in sorted(scopes, key=str):
+            if scope not in paused:
+                kl = await check_kl(s, scope, th)
+                if kl is not None:
+                    findings.append(kl)
+    for f in findings:
+        async with store.unit() as s:
+            if f.action == "rollback":
+                done = await rollback_scope(
+                    s, f.scope, actor=actor, reason=f.reason, expect=f.version_id, detail=f.detail
+                )
+                if done is None:
+                    continue
+            else:
+                await ScopeControlRepository(s).set_training_paused(f.scope, True, f.reason)
+                await AuditRepository(s).add(
+                    actor=actor, action="pause_training", scope=f.scope, reason=f.reason, detail=f.detail
+                )
+        log.warning("guard: %s %s: %s", f.action.replace("_", " "), f.scope, f.reason)
+        acted.append(f)
+    return acted
+
+
+class Guardian:
+    """Runs the guards in the background of a server process."""
+
+    def __init__(self, store: RolloutStore, thresholds: ThresholdSettings) -> None:
+        self.store = store
+        self.thresholds = thresholds
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="guards")
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.thresholds.guard_interval_s)
+            try:
+                await run_guards(self.store, self.thresholds)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("a guard pass failed; the next one runs in %.0f s", self.thresholds.guard_interval_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+__all__ = [
+    "Finding",
+    "Guardian",
+    "RollbackResult",
+    "check_kl",
+    "check_version",
+    "rollback_scope",
+    "run_guards",
+]

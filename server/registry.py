@@ -1,0 +1,288 @@
+"""Which adapter serves which developer, and the swap of a new version into the running engine.
+
+The store says which version is active per scope (`adapter_versions.status = 'active'`); the registry
+polls that every `engine.adapter_poll_s` (one small query, the same on SQLite and PostgreSQL) and keeps
+the engine in step:
+
+* A developer is served by their own scope's active version, else their team's, else the base model.
+* Swap: a new version is loaded into the engine under a new unique name and LoRA id while requests keep
+  going to the old one; only once it is loaded do new requests route to it. Requests in flight keep the
+  version they started with (a `Lease` pins it); the old version is unloaded when its last lease ends.
+  So no request fails, none mixes two versions, and none meets a half-loaded adapter (publishing renames
+  a complete folder into place before the version row becomes active).
+* Many scopes share `engine.max_loras` engine slots: an adapter is loaded on first use and the least
+  recently used idle one is unloaded to make room; a request waits for a slot when every one is busy.
+
+Names are `<process tag>-<version id>`: unique per version, and per server process, so several
+`heedful serve` processes can share one remote vLLM server without unloading each other's adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.engine import AdapterRef, Engine, EngineError
+from storage.repositories import AdapterRepository, Scope
+from storage.store import RolloutStore
+
+log = logging.getLogger(__name__)
+
+ChangeListener = Callable[[Scope, str | None], None]  # (scope, new active version or None)
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveVersion:
+    """What the store says serves a scope."""
+
+    scope: Scope
+    version_id: str
+    path: Path
+
+
+@dataclass(slots=True)
+class _Slot:
+    version: ActiveVersion
+    ref: AdapterRef
+    busy: int = 0
+    retired: bool = False  # no longer active: unload when the last lease ends
+
+
+class Lease:
+    """One request's hold on the adapter serving it (or on none: the base model). Release it once."""
+
+    def __init__(self, registry: AdapterRegistry | None, slot: _Slot | None) -> None:
+        self._registry = registry
+        self._slot = slot
+
+    @property
+    def ref(self) -> AdapterRef | None:
+        return self._slot.ref if self._slot else None
+
+    @property
+    def version_id(self) -> str | None:
+        return self._slot.version.version_id if self._slot else None
+
+    @property
+    def scope(self) -> Scope | None:
+        return self._slot.version.scope if self._slot else None
+
+    def share(self) -> Lease:
+        """A second lease on the same adapter (for work that outlives this request, e.g. group sampling)."""
+        if self._registry is None or self._slot is None:
+            return BASE
+        self._slot.busy += 1
+        return Lease(self._registry, self._slot)
+
+    def release(self) -> None:
+        registry, slot = self._registry, self._slot
+        self._registry = self._slot = None
+        if registry is not None and slot is not None:
+            registry._release(slot)
+
+
+BASE = Lease(None, None)
+
+
+class AdapterRegistry:
+    """The serving side of personalization for one server process (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: RolloutStore,
+        engine: Callable[[], Engine | None],
+        *,
+        capacity: int,
+        poll_s: float = 0.5,
+        load_timeout_s: float = 60.0,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"the adapter registry needs capacity >= 1 (engine.max_loras), got {capacity}")
+        self._store = store
+        self._engine = engine
+        self.capacity = capacity
+        self.poll_s = poll_s
+        self.load_timeout_s = load_timeout_s
+        self._tag = secrets.token_hex(3)
+        self._next_lora_id = 1
+        self._active: dict[Scope, ActiveVersion] = {}
+        self._slots: OrderedDict[str, _Slot] = OrderedDict()  # by version id, least recently used first
+        self._loading: dict[str, asyncio.Task[_Slot]] = {}
+        self._room = asyncio.Condition()
+        self._listeners: set[ChangeListener] = set()
+        self._background: set[asyncio.Future[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.last_refresh: float = 0.0
+
+    # --- what the store says -----------------------------------------------------------------------
+
+    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
+        self._listeners.add(listener)
+        return lambda: self._listeners.discard(listener)
+
+    def active_version(self, developer: str, team: str | None) -> ActiveVersion | None:
+        """The version that would serve this developer now."""
+        for scope in (Scope.developer(developer), *((Scope.team(team),) if team else ())):
+            found = self._active.get(scope)
+            if found is not None:
+                return found
+        return None
+
+    async def refresh(self) -> list[Scope]:
+        """Read the active versions; route changed scopes to their new version; return the scopes changed."""
+        async with self._store.unit() as s:
+            rows = await AdapterRepository(s).all_active()
+        now = {
+            Scope(r.scope_kind, r.scope_id): ActiveVersion(Scope(r.scope_kind, r.scope_id), r.id, Path(r.path))
+            for r in rows
+        }
+        changed = [sc for sc in set(now) | set(self._active) if now.get(sc) != self._active.get(sc)]
+        for scope in changed:
+            old, new = self._active.get(scope), now.get(scope)
+            if new is not None and old is not None and old.version_id in self._slots:
+                # The scope is in use: load the new version before routing to it, so no request waits.
+                try:
+                    await self._slot_for(new)
+                except EngineError as exc:
+                    log.error(
+                        "adapter %s for %s could not be loaded; %s keeps serving: %s",
+                        new.version_id,
+                        scope,
+                        old.version_id,
+                        exc,
+                    )
+                    continue
+            if new is None:
+                self._active.pop(scope, None)
+            else:
+                self._active[scope] = new
+            if old is not None:
+                await self._retire(old.version_id)
+            log.info("%s is now served by %s", scope, new.version_id if new else "the base model")
+            for listener in list(self._listeners):
+                try:
+                    listener(scope, new.version_id if new else None)
+                except Exception:
+                    log.exception("an adapter change listener failed")
+        self.last_refresh = time.monotonic()
+        return changed
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._poll(), name="adapter-registry")
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reading the active adapters failed; serving continues with the last known ones")
+            await asyncio.sleep(self.poll_s)
+
+    # --- leases --------------------------------------------------------------------------------------
+
+    async def acquire(self, developer: str, team: str | None) -> Lease:
+        """Pin the adapter serving this developer now (loading it when needed); BASE when there is none."""
+        while True:
+            version = self.active_version(developer, team)
+            if version is None:
+                return BASE
+            slot = await self._slot_for(version)
+            if self._slots.get(version.version_id) is slot:  # not unloaded while this request waited for it
+                slot.busy += 1
+                self._slots.move_to_end(version.version_id)
+                return Lease(self, slot)
+
+    def _release(self, slot: _Slot) -> None:
+        slot.busy -= 1
+        if slot.busy == 0:
+            self._spawn(self._after_idle(slot))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _after_idle(self, slot: _Slot) -> None:
+        if slot.retired and slot.busy == 0:
+            await self._unload(slot)
+        await self._notify_room()
+
+    async def _notify_room(self) -> None:
+        async with self._room:
+            self._room.notify_all()
+
+    async def _slot_for(self, version: ActiveVersion) -> _Slot:
+        slot = self._slots.get(version.version_id)
+        if slot is not None:
+            return slot
+        task = self._loading.get(version.version_id)
+        if task is None:
+            task = asyncio.create_task(self._load(version))
+            self._loading[version.version_id] = task
+            task.add_done_callback(lambda _t: self._loading.pop(version.version_id, None))
+        return await asyncio.shield(task)
+
+    async def _load(self, version: ActiveVersion) -> _Slot:
+        engine = self._engine()
+        if engine is None:
+            raise EngineError("the engine is not ready, so no adapter can be loaded yet")
+        await self._make_room()
+        ref = AdapterRef(f"{self._tag}-{version.version_id}", self._next_lora_id, version.path)
+        self._next_lora_id += 1
+        await asyncio.wait_for(engine.load_adapter(ref), timeout=self.load_timeout_s)
+        slot = _Slot(version, ref)
+        self._slots[version.version_id] = slot
+        log.info("loaded adapter %s of %s as %s", version.version_id, version.scope, ref.name)
+        return slot
+
+    async def _make_room(self) -> None:
+        """Unload least recently used idle adapters until one more fits; wait while every slot is busy."""
+        async with self._room:
+            while len(self._slots) + len(self._loading) > self.capacity:
+                idle = next((s for s in self._slots.values() if s.busy == 0), None)
+                if idle is not None:
+                    await self._unload(idle)
+                    continue
+                await self._room.wait()
+
+    async def _retire(self, version_id: str) -> None:
+        slot = self._slots.get(version_id)
+        if slot is None:
+            return
+        slot.retired = True
+        if slot.busy == 0:
+            await self._unload(slot)
+
+    async def _unload(self, slot: _Slot) -> None:
+        if self._slots.get(slot.version.version_id) is not slot:
+            return  # already unloaded
+        del self._slots[slot.version.version_id]
+        engine = self._engine()
+        if engine is None:
+            return
+        try:
+            await engine.unload_adapter(slot.ref)
+            log.info("unloaded adapter %s (%s)", slot.version.version_id, slot.ref.name)
+        except EngineError as exc:
+            log.warning("unloading adapter %s failed (the engine frees it on restart): %s", slot.ref.name, exc)
+
+    def loaded(self) -> dict[str, int]:
+        """Version ids loaded in the engine now, with their requests in flight."""
+        return {vid: s.busy for vid, s in self._slots.items()}
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
