@@ -31,6 +31,8 @@ bench: setup
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.store
 	$(BIN)/python -m bench.lsp
+	$(BIN)/python -m bench.train
+	$(BIN)/python -m bench.swap
 
 readme: setup
 	$(BIN)/python scripts/update_readme.py

@@ -207,8 +207,9 @@ CAPABILITIES = types.ClientCapabilities(
 class BenchClient:
     """One editor session: initialize, open documents, time inline completions."""
 
-    def __init__(self, developer: str) -> None:
+    def __init__(self, developer: str, team: str | None = None) -> None:
         self.developer = developer
+        self.team = team
         self.lc = LanguageClient("heedful-bench", "1")
         self.states: list[tuple[str, str | None]] = []
         self._changed = asyncio.Event()
@@ -233,7 +234,7 @@ class BenchClient:
             types.InitializeParams(
                 capabilities=CAPABILITIES,
                 client_info=types.ClientInfo(name="heedful-bench", version="1"),
-                initialization_options={"developerId": self.developer},
+                initialization_options={"developerId": self.developer, "team": self.team},
                 process_id=os.getpid(),
             )
         )

@@ -132,12 +132,14 @@ class CompletionService:
                 log.warning(
                     "serving %s with the base model: their adapter could not be loaded: %s", identity.developer_id, exc
                 )
+        self.services.request_started()
         try:
             return await self._complete(
                 engine, doc, position, offset, identity, settings, document, prompt, single, arm, lease, started
             )
         finally:
             lease.release()
+            self.services.request_finished()
 
     async def _complete(
         self,
@@ -188,6 +190,8 @@ class CompletionService:
         except EngineError as exc:
             log.warning("no completion for %s: %s", doc.uri, exc)
             self.services.engine.report_failure(str(exc))
+            if lease.ref is not None:
+                self.services.adapters.forget(lease)
             return None
         except Exception as exc:  # whatever the engine raised, the server keeps serving
             log.exception("no completion for %s: the engine failed", doc.uri)

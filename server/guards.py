@@ -218,9 +218,13 @@ async def check_version(
 
 
 async def check_kl(session: AsyncSession, scope: Scope, th: ThresholdSettings) -> Finding | None:
-    """Pause training when the scope's newest adapter measured a KL above the limit."""
+    """Pause training when the scope's newest adapter measured a KL above the limit (and no admin resumed
+    training since it was made)."""
     newest = next((v for v in await AdapterRepository(session).versions(scope) if v.kl is not None), None)
     if newest is None or newest.kl is None or newest.kl <= th.kl_max:
+        return None
+    control = await ScopeControlRepository(session).get(scope)
+    if control is not None and _aware(control.updated_at) >= _aware(newest.created_at):
         return None
     return Finding(
         scope,

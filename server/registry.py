@@ -164,6 +164,9 @@ class AdapterRegistry:
                 self._active.pop(scope, None)
             else:
                 self._active[scope] = new
+                back = self._slots.get(new.version_id)
+                if back is not None:
+                    back.retired = False  # a rollback to a version still finishing its requests keeps it
             if old is not None:
                 await self._retire(old.version_id)
             log.info("%s is now served by %s", scope, new.version_id if new else "the base model")
@@ -205,6 +208,8 @@ class AdapterRegistry:
 
     def _release(self, slot: _Slot) -> None:
         slot.busy -= 1
+        if slot.retired:
+            log.debug("a request on retired adapter %s ended; %d left", slot.version.version_id, slot.busy)
         if slot.busy == 0:
             self._spawn(self._after_idle(slot))
 
@@ -261,6 +266,7 @@ class AdapterRegistry:
         if slot is None:
             return
         slot.retired = True
+        log.debug("retiring adapter %s: %d request(s) in flight", version_id, slot.busy)
         if slot.busy == 0:
             await self._unload(slot)
 
@@ -276,6 +282,14 @@ class AdapterRegistry:
             log.info("unloaded adapter %s (%s)", slot.version.version_id, slot.ref.name)
         except EngineError as exc:
             log.warning("unloading adapter %s failed (the engine frees it on restart): %s", slot.ref.name, exc)
+
+    def forget(self, lease: Lease) -> None:
+        """The engine failed a request on this lease's adapter (e.g. a remote server restarted and lost it):
+        drop the slot without unloading, so the next request loads the adapter again."""
+        slot = lease._slot
+        if slot is not None and self._slots.get(slot.version.version_id) is slot:
+            del self._slots[slot.version.version_id]
+            log.warning("adapter %s will be loaded again on its next request", slot.ref.name)
 
     def loaded(self) -> dict[str, int]:
         """Version ids loaded in the engine now, with their requests in flight."""

@@ -19,12 +19,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from server import paths
 from server.engine import Engine, EngineError, create_engine
 from server.engine.tokens import LocalTokenizer
 from server.guards import Guardian
 from server.model_prep import ModelError, verify_model
 from server.registry import AdapterRegistry
 from server.settings import ResolvedSettings, Settings, resolve
+from server.trainer_child import TrainingChild, train_command
 from storage.repositories import EventRepository
 from storage.store import RolloutStore
 
@@ -161,6 +163,13 @@ class Services:
         )
         self._corrections: dict[str, tuple[float, int, list[str]]] = {}
         self.guardian = Guardian(store, settings.thresholds)
+        self.training: TrainingChild | None = None
+        if settings.training.in_server:
+            log_path = Path(settings.logging.file).with_suffix(".train.log") if settings.logging.file else None
+            self.training = TrainingChild(
+                train_command(config_path, settings.training.interval_s),
+                log_path or paths.data_dir() / "logs" / "train.log",
+            )
 
     @classmethod
     async def open(cls, config_path: Path | None, *, engine: Engine | None = None) -> Services:
@@ -176,6 +185,8 @@ class Services:
         services = cls(config_path, base, host, store, tokenizer)
         services.adapters.start()
         services.guardian.start()
+        if services.training is not None:
+            services.training.start()
         return services
 
     def resolve(self, developer: str, team: str | None) -> ResolvedSettings:
@@ -191,12 +202,23 @@ class Services:
         self._corrections[developer] = (time.monotonic(), limit, notes)
         return notes
 
+    def request_started(self) -> None:
+        """A completion request is in flight: the in-server training worker yields the CPU."""
+        if self.training is not None:
+            self.training.request_started()
+
+    def request_finished(self) -> None:
+        if self.training is not None:
+            self.training.request_finished()
+
     def forget_corrections(self, developer: str) -> None:
         """A new correction was recorded: the next completion reads them again."""
         self._corrections.pop(developer, None)
 
     async def close(self) -> None:
         try:
+            if self.training is not None:
+                await self.training.close()
             await self.guardian.close()
             await self.adapters.close()
             await self.store.close()

@@ -244,6 +244,14 @@ class TrainingSettings:
     l_cache: int = setting(100, "Overlong shaping: width of the linear penalty zone before l_max.", min=0)
     prm_votes: int = setting(5, "m: MC-dropout votes of the PRM judge (majority wins).", min=1, max=101)
     threads: int = setting(1, "Torch threads the training worker may use.", min=1, max=1024)
+    in_server: bool = setting(
+        False,
+        "`heedful serve` runs the training worker for its store as a child process (one process is the whole "
+        "product on a laptop); the child is paused while completion requests are in flight.",
+    )
+    interval_s: float = setting(
+        30.0, "Seconds between the in-server training worker's passes over the store.", min=1.0, max=86400
+    )
     nice: int = setting(10, "Scheduling niceness of the training worker (0-19, higher yields more).", min=0, max=19)
     seed: int = setting(0, "Seed of the trainer.", min=0)
 

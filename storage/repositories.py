@@ -402,6 +402,9 @@ class ScopeControlRepository:
         await self.s.flush()
         return row
 
+    async def get(self, scope: Scope) -> ScopeControl | None:
+        return await self.s.get(ScopeControl, (scope.kind, scope.id))
+
     async def paused(self) -> dict[Scope, str]:
         """Scopes whose training is paused, with the reason."""
         rows = await self.s.scalars(select(ScopeControl).where(ScopeControl.training_paused.is_(True)))

@@ -13,7 +13,7 @@ import pytest
 
 from server import paths
 from server.engine.embedded import EmbeddedEngine
-from server.engine.remote import vllm_serve_command
+from server.engine.remote import RemoteEngine, vllm_serve_command
 from server.model_prep import ModelError, verify_model
 from server.settings import Settings
 from tests.pgserver import PostgresUnavailable, create_database, temporary_postgres
@@ -92,6 +92,19 @@ def vllm_server(engine_settings: Settings, tmp_path_factory: pytest.TempPathFact
             print(log_file.read_text(errors="replace")[-3000:])
 
 
+@pytest.fixture(scope="module")
+async def remote_engine(vllm_server: str, engine_settings: Settings) -> AsyncIterator[RemoteEngine]:
+    s = Settings()
+    s.model = engine_settings.model
+    s.engine.mode = "remote"
+    s.engine.url = vllm_server
+    s.engine.request_timeout_s = 120.0
+    engine = RemoteEngine(s, startup_timeout_s=600.0)
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
 @pytest.fixture(scope="session")
 def hf_model(default_model: Path) -> Any:
     import torch
@@ -102,8 +115,9 @@ def hf_model(default_model: Path) -> Any:
     return model
 
 
-def make_lora_adapter(base: Path, out: Path, seed: int, rank: int = 8) -> Path:
-    """A peft LoRA adapter with random (non-zero) A and B, so it visibly changes the output."""
+def make_lora_adapter(base: Path, out: Path, seed: int, rank: int = 8, b_std: float = 0.3) -> Path:
+    """A peft LoRA adapter with random (non-zero) A and B, so it visibly changes the output (with a small
+    `b_std` the model still writes code, only different code)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -121,7 +135,7 @@ def make_lora_adapter(base: Path, out: Path, seed: int, rank: int = 8) -> Path:
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0.0, 0.3)
+                param.normal_(0.0, b_std)
     peft_model.save_pretrained(str(out))
     return out
 

@@ -217,6 +217,33 @@ async def _drain(stream: asyncio.StreamReader, path: Path) -> None:
 
 
 @asynccontextmanager
+async def tcp_server(config: Path, log: Path) -> Any:
+    """`heedful serve --tcp --port 0` in a subprocess: yields (port, process); stopped with SIGTERM after."""
+    import re
+
+    with log.open("ab") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "--config", str(config), "serve", "--tcp", "--port", "0",
+            stderr=stderr, cwd=str(ROOT),
+        )  # fmt: skip
+    try:
+        port = None
+        for _ in range(600):
+            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))
+            if found:
+                port = int(found.group(1))
+                break
+            assert proc.returncode is None, log.read_text(errors="replace")[-3000:]
+            await asyncio.sleep(0.1)
+        assert port is not None, log.read_text(errors="replace")[-3000:]
+        yield port, proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await asyncio.wait_for(proc.wait(), 60)
+
+
+@asynccontextmanager
 async def running_client(
     flavour: str, config: Path, log: Path, options: dict[str, Any] | None, env: dict[str, str] | None = None
 ) -> Any:

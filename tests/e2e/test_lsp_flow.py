@@ -14,7 +14,7 @@ import pytest
 from lsprotocol import types
 
 from lsp_handlers.documents import client_length
-from tests.e2e.client import HeedfulClient, running_client
+from tests.e2e.client import HeedfulClient, running_client, tcp_server
 from tests.e2e.conftest import ServerSetup, write_config
 from tests.procs import free_port
 
@@ -262,27 +262,7 @@ async def test_team_and_developer_settings_apply_to_the_session(lsp_setup: Serve
 async def test_tcp_serves_several_editors_and_one_exit_ends_only_its_session(
     lsp_setup: ServerSetup, tmp_path: Any
 ) -> None:
-    import re
-    import sys
-
-    from tests.e2e.client import ROOT
-
-    stderr_path = tmp_path / "tcp.log"
-    with stderr_path.open("wb") as stderr:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.cli", "--config", str(lsp_setup.config), "serve", "--tcp", "--port", "0",
-            stderr=stderr, cwd=str(ROOT),
-        )  # fmt: skip
-    try:
-        port = None
-        for _ in range(600):
-            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", stderr_path.read_text())
-            if found:
-                port = int(found.group(1))
-                break
-            assert proc.returncode is None, stderr_path.read_text()
-            await asyncio.sleep(0.1)
-        assert port is not None, stderr_path.read_text()
+    async with tcp_server(lsp_setup.config, tmp_path / "tcp.log") as (port, proc):
         clients = [HeedfulClient("vscode"), HeedfulClient("neovim")]
         for i, c in enumerate(clients):
             await c.lc.start_tcp("127.0.0.1", port)
@@ -301,9 +281,7 @@ async def test_tcp_serves_several_editors_and_one_exit_ends_only_its_session(
         clients[1].lc.exit(None)
         for c in clients:
             await c.lc.stop()  # type: ignore[no-untyped-call]
-    finally:
-        proc.terminate()
-        assert await asyncio.wait_for(proc.wait(), 60) == 0
+    assert proc.returncode == 0
     sessions = {r["id"]: r for r in lsp_setup.rows("SELECT * FROM sessions")}
     assert set(sessions) == {"session-tcp-0", "session-tcp-1"}
     assert all(s["ended_at"] is not None for s in sessions.values())

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from server.engine import AdapterError, AdapterRef, EngineError
+from server.engine import AdapterError, AdapterRef, Engine, EngineError
 from server.engine.embedded import EmbeddedEngine, cpu_bind_spec
 from server.settings import Settings
-from tests.conftest import hf_token_logprobs
+from tests.conftest import hf_token_logprobs, make_lora_adapter
 
 pytestmark = pytest.mark.engine
 
@@ -43,6 +43,28 @@ async def test_greedy_is_deterministic(embedded_engine: EmbeddedEngine) -> None:
     a = await embedded_engine.generate("import os\n\ndef list_files(path):", max_tokens=24)
     b = await embedded_engine.generate("import os\n\ndef list_files(path):", max_tokens=24)
     assert a.candidates[0].token_ids == b.candidates[0].token_ids
+
+
+async def assert_base_unaffected_by_full_lora_slots(engine: Engine, adapters: list[AdapterRef]) -> None:
+    """With every LoRA slot of the engine holding an adapter, a base-model request batched together with
+    adapter requests still gets the base model's answer (vLLM's CPU kernels used the last slot's adapter
+    for it; server/engine/vllm_fixes.py corrects that)."""
+    prompt = "def parse_args(argv):"
+    base = await engine.generate(prompt, max_tokens=8)
+    for ref in adapters:
+        await engine.load_adapter(ref)
+    try:
+        for ref in adapters:  # each one takes a slot when a request first uses it
+            await engine.generate(prompt, max_tokens=2, adapter=ref)
+        for _ in range(3):
+            *_, batched = await asyncio.gather(
+                *(engine.generate(prompt, max_tokens=8, adapter=ref) for ref in adapters),
+                engine.generate(prompt, max_tokens=8),
+            )
+            assert batched.candidates[0].token_ids == base.candidates[0].token_ids
+    finally:
+        for ref in adapters:
+            await engine.unload_adapter(ref)
 
 
 def assert_logprobs_match(engine_lp: list[float], reference_lp: list[float]) -> dict[str, float]:
@@ -192,3 +214,14 @@ def test_cpu_bind_spec() -> None:
     assert cpu_bind_spec("0-3") == "0-3"
     auto = cpu_bind_spec("auto")
     assert auto is not None and auto[0].isdigit()
+
+
+async def test_base_requests_stay_base_when_every_lora_slot_is_taken(
+    embedded_engine: EmbeddedEngine, engine_settings: Settings, default_model: Path, tmp_path: Path
+) -> None:
+    n = engine_settings.engine.max_loras
+    refs = [
+        AdapterRef(f"slot-{i}", 100 + i, make_lora_adapter(default_model, tmp_path / f"slot-{i}", seed=40 + i))
+        for i in range(n)
+    ]
+    await assert_base_unaffected_by_full_lora_slots(embedded_engine, refs)

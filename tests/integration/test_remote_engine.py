@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,24 +12,15 @@ import pytest
 from server.engine import AdapterError, AdapterRef, EngineError
 from server.engine.remote import RemoteEngine
 from server.settings import Settings
-from tests.conftest import hf_token_logprobs
-from tests.integration.test_embedded_engine import FUNCTION_STOPS, assert_logprobs_match
+from tests.conftest import hf_token_logprobs, make_lora_adapter
+from tests.integration.test_embedded_engine import (
+    FUNCTION_STOPS,
+    assert_base_unaffected_by_full_lora_slots,
+    assert_logprobs_match,
+)
 from tests.procs import free_port
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
-
-
-@pytest.fixture(scope="module")
-async def remote_engine(vllm_server: str, engine_settings: Settings) -> AsyncIterator[RemoteEngine]:
-    s = Settings()
-    s.model = engine_settings.model
-    s.engine.mode = "remote"
-    s.engine.url = vllm_server
-    s.engine.request_timeout_s = 120.0
-    engine = RemoteEngine(s, startup_timeout_s=600.0)
-    await engine.start()
-    yield engine
-    await engine.close()
 
 
 async def test_remote_completes_fibonacci_into_python_that_parses(remote_engine: RemoteEngine) -> None:
@@ -103,3 +93,14 @@ async def test_unreachable_server_is_reported(engine_settings: Settings) -> None
     engine = RemoteEngine(s, startup_timeout_s=1.0)
     with pytest.raises(EngineError, match="did not answer within 1 s"):
         await engine.start()
+
+
+async def test_remote_base_requests_stay_base_when_every_lora_slot_is_taken(
+    remote_engine: RemoteEngine, engine_settings: Settings, default_model: Path, tmp_path: Path
+) -> None:
+    n = engine_settings.engine.max_loras
+    refs = [
+        AdapterRef(f"remote-slot-{i}", 200 + i, make_lora_adapter(default_model, tmp_path / f"s{i}", seed=50 + i))
+        for i in range(n)
+    ]
+    await assert_base_unaffected_by_full_lora_slots(remote_engine, refs)

@@ -1,0 +1,123 @@
+"""Adapters swapped under load: 8 editor sessions of one team request completions without pause while
+three adapters are published for the team and one is rolled back.
+
+No request may fail; every completion's recorded adapter version must be one that was active when its
+request arrived (allowing the registry's poll interval for a new version to take over); adapters that
+stopped serving are unloaded from the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from personalization.publish import publish_adapter
+from server.guards import rollback_scope
+from server.settings import Settings
+from storage.repositories import Scope
+from storage.store import RolloutStore
+from tests.conftest import make_lora_adapter
+from tests.e2e.client import HeedfulClient, tcp_server
+from tests.e2e.conftest import write_config
+
+pytestmark = [pytest.mark.engine, pytest.mark.remote]
+
+TEAM = Scope.team("alpha")
+SESSIONS = 8
+# A new version serves within one poll (0.5 s) plus its load; a request that arrived in between was
+# still served by the version before, which was active a moment earlier.
+TAKEOVER_S = 3.0
+SOURCE = "import os\n\n\ndef list_python_files(folder):\n    "
+
+
+async def keep_requesting(client: HeedfulClient, uri: str, stop: asyncio.Event, log: list[dict[str, Any]]) -> None:
+    while not stop.is_set():
+        sent = time.time()
+        try:
+            result = await asyncio.wait_for(client.inline(uri, 4, 4), 120)
+            log.append({"sent": sent, "done": time.time(), "ok": True, "items": len(result.items) if result else 0})
+        except Exception as exc:  # a failed request is what this test looks for
+            log.append({"sent": sent, "done": time.time(), "ok": False, "error": repr(exc)})
+
+
+async def test_swaps_under_load_fail_no_request_and_mix_no_versions(
+    tmp_path: Path, default_model: Path, vllm_server: str
+) -> None:
+    setup = write_config(tmp_path, default_model, vllm_server)
+    adapters_root = tmp_path / "adapters"
+    sources = [make_lora_adapter(default_model, tmp_path / f"lora-{i}", seed=10 + i, b_std=0.02) for i in range(3)]
+    settings = Settings()
+    settings.database.url = f"sqlite+aiosqlite:///{setup.db}"
+    requests: list[dict[str, Any]] = []
+    timeline: list[tuple[float, str | None]] = [(0.0, None)]  # (time it became active, version)
+    async with tcp_server(setup.config, tmp_path / "server.log") as (port, _proc):
+        clients = [HeedfulClient("vscode") for _ in range(SESSIONS)]
+        for i, c in enumerate(clients):
+            await c.lc.start_tcp("127.0.0.1", port)
+            await c.initialize({"developerId": f"dev-{i}", "sessionId": f"swap-{i}", "team": "alpha"})
+            await c.wait_status("ready")
+            c.open(f"file:///w/swap/s{i}.py", SOURCE)
+        stop = asyncio.Event()
+        load = [
+            asyncio.create_task(keep_requesting(c, f"file:///w/swap/s{i}.py", stop, requests))
+            for i, c in enumerate(clients)
+        ]
+        store = await RolloutStore.open(settings)
+        try:
+            await asyncio.sleep(3)
+            published: list[str] = []
+            paths: dict[str, str] = {}
+            for src in sources:
+                result = await publish_adapter(
+                    store, TEAM, src, step=1, kl=0.1, metrics={}, adapters_root=adapters_root, gate=None, actor="test"
+                )
+                timeline.append((time.time(), result.version_id))
+                published.append(result.version_id)
+                paths[result.version_id] = str(result.path)
+                await asyncio.sleep(4)
+            async with store.unit() as s:
+                back = await rollback_scope(s, TEAM, actor="test", reason="swap test")
+            assert back is not None and back.active == published[1]
+            timeline.append((time.time(), published[1]))
+            await asyncio.sleep(4)
+        finally:
+            stop.set()
+            await asyncio.gather(*load)
+            await store.close()
+        # Adapters that stopped serving are unloaded once their last request ends (training groups sampled
+        # after a request answered hold theirs too); the active one stays loaded.
+        loaded: set[str] = set()
+        async with httpx.AsyncClient() as http:
+            for _ in range(120):
+                models = (await http.get(f"{vllm_server}/v1/models")).json()["data"]
+                loaded = {m.get("root") for m in models} & set(paths.values())
+                if loaded == {paths[published[1]]}:
+                    break
+                await asyncio.sleep(0.5)
+        assert loaded == {paths[published[1]]}, loaded
+        statuses = [c.statuses[-1] for c in clients]
+        for c in clients:
+            await c.lc.shutdown_async(None)
+            c.lc.exit(None)
+            await c.lc.stop()  # type: ignore[no-untyped-call]
+
+    failed = [r for r in requests if not r["ok"]]
+    assert not failed, failed[:5]
+    for t, version in timeline[1:]:  # every swap happened with requests in flight
+        assert any(r["sent"] <= t <= r["done"] for r in requests), f"no request in flight when {version} took over"
+    assert all(s["adapter"] == published[1] for s in statuses)
+
+    rows = setup.rows("SELECT id, adapter_version, created_at, latency_ms FROM completions ORDER BY created_at")
+    assert set(published) <= {r["adapter_version"] for r in rows}, "not every adapter served"
+    # (start, end) of each time a version was active; end is when the next one took over.
+    spans = [(t, nxt, v) for (t, v), (nxt, _) in zip(timeline, [*timeline[1:], (float("inf"), None)], strict=True)]
+    for r in rows:
+        arrived = datetime.fromisoformat(r["created_at"]).replace(tzinfo=UTC).timestamp() - r["latency_ms"] / 1000
+        allowed = {v for start, end, v in spans if start <= arrived + 0.05 and end >= arrived - TAKEOVER_S}
+        assert r["adapter_version"] in allowed, (r["id"], r["adapter_version"], arrived, timeline)
