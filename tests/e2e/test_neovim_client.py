@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from server import paths
-from tests.e2e.conftest import ServerSetup
+from tests.e2e.conftest import EDITOR_SOURCE, ServerSetup
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
 
@@ -30,15 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = ROOT / "editor-clients" / "neovim"
 REQUIREMENTS = Path(__file__).resolve().parent / "neovim" / "requirements.txt"
 CORRECTION = "Always add type hints"
-SOURCE = (
-    '"""Small helpers for the shop\'s order files."""\n'
-    "import os\n"
-    "\n"
-    "\n"
-    "def read_lines(path):\n"
-    '    """Return the lines of a text file without their line endings."""\n'
-    "    \n"
-)
+SOURCE = EDITOR_SOURCE + "\n"  # as saved by an editor
 CURSOR = (6, 4)  # 0-based row and byte column: the end of the indented last line
 
 
