@@ -5,8 +5,9 @@
 (type check, esbuild bundle, `.vsix` by @vscode/vsce), so the clone gets no build output. The `.vsix` is
 installed into code-server, which serves on 127.0.0.1 with auth off; tests/e2e/vscode/drive.mjs opens it
 in Debian's headless Chromium, opens a Python file, types, waits for Heedful's ghost text, keeps a
-screenshot of it, presses Tab and runs "Heedful: Correct last suggestion". The store must then hold the
-shown, accepted and correction events of that session.
+screenshot of it, presses Tab, runs "Heedful: Correct last suggestion", dismisses the next suggestion with
+Escape and takes one word of another with Ctrl+Right. The store must then hold the shown, accepted,
+correction, rejected and partial-accept events of that session.
 """
 
 from __future__ import annotations
@@ -212,3 +213,12 @@ def test_vscode_shows_ghost_text_accepts_with_tab_and_sends_a_correction(
     # "Last suggestion": the one shown or accepted most recently before the correction.
     before = [e for e in events if e["id"] < correction["id"] and e["kind"] in ("shown", "accepted")]
     assert correction["completion_id"] == before[-1]["completion_id"]
+
+    # Escape on a shown suggestion is an explicit reject; Ctrl+Right on the next one a partial accept.
+    later = [e for e in events if e["id"] > correction["id"]]
+    dismissed = [e for e in later if e["kind"] == "rejected" and not e["inferred"]]
+    assert dismissed and dismissed[0]["completion_id"] in shown
+    (partial,) = [e for e in later if e["kind"] == "partial_accept"]
+    assert partial["completion_id"] in shown and partial["completion_id"] != dismissed[0]["completion_id"]
+    assert partial["accepted_length"] > 0 and partial["kept_text"].strip()
+    assert partial["kept_text"].strip() in document

@@ -14,6 +14,30 @@ const { chromium } = require("playwright-core");
 
 const step = (what) => process.stderr.write(`[drive] ${what}\n`);
 
+// Wait for ghost text; if none comes, close any suggest widget and ask explicitly (Alt+\).
+async function waitForGhost(page) {
+  const ghost = page.locator(".ghost-text-decoration").first();
+  try {
+    await ghost.waitFor({ timeout: 60_000 });
+  } catch {
+    step("no ghost text yet: close any suggest widget and ask explicitly (Alt+\\)");
+    await page.keyboard.press("Escape");
+    await page.keyboard.press("Alt+Backslash");
+    try {
+      await ghost.waitFor({ timeout: 60_000 });
+    } catch (error) {
+      await page.screenshot({ path: screenshot });
+      const found = await page.evaluate(() =>
+        [...document.querySelectorAll("[class*=ghost], [class*=suggest]")].map((e) => `${e.className}: ${e.textContent.slice(0, 80)}`),
+      );
+      step(`elements: ${JSON.stringify(found.slice(0, 30))}`);
+      throw error;
+    }
+  }
+  // Heedful counts a suggestion as shown shortly after it arrives; Escape and Ctrl+Right are its keys then.
+  await page.waitForTimeout(300);
+}
+
 const browser = await chromium.launch({
   executablePath: process.env.HEEDFUL_CHROMIUM || "/usr/bin/chromium",
   headless: true,
@@ -43,24 +67,7 @@ try {
   await editor.click();
   await page.keyboard.press("Control+End");
   await page.keyboard.type("with", { delay: 50 });
-  const ghost = page.locator(".ghost-text-decoration").first();
-  try {
-    await ghost.waitFor({ timeout: 60_000 });
-  } catch {
-    step("no ghost text yet: close any suggest widget and ask explicitly (Alt+\\)");
-    await page.keyboard.press("Escape");
-    await page.keyboard.press("Alt+Backslash");
-    try {
-      await ghost.waitFor({ timeout: 60_000 });
-    } catch (error) {
-      await page.screenshot({ path: screenshot });
-      const ghosts = await page.evaluate(() =>
-        [...document.querySelectorAll("[class*=ghost], [class*=inline-completion], [class*=suggest]")].map((e) => `${e.className}: ${e.textContent.slice(0, 80)}`),
-      );
-      step(`elements: ${JSON.stringify(ghosts.slice(0, 30))}`);
-      throw error;
-    }
-  }
+  await waitForGhost(page);
   const ghostText = (await page.locator(".ghost-text-decoration, .ghost-text").allTextContents()).join("\n");
   await page.screenshot({ path: screenshot });
   step(`ghost text: ${JSON.stringify(ghostText)}`);
@@ -80,6 +87,18 @@ try {
   await page.keyboard.type(correction);
   await page.keyboard.press("Enter");
   await page.locator(".statusbar-item", { hasText: "correction recorded" }).first().waitFor({ timeout: 30_000 });
+
+  step("at the end of the file: dismiss a suggestion with Escape, type on, take a word of the next one");
+  await editor.click();
+  await page.keyboard.press("Control+End");
+  await page.keyboard.type(" ", { delay: 50 });
+  await waitForGhost(page);
+  await page.keyboard.press("Escape");
+  await page.locator(".ghost-text-decoration").first().waitFor({ state: "detached", timeout: 10_000 });
+  await page.keyboard.type("l", { delay: 50 }); // the developer types on; a new suggestion comes
+  await waitForGhost(page);
+  await page.keyboard.press("Control+ArrowRight");
+  await page.waitForTimeout(1000);
 
   const documentText = await page.evaluate(() => {
     const lines = [...document.querySelectorAll(".editor-instance .view-lines .view-line")];
