@@ -220,5 +220,6 @@ def test_vscode_shows_ghost_text_accepts_with_tab_and_sends_a_correction(
     assert dismissed and dismissed[0]["completion_id"] in shown
     (partial,) = [e for e in later if e["kind"] == "partial_accept"]
     assert partial["completion_id"] in shown and partial["completion_id"] != dismissed[0]["completion_id"]
-    assert partial["accepted_length"] > 0 and partial["kept_text"].strip()
+    # VS Code's next word may be just the blank before it.
+    assert partial["accepted_length"] == len(partial["kept_text"]) > 0
     assert partial["kept_text"].strip() in document
