@@ -136,7 +136,8 @@ class Heedful {
     const s = this.status;
     const state = override ?? s?.state ?? "starting";
     const adapter = s?.adapter ?? "base model";
-    this.statusBar.text = `$(sparkle) Heedful: ${state}`;
+    // The adapter serving this developer is what changes as Heedful learns: it is on the bar, not only the tooltip.
+    this.statusBar.text = `$(sparkle) Heedful: ${state}` + (s?.adapter ? ` · ${s.adapter}` : "");
     this.statusBar.tooltip = s
       ? `Engine ${s.state}${s.message ? ` (${s.message})` : ""}\nModel: ${s.model}\nAdapter serving you: ${adapter}\n` +
         `Developer: ${s.developerId}, session ${s.sessionId}`
