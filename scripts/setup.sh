@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh clone: .venv with torch (CPU build on disk), the right vLLM, Heedful in
-# editable mode with its dev tools, and the default model prepared in the data dir. `make setup` runs
-# this; `make test` and `make demo` run `make setup` first. A second run only re-verifies the model.
+# editable mode with its dev tools, the editors and tools the editor-client tests drive (cached outside the
+# clone), and the default model prepared in the data dir. `make setup` runs this; `make test` and
+# `make demo` run `make setup` first. A second run only re-verifies the model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -140,6 +141,10 @@ apt_install() {
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null || {
     $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+  } || {
+    echo "setup: error: could not install the Debian packages ${missing[*]} (tests/e2e/test_vscode_client.py needs" \
+      "them); install them (sudo apt-get install ${missing[*]}) and run \`make setup\` again" >&2
+    exit 1
   }
 }
 VSCODE_LOCK=editor-clients/vscode/package-lock.json

@@ -58,7 +58,10 @@ def vsix(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build = tmp_path_factory.mktemp("vscode-build") / "vscode"
     shutil.copytree(EXTENSION, build, ignore=shutil.ignore_patterns("node_modules", "dist"))
     (build / "node_modules").symlink_to(modules, target_is_directory=True)
-    proc = subprocess.run(["npm", "run", "package"], cwd=build, capture_output=True, text=True, timeout=600)
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.fail("`npm` is not on PATH: run `make setup` (it installs Node.js and npm)")
+    proc = subprocess.run([npm, "run", "package"], cwd=build, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"`npm run package` failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return build / "dist" / "heedful.vsix"
 
