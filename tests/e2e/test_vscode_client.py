@@ -6,8 +6,8 @@
 installed into code-server, which serves on 127.0.0.1 with auth off; tests/e2e/vscode/drive.mjs opens it
 in Debian's headless Chromium, opens a Python file, types, waits for Heedful's ghost text, keeps a
 screenshot of it, presses Tab, runs "Heedful: Correct last suggestion", dismisses the next suggestion with
-Escape and takes one word of another with Ctrl+Right. The store must then hold the shown, accepted,
-correction, rejected and partial-accept events of that session.
+Escape, takes one word of another with Ctrl+Right and opens the report. The store must then hold the
+shown, accepted, correction, rejected and partial-accept events of that session.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -226,3 +227,14 @@ def test_vscode_shows_ghost_text_accepts_with_tab_and_sends_a_correction(
     # VS Code's next word may be just the blank before it.
     assert partial["accepted_length"] == len(partial["kept_text"]) > 0
     assert partial["kept_text"].strip() in document
+
+    # "Heedful: Open report" shows the server's state and what this session did with its suggestions.
+    report = result["reportText"].replace("\u00a0", " ")
+    assert "# Heedful report" in report and "Adapter serving you: base model" in report
+    assert "Developer: dev-vscode" in report
+    counts = re.search(r"\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|", report)
+    assert counts is not None, report
+    # The same session as the store saw it (the server's inferred rejects are not the editor's to count).
+    kinds = [e["kind"] for e in events if not e["inferred"]]
+    expected = [kinds.count(k) for k in ("shown", "accepted", "partial_accept", "rejected", "correction")]
+    assert list(map(int, counts.groups())) == expected

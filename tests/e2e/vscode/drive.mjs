@@ -100,11 +100,23 @@ try {
   await page.keyboard.press("Control+ArrowRight");
   await page.waitForTimeout(1000);
 
-  const documentText = await page.evaluate(() => {
-    const lines = [...document.querySelectorAll(".editor-instance .view-lines .view-line")];
-    return lines.map((l) => l.textContent).join("\n");
-  });
-  process.stdout.write(JSON.stringify({ ghostText, documentText }) + "\n");
+  const visibleText = () =>
+    page.evaluate(() => {
+      const lines = [...document.querySelectorAll(".editor-instance .view-lines .view-line")];
+      return lines.map((l) => l.textContent).join("\n");
+    });
+  const documentText = await visibleText();
+
+  step("run Heedful: Open report");
+  await page.keyboard.press("F1");
+  await page.locator(".quick-input-widget input").waitFor();
+  await page.keyboard.type("Heedful: Open report");
+  await page.locator(".quick-input-list .monaco-list-row", { hasText: "Open report" }).first().waitFor();
+  await page.keyboard.press("Enter");
+  await page.locator(".editor-instance .view-line", { hasText: "# Heedful report" }).first().waitFor({ timeout: 30_000 });
+  const reportText = await visibleText();
+
+  process.stdout.write(JSON.stringify({ ghostText, documentText, reportText }) + "\n");
 } finally {
   await browser.close();
 }
