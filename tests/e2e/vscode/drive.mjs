@@ -14,6 +14,16 @@ const { chromium } = require("playwright-core");
 
 const step = (what) => process.stderr.write(`[drive] ${what}\n`);
 
+// Run "Heedful: <title>" from the Command Palette (F1).
+async function runCommand(page, title) {
+  step(`run Heedful: ${title}`);
+  await page.keyboard.press("F1");
+  await page.locator(".quick-input-widget input").waitFor();
+  await page.keyboard.type(`Heedful: ${title}`);
+  await page.locator(".quick-input-list .monaco-list-row", { hasText: title }).first().waitFor();
+  await page.keyboard.press("Enter");
+}
+
 // Wait for ghost text; if none comes, close any suggest widget and ask explicitly (Alt+\).
 async function waitForGhost(page) {
   const ghost = page.locator(".ghost-text-decoration").first();
@@ -77,12 +87,7 @@ try {
   await page.waitForTimeout(500);
   await page.keyboard.press("Escape");
 
-  step("run Heedful: Correct last suggestion");
-  await page.keyboard.press("F1");
-  await page.locator(".quick-input-widget input").waitFor();
-  await page.keyboard.type("Heedful: Correct last suggestion");
-  await page.locator(".quick-input-list .monaco-list-row", { hasText: "Correct last suggestion" }).first().waitFor();
-  await page.keyboard.press("Enter");
+  await runCommand(page, "Correct last suggestion");
   await page.locator(".quick-input-widget", { hasText: "What should the last suggestion" }).waitFor();
   await page.keyboard.type(correction);
   await page.keyboard.press("Enter");
@@ -107,12 +112,7 @@ try {
     });
   const documentText = await visibleText();
 
-  step("run Heedful: Open report");
-  await page.keyboard.press("F1");
-  await page.locator(".quick-input-widget input").waitFor();
-  await page.keyboard.type("Heedful: Open report");
-  await page.locator(".quick-input-list .monaco-list-row", { hasText: "Open report" }).first().waitFor();
-  await page.keyboard.press("Enter");
+  await runCommand(page, "Open report");
   await page.locator(".editor-instance .view-line", { hasText: "# Heedful report" }).first().waitFor({ timeout: 30_000 });
   const reportText = await visibleText();
 
