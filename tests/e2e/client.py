@@ -61,6 +61,8 @@ CAPABILITIES: dict[str, types.ClientCapabilities] = {
 }
 
 CLIENT_INFO = {"vscode": ("Visual Studio Code", "1.99.0"), "neovim": ("Neovim", "0.12.0"), "no-inline": ("vim", "9")}
+CLIENT_INFO["jetbrains"] = ("IntelliJ IDEA (LSP4IJ)", "2026.1")
+CAPABILITIES["jetbrains"] = CAPABILITIES["vscode"]  # UTF-16 positions and inline completion, as LSP4IJ asks
 
 
 def plain(value: Any) -> Any:
@@ -98,17 +100,16 @@ class HeedfulClient:
         def on_log(params: types.LogMessageParams) -> None:
             pass
 
-    async def start(self, config: Path, stderr_log: Path, env: dict[str, str] | None = None) -> None:
-        await self.lc.start_io(
-            sys.executable,
-            "-m",
-            "server.cli",
-            "--config",
-            str(config),
-            "serve",
-            cwd=str(ROOT),
-            env=dict(os.environ, **(env or {})),
-        )
+    async def start(
+        self, config: Path, stderr_log: Path, env: dict[str, str] | None = None, command: list[str] | None = None
+    ) -> None:
+        """Start `heedful serve` on `config`; `command` replaces the usual one (the config then goes by
+        HEEDFUL_CONFIG), as an editor configured by hand would start it."""
+        if command is None:
+            command = [sys.executable, "-m", "server.cli", "--config", str(config), "serve"]
+        else:
+            env = dict(env or {}, HEEDFUL_CONFIG=str(config))
+        await self.lc.start_io(*command, cwd=str(ROOT), env=dict(os.environ, **(env or {})))
         proc = self.lc._server
         assert proc is not None and proc.stderr is not None
         self._stderr_task = asyncio.create_task(_drain(proc.stderr, stderr_log))
@@ -245,10 +246,15 @@ async def tcp_server(config: Path, log: Path) -> Any:
 
 @asynccontextmanager
 async def running_client(
-    flavour: str, config: Path, log: Path, options: dict[str, Any] | None, env: dict[str, str] | None = None
+    flavour: str,
+    config: Path,
+    log: Path,
+    options: dict[str, Any] | None,
+    env: dict[str, str] | None = None,
+    command: list[str] | None = None,
 ) -> Any:
     client = HeedfulClient(flavour)
-    await client.start(config, log, env)
+    await client.start(config, log, env, command)
     try:
         await client.initialize(options)
         yield client

@@ -10,6 +10,18 @@ from typing import Any
 
 import pytest
 
+# The Python file the editor tests open. It ends inside the function, on an indented line without a newline:
+# the cursor goes there (row 6, column 4) and the model continues the function.
+EDITOR_SOURCE = (
+    '"""Small helpers for the shop\'s order files."""\n'
+    "import os\n"
+    "\n"
+    "\n"
+    "def read_lines(path):\n"
+    '    """Return the lines of a text file without their line endings."""\n'
+    "    "
+)
+
 
 @dataclass(frozen=True)
 class ServerSetup:

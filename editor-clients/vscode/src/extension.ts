@@ -1,0 +1,358 @@
+// Heedful for VS Code: inline suggestions from `heedful serve` through vscode-languageclient (LSP 3.18
+// textDocument/inlineCompletion), and the feedback Heedful learns from.
+//
+// The language client asks for suggestions and runs an accepted item's command (`heedful.acceptCompletion`,
+// which records the accept). VS Code's stable API says neither when a suggestion is on screen nor when it is
+// dismissed, so this extension infers "shown" (the answer arrived for the place the cursor still is, and
+// VS Code reports an inline suggestion visible there) and owns the keys that dismiss a suggestion or take
+// one word of it, sending textDocument/didShowCompletion, heedful/didRejectCompletion and
+// textDocument/didPartiallyAcceptCompletion. Typing past a suggestion is noticed by the server itself.
+
+import * as os from "os";
+import * as vscode from "vscode";
+import {
+  ExecuteCommandRequest,
+  type InlineCompletionItem as LspInlineCompletionItem,
+  LanguageClient,
+  type LanguageClientOptions,
+  type ServerOptions,
+  State,
+} from "vscode-languageclient/node";
+
+const SHOW = "textDocument/didShowCompletion";
+const PARTIAL = "textDocument/didPartiallyAcceptCompletion";
+const REJECT = "heedful/didRejectCompletion";
+const STATUS = "heedful/status";
+const ACCEPT_COMMAND = "heedful.acceptCompletion";
+const FEEDBACK_COMMAND = "heedful.feedback";
+const ACCEPTED = "heedful.accepted"; // the local wrapper around an item's accept command
+const SHOWN_CONTEXT = "heedful.suggestionShown";
+
+interface Status {
+  state: string;
+  message: string | null;
+  engine: string | null;
+  model: string | null;
+  adapter: string | null;
+  developerId: string;
+  sessionId: string;
+}
+
+/** A suggestion the server served, as the server sent it, and where it applies. */
+interface Served {
+  item: LspInlineCompletionItem;
+  completionId: string;
+  uri: string;
+  position: vscode.Position;
+  version: number;
+}
+
+class Heedful {
+  client: LanguageClient | undefined;
+  status: Status | undefined;
+  shown: Served | undefined; // on screen now, not yet accepted or dismissed
+  lastShownId: string | undefined; // what "Correct last suggestion" refers to
+  counts = { shown: 0, accepted: 0, partial: 0, rejected: 0, corrections: 0 };
+  readonly statusBar = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
+  readonly output = vscode.window.createOutputChannel("Heedful", { log: true });
+
+  constructor() {
+    this.statusBar.command = "heedful.showStatus";
+    this.renderStatus();
+    this.statusBar.show();
+  }
+
+  async start(): Promise<void> {
+    const config = vscode.workspace.getConfiguration("heedful");
+    const command = config.get<string[]>("serverCommand", ["heedful", "serve"]);
+    if (!Array.isArray(command) || command.length === 0 || command.some((part) => typeof part !== "string")) {
+      this.fail(`heedful.serverCommand must be a list of strings like ["heedful", "serve"], not ${JSON.stringify(command)}`);
+      return;
+    }
+    // No `transport`: the client would append `--stdio`, which `heedful serve` does not take (stdio is its default).
+    const server: ServerOptions = { command: command[0], args: command.slice(1) };
+    const languages = config.get<string[]>("documentSelector", ["*"]);
+    const options: LanguageClientOptions = {
+      documentSelector: languages.flatMap((language) => [
+        { scheme: "file", language },
+        { scheme: "untitled", language },
+      ]),
+      initializationOptions: {
+        developerId: config.get<string>("developerId") || os.userInfo().username,
+        team: config.get<string>("team") || undefined,
+      },
+      outputChannel: this.output,
+      middleware: {
+        // The server also answers textDocument/completion for editors without inline completion; here its
+        // items would duplicate the ghost text in the suggest widget and take Tab from it.
+        provideCompletionItem: () => undefined,
+        provideInlineCompletionItems: async (document, position, context, token, next) => {
+          const result = await next(document, position, context, token);
+          const items = Array.isArray(result) ? result : (result?.items ?? []);
+          items.forEach((item) => this.wrapAccept(item, document, position));
+          if (items.length > 0 && !token.isCancellationRequested) {
+            this.noteShownSoon(items[0], document, position);
+          }
+          return result;
+        },
+      },
+    };
+    this.client = new LanguageClient("heedful", "Heedful", server, options);
+    this.client.onDidChangeState((event) => {
+      if (event.newState === State.Stopped) {
+        this.status = undefined;
+        this.renderStatus("stopped");
+      }
+    });
+    this.client.onNotification(STATUS, (params: Status) => {
+      this.status = params;
+      this.renderStatus();
+    });
+    try {
+      await this.client.start();
+    } catch (error) {
+      this.fail(
+        `could not start the server with ${JSON.stringify(command)}: ${String(error)}. ` +
+          "Set heedful.serverCommand to the full path of `heedful` (and `serve`).",
+      );
+    }
+  }
+
+  async stop(): Promise<void> {
+    const client = this.client;
+    this.client = undefined;
+    if (client) {
+      await client.stop();
+    }
+  }
+
+  fail(message: string): void {
+    this.output.error(message);
+    this.renderStatus("failed");
+    void vscode.window.showErrorMessage(`Heedful: ${message}`);
+  }
+
+  renderStatus(override?: string): void {
+    const s = this.status;
+    const state = override ?? s?.state ?? "starting";
+    const adapter = s?.adapter ?? "base model";
+    // The adapter serving this developer is what changes as Heedful learns: it is on the bar, not only the tooltip.
+    this.statusBar.text = `$(sparkle) Heedful: ${state}` + (s?.adapter ? ` · ${s.adapter}` : "");
+    this.statusBar.tooltip = s
+      ? `Engine ${s.state}${s.message ? ` (${s.message})` : ""}\nModel: ${s.model}\nAdapter serving you: ${adapter}\n` +
+        `Developer: ${s.developerId}, session ${s.sessionId}`
+      : `Heedful is ${state}`;
+  }
+
+  // -- what the developer does with a suggestion -----------------------------------------------------------
+
+  /** The LSP item behind a VS Code item, rebuilt as the server sent it (the server reads its command). */
+  lspItem(item: vscode.InlineCompletionItem, command: vscode.Command): LspInlineCompletionItem {
+    const client = this.client!;
+    return {
+      insertText: typeof item.insertText === "string" ? item.insertText : item.insertText.value,
+      range: item.range ? client.code2ProtocolConverter.asRange(item.range) : undefined,
+      command: { title: command.title, command: command.command, arguments: command.arguments },
+    };
+  }
+
+  /** Route the item's accept command through ACCEPTED so this extension knows it was taken. */
+  wrapAccept(item: vscode.InlineCompletionItem, document: vscode.TextDocument, position: vscode.Position): void {
+    const command = item.command;
+    if (!command || command.command !== ACCEPT_COMMAND) {
+      return;
+    }
+    const served: Served = {
+      item: this.lspItem(item, command),
+      completionId: completionIdOf(command),
+      uri: document.uri.toString(),
+      position,
+      version: document.version,
+    };
+    item.command = { title: command.title, command: ACCEPTED, arguments: [served, command] };
+  }
+
+  noteShownSoon(item: vscode.InlineCompletionItem, document: vscode.TextDocument, position: vscode.Position): void {
+    const command = item.command;
+    if (!command || command.command !== ACCEPTED) {
+      return;
+    }
+    const served = command.arguments![0] as Served;
+    // VS Code draws the answer once the provider returns; it is on screen if the cursor and text still match.
+    setTimeout(() => {
+      const editor = vscode.window.activeTextEditor;
+      if (
+        !editor ||
+        editor.document.uri.toString() !== served.uri ||
+        editor.document.version !== document.version ||
+        !editor.selection.active.isEqual(position)
+      ) {
+        return;
+      }
+      if (this.shown?.completionId === served.completionId) {
+        return;
+      }
+      this.shown = served;
+      this.lastShownId = served.completionId;
+      this.counts.shown += 1;
+      void vscode.commands.executeCommand("setContext", SHOWN_CONTEXT, true);
+      void this.client?.sendNotification(SHOW, { item: served.item });
+    }, 50);
+  }
+
+  forgetShown(): void {
+    this.shown = undefined;
+    void vscode.commands.executeCommand("setContext", SHOWN_CONTEXT, false);
+  }
+
+  async accepted(served: Served, command: vscode.Command): Promise<void> {
+    if (this.shown?.completionId === served.completionId) {
+      this.forgetShown();
+    }
+    this.lastShownId = served.completionId;
+    this.counts.accepted += 1;
+    // The language client registered the server's command: it sends workspace/executeCommand.
+    await vscode.commands.executeCommand(command.command, ...(command.arguments ?? []));
+  }
+
+  async dismiss(): Promise<void> {
+    const served = this.shown;
+    this.forgetShown();
+    await vscode.commands.executeCommand("editor.action.inlineSuggest.hide");
+    if (served && this.client) {
+      this.counts.rejected += 1;
+      await this.client.sendNotification(REJECT, { completionId: served.completionId });
+    }
+  }
+
+  async acceptNextWord(): Promise<void> {
+    const served = this.shown;
+    const editor = vscode.window.activeTextEditor;
+    await vscode.commands.executeCommand("editor.action.inlineSuggest.acceptNextWord");
+    if (!served || !editor || !this.client || editor.document.uri.toString() !== served.uri) {
+      return;
+    }
+    // What VS Code inserted runs from the suggestion's start to the cursor; JavaScript lengths are UTF-16
+    // units, which is what acceptedLength counts.
+    const taken = editor.document.getText(new vscode.Range(served.position, editor.selection.active));
+    if (!served.item.insertText.toString().startsWith(taken) || taken.length === 0) {
+      return;
+    }
+    this.counts.partial += 1;
+    await this.client.sendNotification(PARTIAL, { item: served.item, acceptedLength: taken.length });
+    if (taken.length >= served.item.insertText.toString().length) {
+      this.forgetShown();
+    }
+  }
+
+  async correct(): Promise<void> {
+    if (!this.client || !this.client.isRunning()) {
+      void vscode.window.showErrorMessage("Heedful: the server is not running; see the Heedful output channel.");
+      return;
+    }
+    const text = await vscode.window.showInputBox({
+      title: "Heedful: Correct last suggestion",
+      prompt: "What should the last suggestion have been, or what rule did it break?",
+      placeHolder: "e.g. Always add type hints",
+      ignoreFocusOut: true,
+    });
+    if (!text || !text.trim()) {
+      return;
+    }
+    const body: { text: string; completionId?: string } = { text };
+    if (this.lastShownId) {
+      body.completionId = this.lastShownId;
+    }
+    try {
+      await this.client.sendRequest(ExecuteCommandRequest.type, { command: FEEDBACK_COMMAND, arguments: [body] });
+      this.counts.corrections += 1;
+      vscode.window.setStatusBarMessage("Heedful: correction recorded", 4000);
+    } catch (error) {
+      void vscode.window.showErrorMessage(`Heedful: the correction was not recorded: ${String(error)}`);
+    }
+  }
+
+  async showStatus(): Promise<void> {
+    const s = this.status;
+    const text = s
+      ? `Heedful: engine ${s.state}${s.message ? ` (${s.message})` : ""}; adapter serving you: ${s.adapter ?? "base model"}`
+      : "Heedful: no status from the server yet";
+    const choice = await vscode.window.showInformationMessage(text, "Open report", "Show log");
+    if (choice === "Open report") {
+      await this.openReport();
+    } else if (choice === "Show log") {
+      this.output.show();
+    }
+  }
+
+  report(): string {
+    const s = this.status;
+    const c = this.counts;
+    return [
+      "# Heedful report",
+      "",
+      "## Server",
+      "",
+      `- Engine: ${s ? `${s.state} (${s.engine ?? "?"})` : "no status yet"}${s?.message ? ` - ${s.message}` : ""}`,
+      `- Model: ${s?.model ?? "?"}`,
+      `- Adapter serving you: ${s?.adapter ?? "base model"}`,
+      `- Developer: ${s?.developerId ?? "?"}, session ${s?.sessionId ?? "?"}`,
+      "",
+      "## This session",
+      "",
+      "| suggestions shown | accepted | partly accepted | dismissed | corrections |",
+      "|---|---|---|---|---|",
+      `| ${c.shown} | ${c.accepted} | ${c.partial} | ${c.rejected} | ${c.corrections} |`,
+      "",
+      "Rejects inferred from typing past a suggestion are counted by the server; `heedful stats` shows the totals.",
+      "",
+    ].join("\n");
+  }
+
+  async openReport(): Promise<void> {
+    const document = await vscode.workspace.openTextDocument({ language: "markdown", content: this.report() });
+    await vscode.window.showTextDocument(document, { preview: true });
+  }
+}
+
+function completionIdOf(command: vscode.Command): string {
+  const first = command.arguments?.[0] as { completionId?: unknown } | string | undefined;
+  if (typeof first === "string") {
+    return first;
+  }
+  return typeof first?.completionId === "string" ? first.completionId : "";
+}
+
+let heedful: Heedful | undefined;
+
+export async function activate(context: vscode.ExtensionContext): Promise<void> {
+  const h = new Heedful();
+  heedful = h;
+  context.subscriptions.push(
+    h.statusBar,
+    h.output,
+    vscode.commands.registerCommand(ACCEPTED, (served: Served, command: vscode.Command) => h.accepted(served, command)),
+    vscode.commands.registerCommand("heedful.dismissSuggestion", () => h.dismiss()),
+    vscode.commands.registerCommand("heedful.acceptNextWord", () => h.acceptNextWord()),
+    vscode.commands.registerCommand("heedful.correctLastSuggestion", () => h.correct()),
+    vscode.commands.registerCommand("heedful.showStatus", () => h.showStatus()),
+    vscode.commands.registerCommand("heedful.openReport", () => h.openReport()),
+    vscode.workspace.onDidChangeTextDocument((event) => {
+      // Any edit at the suggestion's place moves on from it; the server judges typing past it.
+      if (h.shown && event.document.uri.toString() === h.shown.uri && event.contentChanges.length > 0) {
+        h.forgetShown();
+      }
+    }),
+    vscode.workspace.onDidChangeConfiguration(async (event) => {
+      if (event.affectsConfiguration("heedful")) {
+        await h.stop();
+        await h.start();
+      }
+    }),
+  );
+  await h.start();
+}
+
+export async function deactivate(): Promise<void> {
+  await heedful?.stop();
+}

