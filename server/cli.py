@@ -68,6 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tcp", action="store_true", help="listen on TCP instead of stdio (any number of editors)")
     serve.add_argument("--host", default="127.0.0.1", help="TCP address to bind (default 127.0.0.1: this machine)")
     serve.add_argument("--port", type=int, default=2087, help="TCP port (default 2087; 0: any free port)")
+    serve.add_argument(
+        "--record", type=Path, metavar="FILE", help="write every JSON-RPC message of the session to FILE (stdio only)"
+    )
+
+    record = sub.add_parser(
+        "record", help="run any language server and record its session: heedful record --out FILE -- CMD..."
+    )
+    record.add_argument("--out", type=Path, required=True, metavar="FILE", help="the recording to write (JSON lines)")
+    record.add_argument("server_command", nargs=argparse.REMAINDER, metavar="-- CMD...", help="the server to run")
+
+    replay = sub.add_parser(
+        "replay", help="replay recorded sessions against a fresh server; compare its answers with the recording"
+    )
+    replay.add_argument("recordings", nargs="+", type=Path, metavar="FILE", help="recordings (JSON lines)")
+    replay.add_argument(
+        "--server-cmd",
+        metavar="CMD",
+        help="the server to start, as a shell-quoted command (default: this Heedful's `heedful serve`)",
+    )
+    pace = replay.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=float, default=1.0, help="play the client's messages N times faster (default 1)")
+    pace.add_argument("--no-timing", action="store_true", help="send each client message as soon as it may go")
+    replay.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for each server message (default 120)"
+    )
+    replay.add_argument("--junit", type=Path, metavar="FILE", help="also write a JUnit XML report to FILE")
 
     train = sub.add_parser("train", help="the training worker: collect rollouts, train scopes, gate, publish")
     train.add_argument("--once", action="store_true", help="one pass over the scopes, then exit")
@@ -417,6 +443,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port {args.port} is not a TCP port: use 0-65535 (0: any free port)", EXIT_USAGE)
+    if args.record is not None and args.tcp:
+        raise CliError(
+            f"--record {args.record} records one stdio session; with --tcp put `heedful record` in front of each "
+            "editor's stdio server instead",
+            EXIT_USAGE,
+        )
     settings = _settings(args).settings  # a broken settings file stops here, before any editor connects
     setup_logging(
         settings.logging.level if not args.verbose else "DEBUG", args.log_file or settings.logging.file or None
@@ -424,9 +456,70 @@ def _serve(args: argparse.Namespace) -> int:
     # pygls logs every message it sends at INFO; that is protocol tracing, wanted only with -vv.
     logging.getLogger("pygls").setLevel(logging.DEBUG if args.verbose > 1 else logging.WARNING)
     try:
-        return asyncio.run(serve(args.config or paths.config_path(), tcp=args.tcp, host=args.host, port=args.port))
+        return asyncio.run(
+            serve(args.config or paths.config_path(), tcp=args.tcp, host=args.host, port=args.port, record=args.record)
+        )
     except (ModelError, StoreError, EngineError, OSError) as exc:
         raise CliError(str(exc)) from None
+
+
+def _record(args: argparse.Namespace) -> int:
+    from server.recording import Recorder, run_proxy
+    from storage.redaction import Redactor
+
+    command = list(args.server_command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise CliError(
+            "heedful record needs the server to run after `--`, e.g. heedful record --out s.jsonl -- heedful serve",
+            EXIT_USAGE,
+        )
+    settings = _settings(args).settings
+    try:
+        recorder = Recorder(args.out, Redactor(settings.privacy.redact_patterns), source="proxy")
+    except OSError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        return asyncio.run(run_proxy(command, recorder))
+    except OSError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        recorder.close()
+
+
+def _replay(args: argparse.Namespace) -> int:
+    import shlex
+
+    from server.replay import RecordingError, ReplayResult, junit_xml, replay
+
+    if args.speed <= 0:
+        raise CliError(
+            f"--speed {args.speed} must be a positive factor (2: twice as fast); or use --no-timing", EXIT_USAGE
+        )
+    if args.timeout <= 0:
+        raise CliError(f"--timeout {args.timeout} must be a positive number of seconds", EXIT_USAGE)
+    if args.server_cmd is not None:
+        command = shlex.split(args.server_cmd)
+        if not command:
+            raise CliError("--server-cmd is empty: give the command that starts the server", EXIT_USAGE)
+    else:
+        config = args.config or paths.config_path()
+        command = [sys.executable, "-m", "server.cli", *(["--config", str(config)] if config else []), "serve"]
+    results: list[ReplayResult] = []
+    try:
+        for recording in args.recordings:
+            result = asyncio.run(
+                replay(recording, command, speed=None if args.no_timing else args.speed, timeout=args.timeout)
+            )
+            results.append(result)
+            print(result.report())
+    except RecordingError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    finally:
+        if args.junit is not None and results:
+            args.junit.write_bytes(junit_xml(results))
+    return 0 if all(r.ok for r in results) else EXIT_FAILURE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -442,6 +535,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_config(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "replay":
+            return _replay(args)
+        if args.command == "record":
+            return _record(args)
         if args.command == "train":
             return asyncio.run(_train(args))
         if args.command == "generate":

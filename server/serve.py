@@ -20,13 +20,16 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from pygls.io_ import StdoutWriter, run_async
 
 from lsp_handlers.completion import CompletionService
 from lsp_handlers.server import HeedfulLanguageServer, create_server
+from server.recording import Recorder, RecordingReader, RecordingWriter
 from server.runtime import Services
+from storage.redaction import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +87,24 @@ def _protect_stdout() -> BinaryIO:
     return os.fdopen(protocol_fd, "wb", buffering=0)
 
 
-async def serve_stdio(services: Services) -> int:
+async def serve_stdio(services: Services, record: Path | None = None) -> int:
     out = _protect_stdout()
     try:
-        reader = await _stdio_reader(sys.stdin.buffer)
+        reader: Any = await _stdio_reader(sys.stdin.buffer)
     except (ValueError, OSError) as exc:
         log.error("standard input must be a pipe or socket for `heedful serve` (%s); use --tcp otherwise", exc)
         return 2
+    writer: Any = StdoutWriter(out)
+    recorder = None
+    if record is not None:
+        recorder = Recorder(record, Redactor(services.base.settings.privacy.redact_patterns), source="serve")
+        reader, writer = RecordingReader(reader, recorder), RecordingWriter(writer, recorder)
     completions = CompletionService(services)
-    ls = await run_connection(reader, StdoutWriter(out), services, completions)
+    try:
+        ls = await run_connection(reader, writer, services, completions)
+    finally:
+        if recorder is not None:
+            recorder.close()
     # LSP: exit after shutdown is a clean stop (0); exit (or a closed stream) without it is not (1).
     return 0 if ls.shutdown_requested else 1
 
@@ -135,11 +147,11 @@ async def serve_tcp(services: Services, host: str, port: int) -> int:
     return 0
 
 
-async def serve(config_path: Any, *, tcp: bool, host: str, port: int) -> int:
+async def serve(config_path: Any, *, tcp: bool, host: str, port: int, record: Path | None = None) -> int:
     services = await Services.open(config_path)
     try:
         if tcp:
             return await serve_tcp(services, host, port)
-        return await serve_stdio(services)
+        return await serve_stdio(services, record)
     finally:
         await services.close()

@@ -98,14 +98,21 @@ class HeedfulClient:
         def on_log(params: types.LogMessageParams) -> None:
             pass
 
-    async def start(self, config: Path, stderr_log: Path, env: dict[str, str] | None = None) -> None:
+    async def start(
+        self,
+        config: Path,
+        stderr_log: Path,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
+        """Start `heedful --config CONFIG` with `command` (default: `serve`) as this client's server."""
         await self.lc.start_io(
             sys.executable,
             "-m",
             "server.cli",
             "--config",
             str(config),
-            "serve",
+            *(command or ["serve"]),
             cwd=str(ROOT),
             env=dict(os.environ, **(env or {})),
         )
@@ -218,10 +225,15 @@ async def _drain(stream: asyncio.StreamReader, path: Path) -> None:
 
 @asynccontextmanager
 async def running_client(
-    flavour: str, config: Path, log: Path, options: dict[str, Any] | None, env: dict[str, str] | None = None
+    flavour: str,
+    config: Path,
+    log: Path,
+    options: dict[str, Any] | None,
+    env: dict[str, str] | None = None,
+    command: list[str] | None = None,
 ) -> Any:
     client = HeedfulClient(flavour)
-    await client.start(config, log, env)
+    await client.start(config, log, env, command)
     try:
         await client.initialize(options)
         yield client
