@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import hmac
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 
 from lsprotocol import types
 from pygls.capabilities import ServerCapabilitiesBuilder
-from pygls.exceptions import JsonRpcInvalidParams
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 
 from lsp_handlers.completion import CompletionService, Identity, Served
@@ -302,12 +303,20 @@ def _parse_identity(options: Any) -> tuple[str, str, str | None, Any]:
     return developer, session, team, options.get("settings")
 
 
-def create_server(services: Services, completions: CompletionService | None = None) -> HeedfulLanguageServer:
-    """A server for one connection, with every Heedful handler registered."""
+def create_server(
+    services: Services, completions: CompletionService | None = None, *, token: str | None = None
+) -> HeedfulLanguageServer:
+    """A server for one connection, with every Heedful handler registered.
+
+    With a `token` (TCP on a non-local address), `initialize` must carry it as
+    `initializationOptions.token`; otherwise it is answered with an error and the connection closes.
+    """
     ls = HeedfulLanguageServer(services, completions or CompletionService(services))
 
     @ls.feature(types.INITIALIZE)
     def initialize(ls: HeedfulLanguageServer, params: types.InitializeParams) -> None:
+        if token is not None:
+            _check_token(ls, params.initialization_options, token)
         developer, session_id, team, client_settings = _parse_identity(params.initialization_options)
         try:
             ls.resolved = services.resolve(developer, team)
@@ -569,6 +578,25 @@ def create_server(services: Services, completions: CompletionService | None = No
         return {"recorded": True, "completionId": completion_id, "eventId": event_id}
 
     return ls
+
+
+class ConnectionRefused(JsonRpcException):
+    """The client did not present the server's token."""
+
+    CODE = -32001  # implementation-defined server error: not InvalidParams, so clients do not retry as is
+
+
+def _check_token(ls: HeedfulLanguageServer, options: Any, token: str) -> None:
+    """Refuse and close the connection unless `options.token` is the server's token."""
+    given = options.get("token") if isinstance(options, dict) else None
+    if isinstance(given, str) and hmac.compare_digest(given.encode(), token.encode()):
+        return
+    log.warning("connection refused: initializationOptions.token is %s", "wrong" if given else "missing")
+    asyncio.get_running_loop().call_soon(ls.exit_requested.set)  # after the error answer is written
+    raise ConnectionRefused(
+        "this Heedful server listens on the network and needs a token: set initializationOptions.token to "
+        "the server's server.tcp_token (ask the admin)"
+    )
 
 
 def _completion_id_argument(args: tuple[Any, ...], command: str) -> str:

@@ -223,12 +223,15 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def _masked_settings(resolved: ResolvedSettings) -> Settings:
+    """The settings with their secrets (the engine's API key, the TCP token) shown as ***."""
     import dataclasses
 
     s = resolved.settings
-    if not s.engine.api_key:
-        return s
-    return dataclasses.replace(s, engine=dataclasses.replace(s.engine, api_key="***"))
+    if s.engine.api_key:
+        s = dataclasses.replace(s, engine=dataclasses.replace(s.engine, api_key="***"))
+    if s.server.tcp_token:
+        s = dataclasses.replace(s, server=dataclasses.replace(s.server, tcp_token="***"))
+    return s
 
 
 def _read_prefix(file: Path | None) -> str:
@@ -435,6 +438,17 @@ async def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
 def _serve(args: argparse.Namespace) -> int:
     from server.engine import EngineError
     from server.model_prep import ModelError
@@ -450,6 +464,16 @@ def _serve(args: argparse.Namespace) -> int:
             EXIT_USAGE,
         )
     settings = _settings(args).settings  # a broken settings file stops here, before any editor connects
+    token = None
+    if args.tcp and not _is_loopback(args.host):
+        token = settings.server.tcp_token
+        if not token:
+            raise CliError(
+                f"--host {args.host} lets other machines connect, so editors must present a token: set "
+                "server.tcp_token in the settings file (editors send it as initializationOptions.token), or "
+                "bind 127.0.0.1",
+                EXIT_USAGE,
+            )
     setup_logging(
         settings.logging.level if not args.verbose else "DEBUG", args.log_file or settings.logging.file or None
     )
@@ -457,7 +481,14 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("pygls").setLevel(logging.DEBUG if args.verbose > 1 else logging.WARNING)
     try:
         return asyncio.run(
-            serve(args.config or paths.config_path(), tcp=args.tcp, host=args.host, port=args.port, record=args.record)
+            serve(
+                args.config or paths.config_path(),
+                tcp=args.tcp,
+                host=args.host,
+                port=args.port,
+                record=args.record,
+                token=token,
+            )
         )
     except (ModelError, StoreError, EngineError, OSError) as exc:
         raise CliError(str(exc)) from None

@@ -3,7 +3,8 @@
 stdio: the protocol gets a private copy of the real stdout, and file descriptor 1 is pointed at stderr,
 so a stray print (ours, a library's, or a vLLM worker process's) can never corrupt the protocol stream.
 
-TCP binds 127.0.0.1 unless told otherwise; every connection gets its own `HeedfulLanguageServer`
+TCP binds 127.0.0.1 unless told otherwise; a non-local bind needs `server.tcp_token`, and a client
+whose `initialize` does not carry it is refused and disconnected. Every connection gets its own `HeedfulLanguageServer`
 (its own session), and they all share one engine, one store and one tokenizer. One client's `exit`
 ends its connection, not the process.
 
@@ -49,10 +50,14 @@ class _StreamWriter:
 
 
 async def run_connection(
-    reader: Any, writer: Any, services: Services, completions: CompletionService
+    reader: Any, writer: Any, services: Services, completions: CompletionService, token: str | None = None
 ) -> HeedfulLanguageServer:
-    """Serve one connection until the client sends `exit` or closes the stream; then close its session."""
-    ls = create_server(services, completions)
+    """Serve one connection until the client sends `exit` or closes the stream; then close its session.
+
+    With a `token`, the client's `initialize` must carry it (initializationOptions.token) or the
+    connection is refused.
+    """
+    ls = create_server(services, completions, token=token)
     ls.protocol.set_writer(writer)
     stop = threading.Event()
     loop_task = asyncio.create_task(
@@ -109,7 +114,7 @@ async def serve_stdio(services: Services, record: Path | None = None) -> int:
     return 0 if ls.shutdown_requested else 1
 
 
-async def serve_tcp(services: Services, host: str, port: int) -> int:
+async def serve_tcp(services: Services, host: str, port: int, token: str | None = None) -> int:
     completions = CompletionService(services)
     connections: set[asyncio.Task[Any]] = set()
 
@@ -120,7 +125,7 @@ async def serve_tcp(services: Services, host: str, port: int) -> int:
         if task is not None:
             connections.add(task)
         try:
-            await run_connection(reader, _StreamWriter(writer), services, completions)
+            await run_connection(reader, _StreamWriter(writer), services, completions, token)
         finally:
             writer.close()
             if task is not None:
@@ -147,11 +152,14 @@ async def serve_tcp(services: Services, host: str, port: int) -> int:
     return 0
 
 
-async def serve(config_path: Any, *, tcp: bool, host: str, port: int, record: Path | None = None) -> int:
+async def serve(
+    config_path: Any, *, tcp: bool, host: str, port: int, record: Path | None = None, token: str | None = None
+) -> int:
+    """Serve until the editor leaves (stdio) or a signal arrives (TCP); `token`: required of TCP clients."""
     services = await Services.open(config_path)
     try:
         if tcp:
-            return await serve_tcp(services, host, port)
+            return await serve_tcp(services, host, port, token)
         return await serve_stdio(services, record)
     finally:
         await services.close()

@@ -288,6 +288,18 @@ class LoggingSettings:
 
 
 @dataclass(slots=True)
+class ServerSettings:
+    """How `heedful serve` lets editors in."""
+
+    tcp_token: str = setting(
+        "",
+        "Token every editor must send as `initializationOptions.token` when `heedful serve --tcp` binds an "
+        "address other than this machine's (127.0.0.1, ::1, localhost); a connection without it is refused. "
+        "Empty: a non-local bind is refused at start.",
+    )
+
+
+@dataclass(slots=True)
 class Settings:
     """Everything resolved for one (developer, team)."""
 
@@ -300,6 +312,7 @@ class Settings:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
 
     def model_path(self) -> Path:
         """The model folder to load: `model.path`, else the prepared default model."""
