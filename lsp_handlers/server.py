@@ -19,6 +19,7 @@ import hmac
 import logging
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lsprotocol import types
@@ -45,7 +46,14 @@ from lsp_handlers.protocol import (
 )
 from server import __version__
 from server.runtime import EngineStatus, Services
-from server.settings import ResolvedSettings, SettingsError, apply_client_settings
+from server.settings import (
+    FileStamp,
+    ResolvedSettings,
+    SettingsError,
+    apply_client_settings,
+    files_stamp,
+    watched_files,
+)
 from storage.store import DocumentSeen, EventRecord, SessionStart
 
 log = logging.getLogger(__name__)
@@ -94,6 +102,8 @@ class HeedfulLanguageServer(LanguageServer):
         self.shutdown_requested = False
         self.closed = False
         self.last_status: dict[str, Any] | None = None
+        self._settings_files: list[Path] = []
+        self._settings_stamp: FileStamp = ()
         self._unsubscribe = services.engine.subscribe(self.send_status)
 
     # -- identity, settings, status --------------------------------------------------------------
@@ -141,6 +151,38 @@ class HeedfulLanguageServer(LanguageServer):
         except SettingsError as exc:
             log.warning("%s", exc)
             self.show_message(f"Heedful: {exc}; the previous settings stay in force")
+
+    def watch_settings(self) -> None:
+        """Remember the settings files this session's settings came from, to notice when they change."""
+        team = self.identity.team_id if self.identity else None
+        self._settings_files = watched_files(self.services.config_path, team)
+        self._settings_stamp = files_stamp(self._settings_files)
+
+    def reload_settings_if_changed(self) -> None:
+        """Hot reload: when the global or team file changed, resolve again for the next requests.
+
+        A file that no longer validates is reported (log and editor) and the settings in force stay.
+        Engine and store settings are read once at start; the per-request ones (completion, feedback,
+        privacy patterns of new sessions) follow the files.
+        """
+        identity = self.identity
+        if identity is None or not self._settings_files:
+            return
+        stamp = files_stamp(self._settings_files)
+        if stamp == self._settings_stamp:
+            return
+        self._settings_stamp = stamp  # a broken file is reported once, not on every request
+        try:
+            resolved = self.services.resolve(identity.developer_id, identity.team_id)
+            if self.client_settings:
+                resolved = apply_client_settings(resolved, self.client_settings, "editor settings")
+        except SettingsError as exc:
+            log.error("the settings changed but cannot be used: %s; the previous settings stay in force", exc)
+            self.show_message(f"Heedful: {exc}; the previous settings stay in force", types.MessageType.Error)
+            return
+        self.resolved = resolved
+        self.watch_settings()
+        log.info("settings reloaded for developer %r, team %r", identity.developer_id, identity.team_id)
 
     def report_server_error(self, error: Exception, source: Any) -> None:
         if is_parse_error(error):
@@ -326,6 +368,7 @@ def create_server(
             ls.resolved = services.base
         ls.apply_settings(client_settings, "initializationOptions.settings")
         ls.identity = Identity(developer, session_id, team)
+        ls.watch_settings()
         ls.documents = DocumentStore(ServerCapabilitiesBuilder.choose_position_encoding(params.capabilities))
         info = params.client_info
         fut = services.store.start_session(
@@ -419,6 +462,7 @@ def create_server(
         ls: HeedfulLanguageServer, uri: str, position: types.Position
     ) -> tuple[TextDocument, Served] | None:
         identity = ls.require_identity()
+        ls.reload_settings_if_changed()
         try:
             doc = ls.documents.get(uri)
         except DocumentError as exc:

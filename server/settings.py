@@ -671,6 +671,40 @@ def apply_client_settings(resolved: ResolvedSettings, table: Mapping[str, Any], 
     return ResolvedSettings(settings, sources, resolved.files)
 
 
+def watched_files(global_file: Path | None, team: str | None) -> list[Path]:
+    """The files whose change alters a team's settings: the global file and the team's file (which may
+    not exist yet). A global file that cannot be read yields itself alone, so fixing it is noticed."""
+    if global_file is None:
+        global_file = paths.config_path()
+    if global_file is None:
+        return []
+    files = [global_file]
+    if team:
+        try:
+            g = read_settings_file(global_file, is_global=True)
+            if g.teams_dir is not None:
+                files.append(team_file(g.teams_dir, team))
+        except SettingsError:
+            pass
+    return files
+
+
+FileStamp = tuple[tuple[int, int] | None, ...]
+
+
+def files_stamp(files: list[Path]) -> FileStamp:
+    """(modification time, size) of each file, None for a missing one: a change means re-read them."""
+    stamp: list[tuple[int, int] | None] = []
+    for path in files:
+        try:
+            st = path.stat()
+        except OSError:
+            stamp.append(None)
+        else:
+            stamp.append((st.st_mtime_ns, st.st_size))
+    return tuple(stamp)
+
+
 def check_directory_team_files(global_file: Path) -> list[tuple[Path, SettingsError | None]]:
     """Validate every team file beside a global file: (path, error or None) per file."""
     g = read_settings_file(global_file, is_global=True)
@@ -736,7 +770,9 @@ __all__ = [
     "SettingsError",
     "apply_client_settings",
     "check_directory_team_files",
+    "files_stamp",
     "reference_markdown",
     "render_toml",
     "resolve",
+    "watched_files",
 ]
