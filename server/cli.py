@@ -116,9 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="validate settings files, print the settings reference")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION")
     check = config_sub.add_parser(
-        "check", help="validate a global settings file and its team files; print the resolved settings"
+        "check",
+        help="validate a global settings file and its team files; print the resolved settings (for a directory: "
+        "one line per file)",
     )
-    check.add_argument("file", type=Path, help="the global settings file (TOML)")
+    check.add_argument(
+        "file", type=Path, help="the global settings file (TOML), or a settings directory holding heedful.toml"
+    )
     _add_identity(check)
     check.add_argument("--json", action="store_true", help="print the resolved settings as JSON")
     config_sub.add_parser("reference", help="print every settings key as a Markdown table")
@@ -133,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapter", type=Path, help="a peft LoRA adapter folder to generate with")
     gen.add_argument("--json", action="store_true", help="print candidates with token ids and log-probs")
     _add_identity(gen)
+
+    team = sub.add_parser("team", help="the teams: their settings files, developers and adapters")
+    team_sub = team.add_subparsers(dest="team_command", metavar="ACTION")
+    team_list = team_sub.add_parser("list", help="every team of the settings directory and the store")
+    team_list.add_argument("--json", action="store_true", help="print JSON")
+    team_show = team_sub.add_parser("show", help="one team: the settings its file changes, developers, adapters")
+    team_show.add_argument("name", help="the team name")
+    team_show.add_argument("--json", action="store_true", help="print JSON")
+
+    audit = sub.add_parser("audit", help="the audit log: training, publishing, rollbacks, purges, retention")
+    audit.add_argument("--since", help="only entries since then: a date, a date and time, or an age (24h, 7d)")
+    audit.add_argument("--json", action="store_true", help="print one JSON object per line")
 
     stats = sub.add_parser("stats", help="counts of completions, events, rollouts and adapters in the store")
     stats.add_argument("--json", action="store_true", help="print JSON")
@@ -188,7 +204,9 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(reference_markdown())
         return 0
     if args.config_command != "check":
-        raise CliError("usage: heedful config check FILE | heedful config reference", EXIT_USAGE)
+        raise CliError("usage: heedful config check FILE|DIR | heedful config reference", EXIT_USAGE)
+    if args.file.is_dir():
+        return _check_directory(args.file)
     failures: list[str] = []
     try:
         resolved = resolve(args.file, developer=args.developer, team=args.team)
@@ -219,6 +237,22 @@ def cmd_config(args: argparse.Namespace) -> int:
     if failures:
         raise CliError("invalid team files:\n" + "\n".join(failures))
     print(f"ok: {args.file} is valid", file=sys.stderr)
+    return 0
+
+
+def _check_directory(directory: Path) -> int:
+    from server.admin import AdminError, check_settings_directory, global_file_of
+
+    try:
+        checks = check_settings_directory(global_file_of(directory))
+    except AdminError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    for check in checks:
+        print(f"ok: {check.path}" if check.error is None else f"invalid: {check.error}")
+    bad = sum(c.error is not None for c in checks)
+    if bad:
+        raise CliError(f"{bad} of {len(checks)} settings files in {directory} are invalid (see above)")
+    print(f"ok: all {len(checks)} settings files in {directory} are valid", file=sys.stderr)
     return 0
 
 
@@ -410,6 +444,90 @@ async def _with_store(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _team(args: argparse.Namespace) -> int:
+    from server.admin import team_files, team_overrides
+
+    if args.team_command not in ("list", "show"):
+        raise CliError("usage: heedful team list | heedful team show NAME", EXIT_USAGE)
+    global_file = args.config or paths.config_path()
+    files = team_files(global_file)
+    settings = _settings(args).settings
+    async with _open_store(settings) as store:
+        known = await store.teams()
+    if args.team_command == "list":
+        names = sorted(set(files) | set(known))
+        rows = []
+        for name in names:
+            adapters = known.get(name, {}).get("adapters", [])
+            active = next((a["id"] for a in adapters if a["status"] == "active"), None)
+            file = files.get(name)
+            rows.append(
+                {
+                    "team": name,
+                    "settings_file": str(file) if file else None,
+                    "developers": len(known.get(name, {}).get("developers", [])),
+                    "active_adapter": active,
+                }
+            )
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(f"{'team':<24} {'developers':>10}  {'active adapter':<36}  settings file")
+            for r in rows:
+                print(
+                    f"{r['team']:<24} {r['developers']:>10}  {r['active_adapter'] or '-':<36}  "
+                    f"{r['settings_file'] or '- (global settings only)'}"
+                )
+        return 0
+    name = args.name
+    store_info = known.get(name, {"developers": [], "adapters": []})
+    if name not in files and not store_info["developers"] and not store_info["adapters"]:
+        listed = ", ".join(sorted(set(files) | set(known))) or "none yet"
+        raise CliError(f"team {name!r} has no settings file and no developers in the store; known teams: {listed}")
+    overrides = team_overrides(global_file, name) if global_file is not None and name in files else {}
+    if "server.tcp_token" in overrides:
+        overrides["server.tcp_token"] = "***"
+    report = {
+        "team": name,
+        "settings_file": str(files[name]) if name in files else None,
+        "overrides": overrides,
+        **store_info,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"team {name}")
+    print(f"settings file: {report['settings_file'] or '- (global settings only)'}")
+    print("settings the team file changes:" if overrides else "settings the team file changes: none")
+    for key, value in overrides.items():
+        print(f"  {key} = {json.dumps(value)}")
+    print(f"developers ({len(store_info['developers'])}): {', '.join(store_info['developers']) or '-'}")
+    print(f"adapters ({len(store_info['adapters'])}):")
+    for a in store_info["adapters"]:
+        print(f"  {a['id']}  {a['status']:<9} step {a['step']}  kl {a['kl']}  {a['at']}")
+    return 0
+
+
+async def _audit(args: argparse.Namespace) -> int:
+    from server.admin import AdminError, parse_since
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except AdminError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    async with _open_store(_settings(args).settings) as store:
+        entries = await store.audit_log(since)
+    for e in entries:
+        if args.json:
+            print(json.dumps(e, sort_keys=True, default=str))
+        else:
+            detail = json.dumps(e["detail"], sort_keys=True, default=str) if e["detail"] else ""
+            print(f"{e['at']}  {e['actor']:<20} {e['action']:<12} {e['scope'] or '-':<24} {e['reason'] or ''} {detail}")
+    if not entries and not args.json:
+        print("no audit entries" + (f" since {since.isoformat()}" if since else ""), file=sys.stderr)
+    return 0
+
+
 async def _train(args: argparse.Namespace) -> int:
     from personalization.worker import lower_priority, run_worker
     from storage.db import StoreError
@@ -566,6 +684,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_config(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "team":
+            return asyncio.run(_team(args))
+        if args.command == "audit":
+            return asyncio.run(_audit(args))
         if args.command == "replay":
             return _replay(args)
         if args.command == "record":

@@ -24,13 +24,16 @@ from storage.db import Database, StoreError, open_database
 from storage.models import Candidate, Completion, CompletionMode, Event, EventKind, utcnow
 from storage.redaction import Redactor
 from storage.repositories import (
+    AdapterRepository,
     AuditRepository,
     CompletionRepository,
     DocumentRepository,
     EventRepository,
+    IdentityRepository,
     PurgeRepository,
     RetentionRepository,
     RolloutRepository,
+    Scope,
     SessionRepository,
     StatsRepository,
 )
@@ -364,6 +367,43 @@ class RolloutStore:
                 removed.append(path)
         result["adapter_dirs_removed"] = removed
         return result
+
+    async def teams(self) -> dict[str, dict[str, Any]]:
+        """Every team the store knows: its developers and its team adapter versions."""
+        async with self.unit() as s:
+            identities, adapters = IdentityRepository(s), AdapterRepository(s)
+            out: dict[str, dict[str, Any]] = {}
+            for team in await identities.teams():
+                versions = await adapters.versions(Scope.team(team))
+                out[team] = {
+                    "developers": await identities.developers_of_team(team),
+                    "adapters": [
+                        {
+                            "id": v.id,
+                            "status": v.status.value,
+                            "step": v.step,
+                            "kl": v.kl,
+                            "at": v.created_at.isoformat(),
+                        }
+                        for v in versions
+                    ],
+                }
+            return out
+
+    async def audit_log(self, since: datetime | None = None) -> list[dict[str, Any]]:
+        """The audit log (training, publishing, rollbacks, purges, retention), oldest first."""
+        async with self.unit() as s:
+            return [
+                {
+                    "at": e.at.isoformat(),
+                    "actor": e.actor,
+                    "action": e.action,
+                    "scope": f"{e.scope_kind}:{e.scope_id}" if e.scope_kind else None,
+                    "reason": e.reason,
+                    "detail": e.detail,
+                }
+                for e in await AuditRepository(s).since(since)
+            ]
 
     async def export_developer(self, developer_id: str) -> list[dict[str, Any]]:
         """The developer's rollouts as (context, response, feedback) triples."""

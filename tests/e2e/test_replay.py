@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,18 +21,9 @@ import pytest
 from tests.e2e.client import ROOT, running_client
 from tests.e2e.conftest import write_config
 from tests.e2e.sessions import SECRET, SESSIONS, record_session
+from tests.procs import run_heedful
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
-
-
-def run_heedful(config: Path, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", "--config", str(config), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def lines_of(path: Path) -> list[dict[str, Any]]:

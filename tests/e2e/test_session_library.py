@@ -6,8 +6,6 @@ what the server answers to an editor shows up here as a diff naming the message.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import pytest
 from tests.e2e.client import ROOT
 from tests.e2e.conftest import write_config
 from tests.e2e.sessions import SESSIONS
+from tests.procs import run_heedful
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
 
@@ -29,12 +28,6 @@ def test_the_library_holds_a_recording_of_every_scripted_session() -> None:
 @pytest.mark.parametrize("recording", RECORDINGS, ids=[p.stem for p in RECORDINGS])
 def test_recorded_session_replays(recording: Path, tmp_path: Path, default_model: Path, vllm_server: str) -> None:
     config = write_config(tmp_path, default_model, vllm_server).config
-    result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "--config", str(config), "replay", str(recording), "--no-timing"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_heedful(config, "replay", str(recording), "--no-timing")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok: " in result.stdout

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from server.recording import FrameParser
 from tests.e2e.client import ROOT, HeedfulClient
 from tests.e2e.conftest import ServerSetup, write_config
+from tests.procs import run_heedful
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
 
@@ -109,12 +109,6 @@ async def test_a_network_bind_refuses_editors_without_the_token(network_server: 
 
 
 def test_a_network_bind_without_a_token_in_the_settings_does_not_start(lsp_setup: ServerSetup) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "--config", str(lsp_setup.config), "serve", "--tcp", "--host", "0.0.0.0"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_heedful(lsp_setup.config, "serve", "--tcp", "--host", "0.0.0.0", timeout=120)
     assert result.returncode == 2
     assert "--host 0.0.0.0 lets other machines connect" in result.stderr and "server.tcp_token" in result.stderr
