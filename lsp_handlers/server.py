@@ -17,6 +17,7 @@ import asyncio
 import getpass
 import hmac
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,6 +225,7 @@ class HeedfulLanguageServer(LanguageServer):
         identity = self.require_identity()
         if completion_id is not None and completion_id in self.served:
             self.served[completion_id].outcomes.add(kind)
+        self.services.metrics.count_event(identity.team_id, kind)
         fut: asyncio.Future[Any] = self.services.store.record_event(
             EventRecord(session_id=identity.session_id, kind=kind, completion_id=completion_id, **fields)
         )
@@ -459,9 +461,17 @@ def create_server(
     # -- completions ---------------------------------------------------------------------------------
 
     async def complete(
-        ls: HeedfulLanguageServer, uri: str, position: types.Position
+        ls: HeedfulLanguageServer, uri: str, position: types.Position, method: str
     ) -> tuple[TextDocument, Served] | None:
         identity = ls.require_identity()
+        started = time.monotonic()
+        result = await serve_completion(ls, identity, uri, position)
+        services.metrics.observe_completion(identity.team_id, method, time.monotonic() - started, result is not None)
+        return result
+
+    async def serve_completion(
+        ls: HeedfulLanguageServer, identity: Identity, uri: str, position: types.Position
+    ) -> tuple[TextDocument, Served] | None:
         ls.reload_settings_if_changed()
         try:
             doc = ls.documents.get(uri)
@@ -508,7 +518,7 @@ def create_server(
     async def inline_completion(
         ls: HeedfulLanguageServer, params: types.InlineCompletionParams
     ) -> types.InlineCompletionList | None:
-        result = await complete(ls, params.text_document.uri, params.position)
+        result = await complete(ls, params.text_document.uri, params.position, types.TEXT_DOCUMENT_INLINE_COMPLETION)
         if result is None:
             return None
         doc, served = result
@@ -525,7 +535,7 @@ def create_server(
         types.CompletionOptions(trigger_characters=[".", "(", " ", "\n"], resolve_provider=False),
     )
     async def completion(ls: HeedfulLanguageServer, params: types.CompletionParams) -> types.CompletionList | None:
-        result = await complete(ls, params.text_document.uri, params.position)
+        result = await complete(ls, params.text_document.uri, params.position, types.TEXT_DOCUMENT_COMPLETION)
         if result is None:
             return None
         doc, served = result

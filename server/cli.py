@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="TCP address to bind (default 127.0.0.1: this machine)")
     serve.add_argument("--port", type=int, default=2087, help="TCP port (default 2087; 0: any free port)")
     serve.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)"
+    )
+    serve.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default 127.0.0.1)"
+    )
+    serve.add_argument(
         "--record", type=Path, metavar="FILE", help="write every JSON-RPC message of the session to FILE (stdio only)"
     )
 
@@ -575,6 +581,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port {args.port} is not a TCP port: use 0-65535 (0: any free port)", EXIT_USAGE)
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise CliError(
+            f"--metrics-port {args.metrics_port} is not a TCP port: use 0-65535 (0: any free port)", EXIT_USAGE
+        )
     if args.record is not None and args.tcp:
         raise CliError(
             f"--record {args.record} records one stdio session; with --tcp put `heedful record` in front of each "
@@ -606,6 +616,7 @@ def _serve(args: argparse.Namespace) -> int:
                 port=args.port,
                 record=args.record,
                 token=token,
+                metrics=None if args.metrics_port is None else (args.metrics_host, args.metrics_port),
             )
         )
     except (ModelError, StoreError, EngineError, OSError) as exc:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from server.engine import AdapterRef, Engine, EngineError, create_engine
 from server.engine.tokens import LocalTokenizer
+from server.metrics import ServingMetrics
 from server.model_prep import ModelError, verify_model
 from server.settings import ResolvedSettings, Settings, resolve
 from storage.store import RolloutStore
@@ -139,6 +140,7 @@ class Services:
         self.store = store
         self.tokenizer = tokenizer
         self.vocabulary = tokenizer.vocabulary()
+        self.metrics = ServingMetrics()  # counted always; exposed only with `heedful serve --metrics-port`
 
     @classmethod
     async def open(cls, config_path: Path | None, *, engine: Engine | None = None) -> Services:
@@ -161,6 +163,7 @@ class Services:
         return None
 
     async def close(self) -> None:
+        self.metrics.close()
         try:
             await self.store.close()
         finally:

@@ -153,11 +153,23 @@ async def serve_tcp(services: Services, host: str, port: int, token: str | None 
 
 
 async def serve(
-    config_path: Any, *, tcp: bool, host: str, port: int, record: Path | None = None, token: str | None = None
+    config_path: Any,
+    *,
+    tcp: bool,
+    host: str,
+    port: int,
+    record: Path | None = None,
+    token: str | None = None,
+    metrics: tuple[str, int] | None = None,
 ) -> int:
-    """Serve until the editor leaves (stdio) or a signal arrives (TCP); `token`: required of TCP clients."""
+    """Serve until the editor leaves (stdio) or a signal arrives (TCP).
+
+    `token`: required of TCP clients; `metrics`: (host, port) of the Prometheus endpoint, None: off.
+    """
     services = await Services.open(config_path)
     try:
+        if metrics is not None:
+            services.metrics.expose(services.store, asyncio.get_running_loop(), *metrics)
         if tcp:
             return await serve_tcp(services, host, port, token)
         return await serve_stdio(services, record)

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.settings import Settings
 from storage.db import Database, StoreError, open_database
-from storage.models import Candidate, Completion, CompletionMode, Event, EventKind, utcnow
+from storage.models import AdapterStatus, Candidate, Completion, CompletionMode, Event, EventKind, utcnow
 from storage.redaction import Redactor
 from storage.repositories import (
     AdapterRepository,
@@ -389,6 +389,26 @@ class RolloutStore:
                     ],
                 }
             return out
+
+    async def adapter_overview(self) -> dict[str, dict[str, Any]]:
+        """Per scope ("developer:<id>", "team:<name>"): the active version and its step, and the final
+        training loss and KL of the latest trained version (whatever its gate verdict)."""
+        async with self.unit() as s:
+            versions = await AdapterRepository(s).versions()  # newest first
+        out: dict[str, dict[str, Any]] = {}
+        for v in versions:
+            scope = f"{v.scope_kind.value}:{v.scope_id}"
+            if scope not in out:  # the newest version of the scope
+                loss = (v.metrics or {}).get("final_loss")
+                out[scope] = {
+                    "active_version": None,
+                    "active_step": None,
+                    "latest_loss": loss if isinstance(loss, int | float) else None,
+                    "latest_kl": v.kl,
+                }
+            if v.status == AdapterStatus.ACTIVE:
+                out[scope]["active_version"], out[scope]["active_step"] = v.id, v.step
+        return out
 
     async def audit_log(self, since: datetime | None = None) -> list[dict[str, Any]]:
         """The audit log (training, publishing, rollbacks, purges, retention), oldest first."""

@@ -105,6 +105,7 @@ async def test_a_network_bind_refuses_editors_without_the_token(network_server: 
     sessions = {r["id"] for r in setup.rows("SELECT id FROM sessions")}
     assert sessions == {"with-token"}
     assert "connection refused: initializationOptions.token is missing" in setup.log.read_text()
+    assert "metrics on" not in setup.log.read_text()  # the metrics endpoint is off unless asked for
     assert TOKEN not in setup.log.read_text()
 
 
