@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=120.0, help="seconds to wait for each server message (default 120)"
     )
     replay.add_argument("--junit", type=Path, metavar="FILE", help="also write a JUnit XML report to FILE")
+    replay.add_argument(
+        "--no-store",
+        action="store_true",
+        help="do not compare the stored events (the server writes to a store other than --config's)",
+    )
 
     train = sub.add_parser("train", help="the training worker: collect rollouts, train scopes, gate, publish")
     train.add_argument("--once", action="store_true", help="one pass over the scopes, then exit")
@@ -666,11 +671,18 @@ def _replay(args: argparse.Namespace) -> int:
     else:
         config = args.config or paths.config_path()
         command = [sys.executable, "-m", "server.cli", *(["--config", str(config)] if config else []), "serve"]
+    store = _settings(args).settings  # the store the default server writes to, for the stored events
     results: list[ReplayResult] = []
     try:
         for recording in args.recordings:
             result = asyncio.run(
-                replay(recording, command, speed=None if args.no_timing else args.speed, timeout=args.timeout)
+                replay(
+                    recording,
+                    command,
+                    speed=None if args.no_timing else args.speed,
+                    timeout=args.timeout,
+                    store=None if args.no_store else store,
+                )
             )
             results.append(result)
             print(result.report())

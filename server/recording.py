@@ -7,7 +7,9 @@ A recording starts with a header line and then holds one line per message:
     {"t": 0.0402, "direction": "server-to-client", "message": {...}}
 
 `t` is seconds since the recording started. A body that is not JSON (a broken client) is kept as
-`"raw": "<text>"` instead of `"message"`, so a replay sends the same bytes. Every string in a message
+`"raw": "<text>"` instead of `"message"`, so a replay sends the same bytes. A recording made by
+`heedful serve --record` ends with a `"direction": "store"` line: the events the session stored
+(`RolloutStore.session_events`), which a replay compares too. Every string in a message
 passes through the store's `Redactor` first (built-in secret patterns plus `privacy.redact_patterns`):
 a recording is meant to be shared with QA and checked into a repository, so a secret typed in an editor
 must not reach it.
@@ -35,7 +37,8 @@ from storage.redaction import Redactor
 FORMAT_VERSION = 1
 CLIENT_TO_SERVER = "client-to-server"
 SERVER_TO_CLIENT = "server-to-client"
-DIRECTIONS = (CLIENT_TO_SERVER, SERVER_TO_CLIENT)
+STORE = "store"  # the last line of a `heedful serve --record` recording: the events the session stored
+DIRECTIONS = (CLIENT_TO_SERVER, SERVER_TO_CLIENT, STORE)
 
 
 def redact_value(value: Any, redactor: Redactor) -> Any:
@@ -78,6 +81,11 @@ class Recorder:
         except (json.JSONDecodeError, UnicodeDecodeError):
             entry["raw"] = self.redactor.redact(body.decode("utf-8", errors="replace"))[0]
         self._write(entry)
+
+    def record_store(self, session_id: str, events: list[dict[str, Any]]) -> None:
+        """The events the session left in the store (`RolloutStore.session_events`), for replays to compare."""
+        t = round(time.monotonic() - self._started, 4)
+        self._write({"t": t, "direction": STORE, "session": session_id, "events": events})
 
     def close(self) -> None:
         with self._lock:

@@ -13,7 +13,9 @@ The replayer plays the client's side of a recording (`server.recording`) to a ne
 Answers are compared exactly for deterministic methods, and structurally for completions: the shape of
 the answer, its ranges and commands must match; the suggested text may differ. Fields that vary between
 runs of the same build (event ids, the model's path in `heedful/status`, the server version) are left out.
-Log and progress notifications are not compared, nor is the transient `loading` status.
+Log and progress notifications are not compared, nor is the transient `loading` status. A replay is a
+session of its own (its sessionId gets a suffix); when the recording ends with the events the session
+stored, the replayed session's stored events are compared with them (kinds, which completion, corrections).
 
 This module drives a server and judges it; it never changes a recording.
 """
@@ -25,13 +27,15 @@ import collections
 import contextlib
 import json
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.recording import CLIENT_TO_SERVER, DIRECTIONS, FORMAT_VERSION, FrameParser
+from server.recording import CLIENT_TO_SERVER, DIRECTIONS, FORMAT_VERSION, STORE, FrameParser
+from server.settings import Settings
 
 STRUCTURAL_METHODS = frozenset({"textDocument/inlineCompletion", "textDocument/completion"})
 # Keys holding the suggestion's text in completion answers: compared by type, not by value.
@@ -55,8 +59,9 @@ class Entry:
     line: int
     t: float
     direction: str
-    message: dict[str, Any] | None  # None: the body was not JSON, see `raw`
+    message: dict[str, Any] | None  # None: the body was not JSON (see `raw`), or a store line
     raw: str | None = None
+    events: list[dict[str, Any]] | None = None  # the store line: the events the session stored
 
 
 def load_recording(path: Path) -> list[Entry]:
@@ -121,6 +126,11 @@ def _entry(path: Path, number: int, obj: Any) -> Entry:
     t = obj.get("t")
     if not isinstance(t, int | float) or isinstance(t, bool) or t < 0:
         raise RecordingError(f"{where}: t = {t!r} is not valid: expected seconds since the start (a number >= 0)")
+    if direction == STORE:
+        events = obj.get("events")
+        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+            raise RecordingError(f"{where}: a store line needs 'events', a list of objects; got {events!r:.80}")
+        return Entry(number, float(t), direction, None, events=events)
     message = obj.get("message")
     raw = obj.get("raw")
     if message is None and not isinstance(raw, str):
@@ -383,6 +393,8 @@ class Replayer:
         self._taken_requests: set[int] = set()
         self._taken_null = 0
         self.sent_exit = False
+        self.stored_events: Entry | None = None  # the recording's store line, compared after the server exits
+        self.session_suffix = f"-replay-{uuid.uuid4().hex[:8]}"
 
     async def run(self) -> None:
         started = time.monotonic()
@@ -393,8 +405,31 @@ class Replayer:
                     if delay > 0:
                         await asyncio.sleep(delay)
                 self._send(entry)
+            elif entry.direction == STORE:
+                self.stored_events = entry
             elif entry.message is not None:
                 await self._expect(entry, entry.message)
+
+    @property
+    def live_session_id(self) -> str | None:
+        """The session id the live server reports in `heedful/status`."""
+        for message in self.server.notifications:
+            params = message.get("params")
+            if message.get("method") == "heedful/status" and isinstance(params, dict):
+                session = params.get("sessionId")
+                if isinstance(session, str):
+                    return session
+        return None
+
+    def compare_events(self, live: list[dict[str, Any]]) -> None:
+        """Compare the events the live session stored with the recording's store line."""
+        entry = self.stored_events
+        assert entry is not None and entry.events is not None
+        expected = collections.Counter(json.dumps(e, sort_keys=True) for e in entry.events)
+        got = collections.Counter(json.dumps(e, sort_keys=True) for e in live)
+        failures = [f"stored in the recording, not in the replay: {e}" for e in sorted((expected - got).elements())]
+        failures += [f"stored in the replay, not in the recording: {e}" for e in sorted((got - expected).elements())]
+        self.checks.append(Check(entry.line, "events the session stored", failures))
 
     def _send(self, entry: Entry) -> None:
         if entry.message is None:
@@ -402,6 +437,8 @@ class Replayer:
             return
         message = substitute(entry.message, self._ids)
         method = message.get("method")
+        if method == "initialize":
+            self._fresh_session(message)
         if method is not None and "id" in message:
             self._next_id += 1
             self._request_ids[json.dumps(message["id"])] = (self._next_id, str(method))
@@ -418,6 +455,15 @@ class Replayer:
         if method == "exit":
             self.sent_exit = True
         self.server.send(message)
+
+    def _fresh_session(self, initialize: dict[str, Any]) -> None:
+        """A replay is a new session: a recorded sessionId gets a suffix, so the store keeps both apart."""
+        params = initialize.get("params")
+        if not isinstance(params, dict):
+            return
+        options = params.get("initializationOptions")
+        if isinstance(options, dict) and isinstance(options.get("sessionId"), str):
+            params["initializationOptions"] = dict(options, sessionId=options["sessionId"] + self.session_suffix)
 
     async def _expect(self, entry: Entry, recorded: dict[str, Any]) -> None:
         method = recorded.get("method")
@@ -534,8 +580,13 @@ async def replay(
     speed: float | None = 1.0,
     timeout: float = 120.0,
     cwd: Path | None = None,
+    store: Settings | None = None,
 ) -> ReplayResult:
-    """Replay one recording against a server started with `server_command`; the comparison's result."""
+    """Replay one recording against a server started with `server_command`; the comparison's result.
+
+    With `store` (the settings of the store the server writes to), the events the replayed session
+    stored are compared with the recording's store line, when it has one.
+    """
     entries = load_recording(recording)
     started = time.monotonic()
     server = await LiveServer.start(server_command, cwd)
@@ -544,7 +595,21 @@ async def replay(
         await replayer.run()
     finally:
         status = await server.stop(grace=30.0 if replayer.sent_exit else 0.0)
+    if store is not None and replayer.stored_events is not None:
+        session = replayer.live_session_id
+        live = await _stored_events(store, session) if session is not None else []
+        replayer.compare_events(live)
     return ReplayResult(recording, replayer.checks, time.monotonic() - started, status, list(server.stderr_tail))
+
+
+async def _stored_events(settings: Settings, session_id: str) -> list[dict[str, Any]]:
+    from storage.store import RolloutStore
+
+    store = await RolloutStore.open(settings)
+    try:
+        return await store.session_events(session_id)
+    finally:
+        await store.close()
 
 
 def junit_xml(results: Sequence[ReplayResult]) -> bytes:

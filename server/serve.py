@@ -107,6 +107,9 @@ async def serve_stdio(services: Services, record: Path | None = None) -> int:
     completions = CompletionService(services)
     try:
         ls = await run_connection(reader, writer, services, completions)
+        if recorder is not None and ls.identity is not None:
+            session_id = ls.identity.session_id
+            recorder.record_store(session_id, await services.store.session_events(session_id))
     finally:
         if recorder is not None:
             recorder.close()

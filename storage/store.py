@@ -9,6 +9,7 @@ text changed get `logprobs_stale` so the trainer recomputes their log-probs.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -409,6 +410,25 @@ class RolloutStore:
             if v.status == AdapterStatus.ACTIVE:
                 out[scope]["active_version"], out[scope]["active_step"] = v.id, v.step
         return out
+
+    async def session_events(self, session_id: str) -> list[dict[str, Any]]:
+        """A session's events in a form two runs of the same session can be compared in: each names its
+        completion by its place in the session (0, 1, ...), and leaves out ids, times and the texts the
+        model wrote. Sorted, since events that arrive together may be written in either order."""
+        async with self.unit() as s:
+            order = {c.id: i for i, c in enumerate(await CompletionRepository(s).for_session(session_id))}
+            events = await EventRepository(s).for_session(session_id)
+        rows = [
+            {
+                "kind": e.kind.value,
+                "completion": order.get(e.completion_id) if e.completion_id else None,
+                "inferred": e.inferred,
+                "delay_s": e.delay_s,
+                "text": e.text if e.kind == EventKind.CORRECTION else None,
+            }
+            for e in events
+        ]
+        return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
 
     async def audit_log(self, since: datetime | None = None) -> list[dict[str, Any]]:
         """The audit log (training, publishing, rollbacks, purges, retention), oldest first."""

@@ -23,10 +23,12 @@ from lsprotocol import types
 
 from tests.e2e.client import HeedfulClient, running_client
 
-# A secret on its own line: recordings must hold it redacted (the positions of other lines stay put).
+# A secret the developer pastes into a correction: recordings must hold it redacted. (A secret in a
+# document would reach a replayed server redacted, change its prompt, and so its completions.)
 SECRET = "AKIAIOSFODNN7EXAMPLE"
-EDITING_SOURCE = f'''"""Order file helpers."""
-# deploy key: {SECRET}
+CORRECTION = f"Always add type hints; the deploy key {SECRET} goes in the vault"
+EDITING_SOURCE = '''"""Order file helpers."""
+import os
 
 
 def read_lines(path):
@@ -49,7 +51,7 @@ async def editing_session(client: HeedfulClient) -> None:
     await client.wait_status("ready")
     uri = "file:///work/shop/orders.py"
     client.open(uri, EDITING_SOURCE)
-    item = await _inline_item(client, uri, 6, 4)
+    item = await _inline_item(client, uri, 5, 4)
     client.notify("textDocument/didShowCompletion", {"item": client.lc.protocol._converter.unstructure(item)})
     text = str(item.insert_text)
     client.change(uri, [((6, 4), (6, 4), text)])
@@ -57,7 +59,7 @@ async def editing_session(client: HeedfulClient) -> None:
     client.change(uri, [((6, 4), (6, 4), "\n\n\ndef count_words(text):\n    ")])
     second = await _inline_item(client, uri, 10, 4)
     client.notify("heedful/didRejectCompletion", {"completionId": _completion_id(second)})
-    await client.command("heedful.feedback", {"text": "Always add type hints"})
+    await client.command("heedful.feedback", {"text": CORRECTION})
 
 
 async def completion_items_session(client: HeedfulClient) -> str:

@@ -47,8 +47,9 @@ def replay_config(tmp_path: Path, default_model: Path, vllm_server: str) -> Path
 
 
 def test_serve_record_writes_every_message_both_ways_with_secrets_redacted(recording: Path) -> None:
-    header, *entries = lines_of(recording)
+    header, *entries, store = lines_of(recording)
     assert header["heedful_recording"] == 1 and header["source"] == "serve"
+    assert store["direction"] == "store" and store["session"] == "qa-vscode-1"
     directions = {e["direction"] for e in entries}
     assert directions == {"client-to-server", "server-to-client"}
     offsets = [e["t"] for e in entries]
@@ -67,11 +68,33 @@ def test_replay_against_the_same_build_passes(recording: Path, replay_config: Pa
     junit = tmp_path / "replay.xml"
     result = run_heedful(replay_config, "replay", str(recording), "--no-timing", "--junit", str(junit))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "7 of 7 server messages match" in result.stdout
+    assert "8 of 8 server messages match" in result.stdout
     suite = ET.parse(junit).getroot().find("testsuite")
-    assert suite is not None and suite.get("failures") == "0" and suite.get("tests") == "7"
+    assert suite is not None and suite.get("failures") == "0" and suite.get("tests") == "8"
     names = [case.get("name", "") for case in suite.iter("testcase")]
     assert sum("textDocument/inlineCompletion" in n for n in names) == 2
+    assert names[-1] == f"line {len(lines_of(recording))}: events the session stored"
+
+
+def test_replay_compares_the_events_the_session_stored(recording: Path, replay_config: Path, tmp_path: Path) -> None:
+    *head, store_line = lines_of(recording)
+    assert store_line["direction"] == "store"
+    kinds = sorted(e["kind"] for e in store_line["events"])
+    assert kinds == ["accepted", "correction", "edit_snapshot", "edit_snapshot", "rejected", "shown"]
+    (correction,) = [e for e in store_line["events"] if e["kind"] == "correction"]
+    assert correction["completion"] == 1 and "[REDACTED:aws-access-key]" in correction["text"]
+    # The recording says the session stored no reject: the replayed session stores one, and that is named.
+    store_line["events"] = [e for e in store_line["events"] if e["kind"] != "rejected"]
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(json.dumps(line) + "\n" for line in [*head, store_line]), encoding="utf-8")
+    result = run_heedful(replay_config, "replay", str(edited), "--no-timing")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{edited}:{len(head) + 1}: events the session stored differs:" in result.stdout
+    assert (
+        'stored in the replay, not in the recording: {"completion": 1, "delay_s": null, "inferred": false, '
+        '"kind": "rejected", "text": null}' in result.stdout
+    ), result.stdout
+    assert "7 of 8 server messages match" in result.stdout
 
 
 def test_replay_against_a_changed_build_fails_with_a_diff_naming_the_message(
@@ -100,7 +123,7 @@ def test_replay_against_a_changed_build_fails_with_a_diff_naming_the_message(
     assert 'result.items[0].command.title: recorded "Accept Heedful completion", replayed "Take it"' in result.stdout, (
         result.stdout
     )
-    assert "FAILED" in result.stdout and "5 of 7 server messages match" in result.stdout
+    assert "FAILED" in result.stdout and "6 of 8 server messages match" in result.stdout
     suite = ET.parse(junit).getroot().find("testsuite")
     assert suite is not None and suite.get("failures") == "2"
 

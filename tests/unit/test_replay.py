@@ -93,6 +93,7 @@ def test_recorder_redacts_values_and_keeps_bodies_that_are_not_json(tmp_path: Pa
         ('{"heedful_recording": 1}\n{"t": -1, "direction": "client-to-server", "message": {}}\n', ":2: t = -1"),
         ('{"heedful_recording": 1}\n{"t": 0, "direction": "client-to-server"}\n', ":2: the line has neither"),
         ('{"heedful_recording": 1}\n[1, 2\n{"t": 0}\n', ":2: not valid JSON"),
+        ('{"heedful_recording": 1}\n{"t": 0, "direction": "store", "events": "all"}\n', ":2: a store line needs"),
         ('{"heedful_recording": 1}\n{"t": 0, "direction": "client-to-server", "mess', ":2: the last line is cut off"),
     ],
 )
