@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     team_show.add_argument("name", help="the team name")
     team_show.add_argument("--json", action="store_true", help="print JSON")
 
-    audit = sub.add_parser("audit", help="the audit log: training, publishing, rollbacks, purges, retention")
+    audit = sub.add_parser("audit", help="the audit log: training, publishing, purges, retention")
     audit.add_argument("--since", help="only entries since then: a date, a date and time, or an age (24h, 7d)")
     audit.add_argument("--json", action="store_true", help="print one JSON object per line")
 

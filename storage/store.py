@@ -431,7 +431,7 @@ class RolloutStore:
         return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
 
     async def audit_log(self, since: datetime | None = None) -> list[dict[str, Any]]:
-        """The audit log (training, publishing, rollbacks, purges, retention), oldest first."""
+        """The audit log (training, publishing, purges, retention), oldest first."""
         async with self.unit() as s:
             return [
                 {
