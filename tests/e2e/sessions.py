@@ -1,7 +1,8 @@
 """Scripted editor sessions, played by the end-to-end client, that make up the session library.
 
 Each session is what an editor of one flavour does in a few seconds of editing. The replay tests record
-them with `heedful serve --record`; `tests/sessions/*.jsonl` holds recordings of them, made with
+them with `heedful serve --record`; `tests/sessions/*.jsonl` holds recordings of them and of the Node
+client's accept flow (`tests/e2e/node/accept_flow.mjs`), made with
 
     HEEDFUL_TEST_VLLM_URL=http://127.0.0.1:8000 python -m tests.e2e.sessions tests/sessions
 
@@ -126,9 +127,13 @@ async def record_session(name: str, config: Path, log: Path, out: Path) -> None:
         await session.play(client)
 
 
+NODE_SESSION = "node-vscode-languageserver-protocol-accept"
+
+
 async def _record_library(target: Path) -> None:
     from server import paths
     from tests.e2e.conftest import write_config
+    from tests.e2e.test_node_client import run_node_client
 
     url = os.environ.get("HEEDFUL_TEST_VLLM_URL")
     if not url:
@@ -139,6 +144,12 @@ async def _record_library(target: Path) -> None:
             setup = write_config(Path(tmp), paths.default_model_dir(), url)
             await record_session(name, setup.config, setup.log, target / f"{name}.jsonl")
         print(f"recorded {target / f'{name}.jsonl'}")
+    # The Node client (the libraries VS Code's language client is built on) plays its accept flow.
+    out = target / f"{NODE_SESSION}.jsonl"
+    with tempfile.TemporaryDirectory() as tmp:
+        setup = write_config(Path(tmp), paths.default_model_dir(), url)
+        run_node_client(setup, ("--record", str(out)))
+    print(f"recorded {out}")
 
 
 if __name__ == "__main__":

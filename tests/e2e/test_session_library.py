@@ -1,7 +1,8 @@
 """The session library: every recording in `tests/sessions/` replays cleanly against this build.
 
-The recordings come from the scripted editor sessions in `tests/e2e/sessions.py`; a change that alters
-what the server answers to an editor shows up here as a diff naming the message.
+The recordings come from the scripted editor sessions in `tests/e2e/sessions.py` and the Node client's
+accept flow; a change that alters what the server answers to an editor shows up here as a diff naming
+the message.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 
 from tests.e2e.client import ROOT
 from tests.e2e.conftest import write_config
-from tests.e2e.sessions import SESSIONS
+from tests.e2e.sessions import NODE_SESSION, SESSIONS
 from tests.procs import run_heedful
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
@@ -22,7 +23,7 @@ RECORDINGS = sorted(LIBRARY.glob("*.jsonl"))
 
 
 def test_the_library_holds_a_recording_of_every_scripted_session() -> None:
-    assert {p.stem for p in RECORDINGS} >= set(SESSIONS)
+    assert {p.stem for p in RECORDINGS} >= {*SESSIONS, NODE_SESSION}
 
 
 @pytest.mark.parametrize("recording", RECORDINGS, ids=[p.stem for p in RECORDINGS])
