@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import hmac
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lsprotocol import types
 from pygls.capabilities import ServerCapabilitiesBuilder
-from pygls.exceptions import JsonRpcInvalidParams
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 
 from lsp_handlers.completion import ADAPTER_ARMS, CompletionService, Identity, Served
@@ -44,7 +47,14 @@ from lsp_handlers.protocol import (
 )
 from server import __version__
 from server.runtime import EngineStatus, Services, arm_of
-from server.settings import ResolvedSettings, SettingsError, apply_client_settings
+from server.settings import (
+    FileStamp,
+    ResolvedSettings,
+    SettingsError,
+    apply_client_settings,
+    files_stamp,
+    watched_files,
+)
 from storage.repositories import Scope
 from storage.store import DocumentSeen, EventRecord, SessionStart
 
@@ -94,6 +104,8 @@ class HeedfulLanguageServer(LanguageServer):
         self.shutdown_requested = False
         self.closed = False
         self.last_status: dict[str, Any] | None = None
+        self._settings_files: list[Path] = []
+        self._settings_stamp: FileStamp = ()
         self._unsubscribe = services.engine.subscribe(self.send_status)
         self._unsubscribe_adapters = services.adapters.subscribe(self._adapter_changed)
 
@@ -112,7 +124,7 @@ class HeedfulLanguageServer(LanguageServer):
         if self.closed or self.protocol.writer is None or self.identity is None:
             return
         status = status or self.services.engine.status
-        arm = arm_of(self.identity.developer_id, self.settings.experiment.arms)
+        arm = self.arm
         adapter = None
         if arm in ADAPTER_ARMS:
             adapter = self.services.adapters.active_version(self.identity.developer_id, self.identity.team_id)
@@ -129,6 +141,12 @@ class HeedfulLanguageServer(LanguageServer):
         if params != self.last_status:  # the editor hears about changes, not repeats
             self.last_status = params
             self.protocol.notify(STATUS, params)
+
+    @property
+    def arm(self) -> str:
+        """This developer's experiment arm under the settings that apply to them now."""
+        identity = self.require_identity()
+        return arm_of(identity.developer_id, self.settings.experiment.arms)
 
     def _adapter_changed(self, scope: Scope, version: str | None) -> None:
         identity = self.identity
@@ -154,6 +172,38 @@ class HeedfulLanguageServer(LanguageServer):
         except SettingsError as exc:
             log.warning("%s", exc)
             self.show_message(f"Heedful: {exc}; the previous settings stay in force")
+
+    def watch_settings(self) -> None:
+        """Remember the settings files this session's settings came from, to notice when they change."""
+        team = self.identity.team_id if self.identity else None
+        self._settings_files = watched_files(self.services.config_path, team)
+        self._settings_stamp = files_stamp(self._settings_files)
+
+    def reload_settings_if_changed(self) -> None:
+        """Hot reload: when the global or team file changed, resolve again for the next requests.
+
+        A file that no longer validates is reported (log and editor) and the settings in force stay.
+        Engine and store settings are read once at start; the per-request ones (completion, feedback,
+        privacy patterns of new sessions) follow the files.
+        """
+        identity = self.identity
+        if identity is None or not self._settings_files:
+            return
+        stamp = files_stamp(self._settings_files)
+        if stamp == self._settings_stamp:
+            return
+        self._settings_stamp = stamp  # a broken file is reported once, not on every request
+        try:
+            resolved = self.services.resolve(identity.developer_id, identity.team_id)
+            if self.client_settings:
+                resolved = apply_client_settings(resolved, self.client_settings, "editor settings")
+        except SettingsError as exc:
+            log.error("the settings changed but cannot be used: %s; the previous settings stay in force", exc)
+            self.show_message(f"Heedful: {exc}; the previous settings stay in force", types.MessageType.Error)
+            return
+        self.resolved = resolved
+        self.watch_settings()
+        log.info("settings reloaded for developer %r, team %r", identity.developer_id, identity.team_id)
 
     def report_server_error(self, error: Exception, source: Any) -> None:
         if is_parse_error(error):
@@ -196,6 +246,7 @@ class HeedfulLanguageServer(LanguageServer):
         identity = self.require_identity()
         if completion_id is not None and completion_id in self.served:
             self.served[completion_id].outcomes.add(kind)
+        self.services.metrics.count_event(identity.team_id, self.arm, kind)
         fut: asyncio.Future[Any] = self.services.store.record_event(
             EventRecord(session_id=identity.session_id, kind=kind, completion_id=completion_id, **fields)
         )
@@ -317,12 +368,20 @@ def _parse_identity(options: Any) -> tuple[str, str, str | None, Any]:
     return developer, session, team, options.get("settings")
 
 
-def create_server(services: Services, completions: CompletionService | None = None) -> HeedfulLanguageServer:
-    """A server for one connection, with every Heedful handler registered."""
+def create_server(
+    services: Services, completions: CompletionService | None = None, *, token: str | None = None
+) -> HeedfulLanguageServer:
+    """A server for one connection, with every Heedful handler registered.
+
+    With a `token` (TCP on a non-local address), `initialize` must carry it as
+    `initializationOptions.token`; otherwise it is answered with an error and the connection closes.
+    """
     ls = HeedfulLanguageServer(services, completions or CompletionService(services))
 
     @ls.feature(types.INITIALIZE)
     def initialize(ls: HeedfulLanguageServer, params: types.InitializeParams) -> None:
+        if token is not None:
+            _check_token(ls, params.initialization_options, token)
         developer, session_id, team, client_settings = _parse_identity(params.initialization_options)
         try:
             ls.resolved = services.resolve(developer, team)
@@ -332,6 +391,7 @@ def create_server(services: Services, completions: CompletionService | None = No
             ls.resolved = services.base
         ls.apply_settings(client_settings, "initializationOptions.settings")
         ls.identity = Identity(developer, session_id, team)
+        ls.watch_settings()
         ls.documents = DocumentStore(ServerCapabilitiesBuilder.choose_position_encoding(params.capabilities))
         info = params.client_info
         fut = services.store.start_session(
@@ -422,9 +482,20 @@ def create_server(services: Services, completions: CompletionService | None = No
     # -- completions ---------------------------------------------------------------------------------
 
     async def complete(
-        ls: HeedfulLanguageServer, uri: str, position: types.Position
+        ls: HeedfulLanguageServer, uri: str, position: types.Position, method: str
     ) -> tuple[TextDocument, Served] | None:
         identity = ls.require_identity()
+        started = time.monotonic()
+        result = await serve_completion(ls, identity, uri, position)
+        services.metrics.observe_completion(
+            identity.team_id, ls.arm, method, time.monotonic() - started, result is not None
+        )
+        return result
+
+    async def serve_completion(
+        ls: HeedfulLanguageServer, identity: Identity, uri: str, position: types.Position
+    ) -> tuple[TextDocument, Served] | None:
+        ls.reload_settings_if_changed()
         try:
             doc = ls.documents.get(uri)
         except DocumentError as exc:
@@ -470,7 +541,7 @@ def create_server(services: Services, completions: CompletionService | None = No
     async def inline_completion(
         ls: HeedfulLanguageServer, params: types.InlineCompletionParams
     ) -> types.InlineCompletionList | None:
-        result = await complete(ls, params.text_document.uri, params.position)
+        result = await complete(ls, params.text_document.uri, params.position, types.TEXT_DOCUMENT_INLINE_COMPLETION)
         if result is None:
             return None
         doc, served = result
@@ -487,7 +558,7 @@ def create_server(services: Services, completions: CompletionService | None = No
         types.CompletionOptions(trigger_characters=[".", "(", " ", "\n"], resolve_provider=False),
     )
     async def completion(ls: HeedfulLanguageServer, params: types.CompletionParams) -> types.CompletionList | None:
-        result = await complete(ls, params.text_document.uri, params.position)
+        result = await complete(ls, params.text_document.uri, params.position, types.TEXT_DOCUMENT_COMPLETION)
         if result is None:
             return None
         doc, served = result
@@ -585,6 +656,25 @@ def create_server(services: Services, completions: CompletionService | None = No
         return {"recorded": True, "completionId": completion_id, "eventId": event_id}
 
     return ls
+
+
+class ConnectionRefused(JsonRpcException):
+    """The client did not present the server's token."""
+
+    CODE = -32001  # implementation-defined server error: not InvalidParams, so clients do not retry as is
+
+
+def _check_token(ls: HeedfulLanguageServer, options: Any, token: str) -> None:
+    """Refuse and close the connection unless `options.token` is the server's token."""
+    given = options.get("token") if isinstance(options, dict) else None
+    if isinstance(given, str) and hmac.compare_digest(given.encode(), token.encode()):
+        return
+    log.warning("connection refused: initializationOptions.token is %s", "wrong" if given else "missing")
+    asyncio.get_running_loop().call_soon(ls.exit_requested.set)  # after the error answer is written
+    raise ConnectionRefused(
+        "this Heedful server listens on the network and needs a token: set initializationOptions.token to "
+        "the server's server.tcp_token (ask the admin)"
+    )
 
 
 def _completion_id_argument(args: tuple[Any, ...], command: str) -> str:

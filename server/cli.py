@@ -68,6 +68,43 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tcp", action="store_true", help="listen on TCP instead of stdio (any number of editors)")
     serve.add_argument("--host", default="127.0.0.1", help="TCP address to bind (default 127.0.0.1: this machine)")
     serve.add_argument("--port", type=int, default=2087, help="TCP port (default 2087; 0: any free port)")
+    serve.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)"
+    )
+    serve.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--record", type=Path, metavar="FILE", help="write every JSON-RPC message of the session to FILE (stdio only)"
+    )
+
+    record = sub.add_parser(
+        "record", help="run any language server and record its session: heedful record --out FILE -- CMD..."
+    )
+    record.add_argument("--out", type=Path, required=True, metavar="FILE", help="the recording to write (JSON lines)")
+    record.add_argument("server_command", nargs=argparse.REMAINDER, metavar="-- CMD...", help="the server to run")
+
+    replay = sub.add_parser(
+        "replay", help="replay recorded sessions against a fresh server; compare its answers with the recording"
+    )
+    replay.add_argument("recordings", nargs="+", type=Path, metavar="FILE", help="recordings (JSON lines)")
+    replay.add_argument(
+        "--server-cmd",
+        metavar="CMD",
+        help="the server to start, as a shell-quoted command (default: this Heedful's `heedful serve`)",
+    )
+    pace = replay.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=float, default=1.0, help="play the client's messages N times faster (default 1)")
+    pace.add_argument("--no-timing", action="store_true", help="send each client message as soon as it may go")
+    replay.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for each server message (default 120)"
+    )
+    replay.add_argument("--junit", type=Path, metavar="FILE", help="also write a JUnit XML report to FILE")
+    replay.add_argument(
+        "--no-store",
+        action="store_true",
+        help="do not compare the stored events (the server writes to a store other than --config's)",
+    )
 
     train = sub.add_parser("train", help="the training worker: collect rollouts, train scopes, gate, publish")
     train.add_argument("--once", action="store_true", help="one pass over the scopes, then exit")
@@ -105,9 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="validate settings files, print the settings reference")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION")
     check = config_sub.add_parser(
-        "check", help="validate a global settings file and its team files; print the resolved settings"
+        "check",
+        help="validate a global settings file and its team files; print the resolved settings (for a directory: "
+        "one line per file)",
     )
-    check.add_argument("file", type=Path, help="the global settings file (TOML)")
+    check.add_argument(
+        "file", type=Path, help="the global settings file (TOML), or a settings directory holding heedful.toml"
+    )
     _add_identity(check)
     check.add_argument("--json", action="store_true", help="print the resolved settings as JSON")
     config_sub.add_parser("reference", help="print every settings key as a Markdown table")
@@ -122,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapter", type=Path, help="a peft LoRA adapter folder to generate with")
     gen.add_argument("--json", action="store_true", help="print candidates with token ids and log-probs")
     _add_identity(gen)
+
+    team = sub.add_parser("team", help="the teams: their settings files, developers and adapters")
+    team_sub = team.add_subparsers(dest="team_command", metavar="ACTION")
+    team_list = team_sub.add_parser("list", help="every team of the settings directory and the store")
+    team_list.add_argument("--json", action="store_true", help="print JSON")
+    team_show = team_sub.add_parser("show", help="one team: the settings its file changes, developers, adapters")
+    team_show.add_argument("name", help="the team name")
+    team_show.add_argument("--json", action="store_true", help="print JSON")
+
+    audit = sub.add_parser("audit", help="the audit log: training, publishing, purges, retention")
+    audit.add_argument("--since", help="only entries since then: a date, a date and time, or an age (24h, 7d)")
+    audit.add_argument("--json", action="store_true", help="print one JSON object per line")
 
     stats = sub.add_parser("stats", help="counts of completions, events, rollouts and adapters in the store")
     stats.add_argument("--json", action="store_true", help="print JSON")
@@ -177,7 +230,9 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(reference_markdown())
         return 0
     if args.config_command != "check":
-        raise CliError("usage: heedful config check FILE | heedful config reference", EXIT_USAGE)
+        raise CliError("usage: heedful config check FILE|DIR | heedful config reference", EXIT_USAGE)
+    if args.file.is_dir():
+        return _check_directory(args.file)
     failures: list[str] = []
     try:
         resolved = resolve(args.file, developer=args.developer, team=args.team)
@@ -211,13 +266,32 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_directory(directory: Path) -> int:
+    from server.admin import AdminError, check_settings_directory, global_file_of
+
+    try:
+        checks = check_settings_directory(global_file_of(directory))
+    except AdminError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    for check in checks:
+        print(f"ok: {check.path}" if check.error is None else f"invalid: {check.error}")
+    bad = sum(c.error is not None for c in checks)
+    if bad:
+        raise CliError(f"{bad} of {len(checks)} settings files in {directory} are invalid (see above)")
+    print(f"ok: all {len(checks)} settings files in {directory} are valid", file=sys.stderr)
+    return 0
+
+
 def _masked_settings(resolved: ResolvedSettings) -> Settings:
+    """The settings with their secrets (the engine's API key, the TCP token) shown as ***."""
     import dataclasses
 
     s = resolved.settings
-    if not s.engine.api_key:
-        return s
-    return dataclasses.replace(s, engine=dataclasses.replace(s.engine, api_key="***"))
+    if s.engine.api_key:
+        s = dataclasses.replace(s, engine=dataclasses.replace(s.engine, api_key="***"))
+    if s.server.tcp_token:
+        s = dataclasses.replace(s, server=dataclasses.replace(s.server, tcp_token="***"))
+    return s
 
 
 def _read_prefix(file: Path | None) -> str:
@@ -396,6 +470,90 @@ async def _with_store(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _team(args: argparse.Namespace) -> int:
+    from server.admin import team_files, team_overrides
+
+    if args.team_command not in ("list", "show"):
+        raise CliError("usage: heedful team list | heedful team show NAME", EXIT_USAGE)
+    global_file = args.config or paths.config_path()
+    files = team_files(global_file)
+    settings = _settings(args).settings
+    async with _open_store(settings) as store:
+        known = await store.teams()
+    if args.team_command == "list":
+        names = sorted(set(files) | set(known))
+        rows = []
+        for name in names:
+            adapters = known.get(name, {}).get("adapters", [])
+            active = next((a["id"] for a in adapters if a["status"] == "active"), None)
+            file = files.get(name)
+            rows.append(
+                {
+                    "team": name,
+                    "settings_file": str(file) if file else None,
+                    "developers": len(known.get(name, {}).get("developers", [])),
+                    "active_adapter": active,
+                }
+            )
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(f"{'team':<24} {'developers':>10}  {'active adapter':<36}  settings file")
+            for r in rows:
+                print(
+                    f"{r['team']:<24} {r['developers']:>10}  {r['active_adapter'] or '-':<36}  "
+                    f"{r['settings_file'] or '- (global settings only)'}"
+                )
+        return 0
+    name = args.name
+    store_info = known.get(name, {"developers": [], "adapters": []})
+    if name not in files and not store_info["developers"] and not store_info["adapters"]:
+        listed = ", ".join(sorted(set(files) | set(known))) or "none yet"
+        raise CliError(f"team {name!r} has no settings file and no developers in the store; known teams: {listed}")
+    overrides = team_overrides(global_file, name) if global_file is not None and name in files else {}
+    if "server.tcp_token" in overrides:
+        overrides["server.tcp_token"] = "***"
+    report = {
+        "team": name,
+        "settings_file": str(files[name]) if name in files else None,
+        "overrides": overrides,
+        **store_info,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"team {name}")
+    print(f"settings file: {report['settings_file'] or '- (global settings only)'}")
+    print("settings the team file changes:" if overrides else "settings the team file changes: none")
+    for key, value in overrides.items():
+        print(f"  {key} = {json.dumps(value)}")
+    print(f"developers ({len(store_info['developers'])}): {', '.join(store_info['developers']) or '-'}")
+    print(f"adapters ({len(store_info['adapters'])}):")
+    for a in store_info["adapters"]:
+        print(f"  {a['id']}  {a['status']:<9} step {a['step']}  kl {a['kl']}  {a['at']}")
+    return 0
+
+
+async def _audit(args: argparse.Namespace) -> int:
+    from server.admin import AdminError, parse_since
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except AdminError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    async with _open_store(_settings(args).settings) as store:
+        entries = await store.audit_log(since)
+    for e in entries:
+        if args.json:
+            print(json.dumps(e, sort_keys=True, default=str))
+        else:
+            detail = json.dumps(e["detail"], sort_keys=True, default=str) if e["detail"] else ""
+            print(f"{e['at']}  {e['actor']:<20} {e['action']:<12} {e['scope'] or '-':<24} {e['reason'] or ''} {detail}")
+    if not entries and not args.json:
+        print("no audit entries" + (f" since {since.isoformat()}" if since else ""), file=sys.stderr)
+    return 0
+
+
 async def _train(args: argparse.Namespace) -> int:
     from personalization.worker import lower_priority, run_worker
 
@@ -483,6 +641,17 @@ async def _adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
 def _serve(args: argparse.Namespace) -> int:
     from server.engine import EngineError
     from server.model_prep import ModelError
@@ -491,16 +660,112 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port {args.port} is not a TCP port: use 0-65535 (0: any free port)", EXIT_USAGE)
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise CliError(
+            f"--metrics-port {args.metrics_port} is not a TCP port: use 0-65535 (0: any free port)", EXIT_USAGE
+        )
+    if args.record is not None and args.tcp:
+        raise CliError(
+            f"--record {args.record} records one stdio session; with --tcp put `heedful record` in front of each "
+            "editor's stdio server instead",
+            EXIT_USAGE,
+        )
     settings = _settings(args).settings  # a broken settings file stops here, before any editor connects
+    token = None
+    if args.tcp and not _is_loopback(args.host):
+        token = settings.server.tcp_token
+        if not token:
+            raise CliError(
+                f"--host {args.host} lets other machines connect, so editors must present a token: set "
+                "server.tcp_token in the settings file (editors send it as initializationOptions.token), or "
+                "bind 127.0.0.1",
+                EXIT_USAGE,
+            )
     setup_logging(
         settings.logging.level if not args.verbose else "DEBUG", args.log_file or settings.logging.file or None
     )
     # pygls logs every message it sends at INFO; that is protocol tracing, wanted only with -vv.
     logging.getLogger("pygls").setLevel(logging.DEBUG if args.verbose > 1 else logging.WARNING)
     try:
-        return asyncio.run(serve(args.config or paths.config_path(), tcp=args.tcp, host=args.host, port=args.port))
+        return asyncio.run(
+            serve(
+                args.config or paths.config_path(),
+                tcp=args.tcp,
+                host=args.host,
+                port=args.port,
+                record=args.record,
+                token=token,
+                metrics=None if args.metrics_port is None else (args.metrics_host, args.metrics_port),
+            )
+        )
     except (ModelError, StoreError, EngineError, OSError) as exc:
         raise CliError(str(exc)) from None
+
+
+def _record(args: argparse.Namespace) -> int:
+    from server.recording import Recorder, run_proxy
+    from storage.redaction import Redactor
+
+    command = list(args.server_command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise CliError(
+            "heedful record needs the server to run after `--`, e.g. heedful record --out s.jsonl -- heedful serve",
+            EXIT_USAGE,
+        )
+    settings = _settings(args).settings
+    try:
+        recorder = Recorder(args.out, Redactor(settings.privacy.redact_patterns), source="proxy")
+    except OSError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        return asyncio.run(run_proxy(command, recorder))
+    except OSError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        recorder.close()
+
+
+def _replay(args: argparse.Namespace) -> int:
+    import shlex
+
+    from server.replay import RecordingError, ReplayResult, junit_xml, replay
+
+    if args.speed <= 0:
+        raise CliError(
+            f"--speed {args.speed} must be a positive factor (2: twice as fast); or use --no-timing", EXIT_USAGE
+        )
+    if args.timeout <= 0:
+        raise CliError(f"--timeout {args.timeout} must be a positive number of seconds", EXIT_USAGE)
+    if args.server_cmd is not None:
+        command = shlex.split(args.server_cmd)
+        if not command:
+            raise CliError("--server-cmd is empty: give the command that starts the server", EXIT_USAGE)
+    else:
+        config = args.config or paths.config_path()
+        command = [sys.executable, "-m", "server.cli", *(["--config", str(config)] if config else []), "serve"]
+    store = _settings(args).settings  # the store the default server writes to, for the stored events
+    results: list[ReplayResult] = []
+    try:
+        for recording in args.recordings:
+            result = asyncio.run(
+                replay(
+                    recording,
+                    command,
+                    speed=None if args.no_timing else args.speed,
+                    timeout=args.timeout,
+                    store=None if args.no_store else store,
+                )
+            )
+            results.append(result)
+            print(result.report())
+    except RecordingError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    finally:
+        if args.junit is not None and results:
+            args.junit.write_bytes(junit_xml(results))
+    return 0 if all(r.ok for r in results) else EXIT_FAILURE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -516,6 +781,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_config(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "team":
+            return asyncio.run(_team(args))
+        if args.command == "audit":
+            return asyncio.run(_audit(args))
+        if args.command == "replay":
+            return _replay(args)
+        if args.command == "record":
+            return _record(args)
         if args.command == "train":
             return asyncio.run(_train(args))
         if args.command == "adapters":

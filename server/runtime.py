@@ -23,6 +23,7 @@ from server import paths
 from server.engine import Engine, EngineError, create_engine
 from server.engine.tokens import LocalTokenizer
 from server.guards import Guardian
+from server.metrics import ServingMetrics
 from server.model_prep import ModelError, verify_model
 from server.registry import AdapterRegistry
 from server.settings import ResolvedSettings, Settings, resolve
@@ -170,6 +171,7 @@ class Services:
                 train_command(config_path, settings.training.interval_s),
                 log_path or paths.data_dir() / "logs" / "train.log",
             )
+        self.metrics = ServingMetrics()  # counted always; exposed only with `heedful serve --metrics-port`
 
     @classmethod
     async def open(cls, config_path: Path | None, *, engine: Engine | None = None) -> Services:
@@ -216,6 +218,7 @@ class Services:
         self._corrections.pop(developer, None)
 
     async def close(self) -> None:
+        self.metrics.close()
         try:
             if self.training is not None:
                 await self.training.close()

@@ -3,7 +3,8 @@
 stdio: the protocol gets a private copy of the real stdout, and file descriptor 1 is pointed at stderr,
 so a stray print (ours, a library's, or a vLLM worker process's) can never corrupt the protocol stream.
 
-TCP binds 127.0.0.1 unless told otherwise; every connection gets its own `HeedfulLanguageServer`
+TCP binds 127.0.0.1 unless told otherwise; a non-local bind needs `server.tcp_token`, and a client
+whose `initialize` does not carry it is refused and disconnected. Every connection gets its own `HeedfulLanguageServer`
 (its own session), and they all share one engine, one store and one tokenizer. One client's `exit`
 ends its connection, not the process.
 
@@ -20,13 +21,16 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from pygls.io_ import StdoutWriter, run_async
 
 from lsp_handlers.completion import CompletionService
 from lsp_handlers.server import HeedfulLanguageServer, create_server
+from server.recording import Recorder, RecordingReader, RecordingWriter
 from server.runtime import Services
+from storage.redaction import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +50,14 @@ class _StreamWriter:
 
 
 async def run_connection(
-    reader: Any, writer: Any, services: Services, completions: CompletionService
+    reader: Any, writer: Any, services: Services, completions: CompletionService, token: str | None = None
 ) -> HeedfulLanguageServer:
-    """Serve one connection until the client sends `exit` or closes the stream; then close its session."""
-    ls = create_server(services, completions)
+    """Serve one connection until the client sends `exit` or closes the stream; then close its session.
+
+    With a `token`, the client's `initialize` must carry it (initializationOptions.token) or the
+    connection is refused.
+    """
+    ls = create_server(services, completions, token=token)
     ls.protocol.set_writer(writer)
     stop = threading.Event()
     loop_task = asyncio.create_task(
@@ -84,20 +92,32 @@ def _protect_stdout() -> BinaryIO:
     return os.fdopen(protocol_fd, "wb", buffering=0)
 
 
-async def serve_stdio(services: Services) -> int:
+async def serve_stdio(services: Services, record: Path | None = None) -> int:
     out = _protect_stdout()
     try:
-        reader = await _stdio_reader(sys.stdin.buffer)
+        reader: Any = await _stdio_reader(sys.stdin.buffer)
     except (ValueError, OSError) as exc:
         log.error("standard input must be a pipe or socket for `heedful serve` (%s); use --tcp otherwise", exc)
         return 2
+    writer: Any = StdoutWriter(out)
+    recorder = None
+    if record is not None:
+        recorder = Recorder(record, Redactor(services.base.settings.privacy.redact_patterns), source="serve")
+        reader, writer = RecordingReader(reader, recorder), RecordingWriter(writer, recorder)
     completions = CompletionService(services)
-    ls = await run_connection(reader, StdoutWriter(out), services, completions)
+    try:
+        ls = await run_connection(reader, writer, services, completions)
+        if recorder is not None and ls.identity is not None:
+            session_id = ls.identity.session_id
+            recorder.record_store(session_id, await services.store.session_events(session_id))
+    finally:
+        if recorder is not None:
+            recorder.close()
     # LSP: exit after shutdown is a clean stop (0); exit (or a closed stream) without it is not (1).
     return 0 if ls.shutdown_requested else 1
 
 
-async def serve_tcp(services: Services, host: str, port: int) -> int:
+async def serve_tcp(services: Services, host: str, port: int, token: str | None = None) -> int:
     completions = CompletionService(services)
     connections: set[asyncio.Task[Any]] = set()
 
@@ -108,7 +128,7 @@ async def serve_tcp(services: Services, host: str, port: int) -> int:
         if task is not None:
             connections.add(task)
         try:
-            await run_connection(reader, _StreamWriter(writer), services, completions)
+            await run_connection(reader, _StreamWriter(writer), services, completions, token)
         finally:
             writer.close()
             if task is not None:
@@ -135,11 +155,26 @@ async def serve_tcp(services: Services, host: str, port: int) -> int:
     return 0
 
 
-async def serve(config_path: Any, *, tcp: bool, host: str, port: int) -> int:
+async def serve(
+    config_path: Any,
+    *,
+    tcp: bool,
+    host: str,
+    port: int,
+    record: Path | None = None,
+    token: str | None = None,
+    metrics: tuple[str, int] | None = None,
+) -> int:
+    """Serve until the editor leaves (stdio) or a signal arrives (TCP).
+
+    `token`: required of TCP clients; `metrics`: (host, port) of the Prometheus endpoint, None: off.
+    """
     services = await Services.open(config_path)
     try:
+        if metrics is not None:
+            services.metrics.expose(services.store, asyncio.get_running_loop(), *metrics)
         if tcp:
-            return await serve_tcp(services, host, port)
-        return await serve_stdio(services)
+            return await serve_tcp(services, host, port, token)
+        return await serve_stdio(services, record)
     finally:
         await services.close()

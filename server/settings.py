@@ -345,6 +345,18 @@ class LoggingSettings:
 
 
 @dataclass(slots=True)
+class ServerSettings:
+    """How `heedful serve` lets editors in."""
+
+    tcp_token: str = setting(
+        "",
+        "Token every editor must send as `initializationOptions.token` when `heedful serve --tcp` binds an "
+        "address other than this machine's (127.0.0.1, ::1, localhost); a connection without it is refused. "
+        "Empty: a non-local bind is refused at start.",
+    )
+
+
+@dataclass(slots=True)
 class Settings:
     """Everything resolved for one (developer, team)."""
 
@@ -358,6 +370,7 @@ class Settings:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
 
     def model_path(self) -> Path:
         """The model folder to load: `model.path`, else the prepared default model."""
@@ -717,6 +730,40 @@ def apply_client_settings(resolved: ResolvedSettings, table: Mapping[str, Any], 
     return ResolvedSettings(settings, sources, resolved.files)
 
 
+def watched_files(global_file: Path | None, team: str | None) -> list[Path]:
+    """The files whose change alters a team's settings: the global file and the team's file (which may
+    not exist yet). A global file that cannot be read yields itself alone, so fixing it is noticed."""
+    if global_file is None:
+        global_file = paths.config_path()
+    if global_file is None:
+        return []
+    files = [global_file]
+    if team:
+        try:
+            g = read_settings_file(global_file, is_global=True)
+            if g.teams_dir is not None:
+                files.append(team_file(g.teams_dir, team))
+        except SettingsError:
+            pass
+    return files
+
+
+FileStamp = tuple[tuple[int, int] | None, ...]
+
+
+def files_stamp(files: list[Path]) -> FileStamp:
+    """(modification time, size) of each file, None for a missing one: a change means re-read them."""
+    stamp: list[tuple[int, int] | None] = []
+    for path in files:
+        try:
+            st = path.stat()
+        except OSError:
+            stamp.append(None)
+        else:
+            stamp.append((st.st_mtime_ns, st.st_size))
+    return tuple(stamp)
+
+
 def check_directory_team_files(global_file: Path) -> list[tuple[Path, SettingsError | None]]:
     """Validate every team file beside a global file: (path, error or None) per file."""
     g = read_settings_file(global_file, is_global=True)
@@ -782,7 +829,9 @@ __all__ = [
     "SettingsError",
     "apply_client_settings",
     "check_directory_team_files",
+    "files_stamp",
     "reference_markdown",
     "render_toml",
     "resolve",
+    "watched_files",
 ]

@@ -108,6 +108,9 @@ class IdentityRepository:
     async def developer(self, developer_id: str) -> Developer | None:
         return await self.s.get(Developer, developer_id)
 
+    async def teams(self) -> list[str]:
+        return list(await self.s.scalars(select(Team.id).order_by(Team.id)))
+
     async def developers_of_team(self, team_id: str) -> list[str]:
         rows = await self.s.scalars(select(Developer.id).where(Developer.team_id == team_id).order_by(Developer.id))
         return list(rows)

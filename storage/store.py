@@ -9,6 +9,7 @@ text changed get `logprobs_stale` so the trainer recomputes their log-probs.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,16 +22,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.settings import Settings
 from storage.db import Database, StoreError, open_database
-from storage.models import Candidate, Completion, CompletionMode, Event, EventKind, utcnow
+from storage.models import AdapterStatus, Candidate, Completion, CompletionMode, Event, EventKind, utcnow
 from storage.redaction import Redactor
 from storage.repositories import (
+    AdapterRepository,
     AuditRepository,
     CompletionRepository,
     DocumentRepository,
     EventRepository,
+    IdentityRepository,
     PurgeRepository,
     RetentionRepository,
     RolloutRepository,
+    Scope,
     SessionRepository,
     StatsRepository,
 )
@@ -364,6 +368,82 @@ class RolloutStore:
                 removed.append(path)
         result["adapter_dirs_removed"] = removed
         return result
+
+    async def teams(self) -> dict[str, dict[str, Any]]:
+        """Every team the store knows: its developers and its team adapter versions."""
+        async with self.unit() as s:
+            identities, adapters = IdentityRepository(s), AdapterRepository(s)
+            out: dict[str, dict[str, Any]] = {}
+            for team in await identities.teams():
+                versions = await adapters.versions(Scope.team(team))
+                out[team] = {
+                    "developers": await identities.developers_of_team(team),
+                    "adapters": [
+                        {
+                            "id": v.id,
+                            "status": v.status.value,
+                            "step": v.step,
+                            "kl": v.kl,
+                            "at": v.created_at.isoformat(),
+                        }
+                        for v in versions
+                    ],
+                }
+            return out
+
+    async def adapter_overview(self) -> dict[str, dict[str, Any]]:
+        """Per scope ("developer:<id>", "team:<name>"): the active version and its step, and the final
+        training loss and KL of the latest trained version (whatever its gate verdict)."""
+        async with self.unit() as s:
+            versions = await AdapterRepository(s).versions()  # newest first
+        out: dict[str, dict[str, Any]] = {}
+        for v in versions:
+            scope = f"{v.scope_kind.value}:{v.scope_id}"
+            if scope not in out:  # the newest version of the scope
+                loss = (v.metrics or {}).get("final_loss")
+                out[scope] = {
+                    "active_version": None,
+                    "active_step": None,
+                    "latest_loss": loss if isinstance(loss, int | float) else None,
+                    "latest_kl": v.kl,
+                }
+            if v.status == AdapterStatus.ACTIVE:
+                out[scope]["active_version"], out[scope]["active_step"] = v.id, v.step
+        return out
+
+    async def session_events(self, session_id: str) -> list[dict[str, Any]]:
+        """A session's events in a form two runs of the same session can be compared in: each names its
+        completion by its place in the session (0, 1, ...), and leaves out ids, times and the texts the
+        model wrote. Sorted, since events that arrive together may be written in either order."""
+        async with self.unit() as s:
+            order = {c.id: i for i, c in enumerate(await CompletionRepository(s).for_session(session_id))}
+            events = await EventRepository(s).for_session(session_id)
+        rows = [
+            {
+                "kind": e.kind.value,
+                "completion": order.get(e.completion_id) if e.completion_id else None,
+                "inferred": e.inferred,
+                "delay_s": e.delay_s,
+                "text": e.text if e.kind == EventKind.CORRECTION else None,
+            }
+            for e in events
+        ]
+        return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
+
+    async def audit_log(self, since: datetime | None = None) -> list[dict[str, Any]]:
+        """The audit log (training, publishing, purges, retention), oldest first."""
+        async with self.unit() as s:
+            return [
+                {
+                    "at": e.at.isoformat(),
+                    "actor": e.actor,
+                    "action": e.action,
+                    "scope": f"{e.scope_kind}:{e.scope_id}" if e.scope_kind else None,
+                    "reason": e.reason,
+                    "detail": e.detail,
+                }
+                for e in await AuditRepository(s).since(since)
+            ]
 
     async def export_developer(self, developer_id: str) -> list[dict[str, Any]]:
         """The developer's rollouts as (context, response, feedback) triples."""

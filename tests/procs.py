@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_heedful(config: Path, *args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`heedful --config CONFIG ARGS...` run to its end from `cwd` (this checkout by default)."""
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", "--config", str(config), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:

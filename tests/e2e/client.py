@@ -101,12 +101,18 @@ class HeedfulClient:
             pass
 
     async def start(
-        self, config: Path, stderr_log: Path, env: dict[str, str] | None = None, command: list[str] | None = None
+        self,
+        config: Path,
+        stderr_log: Path,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+        args: list[str] | None = None,
     ) -> None:
-        """Start `heedful serve` on `config`; `command` replaces the usual one (the config then goes by
-        HEEDFUL_CONFIG), as an editor configured by hand would start it."""
+        """Start `heedful --config CONFIG ARGS...` (default ARGS: `serve`) as this client's server; `command`
+        replaces the whole command line (the config then goes by HEEDFUL_CONFIG), as an editor configured
+        by hand would start it."""
         if command is None:
-            command = [sys.executable, "-m", "server.cli", "--config", str(config), "serve"]
+            command = [sys.executable, "-m", "server.cli", "--config", str(config), *(args or ["serve"])]
         else:
             env = dict(env or {}, HEEDFUL_CONFIG=str(config))
         await self.lc.start_io(*command, cwd=str(ROOT), env=dict(os.environ, **(env or {})))
@@ -252,9 +258,10 @@ async def running_client(
     options: dict[str, Any] | None,
     env: dict[str, str] | None = None,
     command: list[str] | None = None,
+    args: list[str] | None = None,
 ) -> Any:
     client = HeedfulClient(flavour)
-    await client.start(config, log, env, command)
+    await client.start(config, log, env, command, args)
     try:
         await client.initialize(options)
         yield client

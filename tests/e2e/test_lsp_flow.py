@@ -16,6 +16,7 @@ from lsprotocol import types
 from lsp_handlers.documents import client_length
 from tests.e2e.client import HeedfulClient, running_client, tcp_server
 from tests.e2e.conftest import ServerSetup, write_config
+from tests.e2e.sessions import completion_items_session
 from tests.procs import free_port
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
@@ -165,18 +166,7 @@ async def test_completion_and_every_kind_of_feedback_reach_the_store(flavour: st
 async def test_client_without_inline_completion_gets_completion_items(lsp_setup: ServerSetup) -> None:
     options = {"developerId": "dev-vim", "sessionId": "session-vim"}
     async with running_client("no-inline", lsp_setup.config, lsp_setup.log, options) as client:
-        await client.wait_status("ready")
-        uri = "file:///work/shop/stats.py"
-        client.open(uri, "def mean(values):\n    total = sum(")
-        result = await client.completion(uri, 1, 16)
-        assert result is not None and result.items
-        item = result.items[0]
-        assert item.text_edit is not None and item.text_edit.new_text.strip()
-        assert item.command is not None and item.command.command == "heedful.acceptCompletion"
-        cid = item.command.arguments[0]["completionId"]
-        client.change(uri, [((1, 16), (1, 16), item.text_edit.new_text)])
-        answer = await client.command("heedful.acceptCompletion", {"completionId": cid})
-        assert answer["recorded"] is True
+        cid = await completion_items_session(client)
     kinds = [r["kind"] for r in lsp_setup.rows("SELECT kind FROM events WHERE completion_id = ?", cid)]
     assert "accepted" in kinds
 

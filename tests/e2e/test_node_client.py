@@ -52,9 +52,10 @@ def node_and_modules() -> tuple[str, Path]:
     return node, modules
 
 
-def run_node_client(setup: ServerSetup) -> dict[str, Any]:
+def run_node_client(setup: ServerSetup, serve_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Play accept_flow.mjs against `heedful serve SERVE_ARGS`; the JSON line the client prints."""
     node, modules = node_and_modules()
-    server = [sys.executable, "-m", "server.cli", "--config", str(setup.config), "serve"]
+    server = [sys.executable, "-m", "server.cli", "--config", str(setup.config), "serve", *serve_args]
     env = dict(os.environ, HEEDFUL_NODE_MODULES=str(modules), HEEDFUL_SERVER_STDERR=str(setup.log))
     proc = subprocess.run(
         [node, str(NODE_CLIENT / "accept_flow.mjs"), *server],

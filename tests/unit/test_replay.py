@@ -1,0 +1,110 @@
+"""The parts of `heedful replay` and `heedful serve --record` that need no server: reading recordings,
+comparing answers, framing and redaction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from server.recording import FrameParser, Recorder, redact_value
+from server.replay import RecordingError, diff_values, learn_ids, load_recording, substitute
+from storage.redaction import Redactor
+
+ITEM = {
+    "insertText": "return x + 1",
+    "range": {"start": {"line": 3, "character": 4}, "end": {"line": 3, "character": 4}},
+    "command": {"title": "Accept", "command": "heedful.acceptCompletion", "arguments": [{"completionId": "c-1"}]},
+}
+
+
+def test_structural_comparison_lets_the_text_differ_but_not_ranges_or_commands() -> None:
+    live = json.loads(json.dumps(ITEM))
+    live["insertText"] = "return x * 2"
+    assert diff_values({"items": [ITEM]}, {"items": [live]}, structural=True, volatile=frozenset()) == []
+    assert diff_values({"items": [ITEM]}, {"items": [live]}, structural=False, volatile=frozenset()) == [
+        'items[0].insertText: recorded "return x + 1", replayed "return x * 2"'
+    ]
+    live["range"]["end"]["character"] = 9
+    live["command"]["title"] = "Take"
+    assert diff_values({"items": [ITEM]}, {"items": [live]}, structural=True, volatile=frozenset()) == [
+        'items[0].command.title: recorded "Accept", replayed "Take"',
+        "items[0].range.end.character: recorded 4, replayed 9",
+    ]
+
+
+def test_shape_differences_are_named() -> None:
+    assert diff_values({"items": [ITEM]}, None, structural=True, volatile=frozenset())[0].startswith(
+        "(value): recorded {"
+    )
+    assert diff_values({"items": [ITEM, ITEM]}, {"items": [ITEM]}, structural=True, volatile=frozenset()) == [
+        "items: recorded 2 items, replayed 1"
+    ]
+    assert diff_values({"a": 1}, {"a": 1, "b": 2}, structural=False, volatile=frozenset()) == [
+        "b: not recorded, replayed 2"
+    ]
+    assert diff_values({"a": True}, {"a": 1}, structural=False, volatile=frozenset()) == [
+        "a: recorded true, replayed 1"
+    ]
+    assert diff_values({"eventId": 3}, {"eventId": 9}, structural=False, volatile=frozenset({"eventId"})) == []
+
+
+def test_ids_the_server_invented_are_learned_and_substituted() -> None:
+    ids: dict[str, str] = {}
+    live = json.loads(json.dumps(ITEM).replace("c-1", "c-live"))
+    learn_ids({"items": [ITEM]}, {"items": [live]}, ids)
+    assert ids == {"c-1": "c-live"}
+    later = {"command": "heedful.acceptCompletion", "arguments": [{"completionId": "c-1"}], "other": "c-10"}
+    assert substitute(later, ids) == {
+        "command": "heedful.acceptCompletion",
+        "arguments": [{"completionId": "c-live"}],
+        "other": "c-10",
+    }
+
+
+def test_frames_are_cut_wherever_the_bytes_split() -> None:
+    bodies = [b'{"a": 1}', json.dumps({"text": "caf\u00e9 \u2615"}).encode(), b"not json"]
+    stream = b"".join(b"Content-Length: %d\r\nContent-Type: x\r\n\r\n" % len(b) + b for b in bodies)
+    parser = FrameParser()
+    got = [body for i in range(0, len(stream), 7) for body in parser.feed(stream[i : i + 7])]
+    assert got == bodies
+
+
+def test_recorder_redacts_values_and_keeps_bodies_that_are_not_json(tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    recorder = Recorder(out, Redactor(["acme-[0-9]+"]), source="serve")
+    recorder.record("client-to-server", json.dumps({"params": {"text": "key AKIAIOSFODNN7EXAMPLE acme-42"}}).encode())
+    recorder.record("client-to-server", b"{broken ghp_" + b"a" * 36)
+    recorder.close()
+    header, first, second = (json.loads(line) for line in out.read_text().splitlines())
+    assert header["heedful_recording"] == 1
+    assert first["message"] == {"params": {"text": "key [REDACTED:aws-access-key] [REDACTED:custom]"}}
+    assert second["raw"] == "{broken [REDACTED:github-token]"
+    assert redact_value({"n": [1, None, "acme-7"]}, Redactor(["acme-[0-9]+"])) == {"n": [1, None, "[REDACTED:custom]"]}
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        ("", ":1: the recording is empty"),
+        ('{"t": 0, "direction": "client-to-server", "message": {}}\n', ":1: not a Heedful recording"),
+        ('{"heedful_recording": 7}\n', ":1: recording format 7 is not supported"),
+        ('{"heedful_recording": 1}\n{"t": -1, "direction": "client-to-server", "message": {}}\n', ":2: t = -1"),
+        ('{"heedful_recording": 1}\n{"t": 0, "direction": "client-to-server"}\n', ":2: the line has neither"),
+        ('{"heedful_recording": 1}\n[1, 2\n{"t": 0}\n', ":2: not valid JSON"),
+        ('{"heedful_recording": 1}\n{"t": 0, "direction": "store", "events": "all"}\n', ":2: a store line needs"),
+        ('{"heedful_recording": 1}\n{"t": 0, "direction": "client-to-server", "mess', ":2: the last line is cut off"),
+    ],
+)
+def test_broken_recordings_are_refused_naming_the_line(tmp_path: Path, content: str, error: str) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(RecordingError) as info:
+        load_recording(path)
+    assert str(info.value).startswith(f"{path}{error}")
+
+
+def test_a_missing_recording_is_named(tmp_path: Path) -> None:
+    with pytest.raises(RecordingError, match="does not exist"):
+        load_recording(tmp_path / "nope.jsonl")
