@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -90,6 +91,8 @@ class Lease:
 
 
 BASE = Lease(None, None)
+# LoRA ids are unique in the process (the embedded engine refuses a reused one), across registries too.
+_LORA_IDS = itertools.count(1000)
 
 
 class AdapterRegistry:
@@ -112,7 +115,6 @@ class AdapterRegistry:
         self.poll_s = poll_s
         self.load_timeout_s = load_timeout_s
         self._tag = secrets.token_hex(3)
-        self._next_lora_id = 1
         self._active: dict[Scope, ActiveVersion] = {}
         self._slots: OrderedDict[str, _Slot] = OrderedDict()  # by version id, least recently used first
         self._loading: dict[str, asyncio.Task[_Slot]] = {}
@@ -243,8 +245,7 @@ class AdapterRegistry:
         if engine is None:
             raise EngineError("the engine is not ready, so no adapter can be loaded yet")
         await self._make_room()
-        ref = AdapterRef(f"{self._tag}-{version.version_id}", self._next_lora_id, version.path)
-        self._next_lora_id += 1
+        ref = AdapterRef(f"{self._tag}-{version.version_id}", next(_LORA_IDS), version.path)
         await asyncio.wait_for(engine.load_adapter(ref), timeout=self.load_timeout_s)
         slot = _Slot(version, ref)
         self._slots[version.version_id] = slot
@@ -296,7 +297,11 @@ class AdapterRegistry:
         return {vid: s.busy for vid, s in self._slots.items()}
 
     async def close(self) -> None:
+        """Stop following the store and unload what this process loaded (a shared remote engine keeps
+        nothing of ours after we exit)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for slot in list(self._slots.values()):
+            await self._unload(slot)

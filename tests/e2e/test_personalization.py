@@ -160,3 +160,29 @@ async def test_feedback_trains_an_adapter_that_serves_its_developer_only(
     assert row["version"] == version and row["status"] == "rolled_back" and row["reason"] == "test"
     (audit,) = setup.rows("SELECT actor, reason, detail FROM audit_log WHERE action = 'rollback'")
     assert audit["actor"].startswith("cli:") and json.loads(audit["detail"])["from"] == version
+
+
+async def test_the_baseline_arm_puts_the_developers_corrections_into_the_prompt(
+    tmp_path: Path, default_model: Path, vllm_server: str
+) -> None:
+    setup = write_config(tmp_path, default_model, vllm_server, '[experiment]\narms = ["baseline"]\n')
+    options = {"developerId": "corrector", "sessionId": "corrector-1", "team": "alpha"}
+    async with running_client("vscode", setup.config, setup.log, options) as client:
+        ready = await client.wait_status("ready")
+        assert ready["arm"] == "baseline" and ready["adapter"] is None
+        uri = "file:///work/tools/files.py"
+        text = "import os\n\n\ndef list_files(folder):\n    "
+        client.open(uri, text)
+        await serve_item(client, uri, 4, 4)
+        await client.command("heedful.feedback", {"text": "use pathlib, not os.path"})
+        await serve_item(client, uri, 4, 4)
+    first, second = setup.rows("SELECT prompt, arm, adapter_version FROM completions ORDER BY created_at")
+    assert first["arm"] == second["arm"] == "baseline"
+    assert first["adapter_version"] is None and second["adapter_version"] is None
+    assert "corrections to earlier suggestions" not in first["prompt"]
+    assert second["prompt"].startswith(
+        "# file: tools/files.py\n"
+        "# The developer's corrections to earlier suggestions:\n"
+        "# - use pathlib, not os.path\n"
+        "import os\n"
+    )

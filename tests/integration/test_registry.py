@@ -1,6 +1,7 @@
-"""The adapter registry against a real engine (the session's vLLM server) and a real SQLite store:
-scopes resolve developer -> team -> base, adapters load on first use within the engine's slots with
-least-recently-used eviction of idle ones, and a swap unloads the old version after its last request."""
+"""The adapter registry against real engines (the session's vLLM server, and the embedded engine) and a
+real SQLite store: scopes resolve developer -> team -> base, adapters load on first use within the
+engine's slots with least-recently-used eviction of idle ones, and a swap unloads the old version after
+its last request."""
 
 from __future__ import annotations
 
@@ -11,14 +12,21 @@ from pathlib import Path
 import pytest
 
 from personalization.publish import publish_adapter
-from server.engine.remote import RemoteEngine
+from server.engine import Engine
 from server.registry import AdapterRegistry
 from server.settings import Settings
 from storage.repositories import Scope
 from storage.store import RolloutStore
 from tests.conftest import make_lora_adapter
 
-pytestmark = [pytest.mark.engine, pytest.mark.remote]
+pytestmark = [pytest.mark.engine]
+
+
+@pytest.fixture(params=["remote", "embedded"])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    """The registry works the same on a remote vLLM server and on the engine inside this process."""
+    found: Engine = request.getfixturevalue(f"{request.param}_engine")
+    return found
 
 
 @pytest.fixture
@@ -43,16 +51,16 @@ async def publish(store: RolloutStore, scope: Scope, source: Path, root: Path) -
 
 async def test_scopes_resolve_and_idle_adapters_are_evicted_least_recently_used_first(
     store: RolloutStore,
-    remote_engine: RemoteEngine,
+    engine: Engine,
     loras: list[Path],
     tmp_path: Path,
 ) -> None:
     v_a = await publish(store, Scope.developer("ann"), loras[0], tmp_path)
     v_b = await publish(store, Scope.developer("bob"), loras[1], tmp_path)
     v_team = await publish(store, Scope.team("web"), loras[2], tmp_path)
-    registry = AdapterRegistry(store, lambda: remote_engine, capacity=2)
+    registry = AdapterRegistry(store, lambda: engine, capacity=2)
     assert set(await registry.refresh()) == {Scope.developer("ann"), Scope.developer("bob"), Scope.team("web")}
-    before = set(await remote_engine.loaded_adapters())
+    before = set(await engine.loaded_adapters())
 
     def version_for(developer: str, team: str | None) -> str | None:
         found = registry.active_version(developer, team)
@@ -82,25 +90,23 @@ async def test_scopes_resolve_and_idle_adapters_are_evicted_least_recently_used_
     lease.release()
     ann = await asyncio.wait_for(waiting, 60)
     assert ann.version_id == v_a and set(registry.loaded()) == {v_a, v_b}
-    loaded_now = set(await remote_engine.loaded_adapters()) - before
+    loaded_now = set(await engine.loaded_adapters()) - before
     assert len(loaded_now) == 2
     ann.release()
     bob.release()
-    await registry.close()
-    for name in loaded_now:  # leave the shared server as it was
-        ref = next(r for r in remote_engine._adapters.values() if r.name == name)
-        await remote_engine.unload_adapter(ref)
+    await registry.close()  # unloads what it loaded
+    assert not loaded_now & set(await engine.loaded_adapters())
 
 
 async def test_a_swap_keeps_the_old_version_for_requests_in_flight_then_unloads_it(
     store: RolloutStore,
-    remote_engine: RemoteEngine,
+    engine: Engine,
     loras: list[Path],
     tmp_path: Path,
 ) -> None:
     scope = Scope.developer("dan")
     old = await publish(store, scope, loras[0], tmp_path)
-    registry = AdapterRegistry(store, lambda: remote_engine, capacity=2)
+    registry = AdapterRegistry(store, lambda: engine, capacity=2)
     changes: list[tuple[Scope, str | None]] = []
     registry.subscribe(lambda sc, v: changes.append((sc, v)))
     await registry.refresh()
@@ -112,16 +118,15 @@ async def test_a_swap_keeps_the_old_version_for_requests_in_flight_then_unloads_
     after = await registry.acquire("dan", None)
     assert after.version_id == new and in_flight.version_id == old
     assert registry.loaded() == {old: 1, new: 1}
-    assert old_name in await remote_engine.loaded_adapters()
+    assert old_name in await engine.loaded_adapters()
     in_flight.release()
     for _ in range(50):
-        if old_name not in await remote_engine.loaded_adapters():
+        if old_name not in await engine.loaded_adapters():
             break
         await asyncio.sleep(0.1)
-    assert old_name not in await remote_engine.loaded_adapters()
+    assert old_name not in await engine.loaded_adapters()
     assert registry.loaded() == {new: 1}
     assert changes == [(scope, old), (scope, new)]
     after.release()
     await registry.close()
-    for ref in [r for r in remote_engine._adapters.values() if r.name.endswith(new)]:
-        await remote_engine.unload_adapter(ref)
+    assert not [n for n in await engine.loaded_adapters() if n.endswith(new)]
