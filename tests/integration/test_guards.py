@@ -21,7 +21,10 @@ from storage.repositories import AdapterRepository, Scope, ScopeControlRepositor
 from storage.store import CandidateRecord, CompletionRecord, EventRecord, RolloutStore, SessionStart
 
 ALICE = Scope.developer("alice")
-NOW = datetime.now(UTC)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
 
 
 @pytest.fixture
@@ -51,12 +54,12 @@ async def versions(store: RolloutStore, *, active_since: timedelta, **second: An
         repo = AdapterRepository(s)
         v1 = await repo.add_candidate(ALICE, path="/a/v1", step=10, kl=0.1, metrics={})
         await repo.activate(ALICE, v1.id)
-        v1.activated_at = NOW - timedelta(days=1)
+        v1.activated_at = now() - timedelta(days=1)
         v2 = await repo.add_candidate(
             ALICE, path="/a/v2", step=20, kl=second.pop("kl", 0.2), metrics=second, parent_id=v1.id
         )
         await repo.activate(ALICE, v2.id)
-        v2.activated_at = NOW - active_since
+        v2.activated_at = now() - active_since
         return v1.id, v2.id
 
 
@@ -92,8 +95,8 @@ async def status_of(store: RolloutStore, version: str) -> AdapterStatus:
 
 async def test_an_accept_rate_drop_rolls_back_to_the_previous_adapter(store: RolloutStore) -> None:
     v1, v2 = await versions(store, active_since=timedelta(minutes=30))
-    await served(store, 10, version=v1, accepted=8, at=NOW - timedelta(hours=2))
-    await served(store, 10, version=v2, accepted=2, at=NOW - timedelta(minutes=20))
+    await served(store, 10, version=v1, accepted=8, at=now() - timedelta(hours=2))
+    await served(store, 10, version=v2, accepted=2, at=now() - timedelta(minutes=20))
     acted = await run_guards(store, thresholds())
     assert [(f.action, f.version_id) for f in acted] == [("rollback", v2)]
     assert "accept rate fell from 0.80 to 0.20 over 10 completions" in acted[0].reason
@@ -108,17 +111,17 @@ async def test_an_accept_rate_drop_rolls_back_to_the_previous_adapter(store: Rol
 
 async def test_a_healthy_adapter_or_too_few_outcomes_are_left_alone(store: RolloutStore) -> None:
     v1, v2 = await versions(store, active_since=timedelta(minutes=30))
-    await served(store, 10, version=v1, accepted=8, at=NOW - timedelta(hours=2))
-    await served(store, 9, version=v2, accepted=0, at=NOW - timedelta(minutes=20))  # one short of the window
+    await served(store, 10, version=v1, accepted=8, at=now() - timedelta(hours=2))
+    await served(store, 9, version=v2, accepted=0, at=now() - timedelta(minutes=20))  # one short of the window
     assert await run_guards(store, thresholds()) == []
-    await served(store, 1, version=v2, accepted=1, at=NOW - timedelta(minutes=10))
+    await served(store, 1, version=v2, accepted=1, at=now() - timedelta(minutes=10))
     assert await run_guards(store, thresholds(accept_rate_drop=0.75)) == []  # 0.8 -> 0.1 is a drop of 0.7
     assert await status_of(store, v2) == AdapterStatus.ACTIVE
 
 
 async def test_p99_latency_above_the_threshold_for_the_window_rolls_back(store: RolloutStore) -> None:
     v1, v2 = await versions(store, active_since=timedelta(minutes=10))
-    await served(store, 25, version=v2, accepted=25, at=NOW - timedelta(minutes=4), latency_ms=2500.0)
+    await served(store, 25, version=v2, accepted=25, at=now() - timedelta(minutes=4), latency_ms=2500.0)
     acted = await run_guards(store, thresholds())
     assert [f.detail["guard"] for f in acted] == ["latency"]
     assert "p99 latency 2500 ms over the last 300 s (25 completions)" in acted[0].reason
@@ -127,7 +130,7 @@ async def test_p99_latency_above_the_threshold_for_the_window_rolls_back(store: 
 
 async def test_latency_is_not_judged_before_the_adapter_has_served_a_whole_window(store: RolloutStore) -> None:
     _, v2 = await versions(store, active_since=timedelta(minutes=2))
-    await served(store, 25, version=v2, accepted=25, at=NOW - timedelta(minutes=1), latency_ms=2500.0)
+    await served(store, 25, version=v2, accepted=25, at=now() - timedelta(minutes=1), latency_ms=2500.0)
     assert await run_guards(store, thresholds()) == []
 
 
