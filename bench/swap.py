@@ -4,6 +4,8 @@ One `heedful serve --tcp` process (embedded engine) serves N sessions of one tea
 requests inline completions back-to-back (stdlib function starts, as in bench.lsp) during three phases
 of equal length:
 
+Requests are greedy, 16 new tokens, no training groups (their sampling would weigh on every phase alike).
+
 1. steady: the team's adapter is active and stays;
 2. swaps: a new adapter is published for the team every `--swap-every` seconds (the way the training
    worker publishes); for each, the time from its publish committing to the first completion served by
@@ -13,7 +15,7 @@ of equal length:
 
 Prints p50/p99 per phase, the ratios to steady state, and the publish-to-serve times.
 
-    .venv/bin/python -m bench.swap [--sessions 4] [--phase-s 40] [--swap-every 8] [--json]
+    .venv/bin/python -m bench.swap [--sessions 2] [--phase-s 40] [--swap-every 8] [--json]
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ kv_cache_gib = 1
 
 [completion]
 temperature = 0.0
-group_sample_rate = 0.5
+group_sample_rate = 0.0
 max_tokens = 16
-timeout_ms = 60000
+timeout_ms = 120000
 
 [training]
 steps_per_round = 20
@@ -133,14 +135,16 @@ async def load(clients: list[BenchClient], shares: list[list[Request]], seconds:
 
 
 def give_feedback(db: Path) -> int:
-    """Accept every completion with an even row id, reject the others (so training has rollouts)."""
+    """Accept every completion with an even row id, reject and correct the others (so training has work)."""
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT rowid, id, session_id FROM completions").fetchall()
         now = datetime.now(UTC).isoformat(sep=" ")
         conn.executemany(
-            "INSERT INTO events (session_id, completion_id, kind, inferred, truncated, created_at) "
-            "VALUES (?, ?, ?, 0, 0, ?)",
-            [(sid, cid, "accepted" if rowid % 2 == 0 else "rejected", now) for rowid, cid, sid in rows],
+            "INSERT INTO events (session_id, completion_id, kind, inferred, truncated, created_at, text) "
+            "VALUES (?, ?, ?, 0, 0, ?, ?)",
+            [(sid, cid, "accepted" if rowid % 2 == 0 else "rejected", now, None) for rowid, cid, sid in rows]
+            # Corrections give the round OPD samples to train on (single candidates make no GRPO group).
+            + [(sid, cid, "correction", now, "add type hints") for rowid, cid, sid in rows if rowid % 2],
         )
         conn.execute("UPDATE sessions SET ended_at = ? WHERE ended_at IS NULL", (now,))
     return len(rows)
@@ -284,7 +288,7 @@ def print_table(r: dict[str, Any]) -> None:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sessions", type=int, default=4, help="concurrent editor sessions (default 4)")
+    parser.add_argument("--sessions", type=int, default=2, help="concurrent editor sessions (default 2)")
     parser.add_argument("--phase-s", type=float, default=40.0, help="seconds of load per phase (default 40)")
     parser.add_argument("--swap-every", type=float, default=8.0, help="seconds between publishes (default 8)")
     parser.add_argument("--swaps", type=int, default=4, help="adapters published in the swap phase (default 4)")
