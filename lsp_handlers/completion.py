@@ -117,8 +117,6 @@ class CompletionService:
             return None
         started = time.perf_counter()
         offset = doc.offset_at(position)
-        line_prefix, line_suffix = doc.line_at(offset)
-        single = is_single_line(line_prefix, line_suffix)
         arm = arm_of(identity.developer_id, settings.experiment.arms)
         notes: list[str] = []
         if arm in BASELINE_ARMS:
@@ -135,7 +133,7 @@ class CompletionService:
         self.services.request_started()
         try:
             return await self._complete(
-                engine, doc, position, offset, identity, settings, document, prompt, single, arm, lease, started
+                engine, doc, position, offset, identity, settings, document, prompt, arm, lease, started
             )
         finally:
             lease.release()
@@ -151,13 +149,13 @@ class CompletionService:
         settings: Settings,
         document: DocumentSeen | None,
         prompt: Prompt,
-        single: bool,
         arm: str,
         lease: Lease,
         started: float,
     ) -> Served | None:
         c = settings.completion
         line_prefix, line_suffix = doc.line_at(offset)
+        single = is_single_line(line_prefix, line_suffix)
         # Token healing: a prompt ending in spaces splits the tokenizer's usual whitespace tokens (the
         # model then writes " with" after four spaces). Send the prompt without them and take them
         # back off the front of what the model writes.

@@ -24,7 +24,6 @@ import contextlib
 import itertools
 import logging
 import secrets
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -72,10 +71,6 @@ class Lease:
     def version_id(self) -> str | None:
         return self._slot.version.version_id if self._slot else None
 
-    @property
-    def scope(self) -> Scope | None:
-        return self._slot.version.scope if self._slot else None
-
     def share(self) -> Lease:
         """A second lease on the same adapter (for work that outlives this request, e.g. group sampling)."""
         if self._registry is None or self._slot is None:
@@ -122,7 +117,6 @@ class AdapterRegistry:
         self._listeners: set[ChangeListener] = set()
         self._background: set[asyncio.Future[None]] = set()
         self._task: asyncio.Task[None] | None = None
-        self.last_refresh: float = 0.0
 
     # --- what the store says -----------------------------------------------------------------------
 
@@ -177,7 +171,6 @@ class AdapterRegistry:
                     listener(scope, new.version_id if new else None)
                 except Exception:
                     log.exception("an adapter change listener failed")
-        self.last_refresh = time.monotonic()
         return changed
 
     def start(self) -> None:
