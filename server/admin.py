@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from server.settings import SettingsError, check_directory_team_files, read_settings_file, resolve
+from storage.models import as_utc
 
 GLOBAL_FILE_NAME = "heedful.toml"
 
@@ -90,4 +91,4 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
             f"--since {text!r} is not a time: use a date (2026-11-01), a date and time (2026-11-01T12:00) or an "
             "age such as 30m, 24h, 7d, 2w"
         ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    return as_utc(when)

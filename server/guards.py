@@ -33,7 +33,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.settings import ThresholdSettings
-from storage.models import AdapterVersion, Completion, Event, EventKind
+from storage.models import AdapterVersion, Completion, Event, EventKind, as_utc
 from storage.repositories import AdapterRepository, AuditRepository, Scope, ScopeControlRepository
 from storage.store import RolloutStore
 
@@ -140,17 +140,13 @@ def _p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
 
 
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-
-
 async def check_version(
     session: AsyncSession, version: AdapterVersion, th: ThresholdSettings, *, now: datetime | None = None
 ) -> list[Finding]:
     """What the guards find about one active version (pure reads)."""
     now = now or datetime.now(UTC)
     scope = Scope(version.scope_kind, version.scope_id)
-    activated = _aware(version.activated_at or version.created_at)
+    activated = as_utc(version.activated_at or version.created_at)
     findings: list[Finding] = []
 
     losses = [s.get("loss") for s in (version.metrics or {}).get("steps", []) if isinstance(s, dict)]
@@ -220,11 +216,11 @@ async def check_version(
 async def check_kl(session: AsyncSession, scope: Scope, th: ThresholdSettings) -> Finding | None:
     """Pause training when the scope's newest adapter measured a KL above the limit (and no admin resumed
     training since it was made)."""
-    newest = next((v for v in await AdapterRepository(session).versions(scope) if v.kl is not None), None)
+    newest = await AdapterRepository(session).newest_measured(scope)
     if newest is None or newest.kl is None or newest.kl <= th.kl_max:
         return None
     control = await ScopeControlRepository(session).get(scope)
-    if control is not None and _aware(control.updated_at) >= _aware(newest.created_at):
+    if control is not None and as_utc(control.updated_at) >= as_utc(newest.created_at):
         return None
     return Finding(
         scope,
@@ -241,7 +237,7 @@ async def run_guards(store: RolloutStore, th: ThresholdSettings, *, actor: str =
     async with store.unit() as s:
         repo = AdapterRepository(s)
         active = await repo.all_active()
-        scopes = {Scope(v.scope_kind, v.scope_id) for v in await repo.versions()}
+        scopes = await repo.scopes()
         paused = await ScopeControlRepository(s).paused()
         findings: list[Finding] = []
         for version in active:

@@ -462,6 +462,25 @@ class AdapterRepository:
         stmt = select(AdapterVersion).where(AdapterVersion.status == AdapterStatus.ACTIVE)
         return list(await self.s.scalars(stmt))
 
+    async def scopes(self) -> list[Scope]:
+        """Every scope that has an adapter version."""
+        rows = await self.s.execute(select(AdapterVersion.scope_kind, AdapterVersion.scope_id).distinct())
+        return [Scope(kind, ident) for kind, ident in rows]
+
+    async def newest_measured(self, scope: Scope) -> AdapterVersion | None:
+        """The scope's newest version with a measured KL (any status: a rejected candidate counts)."""
+        stmt = (
+            select(AdapterVersion)
+            .where(
+                AdapterVersion.scope_kind == scope.kind,
+                AdapterVersion.scope_id == scope.id,
+                AdapterVersion.kl.is_not(None),
+            )
+            .order_by(AdapterVersion.created_at.desc(), AdapterVersion.id)
+            .limit(1)
+        )
+        return (await self.s.scalars(stmt)).first()
+
     async def versions(self, scope: Scope | None = None) -> list[AdapterVersion]:
         stmt = select(AdapterVersion).order_by(AdapterVersion.created_at.desc(), AdapterVersion.id)
         if scope is not None:
