@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.client import ROOT, HeedfulClient, running_client
-from tests.e2e.conftest import ServerSetup, write_config
+from tests.e2e.client import HeedfulClient, running_client
+from tests.e2e.conftest import write_config
 from tests.e2e.test_lsp_flow import completion_id, serve_item
 from tests.integration.test_training import HELD_OUT as TYPE_HINT_HELD_OUT
 from tests.integration.test_training import TRAIN as TYPE_HINT_TRAIN
 from tests.integration.test_training import hinted
+from tests.procs import run_heedful
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
 
@@ -84,16 +83,6 @@ async def held_out(client: HeedfulClient, tag: str) -> list[str]:
     return texts
 
 
-def heedful(setup: ServerSetup, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", "--config", str(setup.config), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-
-
 async def wait_adapter(client: HeedfulClient, version: str | None, timeout: float = 15.0) -> float:
     """Seconds until the server's status says `version` serves this developer."""
     started = time.monotonic()
@@ -114,7 +103,9 @@ async def test_feedback_trains_an_adapter_that_serves_its_developer_only(
         await client.wait_status("ready")
         counts = await give_feedback(client)
 
-    proc = heedful(setup, "train", "--once", "--scope", "developer:hinter", "--adapters-dir", str(adapters))
+    proc = run_heedful(
+        setup.config, "train", "--once", "--scope", "developer:hinter", "--adapters-dir", str(adapters), timeout=1800
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     (result,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     print("feedback:", counts, "round:", json.dumps(result["metrics"], default=str)[:1500])
@@ -143,7 +134,7 @@ async def test_feedback_trains_an_adapter_that_serves_its_developer_only(
         assert theirs.statuses[-1]["adapter"] is None
 
         # An admin rolls the adapter back: within seconds the developer is served by the base model again.
-        rolled = heedful(setup, "adapters", "rollback", "--scope", "developer:hinter", "--reason", "test")
+        rolled = run_heedful(setup.config, "adapters", "rollback", "--scope", "developer:hinter", "--reason", "test")
         assert rolled.returncode == 0, rolled.stderr
         assert json.loads(rolled.stdout) == {"scope": "developer:hinter", "rolled_back": version, "active": None}
         took = await wait_adapter(mine, None)
@@ -157,7 +148,7 @@ async def test_feedback_trains_an_adapter_that_serves_its_developer_only(
         served.setdefault(f"{r['developer_id']}/{r['uri'].split('/')[4]}", set()).add(r["adapter_version"])
         assert r["arm"] == "rl"
     assert served == {"hinter/mine": {version}, "other/theirs": {None}, "hinter/after": {None}}
-    listing = heedful(setup, "adapters", "list", "--scope", "developer:hinter", "--json")
+    listing = run_heedful(setup.config, "adapters", "list", "--scope", "developer:hinter", "--json")
     (row,) = [json.loads(line) for line in listing.stdout.splitlines()]
     assert row["version"] == version and row["status"] == "rolled_back" and row["reason"] == "test"
     (audit,) = setup.rows("SELECT actor, reason, detail FROM audit_log WHERE action = 'rollback'")

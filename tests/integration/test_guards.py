@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +17,7 @@ from server.settings import Settings, ThresholdSettings
 from storage.models import AdapterStatus, AuditEntry
 from storage.repositories import AdapterRepository, Scope, ScopeControlRepository
 from storage.store import CandidateRecord, CompletionRecord, EventRecord, RolloutStore, SessionStart
+from tests.procs import run_heedful
 
 ALICE = Scope.developer("alice")
 
@@ -164,10 +163,7 @@ async def test_kl_above_the_limit_pauses_training_until_an_admin_resumes_it(
 
     config = tmp_path / "heedful.toml"
     config.write_text(f'[database]\nurl = "{database_url}"\n')
-    command = [sys.executable, "-m", "server.cli", "--config", str(config)]
-    proc = subprocess.run(
-        [*command, "adapters", "resume", "--scope", "developer:alice"], capture_output=True, text=True, check=False
-    )
+    proc = run_heedful(config, "adapters", "resume", "--scope", "developer:alice")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"scope": "developer:alice", "training_paused": False}
     async with store.unit() as s:
