@@ -32,6 +32,8 @@ from server.settings import (
 )
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from storage.store import RolloutStore
 
 log = logging.getLogger("heedful")
@@ -175,6 +177,31 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="the audit log: training, publishing, purges, retention")
     audit.add_argument("--since", help="only entries since then: a date, a date and time, or an age (24h, 7d)")
     audit.add_argument("--json", action="store_true", help="print one JSON object per line")
+
+    report = sub.add_parser("report", help="write one self-contained HTML file: rates, training, adapters, latency")
+    report.add_argument(
+        "--out", type=Path, default=Path("heedful-report.html"), metavar="FILE", help="default: ./heedful-report.html"
+    )
+    report.add_argument(
+        "--developer",
+        dest="report_developers",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="only this developer's completions and adapters (repeatable)",
+    )
+    report.add_argument(
+        "--team",
+        dest="report_team",
+        metavar="T",
+        help="only completions served to this team; its and its developers' adapters",
+    )
+    report.add_argument(
+        "--since",
+        dest="report_since",
+        metavar="TIME",
+        help="only rows since then: an ISO date or time, or an age (24h, 7d)",
+    )
 
     stats = sub.add_parser("stats", help="counts of completions, events, rollouts and adapters in the store")
     stats.add_argument("--json", action="store_true", help="print JSON")
@@ -534,13 +561,17 @@ async def _team(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _audit(args: argparse.Namespace) -> int:
+def _since_arg(text: str | None) -> datetime | None:
     from server.admin import AdminError, parse_since
 
     try:
-        since = parse_since(args.since) if args.since else None
+        return parse_since(text) if text else None
     except AdminError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+
+
+async def _audit(args: argparse.Namespace) -> int:
+    since = _since_arg(args.since)
     async with _open_store(_settings(args).settings) as store:
         entries = await store.audit_log(since)
     for e in entries:
@@ -551,6 +582,28 @@ async def _audit(args: argparse.Namespace) -> int:
             print(f"{e['at']}  {e['actor']:<20} {e['action']:<12} {e['scope'] or '-':<24} {e['reason'] or ''} {detail}")
     if not entries and not args.json:
         print("no audit entries" + (f" since {since.isoformat()}" if since else ""), file=sys.stderr)
+    return 0
+
+
+async def _report(args: argparse.Namespace) -> int:
+    from personalization.report import load_report, render_report, write_report
+    from storage.repositories import ReportFilter
+
+    since = _since_arg(args.report_since)
+    out: Path = args.out
+    if out.is_dir():
+        raise CliError(f"--out {out} is a directory: name the HTML file to write, e.g. {out / 'heedful-report.html'}")
+    wanted = ReportFilter(tuple(dict.fromkeys(args.report_developers)), args.report_team, since)
+    async with _open_store(_settings(args).settings) as store:
+        data = await load_report(store, wanted)
+    missing = sorted(set(wanted.developers) - {c.developer_id for c in data.completions})
+    if missing:
+        print(f"heedful: no completions of {', '.join(missing)} match the report's filters", file=sys.stderr)
+    try:
+        written = write_report(out, render_report(data))
+    except OSError as exc:
+        raise CliError(f"cannot write the report to {out}: {exc.strerror}: choose another --out") from None
+    print(written.resolve())
     return 0
 
 
@@ -785,6 +838,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_team(args))
         if args.command == "audit":
             return asyncio.run(_audit(args))
+        if args.command == "report":
+            return asyncio.run(_report(args))
         if args.command == "replay":
             return _replay(args)
         if args.command == "record":

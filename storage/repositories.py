@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.db import StoreError
@@ -33,6 +33,7 @@ from storage.models import (
     ScopeControl,
     ScopeKind,
     Team,
+    as_utc,
     utcnow,
 )
 
@@ -621,6 +622,120 @@ class StatsRepository:
         }
 
 
+@dataclass(slots=True, frozen=True)
+class CompletionFact:
+    """What a report needs of one completion (no prompt or candidate text)."""
+
+    id: str
+    developer_id: str
+    team_id: str | None
+    arm: str | None
+    adapter_version: str | None
+    latency_ms: float | None
+    created_at: datetime
+
+
+@dataclass(slots=True, frozen=True)
+class ReportFilter:
+    """Which rows a report covers: some developers (any when empty), one team, rows since a time."""
+
+    developers: tuple[str, ...] = ()
+    team: str | None = None
+    since: datetime | None = None
+
+
+REPORT_EVENT_KINDS = (EventKind.ACCEPTED, EventKind.PARTIAL_ACCEPT, EventKind.REJECTED, EventKind.CORRECTION)
+
+
+class ReportRepository:
+    """The reads of `heedful report`: completions, their outcomes, adapter versions and rollbacks."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    @staticmethod
+    def _completion_filters(f: ReportFilter) -> list[Any]:
+        where: list[Any] = []
+        if f.developers:
+            where.append(Completion.developer_id.in_(list(f.developers)))
+        if f.team is not None:
+            where.append(Completion.team_id == f.team)
+        if f.since is not None:
+            where.append(Completion.created_at >= f.since)
+        return where
+
+    async def completions(self, f: ReportFilter) -> list[CompletionFact]:
+        """The filter's completions, oldest first."""
+        stmt = (
+            select(
+                Completion.id,
+                Completion.developer_id,
+                Completion.team_id,
+                Completion.arm,
+                Completion.adapter_version,
+                Completion.latency_ms,
+                Completion.created_at,
+            )
+            .where(*self._completion_filters(f))
+            .order_by(Completion.created_at, Completion.id)
+        )
+        return [
+            CompletionFact(cid, dev, team, arm, version, latency, as_utc(at))
+            for cid, dev, team, arm, version, latency, at in await self.s.execute(stmt)
+        ]
+
+    async def outcome_kinds(self, f: ReportFilter) -> list[tuple[str, EventKind]]:
+        """(completion id, kind) of every accept, partial accept, reject and correction on the filter's
+        completions, each pair once (whatever the event's own time: an outcome belongs to its completion)."""
+        stmt = (
+            select(Event.completion_id, Event.kind)
+            .join(Completion, Completion.id == Event.completion_id)
+            .where(Event.kind.in_(REPORT_EVENT_KINDS), *self._completion_filters(f))
+            .distinct()
+            .order_by(Event.completion_id, Event.kind)
+        )
+        return [(cid, kind) for cid, kind in await self.s.execute(stmt) if cid is not None]
+
+    async def scopes(self, f: ReportFilter) -> list[Scope] | None:
+        """The adapter scopes the filter covers (None: every scope)."""
+        if not f.developers and f.team is None:
+            return None
+        if f.team is None:
+            return [Scope.developer(d) for d in sorted(set(f.developers))]
+        members = set(await IdentityRepository(self.s).developers_of_team(f.team))
+        served = select(Completion.developer_id).where(Completion.team_id == f.team).distinct()
+        members.update(await self.s.scalars(served))
+        if f.developers:
+            members &= set(f.developers)
+        return [Scope.team(f.team), *(Scope.developer(d) for d in sorted(members))]
+
+    async def adapter_versions(self, scopes: Sequence[Scope] | None, since: datetime | None) -> list[AdapterVersion]:
+        """Adapter versions of `scopes` (all when None) created since `since`, oldest first."""
+        stmt = select(AdapterVersion).order_by(AdapterVersion.created_at, AdapterVersion.id)
+        if scopes is not None:
+            if not scopes:
+                return []
+            stmt = stmt.where(
+                or_(*(and_(AdapterVersion.scope_kind == sc.kind, AdapterVersion.scope_id == sc.id) for sc in scopes))
+            )
+        if since is not None:
+            stmt = stmt.where(AdapterVersion.created_at >= since)
+        return list(await self.s.scalars(stmt))
+
+    async def rollbacks(self, scopes: Sequence[Scope] | None, since: datetime | None) -> list[AuditEntry]:
+        """Audit entries of rollbacks in `scopes` (all when None) since `since`, oldest first."""
+        stmt = select(AuditEntry).where(AuditEntry.action == "rollback").order_by(AuditEntry.at, AuditEntry.id)
+        if scopes is not None:
+            if not scopes:
+                return []
+            stmt = stmt.where(
+                or_(*(and_(AuditEntry.scope_kind == sc.kind.value, AuditEntry.scope_id == sc.id) for sc in scopes))
+            )
+        if since is not None:
+            stmt = stmt.where(AuditEntry.at >= since)
+        return list(await self.s.scalars(stmt))
+
+
 async def _delete_counting(session: AsyncSession, statements: Sequence[tuple[str, Any]]) -> dict[str, int]:
     """Run DELETE statements in order; return the rows each removed, by name."""
     counts: dict[str, int] = {}
@@ -706,12 +821,15 @@ class PurgeRepository:
 __all__ = [
     "AdapterRepository",
     "AuditRepository",
+    "CompletionFact",
     "CompletionMode",
     "CompletionRepository",
     "DocumentRepository",
     "EventRepository",
     "IdentityRepository",
     "PurgeRepository",
+    "ReportFilter",
+    "ReportRepository",
     "RetentionRepository",
     "RolloutRepository",
     "Scope",

@@ -53,6 +53,28 @@ def installed(kind: str, lock: Path, probe: str) -> Path:
     return modules
 
 
+def drive_chromium(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`node SCRIPT ARGS...` with playwright-core and Debian's headless Chromium (both from `make setup`):
+    the environment tells the script where they are."""
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: run `make setup` (it installs the Debian package chromium)")
+    modules = installed("vscode-e2e", HARNESS / "package-lock.json", "playwright-core")
+    return subprocess.run(
+        [str(modules / "node" / "bin" / "node"), str(script), *args],
+        env=dict(os.environ, HEEDFUL_NODE_MODULES=str(modules), HEEDFUL_CHROMIUM=str(CHROMIUM)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def keep_artifact(path: Path) -> None:
+    """Copy a test's screenshot to HEEDFUL_TEST_ARTIFACTS when that is set."""
+    if artifacts := os.environ.get("HEEDFUL_TEST_ARTIFACTS"):
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(artifacts) / path.name)
+
+
 @pytest.fixture(scope="module")
 def vsix(tmp_path_factory: pytest.TempPathFactory) -> Path:
     modules = installed("vscode", EXTENSION / "package-lock.json", "vscode-languageclient")
@@ -176,26 +198,14 @@ def code_server(vsix: Path, lsp_setup: ServerSetup, tmp_path: Path) -> Iterator[
 def test_vscode_shows_ghost_text_accepts_with_tab_and_sends_a_correction(
     code_server: CodeServer, lsp_setup: ServerSetup, tmp_path: Path
 ) -> None:
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing: run `make setup` (it installs the Debian package chromium)")
-    modules = installed("vscode-e2e", HARNESS / "package-lock.json", "playwright-core")
     screenshot = tmp_path / "vscode-ghost-text.png"
-    drive = [str(code_server.node_bin / "node"), str(HARNESS / "drive.mjs")]
-    proc = subprocess.run(
-        [*drive, code_server.url, "orders.py", str(screenshot), CORRECTION],
-        env=dict(os.environ, HEEDFUL_NODE_MODULES=str(modules), HEEDFUL_CHROMIUM=str(CHROMIUM)),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = drive_chromium(HARNESS / "drive.mjs", code_server.url, "orders.py", str(screenshot), CORRECTION)
     print(f"screenshot of the ghost text: {screenshot}")
     assert proc.returncode == 0, f"the browser run failed (exit {proc.returncode}):\n{proc.stderr[-5000:]}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["ghostText"].strip(), "the ghost text was empty"
     assert screenshot.stat().st_size > 0
-    if artifacts := os.environ.get("HEEDFUL_TEST_ARTIFACTS"):
-        Path(artifacts).mkdir(parents=True, exist_ok=True)
-        shutil.copy(screenshot, Path(artifacts) / screenshot.name)
+    keep_artifact(screenshot)
 
     (session,) = lsp_setup.rows("SELECT * FROM sessions")
     assert session["developer_id"] == "dev-vscode" and session["team_id"] == "vscode"
