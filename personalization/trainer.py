@@ -201,33 +201,44 @@ class LoraTrainer:
             advantages.append(o.advantages())
         if not samples:
             raise ValueError("a training step needs at least one group with signal or one OPD sample")
-        logp, mask = self.response_logprobs(samples)
-        ref_logp, _ = self.response_logprobs(samples, reference=True)
-        old = torch.zeros_like(logp)
-        adv = torch.zeros_like(logp)
-        for i, s in enumerate(samples):
-            assert s.old_logprobs is not None
-            n = len(s.response_ids)
-            old[i, :n] = torch.tensor(s.old_logprobs[:n])
-            adv[i, :n] = torch.tensor(advantages[i][:n])
-        loss, metrics = grpo_tcr_loss(
-            logp,
-            old,
-            ref_logp,
-            adv,
-            mask,
-            eps_low=self.settings.eps_low,
-            eps_high=self.settings.eps_high,
-            beta=self.settings.beta_kl,
-        )
+        # The loss is a token mean over the whole batch: each micro-batch adds its token mean weighted by its
+        # share of the batch's tokens, so the summed gradient is the whole batch's, in bounded memory.
+        total_tokens = max(1, sum(len(s.response_ids) for s in samples))
         self.optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward(loss)
+        metrics: dict[str, float] = {}
+        adv_abs = 0.0
+        for chunk in self.micro_batches(samples):
+            sub = [samples[i] for i in chunk]
+            logp, mask = self.response_logprobs(sub)
+            ref_logp, _ = self.response_logprobs(sub, reference=True)
+            old = torch.zeros_like(logp)
+            adv = torch.zeros_like(logp)
+            for row, i in enumerate(chunk):
+                s = samples[i]
+                assert s.old_logprobs is not None
+                n = len(s.response_ids)
+                old[row, :n] = torch.tensor(s.old_logprobs[:n])
+                adv[row, :n] = torch.tensor(advantages[i][:n])
+            loss, part = grpo_tcr_loss(
+                logp,
+                old,
+                ref_logp,
+                adv,
+                mask,
+                eps_low=self.settings.eps_low,
+                eps_high=self.settings.eps_high,
+                beta=self.settings.beta_kl,
+            )
+            weight = float(mask.sum()) / total_tokens
+            torch.autograd.backward(loss * weight)
+            for key, value in part.items():
+                metrics[key] = metrics.get(key, 0.0) + (value if key == "valid_tokens" else value * weight)
+            adv_abs += float(masked_mean(adv.abs(), mask)) * weight
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
         self.steps_done += 1
-        metrics = dict(metrics)
         metrics.update(
             step=float(self.steps_done),
             grad_norm=grad_norm if math.isfinite(grad_norm) else float("nan"),
@@ -235,10 +246,28 @@ class LoraTrainer:
             samples=float(len(samples)),
             opd_samples=float(len(opd)),
             reward_mean=_mean([s.reward for g in groups for s in g.samples]),
-            advantage_abs_mean=float(masked_mean(adv.abs(), mask)),
-            tokens=float(mask.sum()),
+            advantage_abs_mean=adv_abs,
+            tokens=float(total_tokens),
         )
         return metrics
+
+    def micro_batches(self, samples: Sequence[Sample]) -> list[list[int]]:
+        """Indices of `samples` in consecutive runs whose padded size (count x longest) fits
+        `training.micro_batch_tokens`; a single longer sample still gets a run of its own."""
+        budget = self.settings.micro_batch_tokens
+        runs: list[list[int]] = []
+        current: list[int] = []
+        longest = 0
+        for i, s in enumerate(samples):
+            size = len(self._clip_prompt(s.prompt_ids)) + len(s.response_ids)
+            if current and (len(current) + 1) * max(longest, size) > budget:
+                runs.append(current)
+                current, longest = [], 0
+            current.append(i)
+            longest = max(longest, size)
+        if current:
+            runs.append(current)
+        return runs
 
     def sample_batch(self, items: Sequence[T], size: int) -> list[T]:
         """`size` of `items` drawn without replacement by the trainer's seeded generator (all when fewer)."""

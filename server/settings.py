@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import tomllib
 import typing
@@ -223,6 +224,14 @@ class TrainingSettings:
         max=4096,
     )
     steps_per_round: int = setting(50, "Optimisation steps in one training round.", min=1, max=100000)
+    micro_batch_tokens: int = setting(
+        2048,
+        "Most tokens (prompts plus responses, padded) in one forward and backward pass; a step's batch is split "
+        "into such micro-batches and their gradients summed, so this bounds the trainer's memory without "
+        "changing what it learns.",
+        min=64,
+        max=1_000_000,
+    )
     min_new_rollouts: int = setting(16, "New trainable rollouts of a scope needed before a round starts.", min=1)
     old_policy_refresh_steps: int = setting(
         4,
@@ -783,13 +792,13 @@ def check_directory_team_files(global_file: Path) -> list[tuple[Path, SettingsEr
 # Presentation
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(value, ensure_ascii=False)  # JSON's string escapes are valid TOML basic strings
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return repr(value)
 
 
@@ -800,7 +809,7 @@ def render_toml(resolved: ResolvedSettings) -> str:
         lines.append(f"[{section}]")
         for key, value in values.items():
             origin = resolved.sources.get(f"{section}.{key}", "default")
-            lines.append(f"{key} = {_toml_value(value)}  # {origin}")
+            lines.append(f"{key} = {toml_value(value)}  # {origin}")
         lines.append("")
     return "\n".join(lines)
 
@@ -817,7 +826,7 @@ def reference_markdown() -> str:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             allowed = _allowed_text(hints[f.name], f.metadata)
             help_text = f.metadata["help"].replace("|", "\\|")
-            out.append(f"| `{f.name}` | {allowed} | `{_toml_value(default)}` | {help_text} |")
+            out.append(f"| `{f.name}` | {allowed} | `{toml_value(default)}` | {help_text} |")
         out.append("")
     return "\n".join(out)
 
