@@ -74,6 +74,15 @@ def finalize_groups(groups: Sequence[Group]) -> tuple[list[Group], int]:
     return kept, masked
 
 
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    """`training.compute_dtype` as a torch dtype; `auto` asks the CPU whether it has bfloat16 units."""
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
 class LoraTrainer:
     def __init__(
         self,
@@ -110,8 +119,13 @@ class LoraTrainer:
         self.optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, 0, settings.schedule_steps)
         self.steps_done = 0
+        self.compute_dtype = resolve_compute_dtype(settings.compute_dtype)
 
     # -- log-probs -----------------------------------------------------------------------------------
+
+    def _autocast(self) -> Any:
+        """The forward passes' precision context (see `training.compute_dtype`)."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
 
     def _clip_prompt(self, prompt_ids: list[int]) -> list[int]:
         return prompt_ids[-self.max_prompt_tokens :] if self.max_prompt_tokens else prompt_ids
@@ -140,13 +154,14 @@ class LoraTrainer:
                 mask[i, t] = 1.0
                 targets[i, t] = tok
         inner = self.model.get_base_model()
-        if reference:
-            with torch.no_grad(), self.model.disable_adapter():
+        with self._autocast():
+            if reference:
+                with torch.no_grad(), self.model.disable_adapter():
+                    hidden = inner.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+            else:
                 hidden = inner.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-        else:
-            hidden = inner.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-        picked = hidden[torch.tensor(rows), torch.tensor(cols)]  # [N, H]
-        logits = inner.lm_head(picked).float()
+            picked = hidden[torch.tensor(rows), torch.tensor(cols)]  # [N, H]
+            logits = inner.lm_head(picked).float()
         logp_flat = torch.log_softmax(logits, dim=-1).gather(1, targets[mask.bool()].unsqueeze(1)).squeeze(1)
         out = torch.zeros((len(seqs), t_max), dtype=torch.float32).masked_scatter(mask.bool(), logp_flat)
         return out, mask
