@@ -1,4 +1,4 @@
-"""A sample file `make demo` completes: each function is cut after its signature and docstring."""
+"""A sample Python file: functions cut after their signature and docstring (used by the context tests)."""
 
 import json
 from pathlib import Path

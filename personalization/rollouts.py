@@ -107,6 +107,15 @@ class CollectStats:
     kept_out: dict[str, int] = field(default_factory=dict)
 
 
+SETTLE_MARGIN_S = 30.0
+
+
+def settle_seconds(edit_snapshot_delays_s: Sequence[float]) -> float:
+    """How old a completion of a live session must be before the collector takes it: its last edit
+    snapshot is due, with a margin for the snapshot's write."""
+    return max(edit_snapshot_delays_s, default=0.0) + SETTLE_MARGIN_S
+
+
 def scopes_of(developer_id: str, team_id: str | None) -> list[Scope]:
     scopes = [Scope.developer(developer_id)]
     if team_id:

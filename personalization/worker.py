@@ -27,7 +27,7 @@ from personalization.gates import check_gates, general_code_slice, mean_kl, perp
 from personalization.judge import fit_scope_prm, prm_examples
 from personalization.opd import build_opd_samples
 from personalization.publish import clean_partial, publish_adapter, resolve_adapters_root
-from personalization.rollouts import CollectStats, RolloutCollector
+from personalization.rollouts import CollectStats, RolloutCollector, settle_seconds
 from personalization.trainer import Group, LoraTrainer, finalize_groups
 from server.engine.tokens import LocalTokenizer
 from server.settings import Settings
@@ -76,7 +76,7 @@ def lower_priority(settings: Settings) -> None:
 async def collect(store: RolloutStore, settings: Settings) -> CollectStats:
     collector = RolloutCollector(
         rewrite_threshold=settings.feedback.survival_rewrite_threshold,
-        settle_s=max(settings.feedback.edit_snapshot_delays_s, default=0.0) + 30.0,
+        settle_s=settle_seconds(settings.feedback.edit_snapshot_delays_s),
     )
     async with store.unit() as s:
         return await collector.collect(s)

@@ -217,9 +217,37 @@ def build_parser() -> argparse.ArgumentParser:
     retention = sub.add_parser("retention", help="delete rows older than privacy.retention_days now")
     retention.add_argument("--days", type=int, help="override privacy.retention_days")
 
-    demo = sub.add_parser("demo", help="complete every function of a sample Python file and print the results")
-    demo.add_argument("file", nargs="?", type=Path, help="Python file (default: the bundled sample)")
-    demo.add_argument("--max-tokens", type=int, default=48, help="new tokens per completion (default 48)")
+    ev = sub.add_parser(
+        "eval",
+        help="simulated developers use the real server: correction rate before and after personalization",
+        description="For each persona and arm: a fresh developer, a scripted editor session over stdio, held-out "
+        "prompts before, rounds of train prompts with the persona's feedback and the training worker, held-out "
+        'prompts after. Prints JSON (one arm: the result; several: {"results": [...]}) and writes every '
+        "reviewed completion to OUT/eval.json. Progress goes to standard error.",
+    )
+    ev.add_argument(
+        "--persona", action="append", required=True, metavar="FILE.py:CLASS",
+        help="a persona class (repeatable); a shipped one by name: " + ", ".join(SHIPPED_PERSONAS),
+    )  # fmt: skip
+    ev.add_argument(
+        "--arm", action="append", choices=("none", "baseline", "rl", "rl+baseline"),
+        help="arm to run (repeatable; default all four)",
+    )  # fmt: skip
+    ev.add_argument("--rounds", type=int, default=2, help="training rounds per arm (default 2)")
+    ev.add_argument("--train-prompts", type=int, default=24, help="train prompts per round (default 24)")
+    ev.add_argument("--held-out", type=int, default=24, help="held-out prompts measured per pass (default 24)")
+    ev.add_argument("--steps", type=int, help="optimisation steps per round (default: training.steps_per_round)")
+    ev.add_argument("--seed", type=int, default=0, help="which prompts are drawn (default 0)")
+    ev.add_argument("--out", type=Path, default=Path("heedful-eval"), help="output folder (default ./heedful-eval)")
+
+    demo = sub.add_parser(
+        "demo", help="the whole story: a simulated developer corrects, an adapter is trained and swapped in"
+    )
+    demo.add_argument("--persona", default="type-hints", help="the simulated developer (default type-hints)")
+    demo.add_argument("--held-out", type=int, default=12, help="held-out prompts (default 12)")
+    demo.add_argument("--train-prompts", type=int, default=16, help="prompts the developer works through (default 16)")
+    demo.add_argument("--steps", type=int, help="optimisation steps (default: training.steps_per_round)")
+    demo.add_argument("--out", type=Path, help="output folder (default: <data dir>/demo/<time>)")
     return parser
 
 
@@ -387,68 +415,71 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_prompts(source: str) -> list[tuple[str, str]]:
-    """Cut points of a Python file: (function name, prefix up to its signature or docstring line).
-
-    Only functions without a body are taken (the signature, maybe a one-line docstring, then a
-    blank line or the end of the file); the cursor sits at the end of that last line.
-    """
-    lines = source.splitlines()
-    prompts: list[tuple[str, str]] = []
-    for i, line in enumerate(lines):
-        m = re.match(r"^(\s*)def (\w+)\(.*:\s*$", line)
-        if not m:
-            continue
-        cut = i
-        if i + 1 < len(lines) and re.match(r'^\s*("""|\'\'\').*("""|\'\'\')\s*$', lines[i + 1]):
-            cut = i + 1
-        if cut + 1 < len(lines) and lines[cut + 1].strip():
-            continue  # the function has a body already
-        prompts.append((m.group(2), "\n".join(lines[: cut + 1])))
-    return prompts
-
-
 async def _demo(args: argparse.Namespace) -> int:
+    """The whole story in a few minutes: a simulated developer codes, corrects, an adapter is trained and
+    swapped in, and the correction rate before and after is printed with the report's path."""
     import time
 
-    from server.engine import EngineError, create_engine
+    from personalization import evaluation as ev
+    from personalization.corpus import CorpusError
 
-    file = args.file or Path(__file__).resolve().parent.parent / "examples" / "sample.py"
     try:
-        source = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CliError(f"demo file {file} cannot be read ({exc.strerror})", EXIT_USAGE) from None
-    prompts = demo_prompts(source)
-    if not prompts:
-        raise CliError(f"{file} has no function definitions to complete", EXIT_USAGE)
+        persona = ev.load_persona(args.persona)
+    except ev.EvalError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     s = _settings(args).settings
-    engine = create_engine(s)
+    out: Path = args.out or paths.data_dir() / "demo" / time.strftime("%Y%m%d-%H%M%S")
     print(
-        f"Heedful demo: completing {len(prompts)} functions of {file} with {s.model_path().name} "
-        f"({s.engine.mode} engine)"
+        f"Heedful demo: a simulated developer ({persona.name}) who keeps telling assistants "
+        f"{persona.correction!r}\ncodes with Heedful: {s.model_path().name} on the {s.engine.mode} engine, through "
+        f"`heedful serve` over stdio, as an editor would.\n"
+        f"  1. {args.held_out} held-out functions from Python's standard library are completed: how often would "
+        "the developer correct the suggestion?\n"
+        f"  2. The developer works through {args.train_prompts} other functions: accepting, rewriting, correcting.\n"
+        "  3. The training worker learns an adapter from that feedback (GRPO-TCR and on-policy distillation),\n"
+        "     gates it (KL, general-code perplexity) and publishes it; the server swaps it in without a restart.\n"
+        "  4. The held-out functions are completed again.\n"
+        f"Everything lands in {out} (store, logs, results, report).\n",
+        flush=True,
     )
-    started = time.monotonic()
+    plan = ev.EvalPlan(
+        personas=[(args.persona, persona)],
+        arms=["rl"],
+        rounds=1,
+        train_per_round=args.train_prompts,
+        held_out=args.held_out,
+        seed=0,
+        out_dir=out,
+        settings=s,
+        steps_per_round=args.steps,
+        progress=ev.Progress(sys.stdout),
+    )
     try:
-        await engine.start()
-        print(f"engine ready in {time.monotonic() - started:.1f} s\n")
-        for name, prefix in prompts:
-            gen = await engine.generate(
-                prefix,
-                n=1,
-                max_tokens=args.max_tokens,
-                temperature=0.0,
-                stop=["\ndef ", "\nclass ", "\nif __name__", "\n\n\n"],
-            )
-            body = gen.candidates[0].text.rstrip()
-            start = prefix.rindex("def " + name)
-            signature = prefix[prefix.rindex("\n", 0, start) + 1 :]
-            print(f"=== {name}  ({gen.timing.total_s * 1000:.0f} ms, {len(gen.candidates[0].token_ids)} tokens)")
-            print(signature + body)
-            print()
-    except EngineError as exc:
+        (result,) = await ev.run_eval(plan)
+    except (ev.EvalError, CorpusError) as exc:
         raise CliError(str(exc)) from None
-    finally:
-        await engine.close()
+    (out / "eval.json").write_text(json.dumps(ev.report_json([result], details=True), indent=1, default=str) + "\n")
+    report = await ev.write_report(plan)
+    events = result.feedback_events
+    print(
+        f"\nFeedback given: {events['accepted']} accepted, {events['rewritten']} rewritten, "
+        f"{events['corrected']} corrected ({sum(events.values())} suggestions)."
+    )
+    if result.adapter is None:
+        reason = (result.rounds[-1].get("training") or {}).get("reason", "see the log")
+        print(f"No adapter was published: {reason}")
+    else:
+        print(
+            f"Adapter {result.adapter} trained in {result.training_seconds:.0f} s, KL to the base {result.kl:.3f}, "
+            f"general-code perplexity {result.perplexity_base or 0:.2f} -> {result.perplexity_adapter or 0:.2f}."
+        )
+    crr_text = "n/a" if result.crr is None else f"{result.crr:.2f}"
+    print(
+        f"Correction rate on held-out code: before {result.correction_rate_before:.2f}, "
+        f"after {result.correction_rate_after:.2f} (reduction {crr_text}); "
+        f"accept rate {result.accept_rate_before:.2f} -> {result.accept_rate:.2f}."
+    )
+    print(f"Report: {report.resolve()}")
     return 0
 
 
@@ -582,6 +613,38 @@ async def _audit(args: argparse.Namespace) -> int:
             print(f"{e['at']}  {e['actor']:<20} {e['action']:<12} {e['scope'] or '-':<24} {e['reason'] or ''} {detail}")
     if not entries and not args.json:
         print("no audit entries" + (f" since {since.isoformat()}" if since else ""), file=sys.stderr)
+    return 0
+
+
+SHIPPED_PERSONAS = ("type-hints", "docstrings", "double-quotes", "f-strings", "logging-not-print", "pathlib")
+
+
+async def _eval(args: argparse.Namespace) -> int:
+    from personalization import evaluation as ev
+    from personalization.corpus import CorpusError
+
+    try:
+        personas = [(spec, ev.load_persona(spec)) for spec in args.persona]
+        plan = ev.EvalPlan(
+            personas=personas,
+            arms=args.arm or ["none", "baseline", "rl", "rl+baseline"],
+            rounds=args.rounds,
+            train_per_round=args.train_prompts,
+            held_out=args.held_out,
+            seed=args.seed,
+            out_dir=args.out,
+            settings=_settings(args).settings,
+            steps_per_round=args.steps,
+            progress=ev.Progress(),
+        )
+        results = await ev.run_eval(plan)
+    except (ev.EvalError, CorpusError) as exc:
+        raise CliError(str(exc), EXIT_USAGE if "--" in str(exc) else EXIT_FAILURE) from None
+    details = args.out / "eval.json"
+    details.write_text(json.dumps(ev.report_json(results, details=True), indent=1, default=str) + "\n")
+    print(json.dumps(ev.report_json(results, details=False), indent=1, sort_keys=True, default=str))
+    report = await ev.write_report(plan)
+    print(f"every reviewed completion: {details}\nreport: {report}", file=sys.stderr)
     return 0
 
 
@@ -852,6 +915,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_generate(args))
         if args.command == "demo":
             return asyncio.run(_demo(args))
+        if args.command == "eval":
+            return asyncio.run(_eval(args))
         if args.command in ("stats", "purge", "export", "retention"):
             return asyncio.run(_with_store(args))
         parser.print_help(sys.stderr)

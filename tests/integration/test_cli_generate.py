@@ -1,4 +1,4 @@
-"""`heedful generate` and `heedful demo` as a user runs them: real engine, output on stdout, errors on stderr."""
+"""`heedful generate` as a user runs it: real engine, output on stdout, errors on stderr."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from server.cli import demo_prompts
 
 pytestmark = pytest.mark.engine
 
@@ -61,11 +59,3 @@ def test_generate_errors_are_one_line_with_the_fix(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "the prefix is empty" in proc.stderr
     assert proc.stdout == ""
-
-
-def test_demo_prompts_cut_after_signature_or_docstring() -> None:
-    source = 'import os\n\n\ndef a(x):\n    """Doc."""\n\n\ndef b():\n    return 1\n\n\ndef c(y):\n'
-    prompts = demo_prompts(source)
-    assert [name for name, _ in prompts] == ["a", "c"]  # b has a body already
-    assert prompts[0][1].endswith('def a(x):\n    """Doc."""')
-    assert prompts[1][1].endswith("def c(y):")

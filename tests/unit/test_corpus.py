@@ -1,0 +1,83 @@
+"""The prompt corpus: real standard-library code, cut at function and statement starts, split by file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from personalization import corpus
+
+SOURCE = '''"""A module."""
+
+import os
+
+
+def area(width, height):
+    """Area."""
+    print("computing")
+    return width * height
+
+
+class Box:
+    def volume(self, depth):
+        result = self.w * depth
+        log(result)
+        return result
+'''
+
+
+def test_prompts_are_cut_at_signatures_bodies_and_call_statements() -> None:
+    found = {p.id: p for p in corpus.prompts_in("pkg/shapes.py", SOURCE)}
+    assert sorted(found) == [
+        "pkg/shapes.py:13:signature",
+        "pkg/shapes.py:14:body",
+        "pkg/shapes.py:15:statement",
+        "pkg/shapes.py:6:signature",
+        "pkg/shapes.py:7:body",
+        "pkg/shapes.py:8:statement",
+    ]
+    assert found["pkg/shapes.py:6:signature"].prefix.endswith("import os\n\n\ndef area(")
+    assert found["pkg/shapes.py:7:body"].prefix.endswith("def area(width, height):\n    ")
+    assert found["pkg/shapes.py:8:statement"].prefix.endswith('    """Area."""\n    ')
+    assert found["pkg/shapes.py:15:statement"].prefix.endswith("result = self.w * depth\n        ")
+    assert found["pkg/shapes.py:13:signature"].prefix.endswith("class Box:\n    def volume(")
+    assert found["pkg/shapes.py:6:signature"].file_name == "shapes.py"
+
+
+def test_context_is_limited_and_unparsable_files_give_nothing() -> None:
+    long = "\n".join(f"x{i} = {i}" for i in range(100)) + "\n\ndef f(a):\n    return a\n"
+    (sig,) = [p for p in corpus.prompts_in("long.py", long) if p.kind == "signature"]
+    assert sig.prefix.count("\n") == corpus.CONTEXT_LINES
+    assert list(corpus.prompts_in("bad.py", "def f(:\n")) == []
+
+
+def test_the_split_is_by_file_and_the_draw_is_seeded(tmp_path: Path) -> None:
+    for i in range(40):
+        (tmp_path / f"mod{i}.py").write_text(SOURCE)
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "skipped.py").write_text(SOURCE)
+    train, held = corpus.build(3, train=12, held_out=6, root=tmp_path)
+    assert len(train) == 12 and len(held) == 6
+    assert not {p.path for p in train} & {p.path for p in held}
+    assert all(corpus.is_held_out(p.path) for p in held) and not any(corpus.is_held_out(p.path) for p in train)
+    assert [p.kind for p in held] == ["signature", "body", "statement"] * 2  # spread evenly over the kinds
+    assert all(not p.path.startswith("test/") for p in train + held)
+    assert corpus.build(3, train=12, held_out=6, root=tmp_path) == (train, held)
+    assert corpus.build(4, train=12, held_out=6, root=tmp_path) != (train, held)
+
+
+def test_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(corpus.CorpusError, match="not found"):
+        corpus.build(0, train=1, held_out=1, root=tmp_path / "missing")
+    (tmp_path / "one.py").write_text(SOURCE)
+    with pytest.raises(corpus.CorpusError, match="found, 1000 asked for"):
+        corpus.build(0, train=1000, held_out=0, root=tmp_path)
+    with pytest.raises(corpus.CorpusError, match="kinds"):
+        corpus.build(0, train=1, held_out=1, root=tmp_path, kinds=("lambda",))
+
+
+def test_the_standard_library_gives_enough_prompts() -> None:
+    train, held = corpus.build(0, train=90, held_out=60)
+    assert len({p.path for p in held}) > 20  # spread over many files
+    assert all(p.prefix.rsplit("\n", 1)[-1].isascii() for p in train + held)

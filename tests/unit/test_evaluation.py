@@ -1,0 +1,112 @@
+"""Pure parts of `heedful eval`: loading personas, reading verdicts, rates, positions, its settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from personalization import evaluation
+from personalization.evaluation import EvalError, EvalPlan, Turn, crr, end_of, load_persona, pass_stats, review
+from server.settings import Settings, resolve
+
+PERSONA_FILE = """
+class Terse:
+    name = "terse"
+    correction = "Keep it short."
+
+    def review(self, prefix, completion):
+        return len(completion) < 10, completion[:9] if len(completion) >= 10 else None
+
+
+class Verdict:
+    name = "object-verdict"
+    correction = "No."
+
+    def review(self, prefix, completion):
+        return type("V", (), {"accept": False, "kept": "x"})()
+
+
+class Broken:
+    name = ""
+    correction = "?"
+"""
+
+
+def test_personas_load_from_a_file_or_by_shipped_name(tmp_path: Path) -> None:
+    path = tmp_path / "mine.py"
+    path.write_text(PERSONA_FILE)
+    terse = load_persona(f"{path}:Terse")
+    assert terse.name == "terse" and review(terse, "", "short") == (True, None)
+    assert review(terse, "", "much too long") == (False, "much too ")
+    assert review(load_persona(f"{path}:Verdict"), "", "y") == (False, "x")
+    assert load_persona("type-hints").name == "type-hints"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("{dir}/missing.py:Terse", "does not exist"),
+        ("{dir}/mine.py:Nope", "has no 'Nope'"),
+        ("{dir}/mine.py:Broken", "Broken.name must be a non-empty string"),
+        ("no-such-persona", "shipped personas"),
+    ],
+)
+def test_bad_personas_are_named_with_the_fix(tmp_path: Path, spec: str, message: str) -> None:
+    (tmp_path / "mine.py").write_text(PERSONA_FILE)
+    with pytest.raises(EvalError, match=message):
+        load_persona(spec.format(dir=tmp_path))
+
+
+def test_a_verdict_of_the_wrong_shape_is_an_error() -> None:
+    persona = SimpleNamespace(name="odd", correction="c", review=lambda prefix, completion: "yes")
+    with pytest.raises(EvalError, match="return \\(accept, kept\\)"):
+        review(persona, "", "x")
+
+
+def turn(text: str, accepted: bool) -> Turn:
+    return Turn("before", "p", "c", text, accepted, bool(text) and not accepted, "shown", None, 1.0)
+
+
+def test_rates_and_crr() -> None:
+    stats = pass_stats([turn("a", True), turn("b", False), turn("", False), turn("c", False)])
+    assert (stats.correction_rate, stats.accept_rate, stats.empty, stats.prompts) == (0.5, 0.25, 1, 4)
+    assert crr(0.5, 0.125) == 0.75
+    assert crr(0.4, 0.4) == 0.0
+    assert crr(0.2, 0.3) == pytest.approx(-0.5)
+    assert crr(0.0, 0.0) is None  # nothing to correct before: no reduction to speak of
+
+
+def test_end_of_counts_utf16_units() -> None:
+    assert end_of(3, 4, "abc") == (3, 7)
+    assert end_of(3, 4, "a😀") == (3, 7)  # the emoji is two UTF-16 units
+    assert end_of(3, 4, "x\n  yz") == (4, 4)
+
+
+def test_the_eval_settings_are_valid_settings_with_the_overrides(tmp_path: Path) -> None:
+    settings = Settings()
+    plan = EvalPlan(
+        personas=[], arms=["baseline"], rounds=1, train_per_round=1, held_out=1, seed=0,
+        out_dir=tmp_path, settings=settings, steps_per_round=7,
+    )  # fmt: skip
+    config = tmp_path / "eval.toml"
+    config.write_text(evaluation.eval_settings_toml(plan, "baseline"))
+    s = resolve(config).settings
+    assert s.experiment.arms == ["baseline"]
+    assert s.completion.temperature == 0.0 and s.completion.group_sample_rate == 1.0
+    assert s.training.steps_per_round == 7 and not s.training.in_server
+    assert s.database.url == f"sqlite+aiosqlite:///{(tmp_path / 'heedful.db').resolve()}"
+    assert Path(s.model.path).is_absolute()
+    assert s.training.lora_target_modules == settings.training.lora_target_modules  # the rest is the user's
+
+
+def test_plans_are_checked() -> None:
+    base = dict(personas=[("x", object())], arms=["rl"], rounds=1, train_per_round=1, held_out=1, seed=0,
+                out_dir=Path("."), settings=Settings())  # fmt: skip
+    with pytest.raises(EvalError, match="each arm must be one of"):
+        evaluation.check_plan(EvalPlan(**{**base, "arms": ["rl", "bandit"]}))  # type: ignore[arg-type]
+    with pytest.raises(EvalError, match="--rounds 0"):
+        evaluation.check_plan(EvalPlan(**{**base, "rounds": 0}))  # type: ignore[arg-type]
+    with pytest.raises(EvalError, match="--steps 0"):
+        evaluation.check_plan(EvalPlan(**{**base, "steps_per_round": 0}))  # type: ignore[arg-type]

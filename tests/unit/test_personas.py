@@ -1,0 +1,99 @@
+"""The shipped personas decide from the text alone, as a developer with that preference would."""
+
+from __future__ import annotations
+
+import pytest
+
+from personalization.personas import (
+    SHIPPED,
+    Docstrings,
+    DoubleQuotes,
+    FStrings,
+    LoggingNotPrint,
+    PathlibNotOsPath,
+    TypeHints,
+)
+
+SIGNATURE = "import os\n\n\ndef total("
+BODY = "import os\n\n\ndef total(items):\n    "
+
+
+@pytest.mark.parametrize(
+    ("prefix", "completion", "accept"),
+    [
+        (SIGNATURE, "items: list[int]) -> int:", True),
+        (SIGNATURE, "items):", False),
+        (SIGNATURE, "items: list[int]):", False),  # no return annotation
+        (SIGNATURE, "self, items: dict[str, int] = {}) -> int:", True),  # self needs none; a comma in a subscript
+        (SIGNATURE, "items, *args", True),  # the signature is not finished: nothing to judge yet
+        (SIGNATURE, "*args: int, **kw: str) -> None:", True),
+        (SIGNATURE, "*args, **kw: str) -> None:", False),
+        (SIGNATURE, "items: list) -> int: return sum(items)", True),
+        (SIGNATURE, "items) -> int: return sum(items)", False),
+        (BODY, "return sum(items)\n\ndef mean(items):\n    return 0", False),  # a def the completion writes
+        (BODY, "return sum(items)\n\ndef mean(items: list[int]) -> float:", True),
+        (BODY, "return sum(items)", True),  # no signature at stake
+    ],
+)
+def test_type_hints(prefix: str, completion: str, accept: bool) -> None:
+    assert TypeHints().review(prefix, completion) == (accept, None)
+
+
+def test_docstrings_at_a_body_start_with_the_fix_as_kept() -> None:
+    persona = Docstrings()
+    assert persona.review(BODY, '"""Sum of the items."""\n    return sum(items)') == (True, None)
+    accept, kept = persona.review(BODY, "return sum(items)")
+    assert not accept and kept == '"""Total."""\n    return sum(items)'
+    body = "class A:\n    def _get_value(self):\n        "
+    assert persona.review(body, "return 1") == (False, '"""Get value."""\n        return 1')
+
+
+def test_docstrings_where_the_completion_finishes_or_writes_a_def() -> None:
+    persona = Docstrings()
+    assert persona.review(SIGNATURE, "items):\n    return sum(items)") == (False, None)
+    assert persona.review(SIGNATURE, 'items):\n    """Sum."""\n    return sum(items)') == (True, None)
+    assert persona.review(SIGNATURE, "items):") == (True, None)  # no body yet
+    assert persona.review("x = 1\n", "def f():\n    pass\n") == (False, None)
+    assert persona.review("x = 1\n", "y = 2") == (True, None)
+
+
+def test_double_quotes_rewrites_single_quoted_strings() -> None:
+    persona = DoubleQuotes()
+    assert persona.review(BODY, 'return "a" + f"{items}"') == (True, None)
+    assert persona.review(BODY, "return 'a' + f'{items}' + \"it's\"") == (False, 'return "a" + f"{items}" + "it\'s"')
+    assert persona.review(BODY, "return 'say \"hi\"'") == (False, None)  # no mechanical rewrite
+    assert persona.review(BODY, "return 'unterminated") == (True, None)  # a cut-off string is not judged
+
+
+def test_f_strings() -> None:
+    persona = FStrings()
+    assert persona.review(BODY, 'return f"{len(items)} items"') == (True, None)
+    assert persona.review(BODY, 'return "%d items" % len(items)') == (False, None)
+    assert persona.review(BODY, 'return "{} items".format(len(items))') == (False, None)
+    assert persona.review(BODY, "return 10 % 3") == (True, None)
+    assert persona.review(BODY, "return x  # was '%s' % x") == (True, None)  # comments do not count
+
+
+def test_logging_not_print() -> None:
+    persona = LoggingNotPrint()
+    assert persona.review(BODY, "log.info('total %d', len(items))") == (True, None)
+    assert persona.review(BODY, "print(items)\n    return 1") == (False, "log.info(items)\n    return 1")
+    assert persona.review(BODY, "self.print(items)") == (True, None)
+    assert persona.review(BODY, "# print(items)") == (True, None)
+
+
+def test_pathlib() -> None:
+    persona = PathlibNotOsPath()
+    assert persona.review(BODY, "return Path(items).name") == (True, None)
+    assert persona.review(BODY, "return os.path.basename(items)") == (False, None)
+
+
+def test_every_shipped_persona_follows_the_contract() -> None:
+    names = set()
+    for cls in SHIPPED:
+        persona = cls()
+        assert isinstance(persona.name, str) and isinstance(persona.correction, str) and persona.correction
+        accept, kept = persona.review(BODY, "")
+        assert accept is True and kept is None  # nothing suggested, nothing to correct
+        names.add(persona.name)
+    assert len(names) == len(SHIPPED) >= 5
