@@ -199,10 +199,15 @@ class CompletionService:
         if not gen.candidates:
             return None
         raw = gen.candidates[0]
-        consumed = healed if raw.text.startswith(healed) else raw.text[: len(raw.text) - len(raw.text.lstrip(" \t"))]
+        text = raw.text
+        if healed and not line_prefix.strip():
+            # The cursor sits on a line of indentation only: a model that starts with a blank line means the
+            # code after it, which belongs on the cursor's line.
+            text = text.lstrip("\r\n")
+        consumed = healed if text.startswith(healed) else text[: len(text) - len(text.lstrip(" \t"))]
         text_after = doc.text[offset : offset + 4096]
         shown = postprocess(
-            raw.text[len(consumed) :],
+            text[len(consumed) :],
             line_prefix=line_prefix,
             line_suffix=line_suffix,
             after=text_after[len(line_suffix) :].lstrip("\r\n"),
@@ -222,7 +227,7 @@ class CompletionService:
             prompt=prompt_text if settings.privacy.store_prompts else "",
             prompt_token_ids=list(gen.prompt_token_ids),
             # The candidate continues the stored prompt exactly: the healed whitespace, then what is shown.
-            candidates=[fit_candidate(raw, consumed + shown, engine)],
+            candidates=[fit_candidate(raw, raw.text[: len(raw.text) - len(text)] + consumed + shown, engine)],
             shown_index=0,
             mode=prompt.mode,
             uri=doc.uri,
