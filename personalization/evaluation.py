@@ -104,6 +104,18 @@ def load_persona(spec: str) -> Persona:
     return persona  # type: ignore[no-any-return]
 
 
+def prompt_kinds(persona: Persona) -> tuple[str, ...]:
+    """The prompt kinds where the persona's preference shows (`prompt_kinds`, optional; default all)."""
+    kinds = getattr(persona, "prompt_kinds", None)
+    if kinds is None:
+        return corpus.KINDS
+    if isinstance(kinds, str) or not kinds or any(k not in corpus.KINDS for k in kinds):
+        raise EvalError(
+            f"persona {persona.name!r}: prompt_kinds = {kinds!r}; expected a non-empty tuple of {list(corpus.KINDS)}"
+        )
+    return tuple(kinds)
+
+
 def review(persona: Persona, prefix: str, completion: str) -> tuple[bool, str | None]:
     """The persona's verdict as (accept, kept), from a tuple or an object with `accept` and `kept`."""
     verdict = persona.review(prefix, completion)
@@ -460,6 +472,7 @@ class EvalPlan:
     out_dir: Path
     settings: Settings
     steps_per_round: int | None = None
+    training: dict[str, Any] = field(default_factory=dict)  # [training] overrides, e.g. batch_size
     progress: Progress = field(default_factory=QuietProgress)
 
 
@@ -493,6 +506,7 @@ def eval_settings_toml(plan: EvalPlan, arm: str) -> str:
     values["training"].update(in_server=False, min_new_rollouts=1, threads=max(values["training"]["threads"], cores))
     if plan.steps_per_round is not None:
         values["training"]["steps_per_round"] = plan.steps_per_round
+    values["training"].update(plan.training)
     values["experiment"]["arms"] = [arm]
     values["logging"]["file"] = ""
     lines = [f"# Written by heedful eval for the arm {arm!r}; the user's settings with the evaluation's overrides."]
@@ -705,9 +719,12 @@ class ArmRun:
 async def run_eval(plan: EvalPlan) -> list[ArmResult]:
     check_plan(plan)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    train, held = corpus.build(plan.seed, train=plan.train_per_round * plan.rounds, held_out=plan.held_out)
     results: list[ArmResult] = []
     for _spec, persona in plan.personas:
+        kinds = prompt_kinds(persona)
+        train, held = corpus.build(
+            plan.seed, train=plan.train_per_round * plan.rounds, held_out=plan.held_out, kinds=kinds
+        )
         for arm in plan.arms:
             run = ArmRun(plan, persona, arm, train, held)
             plan.progress.line(f"{run.label}: developer {run.developer}, log {run.log}")

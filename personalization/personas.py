@@ -7,6 +7,9 @@ correct a suggestion) and `review(prefix, completion) -> (accept, kept)`, decidi
 (quotes swapped, a docstring added, `print` turned into a logging call); otherwise None, and the
 developer rejects and types the correction.
 
+An optional `prompt_kinds` names the prompts where the preference shows (`signature`, `body`,
+`statement`: see personalization/corpus.py); the evaluation draws only those for the persona.
+
 This file imports nothing from Heedful on purpose: it is also the example to copy for your own
 persona, loaded with `heedful eval --persona path/to/file.py:ClassName`.
 """
@@ -62,11 +65,78 @@ def _code_lines(completion: str) -> list[str]:
     return [line.split("#", 1)[0] for line in completion.split("\n")]
 
 
+_STR_NAMES = {
+    "path", "name", "text", "s", "prefix", "suffix", "line", "string", "msg", "message", "filename", "key",
+    "mode", "encoding", "sep", "url", "data", "value", "fmt", "title", "label", "word", "tag",
+}  # fmt: skip
+_INT_NAMES = {
+    "n", "i", "j", "k", "count", "size", "index", "length", "level", "width", "height", "pos", "offset", "num",
+    "start", "end", "stop", "step", "depth", "limit", "timeout", "lineno", "indent", "base",
+}  # fmt: skip
+
+
+def _guess_type(arg: ast.arg, default: ast.expr | None) -> str:
+    """What this developer writes for an unannotated parameter: from its default, else its name, else Any."""
+    if isinstance(default, ast.Constant) and default.value is not None:
+        return type(default.value).__name__
+    name = arg.arg.lower()
+    guess = "Any"
+    if name in _STR_NAMES or name.endswith(("_name", "_path", "_text", "_str")):
+        guess = "str"
+    elif name in _INT_NAMES or name.endswith(("_count", "_size", "_index", "_len")):
+        guess = "int"
+    elif name.startswith(("is_", "has_", "use_", "allow_")) or name in {"flag", "strict", "verbose", "force"}:
+        guess = "bool"
+    return f"{guess} | None" if isinstance(default, ast.Constant) and default.value is None else guess
+
+
+def _guess_return(name: str) -> str:
+    if name == "__init__" or name.startswith(("set_", "_set_", "add_", "write", "close", "reset", "clear")):
+        return "None"
+    if name.startswith(("is_", "has_", "_is_", "_has_")) or name in {"__bool__", "__eq__", "__contains__"}:
+        return "bool"
+    if name in {"__repr__", "__str__"} or name.endswith(("_name", "_path", "_text")):
+        return "str"
+    if name in {"__len__", "__hash__"} or name.endswith(("_count", "_size")):
+        return "int"
+    return "Any"
+
+
+def _with_hints(def_line: str) -> str | None:
+    """`def_line` (a complete one-line signature) with every parameter and the return annotated."""
+    text = def_line.strip()
+    if not text.endswith(":"):
+        return None
+    try:
+        node = ast.parse(text + "\n    pass\n").body[0]
+    except SyntaxError:
+        return None
+    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        return None
+    args = node.args
+    positional = [*args.posonlyargs, *args.args]
+    defaults: list[ast.expr | None] = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    for i, (arg, default) in enumerate(zip(positional, defaults, strict=True)):
+        if arg.annotation is None and not (i == 0 and arg.arg in {"self", "cls"}):
+            arg.annotation = ast.Name(_guess_type(arg, default))
+    for arg, kw_default in zip(args.kwonlyargs, args.kw_defaults, strict=True):
+        if arg.annotation is None:
+            arg.annotation = ast.Name(_guess_type(arg, kw_default))
+    for star in (args.vararg, args.kwarg):
+        if star is not None and star.annotation is None:
+            star.annotation = ast.Name("Any")
+    if node.returns is None:
+        node.returns = ast.Name(_guess_return(node.name))
+    node.body = []
+    return ast.unparse(node).split("\n", 1)[0]
+
+
 class TypeHints:
     """Every function signature has parameter and return annotations."""
 
     name = "type-hints"
     correction = "Always add type hints to function signatures."
+    prompt_kinds = ("signature",)
 
     def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
         signatures: list[str] = []
@@ -76,11 +146,24 @@ class TypeHints:
         for line in completion.split("\n")[1 if signatures else 0 :]:
             if _DEF_LINE.match(line):
                 signatures.append(line)
-        for sig in signatures:
-            verdict = _annotated(sig)
-            if verdict is False:
-                return False, None
-        return True, None
+        if all(_annotated(sig) is not False for sig in signatures):
+            return True, None
+        return False, self._kept(current, completion)
+
+    @staticmethod
+    def _kept(current: str, completion: str) -> str | None:
+        """The completion with the signature it finishes annotated (the lines after it as they were)."""
+        match = _DEF_LINE.match(current)
+        first, _, rest = completion.partition("\n")
+        if not _DEF_OPEN.match(current) or match is None:
+            return None
+        hinted = _with_hints(current + first)
+        opening = f"def {match.group(3)}("
+        if hinted is None or opening not in hinted:
+            return None
+        tail = hinted[hinted.index(opening) + len(opening) :]
+        later = [ln for ln in rest.split("\n") if _DEF_LINE.match(ln) and _annotated(ln) is False]
+        return None if later else tail + ("\n" + rest if rest or completion.endswith("\n") else "")
 
 
 class Docstrings:
@@ -88,6 +171,7 @@ class Docstrings:
 
     name = "docstrings"
     correction = "Start every function with a docstring."
+    prompt_kinds = ("body",)
 
     def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
         if not completion.strip():
@@ -119,6 +203,8 @@ class DoubleQuotes:
     name = "double-quotes"
     correction = "Use double quotes for strings, not single quotes."
 
+    prompt_kinds = ("body", "statement")
+
     def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
         singles = [s for s in _string_tokens(completion) if re.match(r"^[rbuRBUfF]*'", s)]
         if not singles:
@@ -141,6 +227,8 @@ class FStrings:
 
     _PERCENT = re.compile(r"""(['"])[^'"\n]*%[sdrfixg0-9.\-]+[^'"\n]*\1\s*%""")
 
+    prompt_kinds = ("body", "statement")
+
     def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
         code = "\n".join(_code_lines(completion))
         if ".format(" in code or self._PERCENT.search(code):
@@ -153,6 +241,8 @@ class LoggingNotPrint:
 
     name = "logging-not-print"
     correction = "Use the logging module (log.info) instead of print."
+
+    prompt_kinds = ("body", "statement")
 
     def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
         code = _code_lines(completion)
@@ -167,6 +257,8 @@ class PathlibNotOsPath:
 
     name = "pathlib"
     correction = "Use pathlib.Path instead of os.path."
+
+    prompt_kinds = ("body", "statement")
 
     def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
         if any("os.path." in line for line in _code_lines(completion)):

@@ -90,13 +90,13 @@ class LoraTrainer:
         settings: TrainingSettings,
         *,
         init_adapter: Path | None = None,
-        max_prompt_tokens: int = 256,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
         self.settings = settings
-        self.max_prompt_tokens = max_prompt_tokens
+        self.max_prompt_tokens = max_prompt_tokens if max_prompt_tokens is not None else settings.max_prompt_tokens
         torch.manual_seed(settings.seed)
         self._random = random.Random(settings.seed)
         base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)

@@ -29,6 +29,7 @@ from server.settings import (
     reference_markdown,
     render_toml,
     resolve,
+    validate_sections,
 )
 
 if TYPE_CHECKING:
@@ -237,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--train-prompts", type=int, default=24, help="train prompts per round (default 24)")
     ev.add_argument("--held-out", type=int, default=24, help="held-out prompts measured per pass (default 24)")
     ev.add_argument("--steps", type=int, help="optimisation steps per round (default: training.steps_per_round)")
+    ev.add_argument("--batch-size", type=int, help="groups per training step (default: training.batch_size)")
+    ev.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        help="prompt tokens a training sample keeps (default: training.max_prompt_tokens)",
+    )
     ev.add_argument("--seed", type=int, default=0, help="which prompts are drawn (default 0)")
     ev.add_argument("--out", type=Path, default=Path("heedful-eval"), help="output folder (default ./heedful-eval)")
 
@@ -246,7 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--persona", default="type-hints", help="the simulated developer (default type-hints)")
     demo.add_argument("--held-out", type=int, default=12, help="held-out prompts (default 12)")
     demo.add_argument("--train-prompts", type=int, default=16, help="prompts the developer works through (default 16)")
-    demo.add_argument("--steps", type=int, help="optimisation steps (default: training.steps_per_round)")
+    demo.add_argument("--steps", type=int, default=16, help="optimisation steps (default 16)")
+    demo.add_argument("--batch-size", type=int, default=4, help="groups per step (default 4)")
+    demo.add_argument(
+        "--max-prompt-tokens", type=int, default=128, help="prompt tokens per training sample (default 128)"
+    )
     demo.add_argument("--out", type=Path, help="output folder (default: <data dir>/demo/<time>)")
     return parser
 
@@ -452,6 +463,7 @@ async def _demo(args: argparse.Namespace) -> int:
         out_dir=out,
         settings=s,
         steps_per_round=args.steps,
+        training=_training_overrides(args),
         progress=ev.Progress(sys.stdout),
     )
     try:
@@ -616,6 +628,17 @@ async def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_overrides(args: argparse.Namespace) -> dict[str, int]:
+    """`--batch-size` / `--max-prompt-tokens` as [training] settings (checked like the settings files)."""
+    overrides = {"batch_size": args.batch_size, "max_prompt_tokens": args.max_prompt_tokens}
+    chosen = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        validate_sections("(command line)", {"training": chosen})
+    except SettingsError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    return chosen
+
+
 SHIPPED_PERSONAS = ("type-hints", "docstrings", "double-quotes", "f-strings", "logging-not-print", "pathlib")
 
 
@@ -635,6 +658,7 @@ async def _eval(args: argparse.Namespace) -> int:
             out_dir=args.out,
             settings=_settings(args).settings,
             steps_per_round=args.steps,
+            training=_training_overrides(args),
             progress=ev.Progress(),
         )
         results = await ev.run_eval(plan)

@@ -224,6 +224,13 @@ class TrainingSettings:
         max=4096,
     )
     steps_per_round: int = setting(50, "Optimisation steps in one training round.", min=1, max=100000)
+    max_prompt_tokens: int = setting(
+        256,
+        "Prompt tokens (the nearest ones) a training sample keeps; the trainer's cost grows with it. Serving "
+        "context is `completion.context_tokens`; the preferences a developer corrects sit near the cursor.",
+        min=16,
+        max=131072,
+    )
     compute_dtype: str = setting(
         "auto",
         "Type the trainer computes its forward and backward passes in (the adapter's weights and the optimiser "

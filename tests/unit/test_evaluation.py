@@ -110,3 +110,11 @@ def test_plans_are_checked() -> None:
         evaluation.check_plan(EvalPlan(**{**base, "rounds": 0}))  # type: ignore[arg-type]
     with pytest.raises(EvalError, match="--steps 0"):
         evaluation.check_plan(EvalPlan(**{**base, "steps_per_round": 0}))  # type: ignore[arg-type]
+
+
+def test_prompt_kinds_come_from_the_persona() -> None:
+    assert evaluation.prompt_kinds(load_persona("type-hints")) == ("signature",)
+    assert evaluation.prompt_kinds(SimpleNamespace(name="any", correction="c")) == ("signature", "body", "statement")
+    odd = SimpleNamespace(name="odd", correction="c", prompt_kinds=("lambda",))
+    with pytest.raises(EvalError, match="prompt_kinds = \\('lambda',\\)"):
+        evaluation.prompt_kinds(odd)

@@ -36,7 +36,27 @@ BODY = "import os\n\n\ndef total(items):\n    "
     ],
 )
 def test_type_hints(prefix: str, completion: str, accept: bool) -> None:
-    assert TypeHints().review(prefix, completion) == (accept, None)
+    verdict, kept = TypeHints().review(prefix, completion)
+    assert verdict == accept
+    assert kept is None or not accept
+
+
+def test_type_hints_kept_is_the_signature_annotated() -> None:
+    persona = TypeHints()
+    method = "class Paths:\n    def _path_isabs("
+    assert persona.review(method, "path):\n        return os.path.isabs(path)") == (
+        False,
+        "path: str) -> Any:\n        return os.path.isabs(path)",
+    )
+    assert persona.review("def area(", "width, height=1, *args, name=None, **kw):") == (
+        False,
+        "width: int, height: int=1, *args: Any, name: str | None=None, **kw: Any) -> Any:",
+    )
+    assert persona.review("    def __repr__(", "self):") == (False, "self) -> str:")
+    assert persona.review("    def is_open(", "self, flag):") == (False, "self, flag: bool) -> bool:")
+    # A later unannotated def in the same completion has no mechanical fix: the developer corrects instead.
+    assert persona.review("def f(", "a):\n    pass\n\ndef g(b):\n    pass") == (False, None)
+    assert persona.review("x = 1\n", "def g(b):\n    pass") == (False, None)  # not at a signature
 
 
 def test_docstrings_at_a_body_start_with_the_fix_as_kept() -> None:
