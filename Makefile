@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python -m bench.lsp
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.swap
+	$(BIN)/python -m bench.eval
 
 readme: setup
 	$(BIN)/python scripts/update_readme.py

@@ -65,8 +65,10 @@ def classify(shown_text: str | None, events: Sequence[EventView], *, rewrite_thr
     - no shown candidate: not trainable ("nothing was shown");
     - an explicit correction: signal `corrected`, reward -1 (the developer said the suggestion was wrong),
       the correction kept for OPD; what they kept (if they accepted first) is the next state;
-    - accepted: the last edit snapshot decides. Survival at or above `rewrite_threshold` (or no snapshot
-      yet): `accepted`, +1, next state = the kept text (else the suggestion itself). Below it:
+    - accepted: the last edit snapshot decides. No snapshot yet, or survival at or above
+      `rewrite_threshold` with the kept text equal to the suggestion up to whitespace: `accepted`, +1,
+      next state = the kept text (else the suggestion itself). Survival at or above the threshold but
+      the text edited: `rewritten` ("edited"), 0, next state = the kept text. Below the threshold:
       `rewritten`, 0 when at least half the threshold survived, else -1; next state = the kept text;
     - partly accepted (and not fully): `partial`, reward 0 for the whole suggestion; next state = the
       kept part (its snapshots when there are any);
@@ -83,9 +85,16 @@ def classify(shown_text: str | None, events: Sequence[EventView], *, rewrite_thr
         kept = last.kept_text if last is not None else None
         return Classification(True, CORRECTED, "explicit correction", -1, kept, corrections[-1])
     if "accepted" in kinds:
-        if last is None or last.survival_ratio is None or last.survival_ratio >= rewrite_threshold:
-            kept = last.kept_text if last is not None and last.kept_text is not None else shown_text
-            return Classification(True, ACCEPTED, "accepted", 1, kept)
+        if last is None or last.survival_ratio is None:
+            return Classification(True, ACCEPTED, "accepted", 1, shown_text)
+        kept = last.kept_text if last.kept_text is not None else shown_text
+        if last.survival_ratio >= rewrite_threshold:
+            if _same_code(kept, shown_text):
+                return Classification(True, ACCEPTED, "accepted", 1, kept)
+            # Most of it stayed, but the developer changed it (added the type hints, renamed a name): what
+            # they kept is what they wanted, the suggestion itself was not.
+            reason = f"accepted, then edited ({last.survival_ratio:.2f} survived)"
+            return Classification(True, REWRITTEN, reason, 0, kept)
         reward = 0 if last.survival_ratio >= rewrite_threshold / 2 else -1
         reason = f"accepted, then rewritten ({last.survival_ratio:.2f} survived)"
         return Classification(True, REWRITTEN, reason, reward, last.kept_text)
@@ -97,6 +106,11 @@ def classify(shown_text: str | None, events: Sequence[EventView], *, rewrite_thr
         inferred = all(e.inferred for e in events if e.kind == "rejected")
         return Classification(True, REJECTED, "rejected (inferred)" if inferred else "rejected", -1)
     return Classification(False, NO_SIGNAL, "no feedback signal")
+
+
+def _same_code(a: str, b: str) -> bool:
+    """Equal up to whitespace (a reformatted suggestion is still the suggestion)."""
+    return "".join(a.split()) == "".join(b.split())
 
 
 @dataclass(slots=True)

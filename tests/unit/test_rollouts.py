@@ -34,7 +34,17 @@ def test_the_last_snapshot_decides_an_accept() -> None:
     c = classify(SHOWN, [EventView("accepted"), snap(120.0, 0.2, "x")], rewrite_threshold=0.5)
     assert (c.signal, c.reward, c.kept) == ("rewritten", -1, "x")
     c = classify(SHOWN, [EventView("accepted"), snap(30.0, 0.5, "def f(")], rewrite_threshold=0.5)
-    assert (c.signal, c.reward, c.kept) == ("accepted", 1, "def f(")
+    assert (c.signal, c.reward, c.kept) == ("rewritten", 0, "def f(")
+
+
+def test_an_accept_edited_in_place_is_not_a_positive() -> None:
+    shown = "def f(x):"
+    hinted = "def f(x: int) -> int:"  # most of the suggestion survives, but the developer changed it
+    c = classify(shown, [EventView("accepted"), snap(30.0, 0.8, hinted)], rewrite_threshold=0.5)
+    assert (c.signal, c.reward, c.kept, c.reason) == ("rewritten", 0, hinted, "accepted, then edited (0.80 survived)")
+    reformatted = "def f( x ):"  # whitespace only: still the suggestion
+    c = classify("def f(x ):", [EventView("accepted"), snap(30.0, 0.9, reformatted)], rewrite_threshold=0.5)
+    assert (c.signal, c.reward) == ("accepted", 1)
 
 
 def test_partial_accept_rejects_and_corrections() -> None:
