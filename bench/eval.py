@@ -58,17 +58,31 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def last_round(r: dict[str, Any]) -> str:
+    """What the last training round made of its adapter: published, or rejected by which gate."""
+    training = (r["rounds"][-1] if r["rounds"] else {}).get("training")
+    if not training:
+        return "-"
+    m = training.get("metrics", {})
+    kl, base, adapter = m.get("gate_kl"), m.get("perplexity_base"), m.get("perplexity_adapter")
+    gates = f"KL {kl:.3f}, perplexity {base:.2f} -> {adapter:.2f}" if None not in (kl, base, adapter) else ""
+    status = str(training.get("status"))
+    if status == "rejected":
+        status = "rejected by the " + ("perplexity" if "perplexity" in str(training.get("reason")) else "KL") + " gate"
+    return f"{status} ({gates})" if gates else status
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| persona | arm | correction rate before | after | CRR | KL | perplexity delta | feedback turns "
-        "| training s | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| persona | arm | correction rate before | after | CRR | KL | perplexity delta | trained adapter "
+        "| feedback turns | training s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         turns = sum(v for k, v in r["feedback_events"].items() if k != "empty")
         lines.append(
             f"| {r['persona']} | {r['arm']} | {fmt(r['correction_rate_before'])} | {fmt(r['correction_rate_after'])} "
-            f"| {fmt(r['crr'])} | {fmt(r['kl'], 3)} | {fmt(r['perplexity_delta'], 3)} | {turns} "
+            f"| {fmt(r['crr'])} | {fmt(r['kl'], 3)} | {fmt(r['perplexity_delta'], 3)} | {last_round(r)} | {turns} "
             f"| {r['training_seconds']:.0f} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
