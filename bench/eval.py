@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from personalization.evaluation import ARMS
 from personalization.personas import SHIPPED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     names = [cls.name for cls in SHIPPED]
     parser.add_argument("--persona", action="append", choices=names, help="default: every shipped persona")
-    parser.add_argument("--arm", action="append", choices=["none", "baseline", "rl", "rl+baseline"])
+    parser.add_argument("--arm", action="append", choices=ARMS)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--train-prompts", type=int, default=24)
     parser.add_argument("--held-out", type=int, default=18)
@@ -104,7 +105,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/heedful-bench-eval") / time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    args.arm = args.arm or ["none", "baseline", "rl", "rl+baseline"]
+    args.arm = args.arm or list(ARMS)
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     for persona in args.persona or names:

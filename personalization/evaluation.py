@@ -40,14 +40,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lsprotocol import types
+from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.client import LanguageClient
 
+from lsp_handlers import protocol
 from personalization import corpus
 from personalization.corpus import Prompt
 from personalization.rollouts import settle_seconds
 from server.settings import Settings, toml_value
 
-ARMS = ("none", "baseline", "rl", "rl+baseline")
+ARMS = ("none", "baseline", "rl", "rl+baseline")  # server.settings.ARMS, in the order runs go: cheapest first
 TRAINED_ARMS = {"rl", "rl+baseline"}
 SWAP_TIMEOUT_S = 120.0
 
@@ -337,11 +339,11 @@ async def _drain(stream: asyncio.StreamReader, path: Path) -> None:
 
 
 def completion_id_of(item: types.InlineCompletionItem) -> str:
-    args = item.command.arguments if item.command is not None else None
-    first = args[0] if args else None
-    if isinstance(first, dict) and isinstance(first.get("completionId"), str):
-        return str(first["completionId"])
-    raise EvalError(f"the server served an item without a completion id in its command: {item}")
+    """The completion id the server put in the item's accept command (`lsp_handlers.protocol`'s rule)."""
+    try:
+        return protocol.completion_id_of(item)
+    except JsonRpcInvalidParams as exc:
+        raise EvalError(f"the server served an item without a completion id: {item} ({exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,6 +521,11 @@ def eval_settings_toml(plan: EvalPlan, arm: str) -> str:
 EDIT_SNAPSHOT_DELAYS_S = [1.0, 2.0]
 
 
+def config_path(out_dir: Path, arm: str) -> Path:
+    """The settings file `eval_settings_toml` writes for one arm (every arm's names the same store)."""
+    return out_dir / f"config-{slug(arm)}.toml"
+
+
 class ArmRun:
     def __init__(self, plan: EvalPlan, persona: Persona, arm: str, train: list[Prompt], held: list[Prompt]) -> None:
         self.plan = plan
@@ -529,7 +536,7 @@ class ArmRun:
         self.run_id = uuid.uuid4().hex[:6]
         self.developer = f"{slug(persona.name)}-{slug(arm)}-{self.run_id}"
         self.label = f"{persona.name}/{arm}"
-        self.config = plan.out_dir / f"config-{slug(arm)}.toml"
+        self.config = config_path(plan.out_dir, arm)
         self.log = plan.out_dir / "logs" / f"{self.developer}.log"
         self.turns: list[Turn] = []
         self.events: dict[str, int] = {"accepted": 0, "rewritten": 0, "corrected": 0, "empty": 0}
@@ -626,7 +633,10 @@ class ArmRun:
         where = "train" if phase.startswith("train") else "held-out"
         return f"file:///eval/{where}/{prompt.line}/lib/{prompt.path}"
 
-    async def complete(self, session: EditorSession, prompt: Prompt, phase: str) -> tuple[str, Turn, tuple[int, int]]:
+    async def complete(
+        self, session: EditorSession, prompt: Prompt, phase: str
+    ) -> tuple[str, Turn, str | None, tuple[int, int]]:
+        """Request, show and review one suggestion: (uri, turn, the persona's kept text, where it goes)."""
         uri = self.uri(prompt, phase)
         session.open(uri, prompt.prefix)
         line = prompt.prefix.count("\n")
@@ -639,29 +649,27 @@ class ArmRun:
         cid = completion_id_of(item) if item is not None else None
         if item is not None:
             session.shown(item)
-        accepted, _ = review(self.persona, prompt.prefix, text) if text else (False, None)
-        turn = Turn(phase, prompt.id, cid, text, accepted, bool(text) and not accepted, "shown", None, latency)
-        turn.adapter = session.status().get("adapter")
+        accepted, kept = review(self.persona, prompt.prefix, text) if text else (False, None)
+        adapter = session.status().get("adapter")
+        turn = Turn(phase, prompt.id, cid, text, accepted, bool(text) and not accepted, "shown", adapter, latency)
         if item is not None and item.range is not None:
             character = item.range.start.character
-        return uri, turn, (line, character)
+        return uri, turn, kept, (line, character)
 
     async def held_out(self, session: EditorSession, phase: str) -> PassStats:
         for i, prompt in enumerate(self.held, 1):
-            uri, turn, _ = await self.complete(session, prompt, phase)
+            uri, turn, _, _ = await self.complete(session, prompt, phase)
             session.close(uri)
             self.turns.append(turn)
             self.plan.progress.update(f"{self.label} held-out {phase}", i, len(self.held))
-        stats = pass_stats([t for t in self.turns if t.phase == phase])
-        return stats
+        return pass_stats([t for t in self.turns if t.phase == phase])
 
     async def train_batch(self, session: EditorSession, batch: Sequence[Prompt], phase: str) -> list[Turn]:
         opened: list[str] = []
         turns: list[Turn] = []
         for i, prompt in enumerate(batch, 1):
-            uri, turn, (line, character) = await self.complete(session, prompt, phase)
+            uri, turn, kept, (line, character) = await self.complete(session, prompt, phase)
             opened.append(uri)
-            _, kept = review(self.persona, prompt.prefix, turn.text) if turn.text else (False, None)
             if not turn.text or turn.completion_id is None:
                 turn.action = "empty"
             elif turn.accepted or (kept is not None and i % 2 == 0):
@@ -742,21 +750,21 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
-async def write_report(plan: EvalPlan) -> Path:
-    """`heedful report` of the evaluation's store, next to its results."""
-    from personalization.report import load_report, render_report
-    from personalization.report import write_report as write_html
+async def write_outputs(plan: EvalPlan, results: Sequence[ArmResult]) -> tuple[Path, Path]:
+    """OUT/eval.json (every reviewed completion) and OUT/report.html (`heedful report` of the run's store)."""
+    from personalization.report import load_report, render_report, write_report
     from server.settings import resolve
     from storage.repositories import ReportFilter
     from storage.store import RolloutStore
 
-    configs = sorted(plan.out_dir.glob("config-*.toml"))
-    store = await RolloutStore.open(resolve(configs[0]).settings)
+    details = plan.out_dir / "eval.json"
+    details.write_text(json.dumps(report_json(results, details=True), indent=1, default=str) + "\n")
+    store = await RolloutStore.open(resolve(config_path(plan.out_dir, plan.arms[0])).settings)
     try:
         data = await load_report(store, ReportFilter((), None, None))
     finally:
         await store.close()
-    return write_html(plan.out_dir / "report.html", render_report(data))
+    return details, write_report(plan.out_dir / "report.html", render_report(data))
 
 
 def report_json(results: Sequence[ArmResult], *, details: bool) -> dict[str, Any]:

@@ -19,9 +19,11 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from personalization.personas import SHIPPED
 from server import __version__, paths
 from server.logs import setup_logging
 from server.settings import (
+    ARMS,
     ResolvedSettings,
     Settings,
     SettingsError,
@@ -228,10 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--persona", action="append", required=True, metavar="FILE.py:CLASS",
-        help="a persona class (repeatable); a shipped one by name: " + ", ".join(SHIPPED_PERSONAS),
+        help="a persona class (repeatable); a shipped one by name: " + ", ".join(p.name for p in SHIPPED),
     )  # fmt: skip
     ev.add_argument(
-        "--arm", action="append", choices=("none", "baseline", "rl", "rl+baseline"),
+        "--arm", action="append", choices=ARMS,
         help="arm to run (repeatable; default all four)",
     )  # fmt: skip
     ev.add_argument("--rounds", type=int, default=2, help="training rounds per arm (default 2)")
@@ -470,8 +472,7 @@ async def _demo(args: argparse.Namespace) -> int:
         (result,) = await ev.run_eval(plan)
     except (ev.EvalError, CorpusError) as exc:
         raise CliError(str(exc)) from None
-    (out / "eval.json").write_text(json.dumps(ev.report_json([result], details=True), indent=1, default=str) + "\n")
-    report = await ev.write_report(plan)
+    _, report = await ev.write_outputs(plan, [result])
     events = result.feedback_events
     print(
         f"\nFeedback given: {events['accepted']} accepted, {events['rewritten']} rewritten, "
@@ -639,9 +640,6 @@ def _training_overrides(args: argparse.Namespace) -> dict[str, int]:
     return chosen
 
 
-SHIPPED_PERSONAS = ("type-hints", "docstrings", "double-quotes", "f-strings", "logging-not-print", "pathlib")
-
-
 async def _eval(args: argparse.Namespace) -> int:
     from personalization import evaluation as ev
     from personalization.corpus import CorpusError
@@ -650,7 +648,7 @@ async def _eval(args: argparse.Namespace) -> int:
         personas = [(spec, ev.load_persona(spec)) for spec in args.persona]
         plan = ev.EvalPlan(
             personas=personas,
-            arms=args.arm or ["none", "baseline", "rl", "rl+baseline"],
+            arms=args.arm or list(ev.ARMS),
             rounds=args.rounds,
             train_per_round=args.train_prompts,
             held_out=args.held_out,
@@ -664,10 +662,8 @@ async def _eval(args: argparse.Namespace) -> int:
         results = await ev.run_eval(plan)
     except (ev.EvalError, CorpusError) as exc:
         raise CliError(str(exc), EXIT_USAGE if "--" in str(exc) else EXIT_FAILURE) from None
-    details = args.out / "eval.json"
-    details.write_text(json.dumps(ev.report_json(results, details=True), indent=1, default=str) + "\n")
     print(json.dumps(ev.report_json(results, details=False), indent=1, sort_keys=True, default=str))
-    report = await ev.write_report(plan)
+    details, report = await ev.write_outputs(plan, results)
     print(f"every reviewed completion: {details}\nreport: {report}", file=sys.stderr)
     return 0
 

@@ -235,7 +235,7 @@ class TrainingSettings:
         "auto",
         "Type the trainer computes its forward and backward passes in (the adapter's weights and the optimiser "
         "stay float32): `bfloat16` through autocast, about 2.4x faster on CPUs with AMX or AVX512-BF16; "
-        "`float32`; `auto`: bfloat16 where the CPU or GPU supports it, else float32.",
+        "`float32`; `auto`: bfloat16 where the CPU has bfloat16 units (the trainer runs on the CPU), else float32.",
         choices=("auto", "bfloat16", "float32"),
     )
     micro_batch_tokens: int = setting(
