@@ -39,7 +39,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -73,6 +73,21 @@ DEF_RE = re.compile(r"^([ \t]*)def \w+\(.*\)(?:\s*->\s*[^:]+)?:\s*$")
 
 class BenchError(RuntimeError):
     """The benchmark cannot run; the message says why and what to do."""
+
+
+async def report_or_exit(
+    name: str, report: Awaitable[dict[str, Any]], as_json: bool, print_table: Callable[[dict[str, Any]], None]
+) -> None:
+    """Await a bench's report and print it (JSON or table); a `BenchError` exits 1 with its message."""
+    try:
+        result = await report
+    except BenchError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,10 +141,13 @@ class _PromptServices:
         self.vocabulary = tokenizer.vocabulary()
 
 
-def fill_prompts(requests: list[Request], settings: Settings, tokenizer: LocalTokenizer) -> list[float]:
+def fill_prompts(
+    requests: list[Request], settings: Settings, tokenizer: LocalTokenizer, *, single_line: bool = False
+) -> list[float]:
     """Set each request's prompt exactly as `CompletionService.complete` builds it (prefix-mode healing too).
 
-    Returns the seconds `prompt_for` took per request here: a share of the server's own latency.
+    `single_line` says which kind of cursor every request must be. Returns the seconds `prompt_for` took
+    per request here: a share of the server's own latency.
     """
     from lsp_handlers.completion import CompletionService
     from lsp_handlers.documents import TextDocument
@@ -141,8 +159,9 @@ def fill_prompts(requests: list[Request], settings: Settings, tokenizer: LocalTo
     for r in requests:
         doc = TextDocument(r.uri, r.text, 1, "python", types.PositionEncodingKind.Utf16)
         offset = doc.offset_at(types.Position(line=r.line, character=r.character))
-        if is_single_line(*doc.line_at(offset)):
-            raise BenchError(f"{r.uri}:{r.line} is a single-line cursor; the bench measures multi-line requests")
+        if is_single_line(*doc.line_at(offset)) != single_line:
+            kind = "multi-line" if single_line else "single-line"
+            raise BenchError(f"{r.uri}:{r.line} is a {kind} cursor; this bench measures the other kind")
         start = time.perf_counter()
         prompt = service.prompt_for(doc, offset, settings)
         seconds.append(time.perf_counter() - start)
@@ -657,15 +676,7 @@ async def main() -> None:
     args = parser.parse_args()
     if args.requests < 1 or args.sessions < 1 or args.max_tokens < 1:
         parser.error("--requests, --sessions and --max-tokens must be at least 1")
-    try:
-        report = await run(args)
-    except BenchError as exc:
-        print(f"bench.lsp: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
+    await report_or_exit("bench.lsp", run(args), args.json, print_table)
 
 
 if __name__ == "__main__":

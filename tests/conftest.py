@@ -115,7 +115,12 @@ def hf_model(default_model: Path) -> Any:
     return model
 
 
-def make_lora_adapter(base: Path, out: Path, seed: int, rank: int = 8, b_std: float = 0.3) -> Path:
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def make_lora_adapter(
+    base: Path, out: Path, seed: int, rank: int = 8, b_std: float = 0.3, target_modules: tuple[str, ...] = ATTENTION
+) -> Path:
     """A peft LoRA adapter with random (non-zero) A and B, so it visibly changes the output (with a small
     `b_std` the model still writes code, only different code)."""
     import torch
@@ -127,7 +132,7 @@ def make_lora_adapter(base: Path, out: Path, seed: int, rank: int = 8, b_std: fl
     config = LoraConfig(
         r=rank,
         lora_alpha=2 * rank,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_modules=list(target_modules),
         init_lora_weights=False,
         lora_dropout=0.0,
     )
@@ -147,6 +152,16 @@ def lora_adapters(default_model: Path, tmp_path_factory: pytest.TempPathFactory)
         make_lora_adapter(default_model, root / "adapter-a", seed=1),
         make_lora_adapter(default_model, root / "adapter-b", seed=2),
     )
+
+
+def peft_token_logprobs(peft_model: Any, adapter: str | None, gen: Any) -> list[float]:
+    """The float32 peft reference for an engine generation's first candidate, under `adapter` (None: base)."""
+    cand = gen.candidates[0]
+    if adapter is None:
+        with peft_model.disable_adapter():
+            return hf_token_logprobs(peft_model, gen.prompt_token_ids, cand.token_ids)
+    peft_model.set_adapter(adapter)
+    return hf_token_logprobs(peft_model, gen.prompt_token_ids, cand.token_ids)
 
 
 def hf_token_logprobs(model: Any, prompt_ids: list[int], token_ids: list[int]) -> list[float]:

