@@ -12,16 +12,20 @@ Cases, each with p50/p95/p99 over the same requests:
 
 - `heedful serve` (TCP, one server process), 1 session and N concurrent sessions (default 8):
   - base: developers without an adapter;
-  - personalized: developers of a team whose adapter (rank 8 on q, k, v, o, the trainer's default) is
-    active, with `engine.adapter_serving = auto` (one scope in use: merged into the weights), and again in
-    a second server with `lora` (multi-LoRA, what a shared server does);
+  - personalized: developers of a team whose adapter (rank 8 on q, k, v, o, the trainer's default; by
+    default initialised as peft does, B = 0, so it serves the base model's tokens and the difference is
+    the cost of serving an adapter, not of different output lengths) is active, with
+    `engine.adapter_serving = auto` (one scope in use: merged into the weights), and again in a second
+    server with `lora` (multi-LoRA, what a shared server does);
+- typing: a third server with prefix caching on (the default), base and personalized: after a request
+  at the cursor the developer types the call's first characters, each keystroke a new request;
 - raw vLLM: `EmbeddedEngine.generate` in this process, 1 stream and N concurrent;
 - Hugging Face `generate` (float32, this process), 1 stream;
 - llama.cpp (llama-cpp-python on the model's original Q4_1 GGUF, in a subprocess), 1 stream. It is built
   once into the cache (about 9 minutes on 2 cores) with the CPU features that run here; `--no-llama-cpp`
   skips it.
 
-    .venv/bin/python -m bench.latency [--requests 40] [--sessions 8] [--no-llama-cpp] [--json]
+    .venv/bin/python -m bench.latency [--requests 40] [--sessions 8] [--typing 12] [--no-llama-cpp] [--json]
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lsprotocol import types
+
+from bench.engine import make_adapter as make_zero_adapter
 from bench.engine import percentiles
 from bench.lsp import (
     ROOT,
@@ -64,7 +71,9 @@ WARMUP = 3
 MAX_TOKENS = 16
 STOP = ["\n"]
 MERGE_WINDOW_S = 2.0
+TYPED_CHARS = 3
 LLAMA_CPP_VERSION = "0.3.36"
+Case = list[tuple[float, int]]  # (seconds, new tokens) per measured request
 # The default native build crashed at generation on this kind of machine (AVX-512 / AMX code paths);
 # this set builds and runs. Part of the cache key, so a change rebuilds.
 LLAMA_CPP_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF"
@@ -77,17 +86,17 @@ def single_line_requests(count: int) -> list[Request]:
     per_file: list[list[Request]] = []
     for rel in STDLIB_FILES:
         lines = (root / rel).read_text(encoding="utf-8").splitlines(keepends=True)
-        found: list[tuple[int, str, int]] = []
+        found: list[tuple[int, str, int, str]] = []
         for i, line in enumerate(lines):
             m = CALL_RE.match(line)
             if m and i >= 20:
                 head = m.group(1) + m.group(2)
-                found.append((i, head + ")\n", len(head)))
+                found.append((i, head + ")\n", len(head), m.group(3)))
         step = max(1, len(found) // max(1, count // len(STDLIB_FILES) + 1))
         chosen = []
-        for i, new_line, character in found[step // 2 :: step]:
+        for i, new_line, character, args in found[step // 2 :: step]:
             text = "".join(lines[:i]) + new_line + "".join(lines[i + 1 :])
-            chosen.append(Request(f"file:///bench/{rel}", text, i, character))
+            chosen.append(Request(f"file:///bench/{rel}", text, i, character, typed=args[:TYPED_CHARS]))
         per_file.append(chosen)
     requests: list[Request] = []
     for k in range(max(len(c) for c in per_file)):
@@ -106,7 +115,9 @@ def tagged(requests: list[Request], tag: str) -> list[Request]:
     return [dataclasses.replace(r, uri=r.uri.replace("file:///bench/", f"file:///bench/{tag}/")) for r in requests]
 
 
-def write_config(tmp: Path, name: str, model: Path, adapter_serving: str) -> tuple[Path, Path]:
+def write_config(
+    tmp: Path, name: str, model: Path, adapter_serving: str, *, prefix_caching: bool = False
+) -> tuple[Path, Path]:
     db = tmp / f"{name}.db"
     config = tmp / f"{name}.toml"
     config.write_text(
@@ -118,7 +129,7 @@ path = "{model}"
 mode = "embedded"
 kv_cache_gib = 1
 adapter_serving = "{adapter_serving}"
-enable_prefix_caching = false
+enable_prefix_caching = {"true" if prefix_caching else "false"}
 merge_window_s = {MERGE_WINDOW_S}
 
 [completion]
@@ -140,8 +151,15 @@ url = "sqlite+aiosqlite:///{db}"
 
 
 async def serve_cases(
-    tmp: Path, model: Path, adapter: Path, adapter_serving: str, requests: list[Request], sessions: int, base: bool
-) -> dict[str, list[float]]:
+    tmp: Path,
+    model: Path,
+    adapter: Path,
+    adapter_serving: str,
+    requests: list[Request],
+    sessions: int,
+    base: bool,
+    rounds: int,
+) -> dict[str, Case]:
     """One `heedful serve --tcp`: (base and) personalized cases, 1 session then `sessions` at once."""
     config, db = write_config(tmp, adapter_serving, model, adapter_serving)
     await publish_db_ready(config, db)
@@ -154,7 +172,7 @@ async def serve_cases(
         stderr=log.open("ab"), env=env,
     )  # fmt: skip
     clients: list[BenchClient] = []
-    times: dict[str, list[float]] = {}
+    times: dict[str, Case] = {}
     try:
         port = await wait_or_exit(proc, listening_port(log), log, 120)
 
@@ -168,12 +186,16 @@ async def serve_cases(
         first = await connect("bench-base-0", None)
         await wait_or_exit(proc, first.wait_ready(900), log, 900)
         kinds = [("base", None), ("personalized", TEAM)] if base else [("personalized", TEAM)]
-        for n in (1, sessions):
+        # The single-session cases alternate (base, personalized, base, ...) and pool their rounds, so a
+        # drift in the machine's speed weighs on both alike.
+        plan = [(1, rnd) for rnd in range(rounds)] + [(sessions, 0)]
+        for n, rnd in plan:
             for kind, team in kinds:
                 label = f"{kind} {adapter_serving if kind != 'base' else ''} x{n}".replace("  ", " ")
-                group = [await connect(f"bench-{kind}-{n}-{k}", team) for k in range(n)]
-                warm = tagged(requests[:WARMUP], f"{label}-warm".replace(" ", "-"))
-                measured = tagged(requests[WARMUP:], label.replace(" ", "-"))
+                tag = f"{label}-{rnd}".replace(" ", "-")
+                group = [await connect(f"bench-{kind}-{n}-{rnd}-{k}", team) for k in range(n)]
+                warm = tagged(requests[:WARMUP], f"{tag}-warm")
+                measured = tagged(requests[WARMUP:], tag)
                 shares = [measured[k::n] for k in range(n)]
                 for k, client in enumerate(group):
                     for r in shares[k] + warm:
@@ -184,9 +206,10 @@ async def serve_cases(
                     await group[0].inline(r)
                 results = await asyncio.gather(*(timed_session(c, s) for c, s in zip(group, shares, strict=True)))
                 flat = [x for session in results for x in session]
-                check_served(db, measured, version if team else None, label, log)
-                times[label] = [t for _, t, _ in flat]
-                print(f"[bench.latency] {label}: p50 {statistics.median(times[label]) * 1000:.0f} ms", file=sys.stderr)
+                tokens = check_served(db, measured, version if team else None, label, log)
+                times.setdefault(label, []).extend((t, tokens[r.uri]) for r, t, _ in flat)
+                p50 = statistics.median(t for r, t, _ in flat)
+                print(f"[bench.latency] {label} (round {rnd + 1}): p50 {p50 * 1000:.0f} ms", file=sys.stderr)
     finally:
         for c in clients:
             await c.close()
@@ -196,24 +219,115 @@ async def serve_cases(
     return times
 
 
-def check_served(db: Path, measured: list[Request], version: str | None, label: str, log: Path) -> None:
-    """Every measured request was served, by the expected adapter version (None: the base model)."""
-    with sqlite3.connect(db) as conn:
-        rows = dict(conn.execute("SELECT uri, adapter_version FROM completions").fetchall())
-    missing = [r.uri for r in measured if r.uri not in rows]
+async def typing_cases(tmp: Path, model: Path, adapter: Path, requests: list[Request]) -> dict[str, Case]:
+    """Keystrokes with prefix caching on (the default): after a completion at the cursor, the developer
+    types the call's first arguments one character at a time and every keystroke asks again. All but the
+    last few prompt tokens were computed for the previous keystroke, so only they are prefilled."""
+    config, db = write_config(tmp, "typing", model, "auto", prefix_caching=True)
+    await publish_db_ready(config, db)
+    version, _ = await publish(db, adapter, tmp / "adapters-typing")
+    log = tmp / "serve-typing.log"
+    env = dict(os.environ, HEEDFUL_DATA_DIR=str(tmp / "data"))
+    proc = await asyncio.create_subprocess_exec(
+        *server_command(config, "--tcp", "--host", "127.0.0.1", "--port", "0"),
+        cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=log.open("ab"), env=env,
+    )  # fmt: skip
+    clients: list[BenchClient] = []
+    cases: dict[str, Case] = {}
+    try:
+        port = await wait_or_exit(proc, listening_port(log), log, 120)
+        for kind, team in (("base", None), ("personalized", TEAM)):
+            label = f"{kind} typing x1" if kind == "base" else "personalized auto typing x1"
+            client = BenchClient(f"bench-typing-{kind}", team)
+            await client.lc.start_tcp("127.0.0.1", port)
+            await wait_or_exit(proc, client.initialize(), log, 120)
+            clients.append(client)
+            await wait_or_exit(proc, client.wait_ready(900), log, 900)
+            await asyncio.sleep(MERGE_WINDOW_S + 0.5)
+            measured: list[tuple[Request, float]] = []
+            answered = 0  # requests answered with a completion (the others leave no record)
+            for r in tagged(requests, label.replace(" ", "-")):
+                client.open(r)
+                _, cold = await client.inline(r)  # the cold request at the cursor: not measured
+                answered += cold
+                for k, char in enumerate(r.typed):
+                    client.lc.text_document_did_change(
+                        types.DidChangeTextDocumentParams(
+                            text_document=types.VersionedTextDocumentIdentifier(uri=r.uri, version=2 + k),
+                            content_changes=[
+                                types.TextDocumentContentChangePartial(
+                                    range=types.Range(
+                                        start=types.Position(line=r.line, character=r.character + k),
+                                        end=types.Position(line=r.line, character=r.character + k),
+                                    ),
+                                    text=char,
+                                )
+                            ],
+                        )
+                    )
+                    key = dataclasses.replace(r, character=r.character + k + 1)
+                    seconds, ok = await client.inline(key)
+                    measured.append((r, seconds))
+                    answered += ok
+            deadline = time.monotonic() + 15  # answers come before the batching writer commits
+            while True:
+                with sqlite3.connect(db) as conn:
+                    served = conn.execute(
+                        "SELECT c.adapter_version, k.token_ids FROM completions c "
+                        'JOIN candidates k ON k.completion_id = c.id AND k."index" = 0 WHERE c.uri LIKE ?',
+                        (f"%/{label.replace(' ', '-')}/%",),
+                    ).fetchall()
+                if len(served) >= answered or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            if len(served) != answered or any(v != (version if team else None) for v, _ in served):
+                raise BenchError(
+                    f"{label}: {answered} answers but {len(served)} records, or a record of another adapter than "
+                    f"{version if team else 'none'}:\n{log_tail(log)}"
+                )
+            mean_tokens = round(statistics.fmean(len(json.loads(ids)) for _, ids in served))
+            cases[label] = [(seconds, mean_tokens) for _, seconds in measured]
+            p50 = statistics.median(t for _, t in measured)
+            print(f"[bench.latency] {label}: p50 {p50 * 1000:.0f} ms", file=sys.stderr)
+    finally:
+        for c in clients:
+            await c.close()
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+    return cases
+
+
+def check_served(db: Path, measured: list[Request], version: str | None, label: str, log: Path) -> dict[str, int]:
+    """Check that every measured request was served by the expected adapter version (None: the base
+    model); the number of tokens the engine generated for each, by URI."""
+    deadline = time.monotonic() + 15  # the server answers before its batching writer commits the record
+    while True:
+        with sqlite3.connect(db) as conn:
+            found = conn.execute(
+                "SELECT c.uri, c.adapter_version, k.token_ids FROM completions c "
+                'JOIN candidates k ON k.completion_id = c.id AND k."index" = 0'
+            ).fetchall()
+        rows = {uri: adapter for uri, adapter, _ in found}
+        missing = [r.uri for r in measured if r.uri not in rows]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     wrong = [r.uri for r in measured if r.uri in rows and rows[r.uri] != version]
     if missing or wrong:
         raise BenchError(
             f"{label}: {len(missing)} requests not served, {len(wrong)} served by another adapter than "
             f"{version or 'none'}; the server's log:\n{log_tail(log)}"
         )
+    return {uri: len(json.loads(ids)) for uri, _, ids in found}
 
 
 # ---------------------------------------------------------------------------------------------
 # Peers on the same prompts
 
 
-async def raw_vllm(prompts: list[list[int]], sessions: int) -> dict[str, list[float]]:
+async def raw_vllm(prompts: list[list[int]], sessions: int) -> dict[str, Case]:
     from server.engine.embedded import EmbeddedEngine
     from server.settings import Settings
 
@@ -224,17 +338,17 @@ async def raw_vllm(prompts: list[list[int]], sessions: int) -> dict[str, list[fl
     await engine.start()
     try:
 
-        async def one(ids: list[int]) -> float:
+        async def one(ids: list[int]) -> tuple[float, int]:
             start = time.perf_counter()
-            await engine.generate(ids, max_tokens=MAX_TOKENS, temperature=0.0, stop=STOP)
-            return time.perf_counter() - start
+            gen = await engine.generate(ids, max_tokens=MAX_TOKENS, temperature=0.0, stop=STOP)
+            return time.perf_counter() - start, len(gen.candidates[0].token_ids)
 
         for ids in prompts[:WARMUP]:
             await one(ids)
         measured = prompts[WARMUP:]
         single = [await one(ids) for ids in measured]
 
-        async def stream(share: list[list[int]]) -> list[float]:
+        async def stream(share: list[list[int]]) -> Case:
             return [await one(ids) for ids in share]
 
         many = await asyncio.gather(*(stream(measured[k::sessions]) for k in range(sessions)))
@@ -243,7 +357,7 @@ async def raw_vllm(prompts: list[list[int]], sessions: int) -> dict[str, list[fl
     return {"raw vLLM x1": single, f"raw vLLM x{sessions}": [t for s in many for t in s]}
 
 
-def hf_generate(model: Path, prompts: list[list[int]]) -> list[float]:
+def hf_generate(model: Path, prompts: list[list[int]]) -> Case:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -254,12 +368,12 @@ def hf_generate(model: Path, prompts: list[list[int]]) -> list[float]:
     with torch.no_grad():
         for i, ids in enumerate(prompts):
             start = time.perf_counter()
-            hf.generate(
+            out = hf.generate(
                 torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False, stop_strings=STOP,
                 tokenizer=tok, pad_token_id=tok.pad_token_id,
             )  # fmt: skip
             if i >= WARMUP:
-                times.append(time.perf_counter() - start)
+                times.append((time.perf_counter() - start, int(out.shape[1]) - len(ids)))
     return times
 
 
@@ -294,7 +408,7 @@ def llama_cpp_dir() -> Path:
     return target
 
 
-def llama_cpp(prompts: list[list[int]]) -> list[float]:
+def llama_cpp(prompts: list[list[int]]) -> Case:
     """llama.cpp in a subprocess (its own build on PYTHONPATH), same prompt ids, 2 threads."""
     from server.model_prep import default_gguf
 
@@ -308,7 +422,8 @@ def llama_cpp(prompts: list[list[int]]) -> list[float]:
     )  # fmt: skip
     if proc.returncode != 0:
         raise BenchError(f"the llama.cpp peer failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
-    return [float(t) for t in json.loads(proc.stdout)["times"][WARMUP:]]
+    done = json.loads(proc.stdout)
+    return [(float(t), int(n)) for t, n in zip(done["times"], done["tokens"], strict=True)][WARMUP:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,17 +440,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     n = args.sessions
     requests = single_line_requests(args.requests + WARMUP)
-    times: dict[str, list[float]] = {}
+    times: dict[str, Case] = {}
     with tempfile.TemporaryDirectory(prefix="heedful-bench-latency-") as tmp_name:
         tmp = Path(tmp_name)
         config, _ = write_config(tmp, "prompts", model, "auto")
         tokenizer = LocalTokenizer(model)
         fill_prompts(requests, resolve(config).settings, tokenizer, single_line=True)
         prompts = [tokenizer.encode(r.prompt) for r in requests]
-        adapter = make_adapter(model, tmp / "adapter", seed=1)
+        if args.adapter == "zero":
+            adapter = make_zero_adapter(model, tmp / "adapter")
+        else:
+            adapter = make_adapter(model, tmp / "adapter", seed=1)
         for mode, with_base in (("auto", True), ("lora", False)):
             print(f"[bench.latency] heedful serve, adapter_serving = {mode} ...", file=sys.stderr, flush=True)
-            times |= await serve_cases(tmp, model, adapter, mode, requests, n, with_base)
+            times |= await serve_cases(
+                tmp, model, adapter, mode, requests, n, with_base, args.rounds if with_base else 1
+            )
+        print("[bench.latency] heedful serve, typing with prefix caching ...", file=sys.stderr, flush=True)
+        times |= await typing_cases(tmp, model, adapter, requests[WARMUP : WARMUP + args.typing])
         print("[bench.latency] raw vLLM ...", file=sys.stderr, flush=True)
         times |= await raw_vllm(prompts, n)
         print("[bench.latency] Hugging Face generate ...", file=sys.stderr, flush=True)
@@ -343,7 +465,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.no_llama_cpp:
             print("[bench.latency] llama.cpp ...", file=sys.stderr, flush=True)
             times["llama.cpp x1"] = llama_cpp(prompts)
-    figures = {label: {k: v * 1000 for k, v in percentiles(t).items()} | {"n": len(t)} for label, t in times.items()}
+    figures = {
+        label: {k: v * 1000 for k, v in percentiles([t for t, _ in case]).items()}
+        | {"n": len(case), "tokens": statistics.fmean(n for _, n in case)}
+        for label, case in times.items()
+    }
 
     def ratio(a: str, b: str) -> float | None:
         return figures[a]["p50"] / figures[b]["p50"] if a in figures and b in figures else None
@@ -363,6 +489,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "base / llama.cpp, 1 session": ratio("base x1", "llama.cpp x1"),
             "base / raw vLLM, 1 session": ratio("base x1", "raw vLLM x1"),
             f"base / raw vLLM, {n} sessions": ratio(f"base x{n}", f"raw vLLM x{n}"),
+            "base typing / base, 1 session": ratio("base typing x1", "base x1"),
+            "personalized typing / base typing": ratio("personalized auto typing x1", "base typing x1"),
             "raw vLLM / llama.cpp": ratio("raw vLLM x1", "llama.cpp x1"),
             "HF generate / llama.cpp": ratio("HF generate x1", "llama.cpp x1"),
         },
@@ -374,9 +502,10 @@ def print_table(r: dict[str, Any]) -> None:
         f"single-line completion latency: {r['requests']} stdlib cursors, prompts {r['prompt_tokens']:.0f} tokens on "
         f"average, up to {r['max_tokens']} new tokens, greedy, stop at the line end, {r['cores']} cores"
     )
-    print(f"{'case':<34}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'mean ms':>9}")
+    print(f"{'case':<34}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'tokens':>8}")
     for label, f in r["results"].items():
-        print(f"{label:<34}{f['p50']:>9.0f}{f['p95']:>9.0f}{f['p99']:>9.0f}{f['mean']:>9.0f}")
+        print(f"{label:<34}{f['p50']:>9.0f}{f['p95']:>9.0f}{f['p99']:>9.0f}{f['mean']:>9.0f}{f['tokens']:>8.1f}")
+    print("tokens: mean new tokens generated (the shown candidate's, as the server recorded them)")
     print("p50 ratios:")
     for label, value in r["ratios_p50"].items():
         if value is not None:
@@ -387,6 +516,17 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=40, help="measured requests per case (default 40)")
     parser.add_argument("--sessions", type=int, default=8, help="concurrent sessions (default 8)")
+    parser.add_argument(
+        "--adapter",
+        choices=("zero", "random"),
+        default="zero",
+        help="zero (default): peft's initialisation, B = 0, so personalized and base serve the same tokens and "
+        "the difference is the serving cost alone; random: B ~ N(0, 0.02), different code of different lengths",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternating rounds of the single-session base/merged cases (default 2)"
+    )
+    parser.add_argument("--typing", type=int, default=12, help="cursors of the typing case (default 12)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peer (and its build)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()

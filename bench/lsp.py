@@ -101,6 +101,7 @@ class Request:
     line: int
     character: int
     prompt: str = ""  # what the server sends the engine for this cursor (prompt_for + token healing)
+    typed: str = ""  # what the developer goes on typing at the cursor (bench.latency's typing case)
 
 
 def cursor_requests(count: int) -> list[Request]:
