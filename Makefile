@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/heedful demo
 
 bench: setup
-	$(BIN)/python -m bench.engine
+	$(BIN)/python -m bench.latency
 	$(BIN)/python -m bench.store
 	$(BIN)/python -m bench.lsp
 	$(BIN)/python -m bench.train

@@ -94,6 +94,7 @@ class EmbeddedEngine:
         self._merge_enabled = settings.engine.adapter_serving == "auto"
         self._merged: AdapterRef | None = None
         self._last_use: dict[str | None, float] = {}  # adapter name (None: base model) -> last request
+        self._running: dict[str | None, int] = {}  # requests waiting or in flight, per adapter name
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -171,12 +172,13 @@ class EmbeddedEngine:
         return self._merged.name if self._merged else None
 
     def _merge_target(self) -> AdapterRef | None:
-        """The adapter to merge now: the only one requested within the window, if no base request came."""
+        """The adapter to merge now: the only one in use (running, or requested within the window), if the
+        base model is not in use too."""
         if not self._merge_enabled:
             return None
         now = time.monotonic()
         window = self._settings.engine.merge_window_s
-        for key in [k for k, t in self._last_use.items() if now - t > window]:
+        for key in [k for k, t in self._last_use.items() if now - t > window and not self._running.get(k)]:
             del self._last_use[key]
         if len(self._last_use) != 1:
             return None
@@ -187,17 +189,31 @@ class EmbeddedEngine:
 
     async def _enter(self, adapter: AdapterRef | None) -> AdapterRef | None:
         """Admit one request; returns the adapter merged into the weights it will run on."""
-        self._last_use[adapter.name if adapter else None] = time.monotonic()
-        while True:
-            await self._open.wait()
-            target = self._merge_target()
-            if target == self._merged:
-                self._inflight += 1
-                self._idle.clear()
-                return self._merged
-            await self._switch_to(target)
+        key = adapter.name if adapter else None
+        self._last_use[key] = time.monotonic()
+        # Waiting counts as in use: a switch may take longer than the window.
+        self._running[key] = self._running.get(key, 0) + 1
+        try:
+            while True:
+                await self._open.wait()
+                target = self._merge_target()
+                if target == self._merged:
+                    self._inflight += 1
+                    self._idle.clear()
+                    return self._merged
+                await self._switch_to(target)
+        except BaseException:
+            self._release(key)
+            raise
 
-    def _leave(self) -> None:
+    def _release(self, key: str | None) -> None:
+        self._last_use[key] = time.monotonic()  # in use until its last request ends
+        self._running[key] -= 1
+        if not self._running[key]:
+            del self._running[key]
+
+    def _leave(self, adapter: AdapterRef | None) -> None:
+        self._release(adapter.name if adapter else None)
         self._inflight -= 1
         if self._inflight == 0:
             self._idle.set()
@@ -219,12 +235,12 @@ class EmbeddedEngine:
                 self._merged = target
             except Exception as exc:
                 log.warning(
-                    "merging adapter %s into the weights failed; adapters are served through multi-LoRA from "
-                    "now on: %s",
+                    "merging adapter %s into the weights failed; it is served through multi-LoRA: %s",
                     target.name if target else "(none)",
                     exc,
                 )
-                self._merge_enabled = False
+                if target is not None:
+                    self._unmergeable.add(target.name)
                 try:
                     await llm.collective_rpc("heedful_merge", args=(None,))
                     self._merged = None
@@ -323,7 +339,7 @@ class EmbeddedEngine:
         except Exception as exc:
             raise EngineError(f"{what} failed in the embedded engine: {exc}") from exc
         finally:
-            self._leave()
+            self._leave(adapter)
         if final is None:
             raise EngineError(f"the embedded engine returned nothing for request {rid}")
         return final
