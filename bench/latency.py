@@ -150,6 +150,31 @@ url = "sqlite+aiosqlite:///{db}"
 # `heedful serve`
 
 
+async def start_server(
+    tmp: Path, name: str, model: Path, adapter: Path, adapter_serving: str, *, prefix_caching: bool = False
+) -> tuple[Path, Path, str, asyncio.subprocess.Process]:
+    """A `heedful serve --tcp` whose store has `adapter` active for the team: (db, log, version, process)."""
+    config, db = write_config(tmp, name, model, adapter_serving, prefix_caching=prefix_caching)
+    await publish_db_ready(config, db)
+    version, _ = await publish(db, adapter, tmp / f"adapters-{name}")
+    log = tmp / f"serve-{name}.log"
+    env = dict(os.environ, HEEDFUL_DATA_DIR=str(tmp / "data"))
+    proc = await asyncio.create_subprocess_exec(
+        *server_command(config, "--tcp", "--host", "127.0.0.1", "--port", "0"),
+        cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=log.open("ab"), env=env,
+    )  # fmt: skip
+    return db, log, version, proc
+
+
+async def stop_server(clients: list[BenchClient], proc: asyncio.subprocess.Process) -> None:
+    for c in clients:
+        await c.close()
+    if proc.returncode is None:
+        proc.terminate()
+        await proc.wait()
+
+
 async def serve_cases(
     tmp: Path,
     model: Path,
@@ -161,16 +186,7 @@ async def serve_cases(
     rounds: int,
 ) -> dict[str, Case]:
     """One `heedful serve --tcp`: (base and) personalized cases, 1 session then `sessions` at once."""
-    config, db = write_config(tmp, adapter_serving, model, adapter_serving)
-    await publish_db_ready(config, db)
-    version, _ = await publish(db, adapter, tmp / f"adapters-{adapter_serving}")
-    log = tmp / f"serve-{adapter_serving}.log"
-    env = dict(os.environ, HEEDFUL_DATA_DIR=str(tmp / "data"))
-    proc = await asyncio.create_subprocess_exec(
-        *server_command(config, "--tcp", "--host", "127.0.0.1", "--port", "0"),
-        cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=log.open("ab"), env=env,
-    )  # fmt: skip
+    db, log, version, proc = await start_server(tmp, adapter_serving, model, adapter, adapter_serving)
     clients: list[BenchClient] = []
     times: dict[str, Case] = {}
     try:
@@ -211,11 +227,7 @@ async def serve_cases(
                 p50 = statistics.median(t for r, t, _ in flat)
                 print(f"[bench.latency] {label} (round {rnd + 1}): p50 {p50 * 1000:.0f} ms", file=sys.stderr)
     finally:
-        for c in clients:
-            await c.close()
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
+        await stop_server(clients, proc)
     return times
 
 
@@ -223,16 +235,7 @@ async def typing_cases(tmp: Path, model: Path, adapter: Path, requests: list[Req
     """Keystrokes with prefix caching on (the default): after a completion at the cursor, the developer
     types the call's first arguments one character at a time and every keystroke asks again. All but the
     last few prompt tokens were computed for the previous keystroke, so only they are prefilled."""
-    config, db = write_config(tmp, "typing", model, "auto", prefix_caching=True)
-    await publish_db_ready(config, db)
-    version, _ = await publish(db, adapter, tmp / "adapters-typing")
-    log = tmp / "serve-typing.log"
-    env = dict(os.environ, HEEDFUL_DATA_DIR=str(tmp / "data"))
-    proc = await asyncio.create_subprocess_exec(
-        *server_command(config, "--tcp", "--host", "127.0.0.1", "--port", "0"),
-        cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=log.open("ab"), env=env,
-    )  # fmt: skip
+    db, log, version, proc = await start_server(tmp, "typing", model, adapter, "auto", prefix_caching=True)
     clients: list[BenchClient] = []
     cases: dict[str, Case] = {}
     try:
@@ -291,11 +294,7 @@ async def typing_cases(tmp: Path, model: Path, adapter: Path, requests: list[Req
             p50 = statistics.median(t for _, t in measured)
             print(f"[bench.latency] {label}: p50 {p50 * 1000:.0f} ms", file=sys.stderr)
     finally:
-        for c in clients:
-            await c.close()
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
+        await stop_server(clients, proc)
     return cases
 
 
