@@ -58,6 +58,7 @@ from bench.lsp import (
     BenchClient,
     BenchError,
     Request,
+    bench_config,
     fill_prompts,
     log_tail,
     report_or_exit,
@@ -118,32 +119,19 @@ def tagged(requests: list[Request], tag: str) -> list[Request]:
 def write_config(
     tmp: Path, name: str, model: Path, adapter_serving: str, *, prefix_caching: bool = False
 ) -> tuple[Path, Path]:
-    db = tmp / f"{name}.db"
-    config = tmp / f"{name}.toml"
-    config.write_text(
-        f"""
-[model]
-path = "{model}"
-
-[engine]
-mode = "embedded"
-kv_cache_gib = 1
-adapter_serving = "{adapter_serving}"
-enable_prefix_caching = {"true" if prefix_caching else "false"}
-merge_window_s = {MERGE_WINDOW_S}
-
-[completion]
-temperature = 0.0
-group_sample_rate = 0.0
-single_line_max_tokens = {MAX_TOKENS}
-timeout_ms = 120000
-
-[database]
-url = "sqlite+aiosqlite:///{db}"
-""",
-        encoding="utf-8",
+    return bench_config(
+        tmp,
+        name,
+        model,
+        {
+            "engine": {
+                "adapter_serving": adapter_serving,
+                "enable_prefix_caching": prefix_caching,
+                "merge_window_s": MERGE_WINDOW_S,
+            },
+            "completion": {"single_line_max_tokens": MAX_TOKENS, "timeout_ms": 120000},
+        },
     )
-    return config, db
 
 
 # ---------------------------------------------------------------------------------------------

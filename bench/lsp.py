@@ -174,30 +174,36 @@ def fill_prompts(
 # The server and its clients
 
 
-def write_config(tmp: Path, name: str, model: Path, max_tokens: int) -> tuple[Path, Path]:
+def bench_config(
+    tmp: Path, name: str, model: Path, sections: dict[str, dict[str, Any]] | None = None
+) -> tuple[Path, Path]:
+    """A settings file for a bench's `heedful serve`: (config, its SQLite db) in `tmp`.
+
+    Every bench runs the embedded engine on `model` with a 1 GiB KV cache, greedy completions and no
+    training groups; `sections` adds or overrides keys per section.
+    """
+    from server.settings import toml_value
+
     db = tmp / f"{name}.db"
     config = tmp / f"{name}.toml"
-    config.write_text(
-        f"""
-[model]
-path = "{model}"
-
-[engine]
-mode = "embedded"
-kv_cache_gib = 1
-
-[completion]
-temperature = 0.0
-group_sample_rate = 0.0
-max_tokens = {max_tokens}
-timeout_ms = 60000
-
-[database]
-url = "sqlite+aiosqlite:///{db}"
-""",
-        encoding="utf-8",
+    merged: dict[str, dict[str, Any]] = {
+        "model": {"path": str(model)},
+        "engine": {"mode": "embedded", "kv_cache_gib": 1},
+        "completion": {"temperature": 0.0, "group_sample_rate": 0.0},
+    }
+    for section, values in (sections or {}).items():
+        merged.setdefault(section, {}).update(values)
+    merged["database"] = {"url": f"sqlite+aiosqlite:///{db}"}
+    text = "".join(
+        f"[{section}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in values.items()) + "\n"
+        for section, values in merged.items()
     )
+    config.write_text(text, encoding="utf-8")
     return config, db
+
+
+def write_config(tmp: Path, name: str, model: Path, max_tokens: int) -> tuple[Path, Path]:
+    return bench_config(tmp, name, model, {"completion": {"max_tokens": max_tokens, "timeout_ms": 60000}})
 
 
 def server_command(config: Path, *extra: str) -> list[str]:

@@ -38,6 +38,7 @@ from bench.lsp import (
     BenchClient,
     BenchError,
     Request,
+    bench_config,
     cursor_requests,
     log_tail,
     report_or_exit,
@@ -49,36 +50,16 @@ TEAM = "bench"
 
 
 def write_config(tmp: Path, model: Path) -> tuple[Path, Path]:
-    db = tmp / "swap.db"
-    config = tmp / "swap.toml"
-    config.write_text(
-        f"""
-[model]
-path = "{model}"
-
-[engine]
-mode = "embedded"
-kv_cache_gib = 1
-
-[completion]
-temperature = 0.0
-group_sample_rate = 0.0
-max_tokens = 16
-timeout_ms = 120000
-
-[training]
-steps_per_round = 20
-min_new_rollouts = 1
-
-[feedback]
-edit_snapshot_delays_s = [1.0]
-
-[database]
-url = "sqlite+aiosqlite:///{db}"
-""",
-        encoding="utf-8",
+    return bench_config(
+        tmp,
+        "swap",
+        model,
+        {
+            "completion": {"max_tokens": 16, "timeout_ms": 120000},
+            "training": {"steps_per_round": 20, "min_new_rollouts": 1},
+            "feedback": {"edit_snapshot_delays_s": [1.0]},
+        },
     )
-    return config, db
 
 
 def make_adapter(model: Path, out: Path, seed: int) -> Path:

@@ -7,7 +7,8 @@ guard its entry point with `if __name__ == "__main__"`. On CPU the KV cache is s
 Adapters are served in one of two ways (`engine.adapter_serving`):
 
 * multi-LoRA: the base weights stay as they are and each request names its adapter; any mix of
-  developers in one batch. On a CPU this costs about 3x the base model's time per completion.
+  developers in one batch. On a CPU this costs 1.1-2.3x the base model's time per completion
+  (bench.latency).
 * merged (`auto`, when exactly one adapter has been in use for `engine.merge_window_s` and no request
   for the base model came in that time: one developer on a laptop): the adapter is folded into the
   weights (`server/engine/merging.py`) and its requests run as fast as the base model's.

@@ -199,6 +199,7 @@ class MergeWorkerExtension:
 
     _heedful_pristine: dict[str, tuple[torch.Tensor, list[int]]]  # stacked base weight, rows per part
     _heedful_merged: set[str]
+    _heedful_files: dict[str, Path]  # tensor name -> safetensors file of the served model
 
     def _heedful_layers(self) -> dict[str, tuple[Any, list[str]]]:
         """Engine projection name -> (its base linear layer, the model's module names it stacks)."""
@@ -225,7 +226,9 @@ class MergeWorkerExtension:
         if cached is not None:
             return cached
         model_dir = Path(self.model_config.model)  # type: ignore[attr-defined]
-        files = _weight_files(model_dir)
+        if not hasattr(self, "_heedful_files"):
+            self._heedful_files = _weight_files(model_dir)  # once: every projection looks its parts up here
+        files = self._heedful_files
         blocks = []
         for part in parts:
             key = f"{part}.weight"

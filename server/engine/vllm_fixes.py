@@ -90,11 +90,12 @@ PACK_ALL_ENV = "HEEDFUL_CPU_PACK_ALL_LINEAR"
 
 
 def pack_all_linear() -> None:
-    """Make vLLM's CPU backend keep every linear layer's weight as one packed tensor (its AMX "sgl" path).
+    """Make vLLM's CPU backend keep linear weights up to 16 MiB as one packed tensor (its AMX "sgl" path).
 
     By default only weights under 1 MiB are packed that way; bigger ones go to oneDNN, whose prepacked
     copy lives inside an opaque handle that cannot be rewritten. Merged adapter serving rewrites the
-    weights in place, so the embedded engine sets HEEDFUL_CPU_PACK_ALL_LINEAR=1 when it merges.
+    weights in place, so the embedded engine sets HEEDFUL_CPU_PACK_ALL_LINEAR=1 when it merges. The
+    bound keeps the LM head (56 MiB for SmolLM2-135M) on oneDNN: packing it died with SIGILL here.
     """
     try:
         from vllm.model_executor.layers import utils
