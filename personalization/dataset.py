@@ -2,7 +2,8 @@
 
 For each pending rollout: the completion's candidates become a group. The shown candidate carries the
 outcome reward the collector recorded; every other member is judged in hindsight against what the
-developer kept, and when that is undecided (or nothing was kept) by the judge given (the PRM), else 0.
+developer kept (and against the shown one's outcome when they changed it: `judge.hindsight_reward`), and
+when that is undecided (or nothing was kept) by the judge given (the PRM), else 0.
 Every reward is shaped by the overlong penalty. When no member earned a positive reward and the kept
 text is known, the kept text joins the group as a demonstration with reward +1 (its pi_old is computed
 by the trainer under the starting policy). A rollout with an explicit correction also yields an OPD
@@ -107,6 +108,9 @@ def build_group(
     kept = rollout.next_state
     samples: list[Sample] = []
     rewards: Sequence[int | None] = rollout.rewards or []
+    shown_index = comp.shown_index if comp.shown_index is not None and comp.shown_index < len(comp.candidates) else None
+    shown = comp.candidates[shown_index].text if shown_index is not None else None
+    shown_reward = rewards[shown_index] if shown_index is not None and shown_index < len(rewards) else None
     for i, cand in enumerate(comp.candidates):
         ids = list(cand.token_ids) if not cand.logprobs_stale else tokenize(cand.text)
         if not ids:
@@ -114,15 +118,15 @@ def build_group(
         old = list(cand.logprobs) if not cand.logprobs_stale else None
         reward = rewards[i] if i < len(rewards) else None
         if reward is None:
-            reward = judge(comp.prompt, cand.text, kept)
+            reward = judge(comp.prompt, cand.text, kept, shown=shown, shown_reward=shown_reward)
         shaped = reward + overlong_penalty(len(ids), settings.l_max, settings.l_cache)
         samples.append(Sample(prompt_ids, ids, old, float(shaped)))
     if not samples:
         return None
     if kept and max(s.reward for s in samples) <= 0 and all(c.text.strip() != kept.strip() for c in comp.candidates):
         # The model never sampled what the developer wanted: show it what they kept.
-        shown = comp.candidates[comp.shown_index].text if comp.shown_index is not None else ""
-        lead = shown[: len(shown) - len(shown.lstrip(" \t"))]  # the healed whitespace the prompt lacks
+        text = shown or ""
+        lead = text[: len(text) - len(text.lstrip(" \t"))]  # the healed whitespace the prompt lacks
         demo_ids = tokenize(lead + kept.lstrip(" \t") if not kept.startswith(lead) else kept)
         if demo_ids:
             samples.append(Sample(prompt_ids, demo_ids, None, 1.0, demonstration=True))

@@ -3,7 +3,9 @@
 * Outcome judge, the shown candidate: what the developer did with it (the collector's classification in
   `rollouts.classify`: accept +1, reject -1, accepted then heavily rewritten 0 or -1) is already on the
   rollout as `rewards[shown_index]`.
-* Hindsight judge, unshown candidates: similarity to what the developer kept (`hindsight_reward`).
+* Hindsight judge, unshown candidates: similarity to what the developer kept (`hindsight_reward`); when
+  the developer changed the shown suggestion, a candidate no closer to their text than it was earns no
+  more than it did.
 * The PRM (`prm.PRMJudge`), for unshown candidates the hindsight judge cannot decide: a classifier head on
   the frozen base model, trained here on the scope's own outcomes (`fit_scope_prm`), m MC-dropout votes,
   majority. It is used only when its accuracy on held-out outcomes reaches
@@ -37,6 +39,7 @@ __all__ = [
     "hindsight_reward",
     "majority",
     "prm_examples",
+    "similarity",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,23 +47,42 @@ log = logging.getLogger(__name__)
 PRMVote = Callable[[str, str], int]  # (prompt, completion) -> majority vote in {-1, 0, +1}
 
 
-def hindsight_reward(candidate: str, kept: str, *, good: float = 0.8, bad: float = 0.4) -> int | None:
+def similarity(a: str, b: str) -> float:
+    """difflib's ratio on whitespace-normalised text (2 * matching characters / total); 1.0 for two blanks."""
+    x, y = " ".join(a.split()), " ".join(b.split())
+    if not x and not y:
+        return 1.0
+    return difflib.SequenceMatcher(None, x, y, autojunk=False).ratio()
+
+
+def hindsight_reward(
+    candidate: str,
+    kept: str,
+    *,
+    shown: str | None = None,
+    shown_reward: int | None = None,
+    good: float = 0.8,
+    bad: float = 0.4,
+) -> int | None:
     """Judge an unshown candidate against what the developer kept.
 
-    Similarity is difflib's ratio on whitespace-normalised text (2 * matching characters / total): it
-    tolerates the small edits developers make (a renamed variable, a reordered argument) while telling
-    apart a different approach. At or above `good`: +1; at or below `bad`: -1; between: None (undecided,
-    the PRM judges it).
+    Similarity is `similarity` (difflib's ratio on whitespace-normalised text): it tolerates the small
+    edits developers make (a renamed variable, a reordered argument) while telling apart a different
+    approach. At or above `good`: +1; at or below `bad`: -1; between: None (undecided, the PRM judges it).
+
+    When the developer changed the shown suggestion into `kept` (its outcome `shown_reward` is below +1),
+    the change is the signal: a candidate no closer to `kept` than the shown one was lacks what they
+    changed and earns no more than the shown one did. Without this, a preference that is a small edit
+    (type hints added to a signature, quotes swapped) scores every unchanged candidate +1 for being 90 %
+    similar to what the developer kept, rewarding exactly what they corrected.
     """
-    a, b = " ".join(candidate.split()), " ".join(kept.split())
-    if not a and not b:
-        return 1
-    ratio = difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
-    if ratio >= good:
-        return 1
-    if ratio <= bad:
-        return -1
-    return None
+    ratio = similarity(candidate, kept)
+    verdict = 1 if ratio >= good else -1 if ratio <= bad else None
+    if shown is None or shown_reward is None or shown_reward >= 1 or verdict == -1:
+        return verdict
+    if ratio <= similarity(shown, kept):
+        return shown_reward if verdict is None else min(verdict, shown_reward)
+    return verdict
 
 
 @dataclass(slots=True)
@@ -70,9 +92,18 @@ class UnshownJudge:
     prm: PRMVote | None = None
     tally: dict[str, int] = field(default_factory=dict)
 
-    def __call__(self, prompt: str, text: str, kept: str | None) -> int:
+    def __call__(
+        self,
+        prompt: str,
+        text: str,
+        kept: str | None,
+        *,
+        shown: str | None = None,
+        shown_reward: int | None = None,
+    ) -> int:
+        """The verdict on `text`; `shown` and its outcome `shown_reward` let hindsight see what was changed."""
         if kept:
-            verdict = hindsight_reward(text, kept)
+            verdict = hindsight_reward(text, kept, shown=shown, shown_reward=shown_reward)
             if verdict is not None:
                 return self._count("hindsight", verdict)
         if self.prm is not None:

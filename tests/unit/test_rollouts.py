@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from personalization.judge import hindsight_reward
+from personalization.judge import hindsight_reward, similarity
 from personalization.rollouts import EventView, classify, scopes_of
 from storage.repositories import Scope
 
@@ -65,6 +65,32 @@ def test_hindsight_similarity_bands() -> None:
     # "return a + b" vs "return a + c": 11 of 12 characters match on each side: ratio 22/24 >= 0.8.
     assert hindsight_reward("return a + b", "return a + c") == 1
     assert hindsight_reward("x = compute(a, b)", "y = compute(b, a) or 0") is None  # in between: the PRM decides
+
+
+SHOWN_SIG = "def f(a):\n    return a"  # normalised "def f(a): return a": 18 characters
+KEPT_SIG = "def f(a: int):\n    return a"  # normalised 23 characters, the shown 18 all match: ratio 36/41 = 0.878
+
+
+def test_hindsight_judges_against_what_the_developer_changed() -> None:
+    assert similarity(SHOWN_SIG, KEPT_SIG) == 36 / 41
+    # Without the shown suggestion, a candidate identical to it is 88 % like the kept text: +1.
+    assert hindsight_reward(SHOWN_SIG, KEPT_SIG) == 1
+    # The developer rewrote it (outcome 0): the same text now earns what the shown one earned, not +1.
+    assert hindsight_reward(SHOWN_SIG, KEPT_SIG, shown=SHOWN_SIG, shown_reward=0) == 0
+    assert hindsight_reward("def f(a):  return a", KEPT_SIG, shown=SHOWN_SIG, shown_reward=0) == 0  # whitespace only
+    assert hindsight_reward(SHOWN_SIG, KEPT_SIG, shown=SHOWN_SIG, shown_reward=-1) == -1
+    # Closer to the kept text than the shown one was: it has the change. "def f(a: int): return a + 0" keeps all
+    # 23 characters of the kept text out of 27: ratio 46/50 = 0.92 > 0.878.
+    assert hindsight_reward("def f(a: int): return a + 0", KEPT_SIG, shown=SHOWN_SIG, shown_reward=0) == 1
+    assert hindsight_reward(KEPT_SIG, KEPT_SIG, shown=SHOWN_SIG, shown_reward=0) == 1
+    # Accepted as shown (+1): similarity alone decides, as before.
+    assert hindsight_reward(SHOWN_SIG, KEPT_SIG, shown=SHOWN_SIG, shown_reward=1) == 1
+    # Far off stays -1 whatever the shown one earned.
+    assert hindsight_reward("pass", KEPT_SIG, shown=SHOWN_SIG, shown_reward=0) == -1
+    # Undecided by similarity and no closer than the shown one: the shown one's outcome instead of the PRM.
+    assert (
+        hindsight_reward("x = compute(a, b)", "y = compute(b, a) or 0", shown="x = compute(a, b)", shown_reward=0) == 0
+    )
 
 
 def test_scopes_never_mix() -> None:
