@@ -290,6 +290,18 @@ class LoraTrainer:
             return list(items)
         return self._random.sample(list(items), size)
 
+    def snapshot(self) -> dict[str, Tensor]:
+        """A copy of the trained (LoRA) weights, to come back to with `restore`."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def restore(self, weights: dict[str, Tensor], steps_done: int) -> None:
+        """Put back the weights `snapshot` took after `steps_done` steps (the optimiser state is not kept)."""
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if n in weights:
+                    p.copy_(weights[n])
+        self.steps_done = steps_done
+
     def save(self, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(out_dir))

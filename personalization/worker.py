@@ -4,7 +4,10 @@ One round for one scope: load its pending rollouts as judged groups and OPD samp
 start from the scope's active adapter (or a fresh LoRA), run `training.steps_per_round` GRPO-TCR
 steps, then gate (finite loss, KL to the reference on held-out general code, perplexity within the
 margin) and publish (publish.py): a passing adapter becomes active, a failing one is recorded rejected
-with its reasons and the active one stays. Every step's metrics are stored with the version row.
+with its reasons and the active one stays. Every `training.gate_check_steps` steps the round measures
+the same gates; when a check fails it stops there and goes back to the weights of the last check that
+passed, so a round that would train past the margin publishes what it had learnt before it did.
+Every step's metrics are stored with the version row.
 
 The worker shares the machine with serving: it lowers its own priority (`training.nice`) and caps
 torch's threads (`training.threads`). Scopes are trained one at a time and never mixed.
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from personalization.dataset import TrainingData, load_training_data
-from personalization.gates import check_gates, general_code_slice, mean_kl, perplexity
+from personalization.gates import GateResult, check_gates, general_code_slice, mean_kl, perplexity
 from personalization.judge import fit_scope_prm, prm_examples
 from personalization.opd import build_opd_samples
 from personalization.publish import clean_partial, publish_adapter, resolve_adapters_root
@@ -190,6 +193,10 @@ def _train(
     losses: list[float] = []
     opd_batch = max(1, t.batch_size // 4) if opd else 0
     refresh = t.old_policy_refresh_steps
+    texts = general_code_slice()[:GATE_TEXTS]
+    ppl_base = perplexity(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS, without_adapter=True)
+    checks: list[dict[str, Any]] = []
+    passed_at: tuple[int, dict[str, Any]] | None = None  # (steps done, the LoRA weights then)
     for step_no in range(t.steps_per_round):
         if refresh and step_no and step_no % refresh == 0:
             trainer.refresh_old_logprobs([s for g in groups for s in g.samples])
@@ -202,28 +209,56 @@ def _train(
         metrics["steps"].append({k: round(v, 6) for k, v in step.items()})
         if not math.isfinite(step["loss"]):
             break
+        done = step_no + 1
+        if t.gate_check_steps and done % t.gate_check_steps == 0 and done < t.steps_per_round:
+            kl, ppl, verdict = measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
+            trainer.model.train()
+            checks.append({"step": done, "kl": round(kl, 6), "perplexity": round(ppl, 4), "passed": verdict.passed})
+            if verdict.passed:
+                passed_at = (done, trainer.snapshot())
+                continue
+            if passed_at is not None:
+                trainer.restore(passed_at[1], passed_at[0])
+                losses = losses[: passed_at[0]]
+            metrics["stopped_early"] = (
+                f"the gates failed at step {done} (KL {kl:.4f}, perplexity {ppl:.3f} against {ppl_base:.3f}); "
+                + (f"kept the weights of step {passed_at[0]}" if passed_at else "no earlier check passed")
+            )
+            break
+    metrics["gate_checks"] = checks
     metrics["steps_done"] = trainer.steps_done
     metrics["final_loss"] = losses[-1]
-    trainer.model.eval()
-    texts = general_code_slice()[:GATE_TEXTS]
-    kl = mean_kl(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS)
-    ppl_base = perplexity(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS, without_adapter=True)
-    ppl_adapter = perplexity(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS)
-    th = settings.thresholds
-    gate = check_gates(
-        loss_values=losses,
-        kl=kl,
-        perplexity_base=ppl_base,
-        perplexity_adapter=ppl_adapter,
-        kl_max=th.kl_max,
-        perplexity_margin=th.perplexity_margin,
-        loss_max=th.loss_divergence,
-    )
+    kl, ppl_adapter, gate = measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
     metrics.update(gate_kl=kl, perplexity_base=ppl_base, perplexity_adapter=ppl_adapter, gate=gate.summary())
     metrics["base_weights_unchanged"] = trainer.base_weights_checksum() == base_fingerprint
     out = Path(tempfile.mkdtemp(prefix="heedful-train-")) / "adapter"
     trainer.save(out)
     return out, metrics, gate
+
+
+def measure_gates(
+    trainer: LoraTrainer,
+    tokenizer: LocalTokenizer,
+    texts: list[str],
+    ppl_base: float,
+    settings: Settings,
+    losses: list[float],
+) -> tuple[float, float, GateResult]:
+    """The publishing gates on the trainer's current weights: (KL, adapter perplexity, the verdict)."""
+    th = settings.thresholds
+    trainer.model.eval()
+    kl = mean_kl(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS)
+    ppl = perplexity(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS)
+    gate = check_gates(
+        loss_values=losses,
+        kl=kl,
+        perplexity_base=ppl_base,
+        perplexity_adapter=ppl,
+        kl_max=th.kl_max,
+        perplexity_margin=th.perplexity_margin,
+        loss_max=th.loss_divergence,
+    )
+    return kl, ppl, gate
 
 
 async def _mark(store: RolloutStore, scope: Scope, data: TrainingData, status: RolloutStatus, reason: str) -> None:

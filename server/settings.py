@@ -268,6 +268,13 @@ class TrainingSettings:
         "round cannot teach much; 0 keeps the serving policy's log-probs for the whole round.",
         min=0,
     )
+    gate_check_steps: int = setting(
+        4,
+        "Every this many steps the round measures the KL and perplexity gates on held-out general code; when a "
+        "check fails, the round stops and keeps the weights of the last check that passed (published if the "
+        "final gates pass), instead of training on into an adapter the gates reject. 0 checks only at the end.",
+        min=0,
+    )
     lora_rank: int = setting(8, "Rank of the trained LoRA adapter (<= engine.max_lora_rank).", min=1, max=256)
     lora_alpha: float = setting(16.0, "LoRA scaling numerator (scale = alpha / rank).", min=0.0, min_exclusive=True)
     lora_dropout: float = setting(0.05, "Dropout on the LoRA input during training.", min=0.0, max=0.9)

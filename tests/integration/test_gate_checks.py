@@ -1,0 +1,58 @@
+"""A round that trains past the gates' margin stops and keeps the last weights that passed them.
+
+The real model and the real trainer: one group teaches the model a nonsense line (advantage +1 on it,
+-1 on ordinary code) at a high learning rate, so perplexity on held-out general code climbs step by
+step. With a check after every step, the round must stop at the first failing check, go back to the
+weights of the check before it, and end with final gates that measure exactly those weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from personalization.dataset import TrainingData
+from personalization.trainer import Group, Sample
+from personalization.worker import _train
+from server.engine.tokens import LocalTokenizer
+from server.settings import Settings
+
+
+def test_a_round_past_the_margin_keeps_the_last_weights_that_passed(default_model: Path) -> None:
+    tokenizer = LocalTokenizer(default_model)
+    prompt = tokenizer.encode("import os\n\n\ndef list_files(root):\n    ")
+    nonsense = tokenizer.encode("zq zq zq zq zq zq zq zq zq zq zq zq")
+    code = tokenizer.encode("return sorted(os.listdir(root))")
+    group = Group([Sample(prompt, nonsense, None, 1.0), Sample(prompt, code, None, -1.0)])
+    data = TrainingData(rollout_ids=[1], groups=[group])
+    settings = Settings()
+    settings.model.path = str(default_model)
+    settings.training = dataclasses.replace(
+        settings.training,
+        steps_per_round=12,
+        gate_check_steps=1,
+        learning_rate=3e-3,
+        old_policy_refresh_steps=1,
+        lora_dropout=0.0,
+        compute_dtype="float32",
+        threads=2,
+    )
+    settings.thresholds.perplexity_margin = 0.02
+
+    out, metrics, gate = _train(settings, data, tokenizer, None, None)
+
+    assert out is not None and gate is not None
+    checks = metrics["gate_checks"]
+    print("checks:", checks, "stopped:", metrics.get("stopped_early"))
+    passed = [c for c in checks if c["passed"]]
+    failed = [c for c in checks if not c["passed"]]
+    assert passed and failed, f"the run should pass early checks and fail a later one: {checks}"
+    assert checks[-1] == failed[0]  # no training after the first failing check
+    assert all(c["step"] < failed[0]["step"] for c in passed)
+    assert len(metrics["steps"]) == failed[0]["step"]  # what was trained is recorded ...
+    assert metrics["steps_done"] == passed[-1]["step"]  # ... but the weights are those of the last pass
+    assert f"kept the weights of step {passed[-1]['step']}" in metrics["stopped_early"]
+    # The final gates measure the restored weights: the same perplexity the passing check saw, and a pass.
+    assert round(metrics["perplexity_adapter"], 4) == passed[-1]["perplexity"]
+    assert gate.passed
+    assert metrics["perplexity_adapter"] <= metrics["perplexity_base"] * 1.02
