@@ -8,8 +8,10 @@ product would run:
    pygls' language client);
 2. *before*: the held-out prompts are completed and the persona reviews each suggestion. Held-out
    suggestions are shown and never acted on, so they never become training data;
-3. each round: the persona works through fresh train prompts and reacts as it would (accepts; accepts
-   and rewrites to its `kept` text; or rejects and types its correction). For the arms with a trained
+3. each round: the persona works through fresh train prompts and reacts as it would: accepts; or
+   accepts and rewrites to its `kept` text (every other time also typing its correction, as a developer
+   who fixes a suggestion and tells the assistant so); or, when it cannot say what it wants, rejects and
+   types its correction. For the arms with a trained
    adapter, the training worker then runs one round for the developer's scope (`heedful train --once`:
    the collector, judges, GRPO-TCR and OPD, the gates, publishing), and the session waits until the
    server's status says the new adapter serves it. The held-out prompts are completed again: one point
@@ -672,7 +674,7 @@ class ArmRun:
             opened.append(uri)
             if not turn.text or turn.completion_id is None:
                 turn.action = "empty"
-            elif turn.accepted or (kept is not None and i % 2 == 0):
+            elif turn.accepted or kept is not None:
                 # Tab, as an editor does: the text goes in, then the item's accept command.
                 session.change(uri, [((line, character), (line, character), turn.text)])
                 await session.command("heedful.acceptCompletion", {"completionId": turn.completion_id})
@@ -680,6 +682,11 @@ class ArmRun:
                 if not turn.accepted and kept is not None:  # and then rewritten into what they wanted
                     session.change(uri, [((line, character), end_of(line, character, turn.text), kept)])
                     turn.action = "rewritten"
+                    if i % 2 == 1:  # every other time they also say what they want from now on
+                        await session.command(
+                            "heedful.feedback", {"text": self.persona.correction, "completionId": turn.completion_id}
+                        )
+                        turn.action = "corrected"
             else:
                 session.notify("heedful/didRejectCompletion", {"completionId": turn.completion_id})
                 await session.command(

@@ -152,18 +152,26 @@ class TypeHints:
 
     @staticmethod
     def _kept(current: str, completion: str) -> str | None:
-        """The completion with the signature it finishes annotated (the lines after it as they were)."""
-        match = _DEF_LINE.match(current)
-        first, _, rest = completion.partition("\n")
-        if not _DEF_OPEN.match(current) or match is None:
-            return None
-        hinted = _with_hints(current + first)
-        opening = f"def {match.group(3)}("
-        if hinted is None or opening not in hinted:
-            return None
-        tail = hinted[hinted.index(opening) + len(opening) :]
-        later = [ln for ln in rest.split("\n") if _DEF_LINE.match(ln) and _annotated(ln) is False]
-        return None if later else tail + ("\n" + rest if rest or completion.endswith("\n") else "")
+        """The completion with every signature it finishes or writes annotated (other lines as they were);
+        None when one of them cannot be annotated mechanically (a signature split over lines)."""
+        opened = _DEF_LINE.match(current) if _DEF_OPEN.match(current) else None  # the cursor is in a signature
+        lines = ((current if opened else "") + completion).split("\n")
+        for i, line in enumerate(lines):
+            match = _DEF_LINE.match(line)
+            if match is None or _annotated(line) is not False:
+                continue
+            hinted = _with_hints(line)
+            if hinted is None:
+                return None
+            lines[i] = match.group(1) + hinted
+        kept = "\n".join(lines)
+        if opened is not None:
+            opening = f"def {opened.group(3)}("
+            head = kept.split("\n", 1)[0]
+            if opening not in head:
+                return None
+            kept = kept[head.index(opening) + len(opening) :]
+        return kept
 
 
 class Docstrings:

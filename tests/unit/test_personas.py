@@ -54,9 +54,21 @@ def test_type_hints_kept_is_the_signature_annotated() -> None:
     )
     assert persona.review("    def __repr__(", "self):") == (False, "self) -> str:")
     assert persona.review("    def is_open(", "self, flag):") == (False, "self, flag: bool) -> bool:")
-    # A later unannotated def in the same completion has no mechanical fix: the developer corrects instead.
-    assert persona.review("def f(", "a):\n    pass\n\ndef g(b):\n    pass") == (False, None)
-    assert persona.review("x = 1\n", "def g(b):\n    pass") == (False, None)  # not at a signature
+    # Every signature the completion finishes or writes is annotated; cut-off ones and other lines stay.
+    assert persona.review("def f(", "a):\n    pass\n\n    def g(self, b=2):\n        pass\n    def h(x") == (
+        False,
+        "a: Any) -> Any:\n    pass\n\n    def g(self, b: int=2) -> Any:\n        pass\n    def h(x",
+    )
+    assert persona.review("x = 1\n", "async def g(b):\n    pass") == (False, "async def g(b: Any) -> Any:\n    pass")
+    # A signature split over lines is not judged line by line, and stays as it was.
+    assert persona.review("def f(", "a):\n    pass\ndef g(b,\n      c):\n    pass") == (
+        False,
+        "a: Any) -> Any:\n    pass\ndef g(b,\n      c):\n    pass",
+    )
+    assert persona.review("def f(", "a) -> int:\n    pass\ndef g(b):\n    pass") == (
+        False,
+        "a: Any) -> int:\n    pass\ndef g(b: Any) -> Any:\n    pass",
+    )
 
 
 def test_docstrings_at_a_body_start_with_the_fix_as_kept() -> None:
