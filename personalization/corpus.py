@@ -109,9 +109,16 @@ def prompts_in(relative: str, source: str) -> Iterator[Prompt]:
 
 
 def build(
-    seed: int, *, train: int, held_out: int, root: Path | None = None, kinds: tuple[str, ...] = KINDS
+    seed: int,
+    *,
+    train: int,
+    held_out: int,
+    root: Path | None = None,
+    kinds: tuple[str, ...] = KINDS,
+    context: tuple[str, ...] = (),
 ) -> tuple[list[Prompt], list[Prompt]]:
-    """`train` and `held_out` prompts, drawn with `seed`, spread evenly over `kinds`."""
+    """`train` and `held_out` prompts, drawn with `seed`, spread evenly over `kinds`; with `context`, only
+    prompts whose text before the cursor contains one of those strings (code where a habit is at stake)."""
     root = root or stdlib_root()
     if not root.is_dir():
         raise CorpusError(f"the standard library was not found at {root}; pass a folder of Python files")
@@ -128,7 +135,7 @@ def build(
             continue
         part = pools[is_held_out(relative)]
         for prompt in prompts_in(relative, source):
-            if prompt.kind in part:
+            if prompt.kind in part and (not context or any(c in prompt.prefix for c in context)):
                 part[prompt.kind].append(prompt)
     return _draw(pools[False], train, seed), _draw(pools[True], held_out, seed + 1)
 
@@ -142,5 +149,8 @@ def _draw(pool: dict[str, list[Prompt]], count: int, seed: int) -> list[Prompt]:
             if per_kind[kind] and len(drawn) < count:
                 drawn.append(per_kind[kind].pop())
     if len(drawn) < count:
-        raise CorpusError(f"only {len(drawn)} prompts of kinds {list(pool)} found, {count} asked for")
+        raise CorpusError(
+            f"only {len(drawn)} prompts of kinds {list(pool)} (and the persona's prompt_context) found, "
+            f"{count} asked for: ask for fewer prompts or widen the persona's prompt_kinds / prompt_context"
+        )
     return drawn

@@ -120,6 +120,18 @@ def prompt_kinds(persona: Persona) -> tuple[str, ...]:
     return tuple(kinds)
 
 
+def prompt_context(persona: Persona) -> tuple[str, ...]:
+    """Strings of which a prompt's text must contain one (`prompt_context`, optional; default any prompt)."""
+    context = getattr(persona, "prompt_context", None)
+    if context is None:
+        return ()
+    if isinstance(context, str) or not context or not all(isinstance(c, str) and c for c in context):
+        raise EvalError(
+            f"persona {persona.name!r}: prompt_context = {context!r}; expected a non-empty tuple of non-empty strings"
+        )
+    return tuple(context)
+
+
 def review(persona: Persona, prefix: str, completion: str) -> tuple[bool, str | None]:
     """The persona's verdict as (accept, kept), from a tuple or an object with `accept` and `kept`."""
     verdict = persona.review(prefix, completion)
@@ -736,9 +748,12 @@ async def run_eval(plan: EvalPlan) -> list[ArmResult]:
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     results: list[ArmResult] = []
     for _spec, persona in plan.personas:
-        kinds = prompt_kinds(persona)
         train, held = corpus.build(
-            plan.seed, train=plan.train_per_round * plan.rounds, held_out=plan.held_out, kinds=kinds
+            plan.seed,
+            train=plan.train_per_round * plan.rounds,
+            held_out=plan.held_out,
+            kinds=prompt_kinds(persona),
+            context=prompt_context(persona),
         )
         for arm in plan.arms:
             run = ArmRun(plan, persona, arm, train, held)

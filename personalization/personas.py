@@ -8,7 +8,9 @@ correct a suggestion) and `review(prefix, completion) -> (accept, kept)`, decidi
 developer rejects and types the correction.
 
 An optional `prompt_kinds` names the prompts where the preference shows (`signature`, `body`,
-`statement`: see personalization/corpus.py); the evaluation draws only those for the persona.
+`statement`: see personalization/corpus.py), and an optional `prompt_context` strings of which the code
+before the cursor must contain one (where the habit is at stake: `os.path` for a pathlib developer); the
+evaluation draws only such prompts for the persona.
 
 This file imports nothing from Heedful on purpose: it is also the example to copy for your own
 persona, loaded with `heedful eval --persona path/to/file.py:ClassName`.
@@ -236,6 +238,7 @@ class FStrings:
     _PERCENT = re.compile(r"""(['"])[^'"\n]*%[sdrfixg0-9.\-]+[^'"\n]*\1\s*%""")
 
     prompt_kinds = ("body", "statement")
+    prompt_context = (".format(", "%s", "%d", "%r")
 
     def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
         code = "\n".join(_code_lines(completion))
@@ -251,6 +254,7 @@ class LoggingNotPrint:
     correction = "Use the logging module (log.info) instead of print."
 
     prompt_kinds = ("body", "statement")
+    prompt_context = ("print(",)
 
     def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
         code = _code_lines(completion)
@@ -267,6 +271,7 @@ class PathlibNotOsPath:
     correction = "Use pathlib.Path instead of os.path."
 
     prompt_kinds = ("body", "statement")
+    prompt_context = ("os.path",)
 
     def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
         if any("os.path." in line for line in _code_lines(completion)):

@@ -67,6 +67,17 @@ def test_the_split_is_by_file_and_the_draw_is_seeded(tmp_path: Path) -> None:
     assert corpus.build(4, train=12, held_out=6, root=tmp_path) != (train, held)
 
 
+def test_a_context_keeps_only_prompts_whose_code_mentions_it(tmp_path: Path) -> None:
+    for i in range(40):
+        (tmp_path / f"mod{i}.py").write_text(SOURCE)
+    train, held = corpus.build(3, train=6, held_out=3, root=tmp_path, context=("print(",))
+    # In SOURCE only the prompts after `print("computing")` see it: Box.volume's signature, body and statement.
+    assert {p.line for p in train + held} == {13, 14, 15}
+    assert all("print(" in p.prefix for p in train + held)
+    with pytest.raises(corpus.CorpusError, match="prompt_context"):
+        corpus.build(3, train=6, held_out=3, root=tmp_path, context=("os.path",))
+
+
 def test_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(corpus.CorpusError, match="not found"):
         corpus.build(0, train=1, held_out=1, root=tmp_path / "missing")

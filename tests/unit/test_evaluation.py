@@ -112,6 +112,14 @@ def test_plans_are_checked() -> None:
         evaluation.check_plan(EvalPlan(**{**base, "steps_per_round": 0}))  # type: ignore[arg-type]
 
 
+def test_prompt_context_comes_from_the_persona() -> None:
+    assert evaluation.prompt_context(load_persona("pathlib")) == ("os.path",)
+    assert evaluation.prompt_context(load_persona("type-hints")) == ()
+    odd = SimpleNamespace(name="odd", correction="c", prompt_context="os.path")  # a string, not a tuple
+    with pytest.raises(EvalError, match="prompt_context = 'os.path'"):
+        evaluation.prompt_context(odd)
+
+
 def test_prompt_kinds_come_from_the_persona() -> None:
     assert evaluation.prompt_kinds(load_persona("type-hints")) == ("signature",)
     assert evaluation.prompt_kinds(SimpleNamespace(name="any", correction="c")) == ("signature", "body", "statement")
