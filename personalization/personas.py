@@ -22,6 +22,7 @@ import ast
 import io
 import re
 import tokenize
+from typing import Any
 
 _DEF_OPEN = re.compile(r"^[ \t]*(async[ \t]+)?def[ \t]+\w+[ \t]*\($")
 _DEF_LINE = re.compile(r"^([ \t]*)(async[ \t]+)?def[ \t]+(\w+)[ \t]*\((.*)$")
@@ -229,6 +230,127 @@ class DoubleQuotes:
         return False, kept
 
 
+_STRING = r"""(?<![\w.'"])(['"])((?:\\.|(?!\1)[^\\\n])*)\1"""  # a one-line, unprefixed literal
+_FORMAT_CALL = re.compile(_STRING + r"\.format\(([^()\n]*(?:\([^()\n]*\)[^()\n]*)*)\)")
+_PERCENT_EXPR = re.compile(_STRING + r"\s*%\s*(\((?:[^()\n]|\([^()\n]*\))*\)|[\w.]+(?:\([^()\n]*\)|\[[^\[\]\n]*\])?)")
+_FORMAT_FIELD = re.compile(r"\{([^{}!:]*)(![rsa])?(:[^{}]*)?\}")
+_PERCENT_SPEC = re.compile(r"%(-?)(\d*)(\.\d+)?([sdifr%])")
+
+
+def _call_args(text: str) -> tuple[list[str], dict[str, str]] | None:
+    """The source of each argument of a call written `f(<text>)`; None when it is not plain."""
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+    except SyntaxError:
+        return None
+    if not isinstance(call, ast.Call) or any(isinstance(a, ast.Starred) for a in call.args):
+        return None
+    if any(k.arg is None for k in call.keywords):
+        return None
+    return [ast.unparse(a) for a in call.args], {str(k.arg): ast.unparse(k.value) for k in call.keywords}
+
+
+def _fits_fstring(quote: str, *sources: str) -> bool:
+    """Whether these expressions can sit in an f-string delimited by `quote` (before Python 3.12)."""
+    return all(quote not in src and "\\" not in src and "{" not in src and "}" not in src for src in sources)
+
+
+def _format_to_f(match: re.Match[str]) -> str | None:
+    quote, template, arg_text = match.group(1), match.group(2), match.group(3)
+    args = _call_args(arg_text)
+    if args is None:
+        return None
+    positional, named = args
+    if not _fits_fstring(quote, *positional, *named.values()):
+        return None
+    auto = iter(range(len(positional)))
+    out: list[str] = []
+    pos = 0
+    for field in _FORMAT_FIELD.finditer(template):
+        if template[field.start() - 1 : field.start()] == "{":
+            continue  # an escaped brace; f-strings keep `{{` as it is
+        key, conversion, spec = field.group(1).strip(), field.group(2) or "", field.group(3) or ""
+        if key == "":
+            index = next(auto, None)
+            if index is None:
+                return None
+            expr = positional[index]
+        elif key.isdigit():
+            if int(key) >= len(positional):
+                return None
+            expr = positional[int(key)]
+        elif key in named:
+            expr = named[key]
+        else:
+            return None  # attribute or item access on an argument: left to the developer
+        out.append(template[pos : field.start()] + "{" + expr + conversion + spec + "}")
+        pos = field.end()
+    return "f" + quote + "".join(out) + template[pos:] + quote
+
+
+def _percent_to_f(match: re.Match[str]) -> str | None:
+    quote, template, operand = match.group(1), match.group(2), match.group(3)
+    if "%(" in template:
+        return None  # mapping keys: left to the developer
+    if operand.startswith("("):
+        args = _call_args(operand[1:-1])
+        if args is None or args[1]:
+            return None
+        values = args[0]
+    else:
+        values = [operand]
+    if not _fits_fstring(quote, *values):
+        return None
+    values_left = iter(values)
+    out: list[str] = []
+    pos = 0
+    for spec in _PERCENT_SPEC.finditer(template):
+        literal = template[pos : spec.start()].replace("{", "{{").replace("}", "}}")
+        flag, width, precision, kind = spec.groups()
+        pos = spec.end()
+        if kind == "%":
+            out.append(literal + "%")
+            continue
+        value = next(values_left, None)
+        if value is None:
+            return None
+        if kind == "r":
+            if width or precision:
+                return None
+            field = "!r"
+        elif kind == "s":
+            field = f":{'<' if flag else '>'}{width}" if width else ""
+            if precision:
+                return None
+        else:  # d, i, f
+            align = "<" if flag else ""
+            fmt = {"i": "d"}.get(kind, kind)
+            field = f":{align}{width}{precision or ''}{fmt}" if (width or precision or kind == "f") else ""
+        out.append(literal + "{" + value + field + "}")
+    if next(values_left, None) is not None:
+        return None
+    return "f" + quote + "".join(out) + template[pos:].replace("{", "{{").replace("}", "}}") + quote
+
+
+def _rewrite_code(completion: str, rewrites: list[tuple[re.Pattern[str], Any]]) -> str | None:
+    """`completion` with each pattern's matches in code (not comments) rewritten; None if one cannot be."""
+    lines = completion.split("\n")
+    for i, line in enumerate(lines):
+        code, hash_, comment = line.partition("#")
+        for pattern, rewrite in rewrites:
+            parts: list[str] = []
+            pos = 0
+            for match in pattern.finditer(code):
+                replacement = rewrite(match)
+                if replacement is None:
+                    return None
+                parts.append(code[pos : match.start()] + replacement)
+                pos = match.end()
+            code = "".join(parts) + code[pos:]
+        lines[i] = code + hash_ + comment
+    return "\n".join(lines)
+
+
 class FStrings:
     """String formatting with f-strings, not `%` or `.format()`."""
 
@@ -243,7 +365,10 @@ class FStrings:
     def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
         code = "\n".join(_code_lines(completion))
         if ".format(" in code or self._PERCENT.search(code):
-            return False, None
+            kept = _rewrite_code(completion, [(_FORMAT_CALL, _format_to_f), (_PERCENT_EXPR, _percent_to_f)])
+            if kept is not None and (".format(" in kept or self._PERCENT.search("\n".join(_code_lines(kept)))):
+                kept = None  # a form the rewrite does not know: the developer says what they want
+            return False, kept
         return True, None
 
 
@@ -264,6 +389,27 @@ class LoggingNotPrint:
         return False, kept
 
 
+_OS_PATH_CALL = re.compile(r"(?<![\w.])os\.path\.(\w+)\(((?:[^()\n]|\([^()\n]*\))*)\)")
+_PATH_METHODS = {
+    "exists": ".exists()", "isfile": ".is_file()", "isdir": ".is_dir()", "basename": ".name",
+    "dirname": ".parent", "abspath": ".absolute()", "realpath": ".resolve()", "expanduser": ".expanduser()",
+    "getsize": ".stat().st_size", "getmtime": ".stat().st_mtime", "isabs": ".is_absolute()", "islink": ".is_symlink()",
+}  # fmt: skip
+
+
+def _os_path_to_pathlib(match: re.Match[str]) -> str | None:
+    func, arg_text = match.group(1), match.group(2)
+    args = _call_args(arg_text)
+    if args is None or args[1] or not args[0]:
+        return None
+    first, *rest = args[0]
+    if func == "join":
+        return " / ".join([f"Path({first})", *rest])
+    if func in _PATH_METHODS and not rest:
+        return f"Path({first}){_PATH_METHODS[func]}"
+    return None  # splitext, relpath, commonpath, ...: left to the developer
+
+
 class PathlibNotOsPath:
     """Paths are `pathlib.Path` objects, not `os.path` string functions."""
 
@@ -275,7 +421,10 @@ class PathlibNotOsPath:
 
     def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
         if any("os.path." in line for line in _code_lines(completion)):
-            return False, None
+            kept = _rewrite_code(completion, [(_OS_PATH_CALL, _os_path_to_pathlib)])
+            if kept is not None and any("os.path." in line for line in _code_lines(kept)):
+                kept = None  # e.g. os.path.sep, or a call inside a call: the developer says what they want
+            return False, kept
         return True, None
 
 

@@ -100,8 +100,8 @@ def test_double_quotes_rewrites_single_quoted_strings() -> None:
 def test_f_strings() -> None:
     persona = FStrings()
     assert persona.review(BODY, 'return f"{len(items)} items"') == (True, None)
-    assert persona.review(BODY, 'return "%d items" % len(items)') == (False, None)
-    assert persona.review(BODY, 'return "{} items".format(len(items))') == (False, None)
+    assert persona.review(BODY, 'return "%d items" % len(items)') == (False, 'return f"{len(items)} items"')
+    assert persona.review(BODY, 'return "{} items".format(len(items))') == (False, 'return f"{len(items)} items"')
     assert persona.review(BODY, "return 10 % 3") == (True, None)
     assert persona.review(BODY, "return x  # was '%s' % x") == (True, None)  # comments do not count
 
@@ -117,7 +117,34 @@ def test_logging_not_print() -> None:
 def test_pathlib() -> None:
     persona = PathlibNotOsPath()
     assert persona.review(BODY, "return Path(items).name") == (True, None)
-    assert persona.review(BODY, "return os.path.basename(items)") == (False, None)
+    assert persona.review(BODY, "return os.path.basename(items)") == (False, "return Path(items).name")
+    assert persona.review(BODY, "p = os.path.join(root, name, 'x.py')\n    if os.path.isdir(p):") == (
+        False,
+        "p = Path(root) / name / 'x.py'\n    if Path(p).is_dir():",
+    )
+    # No mechanical rewrite: the developer rejects and says what they want.
+    assert persona.review(BODY, "return os.path.splitext(items)[0]") == (False, None)
+    assert persona.review(BODY, "q = os.path.join(os.path.dirname(a), b)") == (False, None)
+    assert persona.review(BODY, "s = os.path.sep") == (False, None)
+
+
+@pytest.mark.parametrize(
+    ("completion", "kept"),
+    [
+        ("x = '%s: %r (%5.2f%%)' % (name, value, ratio)", "x = f'{name}: {value!r} ({ratio:5.2f}%)'"),
+        ('w = "%-10s|%3d" % (a, b)', 'w = f"{a:<10}|{b:3d}"'),
+        ("u = 'a %s {b}' % c", "u = f'a {c} {{b}}'"),  # literal braces are escaped
+        ('msg = "{0} and {1} {x}".format(a, b.c, x=f(y))', 'msg = f"{a} and {b.c} {f(y)}"'),
+        ("t = '{} {{x}}'.format(a)", "t = f'{a} {{x}}'"),
+        ("raise ValueError('bad %s' % (x,))  # '%s' % z", "raise ValueError(f'bad {x}')  # '%s' % z"),
+        # What an f-string cannot hold before Python 3.12, or what the rewrite does not know: no kept text.
+        ("s = 'n={}'.format(d['k'])", None),
+        ("s = '%s %s' % (a,)", None),
+        ("s = '{0.name}'.format(a)", None),
+    ],
+)
+def test_f_strings_kept_rewrites_formatting(completion: str, kept: str | None) -> None:
+    assert FStrings().review(BODY, completion) == (False, kept)
 
 
 def test_every_shipped_persona_follows_the_contract() -> None:
