@@ -354,7 +354,11 @@ class ExperimentSettings:
         choices=ARMS,
     )
     baseline_corrections: int = setting(
-        10, "How many of the developer's latest corrections the `baseline` arms inject.", min=1, max=100
+        10,
+        "How many of the developer's latest corrections the `baseline` arms inject (repeats of the same words count "
+        "once).",
+        min=1,
+        max=100,
     )
 
 

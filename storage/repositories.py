@@ -244,6 +244,9 @@ class CompletionRepository:
         return list(await self.s.scalars(stmt))
 
 
+DISTINCT_SCAN = 20  # EventRepository.latest_corrections reads up to this many times the corrections it keeps
+
+
 class EventRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.s = session
@@ -270,15 +273,29 @@ class EventRepository:
         return list(await self.s.scalars(select(Event).where(Event.session_id == session_id).order_by(Event.id)))
 
     async def latest_corrections(self, developer_id: str, limit: int) -> list[str]:
-        """The developer's last `limit` correction texts, oldest first."""
+        """The developer's last `limit` different correction texts, oldest first.
+
+        A developer who types the same correction every time ("add type hints") has one thing to say:
+        repeats (same words, any case and spacing) count once, at their newest place, so older different
+        corrections keep their room. At most `DISTINCT_SCAN` times `limit` recent corrections are read.
+        """
         stmt = (
             select(Event.text)
             .join(LspSession, LspSession.id == Event.session_id)
             .where(LspSession.developer_id == developer_id, Event.kind == EventKind.CORRECTION, Event.text.is_not(None))
             .order_by(Event.id.desc())
-            .limit(limit)
+            .limit(limit * DISTINCT_SCAN)
         )
-        return [t for t in reversed(list(await self.s.scalars(stmt))) if t]
+        seen: set[str] = set()
+        newest_first: list[str] = []
+        for text in await self.s.scalars(stmt):
+            key = " ".join((text or "").split()).casefold()
+            if text and key and key not in seen:
+                seen.add(key)
+                newest_first.append(text)
+            if len(newest_first) == limit:
+                break
+        return newest_first[::-1]
 
     async def counts_by_kind(self) -> dict[str, int]:
         rows = await self.s.execute(select(Event.kind, func.count()).group_by(Event.kind))

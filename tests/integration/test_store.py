@@ -532,3 +532,10 @@ async def test_outcomes_pending_counts_and_latest_corrections(store: RolloutStor
         assert await events.latest_corrections("alice", 2) == ["add type hints", "prefer f-strings"]
         assert await events.latest_corrections("alice", 10) == ["use pathlib", "add type hints", "prefer f-strings"]
         assert await events.latest_corrections("bob", 10) == []
+    # Repeats count once, at their newest place: older different corrections keep their room.
+    for note in ("Add  type hints", "add type hints", "use pathlib"):
+        await store.record_event(EventRecord("s1", "correction", None, text=note))
+    async with store.unit() as s:
+        events = EventRepository(s)
+        assert await events.latest_corrections("alice", 2) == ["add type hints", "use pathlib"]
+        assert await events.latest_corrections("alice", 10) == ["prefer f-strings", "add type hints", "use pathlib"]
