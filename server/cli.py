@@ -254,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--persona", default="type-hints", help="the simulated developer (default type-hints)")
     demo.add_argument("--held-out", type=int, default=12, help="held-out prompts (default 12)")
-    demo.add_argument("--train-prompts", type=int, default=16, help="prompts the developer works through (default 16)")
-    demo.add_argument("--steps", type=int, default=16, help="optimisation steps (default 16)")
+    demo.add_argument("--train-prompts", type=int, default=24, help="prompts the developer works through (default 24)")
+    demo.add_argument("--steps", type=int, default=24, help="optimisation steps (default 24)")
     demo.add_argument("--batch-size", type=int, default=4, help="groups per step (default 4)")
     demo.add_argument(
         "--max-prompt-tokens", type=int, default=128, help="prompt tokens per training sample (default 128)"
