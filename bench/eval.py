@@ -70,6 +70,10 @@ def last_round(r: dict[str, Any]) -> str:
     status = str(training.get("status"))
     if status == "rejected":
         status = "rejected by the " + ("perplexity" if "perplexity" in str(training.get("reason")) else "KL") + " gate"
+    failed = [c["step"] for c in m.get("gate_checks", []) if not c.get("passed")]
+    if failed and m.get("steps_done") is not None:
+        # A mid-round gate check failed: the round kept the weights of the last check that passed.
+        status += f" at step {m['steps_done']}, gates failed at step {failed[0]}"
     return f"{status} ({gates})" if gates else status
 
 
