@@ -4,9 +4,9 @@ One round for one scope: load its pending rollouts as judged groups and OPD samp
 start from the scope's active adapter (or a fresh LoRA), run `training.steps_per_round` GRPO-TCR
 steps, then gate (finite loss, KL to the reference on held-out general code, perplexity within the
 margin) and publish (publish.py): a passing adapter becomes active, a failing one is recorded rejected
-with its reasons and the active one stays. Every `training.gate_check_steps` steps the round measures
-the same gates; when a check fails it stops there and goes back to the weights of the last check that
-passed, so a round that would train past the margin publishes what it had learnt before it did.
+with its reasons and the active one stays. Every `training.gate_check_steps` steps (and after the
+last) the round measures the same gates; when a check fails it stops there and goes back to the weights
+of the last check that passed, so a round that would train past the margin publishes what it had learnt before it did.
 Every step's metrics are stored with the version row.
 
 The worker shares the machine with serving: it lowers its own priority (`training.nice`) and caps
@@ -210,12 +210,14 @@ def _train(
         if not math.isfinite(step["loss"]):
             break
         done = step_no + 1
-        if t.gate_check_steps and done % t.gate_check_steps == 0 and done < t.steps_per_round:
+        last = done == t.steps_per_round
+        if t.gate_check_steps and (done % t.gate_check_steps == 0 or last):
             kl, ppl, verdict = measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
             trainer.model.train()
             checks.append({"step": done, "kl": round(kl, 6), "perplexity": round(ppl, 4), "passed": verdict.passed})
             if verdict.passed:
-                passed_at = (done, trainer.snapshot())
+                if not last:
+                    passed_at = (done, trainer.snapshot())
                 continue
             if passed_at is not None:
                 trainer.restore(passed_at[1], passed_at[0])
@@ -225,10 +227,10 @@ def _train(
                 + (f"kept the weights of step {passed_at[0]}" if passed_at else "no earlier check passed")
             )
             break
+    kl, ppl_adapter, gate = measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
     metrics["gate_checks"] = checks
     metrics["steps_done"] = trainer.steps_done
     metrics["final_loss"] = losses[-1]
-    kl, ppl_adapter, gate = measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
     metrics.update(gate_kl=kl, perplexity_base=ppl_base, perplexity_adapter=ppl_adapter, gate=gate.summary())
     metrics["base_weights_unchanged"] = trainer.base_weights_checksum() == base_fingerprint
     out = Path(tempfile.mkdtemp(prefix="heedful-train-")) / "adapter"

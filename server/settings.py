@@ -270,9 +270,10 @@ class TrainingSettings:
     )
     gate_check_steps: int = setting(
         4,
-        "Every this many steps the round measures the KL and perplexity gates on held-out general code; when a "
-        "check fails, the round stops and keeps the weights of the last check that passed (published if the "
-        "final gates pass), instead of training on into an adapter the gates reject. 0 checks only at the end.",
+        "Every this many steps, and after the last, the round measures the KL and perplexity gates on held-out "
+        "general code; when a check fails, the round stops and keeps the weights of the last check that passed "
+        "(published if the final gates pass), instead of training on into an adapter the gates reject. 0 checks "
+        "only at the end.",
         min=0,
     )
     lora_rank: int = setting(8, "Rank of the trained LoRA adapter (<= engine.max_lora_rank).", min=1, max=256)

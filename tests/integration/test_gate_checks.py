@@ -2,14 +2,17 @@
 
 The real model and the real trainer: one group teaches the model a nonsense line (advantage +1 on it,
 -1 on ordinary code) at a high learning rate, so perplexity on held-out general code climbs step by
-step. With a check after every step, the round must stop at the first failing check, go back to the
-weights of the check before it, and end with final gates that measure exactly those weights.
+step. With a check after every step, the round must stop at the first failing check (in the middle
+of the round, or after its last step), go back to the weights of the check before it, and end with
+final gates that measure exactly those weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+
+import pytest
 
 from personalization.dataset import TrainingData
 from personalization.trainer import Group, Sample
@@ -18,7 +21,8 @@ from server.engine.tokens import LocalTokenizer
 from server.settings import Settings
 
 
-def test_a_round_past_the_margin_keeps_the_last_weights_that_passed(default_model: Path) -> None:
+@pytest.mark.parametrize("steps", [12, 2], ids=["mid-round", "last-step"])
+def test_a_round_past_the_margin_keeps_the_last_weights_that_passed(default_model: Path, steps: int) -> None:
     tokenizer = LocalTokenizer(default_model)
     prompt = tokenizer.encode("import os\n\n\ndef list_files(root):\n    ")
     nonsense = tokenizer.encode("zq zq zq zq zq zq zq zq zq zq zq zq")
@@ -29,7 +33,7 @@ def test_a_round_past_the_margin_keeps_the_last_weights_that_passed(default_mode
     settings.model.path = str(default_model)
     settings.training = dataclasses.replace(
         settings.training,
-        steps_per_round=12,
+        steps_per_round=steps,
         gate_check_steps=1,
         learning_rate=3e-3,
         old_policy_refresh_steps=1,
@@ -37,7 +41,7 @@ def test_a_round_past_the_margin_keeps_the_last_weights_that_passed(default_mode
         compute_dtype="float32",
         threads=2,
     )
-    settings.thresholds.perplexity_margin = 0.02
+    settings.thresholds.perplexity_margin = 0.01
 
     out, metrics, gate = _train(settings, data, tokenizer, None, None)
 
@@ -55,4 +59,4 @@ def test_a_round_past_the_margin_keeps_the_last_weights_that_passed(default_mode
     # The final gates measure the restored weights: the same perplexity the passing check saw, and a pass.
     assert round(metrics["perplexity_adapter"], 4) == passed[-1]["perplexity"]
     assert gate.passed
-    assert metrics["perplexity_adapter"] <= metrics["perplexity_base"] * 1.02
+    assert metrics["perplexity_adapter"] <= metrics["perplexity_base"] * 1.01
