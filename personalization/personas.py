@@ -208,26 +208,50 @@ class Docstrings:
         return True, None
 
 
-class DoubleQuotes:
+class _QuoteStyle:
+    """Strings use `quote`; a string in the other quote is rewritten where that is mechanical."""
+
+    quote = '"'
+
+    def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
+        other = "'" if self.quote == '"' else '"'
+        wrong = []
+        for s in _string_tokens(completion):
+            body = s.lstrip("rbuRBUfF")
+            if body.startswith('"""'):
+                continue  # docstrings keep PEP 257's triple double quotes in either style
+            if body.startswith(other):
+                wrong.append(s)
+        if not wrong:
+            return True, None
+        kept = completion
+        for s in wrong:
+            quote_at = len(s) - len(s.lstrip("rbuRBUfF"))
+            body = s[quote_at:]
+            if body.startswith(other * 3) or self.quote in body:
+                return False, None  # no mechanical rewrite: the developer says what they want
+            kept = kept.replace(s, s[:quote_at] + self.quote + body[1:-1] + self.quote, 1)
+        return False, kept
+
+
+class DoubleQuotes(_QuoteStyle):
     """Strings use double quotes (the black style), not single quotes."""
 
     name = "double-quotes"
     correction = "Use double quotes for strings, not single quotes."
+    quote = '"'
 
     prompt_kinds = ("body", "statement")
 
-    def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
-        singles = [s for s in _string_tokens(completion) if re.match(r"^[rbuRBUfF]*'", s)]
-        if not singles:
-            return True, None
-        kept = completion
-        for s in singles:
-            quote_at = len(s) - len(s.lstrip("rbuRBUfF"))
-            body = s[quote_at:]
-            if body.startswith("'''") or '"' in body:
-                return False, None  # no mechanical rewrite: the developer says what they want
-            kept = kept.replace(s, s[:quote_at] + '"' + body[1:-1] + '"', 1)
-        return False, kept
+
+class SingleQuotes(_QuoteStyle):
+    """Strings use single quotes (docstrings keep triple double quotes), not double quotes."""
+
+    name = "single-quotes"
+    correction = "Use single quotes for strings, not double quotes."
+    quote = "'"
+
+    prompt_kinds = ("body", "statement")
 
 
 _STRING = r"""(?<![\w.'"])(['"])((?:\\.|(?!\1)[^\\\n])*)\1"""  # a one-line, unprefixed literal
@@ -428,4 +452,4 @@ class PathlibNotOsPath:
         return True, None
 
 
-SHIPPED = (TypeHints, Docstrings, DoubleQuotes, FStrings, LoggingNotPrint, PathlibNotOsPath)
+SHIPPED = (TypeHints, Docstrings, DoubleQuotes, SingleQuotes, FStrings, LoggingNotPrint, PathlibNotOsPath)

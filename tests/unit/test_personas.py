@@ -11,6 +11,7 @@ from personalization.personas import (
     FStrings,
     LoggingNotPrint,
     PathlibNotOsPath,
+    SingleQuotes,
     TypeHints,
 )
 
@@ -95,6 +96,14 @@ def test_double_quotes_rewrites_single_quoted_strings() -> None:
     assert persona.review(BODY, "return 'a' + f'{items}' + \"it's\"") == (False, 'return "a" + f"{items}" + "it\'s"')
     assert persona.review(BODY, "return 'say \"hi\"'") == (False, None)  # no mechanical rewrite
     assert persona.review(BODY, "return 'unterminated") == (True, None)  # a cut-off string is not judged
+
+
+def test_single_quotes() -> None:
+    persona = SingleQuotes()
+    assert persona.review(BODY, "return 'a' + f'{items}'") == (True, None)
+    assert persona.review(BODY, '"""Total."""\n    return \'a\'') == (True, None)  # docstrings keep """
+    assert persona.review(BODY, 'return "a" + f"{items}"') == (False, "return 'a' + f'{items}'")
+    assert persona.review(BODY, "return f\"{d['k']}\"") == (False, None)  # no mechanical rewrite
 
 
 def test_f_strings() -> None:
