@@ -11,11 +11,10 @@ product would run:
 3. each round: the persona works through fresh train prompts and reacts as it would: accepts; or
    accepts and rewrites to its `kept` text (every other time also typing its correction, as a developer
    who fixes a suggestion and tells the assistant so); or, when it cannot say what it wants, rejects and
-   types its correction. For the arms with a trained
-   adapter, the training worker then runs one round for the developer's scope (`heedful train --once`:
-   the collector, judges, GRPO-TCR and OPD, the gates, publishing), and the session waits until the
-   server's status says the new adapter serves it. The held-out prompts are completed again: one point
-   of the per-round curve;
+   types its correction. For the arms with a trained adapter, the training worker then runs one round
+   for the developer's scope (`heedful train --once`: the collector, judges, GRPO-TCR and OPD, the gates,
+   publishing), and the session waits until the server's status says the new adapter serves it. The
+   held-out prompts are completed again: one point of the per-round curve;
 4. *after*: the last round's held-out pass. CRR = 1 - after / before.
 
 The correction rate is the share of held-out prompts whose suggestion the persona would not accept
