@@ -6,8 +6,8 @@ steps, then gate (finite loss, KL to the reference on held-out general code, per
 margin) and publish (publish.py): a passing adapter becomes active, a failing one is recorded rejected
 with its reasons and the active one stays. Every `training.gate_check_steps` steps (and after the
 last) the round measures the same gates; when a check fails it stops there and goes back to the weights
-of the last check that passed, so a round that would train past the margin publishes what it had learnt before it did.
-Every step's metrics are stored with the version row.
+of the last check that passed, so a round that would train past the margin publishes what it had
+learnt before it did. Every step's metrics are stored with the version row.
 
 The worker shares the machine with serving: it lowers its own priority (`training.nice`) and caps
 torch's threads (`training.threads`). Scopes are trained one at a time and never mixed.
@@ -197,6 +197,7 @@ def _train(
     ppl_base = perplexity(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS, without_adapter=True)
     checks: list[dict[str, Any]] = []
     passed_at: tuple[int, dict[str, Any]] | None = None  # (steps done, the LoRA weights then)
+    measured: tuple[float, float, GateResult] | None = None  # the gates on the current weights, if measured
     for step_no in range(t.steps_per_round):
         if refresh and step_no and step_no % refresh == 0:
             trainer.refresh_old_logprobs([s for g in groups for s in g.samples])
@@ -207,12 +208,14 @@ def _train(
         if prm_accuracy is not None:
             step["prm_accuracy"] = prm_accuracy
         metrics["steps"].append({k: round(v, 6) for k, v in step.items()})
+        measured = None
         if not math.isfinite(step["loss"]):
             break
         done = step_no + 1
         last = done == t.steps_per_round
         if t.gate_check_steps and (done % t.gate_check_steps == 0 or last):
-            kl, ppl, verdict = measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
+            measured = measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
+            kl, ppl, verdict = measured
             trainer.model.train()
             checks.append({"step": done, "kl": round(kl, 6), "perplexity": round(ppl, 4), "passed": verdict.passed})
             if verdict.passed:
@@ -222,12 +225,14 @@ def _train(
             if passed_at is not None:
                 trainer.restore(passed_at[1], passed_at[0])
                 losses = losses[: passed_at[0]]
+                measured = None
             metrics["stopped_early"] = (
                 f"the gates failed at step {done} (KL {kl:.4f}, perplexity {ppl:.3f} against {ppl_base:.3f}); "
                 + (f"kept the weights of step {passed_at[0]}" if passed_at else "no earlier check passed")
             )
             break
-    kl, ppl_adapter, gate = measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
+    # The last check measured these very weights unless the round went back to an earlier check.
+    kl, ppl_adapter, gate = measured or measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
     metrics["gate_checks"] = checks
     metrics["steps_done"] = trainer.steps_done
     metrics["final_loss"] = losses[-1]
