@@ -1,8 +1,8 @@
 """Merged serving: one developer's LoRA adapter folded into the engine's own weights.
 
 On a laptop the embedded engine serves one developer. Serving their adapter through vLLM's multi-LoRA
-path costs about 3x the base model's time on a CPU (every projection runs two extra small matmuls and
-gathers the stacked adapter weights per token). Folding the adapter into the weights,
+path costs 1.1-2.3x the base model's time on a CPU (bench.latency: every projection runs two extra small
+matmuls). Folding the adapter into the weights,
 W' = W + scaling * B @ A for each target projection, gives the same function at no cost per token.
 
 This module has two halves:
@@ -10,8 +10,10 @@ This module has two halves:
 * pure functions on tensors (`read_adapter`, `fused_delta`, `merged_weight`), unit-tested by hand;
 * `MergeWorkerExtension`, which vLLM mixes into its worker (`worker_extension_cls`) so that the engine
   process can call `heedful_merge(path)` through `collective_rpc`. It rewrites the weights *in place*
-  (including the CPU backend's prepacked copies, which the compiled graph reads), keeping a pristine
-  copy of every touched projection from the model folder so that unmerging is exact.
+  (including the CPU backend's copies: AMX-packed tensors and oneDNN handlers, see `_weight_writer`),
+  keeping a pristine copy of every touched projection from the model folder so that unmerging is exact.
+  `heedful_merge_check()` tells at start, before any request, whether every projection an adapter may
+  target can be rewritten on this machine.
 
 The engine (`server/engine/embedded.py`) decides when to merge and makes each switch atomic with respect
 to requests: it drains the requests in flight, switches, clears the prefix cache, then admits new ones.
@@ -158,11 +160,28 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
         return {name: single for name in fh.keys()}  # noqa: SIM118 (safe_open is not a mapping)
 
 
-def _weight_writer(layer: Any) -> Callable[[torch.Tensor], None]:
-    """How to put a new weight into a vLLM linear layer in place: its parameter, or the CPU backend's
-    prepacked copy of it. Raises `MergeUnsupported` before anything is written when neither can be.
+# vLLM's dispatch (`dispatch_cpu_unquantized_gemm`) builds its oneDNN handlers with a primitive cache of 32.
+ONEDNN_PRIMITIVE_CACHE = 32
 
-    In place matters: a compiled graph holds the tensors themselves, so a new tensor would not be seen.
+
+def _weight_writer(layer: Any) -> Callable[[torch.Tensor], None]:
+    """How to put a new weight into a vLLM linear layer in place. Raises `MergeUnsupported` before
+    anything is written when the layer's kernel keeps its weight where it cannot be rewritten.
+
+    vLLM's CPU backend picks one kernel per layer (`dispatch_cpu_unquantized_gemm`) and may drop the
+    layer's own weight, keeping only the kernel's copy:
+
+    * AMX CPUs, small weights ("sgl"): a VNNI-packed tensor in the closure cell `packed_weight`,
+      overwritten with the repacked new weight;
+    * everywhere else with oneDNN (AMD EPYC with AVX-512, Intel without AMX, large weights on AMX): a
+      oneDNN matmul handler in the cell `handler`, which holds its own reordered copy of the weight. The
+      handler's address lives in a one-element tensor (`handler_tensor`); a new native handler is built
+      from the new weight, its address written into that tensor, and the old native handler released;
+    * the plain `torch.nn.functional.linear` fallback (and GPUs): the layer's weight parameter.
+
+    In place matters: whatever holds the tensors (the kernel closure, a compiled graph) sees the new
+    weight without being rebuilt. Kernels whose copy is opaque in any other way (zentorch's prepacked
+    weight, another vLLM's layout) are refused here, so the adapter is served through multi-LoRA.
     """
     import torch
 
@@ -170,7 +189,7 @@ def _weight_writer(layer: Any) -> Callable[[torch.Tensor], None]:
     closure = getattr(gemm, "__closure__", None) or ()
     cells = dict(zip(getattr(getattr(gemm, "__code__", None), "co_freevars", ()), closure, strict=False))
     param = getattr(layer, "weight", None)
-    if "packed_weight" in cells:  # vLLM's CPU AMX path keeps only a VNNI-packed copy
+    if "packed_weight" in cells:  # beside it only the output width N
         packed = cells["packed_weight"].cell_contents
 
         def write_packed(weight: torch.Tensor) -> None:
@@ -180,10 +199,12 @@ def _weight_writer(layer: Any) -> Callable[[torch.Tensor], None]:
             packed.copy_(fresh)
 
         return write_packed
-    if cells:  # oneDNN / zentorch: the packed copy lives in an opaque handle
+    if "handler" in cells:
+        return _onednn_writer(layer, cells["handler"].cell_contents)
+    if cells:
         raise MergeUnsupported(
-            f"vLLM serves {type(layer).__name__} through a CPU kernel whose packed weights cannot be rewritten "
-            f"({', '.join(sorted(cells))}); adapters are served through multi-LoRA"
+            f"vLLM serves {type(layer).__name__} through a CPU kernel whose weights Heedful cannot rewrite "
+            f"(its kernel holds {', '.join(sorted(cells))}); adapters are served through multi-LoRA"
         )
     if param is None or param.numel() == 0:
         raise MergeUnsupported(f"no writable weight found in {type(layer).__name__}: cannot merge")
@@ -192,6 +213,38 @@ def _weight_writer(layer: Any) -> Callable[[torch.Tensor], None]:
         param.data.copy_(weight.view_as(param))
 
     return write_param
+
+
+def _onednn_writer(layer: Any, handler: Any) -> Callable[[torch.Tensor], None]:
+    """The writer for a layer served by a vLLM oneDNN matmul handler (see `_weight_writer`)."""
+    import torch
+
+    slot = getattr(handler, "handler_tensor", None)
+    shape = (getattr(handler, "n", None), getattr(handler, "k", None))
+    ops = torch.ops._C
+    if (
+        not isinstance(slot, torch.Tensor)
+        or slot.numel() != 1
+        or slot.dtype != torch.int64
+        or not all(isinstance(d, int) and d > 0 for d in shape)
+        or not hasattr(ops, "create_onednn_mm_handler")
+        or not hasattr(ops, "release_dnnl_matmul_handler")
+    ):
+        raise MergeUnsupported(
+            f"vLLM serves {type(layer).__name__} through a oneDNN handler of a layout Heedful does not know "
+            f"({type(handler).__name__}); adapters are served through multi-LoRA"
+        )
+
+    def write_onednn(weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != shape:
+            raise MergeUnsupported(f"the oneDNN handler is for a {shape} weight, not {tuple(weight.shape)}")
+        # The handler reorders the weight into memory of its own: `weight` may be freed afterwards.
+        fresh = int(ops.create_onednn_mm_handler(weight.t(), ONEDNN_PRIMITIVE_CACHE))
+        old = int(slot.item())
+        slot.fill_(fresh)
+        ops.release_dnnl_matmul_handler(old)
+
+    return write_onednn
 
 
 class MergeWorkerExtension:
@@ -239,6 +292,30 @@ class MergeWorkerExtension:
         cached = (torch.cat(blocks, dim=0), [int(b.shape[0]) for b in blocks])
         self._heedful_pristine[name] = cached
         return cached
+
+    def heedful_merge_check(self) -> str | None:
+        """None when every projection vLLM serves with LoRA can be rewritten here, else why not.
+
+        Nothing is written: it builds the writers `heedful_merge` would use for every LoRA-capable layer.
+        """
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        refused: dict[str, list[str]] = {}
+        checked = 0
+        for name, module in model.named_modules():
+            layer = getattr(module, "base_layer", None)
+            if layer is None or not (hasattr(layer, "cpu_linear") or hasattr(layer, "weight")):
+                continue
+            checked += 1
+            try:
+                _weight_writer(layer)
+            except MergeUnsupported as exc:
+                refused.setdefault(str(exc), []).append(name)
+        if not checked:
+            return "the engine serves no LoRA-capable layer that Heedful recognises"
+        if not refused:
+            return None
+        reason, names = next(iter(refused.items()))
+        return f"{len(names)} of {checked} projections cannot be rewritten (e.g. {names[0]}): {reason}"
 
     def heedful_merge(self, adapter_path: str | None) -> dict[str, Any]:
         """Serve `adapter_path` merged into the weights (None: the base weights again). Returns a summary."""
