@@ -137,6 +137,8 @@ class HeedfulLanguageServer(LanguageServer):
             "arm": arm,
             "developerId": self.identity.developer_id,
             "sessionId": self.identity.session_id,
+            "adapterServing": status.adapter_serving,
+            "adapterServingReason": status.adapter_serving_reason,
         }
         if params != self.last_status:  # the editor hears about changes, not repeats
             self.last_status = params

@@ -46,6 +46,10 @@ class EngineStatus:
     message: str | None
     kind: str
     model: str
+    # Once the engine is up: "merged" or "multi-lora", and why merging is off where it was asked for
+    # (`EngineInfo.adapter_serving`).
+    adapter_serving: str | None = None
+    adapter_serving_reason: str | None = None
 
 
 Listener = Callable[[EngineStatus], None]
@@ -67,7 +71,12 @@ class EngineHost:
     @property
     def status(self) -> EngineStatus:
         model = self.settings.model.name or str(self.settings.model_path())
-        return EngineStatus(self._state, self._message, self.settings.engine.mode, model)
+        serving: str | None = None
+        reason: str | None = None
+        if self._started and self._engine is not None:
+            info = self._engine.info()
+            serving, reason = info.adapter_serving, info.adapter_serving_reason
+        return EngineStatus(self._state, self._message, self.settings.engine.mode, model, serving, reason)
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         self._listeners.add(listener)

@@ -84,6 +84,11 @@ class EngineInfo:
     max_loras: int
     loaded_adapters: list[str] = field(default_factory=list)
     merged_adapter: str | None = None  # folded into the weights (embedded engine, one adapter in use)
+    # How adapters are served: "merged" (folded into the weights while one adapter is alone in use, else
+    # multi-LoRA) or "multi-lora" (always); `adapter_serving_reason` says why merging is off where the
+    # settings asked for it (`engine.adapter_serving = auto`) and this machine cannot do it.
+    adapter_serving: str = "multi-lora"
+    adapter_serving_reason: str | None = None
 
 
 @runtime_checkable

@@ -104,6 +104,7 @@ class EmbeddedEngine:
         self._switch_task: asyncio.Task[None] | None = None
         self._broken: str | None = None
         self._unmergeable: set[str] = set()
+        self._merge_unavailable: str | None = None  # why this machine cannot merge (checked at start)
 
     async def start(self) -> None:
         if self._llm is not None:
@@ -156,7 +157,27 @@ class EmbeddedEngine:
         # The first generation compiles kernels (about 20 s on CPU); do it now so that "started" means
         # the first developer request is served at full speed.
         await self.generate([self._tokenizer.encode("def")[0]], max_tokens=2, temperature=0.0)
+        if self._merge_enabled:
+            await self._check_merging()
         log.info("embedded engine ready in %.1f s (%s)", time.monotonic() - started, self._model_path)
+
+    async def _check_merging(self) -> None:
+        """Find out before the first request whether this machine's kernels let adapters be merged.
+
+        Where they do not, merging is off for good (one warning, and `info()` says why): every adapter is
+        served through multi-LoRA, whose isolation does not depend on the weights at all.
+        """
+        try:
+            answers = await self._llm.collective_rpc("heedful_merge_check")
+            reason = next((a for a in answers if a), None)
+        except Exception as exc:
+            reason = f"the merge check failed in vLLM's worker: {exc}"
+        if reason is None:
+            log.info("merged adapter serving is available: a developer alone on this engine runs at base speed")
+            return
+        self._merge_enabled = False
+        self._merge_unavailable = str(reason)
+        log.warning("merged adapter serving is off on this machine; adapters are served through multi-LoRA: %s", reason)
 
     def _require(self) -> Any:
         if self._llm is None or self._closed:
@@ -454,6 +475,8 @@ class EmbeddedEngine:
             max_loras=self._settings.engine.max_loras,
             loaded_adapters=sorted(self._adapters),
             merged_adapter=self.merged_adapter,
+            adapter_serving="merged" if self._merge_enabled else "multi-lora",
+            adapter_serving_reason=self._merge_unavailable,
         )
 
     async def close(self) -> None:

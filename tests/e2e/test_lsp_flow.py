@@ -58,6 +58,7 @@ async def test_completion_and_every_kind_of_feedback_reach_the_store(flavour: st
     async with running_client(flavour, lsp_setup.config, lsp_setup.log, options) as client:
         ready = await client.wait_status("ready")
         assert ready["developerId"] == f"dev-{flavour}" and ready["engine"] == "remote"
+        assert ready["adapterServing"] == "multi-lora"  # a remote vLLM server names the adapter per request
         caps = client.capabilities
         assert caps is not None and caps.inline_completion_provider is not None
         assert caps.completion_provider is not None and caps.execute_command_provider is not None
@@ -217,6 +218,9 @@ async def test_the_default_embedded_engine_reports_loading_then_serves(tmp_path:
         ready = await client.wait_status("ready", timeout=600)
         assert client.statuses[0]["state"] == "loading"
         assert ready["engine"] == "embedded"
+        # Both kinds of x86 CPU can merge (AMX-packed weights, oneDNN handlers): a developer alone is
+        # served from merged weights, and nothing says otherwise.
+        assert ready["adapterServing"] == "merged" and ready["adapterServingReason"] is None, ready
         uri = "file:///work/embedded.py"
         client.open(uri, "def square(x):\n    ")
         item = await serve_item(client, uri, 1, 4)

@@ -69,6 +69,15 @@ async def _settle(engine: EmbeddedEngine) -> None:
     await asyncio.sleep(WINDOW_S * 1.5)
 
 
+async def test_this_machine_can_merge_before_any_adapter_is_requested(embedded_engine: EmbeddedEngine) -> None:
+    """The engine checked every LoRA-capable projection at start: on an AMX CPU (packed tensors) and on a CPU
+    without AMX (oneDNN handlers) alike, each one can be rewritten, so merging is on."""
+    info = embedded_engine.info()
+    assert (info.adapter_serving, info.adapter_serving_reason) == ("merged", None)
+    answers = await embedded_engine._llm.collective_rpc("heedful_merge_check")
+    assert answers == [None]
+
+
 async def test_merged_serves_what_multi_lora_serves(
     embedded_engine: EmbeddedEngine, merge_adapters: dict[str, Path], short_window: float
 ) -> None:
