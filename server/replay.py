@@ -12,10 +12,13 @@ The replayer plays the client's side of a recording (`server.recording`) to a ne
 
 Answers are compared exactly for deterministic methods, and structurally for completions: the shape of
 the answer, its ranges and commands must match; the suggested text may differ. Fields that vary between
-runs of the same build (event ids, the model's path in `heedful/status`, the server version) are left out.
+runs of the same build (event ids, the model's path and how adapters are served in `heedful/status`, the
+server version) are left out.
 Log and progress notifications are not compared, nor is the transient `loading` status. A replay is a
 session of its own (its sessionId gets a suffix); when the recording ends with the events the session
-stored, the replayed session's stored events are compared with them (kinds, which completion, corrections).
+stored, the replayed session's stored events are compared with them (kinds, which completion,
+corrections); an inferred event of a completion whose text differed from the recording's is left out,
+since it follows from that text.
 
 This module drives a server and judges it; it never changes a recording.
 """
@@ -45,7 +48,8 @@ LEARNED_ID_KEYS = frozenset({"completionId"})
 VOLATILE_KEYS: dict[str | None, frozenset[str]] = {
     None: frozenset({"eventId"}),
     "initialize": frozenset({"version"}),
-    "heedful/status": frozenset({"model", "engine", "sessionId"}),
+    # adapterServing depends on the machine's CPU kernels (merged or multi-LoRA), not on the build.
+    "heedful/status": frozenset({"model", "engine", "sessionId", "adapterServing", "adapterServingReason"}),
 }
 IGNORED_NOTIFICATIONS = frozenset({"window/logMessage", "$/logTrace", "$/progress", "telemetry/event"})
 
@@ -157,11 +161,13 @@ def diff_values(recorded: Any, live: Any, *, structural: bool, volatile: frozens
         if isinstance(rec, dict) and isinstance(got, dict):
             for key in sorted(set(rec) | set(got)):
                 sub = f"{where}.{key}" if where else key
+                if key in volatile:  # neither its value nor whether it is there says anything
+                    continue
                 if key not in got:
                     out.append(f"{sub}: recorded {_show(rec[key])}, missing in the replay")
                 elif key not in rec:
                     out.append(f"{sub}: not recorded, replayed {_show(got[key])}")
-                elif not (key in volatile or _free_text(key, rec[key], got[key], structural)):
+                elif not _free_text(key, rec[key], got[key], structural):
                     walk(rec[key], got[key], sub)
             return
         if isinstance(rec, list) and isinstance(got, list):
@@ -192,6 +198,23 @@ def learn_ids(recorded: Any, live: Any, into: dict[str, str]) -> None:
     elif isinstance(recorded, list) and isinstance(live, list):
         for r, g in zip(recorded, live, strict=False):
             learn_ids(r, g, into)
+
+
+def completion_ids(value: Any) -> set[str]:
+    """Every completionId in a (live) answer."""
+    if isinstance(value, dict):
+        found = {v for k, v in value.items() if k in LEARNED_ID_KEYS and isinstance(v, str)}
+        for v in value.values():
+            found |= completion_ids(v)
+        return found
+    if isinstance(value, list):
+        return set().union(*(completion_ids(v) for v in value)) if value else set()
+    return set()
+
+
+def model_dependent_event(event: dict[str, Any], diverged: frozenset[int]) -> bool:
+    """An inferred event of a completion whose suggested text differed from the recording's."""
+    return bool(event.get("inferred")) and event.get("completion") in diverged
 
 
 def substitute(value: Any, ids: dict[str, str]) -> Any:
@@ -389,6 +412,8 @@ class Replayer:
         self._request_ids: dict[str, tuple[Any, str]] = {}  # recorded client request id -> (live id, method)
         self._server_request_ids: dict[str, Any] = {}  # recorded server request id -> live id
         self._ids: dict[str, str] = {}  # recorded completionId -> live
+        # Live completionIds whose suggested text differs from the recording's (a structural match).
+        self.diverged_completions: set[str] = set()
         self._taken_notifications: set[int] = set()
         self._taken_requests: set[int] = set()
         self._taken_null = 0
@@ -421,12 +446,24 @@ class Replayer:
                     return session
         return None
 
-    def compare_events(self, live: list[dict[str, Any]]) -> None:
-        """Compare the events the live session stored with the recording's store line."""
+    def compare_events(self, live: list[dict[str, Any]], diverged: frozenset[int] = frozenset()) -> None:
+        """Compare the events the live session stored with the recording's store line.
+
+        `diverged`: the places (0, 1, ...) of the session's completions whose suggested text differed
+        from the recording's. Their inferred events are left out on both sides: an inferred reject
+        follows from what the developer typed departing from what the model suggested, so it depends
+        on the model's exact text (a greedy tie-break can go the other way on another CPU), just as the
+        text itself does. Everything else the session stored is compared exactly.
+        """
         entry = self.stored_events
         assert entry is not None and entry.events is not None
-        expected = collections.Counter(json.dumps(e, sort_keys=True) for e in entry.events)
-        got = collections.Counter(json.dumps(e, sort_keys=True) for e in live)
+
+        def kept(events: list[dict[str, Any]]) -> collections.Counter[str]:
+            return collections.Counter(
+                json.dumps(e, sort_keys=True) for e in events if not model_dependent_event(e, diverged)
+            )
+
+        expected, got = kept(entry.events), kept(live)
         failures = [f"stored in the recording, not in the replay: {e}" for e in sorted((expected - got).elements())]
         failures += [f"stored in the replay, not in the recording: {e}" for e in sorted((got - expected).elements())]
         self.checks.append(Check(entry.line, "events the session stored", failures))
@@ -504,6 +541,8 @@ class Replayer:
         learn_ids(recorded, got, self._ids)
         expected = substitute({k: v for k, v in recorded.items() if k != "id"}, self._ids)
         failures = diff_values(expected, got, structural=method in STRUCTURAL_METHODS, volatile=_volatile(method))
+        if method in STRUCTURAL_METHODS and diff_values(expected, got, structural=False, volatile=_volatile(method)):
+            self.diverged_completions.update(completion_ids(got))
         self._check(entry, name, started, failures)
 
     def _next_null_response(self) -> dict[str, Any] | None:
@@ -597,17 +636,19 @@ async def replay(
         status = await server.stop(grace=30.0 if replayer.sent_exit else 0.0)
     if store is not None and replayer.stored_events is not None:
         session = replayer.live_session_id
-        live = await _stored_events(store, session) if session is not None else []
-        replayer.compare_events(live)
+        live, order = await _stored_events(store, session) if session is not None else ([], [])
+        diverged = frozenset(i for i, cid in enumerate(order) if cid in replayer.diverged_completions)
+        replayer.compare_events(live, diverged)
     return ReplayResult(recording, replayer.checks, time.monotonic() - started, status, list(server.stderr_tail))
 
 
-async def _stored_events(settings: Settings, session_id: str) -> list[dict[str, Any]]:
+async def _stored_events(settings: Settings, session_id: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The session's stored events, and its completion ids in the order the events number them."""
     from storage.store import RolloutStore
 
     store = await RolloutStore.open(settings)
     try:
-        return await store.session_events(session_id)
+        return await store.session_events(session_id), await store.session_completion_ids(session_id)
     finally:
         await store.close()
 

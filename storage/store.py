@@ -430,6 +430,11 @@ class RolloutStore:
         ]
         return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
 
+    async def session_completion_ids(self, session_id: str) -> list[str]:
+        """The ids of a session's completions in the order `session_events` numbers them (0, 1, ...)."""
+        async with self.unit() as s:
+            return [c.id for c in await CompletionRepository(s).for_session(session_id)]
+
     async def audit_log(self, since: datetime | None = None) -> list[dict[str, Any]]:
         """The audit log (training, publishing, purges, retention), oldest first."""
         async with self.unit() as s:

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from server.recording import FrameParser, Recorder, redact_value
-from server.replay import RecordingError, diff_values, learn_ids, load_recording, substitute
+from server.replay import (
+    Entry,
+    RecordingError,
+    Replayer,
+    completion_ids,
+    diff_values,
+    learn_ids,
+    load_recording,
+    substitute,
+)
 from storage.redaction import Redactor
 
 ITEM = {
@@ -48,6 +57,50 @@ def test_shape_differences_are_named() -> None:
         "a: recorded true, replayed 1"
     ]
     assert diff_values({"eventId": 3}, {"eventId": 9}, structural=False, volatile=frozenset({"eventId"})) == []
+
+
+def test_volatile_keys_are_not_compared_even_when_one_side_lacks_them() -> None:
+    volatile = frozenset({"adapterServing"})
+    recorded = {"state": "ready", "arm": "rl"}
+    live = {"state": "ready", "arm": "rl", "adapterServing": "merged"}
+    assert diff_values(recorded, live, structural=False, volatile=volatile) == []
+    assert diff_values(live, recorded, structural=False, volatile=volatile) == []
+    assert diff_values(recorded, live, structural=False, volatile=frozenset()) == [
+        'adapterServing: not recorded, replayed "merged"'
+    ]
+
+
+def test_completion_ids_are_found_anywhere_in_an_answer() -> None:
+    other = dict(ITEM, command={"command": "x", "arguments": [{"completionId": "c-2"}]})
+    assert completion_ids({"items": [ITEM, other]}) == {"c-1", "c-2"}
+    assert completion_ids({"items": []}) == set() and completion_ids(None) == set()
+
+
+def _event(kind: str, completion: int, inferred: bool = False) -> dict[str, object]:
+    return {"kind": kind, "completion": completion, "inferred": inferred, "delay_s": None, "text": None}
+
+
+def test_inferred_events_count_only_for_completions_whose_text_matched() -> None:
+    recorded = [_event("partial_accept", 0), _event("shown", 1)]
+    live = [_event("partial_accept", 0), _event("rejected", 0, inferred=True), _event("shown", 1)]
+    replayer = Replayer([], None, speed=None, timeout=1.0)  # type: ignore[arg-type]  # compares, drives nothing
+    replayer.stored_events = Entry(line=9, t=0.0, direction="store", message=None, events=recorded)
+    # Completion 0's text differed: the inferred reject follows from it and is left out on both sides.
+    replayer.compare_events(live, frozenset({0}))
+    # Completion 0's text matched: the same reject is a difference.
+    replayer.compare_events(live, frozenset({1}))
+    # A non-inferred event of a diverged completion still counts.
+    replayer.compare_events([_event("shown", 1)], frozenset({0}))
+    first, second, third = replayer.checks
+    assert first.ok
+    assert second.failures == [
+        "stored in the replay, not in the recording: "
+        '{"completion": 0, "delay_s": null, "inferred": true, "kind": "rejected", "text": null}'
+    ]
+    assert third.failures == [
+        "stored in the recording, not in the replay: "
+        '{"completion": 0, "delay_s": null, "inferred": false, "kind": "partial_accept", "text": null}'
+    ]
 
 
 def test_ids_the_server_invented_are_learned_and_substituted() -> None:
