@@ -4,7 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint typecheck pytest demo bench readme clean
+.PHONY: cpu setup test lint typecheck pytest demo bench readme clean
+
+# The CPU decides which vLLM kernels run (AMX-packed weights or oneDNN), so a test log says where it ran.
+cpu:
+	@echo "make: on $$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $$(nproc) cores," \
+		"$$(grep -qw amx_tile /proc/cpuinfo && echo 'AMX' || echo 'no AMX')," \
+		"$$(grep -qw avx512_bf16 /proc/cpuinfo && echo 'AVX-512 BF16' || echo 'no AVX-512 BF16')"
 
 setup:
 	@bash scripts/setup.sh
@@ -15,10 +21,10 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-pytest: setup
+pytest: cpu setup
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test: setup
+test: cpu setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
