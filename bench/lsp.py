@@ -329,6 +329,19 @@ async def wait_or_exit(proc: asyncio.subprocess.Process, what: Awaitable[Any], l
                     await t
 
 
+async def close_stdio_server(
+    client: BenchClient, proc: asyncio.subprocess.Process, drainer: asyncio.Task[None]
+) -> None:
+    """End a stdio session as an editor does, wait for the server to exit (killed after 60 s), drain its log."""
+    await client.close()
+    try:
+        await asyncio.wait_for(proc.wait(), 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+    await drainer
+
+
 async def timed_session(client: BenchClient, requests: list[Request]) -> list[tuple[Request, float, bool]]:
     out = []
     for r in requests:
@@ -369,13 +382,7 @@ async def run_lsp_stdio(
         await timed_session(client, warmup)
         results = await timed_session(client, measured)
     finally:
-        await client.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 60)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-        await drainer
+        await close_stdio_server(client, proc, drainer)
     result = collect(results, db)
     result.engine_start_s = engine_start
     return result

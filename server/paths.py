@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_MODEL_DIRNAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_DIRNAME = "Qwen2.5-Coder-0.5B-Instruct"  # the default of `server.model_prep.MODELS`
 
 
 def data_dir() -> Path:
@@ -29,9 +29,14 @@ def cache_dir() -> Path:
     return Path(xdg).expanduser() / "heedful"
 
 
+def model_dir(title: str) -> Path:
+    """Where `heedful model prepare` puts a model it knows (safetensors), by the model's own name."""
+    return data_dir() / "models" / title
+
+
 def default_model_dir() -> Path:
-    """Where `heedful model prepare` puts the default model (SmolLM2-135M-Instruct, safetensors)."""
-    return data_dir() / "models" / DEFAULT_MODEL_DIRNAME
+    """Where `heedful model prepare` puts the default model (Qwen2.5-Coder-0.5B-Instruct, safetensors)."""
+    return model_dir(DEFAULT_MODEL_DIRNAME)
 
 
 def config_path() -> Path | None:

@@ -69,7 +69,7 @@ class ModelSettings:
     path: str = setting(
         "",
         "Hugging Face model folder (config.json, tokenizer, safetensors). Empty: the default model that "
-        "`heedful model prepare` puts in the data dir (SmolLM2-135M-Instruct).",
+        "`heedful model prepare` puts in the data dir (Qwen2.5-Coder-0.5B-Instruct).",
     )
     name: str = setting(
         "",

@@ -1,5 +1,6 @@
-"""Shared fixtures: the prepared default model, one embedded engine per test session, a Hugging Face
-reference model on the same weights, and LoRA adapters saved by peft."""
+"""Shared fixtures: the prepared models (the small one most tests run on, and the default), one embedded
+engine per test session on the small model, a Hugging Face reference model on the same weights, and LoRA
+adapters saved by peft."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from server import paths
 from server.engine.embedded import EmbeddedEngine
 from server.engine.remote import RemoteEngine, vllm_serve_command
-from server.model_prep import ModelError, verify_model
+from server.model_prep import DEFAULT_MODEL, ModelError, known_model, verify_model
 from server.settings import Settings
 from tests.pgserver import PostgresUnavailable, create_database, temporary_postgres
 from tests.procs import free_port, wait_until_serving
@@ -22,21 +23,36 @@ from tests.procs import free_port, wait_until_serving
 # Keep torch in the test process from fighting the engine for the two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+SMALL_MODEL = "smollm2-135m"
 
-@pytest.fixture(scope="session")
-def default_model() -> Path:
-    path = paths.default_model_dir()
+
+def prepared(name: str) -> Path:
+    """The folder of a model `make setup` prepares (`heedful model prepare --model NAME`), verified."""
+    path = paths.model_dir(known_model(name).title)
     try:
         verify_model(path, checksums=False)
     except ModelError as exc:
-        pytest.fail(f"the default model is not prepared ({exc}); `make test` prepares it via `make setup`")
+        pytest.fail(f"model {name} is not prepared ({exc}); `make test` prepares it via `make setup`")
     return path
 
 
 @pytest.fixture(scope="session")
-def engine_settings(default_model: Path) -> Settings:
+def small_model() -> Path:
+    """SmolLM2-135M-Instruct: the tests about mechanics (engine, store, trainer, protocol) run on it, so
+    the suite fits its time budget. What a developer meets is tested on `default_model`."""
+    return prepared(SMALL_MODEL)
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """The model Heedful serves by default (Qwen2.5-Coder-0.5B-Instruct)."""
+    return prepared(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def engine_settings(small_model: Path) -> Settings:
     s = Settings()
-    s.model.path = str(default_model)
+    s.model.path = str(small_model)
     s.engine.kv_cache_gib = 1
     return s
 
@@ -51,11 +67,11 @@ async def embedded_engine(engine_settings: Settings) -> AsyncIterator[EmbeddedEn
 
 @pytest.fixture(scope="session")
 def vllm_server(engine_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One real `vllm serve --enable-lora` on the default model for the whole session: its base URL.
+    """One real `vllm serve --enable-lora` on the small model for the whole session: its base URL.
 
     The remote-engine tests use it directly; the language-server tests point every `heedful serve`
     subprocess at it (engine.mode = "remote"), so the engine starts once, not once per server. A developer
-    iterating on tests can point HEEDFUL_TEST_VLLM_URL at a `vllm serve` of the default model they keep
+    iterating on tests can point HEEDFUL_TEST_VLLM_URL at a `vllm serve` of the small model they keep
     running.
     """
     if os.environ.get("HEEDFUL_TEST_VLLM_URL"):
@@ -106,11 +122,11 @@ async def remote_engine(vllm_server: str, engine_settings: Settings) -> AsyncIte
 
 
 @pytest.fixture(scope="session")
-def hf_model(default_model: Path) -> Any:
+def hf_model(small_model: Path) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(default_model), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(small_model), dtype=torch.float32)
     model.eval()
     return model
 
@@ -146,11 +162,11 @@ def make_lora_adapter(
 
 
 @pytest.fixture(scope="session")
-def lora_adapters(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+def lora_adapters(small_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     root = tmp_path_factory.mktemp("adapters")
     yield (
-        make_lora_adapter(default_model, root / "adapter-a", seed=1),
-        make_lora_adapter(default_model, root / "adapter-b", seed=2),
+        make_lora_adapter(small_model, root / "adapter-a", seed=1),
+        make_lora_adapter(small_model, root / "adapter-b", seed=2),
     )
 
 

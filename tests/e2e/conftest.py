@@ -66,8 +66,8 @@ url = "sqlite+aiosqlite:///{db}"
 
 
 @pytest.fixture
-def lsp_setup(tmp_path: Path, default_model: Path, vllm_server: str) -> Iterator[ServerSetup]:
-    setup = write_config(tmp_path, default_model, vllm_server)
+def lsp_setup(tmp_path: Path, small_model: Path, vllm_server: str) -> Iterator[ServerSetup]:
+    setup = write_config(tmp_path, small_model, vllm_server)
     yield setup
     if setup.log.exists():
         # Shown by pytest only when the test failed: the server's own account of what happened.

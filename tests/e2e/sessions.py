@@ -6,7 +6,7 @@ client's accept flow (`tests/e2e/node/accept_flow.mjs`), made with
 
     HEEDFUL_TEST_VLLM_URL=http://127.0.0.1:8000 python -m tests.e2e.sessions tests/sessions
 
-against a `vllm serve` of the default model, and `make test` replays every file there.
+against a `vllm serve` of the small model, and `make test` replays every file there.
 """
 
 from __future__ import annotations
@@ -131,23 +131,23 @@ NODE_SESSION = "node-vscode-languageserver-protocol-accept"
 
 
 async def _record_library(target: Path) -> None:
-    from server import paths
+    from tests.conftest import SMALL_MODEL, prepared
     from tests.e2e.conftest import write_config
     from tests.e2e.test_node_client import run_node_client
 
     url = os.environ.get("HEEDFUL_TEST_VLLM_URL")
     if not url:
-        sys.exit("set HEEDFUL_TEST_VLLM_URL to a `vllm serve` of the default model")
+        sys.exit("set HEEDFUL_TEST_VLLM_URL to a `vllm serve` of the small model")
     target.mkdir(parents=True, exist_ok=True)
     for name in SESSIONS:
         with tempfile.TemporaryDirectory() as tmp:
-            setup = write_config(Path(tmp), paths.default_model_dir(), url)
+            setup = write_config(Path(tmp), prepared(SMALL_MODEL), url)
             await record_session(name, setup.config, setup.log, target / f"{name}.jsonl")
         print(f"recorded {target / f'{name}.jsonl'}")
     # The Node client (the libraries VS Code's language client is built on) plays its accept flow.
     out = target / f"{NODE_SESSION}.jsonl"
     with tempfile.TemporaryDirectory() as tmp:
-        setup = write_config(Path(tmp), paths.default_model_dir(), url)
+        setup = write_config(Path(tmp), prepared(SMALL_MODEL), url)
         run_node_client(setup, ("--record", str(out)))
     print(f"recorded {out}")
 

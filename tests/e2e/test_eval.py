@@ -26,10 +26,10 @@ def rows(db: Path, sql: str, *params: object) -> list[sqlite3.Row]:
         return list(conn.execute(sql, params))
 
 
-def test_a_short_eval_scores_what_the_server_served(tmp_path: Path, default_model: Path, vllm_server: str) -> None:
+def test_a_short_eval_scores_what_the_server_served(tmp_path: Path, small_model: Path, vllm_server: str) -> None:
     config = tmp_path / "heedful.toml"
     config.write_text(
-        f'[model]\npath = "{default_model}"\n\n[engine]\nmode = "remote"\nurl = "{vllm_server}"\n\n'
+        f'[model]\npath = "{small_model}"\n\n[engine]\nmode = "remote"\nurl = "{vllm_server}"\n\n'
         "[completion]\nmax_tokens = 24\n\n[training]\nthreads = 2\nnice = 0\nbatch_size = 4\n"
     )
     out = tmp_path / "eval"

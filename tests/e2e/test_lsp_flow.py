@@ -193,8 +193,8 @@ async def test_configuration_changes_apply_and_bad_values_are_reported(lsp_setup
     assert 1 <= len(json.loads(cand["token_ids"])) <= 3
 
 
-async def test_a_failing_engine_is_reported_and_answers_nothing(tmp_path: Any, default_model: Any) -> None:
-    setup = write_config(tmp_path, default_model, f"http://127.0.0.1:{free_port()}", "")
+async def test_a_failing_engine_is_reported_and_answers_nothing(tmp_path: Any, small_model: Any) -> None:
+    setup = write_config(tmp_path, small_model, f"http://127.0.0.1:{free_port()}", "")
     setup.config.write_text(setup.config.read_text().replace("request_timeout_s = 120", "startup_timeout_s = 2"))
     async with running_client("vscode", setup.config, setup.log, {"developerId": "dev-down"}) as client:
         failing = await client.wait_status("failing", timeout=120)
@@ -207,11 +207,11 @@ async def test_a_failing_engine_is_reported_and_answers_nothing(tmp_path: Any, d
         assert answer["recorded"] is True and answer["completionId"] is None
 
 
-async def test_the_default_embedded_engine_reports_loading_then_serves(tmp_path: Any, default_model: Any) -> None:
+async def test_the_default_embedded_engine_reports_loading_then_serves(tmp_path: Any, small_model: Any) -> None:
     config = tmp_path / "heedful.toml"
     db = tmp_path / "h.db"
     config.write_text(
-        f'[model]\npath = "{default_model}"\n\n[engine]\nkv_cache_gib = 1\n\n'
+        f'[model]\npath = "{small_model}"\n\n[engine]\nkv_cache_gib = 1\n\n'
         f'[completion]\ntimeout_ms = 120000\ntemperature = 0.0\n\n[database]\nurl = "sqlite+aiosqlite:///{db}"\n'
     )
     async with running_client("neovim", config, tmp_path / "server.log", {"developerId": "dev-embedded"}) as client:

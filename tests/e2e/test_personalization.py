@@ -94,10 +94,10 @@ async def wait_adapter(client: HeedfulClient, version: str | None, timeout: floa
 
 
 async def test_feedback_trains_an_adapter_that_serves_its_developer_only(
-    tmp_path: Path, default_model: Path, vllm_server: str
+    tmp_path: Path, small_model: Path, vllm_server: str
 ) -> None:
     adapters = tmp_path / "adapters"
-    setup = write_config(tmp_path, default_model, vllm_server, TRAINING)
+    setup = write_config(tmp_path, small_model, vllm_server, TRAINING)
     hinter = {"developerId": "hinter", "sessionId": "hinter-1", "team": "alpha"}
     async with running_client("vscode", setup.config, setup.log, hinter) as client:
         await client.wait_status("ready")
@@ -161,9 +161,9 @@ async def test_feedback_trains_an_adapter_that_serves_its_developer_only(
 
 
 async def test_the_baseline_arm_puts_the_developers_corrections_into_the_prompt(
-    tmp_path: Path, default_model: Path, vllm_server: str
+    tmp_path: Path, small_model: Path, vllm_server: str
 ) -> None:
-    setup = write_config(tmp_path, default_model, vllm_server, '[experiment]\narms = ["baseline"]\n')
+    setup = write_config(tmp_path, small_model, vllm_server, '[experiment]\narms = ["baseline"]\n')
     options = {"developerId": "corrector", "sessionId": "corrector-1", "team": "alpha"}
     async with running_client("vscode", setup.config, setup.log, options) as client:
         ready = await client.wait_status("ready")

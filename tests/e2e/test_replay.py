@@ -31,19 +31,19 @@ def lines_of(path: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-async def recording(tmp_path_factory: pytest.TempPathFactory, default_model: Path, vllm_server: str) -> Path:
+async def recording(tmp_path_factory: pytest.TempPathFactory, small_model: Path, vllm_server: str) -> Path:
     """The VS Code editing session, recorded once by `heedful serve --record`."""
     tmp = tmp_path_factory.mktemp("recorded")
-    setup = write_config(tmp, default_model, vllm_server)
+    setup = write_config(tmp, small_model, vllm_server)
     out = tmp / "session.jsonl"
     await record_session("vscode-accept-reject-correct", setup.config, setup.log, out)
     return out
 
 
 @pytest.fixture
-def replay_config(tmp_path: Path, default_model: Path, vllm_server: str) -> Path:
+def replay_config(tmp_path: Path, small_model: Path, vllm_server: str) -> Path:
     """Settings for a replayed server: the same engine, an empty store of its own."""
-    return write_config(tmp_path, default_model, vllm_server).config
+    return write_config(tmp_path, small_model, vllm_server).config
 
 
 def test_serve_record_writes_every_message_both_ways_with_secrets_redacted(recording: Path) -> None:
@@ -158,8 +158,8 @@ def test_truncated_and_corrupt_recordings_are_refused_with_their_line(
     assert result.returncode == 2 and f"{headless}:1: not a Heedful recording" in result.stderr
 
 
-async def test_the_record_proxy_records_a_server_it_runs(tmp_path: Path, default_model: Path, vllm_server: str) -> None:
-    setup = write_config(tmp_path, default_model, vllm_server, extra='\n[privacy]\nredact_patterns = ["total"]\n')
+async def test_the_record_proxy_records_a_server_it_runs(tmp_path: Path, small_model: Path, vllm_server: str) -> None:
+    setup = write_config(tmp_path, small_model, vllm_server, extra='\n[privacy]\nredact_patterns = ["total"]\n')
     out = tmp_path / "proxied.jsonl"
     server = [sys.executable, "-m", "server.cli", "--config", str(setup.config), "serve"]
     session = SESSIONS["vim-completion-items"]

@@ -27,8 +27,8 @@ def test_the_library_holds_a_recording_of_every_scripted_session() -> None:
 
 
 @pytest.mark.parametrize("recording", RECORDINGS, ids=[p.stem for p in RECORDINGS])
-def test_recorded_session_replays(recording: Path, tmp_path: Path, default_model: Path, vllm_server: str) -> None:
-    config = write_config(tmp_path, default_model, vllm_server).config
+def test_recorded_session_replays(recording: Path, tmp_path: Path, small_model: Path, vllm_server: str) -> None:
+    config = write_config(tmp_path, small_model, vllm_server).config
     result = run_heedful(config, "replay", str(recording), "--no-timing")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok: " in result.stdout

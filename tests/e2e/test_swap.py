@@ -47,11 +47,11 @@ async def keep_requesting(client: HeedfulClient, uri: str, stop: asyncio.Event, 
 
 
 async def test_swaps_under_load_fail_no_request_and_mix_no_versions(
-    tmp_path: Path, default_model: Path, vllm_server: str
+    tmp_path: Path, small_model: Path, vllm_server: str
 ) -> None:
-    setup = write_config(tmp_path, default_model, vllm_server)
+    setup = write_config(tmp_path, small_model, vllm_server)
     adapters_root = tmp_path / "adapters"
-    sources = [make_lora_adapter(default_model, tmp_path / f"lora-{i}", seed=10 + i, b_std=0.02) for i in range(3)]
+    sources = [make_lora_adapter(small_model, tmp_path / f"lora-{i}", seed=10 + i, b_std=0.02) for i in range(3)]
     settings = Settings()
     settings.database.url = f"sqlite+aiosqlite:///{setup.db}"
     requests: list[dict[str, Any]] = []

@@ -28,11 +28,9 @@ TOKEN = "team-secret-7f3a9c"
 
 
 @pytest.fixture
-async def network_server(
-    tmp_path: Path, default_model: Path, vllm_server: str
-) -> AsyncIterator[tuple[ServerSetup, int]]:
+async def network_server(tmp_path: Path, small_model: Path, vllm_server: str) -> AsyncIterator[tuple[ServerSetup, int]]:
     """`heedful serve --tcp --host 0.0.0.0 --port 0` with server.tcp_token set; (setup, port)."""
-    setup = write_config(tmp_path, default_model, vllm_server, extra=f'\n[server]\ntcp_token = "{TOKEN}"\n')
+    setup = write_config(tmp_path, small_model, vllm_server, extra=f'\n[server]\ntcp_token = "{TOKEN}"\n')
     with setup.log.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "server.cli", "--config", str(setup.config),

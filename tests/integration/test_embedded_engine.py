@@ -1,4 +1,4 @@
-"""The embedded vLLM engine on the real default model: completions, candidate groups with log-probs that
+"""The embedded vLLM engine on the real small model: completions, candidate groups with log-probs that
 match a Hugging Face forward pass, LoRA adapters (one changes the output, two serve at once), errors."""
 
 from __future__ import annotations
@@ -230,11 +230,11 @@ def test_cpu_bind_spec() -> None:
 
 
 async def test_base_requests_stay_base_when_every_lora_slot_is_taken(
-    embedded_engine: EmbeddedEngine, engine_settings: Settings, default_model: Path, tmp_path: Path, hf_model: Any
+    embedded_engine: EmbeddedEngine, engine_settings: Settings, small_model: Path, tmp_path: Path, hf_model: Any
 ) -> None:
     n = engine_settings.engine.max_loras
     refs = [
-        AdapterRef(f"slot-{i}", 100 + i, make_lora_adapter(default_model, tmp_path / f"slot-{i}", seed=40 + i))
+        AdapterRef(f"slot-{i}", 100 + i, make_lora_adapter(small_model, tmp_path / f"slot-{i}", seed=40 + i))
         for i in range(n)
     ]
     await assert_base_unaffected_by_full_lora_slots(embedded_engine, refs, hf_model)

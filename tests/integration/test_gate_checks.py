@@ -22,15 +22,15 @@ from server.settings import Settings
 
 
 @pytest.mark.parametrize("steps", [12, 2], ids=["mid-round", "last-step"])
-def test_a_round_past_the_margin_keeps_the_last_weights_that_passed(default_model: Path, steps: int) -> None:
-    tokenizer = LocalTokenizer(default_model)
+def test_a_round_past_the_margin_keeps_the_last_weights_that_passed(small_model: Path, steps: int) -> None:
+    tokenizer = LocalTokenizer(small_model)
     prompt = tokenizer.encode("import os\n\n\ndef list_files(root):\n    ")
     nonsense = tokenizer.encode("zq zq zq zq zq zq zq zq zq zq zq zq")
     code = tokenizer.encode("return sorted(os.listdir(root))")
     group = Group([Sample(prompt, nonsense, None, 1.0), Sample(prompt, code, None, -1.0)])
     data = TrainingData(rollout_ids=[1], groups=[group])
     settings = Settings()
-    settings.model.path = str(default_model)
+    settings.model.path = str(small_model)
     settings.training = dataclasses.replace(
         settings.training,
         steps_per_round=steps,

@@ -143,7 +143,7 @@ async def test_a_diverged_training_loss_rolls_back(store: RolloutStore) -> None:
 
 
 async def test_kl_above_the_limit_pauses_training_until_an_admin_resumes_it(
-    store: RolloutStore, database_url: str, default_model: Path, tmp_path: Path
+    store: RolloutStore, database_url: str, small_model: Path, tmp_path: Path
 ) -> None:
     await versions(store, active_since=timedelta(minutes=1), kl=7.5)
     acted = await run_guards(store, thresholds())
@@ -157,7 +157,7 @@ async def test_kl_above_the_limit_pauses_training_until_an_admin_resumes_it(
 
     settings = Settings()
     settings.database.url = database_url
-    settings.model.path = str(default_model)
+    settings.model.path = str(small_model)
     (result,) = await run_worker(store, settings, once=True, scope=ALICE, adapters_root=tmp_path, force=True)
     assert result.status == "skipped" and "training is paused for developer:alice" in result.reason
 

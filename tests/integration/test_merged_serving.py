@@ -42,14 +42,14 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def merge_adapters(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+def merge_adapters(small_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     root = tmp_path_factory.mktemp("merge-adapters")
     yield {
         # Attention only (the trainer's default targets: q, k, v stack into one engine projection).
-        "attn": make_lora_adapter(default_model, root / "attn", seed=11, b_std=0.05),
+        "attn": make_lora_adapter(small_model, root / "attn", seed=11, b_std=0.05),
         # Attention and MLP (gate and up stack into one projection; k untouched inside qkv).
         "mlp": make_lora_adapter(
-            default_model,
+            small_model,
             root / "mlp",
             seed=12,
             b_std=0.05,

@@ -1,4 +1,4 @@
-"""The PRM judge on the real default model (SmolLM2-135M-Instruct) and the LLM judge on the real engine.
+"""The PRM judge on the real small model (SmolLM2-135M-Instruct) and the LLM judge on the real engine.
 
 The PRM task is synthetic but real text, shaped like a developer preference: completions of Python
 functions whose signatures carry type hints are labelled +1, the same kind of functions without hints -1.
@@ -84,10 +84,10 @@ def make_dataset(n: int, seed: int) -> list[PRMExample]:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(default_model: Path) -> Any:
+def tokenizer(small_model: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(default_model))
+    return AutoTokenizer.from_pretrained(str(small_model))
 
 
 def test_prm_learns_type_hint_preference_and_round_trips(

@@ -397,7 +397,7 @@ async def test_sigkill_during_publish_keeps_a_servable_adapter(
 # --- the gates' measurements on the real model, through a published adapter --------------------------
 
 
-async def test_published_adapter_loads_in_peft_and_is_measured(root, lora_adapters, default_model, tmp_path) -> None:
+async def test_published_adapter_loads_in_peft_and_is_measured(root, lora_adapters, small_model, tmp_path) -> None:
     # The measurements do not depend on the database: SQLite only.
     import hashlib
 
@@ -418,8 +418,8 @@ async def test_published_adapter_loads_in_peft_and_is_measured(root, lora_adapte
     sha = hashlib.sha256((a / "adapter_model.safetensors").read_bytes()).hexdigest()
     assert read_manifest(result.path)["files"]["adapter_model.safetensors"]["sha256"] == sha
 
-    tokenizer = AutoTokenizer.from_pretrained(str(default_model))
-    base = AutoModelForCausalLM.from_pretrained(str(default_model), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(small_model))
+    base = AutoModelForCausalLM.from_pretrained(str(small_model), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(result.path))
     prompts = ["def add(a, b):\n    return", "import os\n\nfor name in os.listdir("]
     kl = mean_kl(model, tokenizer, prompts)

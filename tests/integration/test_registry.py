@@ -39,9 +39,9 @@ async def store(tmp_path: Path) -> AsyncIterator[RolloutStore]:
 
 
 @pytest.fixture(scope="module")
-def loras(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def loras(small_model: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("registry-loras")
-    return [make_lora_adapter(default_model, root / f"l{i}", seed=20 + i) for i in range(4)]
+    return [make_lora_adapter(small_model, root / f"l{i}", seed=20 + i) for i in range(4)]
 
 
 async def publish(store: RolloutStore, scope: Scope, source: Path, root: Path) -> str:

@@ -1,4 +1,4 @@
-"""The remote engine against a real `vllm serve --enable-lora` subprocess on the default model."""
+"""The remote engine against a real `vllm serve --enable-lora` subprocess on the small model."""
 
 from __future__ import annotations
 
@@ -96,11 +96,11 @@ async def test_unreachable_server_is_reported(engine_settings: Settings) -> None
 
 
 async def test_remote_base_requests_stay_base_when_every_lora_slot_is_taken(
-    remote_engine: RemoteEngine, engine_settings: Settings, default_model: Path, tmp_path: Path, hf_model: Any
+    remote_engine: RemoteEngine, engine_settings: Settings, small_model: Path, tmp_path: Path, hf_model: Any
 ) -> None:
     n = engine_settings.engine.max_loras
     refs = [
-        AdapterRef(f"remote-slot-{i}", 200 + i, make_lora_adapter(default_model, tmp_path / f"s{i}", seed=50 + i))
+        AdapterRef(f"remote-slot-{i}", 200 + i, make_lora_adapter(small_model, tmp_path / f"s{i}", seed=50 + i))
         for i in range(n)
     ]
     await assert_base_unaffected_by_full_lora_slots(remote_engine, refs, hf_model)

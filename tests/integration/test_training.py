@@ -137,18 +137,16 @@ async def count_hinted(engine: EmbeddedEngine, adapter: AdapterRef | None) -> tu
     return greedy, sampled
 
 
-async def test_one_round_teaches_type_hints(
-    embedded_engine: EmbeddedEngine, default_model: Path, tmp_path: Path
-) -> None:
+async def test_one_round_teaches_type_hints(embedded_engine: EmbeddedEngine, small_model: Path, tmp_path: Path) -> None:
     db = tmp_path / "heedful.db"
     adapters = tmp_path / "adapters"
     config = tmp_path / "heedful.toml"
     config.write_text(
-        f'[model]\npath = "{default_model}"\n\n[database]\nurl = "sqlite+aiosqlite:///{db}"\n\n'
+        f'[model]\npath = "{small_model}"\n\n[database]\nurl = "sqlite+aiosqlite:///{db}"\n\n'
         "[training]\nsteps_per_round = 24\nbatch_size = 8\nmin_new_rollouts = 8\nthreads = 2\nnice = 0\n"
     )
     settings = Settings()
-    settings.model.path = str(default_model)
+    settings.model.path = str(small_model)
     settings.database.url = f"sqlite+aiosqlite:///{db}"
     counts = await record_sessions(settings, embedded_engine)
 

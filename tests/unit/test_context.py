@@ -20,7 +20,8 @@ from lsp_handlers.context import (
     comment_header,
     fim_template_for,
 )
-from server.paths import default_model_dir
+from server.model_prep import DEFAULT_MODEL
+from tests.conftest import SMALL_MODEL, prepared
 
 STARCODER = "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
 SANTACODER = "<fim-prefix>{prefix}<fim-suffix>{suffix}<fim-middle>"
@@ -182,17 +183,18 @@ def test_any_other_setting_is_rejected(setting: str) -> None:
     assert "{suffix}" in message
 
 
-@pytest.fixture(scope="module")
-def smollm2_tokenizer() -> Any:
-    folder = default_model_dir()
-    if not (folder / "tokenizer.json").is_file():
-        pytest.skip(f"the default model's tokenizer is not prepared at {folder} (`make setup` prepares it)")
+def tokenizer_of(name: str) -> Any:
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(folder))
+    return transformers.AutoTokenizer.from_pretrained(str(prepared(name)))
 
 
-def test_smollm2_has_no_fim_tokens_so_auto_means_prefix_only(smollm2_tokenizer: Any) -> None:
-    assert fim_template_for("auto", smollm2_tokenizer.get_vocab()) is None
+def test_smollm2_has_no_fim_tokens_so_auto_means_prefix_only() -> None:
+    assert fim_template_for("auto", tokenizer_of(SMALL_MODEL).get_vocab()) is None
+
+
+def test_the_default_code_model_gets_its_own_fim_template() -> None:
+    template = fim_template_for("auto", tokenizer_of(DEFAULT_MODEL).get_vocab())
+    assert template == QWEN
 
 
 # ---------------------------------------------------------------------------------------- build_prompt: prefix
@@ -625,16 +627,19 @@ def test_budget_holds_for_random_documents_cursors_and_budgets(counter: Callable
             assert prompt.text == fill(template, prompt.header + prompt.prefix, prompt.suffix)
 
 
-def test_budget_holds_with_the_smollm2_tokenizer_on_a_real_file(smollm2_tokenizer: Any) -> None:
+@pytest.mark.parametrize(("model", "fim"), [(SMALL_MODEL, STARCODER), (DEFAULT_MODEL, QWEN)])
+def test_budget_holds_with_a_real_tokenizer_on_a_real_file(model: str, fim: str) -> None:
+    tokenizer = tokenizer_of(model)
+
     def count(text: str) -> int:
-        return len(smollm2_tokenizer.encode(text, add_special_tokens=False))
+        return len(tokenizer.encode(text, add_special_tokens=False))
 
     source = SAMPLE.read_text(encoding="utf-8")
     cursors = sorted({0, len(source), *range(0, len(source), 37), source.index('"""Return the n-th')})
     for budget in (1, 4, 16, 64, 200, 1536):
         for cursor in cursors:
             before, after = source[:cursor], source[cursor:]
-            for template in (None, STARCODER):
+            for template in (None, fim):
                 prompt = build_prompt(
                     before,
                     after,

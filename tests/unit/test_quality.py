@@ -1,0 +1,72 @@
+"""bench.quality's pure parts: the scores, and the cases it builds from HumanEval and the standard library."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bench.quality import (
+    blank,
+    edit_similarity,
+    first_line,
+    humaneval_cases,
+    humaneval_problems,
+    levenshtein,
+    passes,
+    stdlib_cases,
+)
+
+
+def test_levenshtein_counts_single_character_edits() -> None:
+    assert levenshtein("", "") == 0
+    assert levenshtein("abc", "") == 3
+    assert levenshtein("kitten", "sitting") == 3  # k->s, e->i, +g
+    assert levenshtein("return x", "return  x") == 1
+    assert levenshtein("flaw", "lawn") == 2
+
+
+def test_edit_similarity_is_one_minus_distance_over_the_longer_line() -> None:
+    assert edit_similarity("  return x\n", "return x") == 1.0
+    assert edit_similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)
+    assert edit_similarity("", "return x") == 0.0
+    assert edit_similarity("", "") == 1.0
+
+
+def test_first_line_drops_the_rest_and_trailing_blanks() -> None:
+    assert first_line("x = 1  \r\ny = 2") == "x = 1"
+    assert first_line("return x") == "return x"
+    assert first_line("") == ""
+
+
+def test_blank_splits_around_a_line_and_keeps_its_indentation() -> None:
+    lines = ["def f():\n", "    x = 1\n", "    return x\n"]
+    assert blank(lines, 1) == ("def f():\n", "    ", "x = 1", "    return x\n")
+
+
+def test_humaneval_cases_blank_one_solution_line_each() -> None:
+    problems = humaneval_problems()
+    assert len(problems) == 164
+    cases = humaneval_cases(1000, random.Random(0))
+    assert len(cases) > 900  # every non-blank line of 164 solutions
+    for case in cases[:50]:
+        line = case.text.splitlines()[case.line]
+        assert line.strip() == "" and len(line) == case.character
+        assert case.text.startswith(case.before) and case.expected
+
+
+def test_the_canonical_line_passes_the_tests_and_a_wrong_one_fails() -> None:
+    (case,) = [c for c in humaneval_cases(2000, random.Random(0)) if c.name == "HumanEval/0:0"]
+    assert case.expected == "for idx, elem in enumerate(numbers):"
+    assert passes(case, case.expected + "\n        pass")
+    assert not passes(case, "for idx, elem in enumerate([]):")
+    assert not passes(case, "")
+
+
+def test_stdlib_cases_are_one_line_statements_inside_function_bodies() -> None:
+    cases = stdlib_cases(40, random.Random(1))
+    assert len(cases) == 40
+    for case in cases:
+        line = case.text.splitlines()[case.line]
+        assert line.strip() == "" and len(line) == case.character
+        assert not case.expected.startswith(("#", '"""', "def ", "class "))
