@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.swap
 	$(BIN)/python -m bench.eval
+	$(BIN)/python -m bench.quality
 
 readme: setup
 	$(BIN)/python scripts/update_readme.py
