@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import functools
 import gzip
 import importlib.util
 import json
@@ -241,19 +242,13 @@ def passes(case: Case, suggestion: str) -> bool:
     return proc.returncode == 0
 
 
-_UNSHARE: list[bool] = []
-
-
+@functools.cache
 def _unshare_works() -> bool:
-    if not _UNSHARE:
-        try:
-            ok = (
-                subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=10, check=False).returncode == 0
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            ok = False
-        _UNSHARE.append(ok)
-    return _UNSHARE[0]
+    """Whether this machine lets a process run in a network namespace of its own (checked once)."""
+    try:
+        return subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=10, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def completion_ids(value: Any) -> set[str]:
             found |= completion_ids(v)
         return found
     if isinstance(value, list):
-        return set().union(*(completion_ids(v) for v in value)) if value else set()
+        return {cid for v in value for cid in completion_ids(v)}
     return set()
 
 
