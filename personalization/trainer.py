@@ -7,13 +7,15 @@ the responses under the policy and the reference, and applies `grpo_tcr_loss` (o
 advantages broadcast over tokens, OPD advantages per token).
 
 Log-probs are computed for response tokens only: the base model's hidden states at those positions
-go through the LM head, so a 49k-word vocabulary is never materialised for the prompt.
+go through the LM head, so the vocabulary (151k words for the default model) is never materialised
+for the prompt. The candidates of a group share one forward pass over their prompt.
 
 What it must not do: read or write the store, judge, or decide when to train (worker.py does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -42,6 +44,9 @@ class Sample:
     old_logprobs: list[float] | None  # pi_old per response token; None: computed under the starting policy
     reward: float = 0.0
     demonstration: bool = False
+    # Per response token: does it depart from what the developer kept there (None: not known, or nothing
+    # departs)? With `training.credit = "edit"` a negative advantage lands on the departing tokens only.
+    departs: list[bool] | None = None
 
 
 @dataclass(slots=True)
@@ -72,6 +77,19 @@ def finalize_groups(groups: Sequence[Group]) -> tuple[list[Group], int]:
         else:
             kept.append(g)
     return kept, masked
+
+
+def token_advantages(advantage: float, departs: Sequence[bool] | None, length: int, credit: str) -> list[float]:
+    """The advantage of each of a response's `length` tokens.
+
+    `sequence` credit broadcasts the sample's advantage over every token. `edit` credit does the same for
+    a non-negative advantage, but puts a negative one only on the tokens that depart from the kept text
+    (`departs`), so the tokens the developer kept are not pushed down with the ones they changed; with no
+    departing token known it falls back to the whole sequence.
+    """
+    if credit == "edit" and advantage < 0 and departs is not None and len(departs) == length and any(departs):
+        return [advantage if d else 0.0 for d in departs]
+    return [advantage] * length
 
 
 def resolve_compute_dtype(name: str) -> torch.dtype:
@@ -120,6 +138,9 @@ class LoraTrainer:
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, 0, settings.schedule_steps)
         self.steps_done = 0
         self.compute_dtype = resolve_compute_dtype(settings.compute_dtype)
+        # The reference (the base with the adapter off) never changes: each sample's log-probs under it are
+        # computed once per trainer, keyed by the sample object (kept alive here so its id is not reused).
+        self._reference: dict[int, tuple[Sample, list[float]]] = {}
 
     # -- log-probs -----------------------------------------------------------------------------------
 
@@ -131,40 +152,69 @@ class LoraTrainer:
         return prompt_ids[-self.max_prompt_tokens :] if self.max_prompt_tokens else prompt_ids
 
     def response_logprobs(self, samples: Sequence[Sample], *, reference: bool = False) -> tuple[Tensor, Tensor]:
-        """Per-token log-probs [B, T] of each sample's response (and the [B, T] mask of real tokens)."""
-        seqs = [self._clip_prompt(s.prompt_ids) + s.response_ids for s in samples]
-        width = max(len(x) for x in seqs)
+        """Per-token log-probs [B, T] of each sample's response (and the [B, T] mask of real tokens).
+
+        Samples that share a prompt (a group's candidates, its demonstration) share its forward pass: the
+        prompt runs once, its key/value cache is repeated for each response, and the responses run on top
+        of it, so a group of G costs one prompt and G responses instead of G prompts. Gradients flow
+        through the shared prompt's cache as they would through G copies of it.
+        """
         t_max = max(len(s.response_ids) for s in samples)
-        pad = 0
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, x in enumerate(seqs):
-            input_ids[i, : len(x)] = torch.tensor(x)
-            attention[i, : len(x)] = 1
-        # Hidden state at position p predicts token p + 1: gather the states before each response token.
-        rows: list[int] = []
-        cols: list[int] = []
-        mask = torch.zeros((len(seqs), t_max), dtype=torch.float32)
-        targets = torch.zeros((len(seqs), t_max), dtype=torch.long)
+        mask = torch.zeros((len(samples), t_max), dtype=torch.float32)
         for i, s in enumerate(samples):
-            start = len(seqs[i]) - len(s.response_ids)
-            for t, tok in enumerate(s.response_ids):
-                rows.append(i)
-                cols.append(start + t - 1)
-                mask[i, t] = 1.0
-                targets[i, t] = tok
-        inner = self.model.get_base_model()
-        with self._autocast():
+            mask[i, : len(s.response_ids)] = 1.0
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for i, s in enumerate(samples):
+            by_prompt.setdefault(tuple(self._clip_prompt(s.prompt_ids)), []).append(i)
+        rows: list[Tensor] = [torch.empty(0)] * len(samples)
+        with contextlib.ExitStack() as stack:
             if reference:
-                with torch.no_grad(), self.model.disable_adapter():
-                    hidden = inner.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-            else:
-                hidden = inner.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-            picked = hidden[torch.tensor(rows), torch.tensor(cols)]  # [N, H]
-            logits = inner.lm_head(picked).float()
-        logp_flat = torch.log_softmax(logits, dim=-1).gather(1, targets[mask.bool()].unsqueeze(1)).squeeze(1)
-        out = torch.zeros((len(seqs), t_max), dtype=torch.float32).masked_scatter(mask.bool(), logp_flat)
+                stack.enter_context(torch.no_grad())
+                stack.enter_context(self.model.disable_adapter())
+            for prompt, members in by_prompt.items():
+                logps = self._shared_prompt_logprobs(list(prompt), [samples[i].response_ids for i in members])
+                for i, row in zip(members, logps, strict=True):
+                    rows[i] = row
+        out = torch.stack([torch.nn.functional.pad(r, (0, t_max - r.shape[0])) for r in rows])
         return out, mask
+
+    def _shared_prompt_logprobs(self, prompt: list[int], responses: Sequence[list[int]]) -> list[Tensor]:
+        """Log-probs of each response's tokens after one prompt, the prompt computed once."""
+        inner = self.model.get_base_model()
+        n, width = len(responses), max(len(r) for r in responses)
+        response_ids = torch.zeros((n, width), dtype=torch.long)
+        response_mask = torch.zeros((n, width), dtype=torch.long)
+        for j, r in enumerate(responses):
+            response_ids[j, : len(r)] = torch.tensor(r)
+            response_mask[j, : len(r)] = 1
+        if not prompt:
+            raise ValueError(
+                "a training sample needs at least one prompt token (its first response token "
+                "is predicted from the prompt's last state); drop samples with an empty prompt"
+            )
+        with self._autocast():
+            head = inner.model(input_ids=torch.tensor([prompt]), use_cache=True)
+            cache = head.past_key_values
+            cache.batch_repeat_interleave(n)
+            attention = torch.cat([torch.ones((n, len(prompt)), dtype=torch.long), response_mask], dim=1)
+            positions = torch.arange(len(prompt), len(prompt) + width).unsqueeze(0).expand(n, -1)
+            hidden = inner.model(
+                input_ids=response_ids,
+                attention_mask=attention,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state
+            first = head.last_hidden_state[0, -1:]  # the prompt's last state predicts each response's first token
+            # State t of a response predicts its token t + 1; one LM-head pass over every response's states.
+            states = torch.cat([torch.cat([first, hidden[j, : len(r) - 1]]) for j, r in enumerate(responses)])
+            logits = inner.lm_head(states).float()
+        targets = torch.tensor([tok for r in responses for tok in r])
+        picked = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+        bounds = [0]
+        for r in responses:
+            bounds.append(bounds[-1] + len(r))
+        return [picked[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
     @torch.no_grad()
     def fill_old_logprobs(self, samples: Sequence[Sample], batch: int = 8) -> int:
@@ -184,6 +234,24 @@ class LoraTrainer:
                 s.old_logprobs = row[m.bool()].tolist()
         self.model.train()
         return len(todo)
+
+    @torch.no_grad()
+    def reference_logprobs(self, samples: Sequence[Sample]) -> Tensor:
+        """Log-probs [B, T] of the samples' responses under the frozen reference, each computed once."""
+        todo = [s for s in samples if self._reference.get(id(s), (None,))[0] is not s]
+        if todo:
+            was_training = self.model.training
+            self.model.eval()  # no dropout: the reference is one fixed distribution
+            logp, mask = self.response_logprobs(todo, reference=True)
+            self.model.train(was_training)
+            for s, row, m in zip(todo, logp, mask, strict=True):
+                self._reference[id(s)] = (s, row[m.bool()].tolist())
+        t_max = max(len(s.response_ids) for s in samples)
+        out = torch.zeros((len(samples), t_max), dtype=torch.float32)
+        for i, s in enumerate(samples):
+            values = self._reference[id(s)][1]
+            out[i, : len(values)] = torch.tensor(values)
+        return out
 
     @torch.no_grad()
     def refresh_old_logprobs(self, samples: Sequence[Sample], batch: int = 8) -> None:
@@ -210,7 +278,7 @@ class LoraTrainer:
         for g in groups:
             for s, a in zip(g.samples, g.advantages, strict=True):
                 samples.append(s)
-                advantages.append([a] * len(s.response_ids))
+                advantages.append(token_advantages(a, s.departs, len(s.response_ids), self.settings.credit))
         for o in opd:
             samples.append(o.sample)
             advantages.append(o.advantages())
@@ -225,7 +293,7 @@ class LoraTrainer:
         for chunk in self.micro_batches(samples):
             sub = [samples[i] for i in chunk]
             logp, mask = self.response_logprobs(sub)
-            ref_logp, _ = self.response_logprobs(sub, reference=True)
+            ref_logp = self.reference_logprobs(sub)
             old = torch.zeros_like(logp)
             adv = torch.zeros_like(logp)
             for row, i in enumerate(chunk):
@@ -267,22 +335,26 @@ class LoraTrainer:
         return metrics
 
     def micro_batches(self, samples: Sequence[Sample]) -> list[list[int]]:
-        """Indices of `samples` in consecutive runs whose padded size (count x longest) fits
-        `training.micro_batch_tokens`; a single longer sample still gets a run of its own."""
+        """Indices of `samples` in consecutive runs whose size fits `training.micro_batch_tokens`; a single
+        longer sample still gets a run of its own. A run's size is what its passes hold: each distinct
+        prompt once, plus each response padded to the longest response of its prompt."""
         budget = self.settings.micro_batch_tokens
         runs: list[list[int]] = []
         current: list[int] = []
-        longest = 0
-        for i, s in enumerate(samples):
-            size = len(self._clip_prompt(s.prompt_ids)) + len(s.response_ids)
-            if current and (len(current) + 1) * max(longest, size) > budget:
+        for i in range(len(samples)):
+            if current and self._run_size([samples[j] for j in [*current, i]]) > budget:
                 runs.append(current)
-                current, longest = [], 0
+                current = []
             current.append(i)
-            longest = max(longest, size)
         if current:
             runs.append(current)
         return runs
+
+    def _run_size(self, run: Sequence[Sample]) -> int:
+        prompts: dict[tuple[int, ...], list[int]] = {}
+        for s in run:
+            prompts.setdefault(tuple(self._clip_prompt(s.prompt_ids)), []).append(len(s.response_ids))
+        return sum(len(p) + len(lengths) * max(lengths) for p, lengths in prompts.items())
 
     def sample_batch(self, items: Sequence[T], size: int) -> list[T]:
         """`size` of `items` drawn without replacement by the trainer's seeded generator (all when fewer)."""

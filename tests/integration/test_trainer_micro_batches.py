@@ -57,11 +57,13 @@ def summation_tolerance(grad: torch.Tensor, config: Any) -> float:
 def test_micro_batches_give_the_same_step_as_one_pass(small_model: Path) -> None:
     settings = TrainingSettings(lora_dropout=0.0, learning_rate=1e-3, compute_dtype="float32")
     whole = LoraTrainer(small_model, dataclasses.replace(settings, micro_batch_tokens=1_000_000))
-    split = LoraTrainer(small_model, dataclasses.replace(settings, micro_batch_tokens=130))
+    split = LoraTrainer(small_model, dataclasses.replace(settings, micro_batch_tokens=70))
     data_a, data_b = groups(), groups()
     samples_b = [s for g in data_b for s in g.samples]
-    # rows of 63, 62, 64, 21 and 22 tokens; a run is as wide as its longest row
-    assert [len(run) for run in split.micro_batches(samples_b)] == [2, 2, 1]
+    # a run holds each prompt once and each response padded to its prompt's longest: responses of 3, 2
+    # and 4 tokens after a 60-token prompt, then 1 and 2 after a 20-token one. 60 + 2*3 = 66 fits 70,
+    # 60 + 3*4 = 72 does not; 64 + (20 + 1) = 85 does not either; 20 + 2*2 = 24 does.
+    assert [len(run) for run in split.micro_batches(samples_b)] == [2, 1, 2]
     assert len(whole.micro_batches(samples_b)) == 1
     for trainer, data in ((whole, data_a), (split, data_b)):
         trainer.fill_old_logprobs([s for g in data for s in g.samples])
@@ -78,3 +80,91 @@ def test_micro_batches_give_the_same_step_as_one_pass(small_model: Path) -> None
     for key in ("loss", "mean_kl", "mean_ratio", "clip_fraction", "valid_tokens", "tokens", "advantage_abs_mean"):
         assert m_split[key] == pytest.approx(m_whole[key], rel=1e-4, abs=1e-6), key
     assert m_whole["valid_tokens"] == m_whole["tokens"] == 12
+
+
+def test_shared_prompt_log_probs_are_those_of_each_whole_sequence(small_model: Path) -> None:
+    """Sharing a group's prompt pass changes nothing: each response's log-probs equal those of the whole
+    sequence (prompt + response) run alone through the model and its full LM head, token by token, for
+    the policy and for the reference, and the gradient reaches the adapter."""
+    settings = TrainingSettings(lora_dropout=0.0, compute_dtype="float32")
+    trainer = LoraTrainer(small_model, settings)
+    with torch.no_grad():  # make the adapter non-trivial, so that policy and reference differ
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    samples = [s for g in groups() for s in g.samples]
+    policy, mask = trainer.response_logprobs(samples)
+    reference = trainer.reference_logprobs(samples)
+    model = trainer.model
+    for i, s in enumerate(samples):
+        ids = torch.tensor([s.prompt_ids + s.response_ids])
+        n, p = len(s.response_ids), len(s.prompt_ids)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].float()
+            with model.disable_adapter():
+                ref_logits = model(input_ids=ids).logits[0].float()
+        targets = torch.tensor(s.response_ids)
+        for got, full in ((policy, logits), (reference, ref_logits)):
+            want = torch.log_softmax(full[p - 1 : p - 1 + n], dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+            torch.testing.assert_close(got[i, :n].detach(), want, rtol=0, atol=2e-4)
+        assert float(mask[i].sum()) == n
+    assert not bool(policy[mask == 0].any())
+    (policy * mask).sum().backward()
+    lora_a = [p for name, p in model.named_parameters() if "lora_A" in name]
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in lora_a)
+
+
+def test_the_reference_is_the_base_model_computed_once_per_sample(small_model: Path) -> None:
+    """The reference's log-probs are the base model's (adapter off), cached per sample: after steps that
+    moved the adapter the cache still equals a fresh pass with the adapter disabled, and a second call
+    runs no forward pass."""
+    settings = TrainingSettings(lora_dropout=0.0, learning_rate=1e-2, compute_dtype="float32")
+    trainer = LoraTrainer(small_model, settings)
+    data = groups()
+    samples = [s for g in data for s in g.samples]
+    trainer.fill_old_logprobs(samples)
+    first = trainer.reference_logprobs(samples)
+    for _ in range(2):
+        trainer.step(data)
+    calls = 0
+    inner = trainer.model.get_base_model().model
+    original = inner.forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    inner.forward = counting
+    try:
+        again = trainer.reference_logprobs(samples)
+    finally:
+        inner.forward = original
+    assert calls == 0
+    assert torch.equal(again, first)
+    fresh, mask = trainer.response_logprobs(samples, reference=True)
+    torch.testing.assert_close(fresh * mask, first, rtol=0, atol=1e-5)
+    policy, _ = trainer.response_logprobs(samples)
+    assert float(((policy.detach() - first).abs() * mask).max()) > 1e-3  # the adapter did move: the reference did not
+
+
+def test_edit_credit_moves_only_the_departing_tokens_of_a_negative_sample(small_model: Path) -> None:
+    """With `credit = "edit"` a negative sample's advantage lands on its departing tokens: a step with one
+    departing token differs from whole-sequence credit, and with every token departing it is the same."""
+    prompt = list(range(200, 260))
+    good, bad = [300, 301, 302], [310, 311, 312]
+
+    def grads(credit: str, departs: list[bool] | None) -> dict[str, torch.Tensor]:
+        settings = TrainingSettings(lora_dropout=0.0, compute_dtype="float32", credit=credit, beta_kl=0.0)
+        trainer = LoraTrainer(small_model, settings)
+        group = Group([Sample(prompt, good, None, 1.0), Sample(prompt, bad, None, -1.0, departs=departs)], [1.0, -1.0])
+        trainer.fill_old_logprobs(group.samples)
+        trainer.step([group])
+        return lora_grads(trainer)
+
+    only_last = grads("edit", [False, False, True])
+    whole = grads("sequence", [False, False, True])
+    nothing_departs_marked = grads("edit", [True, True, True])
+    assert any(not torch.allclose(only_last[k], whole[k]) for k in whole)
+    for key, value in whole.items():  # every token departing is the whole-sequence credit
+        torch.testing.assert_close(nothing_departs_marked[key], value, rtol=1e-5, atol=1e-8)
