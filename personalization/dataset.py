@@ -14,6 +14,7 @@ It reads the store; it never writes it and never trains.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -93,6 +94,35 @@ def _prompt_ids(comp: Completion, tokenize: Tokenize) -> list[int]:
     return list(comp.prompt_token_ids) if comp.prompt_token_ids else tokenize(comp.prompt)
 
 
+def departing_tokens(response_ids: Sequence[int], kept_ids: Sequence[int]) -> list[bool] | None:
+    """Which tokens of a response depart from the kept text, by a token diff of the two.
+
+    A replaced or deleted response token departs; where the developer inserted text, the response token
+    in front of which they inserted it departs (the model wrote it where the kept text goes on
+    differently). An insertion after the last token marks nothing: that choice (to stop) has no token.
+    None when no token departs (the response is the kept text, or all of it is kept and only extended).
+    """
+    if not response_ids or not kept_ids:
+        return None
+    departs = [False] * len(response_ids)
+    matcher = difflib.SequenceMatcher(None, list(response_ids), list(kept_ids), autojunk=False)
+    for op, i1, i2, _j1, _j2 in matcher.get_opcodes():
+        if op in ("replace", "delete"):
+            for i in range(i1, i2):
+                departs[i] = True
+        elif op == "insert" and i1 < len(departs):
+            departs[i1] = True
+    return departs if any(departs) else None
+
+
+def _kept_ids(shown: str | None, kept: str, tokenize: Tokenize) -> list[int]:
+    """The kept text as a response to the prompt: with the healed leading whitespace the prompt lacks
+    (the shown suggestion's), so that it lines up with the candidates' tokens."""
+    text = shown or ""
+    lead = text[: len(text) - len(text.lstrip(" \t"))]
+    return tokenize(lead + kept.lstrip(" \t") if not kept.startswith(lead) else kept)
+
+
 def build_group(
     rollout: Rollout,
     comp: Completion,
@@ -111,6 +141,7 @@ def build_group(
     shown_index = comp.shown_index if comp.shown_index is not None and comp.shown_index < len(comp.candidates) else None
     shown = comp.candidates[shown_index].text if shown_index is not None else None
     shown_reward = rewards[shown_index] if shown_index is not None and shown_index < len(rewards) else None
+    kept_ids = _kept_ids(shown, kept, tokenize) if kept else []
     for i, cand in enumerate(comp.candidates):
         ids = list(cand.token_ids) if not cand.logprobs_stale else tokenize(cand.text)
         if not ids:
@@ -120,14 +151,12 @@ def build_group(
         if reward is None:
             reward = judge(comp.prompt, cand.text, kept, shown=shown, shown_reward=shown_reward)
         shaped = reward + overlong_penalty(len(ids), settings.l_max, settings.l_cache)
-        samples.append(Sample(prompt_ids, ids, old, float(shaped)))
+        samples.append(Sample(prompt_ids, ids, old, float(shaped), departs=departing_tokens(ids, kept_ids)))
     if not samples:
         return None
     if kept and max(s.reward for s in samples) <= 0 and all(c.text.strip() != kept.strip() for c in comp.candidates):
         # The model never sampled what the developer wanted: show it what they kept.
-        text = shown or ""
-        lead = text[: len(text) - len(text.lstrip(" \t"))]  # the healed whitespace the prompt lacks
-        demo_ids = tokenize(lead + kept.lstrip(" \t") if not kept.startswith(lead) else kept)
+        demo_ids = kept_ids
         if demo_ids:
             samples.append(Sample(prompt_ids, demo_ids, None, 1.0, demonstration=True))
             data.demonstrations += 1

@@ -282,6 +282,13 @@ class TrainingSettings:
     lora_target_modules: list[str] = setting(
         ["q_proj", "k_proj", "v_proj", "o_proj"], "Module names the adapter attaches to."
     )
+    credit: str = setting(
+        "sequence",
+        "Which response tokens carry a sample's advantage: `sequence`, every token; `edit`, a negative advantage "
+        "only on the tokens that depart from what the developer kept (the tokens they kept are not pushed "
+        "down with the ones they changed), a positive one on every token.",
+        choices=("sequence", "edit"),
+    )
     beta_kl: float = setting(0.01, "Weight of the KL penalty to the frozen reference.", min=0.0, max=10.0)
     eps_low: float = setting(0.2, "Lower clip bound of the ratio (1 - eps_low).", min=0.0, max=1.0)
     eps_high: float = setting(0.28, "Upper clip bound of the ratio (1 + eps_high).", min=0.0, max=10.0)
