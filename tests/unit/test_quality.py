@@ -9,13 +9,12 @@ import pytest
 from bench.quality import (
     blank,
     edit_similarity,
-    first_line,
     humaneval_cases,
-    humaneval_problems,
     levenshtein,
     passes,
     stdlib_cases,
 )
+from personalization.humaneval import first_line
 
 
 def test_levenshtein_counts_single_character_edits() -> None:
@@ -45,14 +44,12 @@ def test_blank_splits_around_a_line_and_keeps_its_indentation() -> None:
 
 
 def test_humaneval_cases_blank_one_solution_line_each() -> None:
-    problems = humaneval_problems()
-    assert len(problems) == 164
     cases = humaneval_cases(1000, random.Random(0))
     assert len(cases) > 900  # every non-blank line of 164 solutions
     for case in cases[:50]:
         line = case.text.splitlines()[case.line]
         assert line.strip() == "" and len(line) == case.character
-        assert case.text.startswith(case.before) and case.expected
+        assert case.infill is not None and case.text.startswith(case.infill.before) and case.expected
 
 
 def test_the_canonical_line_passes_the_tests_and_a_wrong_one_fails() -> None:
