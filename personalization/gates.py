@@ -31,9 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from lsp_handlers.context import fill_template
+
 if TYPE_CHECKING:  # torch is imported by the measurements only: the gate decision needs no torch
     import torch
     from torch import Tensor
+
+    from personalization.humaneval import InfillCase
 
 __all__ = [
     "GENERAL_CODE_FUNCTIONS",
@@ -41,6 +45,8 @@ __all__ = [
     "GateResult",
     "check_gates",
     "general_code_slice",
+    "humaneval_passes",
+    "kl_and_perplexity",
     "mean_kl",
     "perplexity",
 ]
@@ -48,6 +54,7 @@ __all__ = [
 KL_KEY = "thresholds.kl_max"
 PERPLEXITY_KEY = "thresholds.perplexity_margin"
 LOSS_KEY = "thresholds.loss_divergence"
+HUMANEVAL_KEY = "thresholds.humaneval_max_drop"
 
 
 @dataclass(slots=True)
@@ -79,13 +86,18 @@ def check_gates(
     kl_max: float,
     perplexity_margin: float,
     loss_max: float | None = None,
+    humaneval: tuple[Sequence[bool], Sequence[bool]] | None = None,
+    humaneval_max_drop: float = 3.0,
 ) -> GateResult:
     """Decide whether an adapter may be published; every failing gate is listed, not just the first.
 
     Fails when: a training loss is NaN/inf (or above ``loss_max``, when given:
     ``thresholds.loss_divergence``); no loss was recorded; ``kl`` is non-finite or above ``kl_max``;
     either perplexity is non-finite; ``perplexity_adapter > perplexity_base * (1 + perplexity_margin)``
-    (exactly at the limit passes). Raises ``ValueError`` for invalid thresholds (a settings bug, not a gate).
+    (exactly at the limit passes); ``humaneval`` (which cases the base passed, which the adapter passed,
+    the same cases in the same order) shows a pass rate more than ``humaneval_max_drop`` points below the
+    base's. Raises ``ValueError`` for invalid thresholds (a settings bug, not a gate) and for HumanEval
+    results of different lengths.
     """
     _check_threshold(KL_KEY, kl_max, positive=True)
     _check_threshold(PERPLEXITY_KEY, perplexity_margin, positive=False)
@@ -137,7 +149,34 @@ def check_gates(
             f"{PERPLEXITY_KEY} = {perplexity_margin:g}: the adapter hurts general coding ability"
         )
 
+    he_metrics: dict[str, float] = {}
+    if humaneval is not None:
+        _check_threshold(HUMANEVAL_KEY, humaneval_max_drop, positive=False)
+        base_passed, adapter_passed = humaneval
+        if len(base_passed) != len(adapter_passed) or not base_passed:
+            raise ValueError(
+                f"HumanEval results of the base ({len(base_passed)} cases) and of the adapter "
+                f"({len(adapter_passed)}) must cover the same cases, at least one"
+            )
+        n = len(base_passed)
+        base_rate = 100.0 * sum(base_passed) / n
+        adapter_rate = 100.0 * sum(adapter_passed) / n
+        he_metrics = {
+            "humaneval_cases": float(n),
+            "humaneval_base": base_rate,
+            "humaneval_adapter": adapter_rate,
+            "humaneval_lost": float(sum(b and not a for b, a in zip(base_passed, adapter_passed, strict=True))),
+            "humaneval_gained": float(sum(a and not b for b, a in zip(base_passed, adapter_passed, strict=True))),
+        }
+        if base_rate - adapter_rate > humaneval_max_drop:
+            reasons.append(
+                f"HumanEval single-line pass rate fell from {base_rate:.1f} % to {adapter_rate:.1f} % on {n} cases "
+                f"(one case is {100.0 / n:.1f} points), more than {HUMANEVAL_KEY} = {humaneval_max_drop:g} points: "
+                "the adapter hurts coding ability (train fewer steps or raise training.beta_kl)"
+            )
+
     metrics: dict[str, float] = {
+        **he_metrics,
         "kl": float(kl),
         "kl_max": float(kl_max),
         "perplexity_base": float(perplexity_base),
@@ -267,6 +306,44 @@ def mean_kl(
     return total / count
 
 
+def kl_and_perplexity(
+    policy: torch.nn.Module, tokenizer: Encoder, texts: Sequence[str], *, max_tokens: int = 512
+) -> tuple[float, float]:
+    """`mean_kl` to the adapter-disabled reference and `perplexity` of a peft `policy`, on the same texts,
+    from one policy pass and one reference pass per text (the two gates measured separately take three).
+    Texts of fewer than two tokens are skipped; raises ``ValueError`` when none is left."""
+    import torch
+
+    _check_max_tokens(max_tokens)
+    if not hasattr(policy, "disable_adapter"):
+        raise ValueError(f"{type(policy).__name__} has no disable_adapter(): kl_and_perplexity needs a peft model")
+    kl_total, nll = 0.0, 0.0
+    positions, predicted = 0, 0
+    with _measuring(policy):
+        for text in texts:
+            ids = _token_ids(tokenizer, text, max_tokens)
+            if len(ids) < 2:
+                continue
+            logp = torch.log_softmax(_logits(policy, ids), dim=-1)
+            with policy.disable_adapter():  # type: ignore[operator]
+                logq = torch.log_softmax(_logits(policy, ids, logp.shape[-1]), dim=-1)
+            p = logp.exp()
+            terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
+            kl_total += float(terms.sum(dim=-1, dtype=torch.float64).sum())
+            positions += len(ids)
+            targets = torch.tensor(ids[1:], dtype=torch.long)
+            nll -= float(logp[:-1].gather(1, targets.unsqueeze(1)).squeeze(1).sum(dtype=torch.float64))
+            predicted += len(ids) - 1
+    if predicted == 0:
+        raise ValueError(f"none of the {len(texts)} texts has two tokens: KL and perplexity cannot be measured")
+    mean = nll / predicted
+    try:
+        ppl = math.exp(mean) if not math.isnan(mean) else math.nan
+    except OverflowError:
+        ppl = math.inf
+    return kl_total / positions, ppl
+
+
 def perplexity(
     model: torch.nn.Module,
     tokenizer: Encoder,
@@ -308,6 +385,71 @@ def perplexity(
         return math.exp(mean)
     except OverflowError:
         return math.inf
+
+
+class Codec(Protocol):
+    """What the HumanEval measurement needs of a tokenizer (`server.engine.tokens.LocalTokenizer` fits)."""
+
+    def encode(self, text: str, /) -> list[int]: ...
+
+    def decode(self, token_ids: list[int], /) -> str: ...
+
+    @property
+    def eos_token_id(self) -> int | None: ...
+
+
+def humaneval_passes(
+    model: Any,
+    tokenizer: Codec,
+    cases: Sequence[InfillCase],
+    *,
+    template: str | None,
+    without_adapter: bool = False,
+    max_new_tokens: int = 24,
+    batch: int = 8,
+    autocast: Any = None,
+) -> list[bool]:
+    """Which HumanEval infilling cases `model` completes so that the problem's tests pass.
+
+    Each case is asked the way serving asks: the FIM `template` filled with the text before and after
+    the cursor (the text before it alone when `template` is None), greedy decoding of at most
+    `max_new_tokens`; the suggestion's first line goes in the blank and the program runs in a sandbox
+    (`personalization.humaneval.passes`). `without_adapter` measures a peft model's base. Generation is
+    batched, left-padded; `autocast` is the trainer's precision context (None: float32).
+    """
+    import torch
+
+    from personalization.humaneval import passes
+
+    if without_adapter and not hasattr(model, "disable_adapter"):
+        raise ValueError(f"{type(model).__name__} has no disable_adapter(): without_adapter needs a peft model")
+    prompts = [fill_template(template, c.prefix, c.suffix) if template is not None else c.prefix for c in cases]
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    suggestions: list[str] = []
+    with (
+        _measuring(model),
+        model.disable_adapter() if without_adapter else nullcontext(),
+        autocast if autocast is not None else nullcontext(),
+    ):
+        for start in range(0, len(prompts), batch):
+            encoded = [tokenizer.encode(p) for p in prompts[start : start + batch]]
+            width = max(len(e) for e in encoded)
+            input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(encoded), width), dtype=torch.long)
+            for i, ids in enumerate(encoded):
+                input_ids[i, width - len(ids) :] = torch.tensor(ids)
+                attention[i, width - len(ids) :] = 1
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=pad,
+            )
+            for row in out[:, width:].tolist():
+                suggestions.append(tokenizer.decode([int(t) for t in row]))
+    return [passes(c, s) for c, s in zip(cases, suggestions, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,22 +16,39 @@ torch's threads (`training.threads`). Scopes are trained one at a time and never
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import hashlib
+import json
 import logging
 import math
 import os
+import random
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lsp_handlers.context import fim_template_for
+from personalization import humaneval
 from personalization.dataset import TrainingData, load_training_data
-from personalization.gates import GateResult, check_gates, general_code_slice, mean_kl, perplexity
+from personalization.gates import (
+    GateResult,
+    check_gates,
+    general_code_slice,
+    humaneval_passes,
+    kl_and_perplexity,
+    perplexity,
+)
 from personalization.judge import fit_scope_prm, prm_examples
 from personalization.opd import build_opd_samples
 from personalization.publish import clean_partial, publish_adapter, resolve_adapters_root
 from personalization.rollouts import CollectStats, RolloutCollector, settle_seconds
 from personalization.trainer import Group, LoraTrainer, finalize_groups
+from server import paths
+from server.engine.machine import cpu_model
 from server.engine.tokens import LocalTokenizer
 from server.settings import Settings
 from storage.models import RolloutStatus
@@ -43,6 +60,7 @@ log = logging.getLogger(__name__)
 # Held-out text for the KL and perplexity gates: enough to be stable, small enough for a CPU.
 GATE_TEXTS = 6
 GATE_MAX_TOKENS = 256
+HUMANEVAL_SEED = 0  # the ability gate's cases are the same in every round and for every scope
 
 
 @dataclass(slots=True)
@@ -123,6 +141,7 @@ async def train_round(
     started = time.monotonic()
     async with store.unit() as s:
         examples = await prm_examples(s, scope)
+    prm_started = time.monotonic()
     prm = await asyncio.to_thread(
         fit_scope_prm,
         settings.model_path(),
@@ -131,6 +150,7 @@ async def train_round(
         votes=t.prm_votes,
         seed=t.seed,
     )
+    prm_seconds = time.monotonic() - prm_started
     async with store.unit() as s:
         # The PRM votes on this thread (a forward pass per unshown candidate); the worker serves nothing.
         data = await load_training_data(s, scope, t, tokenize=tokenizer.encode, prm=prm.vote)
@@ -140,6 +160,7 @@ async def train_round(
     trainer_dir, metrics, gate = result
     metrics["prm"] = prm.report
     metrics["seconds"] = round(time.monotonic() - started, 1)
+    metrics.setdefault("timing", {})["prm_fit"] = round(prm_seconds, 1)
     if trainer_dir is None:
         await _mark(store, scope, data, RolloutStatus.TRAINED, "no signal: every group's rewards were equal")
         return RoundResult(scope, "skipped", str(metrics.get("reason", "no signal")), metrics=metrics)
@@ -167,13 +188,19 @@ def _train(
     settings: Settings, data: TrainingData, tokenizer: LocalTokenizer, init: Path | None, prm_accuracy: float | None
 ) -> tuple[Path | None, dict[str, Any], Any]:
     t = settings.training
-    trainer = LoraTrainer(settings.model_path(), t, init_adapter=init)
-    base_fingerprint = trainer.base_weights_checksum()
-    samples = [s for g in data.groups for s in g.samples] + [c.sample for c in data.corrections]
-    recomputed = trainer.fill_old_logprobs(samples)
-    opd, opd_stats = build_opd_samples(
-        data.corrections, trainer.teacher_logprobs, tokenizer.encode, max_prompt_tokens=trainer.max_prompt_tokens
-    )
+    timing = Timing()
+    with timing("load"):
+        trainer = LoraTrainer(settings.model_path(), t, init_adapter=init)
+        base_fingerprint = trainer.base_weights_checksum()
+    # Group members whose stored pi_old is unusable take the policy of their first step; corrections need
+    # theirs now (OPD advantages are teacher minus pi_old).
+    recomputed = trainer.drop_unusable_old_logprobs([s for g in data.groups for s in g.samples])
+    with timing("old_logprobs"):
+        recomputed += trainer.fill_old_logprobs([c.sample for c in data.corrections])
+    with timing("opd_teacher"):
+        opd, opd_stats = build_opd_samples(
+            data.corrections, trainer.teacher_logprobs, tokenizer.encode, max_prompt_tokens=trainer.max_prompt_tokens
+        )
     groups, masked = finalize_groups(data.groups)
     metrics: dict[str, Any] = {
         "rollouts": len(data.rollout_ids),
@@ -186,6 +213,7 @@ def _train(
         "opd_dropped_by_reason": dict(opd_stats.dropped),
         "old_logprobs_recomputed": recomputed,
         "steps": [],
+        "timing": timing.seconds,
     }
     if not groups and not opd:
         metrics["reason"] = f"no signal: all {masked} groups had equal rewards and there were no corrections"
@@ -194,7 +222,8 @@ def _train(
     opd_batch = max(1, t.batch_size // 4) if opd else 0
     refresh = t.old_policy_refresh_steps
     texts = general_code_slice()[:GATE_TEXTS]
-    ppl_base = perplexity(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS, without_adapter=True)
+    with timing("gates"), trainer.autocast():
+        ppl_base = perplexity(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS, without_adapter=True)
     checks: list[dict[str, Any]] = []
     passed_at: tuple[int, dict[str, Any]] | None = None  # (steps done, the LoRA weights then)
     measured: tuple[float, float, GateResult] | None = None  # the gates on the current weights, if measured
@@ -203,7 +232,10 @@ def _train(
             trainer.refresh_old_logprobs([s for g in groups for s in g.samples])
         batch: list[Group] = trainer.sample_batch(groups, t.batch_size) if groups else []
         opd_part = trainer.sample_batch(opd, opd_batch)
-        step = trainer.step(batch, opd_part)
+        step_started = time.monotonic()
+        with timing("steps"):
+            step = trainer.step(batch, opd_part)
+        step["seconds"] = time.monotonic() - step_started
         losses.append(step["loss"])
         if prm_accuracy is not None:
             step["prm_accuracy"] = prm_accuracy
@@ -214,7 +246,8 @@ def _train(
         done = step_no + 1
         last = done == t.steps_per_round
         if t.gate_check_steps and (done % t.gate_check_steps == 0 or last):
-            measured = measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
+            with timing("gates"):
+                measured = measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
             kl, ppl, verdict = measured
             trainer.model.train()
             checks.append({"step": done, "kl": round(kl, 6), "perplexity": round(ppl, 4), "passed": verdict.passed})
@@ -232,15 +265,41 @@ def _train(
             )
             break
     # The last check measured these very weights unless the round went back to an earlier check.
-    kl, ppl_adapter, gate = measured or measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
+    with timing("gates"):
+        kl, ppl_adapter, gate = measured or measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
+    if settings.thresholds.humaneval_cases:
+        with timing("humaneval"):
+            he = ability(trainer, tokenizer, settings)
+        gate = check_gates(
+            **_gate_inputs(losses, kl, ppl_base, ppl_adapter, settings),
+            humaneval=he,
+            humaneval_max_drop=settings.thresholds.humaneval_max_drop,
+        )
     metrics["gate_checks"] = checks
     metrics["steps_done"] = trainer.steps_done
     metrics["final_loss"] = losses[-1]
     metrics.update(gate_kl=kl, perplexity_base=ppl_base, perplexity_adapter=ppl_adapter, gate=gate.summary())
     metrics["base_weights_unchanged"] = trainer.base_weights_checksum() == base_fingerprint
+    metrics.update({k: v for k, v in gate.metrics.items() if k.startswith("humaneval_")})
     out = Path(tempfile.mkdtemp(prefix="heedful-train-")) / "adapter"
     trainer.save(out)
     return out, metrics, gate
+
+
+class Timing:
+    """Seconds spent per phase of a round (load, old_logprobs, opd_teacher, steps, gates), summed."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            spent = time.monotonic() - started
+            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + spent, 2)
 
 
 def measure_gates(
@@ -252,20 +311,71 @@ def measure_gates(
     losses: list[float],
 ) -> tuple[float, float, GateResult]:
     """The publishing gates on the trainer's current weights: (KL, adapter perplexity, the verdict)."""
-    th = settings.thresholds
     trainer.model.eval()
-    kl = mean_kl(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS)
-    ppl = perplexity(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS)
-    gate = check_gates(
-        loss_values=losses,
-        kl=kl,
-        perplexity_base=ppl_base,
-        perplexity_adapter=ppl,
-        kl_max=th.kl_max,
-        perplexity_margin=th.perplexity_margin,
-        loss_max=th.loss_divergence,
+    with trainer.autocast():
+        kl, ppl = kl_and_perplexity(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS)
+    return kl, ppl, check_gates(**_gate_inputs(losses, kl, ppl_base, ppl, settings))
+
+
+def _gate_inputs(losses: list[float], kl: float, ppl_base: float, ppl: float, settings: Settings) -> dict[str, Any]:
+    th = settings.thresholds
+    return {
+        "loss_values": losses,
+        "kl": kl,
+        "perplexity_base": ppl_base,
+        "perplexity_adapter": ppl,
+        "kl_max": th.kl_max,
+        "perplexity_margin": th.perplexity_margin,
+        "loss_max": th.loss_divergence,
+    }
+
+
+def ability(trainer: LoraTrainer, tokenizer: LocalTokenizer, settings: Settings) -> tuple[list[bool], list[bool]]:
+    """The ability gate's measurement: which of the fixed HumanEval cases the base passes, and which the
+    trained adapter passes, asked as serving asks (the model's FIM template unless `model.fim_template`
+    says otherwise). The base's results are the same in every round on this machine: they are kept in
+    the cache dir, keyed by everything they depend on, and measured again when any of it changes."""
+    cases = humaneval.sample_cases(settings.thresholds.humaneval_cases, random.Random(HUMANEVAL_SEED))
+    template = fim_template_for(settings.model.fim_template, tokenizer.vocabulary())
+    measure = functools.partial(humaneval_passes, trainer.model, tokenizer, cases, template=template)
+    cache = _base_results_path(settings.model_path(), [c.name for c in cases], template, str(trainer.compute_dtype))
+    base = _read_base_results(cache, len(cases))
+    if base is None:
+        base = measure(without_adapter=True, autocast=trainer.autocast())
+        _write_base_results(cache, base)
+    adapter = measure(autocast=trainer.autocast())
+    return base, adapter
+
+
+def _base_results_path(model: Path, cases: list[str], template: str | None, dtype: str) -> Path:
+    model = model.resolve()
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model.iterdir() if p.is_file())
+    key = json.dumps(
+        {"model": str(model), "files": files, "cases": cases, "template": template, "dtype": dtype, "cpu": cpu_model()},
+        sort_keys=True,
     )
-    return kl, ppl, gate
+    return paths.cache_dir() / "humaneval-base" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def _read_base_results(path: Path, count: int) -> list[bool] | None:
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(results, list) or len(results) != count or not all(isinstance(r, bool) for r in results):
+        log.warning("ignoring the unreadable cached HumanEval results of the base at %s", path)
+        return None
+    return results
+
+
+def _write_base_results(path: Path, results: list[bool]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(results), encoding="utf-8")
+        partial.replace(path)
+    except OSError as exc:  # a cache: the next round measures again
+        log.warning("could not cache the base's HumanEval results at %s: %s", path, exc)
 
 
 async def _mark(store: RolloutStore, scope: Scope, data: TrainingData, status: RolloutStatus, reason: str) -> None:

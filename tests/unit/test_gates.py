@@ -15,6 +15,7 @@ from personalization.gates import (
     GateResult,
     check_gates,
     general_code_slice,
+    kl_and_perplexity,
     mean_kl,
     perplexity,
 )
@@ -230,3 +231,47 @@ def test_general_code_slice_is_fixed_python_source() -> None:
 def test_general_code_slice_names_a_missing_stdlib(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="textwrap.py is missing"):
         general_code_slice(tmp_path)
+
+
+def test_humaneval_within_the_allowed_drop_passes_and_beyond_it_fails() -> None:
+    # 40 cases, one case = 2.5 points. Base passes 20 (50 %).
+    base = [True] * 20 + [False] * 20
+    one_lost = [False] + [True] * 19 + [False] * 20  # 47.5 %: 2.5 points down
+    two_lost = [False, False] + [True] * 18 + [False] * 20  # 45 %: 5 points down
+    ok = gates(humaneval=(base, one_lost), humaneval_max_drop=3.0)
+    assert ok.passed
+    assert ok.metrics["humaneval_base"] == 50.0 and ok.metrics["humaneval_adapter"] == 47.5
+    assert ok.metrics["humaneval_lost"] == 1.0 and ok.metrics["humaneval_gained"] == 0.0
+    bad = gates(humaneval=(base, two_lost), humaneval_max_drop=3.0)
+    assert not bad.passed
+    assert "50.0 % to 45.0 % on 40 cases" in bad.reasons[0] and "thresholds.humaneval_max_drop" in bad.reasons[0]
+
+
+def test_humaneval_counts_gains_against_losses() -> None:
+    base = [True, True, False, False]
+    swapped = [False, True, True, False]  # one lost, one gained: the same rate
+    result = gates(humaneval=(base, swapped), humaneval_max_drop=0.0)
+    assert result.passed
+    assert result.metrics["humaneval_lost"] == 1.0 and result.metrics["humaneval_gained"] == 1.0
+
+
+def test_humaneval_results_must_cover_the_same_cases() -> None:
+    with pytest.raises(ValueError, match="same cases"):
+        gates(humaneval=([True, False], [True]))
+    with pytest.raises(ValueError, match="same cases"):
+        gates(humaneval=([], []))
+
+
+def test_kl_and_perplexity_in_one_pass_match_hand_computation() -> None:
+    # "aab" = ids [0, 0, 1] against a uniform reference: positions 0 and 1 have p = (3/4, 1/4), position 2
+    # p = (1/2, 1/2). KL over the 3 positions; perplexity over the 2 predictions (3/4 for id 0, 1/4 for 1).
+    model = PeftLike([[math.log(3.0), 0.0], [math.log(3.0), 0.0], [0.0, 0.0]])
+    kl, ppl = kl_and_perplexity(model, CharTokenizer(), ["aab", "b"])
+    assert kl == pytest.approx(2 * kl_bernoulli(0.75, 0.5) / 3, rel=1e-6)
+    assert ppl == pytest.approx(math.exp((-math.log(0.75) - math.log(0.25)) / 2), rel=1e-6)
+    assert model.calls == 2  # one policy and one reference pass for "aab"; "b" predicts nothing
+    assert model.adapter_on
+    with pytest.raises(ValueError, match="two tokens"):
+        kl_and_perplexity(model, CharTokenizer(), ["a"])
+    with pytest.raises(ValueError, match="disable_adapter"):
+        kl_and_perplexity(FixedLogits([[0.0, 0.0]]), CharTokenizer(), ["ab"])

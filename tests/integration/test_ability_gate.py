@@ -1,0 +1,75 @@
+"""The ability gate measures HumanEval infilling with the trainer's own model, as serving asks for it.
+
+On the default model (a code model with FIM tokens): the base passes some of a fixed draw of cases by
+executing its own suggestions, and a fresh adapter (LoRA B = 0, so the policy is the base) passes exactly
+the same ones. A round of the real worker on the small model carries the gate's figures in its metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from lsp_handlers.context import fim_template_for
+from personalization import humaneval
+from personalization.dataset import TrainingData
+from personalization.gates import humaneval_passes
+from personalization.trainer import Group, LoraTrainer, Sample
+from personalization.worker import _train
+from server.engine.tokens import LocalTokenizer
+from server.settings import Settings, TrainingSettings
+
+
+def test_the_default_model_passes_humaneval_cases_and_a_fresh_adapter_changes_nothing(default_model: Path) -> None:
+    tokenizer = LocalTokenizer(default_model)
+    template = fim_template_for("auto", tokenizer.vocabulary())
+    assert template is not None and "<|fim_prefix|>" in template
+    trainer = LoraTrainer(default_model, TrainingSettings(lora_dropout=0.0, threads=2))
+    cases = humaneval.sample_cases(8, random.Random(0))
+    base = humaneval_passes(
+        trainer.model, tokenizer, cases, template=template, without_adapter=True, autocast=trainer.autocast()
+    )
+    with_adapter = humaneval_passes(trainer.model, tokenizer, cases, template=template, autocast=trainer.autocast())
+    print("base:", base)
+    assert len(base) == 8
+    assert sum(base) >= 2  # bench.quality: about 60 % of such cases pass with this model and template
+    assert with_adapter == base
+
+
+def test_a_round_reports_the_ability_gate_and_caches_the_base(
+    small_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEEDFUL_CACHE_DIR", str(tmp_path))
+    tokenizer = LocalTokenizer(small_model)
+    prompt = tokenizer.encode("import os\n\n\ndef list_files(root):\n    ")
+    good = tokenizer.encode("return sorted(os.listdir(root))")
+    bad = tokenizer.encode("pass")
+    data = TrainingData(
+        rollout_ids=[1], groups=[Group([Sample(prompt, good, None, 1.0), Sample(prompt, bad, None, -1.0)])]
+    )
+    settings = Settings()
+    settings.model.path = str(small_model)
+    settings.training = dataclasses.replace(
+        settings.training, steps_per_round=2, gate_check_steps=0, lora_dropout=0.0, threads=2
+    )
+    settings.thresholds.humaneval_cases = 6
+    settings.thresholds.humaneval_max_drop = 100.0
+
+    out, metrics, gate = _train(settings, data, tokenizer, None, None)
+
+    assert out is not None and gate is not None and gate.passed
+    assert metrics["humaneval_cases"] == 6.0
+    assert 0.0 <= metrics["humaneval_adapter"] <= 100.0 and 0.0 <= metrics["humaneval_base"] <= 100.0
+    assert metrics["timing"]["humaneval"] > 0 and metrics["timing"]["steps"] > 0
+    assert all("seconds" in step for step in metrics["steps"])
+    (cached,) = (tmp_path / "humaneval-base").iterdir()
+    base = json.loads(cached.read_text())
+    assert len(base) == 6 and metrics["humaneval_base"] == pytest.approx(100.0 * sum(base) / 6)
+    # the next round reads the base's results instead of measuring them again
+    cached.write_text(json.dumps([True] * 6))
+    _, again, _ = _train(settings, data, tokenizer, None, None)
+    assert again["humaneval_base"] == 100.0
