@@ -16,6 +16,7 @@ What it must not do: read or write the store, judge, or decide when to train (wo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import random
@@ -121,6 +122,13 @@ class LoraTrainer:
         base.config.use_cache = False
         for p in base.parameters():
             p.requires_grad_(False)
+        self.compute_dtype = resolve_compute_dtype(settings.compute_dtype)
+        if self.compute_dtype == torch.bfloat16:
+            # Autocast would cast every frozen projection to bfloat16 in every pass; store them so once (the
+            # matmuls see the same values, the model takes half the memory). Norms and embeddings stay float32.
+            for module in base.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.to(torch.bfloat16)
         if init_adapter is not None:
             self.model: Any = PeftModel.from_pretrained(base, str(init_adapter), is_trainable=True)
         else:
@@ -134,18 +142,21 @@ class LoraTrainer:
             self.model = get_peft_model(base, config)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
+        wrong = sorted({str(p.dtype) for p in params if p.dtype != torch.float32})
+        if wrong:
+            raise RuntimeError(f"the adapter's trainable weights must be float32 (AdamW's state), found {wrong}")
         self.optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, 0, settings.schedule_steps)
         self.steps_done = 0
-        self.compute_dtype = resolve_compute_dtype(settings.compute_dtype)
         # The reference (the base with the adapter off) never changes: each sample's log-probs under it are
         # computed once per trainer, keyed by the sample object (kept alive here so its id is not reused).
         self._reference: dict[int, tuple[Sample, list[float]]] = {}
 
     # -- log-probs -----------------------------------------------------------------------------------
 
-    def _autocast(self) -> Any:
-        """The forward passes' precision context (see `training.compute_dtype`)."""
+    def autocast(self) -> Any:
+        """The forward passes' precision context (see `training.compute_dtype`); every pass through
+        `model` runs in it (in bfloat16 the frozen projections are stored in bfloat16)."""
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
 
     def _clip_prompt(self, prompt_ids: list[int]) -> list[int]:
@@ -192,7 +203,7 @@ class LoraTrainer:
                 "a training sample needs at least one prompt token (its first response token "
                 "is predicted from the prompt's last state); drop samples with an empty prompt"
             )
-        with self._autocast():
+        with self.autocast():
             head = inner.model(input_ids=torch.tensor([prompt]), use_cache=True)
             cache = head.past_key_values
             cache.batch_repeat_interleave(n)
@@ -214,18 +225,13 @@ class LoraTrainer:
         bounds = [0]
         for r in responses:
             bounds.append(bounds[-1] + len(r))
-        return [picked[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+        return [picked[a:b] for a, b in itertools.pairwise(bounds)]
 
     @torch.no_grad()
     def fill_old_logprobs(self, samples: Sequence[Sample], batch: int = 8) -> int:
-        """Compute pi_old under the current (starting) policy where the store had none usable."""
-        todo = [
-            s
-            for s in samples
-            if s.old_logprobs is None
-            or len(s.old_logprobs) != len(s.response_ids)
-            or len(s.prompt_ids) > self.max_prompt_tokens  # a clipped prompt is a different context
-        ]
+        """Compute pi_old under the current (starting) policy where the store had none usable, now
+        (the OPD samples need it before their first step: their advantages are teacher minus pi_old)."""
+        todo = [s for s in samples if not self._old_usable(s)]
         self.model.eval()
         for i in range(0, len(todo), batch):
             chunk = todo[i : i + batch]
@@ -234,6 +240,23 @@ class LoraTrainer:
                 s.old_logprobs = row[m.bool()].tolist()
         self.model.train()
         return len(todo)
+
+    def drop_unusable_old_logprobs(self, samples: Sequence[Sample]) -> int:
+        """Forget the stored pi_old where it cannot serve (none, another length, a clipped prompt); each
+        such sample takes the policy of the step that first uses it as pi_old (see `step`)."""
+        dropped = 0
+        for s in samples:
+            if not self._old_usable(s):
+                s.old_logprobs = None
+                dropped += 1
+        return dropped
+
+    def _old_usable(self, s: Sample) -> bool:
+        return (
+            s.old_logprobs is not None
+            and len(s.old_logprobs) == len(s.response_ids)
+            and len(s.prompt_ids) <= self.max_prompt_tokens  # a clipped prompt is a different context
+        )
 
     @torch.no_grad()
     def reference_logprobs(self, samples: Sequence[Sample]) -> Tensor:
@@ -253,12 +276,11 @@ class LoraTrainer:
             out[i, : len(values)] = torch.tensor(values)
         return out
 
-    @torch.no_grad()
-    def refresh_old_logprobs(self, samples: Sequence[Sample], batch: int = 8) -> None:
-        """Make the current policy pi_old for these samples (a new PPO iteration on the same data)."""
+    def refresh_old_logprobs(self, samples: Sequence[Sample]) -> None:
+        """Start a new PPO iteration on the same data: each sample's pi_old becomes the policy of the step
+        that next uses it (its ratio restarts at 1 there), at no extra forward pass."""
         for s in samples:
             s.old_logprobs = None
-        self.fill_old_logprobs(samples, batch)
 
     @torch.no_grad()
     def teacher_logprobs(self, sample: Sample, hint_prompt_ids: list[int]) -> list[float]:
@@ -298,8 +320,9 @@ class LoraTrainer:
             adv = torch.zeros_like(logp)
             for row, i in enumerate(chunk):
                 s = samples[i]
-                assert s.old_logprobs is not None
                 n = len(s.response_ids)
+                if s.old_logprobs is None:  # first use since pi_old was refreshed: this policy is pi_old
+                    s.old_logprobs = logp[row, :n].detach().tolist()
                 old[row, :n] = torch.tensor(s.old_logprobs[:n])
                 adv[row, :n] = torch.tensor(advantages[i][:n])
             loss, part = grpo_tcr_loss(

@@ -109,7 +109,7 @@ def test_shared_prompt_log_probs_are_those_of_each_whole_sequence(small_model: P
             torch.testing.assert_close(got[i, :n].detach(), want, rtol=0, atol=2e-4)
         assert float(mask[i].sum()) == n
     assert not bool(policy[mask == 0].any())
-    (policy * mask).sum().backward()
+    torch.autograd.backward((policy * mask).sum())
     lora_a = [p for name, p in model.named_parameters() if "lora_A" in name]
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in lora_a)
 
@@ -168,3 +168,28 @@ def test_edit_credit_moves_only_the_departing_tokens_of_a_negative_sample(small_
     assert any(not torch.allclose(only_last[k], whole[k]) for k in whole)
     for key, value in whole.items():  # every token departing is the whole-sequence credit
         torch.testing.assert_close(nothing_departs_marked[key], value, rtol=1e-5, atol=1e-8)
+
+
+def test_a_sample_without_pi_old_takes_the_policy_of_the_step_that_uses_it(small_model: Path) -> None:
+    """Refreshing pi_old costs no pass: a sample whose pi_old was dropped gets the log-probs of the policy
+    in the step that next uses it (ratio exactly 1 there), and keeps them for later steps."""
+    settings = TrainingSettings(lora_dropout=0.0, learning_rate=1e-2, compute_dtype="float32")
+    trainer = LoraTrainer(small_model, settings)
+    data = groups()
+    samples = [s for g in data for s in g.samples]
+    for s in samples:
+        s.old_logprobs = [0.0] * (len(s.response_ids) + 1)  # a stored pi_old of the wrong length
+    assert trainer.drop_unusable_old_logprobs(samples) == len(samples)
+    assert all(s.old_logprobs is None for s in samples)
+    before, _ = trainer.response_logprobs(samples)
+    first = trainer.step(data)
+    assert first["mean_ratio"] == pytest.approx(1.0, abs=1e-6) and first["clip_fraction"] == 0.0
+    for i, s in enumerate(samples):
+        assert s.old_logprobs is not None
+        torch.testing.assert_close(torch.tensor(s.old_logprobs), before[i, : len(s.response_ids)].detach())
+    kept = [list(s.old_logprobs or []) for s in samples]
+    second = trainer.step(data)
+    assert [s.old_logprobs for s in samples] == kept  # pi_old stays until the next refresh
+    assert second["mean_ratio"] != pytest.approx(1.0, abs=1e-6)  # the policy moved away from it
+    trainer.refresh_old_logprobs(samples)
+    assert all(s.old_logprobs is None for s in samples)
