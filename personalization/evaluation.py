@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -376,6 +377,7 @@ class Turn:
     action: str  # held-out: "shown"; train: "accepted", "rewritten", "corrected", "empty"
     adapter: str | None
     latency_ms: float
+    kept_chars: int = 0  # characters of the suggestion the developer keeps (`kept_characters`)
 
 
 @dataclass(slots=True)
@@ -384,18 +386,34 @@ class PassStats:
     accept_rate: float
     empty: int
     prompts: int
+    kept_chars_per_shown: float = 0.0  # kept characters per shown (non-empty) suggestion
 
 
 def pass_stats(turns: Sequence[Turn]) -> PassStats:
     n = len(turns)
     if n == 0:
         return PassStats(0.0, 0.0, 0, 0)
+    shown = [t for t in turns if t.text]
     return PassStats(
         sum(t.corrected for t in turns) / n,
         sum(t.accepted for t in turns) / n,
-        sum(1 for t in turns if not t.text),
+        n - len(shown),
         n,
+        sum(t.kept_chars for t in shown) / len(shown) if shown else 0.0,
     )
+
+
+def kept_characters(suggestion: str, accepted: bool, kept: str | None) -> int:
+    """Characters of a shown suggestion the developer keeps: all of it when they take it as it is; when
+    they take it and rewrite it into `kept`, the characters of the suggestion that survive in the kept
+    text (the matching blocks of a character diff); none when they turn it down. The headline figure
+    that rewards suggestions developers keep, not short trivial ones that are easy to accept."""
+    if accepted:
+        return len(suggestion)
+    if kept is None or not suggestion:
+        return 0
+    matcher = difflib.SequenceMatcher(None, suggestion, kept, autojunk=False)
+    return sum(block.size for block in matcher.get_matching_blocks())
 
 
 def crr(before: float, after: float) -> float | None:
@@ -413,7 +431,11 @@ class ArmResult:
     crr: float | None
     accept_rate_before: float
     accept_rate: float
+    kept_chars_before: float  # kept characters per shown held-out suggestion
+    kept_chars_after: float
     kl: float
+    humaneval_base: float | None  # the ability gate's pass rates (%) of the last round, when it ran
+    humaneval_adapter: float | None
     perplexity_base: float | None
     perplexity_adapter: float | None
     perplexity_delta: float
@@ -609,7 +631,11 @@ class ArmRun:
             crr=crr(first.correction_rate, last.correction_rate),
             accept_rate_before=first.accept_rate,
             accept_rate=last.accept_rate,
+            kept_chars_before=round(first.kept_chars_per_shown, 2),
+            kept_chars_after=round(last.kept_chars_per_shown, 2),
             kl=float(last_metrics.get("gate_kl", 0.0)),
+            humaneval_base=last_metrics.get("humaneval_base"),
+            humaneval_adapter=last_metrics.get("humaneval_adapter"),
             perplexity_base=ppl_base,
             perplexity_adapter=ppl_adapter,
             perplexity_delta=(ppl_adapter - ppl_base) if ppl_base is not None and ppl_adapter is not None else 0.0,
@@ -664,7 +690,18 @@ class ArmRun:
             session.shown(item)
         accepted, kept = review(self.persona, prompt.prefix, text) if text else (False, None)
         adapter = session.status().get("adapter")
-        turn = Turn(phase, prompt.id, cid, text, accepted, bool(text) and not accepted, "shown", adapter, latency)
+        turn = Turn(
+            phase,
+            prompt.id,
+            cid,
+            text,
+            accepted,
+            bool(text) and not accepted,
+            "shown",
+            adapter,
+            latency,
+            kept_characters(text, accepted, kept),
+        )
         if item is not None and item.range is not None:
             character = item.range.start.character
         return uri, turn, kept, (line, character)
@@ -760,7 +797,8 @@ async def run_eval(plan: EvalPlan) -> list[ArmResult]:
             result = await run.run()
             plan.progress.line(
                 f"{run.label}: correction rate {result.correction_rate_before:.2f} -> "
-                f"{result.correction_rate_after:.2f}, CRR {_fmt(result.crr)}, KL {result.kl:.3f}, "
+                f"{result.correction_rate_after:.2f}, CRR {_fmt(result.crr)}, kept characters per shown suggestion "
+                f"{result.kept_chars_before:.1f} -> {result.kept_chars_after:.1f}, KL {result.kl:.3f}, "
                 f"{sum(result.feedback_events.values())} feedback turns, {result.seconds:.0f} s"
             )
             results.append(result)

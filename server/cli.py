@@ -468,7 +468,8 @@ async def _demo(args: argparse.Namespace) -> int:
         "the developer correct the suggestion?\n"
         f"  2. The developer works through {args.train_prompts} other functions: accepting, rewriting, correcting.\n"
         "  3. The training worker learns an adapter from that feedback (GRPO-TCR and on-policy distillation),\n"
-        "     gates it (KL, general-code perplexity) and publishes it; the server swaps it in without a restart.\n"
+        "     gates it (KL, general-code perplexity, HumanEval against the base) and publishes it; the server\n"
+        "     swaps it in without a restart.\n"
         "  4. The held-out functions are completed again.\n"
         f"Everything lands in {out} (store, logs, results, report).\n",
         flush=True,
@@ -502,13 +503,19 @@ async def _demo(args: argparse.Namespace) -> int:
     else:
         print(
             f"Adapter {result.adapter} trained in {result.training_seconds:.0f} s, KL to the base {result.kl:.3f}, "
-            f"general-code perplexity {result.perplexity_base or 0:.2f} -> {result.perplexity_adapter or 0:.2f}."
+            f"general-code perplexity {result.perplexity_base or 0:.2f} -> {result.perplexity_adapter or 0:.2f}"
+            + (
+                f", HumanEval infilling {result.humaneval_base:.1f} % -> {result.humaneval_adapter:.1f} %."
+                if result.humaneval_base is not None and result.humaneval_adapter is not None
+                else "."
+            )
         )
     crr_text = "n/a" if result.crr is None else f"{result.crr:.2f}"
     print(
         f"Correction rate on held-out code: before {result.correction_rate_before:.2f}, "
         f"after {result.correction_rate_after:.2f} (reduction {crr_text}); "
-        f"accept rate {result.accept_rate_before:.2f} -> {result.accept_rate:.2f}."
+        f"accept rate {result.accept_rate_before:.2f} -> {result.accept_rate:.2f}; kept characters per shown "
+        f"suggestion {result.kept_chars_before:.1f} -> {result.kept_chars_after:.1f}."
     )
     print(f"Report: {report.resolve()}")
     return 0

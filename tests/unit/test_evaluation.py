@@ -8,7 +8,17 @@ from types import SimpleNamespace
 import pytest
 
 from personalization import evaluation
-from personalization.evaluation import EvalError, EvalPlan, Turn, crr, end_of, load_persona, pass_stats, review
+from personalization.evaluation import (
+    EvalError,
+    EvalPlan,
+    Turn,
+    crr,
+    end_of,
+    kept_characters,
+    load_persona,
+    pass_stats,
+    review,
+)
 from server.settings import Settings, resolve
 
 PERSONA_FILE = """
@@ -76,6 +86,20 @@ def test_rates_and_crr() -> None:
     assert crr(0.4, 0.4) == 0.0
     assert crr(0.2, 0.3) == pytest.approx(-0.5)
     assert crr(0.0, 0.0) is None  # nothing to correct before: no reduction to speak of
+
+
+def test_kept_characters_count_what_survives_of_the_suggestion() -> None:
+    assert kept_characters("return x", True, None) == 8  # taken as it is
+    assert kept_characters("return x", False, None) == 0  # turned down
+    # rewritten: "def f(a):" -> "def f(a: int) -> int:" keeps d,e,f,space,f,(,a then ),: = 9 characters
+    assert kept_characters("def f(a):", False, "def f(a: int) -> int:") == 9
+    assert kept_characters("", False, "x") == 0
+
+
+def test_kept_characters_per_shown_suggestion_leaves_empty_ones_out() -> None:
+    turns = [turn("abcd", True), turn("xy", False), turn("", False)]
+    turns[0].kept_chars, turns[1].kept_chars = 4, 1
+    assert pass_stats(turns).kept_chars_per_shown == 2.5  # (4 + 1) / 2 shown
 
 
 def test_end_of_counts_utf16_units() -> None:
