@@ -21,13 +21,17 @@ from dataclasses import dataclass, field
 from lsp_handlers.documents import Edit
 
 
+def surviving_characters(accepted: str, current: str) -> int:
+    """How many of `accepted`'s characters are still present, in order, in `current` (a character diff)."""
+    matcher = difflib.SequenceMatcher(None, accepted, current, autojunk=False)
+    return sum(block.size for block in matcher.get_matching_blocks())
+
+
 def survival_ratio(accepted: str, current: str) -> float:
     """Share of `accepted`'s characters still present, in order, in `current` (1.0 for an empty accept)."""
     if not accepted:
         return 1.0
-    matcher = difflib.SequenceMatcher(None, accepted, current, autojunk=False)
-    kept = sum(block.size for block in matcher.get_matching_blocks())
-    return min(1.0, kept / len(accepted))
+    return min(1.0, surviving_characters(accepted, current) / len(accepted))
 
 
 class Verdict(enum.Enum):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import hashlib
 import importlib.util
 import json
@@ -46,6 +45,7 @@ from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.client import LanguageClient
 
 from lsp_handlers import protocol
+from lsp_handlers.feedback import surviving_characters
 from personalization import corpus
 from personalization.corpus import Prompt
 from personalization.rollouts import settle_seconds
@@ -412,8 +412,7 @@ def kept_characters(suggestion: str, accepted: bool, kept: str | None) -> int:
         return len(suggestion)
     if kept is None or not suggestion:
         return 0
-    matcher = difflib.SequenceMatcher(None, suggestion, kept, autojunk=False)
-    return sum(block.size for block in matcher.get_matching_blocks())
+    return surviving_characters(suggestion, kept)
 
 
 def crr(before: float, after: float) -> float | None:

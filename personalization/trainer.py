@@ -42,7 +42,7 @@ class Sample:
 
     prompt_ids: list[int]
     response_ids: list[int]
-    old_logprobs: list[float] | None  # pi_old per response token; None: computed under the starting policy
+    old_logprobs: list[float] | None  # pi_old per response token; None: the policy of the step that next uses it
     reward: float = 0.0
     demonstration: bool = False
     # Per response token: does it depart from what the developer kept there (None: not known, or nothing
@@ -191,6 +191,11 @@ class LoraTrainer:
 
     def _shared_prompt_logprobs(self, prompt: list[int], responses: Sequence[list[int]]) -> list[Tensor]:
         """Log-probs of each response's tokens after one prompt, the prompt computed once."""
+        if not prompt:
+            raise ValueError(
+                "a training sample needs at least one prompt token (its first response token "
+                "is predicted from the prompt's last state); drop samples with an empty prompt"
+            )
         inner = self.model.get_base_model()
         n, width = len(responses), max(len(r) for r in responses)
         response_ids = torch.zeros((n, width), dtype=torch.long)
@@ -198,11 +203,6 @@ class LoraTrainer:
         for j, r in enumerate(responses):
             response_ids[j, : len(r)] = torch.tensor(r)
             response_mask[j, : len(r)] = 1
-        if not prompt:
-            raise ValueError(
-                "a training sample needs at least one prompt token (its first response token "
-                "is predicted from the prompt's last state); drop samples with an empty prompt"
-            )
         with self.autocast():
             head = inner.model(input_ids=torch.tensor([prompt]), use_cache=True)
             cache = head.past_key_values

@@ -233,9 +233,9 @@ def _train(
         batch: list[Group] = trainer.sample_batch(groups, t.batch_size) if groups else []
         opd_part = trainer.sample_batch(opd, opd_batch)
         step_started = time.monotonic()
-        with timing("steps"):
-            step = trainer.step(batch, opd_part)
+        step = trainer.step(batch, opd_part)
         step["seconds"] = time.monotonic() - step_started
+        timing.add("steps", step["seconds"])
         losses.append(step["loss"])
         if prm_accuracy is not None:
             step["prm_accuracy"] = prm_accuracy
@@ -292,14 +292,16 @@ class Timing:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + seconds, 2)
+
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         started = time.monotonic()
         try:
             yield
         finally:
-            spent = time.monotonic() - started
-            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + spent, 2)
+            self.add(phase, time.monotonic() - started)
 
 
 def measure_gates(
