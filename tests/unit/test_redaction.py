@@ -25,7 +25,6 @@ CASES = [
     ('headers = {"Authorization": "Bearer abcdef1234567890XYZ"}', '"Authorization": "Bearer [REDACTED:bearer-token]"'),
     ('password = "hunter22"', 'password = "[REDACTED:password]"'),
     ("DB_PASSWD: 'opensesame'", "DB_PASSWD: '[REDACTED:password]'"),
-    ('config["api_key"] = "abc123xyz"', '"api_key"] = "abc123xyz"'),  # an index, not an assignment: kept
     ("api_key='abc123xyz'", "api_key='[REDACTED:password]'"),
     ("postgresql://admin:s3cretpw@db/prod", "postgresql://admin:[REDACTED:password]@db/prod"),
 ]
@@ -63,3 +62,85 @@ def test_oversized_text_is_cut_with_a_marker() -> None:
     out = Redactor().clean("x" * (MAX_TEXT_CHARS + 10))
     assert out.truncated and len(out.text) == MAX_TEXT_CHARS
     assert out.text.endswith("[TRUNCATED: 10 more characters not stored]")
+
+
+# Secrets in assignments and env-style lines: each with the text the store must keep instead.
+HF_TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh"  # 34 letters
+GITLAB_TOKEN = "glpat-" + "z_sxgtrfAxKr8q1TPY8Y"  # 20 characters
+GITLAB_ROUTABLE = "glpat-" + "AbCdEfGhIjKlMnOpQrStUvWxYz0" + ".01.0p1q2r3s4"
+NPM_TOKEN = "npm_" + "TCllNwh2WLQlMWVhybM1iQrsTj6rMQ0BOh6d"  # 36 alphanumerics
+
+ASSIGNMENTS = [
+    ("MYSQL_PASSWORD=x", "MYSQL_PASSWORD=[REDACTED:password]"),
+    ("export FOO_SECRET=s3cr3t-v@lue\n", "export FOO_SECRET=[REDACTED:password]\n"),
+    ("DB_PASS=hunter2 ./run.sh", "DB_PASS=[REDACTED:password] ./run.sh"),
+    ("mysql -u root --password=hunter2 shop", "mysql -u root --password=[REDACTED:password] shop"),
+    ("SECRET_KEY='django-insecure-abc123'", "SECRET_KEY='[REDACTED:password]'"),
+    ('SECRET_KEY = "abc"', 'SECRET_KEY = "[REDACTED:password]"'),
+    ('token = "abc123def456"', 'token = "[REDACTED:password]"'),
+    ("self.api_token = 'xyz789'", "self.api_token = '[REDACTED:password]'"),
+    ('const opts = { accessToken: "abc.def" };', 'const opts = { accessToken: "[REDACTED:password]" };'),
+    ('clientSecret := "abc"', 'clientSecret := "[REDACTED:password]"'),
+    ('os.environ["API_KEY"] = "k-123"', 'os.environ["API_KEY"] = "[REDACTED:password]"'),
+    ('password: str = "changeme"', 'password: str = "[REDACTED:password]"'),
+    ('password = "it\'s-a-secret"', 'password = "[REDACTED:password]"'),
+    ('config["api_key"] = "abc123xyz"', 'config["api_key"] = "[REDACTED:password]"'),
+    ("SECRET_KEY_BASE=0a1b2c", "SECRET_KEY_BASE=[REDACTED:password]"),
+    (
+        'curl "https://x.example/api?access_token=abc123&page=2"',
+        'curl "https://x.example/api?access_token=[REDACTED:password]&page=2"',
+    ),
+    (f'HF = "{HF_TOKEN}"', 'HF = "[REDACTED:huggingface-token]"'),
+    (f'hf_token = "{HF_TOKEN}"', 'hf_token = "[REDACTED:huggingface-token]"'),  # named once, not twice
+    (
+        f"git clone https://oauth2:{GITLAB_TOKEN}@gitlab.com/x.git",
+        "git clone https://oauth2:[REDACTED:gitlab-token]@gitlab.com/x.git",
+    ),
+    (f"GL = '{GITLAB_TOKEN}'", "GL = '[REDACTED:gitlab-token]'"),
+    (f"GL = '{GITLAB_ROUTABLE}'", "GL = '[REDACTED:gitlab-token]'"),
+    (f"//registry.npmjs.org/:_authToken={NPM_TOKEN}\n", "//registry.npmjs.org/:_authToken=[REDACTED:npm-token]\n"),
+    (f"NPM_TOKEN={NPM_TOKEN}", "NPM_TOKEN=[REDACTED:npm-token]"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), ASSIGNMENTS)
+def test_secret_assignments_and_tokens(text: str, expected: str) -> None:
+    cleaned = Redactor().clean(text)
+    assert cleaned.text == expected
+    assert cleaned.redacted
+
+
+# Ordinary code: a value that is an expression (a name, a call, an index, a variable reference) is not a
+# secret, and names that merely contain a secret word are not secret names.
+KEPT = [
+    "token = tokens[0]",
+    "password = getpass()",
+    'secret_key = os.environ["X"]',
+    'SECRET_KEY = os.environ["DJANGO_SECRET_KEY"]',
+    "PASSWORD=getpass()",
+    "TOKEN=${GITHUB_TOKEN}",
+    "connect(host=h, password=pw, port=5432)",
+    "login(user, password=password)",
+    'if token == "":',
+    'if password == "admin":',
+    "password = ''",
+    "max_tokens = 64",
+    "MAX_TOKENS=64",
+    'token_count = "3"',
+    "PASSWORD_FILE=/run/secrets/db",
+    "def login(user: str, password: str) -> bool:",
+    'hf_hub_download(repo_id="x", filename="model.safetensors")',
+    'npm_config_cache = "/tmp/npm"',
+    'tokenizer = "gpt2"',
+    'author = "Ann"',
+    'bypass = "yes"',
+    "glpat-short",
+    "hf_" + "a" * 33,
+]
+
+
+@pytest.mark.parametrize("text", KEPT)
+def test_ordinary_code_is_kept(text: str) -> None:
+    cleaned = Redactor().clean(text)
+    assert cleaned.text == text
+    assert not cleaned.redacted
