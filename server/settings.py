@@ -21,7 +21,7 @@ import json
 import re
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,9 +53,24 @@ def setting(
     min: float | None = None,
     max: float | None = None,
     min_exclusive: bool = False,
+    check: Callable[[str, str, Any], None] | None = None,
+    adds_up: bool = False,
 ) -> Any:
-    """Declare one settings key with its help text and the values it allows."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+    """Declare one settings key with its help text and the values it allows.
+
+    `check(source, key, value)` raises `SettingsError` for a value the type and range allow but that cannot
+    be used (an invalid regular expression); `adds_up` makes a list key collect the items of every layer
+    instead of the last layer's replacing the others'.
+    """
+    meta = {
+        "help": help,
+        "choices": choices,
+        "min": min,
+        "max": max,
+        "min_exclusive": min_exclusive,
+        "check": check,
+        "adds_up": adds_up,
+    }
     if isinstance(default, list):
         frozen = list(default)
         return field(default_factory=lambda: list(frozen), metadata=meta)
@@ -391,15 +406,36 @@ class ExperimentSettings:
     )
 
 
+def _check_patterns(source: str, key: str, patterns: list[str]) -> None:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise SettingsError(
+                source,
+                key,
+                pattern,
+                f"expected valid regular expressions (Python `re` syntax): {exc}; fix the pattern or remove it",
+            ) from None
+
+
 @dataclass(slots=True)
 class PrivacySettings:
     """What is kept, for how long, and what is scrubbed first."""
 
     retention_days: int = setting(90, "Rows older than this are deleted (0: keep forever).", min=0)
     redact_patterns: list[str] = setting(
-        [], "Extra regular expressions whose matches are replaced by [REDACTED] before storing."
+        [],
+        "Extra regular expressions whose matches are replaced by [REDACTED] before storing. They add up: a "
+        "session's writes are scrubbed with the global file's, its team file's and its developer tables' patterns.",
+        check=_check_patterns,
+        adds_up=True,
     )
-    store_prompts: bool = setting(True, "Keep prompt text (needed for training); false keeps token ids only.")
+    store_prompts: bool = setting(
+        True,
+        "Keep each completion's prompt, text and token ids (training learns from them); false stores neither, "
+        "and those completions are left out of training (they still count in the metrics).",
+    )
 
 
 @dataclass(slots=True)
@@ -549,6 +585,9 @@ def _validate_value(source: str, key: str, tp: Any, meta: Mapping[str, Any], val
         too_low = lo is not None and (item <= lo if meta.get("min_exclusive") else item < lo)
         if too_low or (hi is not None and item > hi):
             raise SettingsError(source, key, value, f"expected {allowed}")
+    check = meta.get("check")
+    if check is not None:
+        check(source, key, converted)
     return converted
 
 
@@ -677,9 +716,16 @@ def resolve(
     sources: dict[str, str] = {}
     for source, sections in layers:
         for section, values in sections.items():
+            fields = _section_fields(section)
             for key, value in values.items():
-                merged[section][key] = value
-                sources[f"{section}.{key}"] = source
+                name = f"{section}.{key}"
+                if fields[key][1].get("adds_up") and key in merged[section]:
+                    earlier = merged[section][key]
+                    merged[section][key] = earlier + [item for item in value if item not in earlier]
+                    sources[name] = f"{sources[name]} + {source}"
+                else:
+                    merged[section][key] = value
+                    sources[name] = source
     settings = Settings(**{name: SECTIONS[name](**values) for name, values in merged.items()})
     _check_consistency(settings, sources)
     return ResolvedSettings(settings, sources, files)
@@ -763,16 +809,6 @@ def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
             s.feedback.edit_snapshot_delays_s,
             "expected a list of positive numbers of seconds",
         )
-    for pattern in s.privacy.redact_patterns:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise SettingsError(
-                src("privacy.redact_patterns"),
-                "privacy.redact_patterns",
-                pattern,
-                f"expected valid regular expressions ({exc})",
-            ) from None
 
 
 # Sections an editor may set for its own session (initializationOptions.settings and

@@ -302,3 +302,44 @@ def test_client_settings_layer_over_the_admins_and_refuse_other_sections(tmp_pat
         SettingsError, match=r"completion.single_line_max_tokens = 16 .* <= completion.max_tokens \(8\)"
     ):
         apply_client_settings(base, {"completion": {"max_tokens": 8}}, "editor")
+
+
+def test_redact_patterns_add_up_across_global_team_and_developer_layers(tmp_path: Path) -> None:
+    """A team or developer adds patterns; it cannot drop the global ones by setting its own."""
+    write(
+        tmp_path / "heedful.toml",
+        "[privacy]\nredact_patterns = ['G-[0-9]+']\n\n"
+        "[developers.\"alice\".privacy]\nredact_patterns = ['GA-[0-9]+']\n",
+    )
+    write(
+        tmp_path / "teams" / "web.toml",
+        "[privacy]\nredact_patterns = ['T-[0-9]+', 'G-[0-9]+']\n\n"
+        "[developers.\"alice\".privacy]\nredact_patterns = ['A-[0-9]+']\n",
+    )
+    alice = resolve(tmp_path / "heedful.toml", developer="alice", team="web")
+    assert alice.settings.privacy.redact_patterns == ["G-[0-9]+", "T-[0-9]+", "GA-[0-9]+", "A-[0-9]+"]
+    bob = resolve(tmp_path / "heedful.toml", developer="bob", team="web")
+    assert bob.settings.privacy.redact_patterns == ["G-[0-9]+", "T-[0-9]+"]
+    assert resolve(tmp_path / "heedful.toml", developer="bob").settings.privacy.redact_patterns == ["G-[0-9]+"]
+    assert str(tmp_path / "teams" / "web.toml") in bob.sources["privacy.redact_patterns"]
+
+
+@pytest.mark.parametrize(
+    ("team_text", "key"),
+    [
+        ("[privacy]\nredact_patterns = ['ok-[0-9]+', '(unclosed']\n", "privacy.redact_patterns"),
+        (
+            "[developers.\"alice\".privacy]\nredact_patterns = ['(unclosed']\n",
+            "developers.alice.privacy.redact_patterns",
+        ),
+    ],
+)
+def test_an_invalid_pattern_names_its_file_the_pattern_and_the_fix(tmp_path: Path, team_text: str, key: str) -> None:
+    write(tmp_path / "heedful.toml", "[privacy]\nredact_patterns = ['fine-[0-9]+']\n")
+    team = write(tmp_path / "teams" / "web.toml", team_text)
+    with pytest.raises(SettingsError) as info:
+        resolve(tmp_path / "heedful.toml", developer="bob", team="web")  # the whole file is refused
+    err = info.value
+    assert (err.source, err.key, err.value) == (str(team), key, "(unclosed")
+    assert "missing ), unterminated subpattern at position 0" in str(err)
+    assert "fix the pattern or remove it" in str(err)
