@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -70,3 +71,59 @@ def test_missing_truncated_or_garbage_weights(tmp_path: Path) -> None:
 def test_adapter_refs_are_validated(tmp_path: Path, name: str, lora_id: int) -> None:
     with pytest.raises(AdapterError):
         AdapterRef(name, lora_id, tmp_path)
+
+
+def write_weights(path: Path, header: bytes, payload: bytes = b"\0" * 16) -> Path:
+    """An adapter folder whose safetensors file has exactly this header (raw bytes) and payload."""
+    write_adapter(path)
+    (path / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + payload)
+    return path
+
+
+def tensor(**fields: object) -> dict[str, object]:
+    return {"dtype": "F32", "shape": [4], "data_offsets": [0, 16], **fields}
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (b"{not json", "header is not valid JSON"),
+        (b"\xff\xfe{}", "header is not valid JSON"),
+        (b"[" * 100_000, "header is not valid JSON"),
+        (json.dumps([1, 2]).encode(), "header is a list, not a JSON object"),
+        (json.dumps({"w": [0, 16]}).encode(), "tensor 'w' is described by a list, not an object"),
+        (json.dumps({"w": {"dtype": "F32", "shape": [4]}}).encode(), "tensor 'w' has no data_offsets"),
+        (json.dumps({"w": tensor(data_offsets=[0])}).encode(), "tensor 'w' has data_offsets [0]"),
+        (json.dumps({"w": tensor(data_offsets=["0", 16])}).encode(), "tensor 'w' has data_offsets"),
+        (json.dumps({"w": tensor(data_offsets=[16, 0])}).encode(), "tensor 'w' has data_offsets [16, 0]"),
+        (json.dumps({"w": tensor(dtype="F33")}).encode(), "tensor 'w' has dtype 'F33'"),
+        (json.dumps({"w": tensor(shape=[4, -1])}).encode(), "tensor 'w' has shape [4, -1]"),
+        (json.dumps({"w": tensor(shape="4")}).encode(), "tensor 'w' has shape '4'"),
+        (json.dumps({"w": tensor(shape=[5])}).encode(), "tensor 'w' spans 16 bytes, but F32 [5] needs 20"),
+        (
+            json.dumps({"a": tensor(data_offsets=[0, 16]), "b": tensor(data_offsets=[8, 24])}).encode(),
+            "tensors 'a' and 'b' overlap or leave a gap",
+        ),
+        (json.dumps({"__metadata__": [1], "w": tensor()}).encode(), "__metadata__ is a list, not an object"),
+    ],
+)
+def test_a_malformed_safetensors_header_is_an_adapter_error_naming_the_problem(
+    tmp_path: Path, header: bytes, message: str
+) -> None:
+    """Whatever the header holds, the check raises the engine's own error (the serving path catches it)
+    with the file, the problem and the fix; never a KeyError or TypeError that escapes the handlers."""
+    a = write_weights(tmp_path / "a", header, b"\0" * 24)
+    with pytest.raises(AdapterError, match=re.escape(message)) as caught:
+        check_adapter_dir(a)
+    text = str(caught.value)
+    assert str(a / "adapter_model.safetensors") in text and "cannot be served" in text
+
+
+def test_a_well_formed_header_with_metadata_and_two_tensors_passes(tmp_path: Path) -> None:
+    header = {
+        "__metadata__": {"format": "pt"},
+        "b": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [16, 24]},
+        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+    }
+    a = write_weights(tmp_path / "a", json.dumps(header).encode(), b"\0" * 24)
+    assert check_adapter_dir(a)["r"] == 8
