@@ -14,20 +14,18 @@ writes are queued and the writer's own durability applies.
 from __future__ import annotations
 
 import asyncio
-import getpass
-import hmac
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lsprotocol import types
 from pygls.capabilities import ServerCapabilitiesBuilder
-from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 
+from lsp_handlers.auth import AuthPolicy, ConnectionRefused, admit, check_client_info, parse_claim
 from lsp_handlers.completion import ADAPTER_ARMS, CompletionService, Identity, Served
 from lsp_handlers.documents import DocumentError, DocumentStore, StaleVersion, TextDocument, code_points_for_units
 from lsp_handlers.feedback import AcceptedText, Suggestion, Verdict, locate
@@ -59,8 +57,6 @@ from storage.repositories import Scope
 from storage.store import DocumentSeen, EventRecord, SessionStart
 
 log = logging.getLogger(__name__)
-
-MAX_ID_CHARS = 200
 
 
 @dataclass(slots=True)
@@ -345,57 +341,40 @@ def _log_failed_write(fut: asyncio.Future[Any]) -> None:
         log.error("an event was not recorded: %s", fut.exception())
 
 
-def _parse_identity(options: Any) -> tuple[str, str, str | None, Any]:
-    """(developer id, session id, team, settings) from initializationOptions; bad values raise InvalidParams."""
-    if options is None:
-        options = {}
-    if not isinstance(options, dict):
-        raise JsonRpcInvalidParams(
-            'initializationOptions must be an object like {"developerId": "alice", "team": "backend"}'
-        )
-    developer = options.get("developerId")
-    if developer is None:
-        developer = getpass.getuser()
-        log.warning("initializationOptions.developerId is missing; using the OS user %r", developer)
-    session = options.get("sessionId") or f"s-{uuid.uuid4().hex}"
-    team = options.get("team")
-    for key, value, required in (("developerId", developer, True), ("sessionId", session, True), ("team", team, False)):
-        if value is None and not required:
-            continue
-        if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_CHARS:
-            raise JsonRpcInvalidParams(
-                f"initializationOptions.{key} = {value!r} is not valid: expected a non-empty string of at most "
-                f"{MAX_ID_CHARS} characters"
-            )
-    return developer, session, team, options.get("settings")
-
-
 def create_server(
-    services: Services, completions: CompletionService | None = None, *, token: str | None = None
+    services: Services, completions: CompletionService | None = None, *, auth: AuthPolicy | None = None
 ) -> HeedfulLanguageServer:
     """A server for one connection, with every Heedful handler registered.
 
-    With a `token` (TCP on a non-local address), `initialize` must carry it as
-    `initializationOptions.token`; otherwise it is answered with an error and the connection closes.
+    `auth` says how the connection proves who it is (`lsp_handlers.auth`; default: stdio, one OS user).
+    A refused `initialize` is answered with an error and the connection closes.
     """
     ls = HeedfulLanguageServer(services, completions or CompletionService(services))
+    policy = auth or AuthPolicy()
 
     @ls.feature(types.INITIALIZE)
-    def initialize(ls: HeedfulLanguageServer, params: types.InitializeParams) -> None:
-        if token is not None:
-            _check_token(ls, params.initialization_options, token)
-        developer, session_id, team, client_settings = _parse_identity(params.initialization_options)
+    async def initialize(ls: HeedfulLanguageServer, params: types.InitializeParams) -> None:
+        info = params.client_info
+        try:
+            claim = parse_claim(params.initialization_options)
+            check_client_info(info.name if info else None, info.version if info else None)
+            admitted = await admit(policy, claim, services.store)
+        except ConnectionRefused:
+            asyncio.get_running_loop().call_soon(ls.exit_requested.set)  # after the error answer is written
+            raise
+        if not claim.developer_given and admitted.via == "os-user":
+            log.warning("initializationOptions.developerId is missing; using the OS user %r", admitted.developer_id)
+        developer, session_id, team = admitted.developer_id, admitted.session_id, admitted.team_id
         try:
             ls.resolved = services.resolve(developer, team)
         except SettingsError as exc:
             log.error("settings for developer %r, team %r: %s", developer, team, exc)
             ls.show_message(f"Heedful: {exc}; serving with the global settings until it is fixed")
             ls.resolved = services.base
-        ls.apply_settings(client_settings, "initializationOptions.settings")
+        ls.apply_settings(claim.settings, "initializationOptions.settings")
         ls.identity = Identity(developer, session_id, team)
         ls.watch_settings()
         ls.documents = DocumentStore(ServerCapabilitiesBuilder.choose_position_encoding(params.capabilities))
-        info = params.client_info
         fut = services.store.start_session(
             SessionStart(
                 session_id=session_id,
@@ -407,7 +386,12 @@ def create_server(
         )
         fut.add_done_callback(_log_failed_write)
         log.info(
-            "session %s: developer %r, team %r, client %s", session_id, developer, team, info.name if info else "?"
+            "session %s: developer %r, team %r, client %s, admitted by %s",
+            session_id,
+            developer,
+            team,
+            info.name if info else "?",
+            admitted.via,
         )
 
     @ls.feature(types.INITIALIZED)
@@ -658,25 +642,6 @@ def create_server(
         return {"recorded": True, "completionId": completion_id, "eventId": event_id}
 
     return ls
-
-
-class ConnectionRefused(JsonRpcException):
-    """The client did not present the server's token."""
-
-    CODE = -32001  # implementation-defined server error: not InvalidParams, so clients do not retry as is
-
-
-def _check_token(ls: HeedfulLanguageServer, options: Any, token: str) -> None:
-    """Refuse and close the connection unless `options.token` is the server's token."""
-    given = options.get("token") if isinstance(options, dict) else None
-    if isinstance(given, str) and hmac.compare_digest(given.encode(), token.encode()):
-        return
-    log.warning("connection refused: initializationOptions.token is %s", "wrong" if given else "missing")
-    asyncio.get_running_loop().call_soon(ls.exit_requested.set)  # after the error answer is written
-    raise ConnectionRefused(
-        "this Heedful server listens on the network and needs a token: set initializationOptions.token to "
-        "the server's server.tcp_token (ask the admin)"
-    )
 
 
 def _completion_id_argument(args: tuple[Any, ...], command: str) -> str:

@@ -217,6 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--developer", required=True, help="the developer id to forget")
     purge.add_argument("--reason", help="why (written to the audit log)")
 
+    token = sub.add_parser("token", help="developer tokens for a shared `heedful serve --tcp`: add, list, revoke")
+    token_sub = token.add_subparsers(dest="token_command", metavar="COMMAND")
+    token_add = token_sub.add_parser("add", help="create a token for a developer and print it (once)")
+    token_add.add_argument("--developer", required=True, help="the developer the token identifies")
+    token_add.add_argument("--team", help="the developer's team (the token decides it, not the editor)")
+    token_add.add_argument("--label", help="a note, e.g. the machine it is for")
+    token_add.add_argument("--json", action="store_true", help="print JSON")
+    token_list = token_sub.add_parser("list", help="tokens by their first characters, with developer and team")
+    token_list.add_argument("--developer", help="only this developer's")
+    token_list.add_argument("--json", action="store_true", help="print JSON")
+    token_revoke = token_sub.add_parser("revoke", help="revoke a token (by its prefix) or all of a developer's")
+    token_revoke.add_argument("prefix", nargs="?", help="the token's first characters, as `heedful token list` shows")
+    token_revoke.add_argument("--developer", help="revoke every token of this developer")
+
     export = sub.add_parser("export", help="a developer's rollouts as (context, response, feedback) triples")
     export.add_argument("--developer", required=True, help="the developer id")
     export.add_argument("--format", choices=("jsonl",), default="jsonl", help="output format (jsonl)")
@@ -566,6 +580,62 @@ async def _with_store(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _token(args: argparse.Namespace) -> int:
+    """`heedful token add | list | revoke`: the developer tokens a shared server checks at `initialize`."""
+    from storage import tokens
+
+    if args.token_command not in ("add", "list", "revoke"):
+        raise CliError(
+            "usage: heedful token add --developer ID [--team T] | heedful token list | heedful token revoke PREFIX",
+            EXIT_USAGE,
+        )
+    settings = _settings(args).settings
+    async with _open_store(settings) as store:
+        if args.token_command == "add":
+            secret, info = await tokens.create_token(store, args.developer, args.team, args.label)
+            if args.json:
+                print(json.dumps({"token": secret, "prefix": info.prefix, "developer": info.developer_id,
+                                  "team": info.team_id}, indent=2))  # fmt: skip
+            else:
+                print(secret)
+                print(
+                    f"token for developer {info.developer_id!r}, team {info.team_id!r}: shown once, only its sha256 "
+                    "is kept; the editor sends it as initializationOptions.token",
+                    file=sys.stderr,
+                )
+        elif args.token_command == "list":
+            found = await tokens.list_tokens(store, args.developer)
+            rows = [
+                {
+                    "prefix": t.prefix,
+                    "developer": t.developer_id,
+                    "team": t.team_id,
+                    "label": t.label,
+                    "created": t.created_at.isoformat(timespec="seconds"),
+                    "revoked": None if t.revoked_at is None else t.revoked_at.isoformat(timespec="seconds"),
+                }
+                for t in found
+            ]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                print(f"{'prefix':<16} {'developer':<24} {'team':<16} {'created':<26} revoked")
+                for r in rows:
+                    print(
+                        f"{r['prefix']:<16} {r['developer']:<24} {r['team'] or '-':<16} {r['created']:<26} "
+                        f"{r['revoked'] or '-'}"
+                    )
+        else:
+            count = await tokens.revoke_tokens(store, prefix=args.prefix, developer_id=args.developer)
+            if count == 0:
+                raise CliError(
+                    f"no live token matches {args.prefix or 'developer ' + repr(args.developer)}: "
+                    "`heedful token list` shows them"
+                )
+            print(f"revoked {count} token(s)")
+    return 0
+
+
 async def _team(args: argparse.Namespace) -> int:
     from server.admin import team_files, team_overrides
 
@@ -814,6 +884,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from lsp_handlers.auth import AuthPolicy
     from server.engine import EngineError
     from server.model_prep import ModelError
     from server.serve import serve
@@ -832,16 +903,21 @@ def _serve(args: argparse.Namespace) -> int:
             EXIT_USAGE,
         )
     settings = _settings(args).settings  # a broken settings file stops here, before any editor connects
-    token = None
-    if args.tcp and not _is_loopback(args.host):
-        token = settings.server.tcp_token
-        if not token:
-            raise CliError(
-                f"--host {args.host} lets other machines connect, so editors must present a token: set "
-                "server.tcp_token in the settings file (editors send it as initializationOptions.token), or "
-                "bind 127.0.0.1",
-                EXIT_USAGE,
-            )
+    loopback = _is_loopback(args.host)
+    if args.tcp and not loopback and not (settings.server.tcp_token or settings.server.require_tokens):
+        raise CliError(
+            f"--host {args.host} lets other machines connect, so editors must prove who they are: give each "
+            "developer a token (`heedful token add --developer ID`) and set server.require_tokens = true, or set "
+            "a shared server.tcp_token in the settings file (editors send either as initializationOptions.token), "
+            "or bind 127.0.0.1",
+            EXIT_USAGE,
+        )
+    auth = AuthPolicy(
+        tcp=args.tcp,
+        loopback=loopback,
+        shared_token=settings.server.tcp_token or None,
+        require_tokens=settings.server.require_tokens,
+    )
     setup_logging(
         settings.logging.level if not args.verbose else "DEBUG", args.log_file or settings.logging.file or None
     )
@@ -855,7 +931,7 @@ def _serve(args: argparse.Namespace) -> int:
                 host=args.host,
                 port=args.port,
                 record=args.record,
-                token=token,
+                auth=auth,
                 metrics=None if args.metrics_port is None else (args.metrics_host, args.metrics_port),
             )
         )
@@ -962,6 +1038,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_demo(args))
         if args.command == "eval":
             return asyncio.run(_eval(args))
+        if args.command == "token":
+            return asyncio.run(_token(args))
         if args.command in ("stats", "purge", "export", "retention"):
             return asyncio.run(_with_store(args))
         parser.print_help(sys.stderr)

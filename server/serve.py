@@ -3,8 +3,9 @@
 stdio: the protocol gets a private copy of the real stdout, and file descriptor 1 is pointed at stderr,
 so a stray print (ours, a library's, or a vLLM worker process's) can never corrupt the protocol stream.
 
-TCP binds 127.0.0.1 unless told otherwise; a non-local bind needs `server.tcp_token`, and a client
-whose `initialize` does not carry it is refused and disconnected. Every connection gets its own `HeedfulLanguageServer`
+TCP binds 127.0.0.1 unless told otherwise; a non-local bind needs tokens (`server.tcp_token` or developer
+tokens with `server.require_tokens`), and a client whose `initialize` does not prove who it is is refused and
+disconnected (`lsp_handlers.auth`). Every connection gets its own `HeedfulLanguageServer`
 (its own session), and they all share one engine, one store and one tokenizer. One client's `exit`
 ends its connection, not the process.
 
@@ -26,6 +27,7 @@ from typing import Any, BinaryIO
 
 from pygls.io_ import StdoutWriter, run_async
 
+from lsp_handlers.auth import AuthPolicy
 from lsp_handlers.completion import CompletionService
 from lsp_handlers.server import HeedfulLanguageServer, create_server
 from server.recording import Recorder, RecordingReader, RecordingWriter
@@ -50,14 +52,13 @@ class _StreamWriter:
 
 
 async def run_connection(
-    reader: Any, writer: Any, services: Services, completions: CompletionService, token: str | None = None
+    reader: Any, writer: Any, services: Services, completions: CompletionService, auth: AuthPolicy | None = None
 ) -> HeedfulLanguageServer:
     """Serve one connection until the client sends `exit` or closes the stream; then close its session.
 
-    With a `token`, the client's `initialize` must carry it (initializationOptions.token) or the
-    connection is refused.
+    `auth`: how the client proves who it is (`lsp_handlers.auth`; default: stdio, one OS user).
     """
-    ls = create_server(services, completions, token=token)
+    ls = create_server(services, completions, auth=auth)
     ls.protocol.set_writer(writer)
     stop = threading.Event()
     loop_task = asyncio.create_task(
@@ -117,7 +118,7 @@ async def serve_stdio(services: Services, record: Path | None = None) -> int:
     return 0 if ls.shutdown_requested else 1
 
 
-async def serve_tcp(services: Services, host: str, port: int, token: str | None = None) -> int:
+async def serve_tcp(services: Services, host: str, port: int, auth: AuthPolicy) -> int:
     completions = CompletionService(services)
     connections: set[asyncio.Task[Any]] = set()
 
@@ -128,7 +129,7 @@ async def serve_tcp(services: Services, host: str, port: int, token: str | None 
         if task is not None:
             connections.add(task)
         try:
-            await run_connection(reader, _StreamWriter(writer), services, completions, token)
+            await run_connection(reader, _StreamWriter(writer), services, completions, auth)
         finally:
             writer.close()
             if task is not None:
@@ -162,19 +163,19 @@ async def serve(
     host: str,
     port: int,
     record: Path | None = None,
-    token: str | None = None,
+    auth: AuthPolicy | None = None,
     metrics: tuple[str, int] | None = None,
 ) -> int:
     """Serve until the editor leaves (stdio) or a signal arrives (TCP).
 
-    `token`: required of TCP clients; `metrics`: (host, port) of the Prometheus endpoint, None: off.
+    `auth`: how TCP clients prove who they are; `metrics`: (host, port) of the Prometheus endpoint, None: off.
     """
     services = await Services.open(config_path)
     try:
         if metrics is not None:
             services.metrics.expose(services.store, asyncio.get_running_loop(), *metrics)
         if tcp:
-            return await serve_tcp(services, host, port, token)
+            return await serve_tcp(services, host, port, auth or AuthPolicy(tcp=True))
         return await serve_stdio(services, record)
     finally:
         await services.close()

@@ -465,7 +465,14 @@ class ServerSettings:
         "",
         "Token every editor must send as `initializationOptions.token` when `heedful serve --tcp` binds an "
         "address other than this machine's (127.0.0.1, ::1, localhost); a connection without it is refused. "
-        "Empty: a non-local bind is refused at start.",
+        "Empty: a non-local bind is refused at start (unless `require_tokens` is on). Whoever holds it may "
+        "say which developer they are, except a developer who has a token of their own.",
+    )
+    require_tokens: bool = setting(
+        False,
+        "Every TCP connection, loopback included, must present a developer token (`heedful token add "
+        "--developer ID`), which decides the developer and team it is served as; the shared `tcp_token` then "
+        "admits nobody. Off: loopback connections without a token may say who they are (one user per machine).",
     )
 
 

@@ -36,6 +36,14 @@ NAMING_CONVENTION = {
 }
 
 
+# The longest identity strings the schema holds; the server refuses longer ones at `initialize`.
+DEVELOPER_ID_CHARS = 200
+TEAM_ID_CHARS = 64
+SESSION_ID_CHARS = 64
+CLIENT_NAME_CHARS = 200
+CLIENT_VERSION_CHARS = 100
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -96,14 +104,14 @@ class AdapterStatus(enum.StrEnum):
 class Team(Base):
     __tablename__ = "teams"
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(String(TEAM_ID_CHARS), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Developer(Base):
     __tablename__ = "developers"
 
-    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    id: Mapped[str] = mapped_column(String(DEVELOPER_ID_CHARS), primary_key=True)
     team_id: Mapped[str | None] = mapped_column(ForeignKey("teams.id", ondelete="SET NULL"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -113,11 +121,11 @@ class LspSession(Base):
 
     __tablename__ = "sessions"
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
+    id: Mapped[str] = mapped_column(String(SESSION_ID_CHARS), primary_key=True, default=new_id)
     developer_id: Mapped[str] = mapped_column(ForeignKey("developers.id", ondelete="CASCADE"), index=True)
-    team_id: Mapped[str | None] = mapped_column(String(64))
-    client_name: Mapped[str | None] = mapped_column(String(200))
-    client_version: Mapped[str | None] = mapped_column(String(100))
+    team_id: Mapped[str | None] = mapped_column(String(TEAM_ID_CHARS))
+    client_name: Mapped[str | None] = mapped_column(String(CLIENT_NAME_CHARS))
+    client_version: Mapped[str | None] = mapped_column(String(CLIENT_VERSION_CHARS))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -273,3 +281,20 @@ class AuditEntry(Base):
     scope_id: Mapped[str | None] = mapped_column(String(200))
     reason: Mapped[str | None] = mapped_column(Text)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class AccessToken(Base):
+    """A developer's token for a shared `heedful serve --tcp`: whoever presents it is that developer.
+
+    Only the token's sha256 is kept; `prefix` (its first characters) names it in listings and revocations.
+    """
+
+    __tablename__ = "access_tokens"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(16), index=True)
+    developer_id: Mapped[str] = mapped_column(String(DEVELOPER_ID_CHARS), index=True)
+    team_id: Mapped[str | None] = mapped_column(String(TEAM_ID_CHARS))
+    label: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
