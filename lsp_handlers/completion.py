@@ -224,7 +224,8 @@ class CompletionService:
             session_id=identity.session_id,
             developer_id=identity.developer_id,
             team_id=identity.team_id,
-            prompt=prompt_text if settings.privacy.store_prompts else "",
+            # The store keeps or drops the prompt (text and ids) by the session's own privacy settings.
+            prompt=prompt_text,
             prompt_token_ids=list(gen.prompt_token_ids),
             # The candidate continues the stored prompt exactly: the healed whitespace, then what is shown.
             candidates=[fit_candidate(raw, raw.text[: len(raw.text) - len(text)] + consumed + shown, engine)],
@@ -242,13 +243,16 @@ class CompletionService:
         if c.group_size > 1 and self._random.random() < c.group_sample_rate:
             # The group is sampled from the same adapter, after this request answers: it holds its own lease.
             group_lease = lease.share()
-            self._spawn(self._sample_group(engine, prompt_text, served.completion_id, single, settings, group_lease))
+            self._spawn(
+                self._sample_group(engine, prompt_text, identity, served.completion_id, single, settings, group_lease)
+            )
         return served
 
     async def _sample_group(
         self,
         engine: Engine,
         prompt: str,
+        identity: Identity,
         completion_id: str,
         single: bool,
         settings: Settings,
@@ -270,7 +274,7 @@ class CompletionService:
         finally:
             lease.release()
         cands = [CandidateRecord(g.text, list(g.token_ids), list(g.logprobs), g.finish_reason) for g in gen.candidates]
-        self.services.store.record_group(GroupRecord(completion_id, cands))
+        self.services.store.record_group(GroupRecord(completion_id, cands, identity.session_id))
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[call-overload]

@@ -80,12 +80,14 @@ async def load_training_data(
         if group is not None:
             data.groups.append(group)
         hint = corrections.get(comp.id)
-        if hint and comp.shown_index is not None:
+        prompt_ids = _prompt_ids(comp, tokenize)
+        # No prompt (`privacy.store_prompts = false`): nothing to score the shown tokens after, as for groups.
+        if hint and comp.shown_index is not None and prompt_ids:
             shown = comp.candidates[comp.shown_index]
             ids_ = list(shown.token_ids) if not shown.logprobs_stale else tokenize(shown.text)
             old = list(shown.logprobs) if not shown.logprobs_stale else None
             if ids_:
-                data.corrections.append(Correction(Sample(_prompt_ids(comp, tokenize), ids_, old), hint))
+                data.corrections.append(Correction(Sample(prompt_ids, ids_, old), hint))
     data.judged = dict(judge.tally)
     return data
 

@@ -26,10 +26,10 @@ from server.guards import Guardian
 from server.metrics import ServingMetrics
 from server.model_prep import ModelError, verify_model
 from server.registry import AdapterRegistry
-from server.settings import ResolvedSettings, Settings, resolve
+from server.settings import ResolvedSettings, Settings, SettingsError, resolve
 from server.trainer_child import TrainingChild, train_command
 from storage.repositories import EventRepository
-from storage.store import RolloutStore
+from storage.store import RolloutStore, WritePolicy
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,25 @@ def arm_of(developer_id: str, arms: Sequence[str]) -> str:
 CORRECTIONS_TTL_S = 5.0
 
 
+class RecordingPaused(SettingsError):
+    """A developer's settings (their team's file, or the global file) cannot be resolved.
+
+    Completions may still be served, but the store records nothing of a session that starts now until the
+    file is fixed: recording it under the global settings instead would drop what the broken file sets,
+    such as a team's `store_prompts = false` or its redaction patterns. Sessions already running keep the
+    settings in force.
+    """
+
+    def __init__(self, cause: SettingsError, developer: str, team: str | None) -> None:
+        who = f"developer {developer!r}" + (f", team {team!r}" if team else "")
+        super().__init__(
+            cause.source,
+            cause.key,
+            cause.value,
+            f"{cause.allowed}; nothing of the new sessions of {who} is recorded until the file is fixed",
+        )
+
+
 class Services:
     """The shared parts of one server process."""
 
@@ -181,6 +200,8 @@ class Services:
                 log_path or paths.data_dir() / "logs" / "train.log",
             )
         self.metrics = ServingMetrics()  # counted always; exposed only with `heedful serve --metrics-port`
+        # A session that starts without `resolve` having run for it still gets its own privacy settings.
+        store.resolve_settings = self._resolve_quietly
 
     @classmethod
     async def open(cls, config_path: Path | None, *, engine: Engine | None = None) -> Services:
@@ -201,7 +222,26 @@ class Services:
         return services
 
     def resolve(self, developer: str, team: str | None) -> ResolvedSettings:
-        return resolve(self.config_path, developer=developer, team=team)
+        """Resolve a developer's settings, and make them what the store keeps of their sessions' writes
+        (redaction patterns of the global file, the team file and developer tables; `store_prompts`).
+
+        A file that cannot be used raises `RecordingPaused` (a `SettingsError` naming the file, key and
+        value): the store records nothing of the sessions that start while it is broken.
+        """
+        try:
+            resolved = resolve(self.config_path, developer=developer, team=team)
+        except SettingsError as exc:
+            self.store.settings_broken(developer, team, str(exc))
+            raise RecordingPaused(exc, developer, team) from None
+        self.store.settings_resolved(developer, team, WritePolicy.of(resolved.settings))
+        return resolved
+
+    def _resolve_quietly(self, developer: str, team: str | None) -> None:
+        """`resolve` for the store, which needs only the outcome (it records it); an error is logged."""
+        try:
+            self.resolve(developer, team)
+        except SettingsError as exc:
+            log.error("settings for developer %r, team %r: %s", developer, team, exc)
 
     async def corrections_of(self, developer: str, limit: int) -> list[str]:
         """The developer's latest corrections (for the prompt-injection baseline), cached for a few seconds."""

@@ -124,6 +124,13 @@ class Redactor:
         return Cleaned(redacted_text, redacted, truncated, repaired)
 
 
+@functools.lru_cache(maxsize=256)
+def redactor_for(patterns: tuple[str, ...]) -> Redactor:
+    """One `Redactor` per pattern set: sessions of the same team share it instead of compiling the
+    patterns again for every session (the set is small: global + team + developer patterns)."""
+    return Redactor(patterns)
+
+
 _UNSTORABLE = re.compile("[\ud800-\udfff\x00]")
 
 

@@ -5,10 +5,15 @@ Text is redacted here, before a write is even queued, so a secret never reaches 
 its WAL, or a log line. When redaction changes a prompt its token ids are recomputed from the redacted
 text (if a tokenizer was given) or dropped, and the completion is marked `redacted`; candidates whose
 text changed get `logprobs_stale` so the trainer recomputes their log-probs.
+
+What is kept of a session's writes is that session's `WritePolicy`, from its own resolved settings (global,
+team and developer `privacy` keys): its redaction patterns, whether prompts are stored at all, and whether
+recording is paused because its settings file is broken.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from server.settings import Settings
 from storage.db import Database, StoreError, open_database
 from storage.models import AdapterStatus, Candidate, Completion, CompletionMode, Event, EventKind, utcnow
-from storage.redaction import Redactor
+from storage.redaction import Redactor, redactor_for
 from storage.repositories import (
     AdapterRepository,
     AuditRepository,
@@ -132,6 +137,7 @@ class GroupRecord:
 
     completion_id: str
     candidates: list[CandidateRecord]
+    session_id: str | None = None  # whose write policy applies; None: the store's default
 
     def describe(self) -> str:
         return f"group of {len(self.candidates)} for completion {self.completion_id!r}"
@@ -240,12 +246,54 @@ class DocumentSeen:
         return row.id
 
 
+@dataclass(frozen=True, slots=True)
+class WritePolicy:
+    """What the store keeps of one session's writes, from that session's resolved `privacy` settings.
+
+    `paused` says why nothing of the session is recorded: its settings file is broken, and recording it
+    under other settings (the global ones) could keep what its own file forbids, e.g. prompts a team set
+    `store_prompts = false` for.
+    """
+
+    redactor: Redactor
+    store_prompts: bool = True
+    paused: str | None = None
+
+    @classmethod
+    def of(cls, settings: Settings) -> WritePolicy:
+        privacy = settings.privacy
+        return cls(redactor_for(tuple(privacy.redact_patterns)), privacy.store_prompts)
+
+
+Who = tuple[str, str | None]  # (developer, team): the settings a session's policy comes from
+PolicyOf = Callable[[str, str | None], None]
+
+
+@dataclass(slots=True)
+class _SettingsState:
+    """The policy of one (developer, team): the one in force, and why their settings are broken now."""
+
+    in_force: WritePolicy | None = None  # from the last resolution that succeeded
+    broken: str | None = None  # the error of the latest resolution, None when it succeeded
+
+
 class RolloutStore:
-    def __init__(self, db: Database, redactor: Redactor, *, tokenize: Tokenize | None = None) -> None:
+    def __init__(
+        self, db: Database, redactor: Redactor, *, tokenize: Tokenize | None = None, store_prompts: bool = True
+    ) -> None:
         self.db = db
         self.redactor = redactor
         self.writer = BatchingWriter(db)
         self._tokenize = tokenize
+        # Writes of sessions the store was not told about (admin tools, tests) follow the global settings.
+        self.default_policy = WritePolicy(redactor, store_prompts)
+        # Called at a session's start when its (developer, team) was never resolved: it resolves them and
+        # reports back through `settings_resolved` / `settings_broken` (`server.runtime.Services`).
+        self.resolve_settings: PolicyOf | None = None
+        self._settings: dict[Who, _SettingsState] = {}
+        self._sessions: dict[str, Who] = {}
+        self._started_paused: set[str] = set()
+        self.paused_writes = 0  # writes not recorded because their session's settings are broken
 
     @classmethod
     async def open(
@@ -253,7 +301,8 @@ class RolloutStore:
     ) -> RolloutStore:
         """Open (and upgrade) the database; delete rows older than `privacy.retention_days`."""
         db = await open_database(settings.database.url)
-        store = cls(db, Redactor(settings.privacy.redact_patterns), tokenize=tokenize)
+        policy = WritePolicy.of(settings)
+        store = cls(db, policy.redactor, tokenize=tokenize, store_prompts=policy.store_prompts)
         if apply_retention and settings.privacy.retention_days > 0:
             try:
                 await store.apply_retention(settings.privacy.retention_days, actor="retention:open")
@@ -274,41 +323,107 @@ class RolloutStore:
         async with self.db.sessions() as session, session.begin():
             yield session
 
+    # -- whose settings a write follows ---------------------------------------------------------------
+
+    def settings_resolved(self, developer: str, team: str | None, policy: WritePolicy) -> None:
+        """(developer, team)'s settings resolved: their sessions' writes follow `policy` from now on (a
+        session paused at its start resumes)."""
+        state = self._settings.setdefault((developer, team), _SettingsState())
+        state.in_force, state.broken = policy, None
+
+    def settings_broken(self, developer: str, team: str | None, reason: str) -> None:
+        """(developer, team)'s settings cannot be resolved. Sessions that start now record nothing until
+        they resolve again; sessions already running keep the policy in force (like their other settings)."""
+        self._settings.setdefault((developer, team), _SettingsState()).broken = reason
+
+    def policy_of(self, session_id: str | None) -> WritePolicy:
+        """The policy a session's writes follow now (the default for a session the store was not told of)."""
+        who = self._sessions.get(session_id) if session_id is not None else None
+        state = self._settings.get(who) if who is not None else None
+        if state is None:
+            return self.default_policy
+        assert session_id is not None
+        if state.broken is None and state.in_force is not None:
+            self._started_paused.discard(session_id)
+            return state.in_force
+        if state.in_force is None or session_id in self._started_paused:
+            return WritePolicy(self.redactor, store_prompts=False, paused=state.broken)
+        return state.in_force
+
+    def _skipped(self) -> asyncio.Future[Any]:
+        """The acknowledgement of a write a paused session does not make: done, with nothing written."""
+        self.paused_writes += 1
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
     # -- the language server's writes: queued, redacted, acknowledged by their futures ---------------
 
     def start_session(self, op: SessionStart) -> Any:
-        op.client_name = self._clean_short(op.client_name)
-        op.client_version = self._clean_short(op.client_version)
+        """Record a session's start, and bind its later writes to its (developer, team)'s policy.
+
+        The session row is written even while recording is paused: it holds who connected (ids and the
+        redacted client name), nothing typed, and the session's writes need it once recording resumes.
+        """
+        who = (op.developer_id, op.team_id)
+        self._sessions[op.session_id] = who
+        if who not in self._settings and self.resolve_settings is not None:
+            self.resolve_settings(*who)
+        state = self._settings.get(who)
+        if state is not None and state.broken is not None:
+            self._started_paused.add(op.session_id)
+        policy = self.policy_of(op.session_id)
+        op.client_name = self._clean_short(policy, op.client_name)
+        op.client_version = self._clean_short(policy, op.client_version)
         return self.writer.submit(op)
 
     def end_session(self, session_id: str) -> Any:
-        return self.writer.submit(SessionEnd(session_id))
+        future = self.writer.submit(SessionEnd(session_id))
+        self._sessions.pop(session_id, None)
+        self._started_paused.discard(session_id)
+        return future
 
     def record_document(self, op: DocumentSeen) -> Any:
-        op.uri = self.redactor.clean(op.uri).text
+        policy = self.policy_of(op.session_id)
+        if policy.paused:
+            return self._skipped()
+        op.uri = policy.redactor.clean(op.uri).text
+        op.language_id = self._clean_short(policy, op.language_id)
         return self.writer.submit(op)
 
     def record_completion(self, record: CompletionRecord) -> Any:
-        prompt = self.redactor.clean(record.prompt)
-        if prompt.redacted or prompt.truncated or prompt.repaired:
-            record.prompt = prompt.text
-            record.redacted = True
-            # The old ids encode the original text, secret included: never store them.
-            record.prompt_token_ids = self._tokenize(prompt.text) if self._tokenize else []
-        if self._clean_candidates(record.candidates):
+        policy = self.policy_of(record.session_id)
+        if policy.paused:
+            return self._skipped()
+        if not policy.store_prompts:
+            # Neither the text nor its token ids (which encode the same text): training leaves it out.
+            record.prompt, record.prompt_token_ids = "", []
+        else:
+            prompt = policy.redactor.clean(record.prompt)
+            if prompt.redacted or prompt.truncated or prompt.repaired:
+                record.prompt = prompt.text
+                record.redacted = True
+                # The old ids encode the original text, secret included: never store them.
+                record.prompt_token_ids = self._tokenize(prompt.text) if self._tokenize else []
+        if record.uri is not None:
+            record.uri = policy.redactor.clean(record.uri).text
+        if self._clean_candidates(policy, record.candidates):
             record.redacted = True
         return self.writer.submit(record)
 
     def record_group(self, record: GroupRecord) -> Any:
         """Append sampled group members to a recorded completion (redacted like the shown one)."""
-        self._clean_candidates(record.candidates)
+        policy = self.policy_of(record.session_id)
+        if policy.paused:
+            return self._skipped()
+        self._clean_candidates(policy, record.candidates)
         return self.writer.submit(record)
 
-    def _clean_candidates(self, candidates: list[CandidateRecord]) -> bool:
+    def _clean_candidates(self, policy: WritePolicy, candidates: list[CandidateRecord]) -> bool:
         """Redact candidate texts in place; True when any changed (their log-probs are then stale)."""
         changed = False
         for cand in candidates:
-            cleaned = self.redactor.clean(cand.text)
+            cleaned = policy.redactor.clean(cand.text)
             if cleaned.text != cand.text:
                 cand.text = cleaned.text
                 cand.token_ids = self._tokenize(cleaned.text) if self._tokenize else []
@@ -318,18 +433,22 @@ class RolloutStore:
         return changed
 
     def record_event(self, record: EventRecord) -> Any:
+        policy = self.policy_of(record.session_id)
+        if policy.paused:
+            return self._skipped()
         truncated = False
         for name in ("kept_text", "text"):
             value = getattr(record, name)
             if value is not None:
-                cleaned = self.redactor.clean(value)
+                cleaned = policy.redactor.clean(value)
                 setattr(record, name, cleaned.text)
                 truncated = truncated or cleaned.truncated
         record.truncated = record.truncated or truncated
         return self.writer.submit(record)
 
-    def _clean_short(self, value: str | None) -> str | None:
-        return None if value is None else self.redactor.clean(value, limit=200).text
+    @staticmethod
+    def _clean_short(policy: WritePolicy, value: str | None) -> str | None:
+        return None if value is None else policy.redactor.clean(value, limit=200).text
 
     # -- admin operations -------------------------------------------------------------------------
 
