@@ -73,6 +73,7 @@ __all__ = [
     "PublishError",
     "PublishResult",
     "PublishStage",
+    "PublishedFolders",
     "clean_partial",
     "publish_adapter",
     "read_manifest",
@@ -554,6 +555,67 @@ def verify_published(path: Path, *, max_rank: int | None = None) -> None:
     manifest = read_manifest(path)
     _check_checksums(path, manifest)
     check_adapter_dir(path, max_rank=max_rank)
+
+
+FolderState = tuple[tuple[str, int, int], ...]  # (name, size, mtime in ns) of the folder and each entry
+
+
+def _folder_state(path: Path) -> FolderState:
+    """What changes when any file of a version folder is written, replaced, added or removed."""
+    try:
+        st = path.stat()
+        entries = sorted(
+            (e.name, e.stat(follow_symlinks=True).st_size, e.stat(follow_symlinks=True).st_mtime_ns)
+            for e in os.scandir(path)
+        )
+    except OSError:
+        return ()  # missing or unreadable: verify_published says which
+    return (("", st.st_size, st.st_mtime_ns), *entries)
+
+
+class PublishedFolders:
+    """:func:`verify_published` for the serving path, hashing each version folder once.
+
+    Serving checks a folder every time it would route to it (each poll of the registry while a version is
+    refused, each load into an engine); hashing megabytes of weights that often would cost CPU that
+    completions need. So the verdict is kept per folder with the size and modification time of the folder
+    and of every file in it, and the folder is read again only when one of them changed (a file was
+    rewritten, restored, added or removed). A failure is kept too, so it is reported once, not every poll.
+    """
+
+    def __init__(self, *, max_rank: int | None = None) -> None:
+        self.max_rank = max_rank
+        self.hashed = 0  # folders read in full so far (the cache's misses)
+        self._verdicts: dict[Path, tuple[FolderState, AdapterError | None]] = {}
+
+    def check(self, path: Path) -> tuple[AdapterError | None, bool]:
+        """(the error that makes the folder unservable or None, whether this verdict is new).
+
+        Reads every file on a miss: run it off the event loop (``asyncio.to_thread``).
+        """
+        path = Path(path)
+        state = _folder_state(path)
+        known = self._verdicts.get(path)
+        if known is not None and known[0] == state:
+            return known[1], False
+        self.hashed += 1
+        error: AdapterError | None = None
+        try:
+            verify_published(path, max_rank=self.max_rank)
+        except AdapterError as exc:
+            error = exc
+        except OSError as exc:  # a file vanished or became unreadable between the stat and the read
+            error = CorruptAdapterError(
+                f"{path} cannot be read ({exc.strerror or exc}): fix its permissions, or roll back to the previous "
+                "version (heedful adapters rollback) or train again"
+            )
+        self._verdicts[path] = (state, error)
+        return error, True
+
+    def forget(self, keep: set[Path]) -> None:
+        """Drop the verdicts of folders no longer in ``keep`` (versions pruned or purged)."""
+        for path in [p for p in self._verdicts if p not in keep]:
+            del self._verdicts[path]
 
 
 def _newest_mtime(path: Path) -> float:

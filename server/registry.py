@@ -10,6 +10,12 @@ the engine in step:
   version they started with (a `Lease` pins it); the old version is unloaded when its last lease ends.
   So no request fails, none mixes two versions, and none meets a half-loaded adapter (publishing renames
   a complete folder into place before the version row becomes active).
+* Nothing is served that does not match what was published: before a version is routed to or loaded,
+  its folder is checked against its manifest (`personalization.publish.verify_published`: every file's
+  size and sha256, a valid LoRA folder and safetensors header), once per folder state. A version that
+  fails is not served (the scope keeps its previous version, or falls back to its team's or the base
+  model), and the failure is logged and written to the audit log (`refuse_adapter`) with the path and
+  the fix, once.
 * Many scopes share `engine.max_loras` engine slots: an adapter is loaded on first use and the least
   recently used idle one is unloaded to make room; a request waits for a slot when every one is busy.
 
@@ -30,8 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.engine import AdapterRef, Engine, EngineError
-from storage.repositories import AdapterRepository, Scope
+from personalization.publish import PublishedFolders
+from server.engine import AdapterError, AdapterRef, Engine, EngineError
+from storage.repositories import AdapterRepository, AuditRepository, Scope
 from storage.store import RolloutStore
 
 log = logging.getLogger(__name__)
@@ -101,6 +108,7 @@ class AdapterRegistry:
         capacity: int,
         poll_s: float = 0.5,
         load_timeout_s: float = 60.0,
+        max_rank: int | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"the adapter registry needs capacity >= 1 (engine.max_loras), got {capacity}")
@@ -110,6 +118,7 @@ class AdapterRegistry:
         self.poll_s = poll_s
         self.load_timeout_s = load_timeout_s
         self._tag = secrets.token_hex(3)
+        self._folders = PublishedFolders(max_rank=max_rank)
         self._active: dict[Scope, ActiveVersion] = {}
         self._slots: OrderedDict[str, _Slot] = OrderedDict()  # by version id, least recently used first
         self._loading: dict[str, asyncio.Task[_Slot]] = {}
@@ -140,9 +149,13 @@ class AdapterRegistry:
             Scope(r.scope_kind, r.scope_id): ActiveVersion(Scope(r.scope_kind, r.scope_id), r.id, Path(r.path))
             for r in rows
         }
-        changed = [sc for sc in set(now) | set(self._active) if now.get(sc) != self._active.get(sc)]
-        for scope in changed:
+        self._folders.forget({v.path for v in now.values()} | {s.version.path for s in self._slots.values()})
+        changed = []
+        for scope in [sc for sc in set(now) | set(self._active) if now.get(sc) != self._active.get(sc)]:
             old, new = self._active.get(scope), now.get(scope)
+            if new is not None and await self._refused(new) is not None:
+                continue  # the scope keeps what serves it now: its previous version, its team's, or the base
+            changed.append(scope)
             if new is not None and old is not None and old.version_id in self._slots:
                 # The scope is in use: load the new version before routing to it, so no request waits.
                 try:
@@ -233,10 +246,35 @@ class AdapterRegistry:
             task.add_done_callback(lambda _t: self._loading.pop(version.version_id, None))
         return await asyncio.shield(task)
 
+    async def _refused(self, version: ActiveVersion) -> AdapterError | None:
+        """Why `version` must not be served (its folder does not match its manifest), or None.
+
+        A new verdict of refusal is logged and audited; a known one (the folder unchanged since) is not.
+        """
+        error, new = await asyncio.to_thread(self._folders.check, version.path)
+        if error is None or not new:
+            return error
+        log.error("adapter %s of %s is not served: %s", version.version_id, version.scope, error)
+        try:
+            async with self._store.unit() as s:
+                await AuditRepository(s).add(
+                    actor="server",
+                    action="refuse_adapter",
+                    scope=version.scope,
+                    reason=str(error),
+                    detail={"version": version.version_id, "path": str(version.path)},
+                )
+        except Exception as exc:  # serving goes on; the log line above has it all
+            log.warning("the refusal of adapter %s could not be written to the audit log: %s", version.version_id, exc)
+        return error
+
     async def _load(self, version: ActiveVersion) -> _Slot:
         engine = self._engine()
         if engine is None:
             raise EngineError("the engine is not ready, so no adapter can be loaded yet")
+        refused = await self._refused(version)  # the folder may have changed since it was routed to
+        if refused is not None:
+            raise refused
         await self._make_room()
         ref = AdapterRef(f"{self._tag}-{version.version_id}", next(_LORA_IDS), version.path)
         await asyncio.wait_for(engine.load_adapter(ref), timeout=self.load_timeout_s)

@@ -24,6 +24,7 @@ from personalization.gates import GateResult, check_gates
 from personalization.publish import (
     MANIFEST,
     CorruptAdapterError,
+    PublishedFolders,
     PublishError,
     PublishResult,
     clean_partial,
@@ -228,6 +229,34 @@ async def test_verify_published_catches_corruption(store, root, lora_adapters) -
     shutil.copytree(again.path, copy)
     with pytest.raises(CorruptAdapterError, match="belongs to version"):
         verify_published(copy)
+
+
+async def test_published_folders_are_hashed_once_per_state(store, root, lora_adapters) -> None:
+    """The serving path's check reads a folder in full only when a file of it changed since the last
+    check (size or modification time): a corruption is seen, and a steady folder costs one stat per file."""
+    a, _ = lora_adapters
+    result = await publish(store, root, a)
+    folders = PublishedFolders()
+    assert folders.check(result.path) == (None, True)
+    assert folders.check(result.path) == (None, False)
+    assert folders.hashed == 1
+
+    weights = result.path / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x10
+    weights.write_bytes(bytes(flipped))
+    error, new = folders.check(result.path)
+    assert new and isinstance(error, CorruptAdapterError) and "does not match its sha256" in str(error)
+    assert folders.check(result.path) == (error, False)  # reported once
+    assert folders.hashed == 2
+
+    weights.write_bytes(original)
+    assert folders.check(result.path) == (None, True) and folders.hashed == 3
+    (result.path / "extra.bin").write_bytes(b"x")  # a file added after publishing changes the state too
+    assert folders.check(result.path)[1] and folders.hashed == 4
+    folders.forget(set())
+    assert folders.check(result.path)[1] and folders.hashed == 5
 
 
 async def test_bad_source_or_unrecordable_row_publishes_nothing(

@@ -6,16 +6,19 @@ its last request."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from personalization.publish import publish_adapter
+from personalization.publish import MANIFEST, publish_adapter, scope_dir
 from server.engine import Engine
-from server.registry import AdapterRegistry
+from server.registry import AdapterRegistry, Lease
 from server.settings import Settings
-from storage.repositories import Scope
+from storage.models import AuditEntry
+from storage.repositories import AuditRepository, Scope
 from storage.store import RolloutStore
 from tests.conftest import make_lora_adapter
 
@@ -130,3 +133,105 @@ async def test_a_swap_keeps_the_old_version_for_requests_in_flight_then_unloads_
     after.release()
     await registry.close()
     assert not [n for n in await engine.loaded_adapters() if n.endswith(new)]
+
+
+async def refusals(store: RolloutStore) -> list[AuditEntry]:
+    async with store.unit() as s:
+        return [e for e in await AuditRepository(s).since() if e.action == "refuse_adapter"]
+
+
+async def answers(engine: Engine, lease: Lease) -> bool:
+    gen = await engine.generate("def add(a, b):\n    return", max_tokens=4, adapter=lease.ref)
+    return bool(gen.candidates and gen.candidates[0].token_ids)
+
+
+async def test_a_version_whose_weights_do_not_match_its_manifest_is_not_served(
+    store: RolloutStore, engine: Engine, loras: list[Path], tmp_path: Path
+) -> None:
+    """One flipped byte in a published adapter's weights (its header intact, so only the manifest's
+    sha256 can tell): the registry refuses that version, the previous one keeps serving, and the refusal
+    is logged and audited once with the path and the fix. Repaired, the folder is checked again and served."""
+    scope = Scope.developer("eve")
+    good = await publish(store, scope, loras[0], tmp_path)
+    registry = AdapterRegistry(store, lambda: engine, capacity=2)
+    await registry.refresh()
+    lease = await registry.acquire("eve", None)
+    assert lease.version_id == good
+    lease.release()
+
+    bad = await publish(store, scope, loras[1], tmp_path)
+    weights = scope_dir(tmp_path, scope) / bad / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    flipped = bytearray(original)
+    flipped[-1] ^= 0x01
+    weights.write_bytes(bytes(flipped))
+    for _ in range(3):  # every poll sees the new active row; the folder is hashed, logged and audited once
+        assert await registry.refresh() == []  # nothing changed in serving
+    served = registry.active_version("eve", None)
+    assert served is not None and served.version_id == good
+    lease = await registry.acquire("eve", None)
+    assert lease.version_id == good and await answers(engine, lease)
+    lease.release()
+    (entry,) = await refusals(store)
+    assert entry.scope_kind == "developer" and entry.scope_id == "eve"
+    assert entry.detail["version"] == bad and entry.detail["path"] == str(weights.parent)
+    assert entry.reason is not None and "does not match its sha256" in entry.reason
+    assert "heedful adapters rollback" in entry.reason
+
+    # A scope whose only version is corrupt is served by the base model.
+    lone = await publish(store, Scope.developer("fay"), loras[2], tmp_path)
+    lone_weights = scope_dir(tmp_path, Scope.developer("fay")) / lone / "adapter_model.safetensors"
+    lone_weights.write_bytes(lone_weights.read_bytes()[:-1] + b"\x7f")
+    await registry.refresh()
+    assert registry.active_version("fay", None) is None
+    base = await registry.acquire("fay", None)
+    assert base.ref is None and await answers(engine, base)
+    assert {e.detail["version"] for e in await refusals(store)} == {bad, lone}
+
+    # Repaired (the file changed again), the folder is checked again and the new version serves.
+    weights.write_bytes(original)
+    assert await registry.refresh() == [scope]
+    lease = await registry.acquire("eve", None)
+    assert lease.version_id == bad and await answers(engine, lease)
+    lease.release()
+    await registry.close()
+
+
+async def test_a_published_folder_with_a_broken_safetensors_header_is_refused_and_serving_goes_on(
+    store: RolloutStore, engine: Engine, loras: list[Path], tmp_path: Path
+) -> None:
+    """A folder whose manifest matches its files but whose weights' header lacks a tensor's byte range
+    (written by hand, or by a broken tool): the registry's poll does not fail, the error names the file
+    and the problem, and the version in use keeps answering."""
+    scope = Scope.developer("gus")
+    good = await publish(store, scope, loras[0], tmp_path)
+    registry = AdapterRegistry(store, lambda: engine, capacity=2)
+    await registry.refresh()
+    in_use = await registry.acquire("gus", None)  # the scope is in use: the new version would be loaded at once
+
+    broken = await publish(store, scope, loras[1], tmp_path)
+    folder = scope_dir(tmp_path, scope) / broken
+    weights = folder / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    del header[next(k for k in header if k != "__metadata__")]["data_offsets"]
+    raw = json.dumps(header).encode()
+    weights.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + header_len :])
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"][weights.name] = {
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "size": weights.stat().st_size,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+    await registry.refresh()  # must not raise
+    assert await answers(engine, in_use) and in_use.version_id == good
+    in_use.release()
+    lease = await registry.acquire("gus", None)
+    assert lease.version_id == good and await answers(engine, lease)
+    lease.release()
+    (entry,) = await refusals(store)
+    assert entry.detail["version"] == broken and entry.reason is not None
+    assert str(weights) in entry.reason and "has no data_offsets" in entry.reason
+    await registry.close()
