@@ -1,6 +1,7 @@
 """Publishing trained LoRA adapters: versioned folders written crash-safely, recorded in one transaction.
 
-Layout (``root`` is ``<data dir>/adapters`` unless the caller names another)::
+Layout (``root`` is ``<data dir>/adapters`` unless the caller names another; see
+:mod:`storage.adapter_files`, which also says what a purge deletes there)::
 
     <root>/<scope kind>/<safe scope id>/<version id>/     one published version, never changed afterwards
         adapter_config.json, adapter_model.safetensors    the peft adapter (every top-level file of the
@@ -9,10 +10,7 @@ Layout (``root`` is ``<data dir>/adapters`` unless the caller names another)::
                                                           step, KL, metrics, gate verdict, created time,
                                                           sha256 and size of every other file
     <root>/<scope kind>/<safe scope id>/.tmp-<uuid>/      a version being written (or left by a crash)
-
-``<safe scope id>`` is the scope id with every character outside ``[A-Za-z0-9_.-]`` replaced by ``_``
-(at most 64 characters) followed by ``-`` and 12 hex digits of the id's sha256, so two ids never share a
-folder, whatever their case or punctuation. Version ids are ``uuid4().hex``.
+    <root>/<scope kind>/<safe scope id>/.train-<uuid>/    a training round's output (:func:`trainer_workdir`)
 
 :func:`publish_adapter` copies the trained folder into ``.tmp-<uuid>``, fsyncs every file, writes the
 manifest last, fsyncs it and the folder, renames the folder to ``<version id>`` (atomic on one file system)
@@ -25,11 +23,16 @@ folders of the others (never the active one), with a ``prune`` audit entry.
 Rejected adapters keep their files, for inspection (``heedful adapters list`` shows the reason); they count
 toward the 10 kept versions like any other, so they age out the same way.
 
+A purge wins over a round already running: the round takes a :func:`purge_mark` when it starts, and the
+transaction that would record its version first takes the purge lock and refuses (:class:`ScopePurgedError`,
+the version folder removed) if a purge that concerns the scope committed since; see
+:class:`storage.repositories.PurgeRepository`.
+
 A crash at any point leaves either the old state (no row; a ``.tmp-*`` folder or a complete but
 unreferenced version folder on disk) or the new one (row committed). :func:`clean_partial` removes the
 leftovers and never touches a folder a version row points to. :func:`verify_published` is what the server
-runs before loading a version: manifest present, checksums match, a valid LoRA folder; so a half-written
-adapter is never served.
+runs before routing to or loading a version (through :class:`PublishedFolders`, once per folder state):
+manifest present, checksums match, a valid LoRA folder; so a half-written or altered adapter is never served.
 
 What it must not do: train, judge or gate (the caller passes the :class:`~personalization.gates.GateResult`
 in), load adapters into an engine, write anywhere but under ``root``, delete a folder a version row points
@@ -45,7 +48,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 import uuid
@@ -55,12 +57,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from server import paths
 from server.engine.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir
 from server.engine.base import AdapterError
+from storage.adapter_files import (
+    TMP_PREFIX,
+    TRAIN_PREFIX,
+    VERSION_RE,
+    remove_empty_scope_dir,
+    resolve_adapters_root,
+    scope_dir,
+    scope_dirname,
+)
 from storage.db import StoreError
-from storage.models import AdapterStatus
-from storage.repositories import KEEP_ADAPTERS, AdapterRepository, AuditRepository, Scope
+from storage.models import AdapterStatus, ScopeKind
+from storage.repositories import (
+    KEEP_ADAPTERS,
+    AdapterRepository,
+    AuditRepository,
+    PurgeMark,
+    PurgeRepository,
+    Scope,
+)
 
 if TYPE_CHECKING:
     from personalization.gates import GateResult
@@ -74,12 +91,16 @@ __all__ = [
     "PublishResult",
     "PublishStage",
     "PublishedFolders",
+    "PurgeMark",
+    "ScopePurgedError",
     "clean_partial",
     "publish_adapter",
+    "purge_mark",
     "read_manifest",
     "resolve_adapters_root",
     "scope_dir",
     "scope_dirname",
+    "trainer_workdir",
     "verify_published",
 ]
 
@@ -87,9 +108,6 @@ log = logging.getLogger("heedful.publish")
 
 MANIFEST = "heedful-adapter.json"
 MANIFEST_FORMAT = 1
-TMP_PREFIX = ".tmp-"
-VERSION_RE = re.compile(r"^[0-9a-f]{32}$")
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _CHUNK = 1 << 20
 # How old a `.tmp-*` folder or a complete but unreferenced version folder must be before clean_partial
 # removes it: another worker sharing the adapter folder may be between its rename and its commit.
@@ -105,6 +123,10 @@ StageHook = Callable[[PublishStage], None]
 
 class PublishError(RuntimeError):
     """An adapter could not be published; the active adapter is unchanged. The message says why and the fix."""
+
+
+class ScopePurgedError(PublishError):
+    """A purge that concerns the scope committed after its round started: the adapter is not published."""
 
 
 class CorruptAdapterError(AdapterError):
@@ -128,21 +150,10 @@ class PublishResult:
 # Paths
 
 
-def resolve_adapters_root(root: Path | None = None) -> Path:
-    """``root``, else ``<data dir>/adapters``."""
-    return Path(root).expanduser() if root is not None else paths.data_dir() / "adapters"
-
-
-def scope_dirname(scope_id: str) -> str:
-    """A file-system-safe, collision-free folder name for a scope id."""
-    digest = hashlib.sha256(scope_id.encode("utf-8")).hexdigest()[:12]
-    readable = _UNSAFE.sub("_", scope_id)[:64].lstrip(".") or "_"
-    return f"{readable}-{digest}"
-
-
-def scope_dir(root: Path, scope: Scope) -> Path:
-    """``<root>/<scope kind>/<safe scope id>``."""
-    return root / scope.kind.value / scope_dirname(scope.id)
+def trainer_workdir(root: Path, scope: Scope) -> Path:
+    """A new folder (not created yet) for a training round's output: in the scope's folder, so it is on
+    the adapters' file system (publishing copies from it) and a purge of the scope finds it."""
+    return scope_dir(root, scope) / f"{TRAIN_PREFIX}{uuid.uuid4().hex}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,6 +311,7 @@ async def publish_adapter(
     actor: str = "trainer",
     keep: int = KEEP_ADAPTERS,
     on_stage: StageHook | None = None,
+    purge_mark: PurgeMark | None = None,
 ) -> PublishResult:
     """Publish the trained adapter in ``source_dir`` as a new version of ``scope``.
 
@@ -308,6 +320,9 @@ async def publish_adapter(
     reasons and the previous active version stays. ``gate=None`` means no gate was run (an adapter vouched
     for by an admin): it is activated and the audit entry says so. ``parent_id`` names the version training
     started from, if any. ``on_stage`` is called at each :data:`PublishStage` (crash tests use it).
+    ``purge_mark`` is the :func:`purge_mark` the training round took when it started (taken here when
+    None): if a purge that concerns ``scope`` committed since, :class:`ScopePurgedError` is raised and
+    nothing of the version stays, on disk or in the database.
 
     Raises :class:`PublishError` (nothing recorded, active adapter unchanged) when the files cannot be
     written or the row cannot be committed. Pruning problems after the commit do not raise: they are in
@@ -341,14 +356,28 @@ async def publish_adapter(
         "created_at": created_at.isoformat(),
     }
 
-    if parent_id is not None:  # checked again in the transaction; here to fail before writing anything
-        try:
-            async with store.unit() as s:
+    # Both checked again in the transaction; here to fail before writing anything.
+    try:
+        async with store.unit() as s:
+            if purge_mark is None:
+                purge_mark = await PurgeRepository(s).mark(scope)
+            else:
+                _raise_if_purged(scope, await PurgeRepository(s).purged_since(scope, purge_mark))
+            if parent_id is not None:
                 await AdapterRepository(s).require(scope, parent_id)
-        except StoreError as exc:
-            raise PublishError(f"cannot publish a new version of {scope}: {exc}") from exc
+    except StoreError as exc:
+        raise PublishError(f"cannot publish a new version of {scope}: {exc}") from exc
 
-    final = await asyncio.to_thread(_write_version, source, parent, version_id, manifest, on_stage)
+    try:
+        final = await asyncio.to_thread(_write_version, source, parent, version_id, manifest, on_stage)
+    except PublishError:
+        # A purge during the writing may have taken the trained folder or the scope's folder away.
+        async with store.unit() as s:
+            purged = await PurgeRepository(s).purged_since(scope, purge_mark)
+        if purged:
+            await asyncio.to_thread(remove_empty_scope_dir, root, scope)
+        _raise_if_purged(scope, purged)
+        raise
     if on_stage is not None:
         on_stage("after_rename")
 
@@ -356,6 +385,9 @@ async def publish_adapter(
     reason = ("; ".join(gate.reasons) or "the gates failed") if gate is not None and rejected else None
     try:
         async with store.unit() as s:
+            purges = PurgeRepository(s)
+            await purges.lock()  # until this commits, no purge can; one that committed before is seen here
+            _raise_if_purged(scope, await purges.purged_since(scope, purge_mark))
             repo = AdapterRepository(s)
             if parent_id is not None:
                 await repo.require(scope, parent_id)
@@ -392,6 +424,9 @@ async def publish_adapter(
                 )
     except Exception as exc:
         await _forget_unrecorded(store, final, version_id)
+        if isinstance(exc, ScopePurgedError):
+            await asyncio.to_thread(remove_empty_scope_dir, root, scope)
+            raise
         if isinstance(exc, StoreError):
             raise PublishError(f"adapter version {version_id} of {scope} was not recorded: {exc}") from exc
         raise PublishError(
@@ -414,6 +449,28 @@ async def publish_adapter(
         reasons=list(gate.reasons) if gate is not None and rejected else [],
         pruned=pruned,
         prune_errors=errors,
+    )
+
+
+async def purge_mark(store: RolloutStore, scope: Scope) -> PurgeMark:
+    """What a training round takes when it starts and hands to :func:`publish_adapter`: a purge that
+    concerns ``scope`` after this moment keeps the round's adapter from being published."""
+    async with store.unit() as s:
+        return await PurgeRepository(s).mark(scope)
+
+
+def _raise_if_purged(scope: Scope, purged: list[str]) -> None:
+    if not purged:
+        return
+    if scope.kind == ScopeKind.DEVELOPER:
+        raise ScopePurgedError(
+            f"{scope} was purged after this round started: its adapter is not published, and its files are "
+            "removed (nothing to fix)"
+        )
+    raise ScopePurgedError(
+        f"{scope}: developer {', '.join(purged)} was purged after this round started, and the round may have "
+        "trained on their rollouts: its adapter is not published, and its files are removed; the next round "
+        "trains on the rollouts that remain"
     )
 
 
@@ -644,7 +701,7 @@ class _Leftover:
 
 
 def _scan(root: Path) -> list[_Leftover]:
-    """Every `.tmp-*` and version folder under root (whether a row points to it is decided later)."""
+    """Every `.tmp-*`, `.train-*` and version folder under root (whether a row points to it is decided later)."""
     found: list[_Leftover] = []
     now = time.time()
     for kind_dir in sorted(root.iterdir()):
@@ -660,7 +717,7 @@ def _scan(root: Path) -> list[_Leftover]:
                     age = now - _newest_mtime(entry)
                 except FileNotFoundError:
                     continue  # removed meanwhile (a prune or a rename)
-                if entry.name.startswith(TMP_PREFIX):
+                if entry.name.startswith((TMP_PREFIX, TRAIN_PREFIX)):
                     found.append(_Leftover(entry, "tmp", age))
                 elif VERSION_RE.match(entry.name):
                     found.append(_Leftover(entry, "version", age))
@@ -672,11 +729,12 @@ async def clean_partial(
 ) -> list[Path]:
     """Remove what crashed publishes left under the adapter folder; return the folders removed.
 
-    Removed: ``.tmp-*`` folders, and version folders that no version row points to (by id or path) and
+    Removed: ``.tmp-*`` folders (a publish that died), ``.train-*`` folders (a round that died before its
+    output was published), and version folders that no version row points to (by id or path) and
     whose manifest is missing, incomplete or does not match the files. Complete version folders that no row
     points to (a crash between the rename and the commit, or between a prune's commit and its deletion) are
-    removed too. ``.tmp-*`` folders and complete unreferenced ones are removed only once nothing in them
-    changed for ``grace_s`` seconds, because another worker sharing the folder may be publishing right now.
+    removed too. Temp and trainer folders and complete unreferenced ones are removed only once nothing in
+    them changed for ``grace_s`` seconds, because another worker sharing the folder may be publishing right now.
     Folders a row points to are never touched, so this is safe while a server is serving.
     """
     if grace_s < 0 or not math.isfinite(grace_s):

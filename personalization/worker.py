@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -44,15 +45,31 @@ from personalization.gates import (
 )
 from personalization.judge import fit_scope_prm, prm_examples
 from personalization.opd import build_opd_samples
-from personalization.publish import clean_partial, publish_adapter, resolve_adapters_root
+from personalization.publish import (
+    ScopePurgedError,
+    clean_partial,
+    publish_adapter,
+    purge_mark,
+    resolve_adapters_root,
+    trainer_workdir,
+)
 from personalization.rollouts import CollectStats, RolloutCollector, settle_seconds
 from personalization.trainer import Group, LoraTrainer, finalize_groups
 from server import paths
 from server.engine.machine import cpu_model
 from server.engine.tokens import LocalTokenizer
 from server.settings import Settings
+from storage.adapter_files import remove_empty_scope_dir
 from storage.models import RolloutStatus
-from storage.repositories import AdapterRepository, AuditRepository, RolloutRepository, Scope, ScopeControlRepository
+from storage.repositories import (
+    AdapterRepository,
+    AuditRepository,
+    PurgeMark,
+    PurgeRepository,
+    RolloutRepository,
+    Scope,
+    ScopeControlRepository,
+)
 from storage.store import RolloutStore
 
 log = logging.getLogger(__name__)
@@ -66,7 +83,7 @@ HUMANEVAL_SEED = 0  # the ability gate's cases are the same in every round and f
 @dataclass(slots=True)
 class RoundResult:
     scope: Scope
-    status: str  # "published", "rejected" or "skipped"
+    status: str  # "published", "rejected", "skipped", or "discarded" (its scope was purged while it trained)
     reason: str
     version_id: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -126,8 +143,13 @@ async def train_round(
     adapters_root: Path | None = None,
     force: bool = False,
 ) -> RoundResult:
-    """Train one round for `scope` from its pending rollouts; publish or reject the result."""
+    """Train one round for `scope` from its pending rollouts; publish or reject the result.
+
+    A purge that concerns the scope once the round has started discards the round: nothing is published
+    and its output folder is removed (see `personalization.publish.purge_mark`).
+    """
     t = settings.training
+    mark = await purge_mark(store, scope)  # before any rollout is read
     async with store.unit() as s:
         pending = await RolloutRepository(s).count_pending(scope)
     if not pending:
@@ -156,7 +178,17 @@ async def train_round(
         data = await load_training_data(s, scope, t, tokenize=tokenizer.encode, prm=prm.vote)
         active = await AdapterRepository(s).active(scope)
     init = Path(active.path) if active else None
-    result = await asyncio.to_thread(_train, settings, data, tokenizer, init, prm.report.get("held_out_accuracy"))
+    root = resolve_adapters_root(adapters_root)
+    workdir = trainer_workdir(root, scope)  # in the scope's folder: a purge of the scope removes it too
+    try:
+        result = await asyncio.to_thread(
+            _train, settings, data, tokenizer, init, prm.report.get("held_out_accuracy"), workdir / "adapter"
+        )
+    except Exception:
+        purged = await _discarded(store, scope, mark, root, workdir)  # a purge may have taken `init` away
+        if purged is not None:
+            return purged
+        raise
     trainer_dir, metrics, gate = result
     metrics["prm"] = prm.report
     metrics["seconds"] = round(time.monotonic() - started, 1)
@@ -173,20 +205,49 @@ async def train_round(
             step=int(metrics["steps_done"]),
             kl=float(metrics["gate_kl"]),
             metrics=metrics,
-            adapters_root=adapters_root,
+            adapters_root=root,
             parent_id=active.id if active else None,
             gate=gate,
+            purge_mark=mark,
         )
+    except ScopePurgedError as exc:
+        return RoundResult(scope, "discarded", str(exc), metrics=metrics)
     finally:
-        _remove_tree(trainer_dir.parent)
+        await asyncio.to_thread(_remove_workdir, root, scope, workdir)
     status = "published" if gate.passed else "rejected"
     await _mark(store, scope, data, RolloutStatus.TRAINED, f"round {published.version_id}: {status}")
     return RoundResult(scope, status, gate.summary(), published.version_id, metrics)
 
 
+async def _discarded(
+    store: RolloutStore, scope: Scope, mark: PurgeMark, root: Path, workdir: Path
+) -> RoundResult | None:
+    """The result of a round whose scope was purged since `mark` (its work folder removed), else None."""
+    async with store.unit() as s:
+        purged = await PurgeRepository(s).purged_since(scope, mark)
+    if not purged:
+        return None
+    await asyncio.to_thread(_remove_workdir, root, scope, workdir)
+    return RoundResult(scope, "discarded", f"{', '.join(purged)} purged while the round trained: nothing published")
+
+
+def _remove_workdir(root: Path, scope: Scope, workdir: Path) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)
+    remove_empty_scope_dir(root, scope)  # after a purge, not even the scope's folder name stays
+
+
 def _train(
-    settings: Settings, data: TrainingData, tokenizer: LocalTokenizer, init: Path | None, prm_accuracy: float | None
+    settings: Settings,
+    data: TrainingData,
+    tokenizer: LocalTokenizer,
+    init: Path | None,
+    prm_accuracy: float | None,
+    out: Path | None = None,
 ) -> tuple[Path | None, dict[str, Any], Any]:
+    """One round's training, gates and save: (the saved adapter folder or None, metrics, the gate verdict).
+
+    `out` is where the adapter is saved (a round passes a folder from `trainer_workdir`); a new temporary
+    folder when None."""
     t = settings.training
     timing = Timing()
     with timing("load"):
@@ -281,7 +342,8 @@ def _train(
     metrics.update(gate_kl=kl, perplexity_base=ppl_base, perplexity_adapter=ppl_adapter, gate=gate.summary())
     metrics["base_weights_unchanged"] = trainer.base_weights_checksum() == base_fingerprint
     metrics.update({k: v for k, v in gate.metrics.items() if k.startswith("humaneval_")})
-    out = Path(tempfile.mkdtemp(prefix="heedful-train-")) / "adapter"
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="heedful-train-")) / "adapter"
     trainer.save(out)
     return out, metrics, gate
 
@@ -383,12 +445,6 @@ def _write_base_results(path: Path, results: list[bool]) -> None:
 async def _mark(store: RolloutStore, scope: Scope, data: TrainingData, status: RolloutStatus, reason: str) -> None:
     async with store.unit() as s:
         await RolloutRepository(s).mark(scope, data.rollout_ids, status, reason)
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 async def run_worker(

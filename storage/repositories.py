@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, false, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.db import StoreError
@@ -787,9 +787,54 @@ class RetentionRepository:
         )
 
 
+PURGE_ACTION = "purge"
+# Purges and publishes take this PostgreSQL advisory lock (any fixed 64-bit key: "heedful" in ASCII).
+_PUBLISH_PURGE_LOCK = 0x68656564_66756C
+PurgeMark = frozenset[int]
+
+
 class PurgeRepository:
+    """Purging a developer, and the tombstones that keep a purge from losing to a round already running.
+
+    A purge's audit entry (action ``purge``, scope ``developer:<id>``) is its tombstone: the audit log is
+    never pruned, and its ids only grow. A training round takes a :data:`PurgeMark` (the ids of the
+    tombstones that concern its scope) when it starts; publishing, in the transaction that would activate
+    its adapter, takes :meth:`lock` and asks :meth:`purged_since` with that mark. A purge takes the same lock
+    before it deletes, so the two never interleave: either the purge runs first and the publish sees its
+    tombstone and refuses, or the publish commits first and the purge deletes what it published.
+    """
+
     def __init__(self, session: AsyncSession) -> None:
         self.s = session
+
+    async def lock(self) -> None:
+        """Serialize this unit of work with every purge and publish until it ends; call it first.
+
+        PostgreSQL: a transaction-scoped advisory lock (other writes are not held up). SQLite allows one
+        writer at a time, and its driver starts the transaction only at the first write, so a write that
+        changes nothing takes the database's write lock at once: no purge can commit between this unit's
+        reads and its commit.
+        """
+        if self.s.get_bind().dialect.name == "postgresql":
+            await self.s.execute(select(func.pg_advisory_xact_lock(_PUBLISH_PURGE_LOCK)))
+        else:
+            await self.s.execute(update(AuditEntry).where(false()).values(actor=AuditEntry.actor))
+
+    def _tombstones_of(self, scope: Scope) -> Any:
+        stmt = select(AuditEntry.id, AuditEntry.scope_id).where(
+            AuditEntry.action == PURGE_ACTION, AuditEntry.scope_kind == ScopeKind.DEVELOPER.value
+        )
+        # A team's round may hold any developer's rollouts: every developer's purge concerns it.
+        return stmt.where(AuditEntry.scope_id == scope.id) if scope.kind == ScopeKind.DEVELOPER else stmt
+
+    async def mark(self, scope: Scope) -> PurgeMark:
+        """The tombstones that concern ``scope`` now (take it when a round starts)."""
+        return frozenset(row_id for row_id, _ in await self.s.execute(self._tombstones_of(scope)))
+
+    async def purged_since(self, scope: Scope, mark: PurgeMark) -> list[str]:
+        """The developers purged since ``mark`` was taken whose purge concerns ``scope``, sorted."""
+        rows = await self.s.execute(self._tombstones_of(scope))
+        return sorted({developer for row_id, developer in rows if row_id not in mark and developer is not None})
 
     async def developer(self, developer_id: str) -> dict[str, Any]:
         """Delete every row of a developer; return counts and the adapter paths to remove from disk."""
@@ -836,6 +881,7 @@ class PurgeRepository:
 
 
 __all__ = [
+    "PURGE_ACTION",
     "AdapterRepository",
     "AuditRepository",
     "CompletionFact",
@@ -844,6 +890,7 @@ __all__ = [
     "DocumentRepository",
     "EventRepository",
     "IdentityRepository",
+    "PurgeMark",
     "PurgeRepository",
     "ReportFilter",
     "ReportRepository",

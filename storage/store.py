@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,10 +26,12 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.settings import Settings
+from storage.adapter_files import plan_scope_purge, remove_scope_files, resolve_adapters_root
 from storage.db import Database, StoreError, open_database
 from storage.models import AdapterStatus, Candidate, Completion, CompletionMode, Event, EventKind, utcnow
 from storage.redaction import Redactor, redactor_for
 from storage.repositories import (
+    PURGE_ACTION,
     AdapterRepository,
     AuditRepository,
     CompletionRepository,
@@ -44,6 +46,8 @@ from storage.repositories import (
     StatsRepository,
 )
 from storage.writer import BatchingWriter
+
+log = logging.getLogger(__name__)
 
 Tokenize = Callable[[str], list[int]]
 
@@ -468,24 +472,38 @@ class RolloutStore:
                 )
         return deleted
 
-    async def purge_developer(self, developer_id: str, *, actor: str, reason: str | None = None) -> dict[str, Any]:
-        """Delete every row and adapter of a developer, and record it in the audit log."""
+    async def purge_developer(
+        self, developer_id: str, *, actor: str, reason: str | None = None, adapters_root: Path | None = None
+    ) -> dict[str, Any]:
+        """Delete every row and adapter file of a developer, and record it in the audit log.
+
+        The audit entry is the purge's tombstone (see `PurgeRepository`): a training round of this developer
+        already running when it commits never publishes. On disk, everything in the developer's folder under
+        `adapters_root` (default `<data dir>/adapters`) goes: versions, temp folders of a dead publish, the
+        trainer's work folders. A row whose path leads anywhere else is refused, named in `refused` (and in
+        the audit entry), and left in place; the rest goes on.
+        """
         await self.writer.flush()  # nothing of theirs may land after the purge
+        root = resolve_adapters_root(adapters_root)
+        scope = Scope.developer(developer_id)
         async with self.unit() as s:
-            result = await PurgeRepository(s).developer(developer_id)
+            purges = PurgeRepository(s)
+            await purges.lock()  # a publish of a running round waits, then sees the tombstone
+            result = await purges.developer(developer_id)
+            plan = await asyncio.to_thread(plan_scope_purge, root, scope, result["adapter_paths"])
             await AuditRepository(s).add(
                 actor=actor,
-                action="purge",
+                action=PURGE_ACTION,
+                scope=scope,
                 reason=reason or "heedful purge --developer",
-                detail={"developer": developer_id, "deleted": result["deleted"]},
+                detail={"developer": developer_id, "deleted": result["deleted"], "refused": plan.refused},
             )
-        removed = []
-        for path in result["adapter_paths"]:
-            p = Path(path)
-            if p.exists():
-                shutil.rmtree(p, ignore_errors=False)
-                removed.append(path)
-        result["adapter_dirs_removed"] = removed
+        removed, errors = await asyncio.to_thread(remove_scope_files, plan, root, scope)
+        for message in plan.refused + errors:
+            log.warning("purge of %s: %s", developer_id, message)
+        result["adapter_dirs_removed"] = [str(p) for p in removed]
+        result["refused"] = plan.refused
+        result["errors"] = errors
         return result
 
     async def teams(self) -> dict[str, dict[str, Any]]:

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import text, update
 
 from server.settings import Settings
+from storage.adapter_files import scope_dir
 from storage.db import StoreError, current_revision, head_revision, open_database, upgrade_schema
 from storage.models import AdapterStatus, AdapterVersion, Completion, Event, Rollout, RolloutStatus
 from storage.repositories import (
@@ -429,7 +430,8 @@ async def test_purge_removes_every_row_and_adapter_of_one_developer(store: Rollo
     await add_rollouts(store)
     await store.record_event(EventRecord("s1", "accepted", "ca"))
     await store.record_document(DocumentSeen("s1", "file:///a.py", "python", 1))
-    adapter_dir = tmp_path / "adapters" / "alice-v1"
+    root = tmp_path / "adapters"
+    adapter_dir = scope_dir(root, Scope.developer("alice")) / ("a" * 32)  # where publishing puts a version
     adapter_dir.mkdir(parents=True)
     (adapter_dir / "adapter_model.safetensors").write_bytes(b"x")
     async with store.unit() as s:
@@ -437,7 +439,7 @@ async def test_purge_removes_every_row_and_adapter_of_one_developer(store: Rollo
             Scope.developer("alice"), path=str(adapter_dir), step=3, kl=0.2, metrics={}
         )
         await AdapterRepository(s).activate(Scope.developer("alice"), v.id)
-    result = await store.purge_developer("alice", actor="cli:test", reason="left the company")
+    result = await store.purge_developer("alice", actor="cli:test", reason="left the company", adapters_root=root)
     assert result["deleted"]["completions"] == 1 and result["deleted"]["rollouts"] == 2
     assert result["adapter_dirs_removed"] == [str(adapter_dir)] and not adapter_dir.exists()
     stats = await store.stats()
