@@ -18,6 +18,7 @@ from personalization.gates import GateResult
 from personalization.publish import (
     PublishStage,
     ScopePurgedError,
+    clean_partial,
     publish_adapter,
     purge_mark,
     scope_dir,
@@ -191,3 +192,14 @@ async def test_purge_deletes_only_what_it_owns(
     (entry,) = [e for e in await audit(store) if e.action == "purge"]
     assert entry.scope_kind == "developer" and entry.scope_id == "alice"
     assert entry.detail["refused"] == refused
+
+
+async def test_clean_partial_removes_the_work_folders_of_rounds_that_died(store: RolloutStore, root: Path) -> None:
+    """A worker killed between saving its round's output and publishing it leaves a `.train-*` folder in the
+    scope's folder: removed at the next start once it is older than the grace period, like a `.tmp-*`."""
+    workdir = trainer_workdir(root, ALICE) / "adapter"
+    workdir.mkdir(parents=True)
+    (workdir / "adapter_model.safetensors").write_bytes(b"saved, never published")
+    assert await clean_partial(store, root) == []  # young: a round may be about to publish it
+    assert await clean_partial(store, root, grace_s=0) == [workdir.parent]
+    assert not workdir.parent.exists()
