@@ -26,7 +26,7 @@ from personalization.publish import (
     verify_published,
 )
 from server.settings import Settings
-from storage.repositories import AdapterRepository, Scope
+from storage.repositories import AdapterRepository, PurgeRepository, Scope
 from storage.store import RolloutStore, SessionStart
 from tests.integration.test_publish import audit, rows
 
@@ -114,6 +114,25 @@ async def test_a_purge_committed_before_the_activating_transaction_refuses_the_v
     assert await rows(store, ALICE) == []
     assert not scope_dir(root, ALICE).exists()
     assert [e.action for e in await audit(store)] == ["purge"]
+
+
+async def test_a_purge_waits_for_a_publish_holding_the_lock_then_deletes_what_it_recorded(
+    store: RolloutStore, root: Path
+) -> None:
+    """The interleaving the tombstone alone cannot stop (PostgreSQL reads committed data per statement):
+    a publish's transaction holds the lock while it records and activates a version; a purge started then
+    waits, and once the publish commits it deletes that version too."""
+    async with store.unit() as s:
+        await PurgeRepository(s).lock()
+        purge = asyncio.create_task(store.purge_developer("alice", actor="cli:admin"))
+        await asyncio.sleep(1.0)
+        assert not purge.done()  # waiting for the lock
+        repo = AdapterRepository(s)
+        row = await repo.add_candidate(ALICE, path=str(scope_dir(root, ALICE) / ("b" * 32)), step=1, kl=0.0, metrics={})
+        await repo.activate(ALICE, row.id)
+    result = await asyncio.wait_for(purge, 60)
+    assert result["deleted"]["adapter_versions"] == 1
+    assert await rows(store, ALICE) == []
 
 
 async def test_a_round_started_before_the_purge_never_publishes(
