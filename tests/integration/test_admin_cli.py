@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from server.settings import Settings
+from storage.adapter_files import scope_dir
 from storage.repositories import AdapterRepository, Scope
 from storage.store import RolloutStore, SessionStart
 from tests.procs import run_heedful
@@ -119,3 +120,40 @@ def test_since_accepts_ages_dates_and_times(since: str) -> None:
     now = datetime(2026, 1, 10, tzinfo=UTC)
     got = parse_since(since, now)
     assert got.tzinfo is not None and got < now
+
+
+async def test_purge_names_the_paths_it_refuses_and_deletes_the_developers_folder(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`heedful purge` on a store whose row for dave points outside the adapters root: the folder is left
+    in place and named on stdout (`refused`) and stderr; dave's folder under the root is gone."""
+    data = tmp_path / "data"
+    monkeypatch.setenv("HEEDFUL_DATA_DIR", str(data))  # the CLI child finds the adapters root there
+    root = data / "adapters"
+    mine = scope_dir(root, Scope.developer("dave")) / ("c" * 32)
+    mine.mkdir(parents=True)
+    (mine / "adapter_model.safetensors").write_bytes(b"dave's weights")
+    outside = tmp_path / "shared" / "keep-me"
+    outside.mkdir(parents=True)
+    (outside / "notes.txt").write_text("someone else's")
+    config = settings_dir(tmp_path, database_url) / "heedful.toml"
+    settings = Settings()
+    settings.database.url = database_url
+    store = await RolloutStore.open(settings)
+    try:
+        await store.start_session(SessionStart(session_id="s1", developer_id="dave", team_id=None))
+        async with store.unit() as s:
+            adapters = AdapterRepository(s)
+            for path in (mine, outside):
+                await adapters.add_candidate(Scope.developer("dave"), path=str(path), step=1, kl=0.0, metrics={})
+    finally:
+        await store.close()
+
+    result = heedful(config, "purge", "--developer", "dave", "--reason", "left")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["adapter_dirs_removed"] == [str(mine)] and not mine.parent.exists()
+    (refused,) = out["refused"]
+    assert refused.startswith(f"adapter folder {outside} of developer:dave") and "left in place" in refused
+    assert str(outside) in result.stderr
+    assert (outside / "notes.txt").read_text() == "someone else's"
