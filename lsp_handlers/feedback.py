@@ -10,6 +10,12 @@ Two pieces of bookkeeping, both pure (they see `Edit`s, return verdicts, and nev
   (`survival_ratio`) and what the developer kept there (the "next state" the trainer learns from).
 
 Offsets are code points of the document's text, as `lsp_handlers.documents.Edit` reports them.
+
+A snapshot runs on the event loop every connection shares, and a character diff costs about the product
+of its two lengths, so it never compares against more than the accepted text and `KEPT_CONTEXT_CHARS`
+either side of it: an edit that swallows the accepted range (a formatter or a reload that replaces the
+whole file) makes the range span the file, and then the text around where the accepted text was is
+compared, and kept, instead of megabytes.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import enum
 from dataclasses import dataclass, field
 
 from lsp_handlers.documents import Edit
+
+KEPT_CONTEXT_CHARS = 2000  # of text either side of an accepted text whose range grew past it
 
 
 def surviving_characters(accepted: str, current: str) -> int:
@@ -79,6 +87,7 @@ class AcceptedText:
     end: int
     awaiting_insert: bool = False  # the accept arrived before the edit that inserts the text
     pending_delays: list[float] = field(default_factory=list)
+    origin: int | None = None  # where the range started when an edit first overlapped it (None: none has)
 
     def observe(self, edit: Edit) -> None:
         if self.awaiting_insert:
@@ -94,19 +103,32 @@ class AcceptedText:
             # Entirely before the range; an insertion exactly at its start is before it too.
             self.start += edit.delta
             self.end += edit.delta
+            if self.origin is not None:
+                self.origin += edit.delta
         elif edit.start >= self.end:
             return  # entirely after the range, typing right after it included
         else:
             # Overlaps the range: the range grows to cover what replaced the overlapped text.
+            if self.origin is None:
+                self.origin = self.start
             new_start = min(self.start, edit.start)
             self.end = max(new_start, max(self.end, edit.end) + edit.delta)
             self.start = new_start
 
     def snapshot(self, text: str) -> tuple[float, str]:
-        """(survival ratio, kept text) against the document's current `text`."""
+        """(survival ratio, kept text) against the document's current `text`.
+
+        A range grown past `KEPT_CONTEXT_CHARS` either side of the accepted text is judged, and kept, by
+        the window of that size around where the accepted text was (see the module docstring).
+        """
         if self.awaiting_insert:
             return 0.0, ""
-        kept = text[self.start : self.end]
+        if self.end - self.start > len(self.accepted) + 2 * KEPT_CONTEXT_CHARS:
+            at = self.start if self.origin is None else min(max(self.origin, self.start), self.end)
+            lo = max(self.start, at - KEPT_CONTEXT_CHARS)
+            kept = text[lo : min(self.end, at + len(self.accepted) + KEPT_CONTEXT_CHARS)]
+        else:
+            kept = text[self.start : self.end]
         return survival_ratio(self.accepted, kept), kept
 
 

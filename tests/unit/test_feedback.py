@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lsp_handlers.documents import Edit
-from lsp_handlers.feedback import AcceptedText, Suggestion, Verdict, locate, survival_ratio
+from lsp_handlers.feedback import KEPT_CONTEXT_CHARS, AcceptedText, Suggestion, Verdict, locate, survival_ratio
 
 
 def test_survival_ratio_counts_characters_kept_in_order() -> None:
@@ -71,3 +71,23 @@ def test_locate_prefers_the_anchor_then_the_nearest_match() -> None:
     assert locate(text, "abc", 7) == 7
     assert locate(text, "abc", 10) == 12  # 12 is nearer to 10 than 7 is
     assert locate(text, "zzz", 3) is None
+
+
+def test_a_file_replaced_whole_is_judged_around_where_the_accepted_text_was() -> None:
+    # The accepted "return x" sits at 100..108 of a 1 MB file; the editor then replaces the whole file
+    # (a formatter, a reload) with one where "return y" stands there. The range now spans the file, but
+    # the snapshot compares and keeps only KEPT_CONTEXT_CHARS either side of offset 100.
+    filler = "# filler\n" * 11  # 99 characters, none of them an 'x'
+    old = filler + " return x\n" + "# more\n" * 150_000
+    a = AcceptedText("c1", "u", "return x", start=100, end=108)
+    new = filler + " return y\n" + "# MORE\n" * 150_000
+    a.observe(Edit(0, len(old), new))
+    assert (a.start, a.end, a.origin) == (0, len(new), 100)
+    ratio, kept = a.snapshot(new)
+    assert kept == new[0 : 100 + 8 + KEPT_CONTEXT_CHARS]  # from the file's start (100 - 2000 < 0) to 2108
+    assert ratio == pytest.approx(7 / 8)  # "return " kept, no 'x' anywhere in the window
+    # An edit above moves the window with it.
+    a.observe(Edit(0, 0, "#!" * 3000))
+    assert (a.start, a.origin) == (6000, 6100)
+    ratio, kept = a.snapshot("#!" * 3000 + new)
+    assert kept == new[0:2108] and ratio == pytest.approx(7 / 8)
