@@ -6,6 +6,7 @@ rely on them, so they live here once.
 `HeedfulProtocol` changes three things in pygls' protocol:
 
 - every message gets a JSON-RPC answer it is owed: malformed JSON gets a Parse error (-32700, id null),
+  bytes that are not a frame (see `lsp_handlers.framing`) an error saying what was wrong with them,
   a message that is not a JSON-RPC object gets Invalid Request (-32600), and a request whose params do
   not fit its method gets Invalid Params (-32602) *with its id*, where pygls would drop it silently;
 - Heedful's own notifications are typed (attrs classes), so bad params are reported, not guessed at;
@@ -22,8 +23,13 @@ from typing import Any
 
 import attrs
 from lsprotocol import types
+from lsprotocol.types import ResponseErrorMessage
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcInvalidRequest, JsonRpcParseError
 from pygls.protocol import LanguageServerProtocol, lsp_method
+from pygls.protocol.json_rpc import JsonRPCNotification, JsonRPCRequestMessage, JsonRPCResponseMessage
+
+from lsp_handlers.framing import FramingError
+from server.logs import clip
 
 log = logging.getLogger(__name__)
 
@@ -115,18 +121,52 @@ class HeedfulProtocol(LanguageServerProtocol):
             return custom
         return super().get_message_type(method)
 
-    def structure_message(self, data: dict[str, Any]) -> Any:
+    def receive(self, body: bytes) -> None:
+        """Handle one message body from the client (`lsp_handlers.framing` cut it from the stream).
+
+        Only the top-level object is structured: pygls' reader structures every nested object that has
+        a "jsonrpc" key as a message of its own.
+        """
         try:
-            return super().structure_message(data)
-        except JsonRpcException as exc:
-            if "jsonrpc" in data and "id" in data and "method" in data:
-                log.warning(
-                    "request %r (%s) has params that do not fit the method: %s", data["id"], data["method"], exc
-                )
-                detail = JsonRpcInvalidParams(f"params of {data['method']!r} do not fit the method: {exc.__cause__}")
-                self._send_response(data["id"], error=detail.to_response_error())
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested past the parser's depth
+            log.warning("a message body that is not JSON (%d bytes): %s", len(body), exc)
+            self.answer_parse_error(exc)
+            return
+        try:
+            self.handle_message(self.structure_message(data) if isinstance(data, dict) else data)
+        except RecursionError:
+            log.warning("a message nested too deeply to handle (%d bytes); ignored", len(body))
+            self._send_error(_request_id(data), JsonRpcInvalidRequest("the message is nested too deeply"))
+
+    def structure_message(self, data: dict[str, Any]) -> Any:
+        """The typed message for `data`, as pygls' `structure_message` builds it; params that do not fit
+        the method are answered with Invalid Params (requests) or logged (notifications), in one line."""
+        if "jsonrpc" not in data:
+            return data
+        method: Any = data.get("method")
+        try:
+            kind: Any
+            if "id" in data and "error" in data:
+                kind = ResponseErrorMessage
+            elif "id" in data and "method" in data:
+                kind = self.get_message_type(method) or JsonRPCRequestMessage
+            elif "id" in data:
+                kind = self._result_types.pop(data["id"], None) or JsonRPCResponseMessage
             else:
-                log.warning("notification %s has params that do not fit the method; ignored", data.get("method"))
+                kind = self.get_message_type(method or "") or JsonRPCNotification
+            return self._converter.structure(data, kind)
+        except Exception as exc:  # cattrs' validation errors, an unhashable method or id, ...
+            reason = exc.__cause__ or exc
+            if "id" in data and "method" in data:
+                msg_id = _request_id(data)
+                log.warning("request %r (%s) has params that do not fit the method: %s", msg_id, method, reason)
+                detail = JsonRpcInvalidParams(
+                    f"params of {clip(str(method))!r} do not fit the method: {clip(str(reason))}"
+                )
+                self._send_response(msg_id, error=detail.to_response_error())  # type: ignore[arg-type]
+            else:
+                log.warning("message %s does not fit JSON-RPC or its method; ignored: %s", method, reason)
             return ANSWERED
 
     def handle_message(self, message: Any) -> None:
@@ -134,15 +174,26 @@ class HeedfulProtocol(LanguageServerProtocol):
             return
         if not attrs.has(type(message)):
             # Not a JSON-RPC 2.0 object (no "jsonrpc", a bare value, a batch array...).
-            msg_id = message.get("id") if isinstance(message, dict) else None
-            if msg_id is not None and not isinstance(msg_id, str | int):
-                msg_id = None
             error = JsonRpcInvalidRequest("expected a JSON-RPC 2.0 object with 'jsonrpc': '2.0' and a 'method'")
-            self._send_error(msg_id, error)
+            self._send_error(_request_id(message), error)
+            return
+        if hasattr(message, "id") and _request_id({"id": message.id}) is None:
+            # An id that is not a string or an integer (a list, an object, a float, null, a boolean).
+            if getattr(message, "method", None) is not None:
+                error = JsonRpcInvalidRequest("'id' must be a string or an integer")
+                self._send_error(None, error)
+            log.warning("a message whose id is not a string or an integer (%s); ignored", type(message.id).__name__)
+            return
+        if hasattr(message, "method") and not isinstance(message.method, str):
+            log.warning("a message whose method is not a string (%s); ignored", type(message.method).__name__)
+            if hasattr(message, "id"):
+                self._send_error(message.id, JsonRpcInvalidRequest("'method' must be a string"))
             return
         if getattr(message, "jsonrpc", None) != self.VERSION:
             msg_id = getattr(message, "id", None)
-            error = JsonRpcInvalidRequest(f"'jsonrpc' must be '2.0', not {getattr(message, 'jsonrpc', None)!r}")
+            error = JsonRpcInvalidRequest(
+                f"'jsonrpc' must be '2.0', not {clip(repr(getattr(message, 'jsonrpc', None)))}"
+            )
             if msg_id is not None:
                 self._send_error(msg_id, error)
             return
@@ -152,8 +203,12 @@ class HeedfulProtocol(LanguageServerProtocol):
         self._send_data({"jsonrpc": "2.0", "id": msg_id, "error": {"code": error.code, "message": error.message}})
 
     def answer_parse_error(self, exc: Exception) -> None:
-        error = JsonRpcParseError(f"the message body is not valid JSON: {exc}")
+        error = JsonRpcParseError(f"the message body is not valid JSON: {clip(str(exc))}")
         self._send_error(None, error)
+
+    def answer_framing_error(self, error: FramingError) -> None:
+        """Tell the client what was wrong with its bytes (the reader has already skipped them)."""
+        self._send_data({"jsonrpc": "2.0", "id": error.msg_id, "error": {"code": error.code, "message": error.message}})
 
     # -- documents: the server's DocumentStore applies them; pygls' workspace stays unused --------
 
@@ -176,6 +231,12 @@ class HeedfulProtocol(LanguageServerProtocol):
     def lsp_exit(self, *args: Any) -> Generator[Any, Any, None]:
         if (handler := self.fm.features.get(types.EXIT)) is not None:
             yield handler, args, None
+
+
+def _request_id(data: Any) -> str | int | None:
+    """The id to answer a message with: its own when it is a valid JSON-RPC id, else null."""
+    msg_id = data.get("id") if isinstance(data, dict) else None
+    return msg_id if isinstance(msg_id, str | int) and not isinstance(msg_id, bool) else None
 
 
 def is_parse_error(exc: BaseException) -> bool:

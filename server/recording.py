@@ -14,7 +14,7 @@ passes through the store's `Redactor` first (built-in secret patterns plus `priv
 a recording is meant to be shared with QA and checked into a repository, so a secret typed in an editor
 must not reach it.
 
-`heedful serve --record FILE` taps its own streams (`RecordingReader`, `RecordingWriter`);
+`heedful serve --record FILE` taps its own streams (each body its reader frames, `RecordingWriter`);
 `heedful record --out FILE -- CMD...` (`run_proxy`) sits between an editor and any language server.
 This module only records; `server.replay` reads recordings back.
 """
@@ -125,23 +125,6 @@ def _content_length(header: bytes) -> int | None:
             except ValueError:
                 return None
     return None
-
-
-class RecordingReader:
-    """pygls' async reader with every message body it reads recorded (`heedful serve --record`)."""
-
-    def __init__(self, reader: Any, recorder: Recorder) -> None:
-        self._reader = reader
-        self._recorder = recorder
-
-    async def readline(self) -> bytes:
-        line: bytes = await self._reader.readline()
-        return line
-
-    async def readexactly(self, n: int) -> bytes:
-        body: bytes = await self._reader.readexactly(n)
-        self._recorder.record(CLIENT_TO_SERVER, body)
-        return body
 
 
 class RecordingWriter:

@@ -17,24 +17,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 import os
 import signal
 import sys
-import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pygls.io_ import StdoutWriter, run_async
+from pygls.io_ import StdoutWriter
 
 from lsp_handlers.auth import AuthPolicy
 from lsp_handlers.completion import CompletionService
+from lsp_handlers.framing import CHUNK, MAX_UNINITIALIZED_BYTES, FrameReader, FramingError, Source
+from lsp_handlers.protocol import HeedfulProtocol
 from lsp_handlers.server import HeedfulLanguageServer, create_server
-from server.recording import Recorder, RecordingReader, RecordingWriter
+from server.logs import connection
+from server.recording import CLIENT_TO_SERVER, Recorder, RecordingWriter
 from server.runtime import Services
 from storage.redaction import Redactor
 
 log = logging.getLogger(__name__)
+
+_connection_numbers = itertools.count(1)
 
 
 class _StreamWriter:
@@ -52,23 +59,36 @@ class _StreamWriter:
 
 
 async def run_connection(
-    reader: Any, writer: Any, services: Services, completions: CompletionService, auth: AuthPolicy | None = None
+    reader: Source,
+    writer: Any,
+    services: Services,
+    completions: CompletionService,
+    auth: AuthPolicy | None = None,
+    *,
+    tap: Callable[[bytes], None] | None = None,
 ) -> HeedfulLanguageServer:
     """Serve one connection until the client sends `exit` or closes the stream; then close its session.
 
     `auth`: how the client proves who it is (`lsp_handlers.auth`; default: stdio, one OS user).
+    `tap` sees every message body the client sent (`heedful serve --record`).
     """
+    connection.set(f"c{next(_connection_numbers)}")  # the log's rate limits count per connection
     ls = create_server(services, completions, auth=auth)
     ls.protocol.set_writer(writer)
-    stop = threading.Event()
-    loop_task = asyncio.create_task(
-        run_async(stop, reader, ls.protocol, log, ls.report_server_error), name="lsp-read-loop"
-    )
+    limit = services.base.settings.server.max_message_bytes
+
+    def max_body() -> int:
+        # Until the connection is initialized (a TCP client has shown its token), an initialize is all
+        # that may come, and it is small: a client that is not let in cannot make the server hold more.
+        return limit if ls.identity is not None else min(limit, MAX_UNINITIALIZED_BYTES)
+
+    assert isinstance(ls.protocol, HeedfulProtocol)
+    frames = FrameReader(reader, max_body)
+    loop_task = asyncio.create_task(_read_messages(frames, ls.protocol, tap), name="lsp-read-loop")
     exit_task = asyncio.create_task(ls.exit_requested.wait(), name="lsp-exit")
     try:
         await asyncio.wait({loop_task, exit_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        stop.set()
         for task in (loop_task, exit_task):
             task.cancel()
         for task in (loop_task, exit_task):
@@ -78,9 +98,24 @@ async def run_connection(
     return ls
 
 
+async def _read_messages(frames: FrameReader, protocol: HeedfulProtocol, tap: Callable[[bytes], None] | None) -> None:
+    """Hand each message to the protocol until the stream ends; bytes that are not one are answered and logged."""
+    while (frame := await frames.next()) is not None:
+        if isinstance(frame, FramingError):
+            log.warning("from the client: %s", frame)  # its own text, which quotes nothing the client sent
+            protocol.answer_framing_error(frame)
+            continue
+        if tap is not None:
+            tap(frame.data)
+        try:
+            protocol.receive(frame.data)
+        except Exception:
+            log.exception("a message could not be handled; the connection goes on")
+
+
 async def _stdio_reader(stdin: BinaryIO) -> asyncio.StreamReader:
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=2**20)
+    reader = asyncio.StreamReader(limit=CHUNK)  # a flow-control mark: FrameReader reads in chunks, not lines
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
     return reader
 
@@ -96,18 +131,20 @@ def _protect_stdout() -> BinaryIO:
 async def serve_stdio(services: Services, record: Path | None = None) -> int:
     out = _protect_stdout()
     try:
-        reader: Any = await _stdio_reader(sys.stdin.buffer)
+        reader = await _stdio_reader(sys.stdin.buffer)
     except (ValueError, OSError) as exc:
         log.error("standard input must be a pipe or socket for `heedful serve` (%s); use --tcp otherwise", exc)
         return 2
     writer: Any = StdoutWriter(out)
     recorder = None
+    tap = None
     if record is not None:
         recorder = Recorder(record, Redactor(services.base.settings.privacy.redact_patterns), source="serve")
-        reader, writer = RecordingReader(reader, recorder), RecordingWriter(writer, recorder)
+        writer = RecordingWriter(writer, recorder)
+        tap = functools.partial(recorder.record, CLIENT_TO_SERVER)
     completions = CompletionService(services)
     try:
-        ls = await run_connection(reader, writer, services, completions)
+        ls = await run_connection(reader, writer, services, completions, tap=tap)
         if recorder is not None and ls.identity is not None:
             session_id = ls.identity.session_id
             recorder.record_store(session_id, await services.store.session_events(session_id))
@@ -136,7 +173,7 @@ async def serve_tcp(services: Services, host: str, port: int, auth: AuthPolicy) 
                 connections.discard(task)
             log.info("client %s disconnected", peer)
 
-    server = await asyncio.start_server(on_connect, host, port, limit=2**20)
+    server = await asyncio.start_server(on_connect, host, port, limit=CHUNK)
     bound = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
     # The one line a supervisor (or a test) reads to learn the port when --port 0 was given.
     print(f"heedful: listening on {bound}", file=sys.stderr, flush=True)

@@ -461,6 +461,15 @@ class LoggingSettings:
 class ServerSettings:
     """How `heedful serve` lets editors in."""
 
+    max_message_bytes: int = setting(
+        32 * 1024 * 1024,
+        "Largest LSP message an editor may send, in bytes (a file opened or replaced whole is one message). "
+        "A larger one is answered with an error and skipped without being held in memory, so the server's "
+        "copy of the file it carried is missing or out of date until the editor reopens it. Before "
+        "`initialize` the limit is 1 MiB.",
+        min=64 * 1024,
+        max=1024 * 1024 * 1024,
+    )
     tcp_token: str = setting(
         "",
         "Token every editor must send as `initializationOptions.token` when `heedful serve --tcp` binds an "
