@@ -447,6 +447,13 @@ class DatabaseSettings:
         "SQLAlchemy async URL, e.g. postgresql+asyncpg://user@host/heedful; empty: SQLite file "
         "`heedful.db` in the data dir.",
     )
+    busy_timeout_s: float = setting(
+        30.0,
+        "SQLite: how long a write waits for another process's write lock before it is retried (the server's "
+        "writer) or fails (a training worker publishing, an admin command). A busy server commits all the time.",
+        min=0.1,
+        max=3600,
+    )
 
 
 @dataclass(slots=True)

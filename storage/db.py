@@ -7,6 +7,7 @@ is used through asyncpg when `database.url` names it; the code above this module
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from server import paths
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-BUSY_TIMEOUT_MS = 5000
+BUSY_TIMEOUT_S = 30.0  # default of database.busy_timeout_s
 
 
 class StoreError(RuntimeError):
@@ -75,7 +76,7 @@ def _check_sqlite_file(path: Path) -> None:
     if not path.exists():
         return
     try:
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
         try:
             row = conn.execute("PRAGMA quick_check").fetchone()
         finally:
@@ -92,16 +93,18 @@ def _check_sqlite_file(path: Path) -> None:
         )
 
 
-def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+def _on_sqlite_connect(busy_timeout_s: float, dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cursor.execute(f"PRAGMA busy_timeout={round(busy_timeout_s * 1000)}")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()
 
 
-async def open_database(configured_url: str = "", *, upgrade: bool = True) -> Database:
+async def open_database(
+    configured_url: str = "", *, upgrade: bool = True, busy_timeout_s: float = BUSY_TIMEOUT_S
+) -> Database:
     """Connect, check and (by default) upgrade the schema to the newest revision."""
     url = database_url(configured_url)
     try:
@@ -121,8 +124,8 @@ async def open_database(configured_url: str = "", *, upgrade: bool = True) -> Da
     sqlite_path = _sqlite_file(url)
     if sqlite_path is not None:
         _check_sqlite_file(sqlite_path)
-        engine = create_async_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
-        event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
+        engine = create_async_engine(url, connect_args={"timeout": busy_timeout_s})
+        event.listen(engine.sync_engine, "connect", functools.partial(_on_sqlite_connect, busy_timeout_s))
     else:
         engine = create_async_engine(url, pool_pre_ping=True)
     db = Database(

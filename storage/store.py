@@ -304,7 +304,7 @@ class RolloutStore:
         cls, settings: Settings, *, tokenize: Tokenize | None = None, apply_retention: bool = True
     ) -> RolloutStore:
         """Open (and upgrade) the database; delete rows older than `privacy.retention_days`."""
-        db = await open_database(settings.database.url)
+        db = await open_database(settings.database.url, busy_timeout_s=settings.database.busy_timeout_s)
         policy = WritePolicy.of(settings)
         store = cls(db, policy.redactor, tokenize=tokenize, store_prompts=policy.store_prompts)
         if apply_retention and settings.privacy.retention_days > 0:

@@ -1,7 +1,8 @@
-"""Adapters swapped under load: 8 editor sessions of one team request completions without pause while
-three adapters are published for the team and one is rolled back.
+"""Adapters swapped under load: 64 editor sessions of one team, through one `heedful serve --tcp`, request
+completions without pause while three adapters are published for the team and one is rolled back.
 
-No request may fail; every completion's recorded adapter version must be one that was active when its
+No request may fail and none may be answered with nothing (an empty answer is a failure a user sees as
+much as an error); every completion's recorded adapter version must be one that was active when its
 request arrived (allowing the registry's poll interval for a new version to take over); adapters that
 stopped serving are unloaded from the engine.
 """
@@ -29,21 +30,26 @@ from tests.e2e.conftest import write_config
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
 
 TEAM = Scope.team("alpha")
-SESSIONS = 8
+SESSIONS = 64
 # A new version serves within one poll (0.5 s) plus its load; a request that arrived in between was
 # still served by the version before, which was active a moment earlier.
 TAKEOVER_S = 3.0
 SOURCE = "import os\n\n\ndef list_python_files(folder):\n    "
 
 
-async def keep_requesting(client: HeedfulClient, uri: str, stop: asyncio.Event, log: list[dict[str, Any]]) -> None:
+async def keep_requesting(
+    session: int, client: HeedfulClient, uri: str, stop: asyncio.Event, log: list[dict[str, Any]]
+) -> None:
     while not stop.is_set():
         sent = time.time()
         try:
             result = await asyncio.wait_for(client.inline(uri, 4, 4), 120)
-            log.append({"sent": sent, "done": time.time(), "ok": True, "items": len(result.items) if result else 0})
+            assert result is not None, "no answer"
+            texts = [i.insert_text if isinstance(i.insert_text, str) else i.insert_text.value for i in result.items]
+            items = [t for t in texts if t.strip()]
+            log.append({"session": session, "sent": sent, "done": time.time(), "ok": True, "items": len(items)})
         except Exception as exc:  # a failed request is what this test looks for
-            log.append({"sent": sent, "done": time.time(), "ok": False, "error": repr(exc)})
+            log.append({"session": session, "sent": sent, "done": time.time(), "ok": False, "error": repr(exc)})
 
 
 async def test_swaps_under_load_fail_no_request_and_mix_no_versions(
@@ -65,7 +71,7 @@ async def test_swaps_under_load_fail_no_request_and_mix_no_versions(
             c.open(f"file:///w/swap/s{i}.py", SOURCE)
         stop = asyncio.Event()
         load = [
-            asyncio.create_task(keep_requesting(c, f"file:///w/swap/s{i}.py", stop, requests))
+            asyncio.create_task(keep_requesting(i, c, f"file:///w/swap/s{i}.py", stop, requests))
             for i, c in enumerate(clients)
         ]
         store = await RolloutStore.open(settings)
@@ -108,7 +114,11 @@ async def test_swaps_under_load_fail_no_request_and_mix_no_versions(
             await c.lc.stop()  # type: ignore[no-untyped-call]
 
     failed = [r for r in requests if not r["ok"]]
+    empty = [r for r in requests if r["ok"] and not r["items"]]
+    print(f"load: {SESSIONS} sessions, {len(requests)} requests, {len(failed)} failed, {len(empty)} empty")
     assert not failed, failed[:5]
+    assert not empty, empty[:5]
+    assert {r["session"] for r in requests} == set(range(SESSIONS))  # every session was served
     for t, version in timeline[1:]:  # every swap happened with requests in flight
         assert any(r["sent"] <= t <= r["done"] for r in requests), f"no request in flight when {version} took over"
     assert all(s["adapter"] == published[1] for s in statuses)

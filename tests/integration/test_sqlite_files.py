@@ -23,7 +23,9 @@ def settings(path: Path) -> Settings:
 
 async def test_locked_database_delays_acknowledgement_until_the_commit(tmp_path: Path) -> None:
     db_file = tmp_path / "h.db"
-    store = await RolloutStore.open(settings(db_file))
+    s = settings(db_file)
+    s.database.busy_timeout_s = 5.0
+    store = await RolloutStore.open(s)
     store.writer._retry_initial_s = 0.01
     await store.start_session(SessionStart("s", "alice"))
     blocker = sqlite3.connect(db_file, timeout=0.1)
