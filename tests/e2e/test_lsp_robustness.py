@@ -2,7 +2,8 @@
 
 These tests speak raw JSON-RPC over the server's stdio (a real client library would refuse to send
 most of this): malformed JSON, non-objects, unknown methods, bad params, out-of-range positions,
-stale document versions, a 5 MB file, surrogate pairs, and 200 rapid requests with cancellation.
+stale document versions, a 5 MB file, surrogate pairs, 200 rapid requests with cancellation, and a
+didChange of 2,000 edits on a 1 MB file followed by a whole-file replacement after an accept.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ pytestmark = [pytest.mark.engine, pytest.mark.remote]
 
 
 class RawServer:
-    """`heedful serve` over stdio, with framing done by hand."""
+    """`heedful serve` over stdio (or one TCP connection), with framing done by hand."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.stdout = reader
+        self.stdin = writer
         self.responses: dict[Any, dict[str, Any]] = {}
         self.null_id_errors: list[dict[str, Any]] = []
         self.notifications: list[dict[str, Any]] = []
@@ -35,9 +37,8 @@ class RawServer:
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
-        assert self.proc.stdout is not None
         while True:
-            header = await self.proc.stdout.readline()
+            header = await self.stdout.readline()
             if not header:
                 return
             length = 0
@@ -45,8 +46,8 @@ class RawServer:
                 name, _, value = header.decode().partition(":")
                 if name.lower() == "content-length":
                     length = int(value)
-                header = await self.proc.stdout.readline()
-            message = json.loads(await self.proc.stdout.readexactly(length))
+                header = await self.stdout.readline()
+            message = json.loads(await self.stdout.readexactly(length))
             if "method" in message:
                 self.notifications.append(message)
             elif message.get("id") is None:
@@ -56,8 +57,7 @@ class RawServer:
             self._arrived.set()
 
     def send_bytes(self, body: bytes) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        self.stdin.write(f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
 
     def send(self, message: dict[str, Any]) -> None:
         self.send_bytes(json.dumps(message).encode())
@@ -133,7 +133,8 @@ async def raw_server(lsp_setup: ServerSetup) -> AsyncIterator[RawServer]:
             stderr=log,
             cwd=str(ROOT),
         )
-    server = RawServer(proc)
+    assert proc.stdout is not None and proc.stdin is not None
+    server = RawServer(proc.stdout, proc.stdin)
     try:
         yield server
     finally:
@@ -211,7 +212,7 @@ async def test_out_of_range_positions_clamp_and_stale_versions_are_ignored(
         },
     )
     after = await raw_server.call("textDocument/inlineCompletion", raw_server.inline_params(uri, 1, 17))
-    assert "result" in after
+    assert "result" in after and "error" not in after  # served (or null), after both changes
     await asyncio.sleep(0.5)  # the completion records are written off the request path
     prompts = prompts_of(lsp_setup)
     assert prompts and all("STALE" not in p for p in prompts)
@@ -281,3 +282,65 @@ async def test_200_rapid_requests_with_cancellation_all_get_answers(raw_server: 
     assert "result" in last and last["result"]["items"]  # the newest request is the one that is served
     follow_up = await raw_server.call("textDocument/inlineCompletion", raw_server.inline_params(uri, 1, 4))
     assert follow_up["result"]["items"][0]["insertText"].strip()
+
+
+async def test_2000_edits_on_a_megabyte_and_a_file_replaced_after_an_accept(
+    raw_server: RawServer, lsp_setup: ServerSetup
+) -> None:
+    # One didChange of 2,000 edits on a 1 MB file, then the whole file replaced (as a formatter does)
+    # after an accept: the server applies both, serves the next completion on the edited text, and the
+    # edit snapshots compare and keep the text around the accepted one, not the megabyte.
+    await raw_server.start_session()
+    uri = "file:///w/generated.py"
+    line = "    value = compute(alpha, beta)  # a line of a large generated module\n"
+    count = 1_000_000 // len(line)
+    tail = "\n\ndef add(a, b):\n    "
+    raw_server.open(uri, line * count + tail)
+    last = count + 3  # the line of the cursor
+    served = await raw_server.call("textDocument/inlineCompletion", raw_server.inline_params(uri, last, 4))
+    item = served["result"]["items"][0]
+    accepted, completion_id = item["insertText"], item["command"]["arguments"][0]["completionId"]
+    at = {"line": last, "character": 4}
+    raw_server.notify(
+        "textDocument/didChange",
+        {
+            "textDocument": {"uri": uri, "version": 2},
+            "contentChanges": [{"range": {"start": at, "end": at}, "text": accepted}],
+        },
+    )
+    ack = await raw_server.call(
+        "workspace/executeCommand",
+        {"command": "heedful.acceptCompletion", "arguments": [{"completionId": completion_id}]},
+    )
+    assert ack["result"]["recorded"] is True
+
+    # 'alpha' -> 'gamma' on each of the 2,000 lines above the function, one edit per line.
+    edits = [
+        {"range": {"start": {"line": n, "character": 20}, "end": {"line": n, "character": 25}}, "text": "gamma"}
+        for n in range(count - 2000, count)
+    ]
+    raw_server.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": 3}, "contentChanges": edits})
+    edited = line * (count - 2000) + line.replace("alpha", "gamma") * 2000
+    replaced = (edited + tail + accepted).replace("beta", "BETA")
+    raw_server.notify(
+        "textDocument/didChange", {"textDocument": {"uri": uri, "version": 4}, "contentChanges": [{"text": replaced}]}
+    )
+    end = {"line": last + accepted.count("\n"), "character": len((tail + accepted).rsplit("\n", 1)[-1])}
+    after = await raw_server.call(
+        "textDocument/inlineCompletion",
+        {"textDocument": {"uri": uri}, "position": end, "context": {"triggerKind": 2}},
+    )
+    assert "result" in after and "error" not in after  # served (or null), after both changes
+
+    async def snapshots() -> list[Any]:
+        while len(rows := lsp_setup.rows("SELECT * FROM events WHERE kind = 'edit_snapshot'")) < 2:
+            await asyncio.sleep(0.2)
+        return rows
+
+    rows = await asyncio.wait_for(snapshots(), 120)  # the snapshots are due 1 s and 2 s after the accept
+    for row in rows:
+        assert row["completion_id"] == completion_id and accepted in row["kept_text"]
+        assert row["survival_ratio"] == 1.0 and not row["truncated"]
+        assert len(row["kept_text"]) <= len(accepted) + 2 * 2000  # feedback.KEPT_CONTEXT_CHARS either side
+        # The text before the accepted one went through the 2,000 edits and the replacement.
+        assert "compute(gamma, BETA)" in row["kept_text"] and "alpha" not in row["kept_text"]
