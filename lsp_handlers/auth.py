@@ -84,14 +84,14 @@ def parse_claim(options: Any) -> Claim:
     given = options.get("developerId")
     developer = given if given is not None else getpass.getuser()
     session = options.get("sessionId") or f"s-{uuid.uuid4().hex}"
-    token = options.get("token")
+    team = options.get("team")
     try:
         check_id("initializationOptions.developerId", developer, DEVELOPER_ID_CHARS)
         check_id("initializationOptions.sessionId", session, SESSION_ID_CHARS)
-        check_id("initializationOptions.team", options.get("team"), TEAM_ID_CHARS, required=False)
+        check_id("initializationOptions.team", team, TEAM_ID_CHARS, required=False)
     except ValueError as exc:
         raise JsonRpcInvalidParams(str(exc)) from None
-    return Claim(developer, session, options.get("team"), token, options.get("settings"), given is not None)
+    return Claim(developer, session, team, options.get("token"), options.get("settings"), given is not None)
 
 
 def check_client_info(name: str | None, version: str | None) -> None:

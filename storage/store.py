@@ -286,7 +286,6 @@ class RolloutStore:
         self, db: Database, redactor: Redactor, *, tokenize: Tokenize | None = None, store_prompts: bool = True
     ) -> None:
         self.db = db
-        self.redactor = redactor
         self.writer = BatchingWriter(db)
         self._tokenize = tokenize
         # Writes of sessions the store was not told about (admin tools, tests) follow the global settings.
@@ -351,7 +350,7 @@ class RolloutStore:
             self._started_paused.discard(session_id)
             return state.in_force
         if state.in_force is None or session_id in self._started_paused:
-            return WritePolicy(self.redactor, store_prompts=False, paused=state.broken)
+            return WritePolicy(self.default_policy.redactor, store_prompts=False, paused=state.broken)
         return state.in_force
 
     def _skipped(self) -> asyncio.Future[Any]:
