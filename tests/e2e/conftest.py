@@ -35,7 +35,9 @@ class ServerSetup:
             return list(conn.execute(sql, args))
 
 
-def write_config(tmp_path: Path, model: Path, engine_url: str, extra: str = "") -> ServerSetup:
+def write_config(
+    tmp_path: Path, model: Path, engine_url: str, extra: str = "", snapshot_delays: tuple[float, ...] = (1.0, 2.0)
+) -> ServerSetup:
     db = tmp_path / "heedful.db"
     config = tmp_path / "heedful.toml"
     config.write_text(
@@ -55,7 +57,7 @@ group_sample_rate = 1.0
 max_tokens = 24
 
 [feedback]
-edit_snapshot_delays_s = [1.0, 2.0]
+edit_snapshot_delays_s = [{", ".join(str(d) for d in snapshot_delays)}]
 
 [database]
 url = "sqlite+aiosqlite:///{db}"
@@ -66,8 +68,12 @@ url = "sqlite+aiosqlite:///{db}"
 
 
 @pytest.fixture
-def lsp_setup(tmp_path: Path, small_model: Path, vllm_server: str) -> Iterator[ServerSetup]:
-    setup = write_config(tmp_path, small_model, vllm_server)
+def lsp_setup(
+    request: pytest.FixtureRequest, tmp_path: Path, small_model: Path, vllm_server: str
+) -> Iterator[ServerSetup]:
+    # `@pytest.mark.snapshot_delays(a, b)` on a test: the edit snapshots' delays its server is given.
+    marker = request.node.get_closest_marker("snapshot_delays")
+    setup = write_config(tmp_path, small_model, vllm_server, snapshot_delays=marker.args if marker else (1.0, 2.0))
     yield setup
     if setup.log.exists():
         # Shown by pytest only when the test failed: the server's own account of what happened.
