@@ -5,6 +5,10 @@ completion, and then sends a pipelined burst of commands (`heedful.acceptComplet
 `heedful.feedback` corrections). After a random number of answers the process is killed with SIGKILL, at
 once, while later commands are still in flight. An answer carrying an `eventId` is an acknowledgement:
 every such event must be in the database afterwards, and the file must pass SQLite's integrity check.
+
+The trials run in two lanes at once on the same file, as two editor windows of one developer would: each
+kill lands while the other lane's server may be writing, so the file's integrity is checked under a
+second writer too.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from tests.e2e.conftest import ServerSetup, write_config
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
 
-TRIALS = 50
+TRIALS = 30
+LANES = 2  # trials at once, on the same SQLite file
 BURST = 24
 SEED = 20261202
 
@@ -115,16 +120,21 @@ async def test_sigkill_after_acknowledged_feedback_loses_nothing(
     tmp_path: Path, small_model: Path, vllm_server: str
 ) -> None:
     setup = write_config(tmp_path, small_model, vllm_server)
-    rng = random.Random(SEED)
     lost: list[tuple[int, str]] = []
     acked_total = 0
-    for trial in range(TRIALS):
-        acked, _sent = await one_trial(setup, trial, rng)
-        acked_total += len(acked)
-        with sqlite3.connect(setup.db) as conn:
-            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-            stored = {str(r[0]) for r in conn.execute("SELECT id FROM events")}
-        lost += [(trial, event_id) for event_id in acked if event_id not in stored]
-    print(f"durability: {TRIALS} SIGKILL trials, {acked_total} acknowledged events, {len(lost)} lost")
+
+    async def lane(first: int) -> None:
+        nonlocal acked_total, lost
+        rng = random.Random(SEED + first)
+        for trial in range(first, TRIALS, LANES):
+            acked, _sent = await one_trial(setup, trial, rng)
+            acked_total += len(acked)
+            with sqlite3.connect(setup.db, timeout=30) as conn:
+                assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+                stored = {str(r[0]) for r in conn.execute("SELECT id FROM events")}
+            lost += [(trial, event_id) for event_id in acked if event_id not in stored]
+
+    await asyncio.gather(*(lane(first) for first in range(LANES)))
+    print(f"durability: {TRIALS} SIGKILL trials in {LANES} lanes, {acked_total} acknowledged events, {len(lost)} lost")
     assert not lost, lost[:10]
     assert acked_total >= TRIALS  # every trial acknowledged at least one event before its kill
