@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from lsp_handlers.context import fim_template_for
+from lsp_handlers.context import fill_template, fim_template_for
 from personalization import humaneval
 from personalization.dataset import TrainingData
-from personalization.gates import humaneval_passes
+from personalization.gates import greedy_suggestions, humaneval_passes
 from personalization.trainer import Group, LoraTrainer, Sample
 from personalization.worker import _train
 from server.engine.tokens import LocalTokenizer
@@ -38,6 +38,13 @@ def test_the_default_model_passes_humaneval_cases_and_a_fresh_adapter_changes_no
     assert len(base) == 8
     assert sum(base) >= 2  # bench.quality: about 60 % of such cases pass with this model and template
     assert with_adapter == base
+
+    # The measurement stops a batch once every row has its first line: the same first lines as 24 tokens.
+    prompts = [fill_template(template, c.prefix, c.suffix) for c in cases]
+    stopped = greedy_suggestions(trainer.model, tokenizer, prompts, autocast=trainer.autocast())
+    full = greedy_suggestions(trainer.model, tokenizer, prompts, autocast=trainer.autocast(), first_line_only=False)
+    assert [humaneval.first_line(s) for s in stopped] == [humaneval.first_line(s) for s in full]
+    assert stopped != full  # and it did stop: the 24-token texts go on past their first lines
 
 
 def test_a_round_reports_the_ability_gate_and_caches_the_base(
