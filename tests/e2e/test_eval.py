@@ -31,6 +31,7 @@ def test_a_short_eval_scores_what_the_server_served(tmp_path: Path, small_model:
     config.write_text(
         f'[model]\npath = "{small_model}"\n\n[engine]\nmode = "remote"\nurl = "{vllm_server}"\n\n'
         "[completion]\nmax_tokens = 24\n\n[training]\nthreads = 2\nnice = 0\nbatch_size = 4\n"
+        "[thresholds]\nhumaneval_cases = 0\n"  # about what the evaluation scores; the gate: test_ability_gate.py
     )
     out = tmp_path / "eval"
     persona = f"{ROOT}/personalization/personas.py:TypeHints"  # loaded from a file, as a user's own would be

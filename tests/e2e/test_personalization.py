@@ -36,6 +36,9 @@ batch_size = 8
 min_new_rollouts = 8
 threads = 2
 nice = 0
+
+[thresholds]
+humaneval_cases = 0  # this test is about who is served what; the ability gate: tests/integration/test_ability_gate.py
 """
 
 
