@@ -155,7 +155,6 @@ class AdapterRegistry:
             old, new = self._active.get(scope), now.get(scope)
             if new is not None and await self._refused(new) is not None:
                 continue  # the scope keeps what serves it now: its previous version, its team's, or the base
-            changed.append(scope)
             if new is not None and old is not None and old.version_id in self._slots:
                 # The scope is in use: load the new version before routing to it, so no request waits.
                 try:
@@ -169,6 +168,13 @@ class AdapterRegistry:
                         exc,
                     )
                     continue
+                if not await self._still_active(new):
+                    # Rolled back (or replaced) while it loaded: routing to it now would serve a version
+                    # the store no longer serves until the next poll. That poll routes the scope afresh.
+                    await self._retire(new.version_id)
+                    log.info("adapter %s of %s stopped being active while it loaded", new.version_id, scope)
+                    continue
+            changed.append(scope)
             if new is None:
                 self._active.pop(scope, None)
             else:
@@ -245,6 +251,11 @@ class AdapterRegistry:
             self._loading[version.version_id] = task
             task.add_done_callback(lambda _t: self._loading.pop(version.version_id, None))
         return await asyncio.shield(task)
+
+    async def _still_active(self, version: ActiveVersion) -> bool:
+        async with self._store.unit() as s:
+            row = await AdapterRepository(s).active(version.scope)
+        return row is not None and row.id == version.version_id
 
     async def _refused(self, version: ActiveVersion) -> AdapterError | None:
         """Why `version` must not be served (its folder does not match its manifest), or None.

@@ -10,11 +10,13 @@ import hashlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from personalization.publish import MANIFEST, publish_adapter, scope_dir
-from server.engine import Engine
+from server.engine import AdapterRef, Engine
+from server.guards import rollback_scope
 from server.registry import AdapterRegistry, Lease
 from server.settings import Settings
 from storage.models import AuditEntry
@@ -133,6 +135,56 @@ async def test_a_swap_keeps_the_old_version_for_requests_in_flight_then_unloads_
     after.release()
     await registry.close()
     assert not [n for n in await engine.loaded_adapters() if n.endswith(new)]
+
+
+class GatedEngine:
+    """The real engine, whose adapter loads wait until the test opens the gate: a load as slow as the test
+    needs, so that something can happen in the store while it is in progress."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.gate = asyncio.Event()
+        self.loading = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    async def load_adapter(self, ref: AdapterRef) -> None:
+        self.loading.set()
+        await self.gate.wait()
+        await self.engine.load_adapter(ref)
+
+
+async def test_a_version_rolled_back_while_it_loads_is_never_routed_to(
+    store: RolloutStore,
+    engine: Engine,
+    loras: list[Path],
+    tmp_path: Path,
+) -> None:
+    scope = Scope.developer("eve")
+    old = await publish(store, scope, loras[0], tmp_path)
+    gated = GatedEngine(engine)
+    registry = AdapterRegistry(store, lambda: cast(Engine, gated), capacity=2)
+    await registry.refresh()
+    gated.gate.set()
+    in_use = await registry.acquire("eve", None)  # the scope is in use: a new version is loaded before routing
+    gated.gate.clear()
+    gated.loading.clear()
+    new = await publish(store, scope, loras[1], tmp_path)
+    refreshing = asyncio.create_task(registry.refresh())
+    await asyncio.wait_for(gated.loading.wait(), 30)
+    async with store.unit() as s:  # an admin rolls the new version back while it loads
+        rolled = await rollback_scope(s, scope, actor="test", reason="rolled back mid-load")
+    assert rolled is not None and rolled.taken_out == new and rolled.active == old
+    gated.gate.set()
+    assert await asyncio.wait_for(refreshing, 60) == []
+    version = registry.active_version("eve", None)
+    assert version is not None and version.version_id == old
+    lease = await registry.acquire("eve", None)
+    assert lease.version_id == old and new not in registry.loaded()  # the loaded new one was unloaded again
+    lease.release()
+    in_use.release()
+    await registry.close()
 
 
 async def refusals(store: RolloutStore) -> list[AuditEntry]:
