@@ -1,8 +1,8 @@
 """The full evaluation: every shipped persona, each arm, through `heedful serve` on the embedded defaults.
 
-Runs `heedful eval` once per persona (a fresh store per persona under --out), then prints the table the
-README carries: correction rate before and after, CRR, KL of the served adapter, the general-code
-perplexity delta, how many feedback turns it took and how long, per persona and arm.
+Runs `heedful eval` once per persona (a fresh store per persona under --out), then prints the table
+docs/evaluation.md carries: correction rate before and after, CRR, KL of the served adapter, the
+general-code perplexity delta, how many feedback turns it took and how long, per persona and arm.
 
     .venv/bin/python -m bench.eval [--persona NAME ...] [--arm ARM ...] [--rounds 1] [--train-prompts 24]
                                    [--held-out 18] [--steps 24] [--batch-size 4] [--max-prompt-tokens 128]

@@ -1,4 +1,9 @@
-"""Regenerate the settings reference in README.md from the declarations in server/settings.py."""
+"""Regenerate the settings reference in docs/settings.md from the declarations in server/settings.py.
+
+`make readme` runs it (the name is older than docs/: the reference used to live in README.md). It rewrites
+only the block between the `settings-reference` markers; `tests/unit/test_settings.py` fails when that
+block is stale.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +17,14 @@ END = "<!-- settings-reference:end -->"
 
 
 def main() -> int:
-    readme = Path(__file__).resolve().parent.parent / "README.md"
-    text = readme.read_text(encoding="utf-8")
+    page = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
+    text = page.read_text(encoding="utf-8")
     if START not in text or END not in text:
-        print(f"{readme} lacks the markers {START!r} and {END!r}", file=sys.stderr)
+        print(f"{page} lacks the markers {START!r} and {END!r}", file=sys.stderr)
         return 1
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n\n{reference_markdown().strip()}\n\n{END}{tail}", encoding="utf-8")
+    page.write_text(f"{head}{START}\n\n{reference_markdown().strip()}\n\n{END}{tail}", encoding="utf-8")
     return 0
 
 

@@ -7,10 +7,10 @@ Layers, later wins, key by key:
 3. the team's file, `<teams.dir>/<team>.toml` next to the global file;
 4. `[developers."<id>".<section>]` tables of the global file, then of the team file.
 
-Every key is declared once below, with its type, default, help text and allowed values; the README's
-settings reference is generated from the same declarations (`heedful config reference`). A bad value
-raises `SettingsError` naming the file, the key, the value and what is allowed. This module reads files
-and validates; it never writes settings and never touches the network.
+Every key is declared once below, with its type, default, help text and allowed values; the settings
+reference in docs/settings.md is generated from the same declarations (`heedful config reference`). A bad
+value raises `SettingsError` naming the file, the key, the value and what is allowed. This module reads
+files and validates; it never writes settings and never touches the network.
 """
 
 from __future__ import annotations
@@ -232,12 +232,12 @@ class FeedbackSettings:
 
 @dataclass(slots=True)
 class TrainingSettings:
-    """The background GRPO-TCR / OPD LoRA training (seed section 3.5 defaults)."""
+    """The background GRPO-TCR / OPD LoRA training."""
 
     learning_rate: float = setting(
         3e-4,
-        "AdamW learning rate. The seed's 1e-5 barely moves a rank-8 LoRA on a 135M model in one round of 50 "
-        "steps; 3e-4 does, within the KL gate.",
+        "AdamW learning rate. 1e-5, a rate for full fine-tuning, barely moves a rank-8 LoRA on a 135M model in "
+        "one round of 50 steps; 3e-4 does, within the KL gate.",
         min=0.0,
         max=1.0,
         min_exclusive=True,
@@ -327,7 +327,7 @@ class TrainingSettings:
 
 @dataclass(slots=True)
 class ThresholdSettings:
-    """Gates before an adapter is published and guards after it serves (seed section 4)."""
+    """Gates before an adapter is published and guards after it serves."""
 
     kl_max: float = setting(
         5.0, "Largest KL to the reference on held-out prompts an adapter may have.", min=0.0, min_exclusive=True
@@ -350,14 +350,14 @@ class ThresholdSettings:
     )
     humaneval_max_drop: float = setting(
         3.0,
-        "Most HumanEval pass-rate points an adapter may lose against its base (the seed's bar: within 3 points).",
+        "Most HumanEval pass-rate points an adapter may lose against its base.",
         min=0.0,
         max=100.0,
     )
     p99_latency_ms: float = setting(
         5000.0,
         "p99 completion latency (ms) of an adapter above which the guard rolls it back. The default suits a "
-        "2-core CPU laptop (a rank-8 adapter there answers in 1-3 s); on a GPU set your budget (the seed's is "
+        "2-core CPU laptop (a rank-8 adapter there answers in 1-3 s); on a GPU set your budget (e.g. "
         "200-250 ms).",
         min=1.0,
     )
@@ -374,7 +374,7 @@ class ThresholdSettings:
     prm_min_accuracy: float = setting(
         0.75,
         "Held-out accuracy the PRM (trained each round on the scope's own outcomes) needs before its votes "
-        "judge unshown candidates; below it they get 0. The seed's target is above 75%.",
+        "judge unshown candidates; below it they get 0.",
         min=0.0,
         max=1.0,
     )
@@ -942,7 +942,7 @@ def render_toml(resolved: ResolvedSettings) -> str:
 
 
 def reference_markdown() -> str:
-    """Every key with type, default and help: the README's settings reference."""
+    """Every key with type, default and help: the settings reference in docs/settings.md."""
     out: list[str] = []
     for section, cls in SECTIONS.items():
         out.append(f"### `[{section}]`\n\n{(cls.__doc__ or '').strip()}\n")
