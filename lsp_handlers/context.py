@@ -1,7 +1,7 @@
 """The prompt for one cursor position: prefix, suffix, file-name header, fitted to a token budget.
 
-This module turns the text around the cursor into the string sent to the engine (step 1 of "The life of one
-completion" in DESIGN.md). It picks the model's fill-in-the-middle template when the tokenizer has one
+This module turns the text around the cursor into the string sent to the engine (the first step of serving
+a completion request). It picks the model's fill-in-the-middle template when the tokenizer has one
 (`fim_template_for`), writes a one-line comment naming the file (`comment_header`), and keeps the lines
 nearest to the cursor that fit the budget (`build_prompt`).
 

@@ -1,7 +1,7 @@
 """The wire contract Heedful adds to LSP, and a protocol class that keeps serving whatever arrives.
 
-Method and command names follow DESIGN.md ("The life of one completion"); editor clients and checks
-rely on them, so they live here once.
+Method and command names are the wire contract with the editor clients (docs/language-server.md); editor
+clients and checks rely on them, so they live here once.
 
 `HeedfulProtocol` changes three things in pygls' protocol:
 

@@ -1,10 +1,9 @@
 """Gates a trained adapter must pass before it is published, and the two measurements they use.
 
-DESIGN.md "Learning loop": before publishing, the training loss must never have been NaN/inf, the KL of
-the adapted policy to the frozen reference on held-out prompts must be <= ``thresholds.kl_max`` (5.0,
-seed section 4), and held-out perplexity on general code must not rise by more than
-``thresholds.perplexity_margin`` (5 %). A failed gate keeps the old adapter (see
-:mod:`personalization.publish`, which records the rejection).
+Before publishing, the training loss must never have been NaN/inf, the KL of the adapted policy to the
+frozen reference on held-out prompts must be <= ``thresholds.kl_max`` (5.0), and held-out perplexity on
+general code must not rise by more than ``thresholds.perplexity_margin`` (5 %). A failed gate keeps the old
+adapter (see :mod:`personalization.publish`, which records the rejection).
 
 * :func:`check_gates` is the pure decision: numbers in, a :class:`GateResult` out, every failure listed with
   the value, the threshold and the settings key that sets it.

@@ -1,12 +1,12 @@
 """GRPO-TCR math: group-relative advantages, overlong length shaping and the clipped token-level loss.
 
-This module is the single implementation of the "Loss contract" in DESIGN.md (an independent reference
-implementation checks it). It is pure tensor arithmetic on tensors the caller already has:
+This module is the single implementation of the GRPO-TCR loss the trainer optimises (an independent
+reference implementation checks it). It is pure tensor arithmetic on tensors the caller already has:
 
 * :func:`group_advantages` turns the rewards of one group of ``G`` rollouts for the same prompt into
   ``(r - mean) / (std + eps)`` (unbiased std, the torch default), with zeros when the group carries no
   comparative signal (a single rollout, or all rewards equal).
-* :func:`overlong_penalty` is the notebook's ``overlong_reward``: 0 up to ``l_max - l_cache`` tokens, then a
+* :func:`overlong_penalty` is the overlong reward shaping: 0 up to ``l_max - l_cache`` tokens, then a
   linear ramp down to -1 at ``l_max``, and -1 beyond.
 * :func:`grpo_tcr_loss` is the token-level clipped surrogate with clip-higher bounds
   ``[1 - eps_low, 1 + eps_high]`` plus ``beta`` times the k3 estimator of KL(pi_theta || pi_ref), both
@@ -64,7 +64,7 @@ def group_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def overlong_penalty(length: int, l_max: int, l_cache: int) -> float:
-    """Overlong reward shaping of a response of ``length`` tokens, in ``[-1, 0]`` (the notebook's ``overlong_reward``).
+    """Overlong reward shaping of a response of ``length`` tokens, in ``[-1, 0]``.
 
     With ``safe = l_max - l_cache``::
 
@@ -73,7 +73,7 @@ def overlong_penalty(length: int, l_max: int, l_cache: int) -> float:
         length > l_max           -> -1.0
 
     ``l_cache == 0`` is a hard cutoff: lengths up to and including ``l_max`` get 0.0, longer ones -1.0 (the
-    first branch applies first, exactly as in the notebook, so nothing is divided by zero).
+    first branch applies first, so nothing is divided by zero).
 
     Raises ``ValueError`` naming the argument for ``length < 0``, ``l_max < 1``, ``l_cache < 0`` or
     ``l_cache >= l_max`` (the safe zone must hold at least one token); ``TypeError`` for non-integers.

@@ -1,11 +1,11 @@
 """Simulated developers ("personas") that Heedful ships for `heedful eval` and `make demo`.
 
 Each persona is one real preference a developer corrects an assistant for. It follows the evaluation
-contract of DESIGN.md: a plain class with `name`, `correction` (what the developer types when they
-correct a suggestion) and `review(prefix, completion) -> (accept, kept)`, deciding from the text alone.
-`kept` is what the developer would have written instead where the persona can say so mechanically
-(quotes swapped, a docstring added, `print` turned into a logging call); otherwise None, and the
-developer rejects and types the correction.
+contract `heedful eval` relies on: a plain class with `name`, `correction` (what the developer types
+when they correct a suggestion) and `review(prefix, completion) -> (accept, kept)`, deciding from the
+text alone. `kept` is what the developer would have written instead where the persona can say so
+mechanically (quotes swapped, a docstring added, `print` turned into a logging call); otherwise None, and
+the developer rejects and types the correction.
 
 An optional `prompt_kinds` names the prompts where the preference shows (`signature`, `body`,
 `statement`: see personalization/corpus.py), and an optional `prompt_context` strings of which the code

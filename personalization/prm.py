@@ -1,7 +1,7 @@
 """Judges that score a completion +1 (the developer would keep it), -1 (would not) or 0 (no verdict).
 
-Two judges, both voting ``m`` times and reducing the votes with :func:`majority` (DESIGN.md, "Learning
-loop": ties and failures count 0):
+Two judges, both voting ``m`` times and reducing the votes with :func:`majority` (ties and failures
+count 0):
 
 * :class:`PRMJudge` -- the process reward model: a small classifier head on the *frozen* base model.
   Features are the mean of the base model's last hidden layer over the completion's tokens (the prompt is

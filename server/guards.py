@@ -1,4 +1,4 @@
-"""Guards on adapters that already serve (seed section 4, "Monitoring"), and the rollback they share
+"""Guards on adapters that already serve (monitoring after publishing), and the rollback they share
 with `heedful adapters rollback`.
 
 Every `thresholds.guard_interval_s` the server checks each scope's active adapter against what serving

@@ -111,7 +111,7 @@ def test_overlong_penalty_boundaries(length: int, expected: float) -> None:
 
 
 def test_overlong_penalty_hard_cutoff_when_l_cache_is_zero() -> None:
-    # as in the notebook, `length <= l_max - l_cache` wins first: l_max itself is still allowed
+    # `length <= l_max - l_cache` wins first: l_max itself is still allowed
     assert overlong_penalty(0, 512, 0) == 0.0
     assert overlong_penalty(512, 512, 0) == 0.0
     assert overlong_penalty(513, 512, 0) == -1.0

@@ -3,7 +3,7 @@
 --- `require("heedful").setup{...}` starts the server through `vim.lsp` for the chosen filetypes. Suggestions
 --- are shown as virtual text: by `vim.lsp.inline_completion` where the running Neovim has it, by this
 --- plugin's own extmarks otherwise. Whatever renders them, this module tells the server what the developer
---- did (DESIGN.md, "The life of one completion"): `textDocument/didShowCompletion` when a suggestion
+--- did (the feedback contract in docs/language-server.md): `textDocument/didShowCompletion` when a suggestion
 --- appears, the item's `heedful.acceptCompletion` command after an accept,
 --- `textDocument/didPartiallyAcceptCompletion` after accepting a word, `heedful/didRejectCompletion` when a
 --- suggestion is dismissed, and the `heedful.feedback` command for `:HeedfulCorrect {text}`.
