@@ -13,6 +13,7 @@ training time (hindsight against the kept text, then the PRM), see `judge.Unshow
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ PARTIAL = "partial"
 REJECTED = "rejected"
 CORRECTED = "corrected"
 NO_SIGNAL = "none"
+NO_PROMPT = "no prompt stored (privacy.store_prompts = false)"  # the reason such a rollout is kept out
 
 
 @dataclass(slots=True, frozen=True)
@@ -180,6 +182,10 @@ class RolloutCollector:
         for comp in completions:
             shown = _shown_text(comp)
             verdict = classify(shown, events[comp.id], rewrite_threshold=self.rewrite_threshold)
+            if verdict.trainable and not comp.prompt and not comp.prompt_token_ids:
+                # `privacy.store_prompts = false`: nothing to train the response after. Kept out here, so that
+                # such turns do not count toward a round's `training.min_new_rollouts` either.
+                verdict = dataclasses.replace(verdict, trainable=False, reason=NO_PROMPT)
             if verdict.trainable:
                 stats.trainable += 1
             else:

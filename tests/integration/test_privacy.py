@@ -21,12 +21,12 @@ import pytest
 from sqlalchemy import select
 
 from personalization.dataset import load_training_data
-from personalization.rollouts import RolloutCollector
+from personalization.rollouts import NO_PROMPT, RolloutCollector
 from server.engine.tokens import LocalTokenizer
 from server.runtime import EngineHost, RecordingPaused, Services
 from server.settings import SettingsError, resolve
 from storage.models import Base, Completion, Document, Event, EventKind, LspSession
-from storage.repositories import Scope
+from storage.repositories import RolloutRepository, Scope
 from storage.store import CandidateRecord, CompletionRecord, DocumentSeen, EventRecord, GroupRecord, SessionStart
 
 # One of each form the redaction must catch, with values that occur nowhere else.
@@ -225,8 +225,9 @@ async def test_a_team_pattern_redacts_that_teams_sessions_only(wired: Wired) -> 
 
 
 async def test_completions_without_a_prompt_are_left_out_of_training(wired: Wired) -> None:
-    """They still become rollouts (the metrics count them), but no group and no correction sample: the
-    trainer cannot learn from a prompt it does not have."""
+    """They still become rollouts (the metrics count them), kept out with the reason, so they neither count
+    toward `training.min_new_rollouts` nor give a group or a correction sample: the trainer cannot learn
+    from a prompt it does not have."""
     await run_session(wired, "s-private", "bob", "private")
     await run_session(wired, "s-web", "alice", "web")
     settings = wired.services.base.settings
@@ -234,7 +235,9 @@ async def test_completions_without_a_prompt_are_left_out_of_training(wired: Wire
         stats = await RolloutCollector(rewrite_threshold=0.5, settle_s=0).collect(
             s, now=datetime.now(UTC) + timedelta(seconds=1)
         )
-        assert stats.completions == 2
+        assert stats.completions == 2 and stats.kept_out == {NO_PROMPT: 1} and stats.trainable == 1
+        assert await RolloutRepository(s).count_pending(Scope.team("private")) == 0
+        assert await RolloutRepository(s).count_pending(Scope.team("web")) == 1
     data: dict[str, Any] = {}
     for scope in (Scope.team("private"), Scope.team("web")):
         async with wired.services.store.unit() as s:
