@@ -2,7 +2,9 @@
 
 Before publishing, the training loss must never have been NaN/inf, the KL of the adapted policy to the
 frozen reference on held-out prompts must be <= ``thresholds.kl_max`` (5.0), and held-out perplexity on
-general code must not rise by more than ``thresholds.perplexity_margin`` (5 %). A failed gate keeps the old
+general code must not rise by more than ``thresholds.perplexity_margin`` (0.5: a guard against collapse), and
+with ``thresholds.humaneval_cases`` set the adapter must pass HumanEval infilling cases within
+``thresholds.humaneval_max_drop`` points of its base (:func:`humaneval_passes`). A failed gate keeps the old
 adapter (see :mod:`personalization.publish`, which records the rejection).
 
 * :func:`check_gates` is the pure decision: numbers in, a :class:`GateResult` out, every failure listed with
