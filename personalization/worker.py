@@ -55,6 +55,7 @@ from personalization.publish import (
 )
 from personalization.rollouts import CollectStats, RolloutCollector, settle_seconds
 from personalization.trainer import Group, LoraTrainer, finalize_groups
+from personalization.trainer_lock import TrainerLock
 from server import paths
 from server.engine.machine import cpu_model
 from server.engine.tokens import LocalTokenizer
@@ -457,9 +458,44 @@ async def run_worker(
     adapters_root: Path | None = None,
     force: bool = False,
 ) -> list[RoundResult]:
-    """Collect and train until stopped (or one pass with `once`); returns the rounds run."""
+    """Collect and train until stopped (or one pass with `once`); returns the rounds run.
+
+    Only one worker trains a store at a time (`personalization.trainer_lock`): with `once` a worker that
+    finds another raises `TrainerBusy`; otherwise it stands by, checking every `interval_s`, until the
+    other one stops.
+    """
+    lock = TrainerLock(settings.database.url)
+    if once:
+        lock.acquire_or_raise()
+    elif not lock.try_acquire():
+        # A warning: `heedful train` logs warnings only unless -v, and a worker that does nothing must say why.
+        log.warning(
+            "standing by: another training worker (%s) is training this store (lock %s)", lock.holder(), lock.path
+        )
+        while not lock.try_acquire():
+            await asyncio.sleep(interval_s)
+        log.warning("the other training worker stopped; this one trains the store now")
+    try:
+        return await _run_locked(
+            store, settings, once=once, scope=scope, interval_s=interval_s, adapters_root=adapters_root, force=force
+        )
+    finally:
+        lock.release()
+
+
+async def _run_locked(
+    store: RolloutStore,
+    settings: Settings,
+    *,
+    once: bool,
+    scope: Scope | None,
+    interval_s: float,
+    adapters_root: Path | None,
+    force: bool,
+) -> list[RoundResult]:
     tokenizer = LocalTokenizer(settings.model_path())
     root = resolve_adapters_root(adapters_root)
+    # Safe: no other worker of this store is writing one now (the lock).
     removed = await clean_partial(store, root)
     if removed:
         log.warning("removed %d half-written adapter folder(s) left by a crash: %s", len(removed), removed)

@@ -786,6 +786,7 @@ async def _report(args: argparse.Namespace) -> int:
 
 
 async def _train(args: argparse.Namespace) -> int:
+    from personalization.trainer_lock import TrainerBusy
     from personalization.worker import lower_priority, run_worker
 
     settings = _settings(args).settings
@@ -794,15 +795,18 @@ async def _train(args: argparse.Namespace) -> int:
     scope = _scope_arg(args.scope)
     lower_priority(settings)
     async with _open_store(settings) as store:
-        results = await run_worker(
-            store,
-            settings,
-            once=args.once,
-            scope=scope,
-            interval_s=args.interval,
-            adapters_root=args.adapters_dir,
-            force=args.force,
-        )
+        try:
+            results = await run_worker(
+                store,
+                settings,
+                once=args.once,
+                scope=scope,
+                interval_s=args.interval,
+                adapters_root=args.adapters_dir,
+                force=args.force,
+            )
+        except TrainerBusy as exc:
+            raise CliError(str(exc)) from None
     for r in results:
         print(json.dumps(r.as_dict(), sort_keys=True, default=str))
     return 0
