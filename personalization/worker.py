@@ -30,11 +30,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lsp_handlers.context import fim_template_for
 from personalization import humaneval
-from personalization.dataset import TrainingData, load_training_data
 from personalization.gates import (
     GateResult,
     check_gates,
@@ -43,7 +42,6 @@ from personalization.gates import (
     kl_and_perplexity,
     perplexity,
 )
-from personalization.judge import fit_scope_prm, prm_examples
 from personalization.opd import build_opd_samples
 from personalization.publish import (
     ScopePurgedError,
@@ -54,7 +52,6 @@ from personalization.publish import (
     trainer_workdir,
 )
 from personalization.rollouts import CollectStats, RolloutCollector, settle_seconds
-from personalization.trainer import Group, LoraTrainer, finalize_groups
 from personalization.trainer_lock import TrainerLock
 from server import paths
 from server.engine.machine import cpu_model
@@ -72,6 +69,13 @@ from storage.repositories import (
     ScopeControlRepository,
 )
 from storage.store import RolloutStore
+
+if TYPE_CHECKING:
+    from personalization.dataset import TrainingData
+    from personalization.trainer import Group, LoraTrainer
+
+# The dataset, the judge and the trainer import torch (seconds, hundreds of MB); they are imported when a
+# round trains, so a worker that waits (for rollouts, or standing by for another worker) stays light.
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +104,21 @@ class RoundResult:
 
 
 def lower_priority(settings: Settings) -> None:
-    """Yield the CPU to serving: niceness and a thread cap for torch."""
-    import torch
-
+    """Yield the CPU to serving: niceness now; torch's threads are capped when a round starts (`cap_threads`),
+    so that a worker waiting for rollouts, or standing by, never loads torch."""
     try:
         current = os.nice(0)
         if settings.training.nice > current:
             os.nice(settings.training.nice - current)
     except OSError as exc:
         log.warning("could not lower the training worker's priority: %s", exc)
-    torch.set_num_threads(settings.training.threads)
+
+
+def cap_threads(threads: int) -> None:
+    """At most `threads` torch threads for this process (`training.threads`)."""
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 async def collect(store: RolloutStore, settings: Settings) -> CollectStats:
@@ -161,6 +170,10 @@ async def train_round(
             "skipped",
             f"{pending} new rollouts, fewer than training.min_new_rollouts = {t.min_new_rollouts}",
         )
+    from personalization.dataset import load_training_data
+    from personalization.judge import fit_scope_prm, prm_examples
+
+    cap_threads(t.threads)
     started = time.monotonic()
     async with store.unit() as s:
         examples = await prm_examples(s, scope)
@@ -249,6 +262,8 @@ def _train(
 
     `out` is where the adapter is saved (a round passes a folder from `trainer_workdir`); a new temporary
     folder when None."""
+    from personalization.trainer import LoraTrainer, finalize_groups
+
     t = settings.training
     timing = Timing()
     with timing("load"):
