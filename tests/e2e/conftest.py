@@ -35,8 +35,15 @@ class ServerSetup:
             return list(conn.execute(sql, args))
 
 
+SNAPSHOT_DELAYS_S = (1.0, 2.0)  # the suite's edit snapshots: short, so tests wait little for them
+
+
 def write_config(
-    tmp_path: Path, model: Path, engine_url: str, extra: str = "", snapshot_delays: tuple[float, ...] = (1.0, 2.0)
+    tmp_path: Path,
+    model: Path,
+    engine_url: str,
+    extra: str = "",
+    snapshot_delays: tuple[float, ...] = SNAPSHOT_DELAYS_S,
 ) -> ServerSetup:
     db = tmp_path / "heedful.db"
     config = tmp_path / "heedful.toml"
@@ -73,7 +80,8 @@ def lsp_setup(
 ) -> Iterator[ServerSetup]:
     # `@pytest.mark.snapshot_delays(a, b)` on a test: the edit snapshots' delays its server is given.
     marker = request.node.get_closest_marker("snapshot_delays")
-    setup = write_config(tmp_path, small_model, vllm_server, snapshot_delays=marker.args if marker else (1.0, 2.0))
+    delays = marker.args if marker else SNAPSHOT_DELAYS_S
+    setup = write_config(tmp_path, small_model, vllm_server, snapshot_delays=delays)
     yield setup
     if setup.log.exists():
         # Shown by pytest only when the test failed: the server's own account of what happened.
