@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from server.background import every
 from server.settings import ThresholdSettings
 from storage.models import AdapterVersion, Completion, Event, EventKind, as_utc
 from storage.repositories import AdapterRepository, AuditRepository, Scope, ScopeControlRepository
@@ -277,17 +279,10 @@ class Guardian:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="guards")
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.thresholds.guard_interval_s)
-            try:
-                await run_guards(self.store, self.thresholds)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("a guard pass failed; the next one runs in %.0f s", self.thresholds.guard_interval_s)
+            interval = self.thresholds.guard_interval_s
+            failed = f"a guard pass failed; the next one runs in {interval:.0f} s"
+            loop = every(interval, functools.partial(run_guards, self.store, self.thresholds), failed, wait_first=True)
+            self._task = asyncio.create_task(loop, name="guards")
 
     async def close(self) -> None:
         if self._task is not None:

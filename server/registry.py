@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from personalization.publish import PublishedFolders
+from server.background import every
 from server.engine import AdapterError, AdapterRef, Engine, EngineError
 from storage.repositories import AdapterRepository, AuditRepository, Scope
 from storage.store import RolloutStore
@@ -194,17 +195,8 @@ class AdapterRegistry:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._poll(), name="adapter-registry")
-
-    async def _poll(self) -> None:
-        while True:
-            try:
-                await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("reading the active adapters failed; serving continues with the last known ones")
-            await asyncio.sleep(self.poll_s)
+            failed = "reading the active adapters failed; serving continues with the last known ones"
+            self._task = asyncio.create_task(every(self.poll_s, self.refresh, failed), name="adapter-registry")
 
     # --- leases --------------------------------------------------------------------------------------
 
