@@ -528,7 +528,8 @@ def check_plan(plan: EvalPlan) -> None:
 
 def eval_settings_toml(plan: EvalPlan, arm: str) -> str:
     """The server's and worker's settings for one arm: the user's, with the evaluation's own store,
-    greedy held-out decoding, a training group for every train prompt and short edit snapshots."""
+    greedy held-out decoding, a training group for every train prompt (none for held-out prompts: the
+    session switches `group_sample_rate` per phase) and short edit snapshots."""
     values = plan.settings.to_dict()
     values["model"]["path"] = str(plan.settings.model_path().resolve())
     values["database"]["url"] = f"sqlite+aiosqlite:///{(plan.out_dir / 'heedful.db').resolve()}"
@@ -705,7 +706,14 @@ class ArmRun:
             character = item.range.start.character
         return uri, turn, kept, (line, character)
 
+    def sample_groups(self, session: EditorSession, rate: float) -> None:
+        """Set `completion.group_sample_rate` for the session's next requests, as an editor's settings can:
+        held-out turns get no feedback, so a training group sampled for them is engine time for nothing."""
+        settings = {"heedful": {"completion": {"group_sample_rate": rate}}}
+        session.notify("workspace/didChangeConfiguration", {"settings": settings})
+
     async def held_out(self, session: EditorSession, phase: str) -> PassStats:
+        self.sample_groups(session, 0.0)
         for i, prompt in enumerate(self.held, 1):
             uri, turn, _, _ = await self.complete(session, prompt, phase)
             session.close(uri)
@@ -714,6 +722,7 @@ class ArmRun:
         return pass_stats([t for t in self.turns if t.phase == phase])
 
     async def train_batch(self, session: EditorSession, batch: Sequence[Prompt], phase: str) -> list[Turn]:
+        self.sample_groups(session, 1.0)
         opened: list[str] = []
         turns: list[Turn] = []
         for i, prompt in enumerate(batch, 1):
