@@ -179,8 +179,9 @@ def bench_config(
 ) -> tuple[Path, Path]:
     """A settings file for a bench's `heedful serve`: (config, its SQLite db) in `tmp`.
 
-    Every bench runs the embedded engine on `model` with a 1 GiB KV cache, greedy completions and no
-    training groups; `sections` adds or overrides keys per section.
+    Every bench runs the embedded engine on `model` with a 1 GiB KV cache, greedy completions, no
+    training groups and no in-server training worker (a bench that measures training runs its own);
+    `sections` adds or overrides keys per section.
     """
     from server.settings import toml_value
 
@@ -190,6 +191,7 @@ def bench_config(
         "model": {"path": str(model)},
         "engine": {"mode": "embedded", "kv_cache_gib": 1},
         "completion": {"temperature": 0.0, "group_sample_rate": 0.0},
+        "training": {"in_server": False},
     }
     for section, values in (sections or {}).items():
         merged.setdefault(section, {}).update(values)

@@ -8,6 +8,8 @@ Two pieces of bookkeeping, both pure (they see `Edit`s, return verdicts, and nev
 - `AcceptedText`: the range an accepted (or partly accepted) suggestion occupies, moved along with
   every later edit, so that at each snapshot delay we can say how much of the accepted text survives
   (`survival_ratio`) and what the developer kept there (the "next state" the trainer learns from).
+- `TypedInstead`: after a reject, the range where the developer writes their own code instead, followed
+  the same way: what they wrote there is the rejected turn's next state.
 
 Offsets are code points of the document's text, as `lsp_handlers.documents.Edit` reports them.
 
@@ -130,6 +132,43 @@ class AcceptedText:
         else:
             kept = text[self.start : self.end]
         return survival_ratio(self.accepted, kept), kept
+
+
+@dataclass(slots=True)
+class TypedInstead:
+    """What the developer writes where a suggestion they rejected (explicitly, or by typing past it) would
+    have gone: the range `[start, end)` grows with every edit that touches it (insertions at either edge
+    included) and moves with edits before it. At the snapshot delays it is recorded as the rejected turn's
+    kept text, the next state the trainer learns from, as for an accepted suggestion that was rewritten.
+
+    The developer goes on typing past the place the suggestion filled, so the kept text is cut to as many
+    lines as the suggestion had (and `KEPT_CONTEXT_CHARS` characters)."""
+
+    completion_id: str
+    uri: str
+    suggestion: str
+    start: int
+    end: int
+    pending_delays: list[float] = field(default_factory=list)
+
+    def observe(self, edit: Edit) -> None:
+        if edit.end < self.start:
+            self.start += edit.delta
+            self.end += edit.delta
+        elif edit.start <= self.end:
+            new_start = min(self.start, edit.start)
+            self.end = max(new_start, max(self.end, edit.end) + edit.delta)
+            self.start = new_start
+
+    def snapshot(self, text: str) -> tuple[float, str]:
+        """(share of the rejected suggestion that is there anyway, what the developer wrote in its place)."""
+        lines = max(1, self.suggestion.rstrip("\n").count("\n") + 1)
+        written = text[self.start : min(self.end, self.start + KEPT_CONTEXT_CHARS)]
+        kept = "".join(written.splitlines(keepends=True)[:lines])
+        return survival_ratio(self.suggestion, kept), kept
+
+
+Followed = AcceptedText | TypedInstead  # a range whose text is recorded at the snapshot delays
 
 
 def locate(text: str, accepted: str, anchor: int, window: int = 2000) -> int | None:

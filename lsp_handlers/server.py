@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from pygls.lsp.server import LanguageServer
 from lsp_handlers.auth import AuthPolicy, ConnectionRefused, admit, check_client_info, parse_claim
 from lsp_handlers.completion import ADAPTER_ARMS, CompletionService, Identity, Served
 from lsp_handlers.documents import DocumentError, DocumentStore, StaleVersion, TextDocument, code_points_for_units
-from lsp_handlers.feedback import AcceptedText, Suggestion, Verdict, locate
+from lsp_handlers.feedback import AcceptedText, Followed, Suggestion, TypedInstead, Verdict, locate
 from lsp_handlers.protocol import (
     ACCEPT_COMMAND,
     DID_PARTIALLY_ACCEPT_COMPLETION,
@@ -44,6 +45,7 @@ from lsp_handlers.protocol import (
     is_parse_error,
 )
 from server import __version__
+from server.learning import learning_state
 from server.runtime import EngineStatus, Services, arm_of
 from server.settings import (
     FileStamp,
@@ -93,7 +95,7 @@ class HeedfulLanguageServer(LanguageServer):
         self.served: dict[str, CompletionState] = {}
         self.latest_completion: str | None = None
         self.suggestions: dict[str, Suggestion] = {}  # uri -> the suggestion given last, unresolved
-        self.accepted: list[AcceptedText] = []
+        self.followed: list[Followed] = []  # accepted texts, and what was written instead of rejected ones
         self.inflight: dict[str, asyncio.Task[Any]] = {}
         self.timers: set[asyncio.TimerHandle] = set()
         self.exit_requested = asyncio.Event()
@@ -104,6 +106,8 @@ class HeedfulLanguageServer(LanguageServer):
         self._settings_stamp: FileStamp = ()
         self._unsubscribe = services.engine.subscribe(self.send_status)
         self._unsubscribe_adapters = services.adapters.subscribe(self._adapter_changed)
+        self._unsubscribe_learning = services.learning.subscribe(self._learning_changed)
+        self._unwatch_learning: Callable[[], None] | None = None
 
     # -- identity, settings, status --------------------------------------------------------------
 
@@ -135,6 +139,7 @@ class HeedfulLanguageServer(LanguageServer):
             "sessionId": self.identity.session_id,
             "adapterServing": status.adapter_serving,
             "adapterServingReason": status.adapter_serving_reason,
+            "learning": self.learning_state(arm),
         }
         if params != self.last_status:  # the editor hears about changes, not repeats
             self.last_status = params
@@ -145,6 +150,26 @@ class HeedfulLanguageServer(LanguageServer):
         """This developer's experiment arm under the settings that apply to them now."""
         identity = self.require_identity()
         return arm_of(identity.developer_id, self.settings.experiment.arms)
+
+    def learning_state(self, arm: str) -> dict[str, Any] | None:
+        """What learning does for this developer (`server.learning`); None until the store was first read."""
+        identity = self.require_identity()
+        if arm not in ADAPTER_ARMS:
+            return {"state": "off", "reason": f"experiment arm {arm!r} is served without an adapter"}
+        facts = self.services.learning.facts(Scope.developer(identity.developer_id))
+        if facts is None:
+            return None
+        t = self.settings.training
+        return learning_state(facts, needed=t.min_new_rollouts, in_server=t.in_server)
+
+    def watch_learning(self) -> None:
+        identity = self.require_identity()
+        self._unwatch_learning = self.services.learning.watch(Scope.developer(identity.developer_id))
+
+    def _learning_changed(self, scope: Scope) -> None:
+        identity = self.identity
+        if identity is not None and scope == Scope.developer(identity.developer_id):
+            self.send_status()
 
     def _adapter_changed(self, scope: Scope, version: str | None) -> None:
         identity = self.identity
@@ -220,6 +245,9 @@ class HeedfulLanguageServer(LanguageServer):
         self.closed = True
         self._unsubscribe()
         self._unsubscribe_adapters()
+        self._unsubscribe_learning()
+        if self._unwatch_learning is not None:
+            self._unwatch_learning()
         for task in list(self.inflight.values()):
             task.cancel()
         for handle in list(self.timers):
@@ -229,14 +257,14 @@ class HeedfulLanguageServer(LanguageServer):
         identity = self.identity
         if identity is None:
             return
-        futures = [self._snapshot(tracked, final=True) for tracked in self.accepted if tracked.pending_delays]
+        futures = [self._snapshot(tracked, final=True) for tracked in self.followed if tracked.pending_delays]
         futures.append(self.services.store.end_session(identity.session_id))
         for fut in futures:
             try:
                 await fut
             except Exception as exc:
                 log.error("a write at the end of session %s failed: %s", identity.session_id, exc)
-        self.accepted.clear()
+        self.followed.clear()
 
     # -- feedback bookkeeping ------------------------------------------------------------------------
 
@@ -282,31 +310,64 @@ class HeedfulLanguageServer(LanguageServer):
             tracked.awaiting_insert = True
         else:
             tracked.start, tracked.end = where, where + len(accepted)
-        tracked_doc = open_doc.doc if open_doc is not None else None
-        self.accepted.append(tracked)
+        self._follow(tracked, open_doc.doc if open_doc is not None else None)
+
+    def track_rejected(self, state: CompletionState, sugg: Suggestion | None) -> TypedInstead | None:
+        """Follow what the developer writes where a rejected suggestion would have gone (from its anchor,
+        with what of it they had typed), and schedule its snapshots; None when the document is not open."""
+        open_doc = self.open_docs.get(state.uri)
+        if open_doc is None:
+            return None
+        mine = sugg is not None and sugg.completion_id == state.served.completion_id
+        start, end = (sugg.anchor, sugg.cursor) if sugg is not None and mine else (state.served.offset,) * 2
+        delays = sorted(self.settings.feedback.edit_snapshot_delays_s)
+        tracked = TypedInstead(state.served.completion_id, state.uri, state.served.text, start, end, delays)
+        self._follow(tracked, open_doc.doc)
+        return tracked
+
+    def _follow(self, tracked: Followed, doc: TextDocument | None) -> None:
+        self.followed.append(tracked)
         loop = asyncio.get_running_loop()
-        for delay in delays:
-            handle = loop.call_later(delay, self._on_snapshot_timer, tracked, tracked_doc, delay)
+        for delay in tracked.pending_delays:
+            handle = loop.call_later(delay, self._on_snapshot_timer, tracked, doc, delay)
             self.timers.add(handle)
 
-    def _on_snapshot_timer(self, tracked: AcceptedText, doc: TextDocument | None, delay: float) -> None:
+    def _on_snapshot_timer(self, tracked: Followed, doc: TextDocument | None, delay: float) -> None:
         if delay in tracked.pending_delays:
             self._snapshot(tracked, delay=delay, doc=doc)
 
     def _snapshot(
         self,
-        tracked: AcceptedText,
+        tracked: Followed,
         *,
         delay: float | None = None,
         doc: TextDocument | None = None,
         final: bool = False,
     ) -> asyncio.Future[Any]:
-        """Record one snapshot: the configured `delay`, or at session end all pending ones at once."""
+        """Record one snapshot: the configured `delay`, or at session end all pending ones at once.
+
+        Where nothing was written in place of a rejected suggestion, nothing is recorded: the reject says it all.
+        """
         if doc is None:
             open_doc = self.open_docs.get(tracked.uri)
             doc = open_doc.doc if open_doc is not None else None
         text = doc.text if doc is not None else ""
         ratio, kept = tracked.snapshot(text)
+        if isinstance(tracked, TypedInstead) and not kept.strip():
+            if final:  # the session's end clears what it follows
+                tracked.pending_delays = []
+            else:
+                assert delay is not None
+                tracked.pending_delays.remove(delay)
+                if not tracked.pending_delays:
+                    self.followed.remove(tracked)
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        if isinstance(tracked, AcceptedText) and (final or tracked.pending_delays == [delay]):
+            identity = self.require_identity()  # the last snapshot of an accepted text: what it kept, for good
+            kept_chars = round(ratio * len(tracked.accepted))
+            self.services.metrics.count_kept(identity.team_id, self.arm, kept_chars)
         if final:
             # The session ends before the delay: record what is there now, with the delays it stood for.
             delays, tracked.pending_delays = tracked.pending_delays, []
@@ -320,7 +381,7 @@ class HeedfulLanguageServer(LanguageServer):
         assert delay is not None
         tracked.pending_delays.remove(delay)
         if not tracked.pending_delays:
-            self.accepted.remove(tracked)
+            self.followed.remove(tracked)
         return self.record_event(
             "edit_snapshot", tracked.completion_id, delay_s=delay, survival_ratio=ratio, kept_text=kept
         )
@@ -374,6 +435,7 @@ def create_server(
         ls.apply_settings(claim.settings, "initializationOptions.settings")
         ls.identity = Identity(developer, session_id, team)
         ls.watch_settings()
+        ls.watch_learning()
         ls.documents = DocumentStore(ServerCapabilitiesBuilder.choose_position_encoding(params.capabilities))
         fut = services.store.start_session(
             SessionStart(
@@ -441,7 +503,7 @@ def create_server(
             log.warning("didChange for %s ignored: %s", uri, exc)
             return
         sugg = ls.suggestions.get(uri)
-        tracked = [t for t in ls.accepted if t.uri == uri]
+        tracked = [t for t in ls.followed if t.uri == uri]
         for edit in edits:
             for t in tracked:
                 t.observe(edit)
@@ -453,6 +515,10 @@ def create_server(
                 state = ls.served.get(sugg.completion_id)
                 if state is not None and not state.resolved:
                     ls.record_event("rejected", sugg.completion_id, inferred=True)
+                    instead = ls.track_rejected(state, sugg)
+                    if instead is not None:  # the edit that typed past the suggestion is the first of it
+                        instead.observe(edit)
+                        tracked.append(instead)
                 sugg = None
 
     @ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)
@@ -616,6 +682,7 @@ def create_server(
         sugg = ls.suggestions.get(state.uri)
         if sugg is not None and sugg.completion_id == params.completion_id:
             ls.suggestions.pop(state.uri, None)
+        ls.track_rejected(state, sugg)
 
     @ls.command(FEEDBACK_COMMAND)
     async def feedback(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:

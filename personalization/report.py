@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.models import AdapterStatus, AdapterVersion, AuditEntry, EventKind, as_utc
-from storage.repositories import CompletionFact, ReportFilter, ReportRepository
+from storage.repositories import CompletionFact, OutcomeEvent, ReportFilter, ReportRepository
 from storage.store import RolloutStore
 
 MINUTE, HOUR, DAY = 60, 3600, 86400
@@ -118,13 +118,48 @@ NONE = "n/a"  # a rate without a denominator, a missing value
 
 @dataclass(slots=True)
 class Outcome:
+    shown: bool = False
     accepted: bool = False
     rejected: bool = False
     corrected: bool = False
+    accepted_length: int = 0  # characters accepted (the whole suggestion, or the part taken)
+    survival: float | None = None  # share of them still there at the latest edit snapshot
+    survival_delay: float = -1.0
 
     @property
     def decided(self) -> bool:
         return self.accepted or self.rejected
+
+    @property
+    def seen(self) -> bool:
+        """Shown to the developer: the editor said so, or the developer reacted to it."""
+        return self.shown or self.decided or self.corrected
+
+    @property
+    def kept_chars(self) -> int:
+        """Accepted characters still in place at the latest edit snapshot (all of them before one is due)."""
+        if not self.accepted:
+            return 0
+        return round(self.accepted_length * (1.0 if self.survival is None else self.survival))
+
+    def add(self, e: OutcomeEvent) -> None:
+        if e.kind == EventKind.SHOWN:
+            self.shown = True
+        elif e.kind in (EventKind.ACCEPTED, EventKind.PARTIAL_ACCEPT):
+            self.accepted = True
+            self.accepted_length = max(self.accepted_length, e.accepted_length or 0)
+        elif e.kind == EventKind.REJECTED:
+            self.rejected = True
+        elif e.kind == EventKind.CORRECTION:
+            self.corrected = True
+        elif (
+            e.kind == EventKind.EDIT_SNAPSHOT
+            and e.survival_ratio is not None
+            and (e.delay_s or 0.0) >= self.survival_delay
+        ):
+            # The latest snapshot decides. A rejected suggestion's (what was written instead) counts for
+            # nothing: nothing of it was accepted.
+            self.survival, self.survival_delay = e.survival_ratio, e.delay_s or 0.0
 
 
 @dataclass(slots=True)
@@ -133,12 +168,22 @@ class Tally:
     decided: int = 0
     accepted: int = 0
     corrected: int = 0
+    shown: int = 0
+    kept_chars: int = 0
 
     def add(self, outcome: Outcome) -> None:
         self.completions += 1
         self.decided += outcome.decided
         self.accepted += outcome.accepted
         self.corrected += outcome.corrected
+        self.shown += outcome.seen
+        self.kept_chars += outcome.kept_chars
+
+    @property
+    def kept_per_shown(self) -> float | None:
+        """Accepted characters still in place per shown suggestion: the headline, as raw accept rate rewards
+        short, trivial suggestions."""
+        return self.kept_chars / self.shown if self.shown else None
 
     @property
     def accept_rate(self) -> float | None:
@@ -167,14 +212,8 @@ async def load_report(store: RolloutStore, f: ReportFilter) -> ReportData:
         repo = ReportRepository(s)
         completions = await repo.completions(f)
         outcomes: dict[str, Outcome] = {}
-        for cid, kind in await repo.outcome_kinds(f):
-            o = outcomes.setdefault(cid, Outcome())
-            if kind in (EventKind.ACCEPTED, EventKind.PARTIAL_ACCEPT):
-                o.accepted = True
-            elif kind == EventKind.REJECTED:
-                o.rejected = True
-            elif kind == EventKind.CORRECTION:
-                o.corrected = True
+        for event in await repo.outcome_events(f):
+            outcomes.setdefault(event.completion_id, Outcome()).add(event)
         for o in outcomes.values():
             o.rejected = o.rejected and not o.accepted  # an accept counts, whatever was inferred before
         scopes = await repo.scopes(f)
@@ -770,6 +809,11 @@ def _rate_cell(rate: float | None, part: int, whole: int) -> str:
     return escape(_pct(rate)) + (f" ({part} of {whole})" if whole else "")
 
 
+def _kept_cell(t: Tally) -> str:
+    per = t.kept_per_shown
+    return NONE if per is None else f"{per:.1f} ({t.kept_chars} over {t.shown} shown)"
+
+
 def _figure(svg: str, caption: str) -> str:
     return f"<figure>{svg}<figcaption>{escape(caption)}</figcaption></figure>"
 
@@ -791,6 +835,7 @@ def _summary_section(data: ReportData, summary: Summary) -> str:
         ("completions", "Completions", str(summary.completions)),
         ("accept_rate", "Accept rate", _rate_cell(t.accept_rate, t.accepted, t.decided)),
         ("correction_rate", "Correction rate", _rate_cell(t.correction_rate, t.corrected, t.completions)),
+        ("kept_chars", "Kept characters per shown suggestion", _kept_cell(t)),
         ("adapters", "Adapter versions", str(summary.versions) + (f" ({escape(status_text)})" if status_text else "")),
         ("rollbacks", "Rollbacks", str(summary.rollbacks)),
     ]
@@ -816,10 +861,39 @@ def _breakdown_table(data: ReportData) -> str:
                 (str(t.completions), "num"),
                 (_rate_cell(t.accept_rate, t.accepted, t.decided), "num"),
                 (_rate_cell(t.correction_rate, t.corrected, t.completions), "num"),
+                (_kept_cell(t), "num"),
                 (p50, "num"),
             ]
         )
-    headers = ("developer", "arm", "completions", "accept rate", "correction rate", "p50 latency (ms)")
+    headers = (
+        "developer",
+        "arm",
+        "completions",
+        "accept rate",
+        "correction rate",
+        "kept chars per shown",
+        "p50 latency (ms)",
+    )
+    return _table(headers, rows, empty="no completions yet")
+
+
+def _versions_table(data: ReportData) -> str:
+    """Per developer and the adapter version that served them (base: none): does each version help?"""
+    served: dict[tuple[str, str], Tally] = {}
+    for c in data.completions:
+        served.setdefault((c.developer_id, c.adapter_version or "base model"), Tally()).add(data.outcome(c.id))
+    rows = [
+        [
+            (escape(developer), ""),
+            (escape(version), ""),
+            (str(t.completions), "num"),
+            (_rate_cell(t.accept_rate, t.accepted, t.decided), "num"),
+            (_rate_cell(t.correction_rate, t.corrected, t.completions), "num"),
+            (_kept_cell(t), "num"),
+        ]
+        for (developer, version), t in served.items()
+    ]
+    headers = ("developer", "served by", "completions", "accept rate", "correction rate", "kept chars per shown")
     return _table(headers, rows, empty="no completions yet")
 
 
@@ -830,7 +904,12 @@ RATE_PLOTS: tuple[tuple[str, str, Rate], ...] = (
 
 
 def _rates_section(data: ReportData) -> str:
-    out = ['<h2 id="rates">Accept and correction rates</h2>', _breakdown_table(data)]
+    out = [
+        '<h2 id="rates">Accept and correction rates</h2>',
+        _breakdown_table(data),
+        '<p class="note">By the adapter version that served each completion:</p>',
+        _versions_table(data),
+    ]
     span = span_of(data)
     bucket_s, bucket_name = time_bucket(span[1] - span[0] if span else 0.0)
     # (data-plot suffix, what the title adds, the series of a rate, x axis, line break, what a point is)

@@ -74,7 +74,9 @@ def classify(shown_text: str | None, events: Sequence[EventView], *, rewrite_thr
       `rewritten`, 0 when at least half the threshold survived, else -1; next state = the kept text;
     - partly accepted (and not fully): `partial`, reward 0 for the whole suggestion; next state = the
       kept part (its snapshots when there are any);
-    - rejected (explicitly or inferred): `rejected`, -1, no next state;
+    - rejected (explicitly or inferred): `rejected`, -1; next state = what the developer wrote in its
+      place (the last snapshot of it, `lsp_handlers.feedback.TypedInstead`) unless that is empty or the
+      suggestion itself, else none;
     - only shown, or nothing: not trainable ("no feedback signal").
     """
     if shown_text is None:
@@ -106,7 +108,12 @@ def classify(shown_text: str | None, events: Sequence[EventView], *, rewrite_thr
         return Classification(True, PARTIAL, "partly accepted", 0, kept)
     if "rejected" in kinds:
         inferred = all(e.inferred for e in events if e.kind == "rejected")
-        return Classification(True, REJECTED, "rejected (inferred)" if inferred else "rejected", -1)
+        reason = "rejected (inferred)" if inferred else "rejected"
+        written = last.kept_text if last is not None else None
+        if written and written.strip() and not _same_code(written, shown_text):
+            # What the developer wrote in its place instead is what they wanted there.
+            return Classification(True, REJECTED, f"{reason}, then written differently", -1, written)
+        return Classification(True, REJECTED, reason, -1)
     return Classification(False, NO_SIGNAL, "no feedback signal")
 
 

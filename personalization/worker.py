@@ -27,7 +27,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +67,7 @@ from storage.repositories import (
     RolloutRepository,
     Scope,
     ScopeControlRepository,
+    TrainingStatusRepository,
 )
 from storage.store import RolloutStore
 
@@ -83,6 +84,8 @@ log = logging.getLogger(__name__)
 GATE_TEXTS = 6
 GATE_MAX_TOKENS = 256
 HUMANEVAL_SEED = 0  # the ability gate's cases are the same in every round and for every scope
+PROGRESS_S = 2.0  # how often a running round's phase and step are looked at, and written when they changed
+PROGRESS_BEAT_S = 60.0  # and written at least this often
 
 
 @dataclass(slots=True)
@@ -115,10 +118,14 @@ def lower_priority(settings: Settings) -> None:
 
 
 def cap_threads(threads: int) -> None:
-    """At most `threads` torch threads for this process (`training.threads`)."""
+    """At most `threads` torch threads for this process (`training.threads`; 0: one per core it may use)."""
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or usable_cores())
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 async def collect(store: RolloutStore, settings: Settings) -> CollectStats:
@@ -170,11 +177,72 @@ async def train_round(
             "skipped",
             f"{pending} new rollouts, fewer than training.min_new_rollouts = {t.min_new_rollouts}",
         )
+    progress = RoundProgress(steps=t.steps_per_round)
+    await _record_status(store, lambda r: r.started(scope, rollouts=pending, steps=t.steps_per_round))
+    beat = asyncio.create_task(_report_progress(store, scope, progress))
+    try:
+        result = await _round(store, settings, scope, tokenizer, adapters_root, mark, progress)
+    except BaseException as exc:
+        beat.cancel()
+        failure = f"{type(exc).__name__}: {exc}"
+        await _record_status(store, lambda r: r.finished(scope, "failed", failure, None))
+        raise
+    beat.cancel()
+    await _record_status(store, lambda r: r.finished(scope, result.status, result.reason, result.version_id))
+    return result
+
+
+@dataclass(slots=True)
+class RoundProgress:
+    """Where a running round is: set by the training thread, written to the store by `_report_progress`."""
+
+    steps: int
+    phase: str = "loading"
+    step: int = 0
+
+
+async def _report_progress(store: RolloutStore, scope: Scope, progress: RoundProgress) -> None:
+    """Write the round's phase and step when they change, and at least every `PROGRESS_BEAT_S` (a round
+    not heard of for `server.learning.STALE_S` counts as dead)."""
+    last: tuple[str, int] | None = None
+    written = time.monotonic()
+    while True:
+        await asyncio.sleep(PROGRESS_S)
+        now = (progress.phase, progress.step)
+        if now != last or time.monotonic() - written >= PROGRESS_BEAT_S:
+            last, written = now, time.monotonic()
+            await _record_status(store, functools.partial(_write_progress, scope=scope, at=now, steps=progress.steps))
+
+
+async def _write_progress(r: TrainingStatusRepository, *, scope: Scope, at: tuple[str, int], steps: int) -> None:
+    await r.progress(scope, at[0], at[1], steps)
+
+
+async def _record_status(store: RolloutStore, write: Callable[[TrainingStatusRepository], Awaitable[None]]) -> None:
+    """Keep the scope's training status (what `heedful/status` shows); a failure to is logged, never fatal."""
+    try:
+        async with store.unit() as s:
+            await write(TrainingStatusRepository(s))
+    except Exception as exc:
+        log.warning("could not record the training status: %s", exc)
+
+
+async def _round(
+    store: RolloutStore,
+    settings: Settings,
+    scope: Scope,
+    tokenizer: LocalTokenizer,
+    adapters_root: Path | None,
+    mark: PurgeMark,
+    progress: RoundProgress,
+) -> RoundResult:
     from personalization.dataset import load_training_data
     from personalization.judge import fit_scope_prm, prm_examples
 
+    t = settings.training
     cap_threads(t.threads)
     started = time.monotonic()
+    deadline = started + t.round_budget_s
     async with store.unit() as s:
         examples = await prm_examples(s, scope)
     prm_started = time.monotonic()
@@ -196,7 +264,15 @@ async def train_round(
     workdir = trainer_workdir(root, scope)  # in the scope's folder: a purge of the scope removes it too
     try:
         result = await asyncio.to_thread(
-            _train, settings, data, tokenizer, init, prm.report.get("held_out_accuracy"), workdir / "adapter"
+            _train,
+            settings,
+            data,
+            tokenizer,
+            init,
+            prm.report.get("held_out_accuracy"),
+            workdir / "adapter",
+            progress=progress,
+            deadline=deadline,
         )
     except Exception:
         purged = await _discarded(store, scope, mark, root, workdir)  # a purge may have taken `init` away
@@ -257,11 +333,17 @@ def _train(
     init: Path | None,
     prm_accuracy: float | None,
     out: Path | None = None,
+    *,
+    progress: RoundProgress | None = None,
+    deadline: float | None = None,
 ) -> tuple[Path | None, dict[str, Any], Any]:
     """One round's training, gates and save: (the saved adapter folder or None, metrics, the gate verdict).
 
     `out` is where the adapter is saved (a round passes a folder from `trainer_workdir`); a new temporary
-    folder when None."""
+    folder when None. `progress` is kept up to date for `heedful/status`. With a `deadline` (a
+    `time.monotonic()` value, from `training.round_budget_s`) the round takes no step that would leave too
+    little time for the final gates (as long as the slowest step, gate check and HumanEval pass so far took),
+    and goes to them with the weights it has."""
     from personalization.trainer import LoraTrainer, finalize_groups
 
     t = settings.training
@@ -299,12 +381,33 @@ def _train(
     opd_batch = max(1, t.batch_size // 4) if opd else 0
     refresh = t.old_policy_refresh_steps
     texts = general_code_slice()[:GATE_TEXTS]
+    progress = progress or RoundProgress(steps=t.steps_per_round)
+    progress.phase = "measuring the base"
     with timing("gates"), trainer.autocast():
+        started = time.monotonic()
         ppl_base = perplexity(trainer.model, tokenizer, texts, max_tokens=GATE_MAX_TOKENS, without_adapter=True)
+        check_s = 2 * (time.monotonic() - started)  # a check runs the adapter and the reference
+    he_cases: list[humaneval.InfillCase] = []
+    he_base: list[bool] = []
+    he_s = 0.0
+    if settings.thresholds.humaneval_cases:
+        with timing("humaneval"):
+            he_cases, he_base, he_s = base_ability(trainer, tokenizer, settings)
     checks: list[dict[str, Any]] = []
     passed_at: tuple[int, dict[str, Any]] | None = None  # (steps done, the LoRA weights then)
     measured: tuple[float, float, GateResult] | None = None  # the gates on the current weights, if measured
+    step_s = 0.0
     for step_no in range(t.steps_per_round):
+        if deadline is not None and step_no:
+            due_check = bool(t.gate_check_steps) and (step_no + 1) % t.gate_check_steps == 0
+            need = step_s + check_s * (2 if due_check else 1) + he_s
+            if time.monotonic() + need > deadline:
+                metrics["stopped_budget"] = (
+                    f"stopped after {step_no} of {t.steps_per_round} steps: training.round_budget_s = "
+                    f"{t.round_budget_s:.0f} leaves no time for another step ({step_s:.0f} s) and the final gates"
+                )
+                break
+        progress.phase, progress.step = "training", step_no + 1
         if refresh and step_no and step_no % refresh == 0:
             trainer.refresh_old_logprobs([s for g in groups for s in g.samples])
         batch: list[Group] = trainer.sample_batch(groups, t.batch_size) if groups else []
@@ -312,6 +415,7 @@ def _train(
         step_started = time.monotonic()
         step = trainer.step(batch, opd_part)
         step["seconds"] = time.monotonic() - step_started
+        step_s = max(step_s, step["seconds"])
         timing.add("steps", step["seconds"])
         losses.append(step["loss"])
         if prm_accuracy is not None:
@@ -323,8 +427,11 @@ def _train(
         done = step_no + 1
         last = done == t.steps_per_round
         if t.gate_check_steps and (done % t.gate_check_steps == 0 or last):
+            progress.phase = "checking the gates"
+            check_started = time.monotonic()
             with timing("gates"):
                 measured = measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
+            check_s = max(check_s, time.monotonic() - check_started)
             kl, ppl, verdict = measured
             trainer.model.train()
             checks.append({"step": done, "kl": round(kl, 6), "perplexity": round(ppl, 4), "passed": verdict.passed})
@@ -342,11 +449,13 @@ def _train(
             )
             break
     # The last check measured these very weights unless the round went back to an earlier check.
+    progress.phase = "checking the gates"
     with timing("gates"):
         kl, ppl_adapter, gate = measured or measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
     if settings.thresholds.humaneval_cases:
+        progress.phase = "checking HumanEval"
         with timing("humaneval"):
-            he = ability(trainer, tokenizer, settings)
+            he = (he_base, adapter_ability(trainer, tokenizer, settings, he_cases))
         gate = check_gates(
             **_gate_inputs(losses, kl, ppl_base, ppl_adapter, settings),
             humaneval=he,
@@ -360,6 +469,7 @@ def _train(
     metrics.update({k: v for k, v in gate.metrics.items() if k.startswith("humaneval_")})
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="heedful-train-")) / "adapter"
+    progress.phase = "saving"
     trainer.save(out)
     return out, metrics, gate
 
@@ -410,21 +520,35 @@ def _gate_inputs(losses: list[float], kl: float, ppl_base: float, ppl: float, se
     }
 
 
-def ability(trainer: LoraTrainer, tokenizer: LocalTokenizer, settings: Settings) -> tuple[list[bool], list[bool]]:
-    """The ability gate's measurement: which of the fixed HumanEval cases the base passes, and which the
-    trained adapter passes, asked as serving asks (the model's FIM template unless `model.fim_template`
-    says otherwise). The base's results are the same in every round on this machine: they are kept in
-    the cache dir, keyed by everything they depend on, and measured again when any of it changes."""
+def base_ability(
+    trainer: LoraTrainer, tokenizer: LocalTokenizer, settings: Settings
+) -> tuple[list[humaneval.InfillCase], list[bool], float]:
+    """The ability gate's cases, which of them the base passes, and how long one pass over them takes.
+
+    Asked as serving asks (the model's FIM template unless `model.fim_template` says otherwise). The base's
+    results are the same in every round on this machine: they are kept in the cache dir, keyed by
+    everything they depend on, and measured again when any of it changes."""
     cases = humaneval.sample_cases(settings.thresholds.humaneval_cases, random.Random(HUMANEVAL_SEED))
     template = fim_template_for(settings.model.fim_template, tokenizer.vocabulary())
-    measure = functools.partial(humaneval_passes, trainer.model, tokenizer, cases, template=template)
     cache = _base_results_path(settings.model_path(), [c.name for c in cases], template, str(trainer.compute_dtype))
-    base = _read_base_results(cache, len(cases))
-    if base is None:
-        base = measure(without_adapter=True, autocast=trainer.autocast())
-        _write_base_results(cache, base)
-    adapter = measure(autocast=trainer.autocast())
-    return base, adapter
+    cached = _read_base_results(cache, len(cases))
+    if cached is not None:
+        return cases, cached[0], cached[1]
+    started = time.monotonic()
+    base = humaneval_passes(
+        trainer.model, tokenizer, cases, template=template, without_adapter=True, autocast=trainer.autocast()
+    )
+    seconds = time.monotonic() - started
+    _write_base_results(cache, base, seconds)
+    return cases, base, seconds
+
+
+def adapter_ability(
+    trainer: LoraTrainer, tokenizer: LocalTokenizer, settings: Settings, cases: list[humaneval.InfillCase]
+) -> list[bool]:
+    """Which of the ability gate's cases the trained adapter passes."""
+    template = fim_template_for(settings.model.fim_template, tokenizer.vocabulary())
+    return humaneval_passes(trainer.model, tokenizer, cases, template=template, autocast=trainer.autocast())
 
 
 def _base_results_path(model: Path, cases: list[str], template: str | None, dtype: str) -> Path:
@@ -437,22 +561,31 @@ def _base_results_path(model: Path, cases: list[str], template: str | None, dtyp
     return paths.cache_dir() / "humaneval-base" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 
-def _read_base_results(path: Path, count: int) -> list[bool] | None:
+def _read_base_results(path: Path, count: int) -> tuple[list[bool], float] | None:
+    """The cached results and the seconds their measurement took (a cache written before the seconds were
+    kept is re-measured)."""
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
+        cached = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(results, list) or len(results) != count or not all(isinstance(r, bool) for r in results):
+    results = cached.get("results") if isinstance(cached, dict) else None
+    seconds = cached.get("seconds") if isinstance(cached, dict) else None
+    if (
+        not isinstance(results, list)
+        or len(results) != count
+        or not all(isinstance(r, bool) for r in results)
+        or not isinstance(seconds, int | float)
+    ):
         log.warning("ignoring the unreadable cached HumanEval results of the base at %s", path)
         return None
-    return results
+    return results, float(seconds)
 
 
-def _write_base_results(path: Path, results: list[bool]) -> None:
+def _write_base_results(path: Path, results: list[bool], seconds: float) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(results), encoding="utf-8")
+        partial.write_text(json.dumps({"results": results, "seconds": round(seconds, 2)}), encoding="utf-8")
         partial.replace(path)
     except OSError as exc:  # a cache: the next round measures again
         log.warning("could not cache the base's HumanEval results at %s: %s", path, exc)

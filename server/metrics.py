@@ -1,8 +1,9 @@
 """Prometheus metrics of one `heedful serve` process (`--metrics-port`, off by default).
 
 Serving metrics are counted as requests and events happen: completion latency histograms, completions
-served or empty, and feedback events (accepts, partial accepts, rejects, corrections...), each by team and
-experiment arm (`experiment.arms`; a developer without a team counts under team "none"). Learning
+served or empty, feedback events (accepts, partial accepts, rejects, corrections...) and the characters of
+accepted suggestions still in place at their last edit snapshot, each by team and experiment arm
+(`experiment.arms`; a developer without a team counts under team "none"). Learning
 metrics are read from the store when Prometheus scrapes: the active adapter version and step per scope,
 and the training loss and KL of each scope's latest trained adapter.
 
@@ -59,6 +60,13 @@ class ServingMetrics:
             ["team", "arm", "kind"],
             registry=self.registry,
         )
+        self.kept = Counter(
+            "heedful_kept_characters",
+            "Characters of accepted suggestions still in place at their last edit snapshot, by team and arm; "
+            'divided by heedful_feedback_events_total{kind="shown"} it is kept characters per shown suggestion.',
+            ["team", "arm"],
+            registry=self.registry,
+        )
         self._http: Any = None
 
     def observe_completion(self, team: str | None, arm: str, method: str, seconds: float, served: bool) -> None:
@@ -68,6 +76,9 @@ class ServingMetrics:
 
     def count_event(self, team: str | None, arm: str, kind: str) -> None:
         self.feedback.labels(team=team or NO_TEAM, arm=arm, kind=kind).inc()
+
+    def count_kept(self, team: str | None, arm: str, characters: int) -> None:
+        self.kept.labels(team=team or NO_TEAM, arm=arm).inc(characters)
 
     def expose(self, store: RolloutStore, loop: asyncio.AbstractEventLoop, host: str, port: int) -> int:
         """Serve /metrics on host:port (0: any free port), with the store's learning metrics; the bound port."""

@@ -48,8 +48,9 @@ LEARNED_ID_KEYS = frozenset({"completionId"})
 VOLATILE_KEYS: dict[str | None, frozenset[str]] = {
     None: frozenset({"eventId"}),
     "initialize": frozenset({"version"}),
-    # adapterServing depends on the machine's CPU kernels (merged or multi-LoRA), not on the build.
-    "heedful/status": frozenset({"model", "engine", "sessionId", "adapterServing", "adapterServingReason"}),
+    # adapterServing depends on the machine's CPU kernels (merged or multi-LoRA), not on the build; learning
+    # on the store's state when the server first read it (null before, the feedback collected so far after).
+    "heedful/status": frozenset({"model", "engine", "sessionId", "adapterServing", "adapterServingReason", "learning"}),
 }
 IGNORED_NOTIFICATIONS = frozenset({"window/logMessage", "$/logTrace", "$/progress", "telemetry/event"})
 

@@ -23,6 +23,7 @@ from server import paths
 from server.engine import Engine, EngineError, create_engine
 from server.engine.tokens import LocalTokenizer
 from server.guards import Guardian
+from server.learning import LearningMonitor
 from server.metrics import ServingMetrics
 from server.model_prep import ModelError, verify_model
 from server.registry import AdapterRegistry
@@ -192,6 +193,7 @@ class Services:
         )
         self._corrections: dict[str, tuple[float, int, list[str]]] = {}
         self.guardian = Guardian(store, settings.thresholds)
+        self.learning = LearningMonitor(store)
         self.training: TrainingChild | None = None
         if settings.training.in_server:
             log_path = Path(settings.logging.file).with_suffix(".train.log") if settings.logging.file else None
@@ -217,6 +219,7 @@ class Services:
         services = cls(config_path, base, host, store, tokenizer)
         services.adapters.start()
         services.guardian.start()
+        services.learning.start()
         if services.training is not None:
             services.training.start()
         return services
@@ -272,6 +275,7 @@ class Services:
             if self.training is not None:
                 await self.training.close()
             await self.guardian.close()
+            await self.learning.close()
             await self.adapters.close()
             await self.store.close()
         finally:

@@ -268,6 +268,27 @@ class ScopeControl(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class TrainingStatus(Base):
+    """Where the training worker stands with one scope: the round it trains now (phase, step of steps,
+    refreshed while it runs) and how its last round ended. Written by `heedful train`, read by the
+    server for `heedful/status`, so that a developer sees learning happen whichever machine trains."""
+
+    __tablename__ = "training_status"
+
+    scope_kind: Mapped[ScopeKind] = mapped_column(str_enum(ScopeKind, "scope_kind"), primary_key=True)
+    scope_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    phase: Mapped[str | None] = mapped_column(String(32))  # None between rounds
+    step: Mapped[int | None] = mapped_column(Integer)
+    steps: Mapped[int | None] = mapped_column(Integer)
+    rollouts: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_status: Mapped[str | None] = mapped_column(String(32))
+    last_reason: Mapped[str | None] = mapped_column(Text)
+    last_version: Mapped[str | None] = mapped_column(String(64))
+    last_finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class AuditEntry(Base):
     """Who or what trained, published, rolled back or purged, when and why."""
 

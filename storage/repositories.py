@@ -33,6 +33,7 @@ from storage.models import (
     ScopeControl,
     ScopeKind,
     Team,
+    TrainingStatus,
     as_utc,
     utcnow,
 )
@@ -432,6 +433,62 @@ class ScopeControlRepository:
         return {Scope(r.scope_kind, r.scope_id): r.reason or "" for r in rows}
 
 
+class TrainingStatusRepository:
+    """The training worker's progress per scope (`TrainingStatus`): written by the worker, read by serving."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.s = session
+
+    async def _row(self, scope: Scope) -> TrainingStatus:
+        row = await self.s.get(TrainingStatus, (scope.kind, scope.id))
+        if row is None:
+            row = TrainingStatus(scope_kind=scope.kind, scope_id=scope.id)
+            self.s.add(row)
+        return row
+
+    async def started(self, scope: Scope, *, rollouts: int, steps: int) -> None:
+        row = await self._row(scope)
+        now = utcnow()
+        row.phase, row.step, row.steps, row.rollouts = "loading", 0, steps, rollouts
+        row.started_at = row.updated_at = now
+        await self.s.flush()
+
+    async def progress(self, scope: Scope, phase: str, step: int, steps: int) -> None:
+        """The running round's phase and step. Updates only: a scope purged while its round ran stays gone."""
+        await self.s.execute(
+            update(TrainingStatus)
+            .where(TrainingStatus.scope_kind == scope.kind, TrainingStatus.scope_id == scope.id)
+            .values(phase=phase, step=step, steps=steps, updated_at=utcnow())
+        )
+
+    async def finished(self, scope: Scope, status: str, reason: str, version: str | None) -> None:
+        """How the round ended; the scope is between rounds again. Updates only, as `progress`."""
+        now = utcnow()
+        await self.s.execute(
+            update(TrainingStatus)
+            .where(TrainingStatus.scope_kind == scope.kind, TrainingStatus.scope_id == scope.id)
+            .values(
+                phase=None,
+                step=None,
+                steps=None,
+                rollouts=None,
+                started_at=None,
+                updated_at=now,
+                last_status=status,
+                last_reason=reason,
+                last_version=version,
+                last_finished_at=now,
+            )
+        )
+
+    async def of(self, scopes: Sequence[Scope]) -> dict[Scope, TrainingStatus]:
+        if not scopes:
+            return {}
+        wanted = or_(*(and_(TrainingStatus.scope_kind == sc.kind, TrainingStatus.scope_id == sc.id) for sc in scopes))
+        rows = await self.s.scalars(select(TrainingStatus).where(wanted))
+        return {Scope(r.scope_kind, r.scope_id): r for r in rows}
+
+
 class AdapterRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.s = session
@@ -661,7 +718,25 @@ class ReportFilter:
     since: datetime | None = None
 
 
-REPORT_EVENT_KINDS = (EventKind.ACCEPTED, EventKind.PARTIAL_ACCEPT, EventKind.REJECTED, EventKind.CORRECTION)
+REPORT_EVENT_KINDS = (
+    EventKind.SHOWN,
+    EventKind.ACCEPTED,
+    EventKind.PARTIAL_ACCEPT,
+    EventKind.REJECTED,
+    EventKind.CORRECTION,
+    EventKind.EDIT_SNAPSHOT,
+)
+
+
+@dataclass(slots=True, frozen=True)
+class OutcomeEvent:
+    """What a report needs of one feedback event (no text)."""
+
+    completion_id: str
+    kind: EventKind
+    accepted_length: int | None
+    delay_s: float | None
+    survival_ratio: float | None
 
 
 class ReportRepository:
@@ -701,17 +776,20 @@ class ReportRepository:
             for cid, dev, team, arm, version, latency, at in await self.s.execute(stmt)
         ]
 
-    async def outcome_kinds(self, f: ReportFilter) -> list[tuple[str, EventKind]]:
-        """(completion id, kind) of every accept, partial accept, reject and correction on the filter's
-        completions, each pair once (whatever the event's own time: an outcome belongs to its completion)."""
+    async def outcome_events(self, f: ReportFilter) -> list[OutcomeEvent]:
+        """Every shown, accept, partial accept, reject, correction and edit snapshot of the filter's
+        completions (whatever the event's own time: an outcome belongs to its completion), oldest first."""
         stmt = (
-            select(Event.completion_id, Event.kind)
+            select(Event.completion_id, Event.kind, Event.accepted_length, Event.delay_s, Event.survival_ratio)
             .join(Completion, Completion.id == Event.completion_id)
             .where(Event.kind.in_(REPORT_EVENT_KINDS), *self._completion_filters(f))
-            .distinct()
-            .order_by(Event.completion_id, Event.kind)
+            .order_by(Event.id)
         )
-        return [(cid, kind) for cid, kind in await self.s.execute(stmt) if cid is not None]
+        return [
+            OutcomeEvent(cid, kind, length, delay, ratio)
+            for cid, kind, length, delay, ratio in await self.s.execute(stmt)
+            if cid is not None
+        ]
 
     async def scopes(self, f: ReportFilter) -> list[Scope] | None:
         """The adapter scopes the filter covers (None: every scope)."""
@@ -874,6 +952,12 @@ class PurgeRepository:
                         ScopeControl.scope_kind == ScopeKind.DEVELOPER, ScopeControl.scope_id == developer_id
                     ),
                 ),
+                (
+                    "training_status",
+                    delete(TrainingStatus).where(
+                        TrainingStatus.scope_kind == ScopeKind.DEVELOPER, TrainingStatus.scope_id == developer_id
+                    ),
+                ),
                 ("developers", delete(Developer).where(Developer.id == developer_id)),
             ],
         )
@@ -890,6 +974,7 @@ __all__ = [
     "DocumentRepository",
     "EventRepository",
     "IdentityRepository",
+    "OutcomeEvent",
     "PurgeMark",
     "PurgeRepository",
     "ReportFilter",
@@ -899,4 +984,5 @@ __all__ = [
     "Scope",
     "SessionRepository",
     "StatsRepository",
+    "TrainingStatusRepository",
 ]

@@ -44,7 +44,10 @@ def write_config(
     engine_url: str,
     extra: str = "",
     snapshot_delays: tuple[float, ...] = SNAPSHOT_DELAYS_S,
+    training: str = "in_server = false",
 ) -> ServerSetup:
+    """A settings file for `heedful serve` on the suite's engine. `training` is the `[training]` table's
+    body: no in-server training worker unless a test wants one (those that train run `heedful train`)."""
     db = tmp_path / "heedful.db"
     config = tmp_path / "heedful.toml"
     config.write_text(
@@ -65,6 +68,9 @@ max_tokens = 24
 
 [feedback]
 edit_snapshot_delays_s = [{", ".join(str(d) for d in snapshot_delays)}]
+
+[training]
+{training}
 
 [database]
 url = "sqlite+aiosqlite:///{db}"

@@ -51,6 +51,7 @@ max_tokens = 24
 edit_snapshot_delays_s = [1.0, 2.0]
 
 [training]
+in_server = false
 steps_per_round = 2
 batch_size = 4
 min_new_rollouts = 4

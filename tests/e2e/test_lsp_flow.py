@@ -162,6 +162,13 @@ async def test_completion_and_every_kind_of_feedback_reach_the_store(flavour: st
         assert 0.0 < snap["survival_ratio"] < 1.0
     partial_snaps = [e for e in by_kind["edit_snapshot"] if e["completion_id"] == completion_id(item2)]
     assert {e["kept_text"] for e in partial_snaps} == {partial}
+    # Rejects teach too: what the developer wrote where both rejected suggestions would have gone (step 5).
+    # Item 3's 1 s snapshot may come before anything was written (item 4 is served first): nothing is
+    # recorded then.
+    for rejected_item, delays in ((item4, [[1.0, 2.0]]), (item3, [[2.0], [1.0, 2.0]])):
+        written = [e for e in by_kind["edit_snapshot"] if e["completion_id"] == completion_id(rejected_item)]
+        assert sorted(e["delay_s"] for e in written) in delays
+        assert {e["kept_text"] for e in written} == {divergent}
 
 
 async def test_client_without_inline_completion_gets_completion_items(lsp_setup: ServerSetup) -> None:

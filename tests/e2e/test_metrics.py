@@ -21,6 +21,7 @@ from storage.repositories import AdapterRepository, Scope
 from storage.store import RolloutStore
 from tests.e2e.client import HeedfulClient, running_client
 from tests.e2e.conftest import ServerSetup
+from tests.e2e.test_lsp_flow import completion_id, end_of
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
 
@@ -84,11 +85,17 @@ async def test_metrics_endpoint_counts_serving_and_reads_learning_from_the_store
         await client.wait_status("ready")
         uri = "file:///w/m.py"
         client.open(uri, "def area(radius):\n    return ")
-        first = await serve_inline(client, uri)
-        await client.command("heedful.acceptCompletion", {"completionId": first})
+        result = await client.inline(uri, 1, 11)
+        assert result is not None and result.items
+        first, text = completion_id(result.items[0]), str(result.items[0].insert_text)
         second = await serve_inline(client, uri)
         client.notify("heedful/didRejectCompletion", {"completionId": second})
         await client.command("heedful.feedback", {"text": "Always add type hints"})
+        # The first is taken, then cut down to its first 3 characters: 3 are kept at the last snapshot (2 s).
+        client.change(uri, [((1, 11), (1, 11), text)])
+        await client.command("heedful.acceptCompletion", {"completionId": first})
+        client.change(uri, [((1, 11 + min(3, len(text))), end_of((1, 11), text, client.encoding), "")])
+        await asyncio.sleep(2.5)
         async with httpx.AsyncClient() as http:
             response = await http.get(url, timeout=30)
         assert response.status_code == 200
@@ -103,6 +110,7 @@ async def test_metrics_endpoint_counts_serving_and_reads_learning_from_the_store
     assert value(found, "heedful_feedback_events_total", kind="accepted", **team) == 1
     assert value(found, "heedful_feedback_events_total", kind="correction", **team) == 1
     assert value(found, "heedful_feedback_events_total", kind="rejected", **team) == 1
+    assert value(found, "heedful_kept_characters_total", **team) == min(3, len(text))
 
     assert value(found, "heedful_store_up") == 1
     assert value(found, "heedful_adapter_active", scope="team:backend", version=version) == 1

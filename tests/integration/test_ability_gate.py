@@ -75,8 +75,13 @@ def test_a_round_reports_the_ability_gate_and_caches_the_base(
     assert all("seconds" in step for step in metrics["steps"])
     (cached,) = (tmp_path / "humaneval-base").iterdir()
     base = json.loads(cached.read_text())
-    assert len(base) == 6 and metrics["humaneval_base"] == pytest.approx(100.0 * sum(base) / 6)
+    assert len(base["results"]) == 6 and metrics["humaneval_base"] == pytest.approx(100.0 * sum(base["results"]) / 6)
+    assert base["seconds"] > 0  # what the round budget reserves for the adapter's pass
     # the next round reads the base's results instead of measuring them again
-    cached.write_text(json.dumps([True] * 6))
+    cached.write_text(json.dumps({"results": [True] * 6, "seconds": 1.0}))
     _, again, _ = _train(settings, data, tokenizer, None, None)
     assert again["humaneval_base"] == 100.0
+    # a cache in the format before the seconds were kept is measured again
+    cached.write_text(json.dumps([True] * 6))
+    _, third, _ = _train(settings, data, tokenizer, None, None)
+    assert third["humaneval_base"] == metrics["humaneval_base"]

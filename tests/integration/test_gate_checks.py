@@ -10,13 +10,14 @@ final gates that measure exactly those weights.
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
 
 from personalization.dataset import TrainingData
 from personalization.trainer import Group, Sample
-from personalization.worker import _train
+from personalization.worker import RoundProgress, _train
 from server.engine.tokens import LocalTokenizer
 from server.settings import Settings
 
@@ -61,3 +62,28 @@ def test_a_round_past_the_margin_keeps_the_last_weights_that_passed(small_model:
     assert round(metrics["perplexity_adapter"], 4) == passed[-1]["perplexity"]
     assert gate.passed
     assert metrics["perplexity_adapter"] <= metrics["perplexity_base"] * 1.01
+
+
+def test_a_round_out_of_time_stops_taking_steps_and_goes_to_its_final_gates(small_model: Path) -> None:
+    tokenizer = LocalTokenizer(small_model)
+    prompt = tokenizer.encode("import os\n\n\ndef list_files(root):\n    ")
+    good = Sample(prompt, tokenizer.encode("return sorted(os.listdir(root))"), None, 1.0)
+    group = Group([good, Sample(prompt, tokenizer.encode("pass"), None, -1.0)])
+    settings = Settings()
+    settings.model.path = str(small_model)
+    settings.training = dataclasses.replace(
+        settings.training, steps_per_round=24, gate_check_steps=8, lora_dropout=0.0, threads=2
+    )
+    settings.thresholds.humaneval_cases = 0
+    progress = RoundProgress(steps=24)
+    # A deadline already past: the first step always runs (a round that may not take one publishes nothing
+    # new), then none fits, and the final gates measure the weights of that step.
+    out, metrics, gate = _train(
+        settings, TrainingData(rollout_ids=[1], groups=[group]), tokenizer, None, None,
+        progress=progress, deadline=time.monotonic(),
+    )  # fmt: skip
+    assert out is not None and gate is not None and gate.passed
+    assert metrics["steps_done"] == 1 and len(metrics["steps"]) == 1
+    assert "stopped after 1 of 24 steps: training.round_budget_s = 600" in metrics["stopped_budget"]
+    assert metrics["gate_checks"] == [] and metrics["perplexity_adapter"] > 0
+    assert (progress.phase, progress.step) == ("saving", 1)

@@ -46,6 +46,9 @@ async def fill_store(database_url: str) -> dict[str, str]:
     alice (team web, arm rl):      a1 accepted, a2 partly accepted, a3 rejected, a4 corrected (no outcome)
     bob (team web, arm baseline):  b1 rejected, b2 rejected and corrected, b3 accepted
     EVE (team EVE_TEAM, arm none): e1, nothing else
+
+    Kept characters: a1 all 19 of its suggestion (no snapshot yet), a2 the 5 it took, b3 60 % of 19 at its
+    latest snapshot (11.4: 11; an earlier one said 90 %).
     """
     settings = Settings()
     settings.database.url = database_url
@@ -107,9 +110,19 @@ async def fill_store(database_url: str) -> dict[str, str]:
             )
             for i, kind in enumerate(kinds):
                 text = "Always add type hints <em>please</em>" if kind == "correction" else None
+                length = {"accepted": 19, "partial_accept": 5}.get(kind)
+                delay, ratio = (120.0, 0.6) if kind == "edit_snapshot" else (None, None)
+                when = at + timedelta(seconds=1 + i)
                 await store.record_event(
-                    EventRecord(session, kind, cid, text=text, created_at=at + timedelta(seconds=1 + i))
+                    EventRecord(
+                        session, kind, cid, length, delay_s=delay, survival_ratio=ratio, text=text, created_at=when
+                    )
                 )
+                if kind == "edit_snapshot":  # an earlier snapshot, recorded later: the delay decides
+                    later = at + timedelta(seconds=9)
+                    await store.record_event(
+                        EventRecord(session, kind, cid, delay_s=30.0, survival_ratio=0.9, created_at=later)
+                    )
     finally:
         await store.close()
     return ids
@@ -207,6 +220,7 @@ async def test_report_has_every_plot_the_hand_counted_summary_and_escapes_store_
     assert page.stats["completions"] == "8"
     assert page.stats["accept_rate"] == "50.0% (3 of 6)"  # a1, a2, b3 of a1-a3, b1-b3
     assert page.stats["correction_rate"] == "25.0% (2 of 8)"  # a4, b2
+    assert page.stats["kept_chars"] == "4.4 (35 over 8 shown)"  # 19 + 5 + 11; every completion was seen
     assert page.stats["adapters"] == "4 (1 active, 1 candidate, 1 rejected, 1 rolled back)"
     assert page.stats["rollbacks"] == "1"
     assert page.stats["window"] == "2026-11-02 10:00:00 to 2026-11-02 10:03:20 UTC"
@@ -217,9 +231,12 @@ async def test_report_has_every_plot_the_hand_counted_summary_and_escapes_store_
     assert ["rl · base", "2", "30.0", "40.0", "40.0"] in page.rows
     assert ["baseline · base", "3", "60.0", "70.0", "70.0"] in page.rows
     # Per developer and arm.
-    assert ["alice", "rl", "4", "66.7% (2 of 3)", "25.0% (1 of 4)", "20.0"] in page.rows
-    assert ["bob", "baseline", "3", "33.3% (1 of 3)", "33.3% (1 of 3)", "60.0"] in page.rows
-    assert [EVE, "none", "1", "n/a", "0.0% (0 of 1)", "n/a"] in page.rows
+    assert ["alice", "rl", "4", "66.7% (2 of 3)", "25.0% (1 of 4)", "6.0 (24 over 4 shown)", "20.0"] in page.rows
+    assert ["bob", "baseline", "3", "33.3% (1 of 3)", "33.3% (1 of 3)", "3.7 (11 over 3 shown)", "60.0"] in page.rows
+    assert [EVE, "none", "1", "n/a", "0.0% (0 of 1)", "0.0 (0 over 1 shown)", "n/a"] in page.rows
+    # Per developer and the version that served them.
+    assert ["alice", ids["v1"], "2", "100.0% (2 of 2)", "0.0% (0 of 2)", "12.0 (24 over 2 shown)"] in page.rows
+    assert ["alice", "base model", "2", "0.0% (0 of 1)", "50.0% (1 of 2)", "0.0 (0 over 2 shown)"] in page.rows
     # The versions and the rollback, with their reasons.
     statuses = {row[1]: row[2] for row in page.rows if len(row) == 8 and row[0] != "scope"}
     assert statuses == {ids["v1"]: "active", ids["v2"]: "rolled_back", ids["v3"]: "rejected", ids["t1"]: "candidate"}

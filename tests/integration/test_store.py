@@ -29,6 +29,7 @@ from storage.repositories import (
     Scope,
     ScopeControlRepository,
     SessionRepository,
+    TrainingStatusRepository,
 )
 from storage.store import (
     CandidateRecord,
@@ -90,7 +91,7 @@ async def test_schema_is_at_head_and_matches_the_models(store: RolloutStore) -> 
 
     from storage.models import Base
 
-    assert await current_revision(store.db) == head_revision() == "0004"
+    assert await current_revision(store.db) == head_revision() == "0005"
     async with store.db.engine.connect() as conn:
         diff = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), Base.metadata))
     assert diff == []
@@ -107,7 +108,7 @@ async def test_upgrade_from_the_previous_revision_keeps_data(database_url: str) 
                 text("INSERT INTO sessions (id, developer_id, started_at) VALUES ('s-old', 'old', CURRENT_TIMESTAMP)")
             )
         await upgrade_schema(db)
-        assert await current_revision(db) == "0004"
+        assert await current_revision(db) == "0005"
         async with db.sessions() as s, s.begin():
             assert (await SessionRepository(s).require("s-old")).developer_id == "old"
             row = await RolloutRepository(s).add(
@@ -450,6 +451,35 @@ async def test_purge_removes_every_row_and_adapter_of_one_developer(store: Rollo
         assert [r.context for r in await RolloutRepository(s).in_scope(Scope.team("data"))] == ["b"]
         (entry,) = await AuditRepository(s).since()
         assert entry.action == "purge" and entry.detail["developer"] == "alice" and entry.reason == "left the company"
+
+
+async def test_training_status_follows_a_round_and_a_purged_scope_stays_gone(store: RolloutStore) -> None:
+    alice, team = Scope.developer("alice"), Scope.team("web")
+    async with store.unit() as s:
+        await TrainingStatusRepository(s).started(alice, rollouts=18, steps=24)
+        await TrainingStatusRepository(s).progress(alice, "training", 5, 24)
+        await TrainingStatusRepository(s).progress(team, "training", 1, 24)  # no round started: nothing written
+    async with store.unit() as s:
+        rows = await TrainingStatusRepository(s).of([alice, team])
+        assert list(rows) == [alice]
+        row = rows[alice]
+        assert (row.phase, row.step, row.steps, row.rollouts, row.last_status) == ("training", 5, 24, 18, None)
+        assert row.started_at is not None
+        await TrainingStatusRepository(s).finished(alice, "published", "all gates passed", "v1")
+    async with store.unit() as s:
+        row = (await TrainingStatusRepository(s).of([alice]))[alice]
+        assert (row.phase, row.step, row.steps, row.rollouts, row.started_at) == (None, None, None, None, None)
+        assert (row.last_status, row.last_reason, row.last_version) == ("published", "all gates passed", "v1")
+        assert row.last_finished_at is not None
+        await TrainingStatusRepository(s).started(alice, rollouts=16, steps=24)
+    await seed(store)
+    result = await store.purge_developer("alice", actor="cli:test", reason="left")
+    assert result["deleted"]["training_status"] == 1
+    async with store.unit() as s:  # the round that was running finishes after the purge: nothing comes back
+        await TrainingStatusRepository(s).progress(alice, "training", 6, 24)
+        await TrainingStatusRepository(s).finished(alice, "discarded", "purged", None)
+    async with store.unit() as s:
+        assert await TrainingStatusRepository(s).of([alice]) == {}
 
 
 async def test_cli_stats_export_and_purge(database_url: str, tmp_path: Path) -> None:

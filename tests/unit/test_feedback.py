@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from lsp_handlers.documents import Edit
-from lsp_handlers.feedback import KEPT_CONTEXT_CHARS, AcceptedText, Suggestion, Verdict, locate, survival_ratio
+from lsp_handlers.feedback import (
+    KEPT_CONTEXT_CHARS,
+    AcceptedText,
+    Suggestion,
+    TypedInstead,
+    Verdict,
+    locate,
+    survival_ratio,
+)
 
 
 def test_survival_ratio_counts_characters_kept_in_order() -> None:
@@ -91,3 +99,30 @@ def test_a_file_replaced_whole_is_judged_around_where_the_accepted_text_was() ->
     assert (a.start, a.origin) == (6000, 6100)
     ratio, kept = a.snapshot("#!" * 3000 + new)
     assert kept == new[0:2108] and ratio == pytest.approx(7 / 8)
+
+
+def test_what_is_written_in_place_of_a_rejected_suggestion_is_followed() -> None:
+    # "x = compute(" was suggested at offset 10; the developer typed "x = " of it, then "load(":
+    # the range starts at the anchor with what they had typed, and the diverging edit is its first.
+    t = TypedInstead("c1", "u", "x = compute()", start=10, end=14)
+    t.observe(Edit(14, 14, "l"))  # at its end: grows
+    t.observe(Edit(15, 15, "oad("))
+    assert (t.start, t.end) == (10, 19)
+    t.observe(Edit(0, 0, "#\n"))  # above: moves
+    assert (t.start, t.end) == (12, 21)
+    t.observe(Edit(11, 12, ""))  # the character just before it, deleted: touches it, the range takes the place
+    assert (t.start, t.end) == (11, 20)
+    t.observe(Edit(25, 25, "zzz"))  # further on: outside
+    assert (t.start, t.end) == (11, 20)
+    text = "#\n" + " " * 9 + "x = load(path)\nnext_line()\n"
+    t.end = len(text)  # the developer typed on, past the line the suggestion filled
+    ratio, kept = t.snapshot(text)
+    # One line suggested: one line kept. Of "x = compute()" (13), "x = " and then "o", "p", "t", ")" appear in
+    # order in "x = load(path)\n": 8 characters.
+    assert kept == "x = load(path)\n" and ratio == pytest.approx(8 / 13)
+
+
+def test_a_multi_line_suggestion_keeps_as_many_lines_of_what_was_written() -> None:
+    t = TypedInstead("c1", "u", "a = 1\nb = 2\n", start=0, end=0)
+    t.observe(Edit(0, 0, "a = 10\nb = 20\nc = 30\n"))
+    assert t.snapshot("a = 10\nb = 20\nc = 30\n")[1] == "a = 10\nb = 20\n"

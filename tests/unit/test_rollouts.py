@@ -59,6 +59,18 @@ def test_partial_accept_rejects_and_corrections() -> None:
     assert (c.signal, c.reward, c.correction, c.kept) == ("corrected", -1, "use Flask, not Django", SHOWN)
 
 
+def test_a_reject_teaches_what_was_written_in_its_place() -> None:
+    written = "def f(x: int) -> str:"
+    events = [EventView("rejected", inferred=True), snap(30.0, 0.2, "def f(x: i"), snap(120.0, 0.3, written)]
+    c = classify(SHOWN, events, rewrite_threshold=0.5)
+    assert (c.trainable, c.signal, c.reward, c.kept) == (True, "rejected", -1, written)
+    assert c.reason == "rejected (inferred), then written differently"
+    # Nothing but blanks written, or the suggestion itself typed out after all: no next state.
+    for kept in ("  \n", "def  f(x: int) -> int:"):
+        c = classify(SHOWN, [EventView("rejected"), snap(30.0, 1.0, kept)], rewrite_threshold=0.5)
+        assert (c.signal, c.reward, c.kept, c.reason) == ("rejected", -1, None, "rejected")
+
+
 def test_hindsight_similarity_bands() -> None:
     assert hindsight_reward("return a + b", "return a +  b") == 1  # whitespace does not count
     assert hindsight_reward("return a + b", "raise NotImplementedError") == -1

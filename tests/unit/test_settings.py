@@ -61,7 +61,9 @@ def test_defaults_without_any_file() -> None:
     assert resolved.files == []
     # The training defaults.
     t = resolved.settings.training
-    assert (t.learning_rate, t.weight_decay, t.grad_clip, t.batch_size, t.beta_kl) == (3e-4, 0.01, 1.0, 8, 0.01)
+    assert (t.learning_rate, t.weight_decay, t.grad_clip, t.batch_size, t.beta_kl) == (3e-4, 0.01, 1.0, 4, 0.01)
+    # Learning on where developers are: the server trains, a round of at most 24 steps and 10 minutes.
+    assert (t.in_server, t.steps_per_round, t.round_budget_s, t.threads) == (True, 24, 600.0, 0)
     assert resolved.settings.completion.group_size == 4
     assert resolved.settings.thresholds.kl_max == 5.0
 

@@ -36,6 +36,50 @@ interface Status {
   adapter: string | null;
   developerId: string;
   sessionId: string;
+  learning?: Learning | null;
+}
+
+/** What learning does for this developer (the status's `learning` object). */
+interface Learning {
+  state: "collecting" | "training" | "paused" | "off";
+  trainer?: "in-server" | "worker";
+  feedback?: number;
+  needed?: number;
+  phase?: string;
+  step?: number;
+  steps?: number;
+  reason?: string;
+  lastRound?: { status: string; reason: string | null; version: string | null; finishedAt: string | null };
+}
+
+/** Learning in a few words: "training 5/24", "learning 7/16", "learning paused". */
+function learningShort(l: Learning | null | undefined): string | undefined {
+  if (!l) {
+    return undefined;
+  }
+  if (l.state === "training") {
+    return `training ${l.step ?? "?"}/${l.steps ?? "?"}`;
+  }
+  return l.state === "collecting" ? `learning ${l.feedback ?? 0}/${l.needed ?? "?"}` : `learning ${l.state}`;
+}
+
+/** Learning in a sentence, for the tooltip and the status message. */
+function learningLong(l: Learning | null | undefined): string {
+  if (!l) {
+    return "Learning: not known yet";
+  }
+  const who = l.trainer === "worker" ? "a separate training worker" : "this server";
+  const now =
+    l.state === "training"
+      ? `training a round on ${who} (${l.phase ?? "?"}, step ${l.step ?? "?"} of ${l.steps ?? "?"})`
+      : l.state === "collecting"
+        ? `${l.feedback ?? 0} of ${l.needed ?? "?"} feedback turns for the next round (${who} trains)`
+        : `${l.state}: ${l.reason ?? "?"}`;
+  const last = l.lastRound
+    ? `; last round ${l.lastRound.status}${l.lastRound.version ? ` (${l.lastRound.version})` : ""}` +
+      (l.lastRound.reason ? `: ${l.lastRound.reason}` : "")
+    : "";
+  return `Learning: ${now}${last}`;
 }
 
 /** A suggestion the server served, as the server sent it, and where it applies. */
@@ -137,10 +181,12 @@ class Heedful {
     const state = override ?? s?.state ?? "starting";
     const adapter = s?.adapter ?? "base model";
     // The adapter serving this developer is what changes as Heedful learns: it is on the bar, not only the tooltip.
-    this.statusBar.text = `$(sparkle) Heedful: ${state}` + (s?.adapter ? ` · ${s.adapter}` : "");
+    const learning = learningShort(s?.learning);
+    this.statusBar.text =
+      `$(sparkle) Heedful: ${state}` + (s?.adapter ? ` · ${s.adapter}` : "") + (learning ? ` · ${learning}` : "");
     this.statusBar.tooltip = s
       ? `Engine ${s.state}${s.message ? ` (${s.message})` : ""}\nModel: ${s.model}\nAdapter serving you: ${adapter}\n` +
-        `Developer: ${s.developerId}, session ${s.sessionId}`
+        `${learningLong(s.learning)}\nDeveloper: ${s.developerId}, session ${s.sessionId}`
       : `Heedful is ${state}`;
   }
 
@@ -275,7 +321,8 @@ class Heedful {
   async showStatus(): Promise<void> {
     const s = this.status;
     const text = s
-      ? `Heedful: engine ${s.state}${s.message ? ` (${s.message})` : ""}; adapter serving you: ${s.adapter ?? "base model"}`
+      ? `Heedful: engine ${s.state}${s.message ? ` (${s.message})` : ""}; adapter serving you: ${s.adapter ?? "base model"}. ` +
+        learningLong(s.learning)
       : "Heedful: no status from the server yet";
     const choice = await vscode.window.showInformationMessage(text, "Open report", "Show log");
     if (choice === "Open report") {

@@ -397,12 +397,31 @@ function M.correct(text, on_done)
   end, 0)
 end
 
+--- What learning does for you, in a few words, from the status's `learning` object (nil: not known yet).
+function M.learning_text(l)
+  if type(l) ~= "table" then
+    return nil
+  end
+  if l.state == "training" then
+    return ("training step %s/%s"):format(l.step or "?", l.steps or "?")
+  elseif l.state == "paused" or l.state == "off" then
+    return ("learning %s: %s"):format(l.state, l.reason or "?")
+  end
+  return ("learning from feedback %s/%s"):format(l.feedback or 0, l.needed or "?")
+end
+
 function M.status_line()
   local s = M.last_status
   if not s then
     return "Heedful: starting"
   end
-  return ("Heedful: %s (%s, adapter %s)"):format(s.state, s.model or "?", s.adapter or "base")
+  local learning = M.learning_text(s.learning)
+  return ("Heedful: %s (%s, adapter %s%s)"):format(
+    s.state,
+    s.model or "?",
+    s.adapter or "base",
+    learning and (", " .. learning) or ""
+  )
 end
 
 local function init_options(cfg)
