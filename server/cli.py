@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not compare the stored events (the server writes to a store other than --config's)",
     )
+    replay.add_argument(
+        "--ignore-recorded-settings",
+        action="store_true",
+        help="do not give the session the completion and feedback settings the recording was made with "
+        "(its header's; by default they are sent as the session's editor settings)",
+    )
 
     train = sub.add_parser("train", help="the training worker: collect rollouts, train scopes, gate, publish")
     train.add_argument("--once", action="store_true", help="one pass over the scopes, then exit")
@@ -997,6 +1003,7 @@ def _replay(args: argparse.Namespace) -> int:
                     speed=None if args.no_timing else args.speed,
                     timeout=args.timeout,
                     store=None if args.no_store else store,
+                    recorded_settings=not args.ignore_recorded_settings,
                 )
             )
             results.append(result)

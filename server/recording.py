@@ -2,9 +2,13 @@
 
 A recording starts with a header line and then holds one line per message:
 
-    {"heedful_recording": 1, "started": "2026-01-01T00:00:00+00:00", "source": "serve"}
+    {"heedful_recording": 1, "started": "2026-01-01T00:00:00+00:00", "source": "serve", "settings": {...}}
     {"t": 0.0031, "direction": "client-to-server", "message": {"jsonrpc": "2.0", "id": 1, ...}}
     {"t": 0.0402, "direction": "server-to-client", "message": {...}}
+
+`settings` (from `heedful serve --record`) holds the server's `completion` and `feedback` settings: they
+shape its answers and what it stores (the edit snapshots' delays), so `heedful replay` gives them to the
+replayed session as its editor settings.
 
 `t` is seconds since the recording started. A body that is not JSON (a broken client) is kept as
 `"raw": "<text>"` instead of `"message"`, so a replay sends the same bytes. A recording made by
@@ -55,7 +59,9 @@ def redact_value(value: Any, redactor: Redactor) -> Any:
 class Recorder:
     """Appends messages to a recording file; safe to call from several threads (the proxy's pumps)."""
 
-    def __init__(self, path: Path, redactor: Redactor, *, source: str) -> None:
+    def __init__(
+        self, path: Path, redactor: Redactor, *, source: str, settings: dict[str, dict[str, Any]] | None = None
+    ) -> None:
         self.path = path
         self.redactor = redactor
         self._lock = threading.Lock()
@@ -64,7 +70,13 @@ class Recorder:
             self._out: IO[str] = path.open("w", encoding="utf-8")
         except OSError as exc:
             raise OSError(f"cannot write the recording {path} ({exc.strerror}); pick a writable path") from None
-        header = {"heedful_recording": FORMAT_VERSION, "started": datetime.now(UTC).isoformat(), "source": source}
+        header: dict[str, Any] = {
+            "heedful_recording": FORMAT_VERSION,
+            "started": datetime.now(UTC).isoformat(),
+            "source": source,
+        }
+        if settings is not None:
+            header["settings"] = settings
         self._write(header)
 
     def _write(self, entry: dict[str, Any]) -> None:

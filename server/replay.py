@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from server.recording import CLIENT_TO_SERVER, DIRECTIONS, FORMAT_VERSION, STORE, FrameParser
-from server.settings import Settings
+from server.settings import CLIENT_SECTIONS, Settings, SettingsError, validate_sections
 
 STRUCTURAL_METHODS = frozenset({"textDocument/inlineCompletion", "textDocument/completion"})
 # Keys holding the suggestion's text in completion answers: compared by type, not by value.
@@ -69,7 +69,18 @@ class Entry:
     events: list[dict[str, Any]] | None = None  # the store line: the events the session stored
 
 
+@dataclass(frozen=True, slots=True)
+class Recording:
+    settings: dict[str, Any] | None  # the server's completion and feedback settings, when the header has them
+    entries: list[Entry]
+
+
 def load_recording(path: Path) -> list[Entry]:
+    """The messages of a recording (see `read_recording`)."""
+    return read_recording(path).entries
+
+
+def read_recording(path: Path) -> Recording:
     """Read and check a recording; a broken one raises `RecordingError` naming the line and the fix."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -81,6 +92,7 @@ def load_recording(path: Path) -> list[Entry]:
     last_complete = len(lines) - 1  # text after the final newline is a cut-off line (or empty)
     entries: list[Entry] = []
     header_seen = False
+    settings: dict[str, Any] | None = None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -97,16 +109,17 @@ def load_recording(path: Path) -> list[Entry]:
                 "record the session again"
             ) from None
         if not header_seen:
-            _check_header(path, number, obj)
+            settings = _check_header(path, number, obj)
             header_seen = True
             continue
         entries.append(_entry(path, number, obj))
     if not header_seen:
         raise RecordingError(f"{path}:1: the recording is empty; record a session with `heedful serve --record`")
-    return entries
+    return Recording(settings, entries)
 
 
-def _check_header(path: Path, number: int, obj: Any) -> None:
+def _check_header(path: Path, number: int, obj: Any) -> dict[str, Any] | None:
+    """Check the header line; the settings it carries (None: none)."""
     if not isinstance(obj, dict) or "heedful_recording" not in obj:
         raise RecordingError(
             f"{path}:{number}: not a Heedful recording (the first line must be the header "
@@ -117,6 +130,19 @@ def _check_header(path: Path, number: int, obj: Any) -> None:
             f"{path}:{number}: recording format {obj['heedful_recording']!r} is not supported: this Heedful "
             f"reads format {FORMAT_VERSION}; record the session again"
         )
+    settings = obj.get("settings")
+    if settings is None:
+        return None
+    if not isinstance(settings, dict) or not set(settings) <= set(CLIENT_SECTIONS):
+        raise RecordingError(
+            f"{path}:{number}: the header's settings = {json.dumps(settings)[:80]} is not valid: expected an object "
+            f"with the sections {' and '.join(CLIENT_SECTIONS)}; remove it or record the session again"
+        )
+    try:
+        validate_sections(f"{path}:{number} (the header's settings)", settings)
+    except SettingsError as exc:
+        raise RecordingError(f"{exc}; fix the header or record the session again") from None
+    return settings
 
 
 def _entry(path: Path, number: int, obj: Any) -> Entry:
@@ -214,8 +240,12 @@ def completion_ids(value: Any) -> set[str]:
 
 
 def model_dependent_event(event: dict[str, Any], diverged: frozenset[int]) -> bool:
-    """An inferred event of a completion whose suggested text differed from the recording's."""
-    return bool(event.get("inferred")) and event.get("completion") in diverged
+    """An inferred event, or an edit snapshot, of a completion whose suggested text differed from the
+    recording's: whether typing departed from the suggestion (an inferred reject, then the snapshots of
+    what was written in its place) follows from the model's exact text."""
+    if event.get("completion") not in diverged:
+        return False
+    return bool(event.get("inferred")) or event.get("kind") == "edit_snapshot"
 
 
 def substitute(value: Any, ids: dict[str, str]) -> Any:
@@ -403,8 +433,17 @@ class ReplayResult:
 
 
 class Replayer:
-    def __init__(self, entries: list[Entry], server: LiveServer, *, speed: float | None, timeout: float) -> None:
+    def __init__(
+        self,
+        entries: list[Entry],
+        server: LiveServer,
+        *,
+        speed: float | None,
+        timeout: float,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
         self.entries = entries
+        self.settings = settings  # the recorded server's settings, given to the session as its editor's
         self.server = server
         self.speed = speed
         self.timeout = timeout
@@ -451,10 +490,11 @@ class Replayer:
         """Compare the events the live session stored with the recording's store line.
 
         `diverged`: the places (0, 1, ...) of the session's completions whose suggested text differed
-        from the recording's. Their inferred events are left out on both sides: an inferred reject
-        follows from what the developer typed departing from what the model suggested, so it depends
-        on the model's exact text (a greedy tie-break can go the other way on another CPU), just as the
-        text itself does. Everything else the session stored is compared exactly.
+        from the recording's. Their inferred events and edit snapshots are left out on both sides: an
+        inferred reject follows from what the developer typed departing from what the model suggested,
+        and the server then follows what was written in its place (snapshots the store line cannot tell
+        from an accepted text's), so they depend on the model's exact text (a greedy tie-break can go the
+        other way on another CPU), just as the text itself does. Everything else is compared exactly.
         """
         entry = self.stored_events
         assert entry is not None and entry.events is not None
@@ -495,13 +535,27 @@ class Replayer:
         self.server.send(message)
 
     def _fresh_session(self, initialize: dict[str, Any]) -> None:
-        """A replay is a new session: a recorded sessionId gets a suffix, so the store keeps both apart."""
+        """A replay is a new session: a recorded sessionId gets a suffix, so the store keeps both apart.
+
+        The recorded server's settings become the session's editor settings, under those the recorded
+        client sent itself (which it sends again), so the live server serves and stores as that one did.
+        """
         params = initialize.get("params")
         if not isinstance(params, dict):
             return
         options = params.get("initializationOptions")
         if isinstance(options, dict) and isinstance(options.get("sessionId"), str):
-            params["initializationOptions"] = dict(options, sessionId=options["sessionId"] + self.session_suffix)
+            options = dict(options, sessionId=options["sessionId"] + self.session_suffix)
+        if self.settings is not None:
+            options = dict(options) if isinstance(options, dict) else {}
+            own = options.get("settings")
+            own = own if isinstance(own, dict) else {}
+            merged = {section: dict(values) for section, values in self.settings.items()}
+            for section, values in own.items():
+                merged[section] = {**merged.get(section, {}), **values} if isinstance(values, dict) else values
+            options["settings"] = merged
+        if options is not None:
+            params["initializationOptions"] = options
 
     async def _expect(self, entry: Entry, recorded: dict[str, Any]) -> None:
         method = recorded.get("method")
@@ -621,16 +675,19 @@ async def replay(
     timeout: float = 120.0,
     cwd: Path | None = None,
     store: Settings | None = None,
+    recorded_settings: bool = True,
 ) -> ReplayResult:
     """Replay one recording against a server started with `server_command`; the comparison's result.
 
     With `store` (the settings of the store the server writes to), the events the replayed session
-    stored are compared with the recording's store line, when it has one.
+    stored are compared with the recording's store line, when it has one. With `recorded_settings`, the
+    settings the recording's header carries are given to the session (see `Replayer._fresh_session`).
     """
-    entries = load_recording(recording)
+    loaded = read_recording(recording)
     started = time.monotonic()
     server = await LiveServer.start(server_command, cwd)
-    replayer = Replayer(entries, server, speed=speed, timeout=timeout)
+    settings = loaded.settings if recorded_settings else None
+    replayer = Replayer(loaded.entries, server, speed=speed, timeout=timeout, settings=settings)
     try:
         await replayer.run()
     finally:

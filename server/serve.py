@@ -37,6 +37,7 @@ from lsp_handlers.server import HeedfulLanguageServer, create_server
 from server.logs import connection
 from server.recording import CLIENT_TO_SERVER, Recorder, RecordingWriter
 from server.runtime import Services
+from server.settings import client_sections
 from storage.redaction import Redactor
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,9 @@ async def serve_stdio(services: Services, record: Path | None = None) -> int:
     recorder = None
     tap = None
     if record is not None:
-        recorder = Recorder(record, Redactor(services.base.settings.privacy.redact_patterns), source="serve")
+        settings = services.base.settings
+        redactor = Redactor(settings.privacy.redact_patterns)
+        recorder = Recorder(record, redactor, source="serve", settings=client_sections(settings))
         writer = RecordingWriter(writer, recorder)
         tap = functools.partial(recorder.record, CLIENT_TO_SERVER)
     completions = CompletionService(services)

@@ -863,6 +863,13 @@ def _check_consistency(s: Settings, sources: Mapping[str, str]) -> None:
 CLIENT_SECTIONS = ("completion", "feedback")
 
 
+def client_sections(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The sections an editor may set, as `initializationOptions.settings` takes them (a recording keeps
+    them, so that a replay serves its session as the recorded one was served)."""
+    values = settings.to_dict()
+    return {section: values[section] for section in CLIENT_SECTIONS}
+
+
 def apply_client_settings(resolved: ResolvedSettings, table: Mapping[str, Any], source: str) -> ResolvedSettings:
     """Layer an editor's settings (`{"completion": {...}, "feedback": {...}}`) over resolved settings.
 

@@ -98,6 +98,23 @@ def test_replay_compares_the_events_the_session_stored(recording: Path, replay_c
     assert "7 of 8 server messages match" in result.stdout
 
 
+def test_the_recording_carries_the_settings_that_shaped_what_the_session_stored(
+    recording: Path, tmp_path: Path, small_model: Path, vllm_server: str
+) -> None:
+    header = lines_of(recording)[0]
+    assert header["settings"]["feedback"]["edit_snapshot_delays_s"] == [1.0, 2.0]
+    settings = header["settings"]
+    assert set(settings) == {"completion", "feedback"} and settings["completion"]["max_tokens"] == 24
+    # A server whose own settings say 30 s and 120 s: the replay gives the session the recorded 1 s and 2 s ...
+    config = write_config(tmp_path, small_model, vllm_server, snapshot_delays=(30.0, 120.0)).config
+    result = run_heedful(config, "replay", str(recording), "--no-timing")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # ... and without them, the snapshots the session takes at its end stand for 30 s and 120 s.
+    ignored = run_heedful(config, "replay", str(recording), "--no-timing", "--ignore-recorded-settings")
+    assert ignored.returncode == 1, ignored.stdout + ignored.stderr
+    assert 'stored in the replay, not in the recording: {"completion": 0, "delay_s": 30.0' in ignored.stdout
+
+
 def test_replay_against_a_changed_build_fails_with_a_diff_naming_the_message(
     recording: Path, replay_config: Path, tmp_path: Path
 ) -> None:

@@ -32,3 +32,13 @@ def test_recorded_session_replays(recording: Path, tmp_path: Path, small_model: 
     result = run_heedful(config, "replay", str(recording), "--no-timing")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok: " in result.stdout
+
+
+def test_a_library_recording_replays_with_the_settings_it_was_made_with(
+    tmp_path: Path, small_model: Path, vllm_server: str
+) -> None:
+    """The server replaying it has the default edit snapshot delays (30 s, 120 s); the recording was made
+    with 1 s and 2 s, which its header carries and the replay gives the session."""
+    config = write_config(tmp_path, small_model, vllm_server, snapshot_delays=(30.0, 120.0)).config
+    result = run_heedful(config, "replay", str(LIBRARY / "neovim-partial-accept.jsonl"), "--no-timing")
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from server.replay import (
     diff_values,
     learn_ids,
     load_recording,
+    read_recording,
     substitute,
 )
 from storage.redaction import Redactor
@@ -103,6 +105,58 @@ def test_inferred_events_count_only_for_completions_whose_text_matched() -> None
     ]
 
 
+def test_edit_snapshots_of_a_diverged_completion_are_left_out_too() -> None:
+    # Completion 0's text differed: typing the recorded text departed from the live suggestion, so the live
+    # server also followed what was written in its place (two more snapshots the store line cannot tell
+    # from the accepted part's).
+    snapshot = {"kind": "edit_snapshot", "completion": 0, "inferred": False, "delay_s": 1.0, "text": None}
+    recorded = [_event("partial_accept", 0), snapshot]
+    live = [_event("partial_accept", 0), _event("rejected", 0, inferred=True), snapshot, snapshot]
+    replayer = Replayer([], None, speed=None, timeout=1.0)  # type: ignore[arg-type]  # compares, drives nothing
+    replayer.stored_events = Entry(line=9, t=0.0, direction="store", message=None, events=recorded)
+    replayer.compare_events(live, frozenset({0}))
+    replayer.compare_events(live, frozenset())  # the same text: every event counts
+    first, second = replayer.checks
+    assert first.ok and len(second.failures) == 2
+
+
+def test_the_recorded_settings_become_the_sessions_editor_settings_under_its_own(tmp_path: Path) -> None:
+    recorded = {"completion": {"max_tokens": 24, "temperature": 0.0}, "feedback": {"edit_snapshot_delays_s": [1.0]}}
+    path = tmp_path / "r.jsonl"
+    header = {"heedful_recording": 1, "source": "serve", "settings": recorded}
+    path.write_text(json.dumps(header) + "\n", encoding="utf-8")
+    loaded = read_recording(path)
+    assert loaded.settings == recorded and loaded.entries == []
+    replayer = Replayer([], None, speed=None, timeout=1.0, settings=recorded)  # type: ignore[arg-type]
+    own = {"sessionId": "s-1", "settings": {"completion": {"max_tokens": 8}}}
+    initialize = {"method": "initialize", "params": {"initializationOptions": own}}
+    replayer._fresh_session(initialize)
+    options = initialize["params"]["initializationOptions"]  # type: ignore[index]
+    assert options["sessionId"] == "s-1" + replayer.session_suffix
+    assert options["settings"] == {
+        "completion": {"max_tokens": 8, "temperature": 0.0},  # the client's own value wins
+        "feedback": {"edit_snapshot_delays_s": [1.0]},
+    }
+    bare: dict[str, Any] = {"method": "initialize", "params": {}}
+    replayer._fresh_session(bare)
+    assert bare["params"]["initializationOptions"] == {"settings": recorded}
+
+
+@pytest.mark.parametrize(
+    ("settings", "error"),
+    [
+        ({"engine": {"mode": "remote"}}, "the header's settings = "),
+        ({"feedback": {"edit_snapshot_delays_s": "soon"}}, "feedback.edit_snapshot_delays_s"),
+    ],
+)
+def test_a_header_with_unusable_settings_is_refused(tmp_path: Path, settings: Any, error: str) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"heedful_recording": 1, "settings": settings}) + "\n", encoding="utf-8")
+    with pytest.raises(RecordingError, match="record the session again") as info:
+        read_recording(path)
+    assert error in str(info.value) and str(info.value).startswith(f"{path}:1")
+
+
 def test_ids_the_server_invented_are_learned_and_substituted() -> None:
     ids: dict[str, str] = {}
     live = json.loads(json.dumps(ITEM).replace("c-1", "c-live"))
@@ -126,12 +180,12 @@ def test_frames_are_cut_wherever_the_bytes_split() -> None:
 
 def test_recorder_redacts_values_and_keeps_bodies_that_are_not_json(tmp_path: Path) -> None:
     out = tmp_path / "r.jsonl"
-    recorder = Recorder(out, Redactor(["acme-[0-9]+"]), source="serve")
+    recorder = Recorder(out, Redactor(["acme-[0-9]+"]), source="serve", settings={"feedback": {"x": 1}})
     recorder.record("client-to-server", json.dumps({"params": {"text": "key AKIAIOSFODNN7EXAMPLE acme-42"}}).encode())
     recorder.record("client-to-server", b"{broken ghp_" + b"a" * 36)
     recorder.close()
     header, first, second = (json.loads(line) for line in out.read_text().splitlines())
-    assert header["heedful_recording"] == 1
+    assert header["heedful_recording"] == 1 and header["settings"] == {"feedback": {"x": 1}}
     assert first["message"] == {"params": {"text": "key [REDACTED:aws-access-key] [REDACTED:custom]"}}
     assert second["raw"] == "{broken [REDACTED:github-token]"
     assert redact_value({"n": [1, None, "acme-7"]}, Redactor(["acme-[0-9]+"])) == {"n": [1, None, "[REDACTED:custom]"]}
