@@ -123,6 +123,8 @@ def neovim(request: pytest.FixtureRequest, lsp_setup: ServerSetup, tmp_path: Pat
         f"""
 vim.opt.rtp:prepend({lua_string(str(PLUGIN))})
 vim.opt.swapfile = false
+-- Another plugin's <Tab> (a completion menu's), mapped before Heedful's: it runs when no suggestion is shown.
+vim.keymap.set("i", "<Tab>", function() vim.g.other_tab = (vim.g.other_tab or 0) + 1 end, {{ desc = "other plugin" }})
 require("heedful").setup({{
   cmd = {{ {", ".join(lua_string(part) for part in server)} }},
   developer_id = "dev-nvim",
@@ -256,3 +258,39 @@ def test_neovim_accepts_a_word_and_dismisses_a_suggestion(neovim: Neovim, lsp_se
         or neovim.lua('require("heedful").current().completionId') != second["completionId"]
     )
     assert not [e for e in events(lsp_setup, "accepted")]
+
+
+@pytest.mark.parametrize("neovim", ["builtin"], indirect=True)
+def test_neovim_turns_suggestions_off_and_on_keeps_other_tab_mappings_and_checks_its_health(
+    neovim: Neovim, lsp_setup: ServerSetup
+) -> None:
+    neovim.wait_for(
+        lambda: (neovim.lua('require("heedful").last_status or vim.NIL') or {}).get("state") == "ready",
+        "the server's heedful/status to say ready",
+    )
+    neovim.send(":HeedfulDisable<CR>")
+    assert neovim.lua('require("heedful").status_line()') == "Heedful: off (:HeedfulEnable)"
+    asked = len(lsp_setup.rows("SELECT id FROM completions"))
+    neovim.send("GA")
+    neovim.send("<M-\\>")  # asked explicitly: still nothing while off
+    time.sleep(3)
+    assert neovim.lua('require("heedful").current() or vim.NIL') is None
+    assert len(lsp_setup.rows("SELECT id FROM completions")) == asked  # the server was not even asked
+
+    # No suggestion shown: <Tab> is the other plugin's again, and types nothing itself.
+    line = neovim.lua("vim.api.nvim_get_current_line()")
+    neovim.send("<Tab>")
+    neovim.wait_for(lambda: neovim.lua("vim.g.other_tab or 0") == 1, "the other plugin's <Tab> mapping to run")
+    assert neovim.lua("vim.api.nvim_get_current_line()") == line
+
+    neovim.send("<Esc>:HeedfulEnable<CR>A")
+    neovim.wait_for(lambda: neovim.lua('require("heedful").current() or vim.NIL'), "a suggestion once on again")
+
+    neovim.send("<Esc>:checkhealth heedful<CR>")
+
+    def health() -> str | None:
+        text = "\n".join(neovim.lua("vim.api.nvim_buf_get_lines(0, 0, -1, false)"))
+        return text if "suggestions are on" in text else None
+
+    report = neovim.wait_for(health, ":checkhealth heedful", timeout=30)
+    assert "engine ready" in report and "server(s) running" in report and "ERROR" not in report, report

@@ -41,6 +41,12 @@ COMMANDS = {
     "heedful.correctLastSuggestion": "Correct last suggestion",
     "heedful.showStatus": "Show status",
     "heedful.openReport": "Open report",
+    "heedful.showMenu": "Show menu",
+    "heedful.enable": "Enable suggestions",
+    "heedful.disable": "Disable suggestions",
+    "heedful.toggleLanguage": "Enable or disable suggestions for this language",
+    "heedful.snooze": "Snooze suggestions for 30 minutes",
+    "heedful.resume": "Resume suggestions",
 }
 
 
@@ -98,7 +104,12 @@ def test_vscode_extension_type_checks_bundles_and_packages(vsix: Path) -> None:
     contributed = {c["command"]: c["title"] for c in manifest["contributes"]["commands"]}
     assert {k: contributed.get(k) for k in COMMANDS} == COMMANDS
     settings = manifest["contributes"]["configuration"]["properties"]
-    assert {"heedful.serverCommand", "heedful.developerId", "heedful.team"} <= set(settings)
+    assert {"heedful.serverCommand", "heedful.developerId", "heedful.team", "heedful.enable"} <= set(settings)
+    assert settings["heedful.enable"]["default"] == {"*": True}
+    # A workspace (a cloned repository's .vscode/settings.json) cannot change the command that runs.
+    assert settings["heedful.serverCommand"]["scope"] == "machine"
+    untrusted = manifest["capabilities"]["untrustedWorkspaces"]
+    assert untrusted["supported"] == "limited" and untrusted["restrictedConfigurations"] == ["heedful.serverCommand"]
 
 
 class CodeServer:
@@ -128,6 +139,11 @@ class CodeServer:
             "editor.quickSuggestions": {"other": "off", "comments": "off", "strings": "off"},
         }
         (user / "settings.json").write_text(json.dumps(settings, indent=2))
+        # heedful.serverCommand is machine-scoped (no workspace may change the command that runs): code-server
+        # is a remote window, whose machine settings live beside the user's, as a code-server user sets them.
+        machine = workdir / "data" / "Machine"
+        machine.mkdir(parents=True)
+        (machine / "settings.json").write_text(json.dumps({"heedful.serverCommand": server_command}, indent=2))
         self.env = dict(
             os.environ,
             PATH=os.pathsep.join([str(self.node_bin), os.environ.get("PATH", "")]),
@@ -237,6 +253,9 @@ def test_vscode_shows_ghost_text_accepts_with_tab_and_sends_a_correction(
     # VS Code's next word may be just the blank before it.
     assert partial["accepted_length"] == len(partial["kept_text"]) > 0
     assert partial["kept_text"].strip() in document
+
+    # Snoozed from the status bar's menu: the bar says until when, and no suggestion comes, even asked for.
+    assert "Heedful: snoozed until" in result["snoozedStatus"] and result["ghostWhileSnoozed"] == 0
 
     # "Heedful: Open report" shows the server's state and what this session did with its suggestions.
     report = result["reportText"].replace("\u00a0", " ")

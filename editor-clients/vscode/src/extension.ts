@@ -27,6 +27,22 @@ const ACCEPT_COMMAND = "heedful.acceptCompletion";
 const FEEDBACK_COMMAND = "heedful.feedback";
 const ACCEPTED = "heedful.accepted"; // the local wrapper around an item's accept command
 const SHOWN_CONTEXT = "heedful.suggestionShown";
+const SNOOZE_MS = 30 * 60 * 1000;
+// Settings whose change needs a new server process; the others apply at once.
+const RESTART_SETTINGS = ["heedful.serverCommand", "heedful.developerId", "heedful.team", "heedful.documentSelector"];
+
+/** Whether `heedful.enable` lets Heedful suggest in `language`: its own entry, else `*`, else yes. */
+export function enabledFor(enable: unknown, language: string): boolean {
+  if (typeof enable !== "object" || enable === null) {
+    return true;
+  }
+  const table = enable as Record<string, unknown>;
+  const own = table[language];
+  if (typeof own === "boolean") {
+    return own;
+  }
+  return typeof table["*"] === "boolean" ? (table["*"] as boolean) : true;
+}
 
 interface Status {
   state: string;
@@ -97,13 +113,80 @@ class Heedful {
   shown: Served | undefined; // on screen now, not yet accepted or dismissed
   lastShownId: string | undefined; // what "Correct last suggestion" refers to
   counts = { shown: 0, accepted: 0, partial: 0, rejected: 0, corrections: 0 };
+  snoozedUntil = 0; // epoch ms; suggestions stay off until then
+  private snoozeTimer: ReturnType<typeof setTimeout> | undefined;
   readonly statusBar = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
   readonly output = vscode.window.createOutputChannel("Heedful", { log: true });
 
   constructor() {
-    this.statusBar.command = "heedful.showStatus";
+    this.statusBar.command = "heedful.showMenu";
     this.renderStatus();
     this.statusBar.show();
+  }
+
+  // -- on, off, snoozed ------------------------------------------------------------------------------------
+
+  get snoozed(): boolean {
+    return Date.now() < this.snoozedUntil;
+  }
+
+  /** Whether a suggestion may be asked for in `document` now. */
+  suggestsIn(document: vscode.TextDocument): boolean {
+    return !this.snoozed && enabledFor(vscode.workspace.getConfiguration("heedful").get("enable"), document.languageId);
+  }
+
+  async setEnabled(language: string, enabled: boolean): Promise<void> {
+    const config = vscode.workspace.getConfiguration("heedful");
+    const table = { ...(config.get<Record<string, boolean>>("enable") ?? { "*": true }) };
+    table[language] = enabled;
+    await config.update("enable", table, vscode.ConfigurationTarget.Global);
+    this.renderStatus();
+  }
+
+  snooze(ms: number = SNOOZE_MS): void {
+    this.snoozedUntil = Date.now() + ms;
+    clearTimeout(this.snoozeTimer);
+    this.snoozeTimer = setTimeout(() => this.resume(), ms);
+    void vscode.commands.executeCommand("editor.action.inlineSuggest.hide");
+    this.renderStatus();
+  }
+
+  resume(): void {
+    this.snoozedUntil = 0;
+    clearTimeout(this.snoozeTimer);
+    this.renderStatus();
+  }
+
+  /** The status bar's menu: switch suggestions, and everything else Heedful offers. */
+  async showMenu(): Promise<void> {
+    const editor = vscode.window.activeTextEditor;
+    const language = editor?.document.languageId;
+    const enable = vscode.workspace.getConfiguration("heedful").get("enable");
+    type Choice = vscode.QuickPickItem & { run: () => unknown };
+    const choices: Choice[] = [];
+    if (enabledFor(enable, "*")) {
+      choices.push({ label: "Disable suggestions", description: "everywhere", run: () => this.setEnabled("*", false) });
+    } else {
+      choices.push({ label: "Enable suggestions", description: "everywhere", run: () => this.setEnabled("*", true) });
+    }
+    if (language) {
+      const on = enabledFor(enable, language);
+      choices.push({
+        label: `${on ? "Disable" : "Enable"} suggestions for ${language}`,
+        run: () => this.setEnabled(language, !on),
+      });
+    }
+    choices.push(
+      this.snoozed
+        ? { label: "Resume suggestions", description: `snoozed until ${clock(this.snoozedUntil)}`, run: () => this.resume() }
+        : { label: "Snooze suggestions for 30 minutes", run: () => this.snooze() },
+      { label: "Correct last suggestion", run: () => this.correct() },
+      { label: "Show status", run: () => this.showStatus() },
+      { label: "Open report", run: () => this.openReport() },
+      { label: "Show log", run: () => this.output.show() },
+    );
+    const picked = await vscode.window.showQuickPick(choices, { title: "Heedful", placeHolder: this.statusBar.text });
+    await picked?.run();
   }
 
   async start(): Promise<void> {
@@ -131,6 +214,9 @@ class Heedful {
         // items would duplicate the ghost text in the suggest widget and take Tab from it.
         provideCompletionItem: () => undefined,
         provideInlineCompletionItems: async (document, position, context, token, next) => {
+          if (!this.suggestsIn(document)) {
+            return undefined; // off here, or snoozed: the server is not even asked
+          }
           const result = await next(document, position, context, token);
           const items = Array.isArray(result) ? result : (result?.items ?? []);
           items.forEach((item) => this.wrapAccept(item, document, position));
@@ -178,7 +264,13 @@ class Heedful {
 
   renderStatus(override?: string): void {
     const s = this.status;
-    const state = override ?? s?.state ?? "starting";
+    const editor = vscode.window.activeTextEditor;
+    const off = !enabledFor(vscode.workspace.getConfiguration("heedful").get("enable"), editor?.document.languageId ?? "*");
+    const state =
+      override ??
+      (this.snoozed ? `snoozed until ${clock(this.snoozedUntil)}` : off ? "off" : undefined) ??
+      s?.state ??
+      "starting";
     const adapter = s?.adapter ?? "base model";
     // The adapter serving this developer is what changes as Heedful learns: it is on the bar, not only the tooltip.
     const learning = learningShort(s?.learning);
@@ -362,6 +454,10 @@ class Heedful {
   }
 }
 
+function clock(epochMs: number): string {
+  return new Date(epochMs).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
 function completionIdOf(command: vscode.Command): string {
   const first = command.arguments?.[0] as { completionId?: unknown } | string | undefined;
   if (typeof first === "string") {
@@ -384,6 +480,20 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.commands.registerCommand("heedful.correctLastSuggestion", () => h.correct()),
     vscode.commands.registerCommand("heedful.showStatus", () => h.showStatus()),
     vscode.commands.registerCommand("heedful.openReport", () => h.openReport()),
+    vscode.commands.registerCommand("heedful.showMenu", () => h.showMenu()),
+    vscode.commands.registerCommand("heedful.enable", () => h.setEnabled("*", true)),
+    vscode.commands.registerCommand("heedful.disable", () => h.setEnabled("*", false)),
+    vscode.commands.registerCommand("heedful.toggleLanguage", async () => {
+      const language = vscode.window.activeTextEditor?.document.languageId;
+      if (!language) {
+        void vscode.window.showInformationMessage("Heedful: open a file to switch suggestions for its language.");
+        return;
+      }
+      await h.setEnabled(language, !enabledFor(vscode.workspace.getConfiguration("heedful").get("enable"), language));
+    }),
+    vscode.commands.registerCommand("heedful.snooze", () => h.snooze()),
+    vscode.commands.registerCommand("heedful.resume", () => h.resume()),
+    vscode.window.onDidChangeActiveTextEditor(() => h.renderStatus()),
     vscode.workspace.onDidChangeTextDocument((event) => {
       // Any edit at the suggestion's place moves on from it; the server judges typing past it.
       if (h.shown && event.document.uri.toString() === h.shown.uri && event.contentChanges.length > 0) {
@@ -391,9 +501,11 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
       }
     }),
     vscode.workspace.onDidChangeConfiguration(async (event) => {
-      if (event.affectsConfiguration("heedful")) {
+      if (RESTART_SETTINGS.some((name) => event.affectsConfiguration(name))) {
         await h.stop();
         await h.start();
+      } else if (event.affectsConfiguration("heedful")) {
+        h.renderStatus(); // heedful.enable: the next request reads it
       }
     }),
   );

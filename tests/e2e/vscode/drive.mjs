@@ -1,6 +1,7 @@
 // Plays a developer in VS Code (code-server in headless Chromium, driven by playwright-core) for
 // tests/e2e/test_vscode_client.py: open a Python file, type, wait for Heedful's ghost text, take a
-// screenshot, accept it with Tab, then run "Heedful: Correct last suggestion".
+// screenshot, accept it with Tab, then run "Heedful: Correct last suggestion"; dismiss one, take a word of
+// the next, snooze from the status bar's menu (no suggestion then) and resume.
 //
 // Usage: node drive.mjs <code-server URL> <file name> <screenshot path> <correction text>
 // Environment: HEEDFUL_NODE_MODULES (where playwright-core is), HEEDFUL_CHROMIUM (the browser binary).
@@ -112,11 +113,28 @@ try {
     });
   const documentText = await visibleText();
 
+  step("snooze from Heedful's menu (what clicking its status bar item opens): no suggestion comes; resume");
+  await runCommand(page, "Show menu");
+  await page.locator(".quick-input-list .monaco-list-row", { hasText: "Snooze suggestions for 30 minutes" }).first().waitFor();
+  await page.keyboard.type("Snooze");
+  await page.keyboard.press("Enter");
+  const snoozedBar = page.locator(".statusbar-item", { hasText: "Heedful: snoozed until" }).first();
+  await snoozedBar.waitFor({ timeout: 10_000 });
+  const snoozedStatus = await snoozedBar.textContent();
+  await editor.click();
+  await page.keyboard.press("Control+End");
+  await page.keyboard.type("\n    ", { delay: 50 });
+  await page.keyboard.press("Alt+Backslash"); // asked explicitly: still nothing while snoozed
+  await page.waitForTimeout(5000);
+  const ghostWhileSnoozed = await page.locator(".ghost-text-decoration").count();
+  await runCommand(page, "Resume suggestions");
+  await page.locator(".statusbar-item", { hasText: "Heedful: ready" }).first().waitFor({ timeout: 10_000 });
+
   await runCommand(page, "Open report");
   await page.locator(".editor-instance .view-line", { hasText: "# Heedful report" }).first().waitFor({ timeout: 30_000 });
   const reportText = await visibleText();
 
-  process.stdout.write(JSON.stringify({ ghostText, documentText, reportText }) + "\n");
+  process.stdout.write(JSON.stringify({ ghostText, documentText, reportText, snoozedStatus, ghostWhileSnoozed }) + "\n");
 } finally {
   await browser.close();
 }

@@ -63,6 +63,9 @@ local shown = {}
 
 ---@type table? The last `heedful/status` params
 M.last_status = nil
+--- Whether Heedful suggests (`:HeedfulToggle`, `:HeedfulEnable`, `:HeedfulDisable`); while off the server is
+--- not asked for suggestions at all.
+M.enabled = true
 ---@type string? The id of the completion the developer saw last (what :HeedfulCorrect refers to)
 M.last_completion_id = nil
 
@@ -204,7 +207,7 @@ local timers = {}
 function M.request(bufnr)
   bufnr = bufnr or vim.api.nvim_get_current_buf()
   local client = M.client(bufnr)
-  if not client then
+  if not client or not M.enabled then
     return
   end
   local tick = vim.api.nvim_buf_get_changedtick(bufnr)
@@ -305,7 +308,7 @@ end
 
 local function attach_builtin_renderer(client, bufnr)
   observe_builtin(client)
-  vim.lsp.inline_completion.enable(true, { bufnr = bufnr })
+  vim.lsp.inline_completion.enable(M.enabled, { bufnr = bufnr })
   local group = vim.api.nvim_create_augroup("heedful.builtin." .. bufnr, { clear = true })
   vim.api.nvim_create_autocmd("TextChangedI", {
     group = group,
@@ -323,17 +326,53 @@ local function hide_builtin(bufnr)
   end
 end
 
+--- What a key did before Heedful mapped it in this buffer (another plugin's mapping, or the key itself), as
+--- a function for an expr mapping: the keys to type, after running a Lua mapping's callback.
+local function fallback(lhs, bufnr)
+  local previous = vim.api.nvim_buf_call(bufnr, function()
+    return vim.fn.maparg(lhs, "i", false, true)
+  end)
+  if vim.tbl_isempty(previous) or (previous.desc or ""):match("^Heedful") then
+    return function()
+      return vim.keycode(lhs)
+    end
+  end
+  return function()
+    if previous.callback and previous.expr == 1 then
+      local keys = previous.callback()
+      if type(keys) ~= "string" then
+        return ""
+      end
+      return previous.replace_keycodes == 1 and vim.keycode(keys) or keys
+    elseif previous.callback then
+      vim.schedule(previous.callback) -- it may edit the buffer, which an expr mapping may not
+      return ""
+    end
+    local keys = previous.expr == 1 and vim.api.nvim_eval(previous.rhs) or previous.rhs
+    keys = vim.keycode(keys)
+    if previous.noremap == 1 then
+      return keys
+    end
+    vim.schedule(function() -- typed as mapped keys, so the mapping's own mappings apply
+      vim.api.nvim_feedkeys(keys, "m", false)
+    end)
+    return ""
+  end
+end
+
 --- Insert-mode keys are expr mappings: they answer at once whether a suggestion is there (if not, the key
---- types itself) and do the edit just after, since an expr mapping may not change the buffer.
+--- does what it did before: another plugin's mapping, or itself) and do the edit just after, since an expr
+--- mapping may not change the buffer.
 local function set_keymaps(bufnr)
   local keys = M.config.keymaps
   local function map(lhs, action, desc)
     if not lhs then
       return
     end
+    local otherwise = fallback(lhs, bufnr)
     vim.keymap.set("i", lhs, function()
       if not shown[bufnr] then
-        return vim.keycode(lhs)
+        return otherwise()
       end
       hide_builtin(bufnr)
       vim.schedule(function()
@@ -410,8 +449,27 @@ function M.learning_text(l)
   return ("learning from feedback %s/%s"):format(l.feedback or 0, l.needed or "?")
 end
 
+--- Turn suggestions on or off in every buffer Heedful serves; off also takes a shown suggestion away.
+function M.set_enabled(on)
+  M.enabled = on
+  for _, client in ipairs(vim.lsp.get_clients({ name = "heedful" })) do
+    for bufnr in pairs(client.attached_buffers) do
+      if use_builtin() then
+        vim.lsp.inline_completion.enable(on, { bufnr = bufnr })
+      end
+      if not on and shown[bufnr] then
+        drop(bufnr, false)
+      end
+    end
+  end
+  vim.api.nvim_exec_autocmds("User", { pattern = "HeedfulStatus", modeline = false })
+end
+
 function M.status_line()
   local s = M.last_status
+  if not M.enabled then
+    return "Heedful: off (:HeedfulEnable)"
+  end
   if not s then
     return "Heedful: starting"
   end
@@ -481,6 +539,16 @@ function M.setup(opts)
   vim.api.nvim_create_user_command("HeedfulStatus", function()
     vim.notify(M.status_line())
   end, { desc = "Heedful: show the engine state and the adapter serving you" })
+  vim.api.nvim_create_user_command("HeedfulEnable", function()
+    M.set_enabled(true)
+  end, { desc = "Heedful: suggest again" })
+  vim.api.nvim_create_user_command("HeedfulDisable", function()
+    M.set_enabled(false)
+  end, { desc = "Heedful: stop suggesting (the server is not asked)" })
+  vim.api.nvim_create_user_command("HeedfulToggle", function()
+    M.set_enabled(not M.enabled)
+    vim.notify(M.status_line())
+  end, { desc = "Heedful: suggestions on or off" })
   -- Buffers already open when setup runs (e.g. `nvim file.py -c 'lua require"heedful".setup{}'`).
   for _, bufnr in ipairs(vim.api.nvim_list_bufs()) do
     if vim.api.nvim_buf_is_loaded(bufnr) then
