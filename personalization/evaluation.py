@@ -302,6 +302,10 @@ class EditorSession:
     def notify(self, method: str, params: Any) -> None:
         self.lc.protocol.notify(method, params)
 
+    def configure(self, settings: dict[str, Any]) -> None:
+        """Change the session's editor settings, as an editor does (`workspace/didChangeConfiguration`)."""
+        self.lc.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=settings))
+
     async def command(self, name: str, *arguments: Any) -> Any:
         result = await self.lc.workspace_execute_command_async(
             types.ExecuteCommandParams(command=name, arguments=list(arguments))
@@ -709,8 +713,7 @@ class ArmRun:
     def sample_groups(self, session: EditorSession, rate: float) -> None:
         """Set `completion.group_sample_rate` for the session's next requests, as an editor's settings can:
         held-out turns get no feedback, so a training group sampled for them is engine time for nothing."""
-        settings = {"heedful": {"completion": {"group_sample_rate": rate}}}
-        session.notify("workspace/didChangeConfiguration", {"settings": settings})
+        session.configure({"heedful": {"completion": {"group_sample_rate": rate}}})
 
     async def held_out(self, session: EditorSession, phase: str) -> PassStats:
         self.sample_groups(session, 0.0)

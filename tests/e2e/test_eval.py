@@ -89,6 +89,18 @@ def test_a_short_eval_scores_what_the_server_served(tmp_path: Path, small_model:
         assert {statuses[t["completion_id"]] for t in held if t["completion_id"] in statuses} <= {
             ("discarded", "no feedback signal")
         }
+        # A training group (the shown candidate and G-1 more) was sampled for the train turns only.
+        candidates = {
+            r["completion_id"]: r["n"]
+            for r in rows(
+                db,
+                "SELECT k.completion_id, COUNT(*) AS n FROM candidates k JOIN completions c ON c.id = k.completion_id "
+                "WHERE c.developer_id = ? GROUP BY k.completion_id",
+                developer,
+            )
+        }
+        assert {candidates[t["completion_id"]] for t in held} == {1}
+        assert {candidates[t["completion_id"]] for t in served if t["phase"] == "train-1"} == {4}
         if arm == "baseline" and result["feedback_events"]["corrected"]:
             # The baseline arm's after pass carries the developer's corrections in the prompt.
             assert all("# - Always add type hints" in stored[t["completion_id"]]["prompt"] for t in after)
