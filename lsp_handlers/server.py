@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,6 +141,7 @@ class HeedfulLanguageServer(LanguageServer):
             "adapterServing": status.adapter_serving,
             "adapterServingReason": status.adapter_serving_reason,
             "learning": self.learning_state(arm),
+            "serverPid": os.getpid(),  # windows of one shared server all see the same process
         }
         if params != self.last_status:  # the editor hears about changes, not repeats
             self.last_status = params

@@ -82,6 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--record", type=Path, metavar="FILE", help="write every JSON-RPC message of the session to FILE (stdio only)"
     )
+    serve.add_argument(
+        "--shared",
+        action="store_true",
+        help="over stdio, through this user's one shared server (started if none runs): every editor window on "
+        "the machine shares its engine, store and training worker (what the editor clients start)",
+    )
+    serve.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="be a shared server: listen on the Unix socket PATH, stop after server.idle_exit_s without editors "
+        "(`--shared` starts it this way)",
+    )
+    serve.add_argument(
+        "--connect",
+        metavar="HOST:PORT",
+        help="over stdio, through a `heedful serve --tcp` at HOST:PORT (a team's server; the editor sends its token)",
+    )
 
     record = sub.add_parser(
         "record", help="run any language server and record its session: heedful record --out FILE -- CMD..."
@@ -912,7 +930,17 @@ def _serve(args: argparse.Namespace) -> int:
             "editor's stdio server instead",
             EXIT_USAGE,
         )
+    modes = [name for name, on in (("--tcp", args.tcp), ("--shared", args.shared), ("--socket", args.socket),
+                                   ("--connect", args.connect), ("--record", args.record)) if on]  # fmt: skip
+    if len(modes) > 1:
+        raise CliError(
+            f"{' and '.join(modes)} do not go together: choose one way to serve (--record: a private stdio server "
+            "of one session; --shared: this machine's shared server; --connect: a team's server)",
+            EXIT_USAGE,
+        )
     settings = _settings(args).settings  # a broken settings file stops here, before any editor connects
+    if args.shared or args.connect:
+        return _serve_through(args)
     loopback = _is_loopback(args.host)
     if args.tcp and not loopback and not (settings.server.tcp_token or settings.server.require_tokens):
         raise CliError(
@@ -940,6 +968,7 @@ def _serve(args: argparse.Namespace) -> int:
                 tcp=args.tcp,
                 host=args.host,
                 port=args.port,
+                socket_path=args.socket,
                 record=args.record,
                 auth=auth,
                 metrics=None if args.metrics_port is None else (args.metrics_host, args.metrics_port),
@@ -947,6 +976,35 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except (ModelError, StoreError, EngineError, OSError) as exc:
         raise CliError(str(exc)) from None
+
+
+def _serve_through(args: argparse.Namespace) -> int:
+    """`heedful serve --shared` / `--connect`: this process is the editor's pipe to a server elsewhere."""
+    from server.shared import SharedServerError, connect_shared, connect_tcp, pipe_stdio, socket_path
+
+    async def run() -> int:
+        if args.connect:
+            reader, writer = await connect_tcp(args.connect)
+        else:
+            config = args.config or paths.config_path()
+            path = socket_path(config, paths.data_dir())
+            command = [sys.executable, "-m", "server.cli", *(["--config", str(config)] if config else [])]
+            if args.log_file:
+                command += ["--log-file", str(args.log_file)]
+            command += ["-v"] * args.verbose + ["serve", "--socket", str(path)]
+            if args.metrics_port is not None:
+                command += ["--metrics-host", args.metrics_host, "--metrics-port", str(args.metrics_port)]
+            reader, writer = await connect_shared(path, command, paths.data_dir() / "logs" / f"{path.stem}.log")
+        return await pipe_stdio(reader, writer)
+
+    try:
+        return asyncio.run(run())
+    except SharedServerError as exc:
+        raise CliError(str(exc)) from None
+    except (ValueError, OSError) as exc:
+        raise CliError(
+            f"the editor's end of `heedful serve` must be a pipe or socket ({exc}); an editor starts it so"
+        ) from None
 
 
 def _record(args: argparse.Namespace) -> int:

@@ -50,7 +50,9 @@ VOLATILE_KEYS: dict[str | None, frozenset[str]] = {
     "initialize": frozenset({"version"}),
     # adapterServing depends on the machine's CPU kernels (merged or multi-LoRA), not on the build; learning
     # on the store's state when the server first read it (null before, the feedback collected so far after).
-    "heedful/status": frozenset({"model", "engine", "sessionId", "adapterServing", "adapterServingReason", "learning"}),
+    "heedful/status": frozenset(
+        {"model", "engine", "sessionId", "adapterServing", "adapterServingReason", "learning", "serverPid"}
+    ),
 }
 IGNORED_NOTIFICATIONS = frozenset({"window/logMessage", "$/logTrace", "$/progress", "telemetry/event"})
 

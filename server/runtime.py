@@ -17,19 +17,21 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from server import paths
 from server.engine import Engine, EngineError, create_engine
 from server.engine.tokens import LocalTokenizer
 from server.guards import Guardian
-from server.learning import LearningMonitor
+from server.learning import STALE_S, LearningMonitor
 from server.metrics import ServingMetrics
 from server.model_prep import ModelError, verify_model
 from server.registry import AdapterRegistry
 from server.settings import ResolvedSettings, Settings, SettingsError, resolve
 from server.trainer_child import TrainingChild, train_command
-from storage.repositories import EventRepository
+from storage.models import utcnow
+from storage.repositories import EventRepository, TrainingStatusRepository
 from storage.store import RolloutStore, WritePolicy
 
 log = logging.getLogger(__name__)
@@ -268,6 +270,14 @@ class Services:
     def forget_corrections(self, developer: str) -> None:
         """A new correction was recorded: the next completion reads them again."""
         self._corrections.pop(developer, None)
+
+    async def training_round_running(self) -> bool:
+        """Whether this server's own training worker is in a round (one whose progress is not stale)."""
+        if self.training is None:
+            return False
+        since = utcnow() - timedelta(seconds=STALE_S)
+        async with self.store.unit() as s:
+            return await TrainingStatusRepository(s).running(since) > 0
 
     async def close(self) -> None:
         self.metrics.close()

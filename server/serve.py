@@ -38,6 +38,7 @@ from server.logs import connection
 from server.recording import CLIENT_TO_SERVER, Recorder, RecordingWriter
 from server.runtime import Services
 from server.settings import client_sections
+from server.shared import peer_pid, peer_uid
 from storage.redaction import Redactor
 
 log = logging.getLogger(__name__)
@@ -158,42 +159,118 @@ async def serve_stdio(services: Services, record: Path | None = None) -> int:
     return 0 if ls.shutdown_requested else 1
 
 
-async def serve_tcp(services: Services, host: str, port: int, auth: AuthPolicy) -> int:
-    completions = CompletionService(services)
-    connections: set[asyncio.Task[Any]] = set()
+class _Listener:
+    """The connections of a listening server (TCP or the shared server's socket), each its own session."""
 
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+    def __init__(
+        self, services: Services, auth: AuthPolicy, *, check_peer: Callable[[Any], str | None] | None = None
+    ) -> None:
+        self.services = services
+        self.auth = auth
+        self.completions = CompletionService(services)
+        self.connections: set[asyncio.Task[Any]] = set()
+        self.check_peer = check_peer  # why a connection may not be served (None: it may)
+        self.changed = asyncio.Event()  # a connection came or went
+
+    async def on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or "the local socket"
+        refused = self.check_peer(writer.get_extra_info("socket")) if self.check_peer is not None else None
+        if refused is not None:
+            log.warning("connection refused: %s", refused)
+            writer.close()
+            return
         log.info("client connected from %s", peer)
         task = asyncio.current_task()
         if task is not None:
-            connections.add(task)
+            self.connections.add(task)
+        self.changed.set()
         try:
-            await run_connection(reader, _StreamWriter(writer), services, completions, auth)
+            await run_connection(reader, _StreamWriter(writer), self.services, self.completions, self.auth)
         finally:
             writer.close()
             if task is not None:
-                connections.discard(task)
+                self.connections.discard(task)
+            self.changed.set()
             log.info("client %s disconnected", peer)
 
-    server = await asyncio.start_server(on_connect, host, port, limit=CHUNK)
+    async def run(self, server: asyncio.base_events.Server, idle_exit_s: float = 0.0) -> int:
+        """Serve until SIGINT/SIGTERM (or, with `idle_exit_s`, that long without a connection); then close."""
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stopping.set)
+        idle = asyncio.create_task(self._exit_when_idle(idle_exit_s, stopping)) if idle_exit_s > 0 else None
+        async with server:
+            await stopping.wait()
+            if idle is not None:
+                idle.cancel()
+            log.info("stopping: closing %d connection(s)", len(self.connections))
+            server.close()
+            for task in list(self.connections):
+                task.cancel()
+            if self.connections:
+                await asyncio.gather(*self.connections, return_exceptions=True)
+        return 0
+
+    async def _exit_when_idle(self, idle_exit_s: float, stopping: asyncio.Event) -> None:
+        """Set `stopping` once no connection has been open for `idle_exit_s` and no training round runs."""
+        while True:
+            self.changed.clear()
+            if self.connections:
+                await self.changed.wait()
+                continue
+            try:
+                await asyncio.wait_for(self.changed.wait(), idle_exit_s)
+                continue  # someone connected (or came and went): count again from now
+            except TimeoutError:
+                pass
+            if await self.services.training_round_running():
+                log.info("no editor connected for %.0f s; waiting for the training round to end", idle_exit_s)
+                await asyncio.sleep(min(idle_exit_s, 30.0))
+                continue
+            log.info("no editor connected for %.0f s: stopping (the next editor starts the server again)", idle_exit_s)
+            stopping.set()
+            return
+
+
+async def serve_tcp(services: Services, host: str, port: int, auth: AuthPolicy) -> int:
+    listener = _Listener(services, auth)
+    server = await asyncio.start_server(listener.on_connect, host, port, limit=CHUNK)
     bound = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
     # The one line a supervisor (or a test) reads to learn the port when --port 0 was given.
     print(f"heedful: listening on {bound}", file=sys.stderr, flush=True)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stopping.set)
-    async with server:
-        await stopping.wait()
-        log.info("stopping: closing %d connection(s)", len(connections))
-        server.close()
-        for task in list(connections):
-            task.cancel()
-        if connections:
-            await asyncio.gather(*connections, return_exceptions=True)
-    return 0
+    return await listener.run(server)
+
+
+def _other_user(sock: Any) -> str | None:
+    uid = peer_uid(sock) if sock is not None else None
+    if uid is None or uid == os.getuid():
+        return None
+    return f"a process of user id {uid} connected to the shared server of user id {os.getuid()}"
+
+
+async def serve_socket(services: Services, path: Path, idle_exit_s: float) -> int:
+    """This user's shared server (what `heedful serve --shared` starts): every editor window's connection
+    on the Unix socket `path`, served as over stdio (the socket's folder and a peer check keep other users
+    out)."""
+    listener = _Listener(services, AuthPolicy(), check_peer=_other_user)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if peer_pid(path) is None:
+            path.unlink()  # left by a server that was killed
+    old_umask = os.umask(0o177)  # the socket file is created 0600
+    try:
+        server = await asyncio.start_unix_server(listener.on_connect, str(path), limit=CHUNK)
+    finally:
+        os.umask(old_umask)
+    print(f"heedful: listening on {path}", file=sys.stderr, flush=True)
+    try:
+        return await listener.run(server, idle_exit_s)
+    finally:
+        with contextlib.suppress(OSError):
+            if path.exists() and peer_pid(path) is None:
+                path.unlink()
 
 
 async def serve(
@@ -202,11 +279,12 @@ async def serve(
     tcp: bool,
     host: str,
     port: int,
+    socket_path: Path | None = None,
     record: Path | None = None,
     auth: AuthPolicy | None = None,
     metrics: tuple[str, int] | None = None,
 ) -> int:
-    """Serve until the editor leaves (stdio) or a signal arrives (TCP).
+    """Serve until the editor leaves (stdio), a signal arrives (TCP), or no editor is left (`socket_path`).
 
     `auth`: how TCP clients prove who they are; `metrics`: (host, port) of the Prometheus endpoint, None: off.
     """
@@ -216,6 +294,8 @@ async def serve(
             services.metrics.expose(services.store, asyncio.get_running_loop(), *metrics)
         if tcp:
             return await serve_tcp(services, host, port, auth or AuthPolicy(tcp=True))
+        if socket_path is not None:
+            return await serve_socket(services, socket_path, services.base.settings.server.idle_exit_s)
         return await serve_stdio(services, record)
     finally:
         await services.close()

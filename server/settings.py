@@ -514,6 +514,14 @@ class ServerSettings:
         "--developer ID`), which decides the developer and team it is served as; the shared `tcp_token` then "
         "admits nobody. Off: loopback connections without a token may say who they are (one user per machine).",
     )
+    idle_exit_s: float = setting(
+        600.0,
+        "How long the machine's shared server (`heedful serve --shared`, what the editor clients start) keeps "
+        "running with no editor connected, in seconds, before it stops; a training round that runs then "
+        "finishes first. The next editor window starts it again (the engine's start, about 30 s). "
+        "0: it runs until stopped.",
+        min=0,
+    )
 
 
 @dataclass(slots=True)

@@ -481,6 +481,15 @@ class TrainingStatusRepository:
             )
         )
 
+    async def running(self, since: datetime) -> int:
+        """How many scopes have a round that runs: started, and its worker wrote progress since `since`."""
+        count = await self.s.scalar(
+            select(func.count())
+            .select_from(TrainingStatus)
+            .where(TrainingStatus.phase.is_not(None), TrainingStatus.updated_at >= since)
+        )
+        return int(count or 0)
+
     async def of(self, scopes: Sequence[Scope]) -> dict[Scope, TrainingStatus]:
         if not scopes:
             return {}

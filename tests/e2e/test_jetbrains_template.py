@@ -8,10 +8,14 @@ popup item whose command records the accept, and the status notification.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
+import shutil
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ import pytest
 from lsprotocol import types
 
 from lsp_handlers.protocol import ACCEPT_COMMAND, FEEDBACK_COMMAND
+from server.shared import peer_pid, socket_path
 from tests.e2e.client import running_client
 from tests.e2e.conftest import ServerSetup
 
@@ -40,24 +45,48 @@ def load(name: str) -> Any:
 def test_template_files_are_what_lsp4ij_reads() -> None:
     template = load("template.json")
     assert template["id"] == "heedful" and template["name"] == "Heedful"
-    assert shlex.split(template["programArgs"]["default"]) == ["heedful", "serve"]
+    assert shlex.split(template["programArgs"]["default"]) == ["heedful", "serve", "--shared"]
     mappings = template["fileTypeMappings"]
     assert {"fileType": {"name": "Python", "patterns": ["*.py", "*.pyi"]}, "languageId": "python"} in mappings
     for mapping in mappings:
         assert mapping["fileType"]["name"] and mapping["fileType"]["patterns"] and mapping["languageId"]
     options = load("initializationOptions.json")
-    assert set(options) <= {"developerId", "sessionId", "team", "settings"}
+    assert set(options) <= {"developerId", "sessionId", "team", "token", "settings"}
     assert isinstance(options["developerId"], str)
 
 
-async def test_template_command_starts_the_server_and_answers_initialize(lsp_setup: ServerSetup) -> None:
+async def test_template_command_starts_the_server_and_answers_initialize(
+    lsp_setup: ServerSetup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     command = shlex.split(load("template.json")["programArgs"]["default"])
     # `heedful` as LSP4IJ finds it: on PATH, here the console script of the environment running the tests.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     options = dict(load("initializationOptions.json"), developerId="dev-jetbrains", team="ide")
-    async with running_client(
-        "jetbrains", lsp_setup.config, lsp_setup.log, options, env={"PATH": path}, command=command
-    ) as client:
+    # The command starts the user's shared server: give it a runtime and data dir of the test's own.
+    run = Path(tempfile.mkdtemp(prefix="hf-run-"))
+    env = {"PATH": path, "XDG_RUNTIME_DIR": str(run), "HEEDFUL_DATA_DIR": str(tmp_path / "data")}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    sock = socket_path(lsp_setup.config, tmp_path / "data")
+    try:
+        await _drive_template(command, options, lsp_setup, env)
+    finally:
+        pid = peer_pid(sock)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)  # its last window closed; it would otherwise wait idle_exit_s
+            for _ in range(300):
+                if peer_pid(sock) is None:
+                    break
+                await asyncio.sleep(0.1)
+        shutil.rmtree(run, ignore_errors=True)
+    assert pid is not None, "the template's command did not start a shared server"
+
+
+async def _drive_template(
+    command: list[str], options: dict[str, Any], lsp_setup: ServerSetup, env: dict[str, str]
+) -> None:
+    config, log = lsp_setup.config, lsp_setup.log
+    async with running_client("jetbrains", config, log, options, env=env, command=command) as client:
         caps = client.capabilities
         assert caps is not None
         assert caps.inline_completion_provider not in (None, False)

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +27,7 @@ import pytest
 
 from server import paths
 from tests.e2e.conftest import EDITOR_SOURCE, ServerSetup
+from tests.e2e.test_shared_server import servers_on
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
 
@@ -111,14 +116,8 @@ class Neovim:
                 self.proc.wait()
 
 
-@pytest.fixture
-def neovim(request: pytest.FixtureRequest, lsp_setup: ServerSetup, tmp_path: Path) -> Iterator[Neovim]:
-    renderer: str = request.param
-    file = tmp_path / "orders.py"
-    file.write_text(SOURCE)
-    server = [sys.executable, "-m", "server.cli", "--config", str(lsp_setup.config)]
-    server += ["--log-file", str(lsp_setup.log), "serve"]
-    init = tmp_path / "init.lua"
+def write_init(init: Path, server: list[str], developer: str, session: str, renderer: str) -> Path:
+    """An init.lua that sets the plugin up with `server` as its cmd, for team `nvim`."""
     init.write_text(
         f"""
 vim.opt.rtp:prepend({lua_string(str(PLUGIN))})
@@ -127,13 +126,24 @@ vim.opt.swapfile = false
 vim.keymap.set("i", "<Tab>", function() vim.g.other_tab = (vim.g.other_tab or 0) + 1 end, {{ desc = "other plugin" }})
 require("heedful").setup({{
   cmd = {{ {", ".join(lua_string(part) for part in server)} }},
-  developer_id = "dev-nvim",
+  developer_id = {lua_string(developer)},
   team = "nvim",
-  session_id = "session-nvim",
+  session_id = {lua_string(session)},
   renderer = {lua_string(renderer)},
 }})
 """
     )
+    return init
+
+
+@pytest.fixture
+def neovim(request: pytest.FixtureRequest, lsp_setup: ServerSetup, tmp_path: Path) -> Iterator[Neovim]:
+    renderer: str = request.param
+    file = tmp_path / "orders.py"
+    file.write_text(SOURCE)
+    server = [sys.executable, "-m", "server.cli", "--config", str(lsp_setup.config)]
+    server += ["--log-file", str(lsp_setup.log), "serve"]
+    init = write_init(tmp_path / "init.lua", server, "dev-nvim", "session-nvim", renderer)
     nvim = Neovim(nvim_binary(), tmp_path, init, file)
     try:
         yield nvim
@@ -294,3 +304,88 @@ def test_neovim_turns_suggestions_off_and_on_keeps_other_tab_mappings_and_checks
 
     report = neovim.wait_for(health, ":checkhealth heedful", timeout=30)
     assert "engine ready" in report and "server(s) running" in report and "ERROR" not in report, report
+
+
+def test_two_neovims_share_one_server(lsp_setup: ServerSetup, tmp_path: Path) -> None:
+    """The plugin's default command, `heedful serve --shared`: two Neovims (each its own session) are served by
+    one server process, which goes on serving the second when the first quits."""
+    run = Path(tempfile.mkdtemp(prefix="hf-run-"))
+    data = tmp_path / "data"
+    env = {"XDG_RUNTIME_DIR": str(run), "HEEDFUL_DATA_DIR": str(data)}
+    config = tmp_path / "shared.toml"
+    config.write_text(lsp_setup.config.read_text() + "\n[server]\nidle_exit_s = 3\n")
+    assert require_default_cmd() == ["heedful", "serve", "--shared"]
+    # The plugin's default command, with this checkout's `heedful` and the test's own dirs.
+    server = ["/usr/bin/env", *(f"{k}={v}" for k, v in env.items()), sys.executable, "-m", "server.cli"]
+    server += ["--config", str(config), "serve", "--shared"]
+    windows: list[Neovim] = []
+    try:
+        for name in ("one", "two"):
+            work = tmp_path / name
+            work.mkdir()
+            file = work / "orders.py"
+            file.write_text(SOURCE)
+            init = write_init(work / "init.lua", server, f"dev-{name}", f"session-{name}", "builtin")
+            windows.append(Neovim(nvim_binary(), work, init, file))
+        statuses = [
+            w.wait_for(
+                lambda w=w: (
+                    (w.lua('require("heedful").last_status or vim.NIL') or {}).get("state") == "ready"
+                    and w.lua('require("heedful").last_status')
+                ),
+                "the server's heedful/status to say ready",
+            )
+            for w in windows
+        ]
+        pid = statuses[0]["serverPid"]
+        assert statuses[1]["serverPid"] == pid and [s["sessionId"] for s in statuses] == ["session-one", "session-two"]
+        monkey_env = dict(os.environ, **env)
+        sock = _socket_for(config, data, monkey_env)
+        assert servers_on(sock) == [pid]  # one server process (one engine) for both Neovims
+        shown = []
+        for w in windows:
+            w.send("GA")
+            shown.append(w.wait_for(lambda w=w: w.lua('require("heedful").current() or vim.NIL'), "a suggestion"))
+        windows[0].close()
+        assert windows[0].proc.returncode == 0
+        # The server outlives the Neovim that started it; the other one is still served.
+        second = windows[1]
+        second.send("<Esc>o")
+        second.wait_for(
+            lambda: (
+                (s := second.lua('require("heedful").current() or vim.NIL'))
+                and s["completionId"] != shown[1]["completionId"]
+            ),
+            "another suggestion",
+        )
+        assert servers_on(sock) == [pid]
+        windows[1].close()
+        rows = {r["id"]: r for r in lsp_setup.rows("SELECT * FROM sessions")}
+        assert set(rows) == {"session-one", "session-two"} and all(r["ended_at"] for r in rows.values())
+        deadline = time.monotonic() + 60
+        while servers_on(sock) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not servers_on(sock), "the shared server still runs with no Neovim left"
+    finally:
+        for w in windows:
+            w.close()
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def require_default_cmd() -> list[str]:
+    """The plugin's default `cmd`, read from its source."""
+    source = (PLUGIN / "lua" / "heedful" / "init.lua").read_text()
+    found = re.search(r"^  cmd = \{ (.*) \},$", source, re.MULTILINE)
+    assert found is not None, "no default cmd in the plugin's defaults"
+    return [part.strip().strip('"') for part in found.group(1).split(",")]
+
+
+def _socket_for(config: Path, data: Path, env: dict[str, str]) -> Path:
+    """The shared server's socket as the plugin's command computes it (under the test's runtime dir)."""
+    code = "import sys; from pathlib import Path; from server.shared import socket_path; "
+    code += "print(socket_path(Path(sys.argv[1]), Path(sys.argv[2])))"
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(config), str(data)], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return Path(out.stdout.strip())

@@ -106,10 +106,13 @@ def test_vscode_extension_type_checks_bundles_and_packages(vsix: Path) -> None:
     settings = manifest["contributes"]["configuration"]["properties"]
     assert {"heedful.serverCommand", "heedful.developerId", "heedful.team", "heedful.enable"} <= set(settings)
     assert settings["heedful.enable"]["default"] == {"*": True}
-    # A workspace (a cloned repository's .vscode/settings.json) cannot change the command that runs.
-    assert settings["heedful.serverCommand"]["scope"] == "machine"
+    # A workspace (a cloned repository's .vscode/settings.json) cannot change the command that runs, nor
+    # read the developer's token into a server of its choosing.
+    assert settings["heedful.serverCommand"]["scope"] == "machine" and settings["heedful.token"]["scope"] == "machine"
+    assert settings["heedful.serverCommand"]["default"] == ["heedful", "serve", "--shared"]
     untrusted = manifest["capabilities"]["untrustedWorkspaces"]
-    assert untrusted["supported"] == "limited" and untrusted["restrictedConfigurations"] == ["heedful.serverCommand"]
+    assert untrusted["supported"] == "limited"
+    assert untrusted["restrictedConfigurations"] == ["heedful.serverCommand", "heedful.token"]
 
 
 class CodeServer:

@@ -29,7 +29,13 @@ const ACCEPTED = "heedful.accepted"; // the local wrapper around an item's accep
 const SHOWN_CONTEXT = "heedful.suggestionShown";
 const SNOOZE_MS = 30 * 60 * 1000;
 // Settings whose change needs a new server process; the others apply at once.
-const RESTART_SETTINGS = ["heedful.serverCommand", "heedful.developerId", "heedful.team", "heedful.documentSelector"];
+const RESTART_SETTINGS = [
+  "heedful.serverCommand",
+  "heedful.token",
+  "heedful.developerId",
+  "heedful.team",
+  "heedful.documentSelector",
+];
 
 /** Whether `heedful.enable` lets Heedful suggest in `language`: its own entry, else `*`, else yes. */
 export function enabledFor(enable: unknown, language: string): boolean {
@@ -191,9 +197,11 @@ class Heedful {
 
   async start(): Promise<void> {
     const config = vscode.workspace.getConfiguration("heedful");
-    const command = config.get<string[]>("serverCommand", ["heedful", "serve"]);
+    const command = config.get<string[]>("serverCommand", ["heedful", "serve", "--shared"]);
     if (!Array.isArray(command) || command.length === 0 || command.some((part) => typeof part !== "string")) {
-      this.fail(`heedful.serverCommand must be a list of strings like ["heedful", "serve"], not ${JSON.stringify(command)}`);
+      this.fail(
+        `heedful.serverCommand must be a list of strings like ["heedful", "serve", "--shared"], not ${JSON.stringify(command)}`,
+      );
       return;
     }
     // No `transport`: the client would append `--stdio`, which `heedful serve` does not take (stdio is its default).
@@ -207,6 +215,7 @@ class Heedful {
       initializationOptions: {
         developerId: config.get<string>("developerId") || os.userInfo().username,
         team: config.get<string>("team") || undefined,
+        token: config.get<string>("token") || undefined,
       },
       outputChannel: this.output,
       middleware: {

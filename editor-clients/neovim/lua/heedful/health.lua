@@ -25,7 +25,7 @@ function M.check()
     health.ok(("cmd: %s"):format(table.concat(cmd, " ")))
   else
     health.error(("cmd: %q is not executable"):format(tostring(cmd[1])), {
-      "Install the Heedful server, or set cmd = { '/path/to/heedful', 'serve' } in require('heedful').setup{}",
+      "Install the Heedful server, or set cmd = { '/path/to/heedful', 'serve', '--shared' } in require('heedful').setup{}",
     })
   end
   local clients = vim.lsp.get_clients({ name = "heedful" })

@@ -26,9 +26,11 @@ local INLINE = "textDocument/inlineCompletion"
 ---@field trigger string|false Insert-mode key that asks for a suggestion now
 
 ---@class heedful.Config
----@field cmd string[] How to start the server; it speaks LSP over stdio
+---@field cmd string[] How to start the server; it speaks LSP over stdio. `--shared`: one server for every
+--- Neovim (and other editor) of this user, started by the first
 ---@field developer_id string Who is typing (initializationOptions.developerId); default $USER
 ---@field team string? The team whose adapter may serve you
+---@field token string? Your token for a team's server (`heedful serve --connect HOST:PORT` in cmd)
 ---@field session_id string? Defaults to a new id per Neovim instance (chosen by the server)
 ---@field settings table? Per-developer settings sent as initializationOptions.settings
 ---@field filetypes string[]? Filetypes to attach to; nil attaches to every file with a filetype
@@ -37,9 +39,10 @@ local INLINE = "textDocument/inlineCompletion"
 ---@field keymaps heedful.Keymaps
 ---@field exit_timeout_ms integer On quit, how long Neovim waits for the server to record the session's end
 local defaults = {
-  cmd = { "heedful", "serve" },
+  cmd = { "heedful", "serve", "--shared" },
   developer_id = vim.env.USER or vim.env.USERNAME or "developer",
   team = nil,
+  token = nil,
   session_id = nil,
   settings = nil,
   filetypes = nil,
@@ -486,6 +489,7 @@ local function init_options(cfg)
   return {
     developerId = cfg.developer_id,
     team = cfg.team,
+    token = cfg.token,
     sessionId = cfg.session_id,
     settings = cfg.settings,
   }
