@@ -31,6 +31,7 @@ from lsp_handlers.auth import AuthPolicy, ConnectionRefused, admit, check_client
 from lsp_handlers.completion import ADAPTER_ARMS, CompletionService, Identity, Served
 from lsp_handlers.documents import DocumentError, DocumentStore, StaleVersion, TextDocument, code_points_for_units
 from lsp_handlers.feedback import AcceptedText, Followed, Suggestion, TypedInstead, Verdict, locate
+from lsp_handlers.learning import LEARNING_COMMAND, REPORT_COMMAND, learning_command, report_command
 from lsp_handlers.protocol import (
     ACCEPT_COMMAND,
     DID_PARTIALLY_ACCEPT_COMPLETION,
@@ -709,6 +710,14 @@ def create_server(
         event_id = await ls.record_event("correction", completion_id, text=text)
         ls.services.forget_corrections(identity.developer_id)
         return {"recorded": True, "completionId": completion_id, "eventId": event_id}
+
+    @ls.command(LEARNING_COMMAND)
+    async def learning(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
+        return await learning_command(ls, *args)
+
+    @ls.command(REPORT_COMMAND)
+    async def report(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
+        return await report_command(ls, *args)
 
     return ls
 

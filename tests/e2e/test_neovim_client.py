@@ -10,6 +10,7 @@ extmarks (what Neovims without it get).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -327,16 +328,7 @@ def test_two_neovims_share_one_server(lsp_setup: ServerSetup, tmp_path: Path) ->
             file.write_text(SOURCE)
             init = write_init(work / "init.lua", server, f"dev-{name}", f"session-{name}", "builtin")
             windows.append(Neovim(nvim_binary(), work, init, file))
-        statuses = [
-            w.wait_for(
-                lambda w=w: (
-                    (w.lua('require("heedful").last_status or vim.NIL') or {}).get("state") == "ready"
-                    and w.lua('require("heedful").last_status')
-                ),
-                "the server's heedful/status to say ready",
-            )
-            for w in windows
-        ]
+        statuses = [w.wait_for(functools.partial(ready_status, w), "heedful/status to say ready") for w in windows]
         pid = statuses[0]["serverPid"]
         assert statuses[1]["serverPid"] == pid and [s["sessionId"] for s in statuses] == ["session-one", "session-two"]
         monkey_env = dict(os.environ, **env)
@@ -345,7 +337,8 @@ def test_two_neovims_share_one_server(lsp_setup: ServerSetup, tmp_path: Path) ->
         shown = []
         for w in windows:
             w.send("GA")
-            shown.append(w.wait_for(lambda w=w: w.lua('require("heedful").current() or vim.NIL'), "a suggestion"))
+            current = functools.partial(w.lua, 'require("heedful").current() or vim.NIL')
+            shown.append(w.wait_for(current, "a suggestion"))
         windows[0].close()
         assert windows[0].proc.returncode == 0
         # The server outlives the Neovim that started it; the other one is still served.
@@ -372,6 +365,12 @@ def test_two_neovims_share_one_server(lsp_setup: ServerSetup, tmp_path: Path) ->
         shutil.rmtree(run, ignore_errors=True)
 
 
+def ready_status(neovim: Neovim) -> Any:
+    """The plugin's last heedful/status once it says ready, else None."""
+    status = neovim.lua('require("heedful").last_status or vim.NIL')
+    return status if (status or {}).get("state") == "ready" else None
+
+
 def require_default_cmd() -> list[str]:
     """The plugin's default `cmd`, read from its source."""
     source = (PLUGIN / "lua" / "heedful" / "init.lua").read_text()
@@ -389,3 +388,48 @@ def _socket_for(config: Path, data: Path, env: dict[str, str]) -> Path:
     )
     assert out.returncode == 0, out.stderr
     return Path(out.stdout.strip())
+
+
+@pytest.mark.parametrize("neovim", ["builtin"], indirect=True)
+def test_neovim_shows_pauses_resumes_and_undoes_learning_and_writes_the_report(
+    neovim: Neovim, lsp_setup: ServerSetup
+) -> None:
+    neovim.wait_for(functools.partial(ready_status, neovim), "the server's heedful/status to say ready")
+    # A browser would open the report; here Neovim's opener only says where it was asked to go.
+    neovim.remote("--remote-expr", "luaeval('(function() vim.ui.open = function(p) vim.g.opened = p end end)()')")
+
+    neovim.send(":HeedfulCorrect use pathlib, not os.path<CR>")
+    neovim.wait_for(lambda: events(lsp_setup, "correction"), "the correction event", timeout=30)
+    neovim.send(":HeedfulLearning<CR>")
+    learned = neovim.wait_for(lambda: neovim.lua('require("heedful").last_learned or vim.NIL'), "what it learned")
+    assert learned["serving"] is None and learned["paused"] is None
+    assert learned["corrections"] == ["use pathlib, not os.path"]
+    lines = neovim.lua('require("heedful").learned_lines(require("heedful").last_learned)')
+    assert lines[0] == "Serving you: the base model (no adapter of yours)" and "  - use pathlib, not os.path" in lines
+
+    # Pause: the server's status says so (what the status line shows); resume: collecting again.
+    neovim.send(":HeedfulLearning pause<CR>")
+    neovim.wait_for(
+        lambda: (neovim.lua('require("heedful").last_status.learning or vim.NIL') or {}).get("state") == "paused",
+        "the status to say learning is paused",
+        timeout=30,
+    )
+    assert "paused" in neovim.lua('require("heedful").status_line()')
+    neovim.send(":HeedfulLearning resume<CR>")
+    neovim.wait_for(
+        lambda: (neovim.lua('require("heedful").last_status.learning or vim.NIL') or {}).get("state") == "collecting",
+        "the status to say learning collects again",
+        timeout=30,
+    )
+    # Undo with no adapter of the developer's: the error says there is nothing to undo.
+    neovim.send(":HeedfulLearning undo<CR>")
+    error = neovim.wait_for(lambda: neovim.lua('require("heedful").last_error or vim.NIL'), "the undo's answer")
+    assert "nothing to undo" in error
+    audit = lsp_setup.rows("SELECT action FROM audit_log WHERE actor = 'editor:dev-nvim' ORDER BY id")
+    assert [r["action"] for r in audit] == ["pause_training", "resume_training"]
+
+    neovim.send(":HeedfulReport<CR>")
+    path = neovim.wait_for(lambda: neovim.lua('require("heedful").last_report or vim.NIL'), "the report's file")
+    html = Path(path).read_text()
+    assert "Heedful report" in html and "dev-nvim" in html and "<script" not in html
+    assert neovim.lua("vim.g.opened") == path

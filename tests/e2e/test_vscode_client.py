@@ -47,6 +47,10 @@ COMMANDS = {
     "heedful.toggleLanguage": "Enable or disable suggestions for this language",
     "heedful.snooze": "Snooze suggestions for 30 minutes",
     "heedful.resume": "Resume suggestions",
+    "heedful.showLearned": "What Heedful learned",
+    "heedful.pauseLearning": "Pause learning",
+    "heedful.resumeLearning": "Resume learning",
+    "heedful.undoAdapter": "Undo the adapter serving you",
 }
 
 
@@ -260,13 +264,16 @@ def test_vscode_shows_ghost_text_accepts_with_tab_and_sends_a_correction(
     # Snoozed from the status bar's menu: the bar says until when, and no suggestion comes, even asked for.
     assert "Heedful: snoozed until" in result["snoozedStatus"] and result["ghostWhileSnoozed"] == 0
 
-    # "Heedful: Open report" shows the server's state and what this session did with its suggestions.
-    report = result["reportText"].replace("\u00a0", " ")
-    assert "# Heedful report" in report and "Adapter serving you: base model" in report
-    assert "Developer: dev-vscode" in report
-    counts = re.search(r"\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|", report)
-    assert counts is not None, report
-    # The same session as the store saw it (the server's inferred rejects are not the editor's to count).
-    kinds = [e["kind"] for e in events if not e["inferred"]]
-    expected = [kinds.count(k) for k in ("shown", "accepted", "partial_accept", "rejected", "correction")]
-    assert list(map(int, counts.groups())) == expected
+    # Learning from the editor: paused (the status bar said so, from the server's status), resumed; undo with
+    # no adapter of the developer's says there is nothing to undo. The audit log names the editor.
+    assert "learning paused" in result["pausedStatus"] and "nothing to undo" in result["undoMessage"]
+    audit = lsp_setup.rows("SELECT action FROM audit_log WHERE actor = 'editor:dev-vscode' ORDER BY id")
+    assert [r["action"] for r in audit] == ["pause_training", "resume_training"]
+    assert not lsp_setup.rows("SELECT * FROM scope_controls WHERE training_paused")
+
+    # "Heedful: Open report" shows the server's report of this developer: the store's own figures.
+    report = result["reportHtml"]
+    assert "Heedful report" in report and "dev-vscode" in report and "<script" not in report
+    stat = re.search(r'data-stat="completions">(\d+)<', report)
+    assert stat is not None, report[:2000]
+    assert int(stat.group(1)) == len(lsp_setup.rows("SELECT id FROM completions WHERE developer_id = 'dev-vscode'"))

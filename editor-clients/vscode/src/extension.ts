@@ -25,6 +25,17 @@ const REJECT = "heedful/didRejectCompletion";
 const STATUS = "heedful/status";
 const ACCEPT_COMMAND = "heedful.acceptCompletion";
 const FEEDBACK_COMMAND = "heedful.feedback";
+const LEARNING_COMMAND = "heedful.learning";
+const REPORT_COMMAND = "heedful.report";
+
+/** What `heedful.learning` answers: what Heedful learned for this developer. */
+interface Learned {
+  developerId: string;
+  paused: string | null;
+  serving: string | null;
+  corrections: string[];
+  versions: { version: string; status: string; createdAt: string; kl: number | null; reason: string | null }[];
+}
 const ACCEPTED = "heedful.accepted"; // the local wrapper around an item's accept command
 const SHOWN_CONTEXT = "heedful.suggestionShown";
 const SNOOZE_MS = 30 * 60 * 1000;
@@ -118,7 +129,7 @@ class Heedful {
   status: Status | undefined;
   shown: Served | undefined; // on screen now, not yet accepted or dismissed
   lastShownId: string | undefined; // what "Correct last suggestion" refers to
-  counts = { shown: 0, accepted: 0, partial: 0, rejected: 0, corrections: 0 };
+  reportPanel: vscode.WebviewPanel | undefined;
   snoozedUntil = 0; // epoch ms; suggestions stay off until then
   private snoozeTimer: ReturnType<typeof setTimeout> | undefined;
   readonly statusBar = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
@@ -188,6 +199,7 @@ class Heedful {
         : { label: "Snooze suggestions for 30 minutes", run: () => this.snooze() },
       { label: "Correct last suggestion", run: () => this.correct() },
       { label: "Show status", run: () => this.showStatus() },
+      { label: "What Heedful learned", run: () => this.showLearned() },
       { label: "Open report", run: () => this.openReport() },
       { label: "Show log", run: () => this.output.show() },
     );
@@ -341,7 +353,6 @@ class Heedful {
       }
       this.shown = served;
       this.lastShownId = served.completionId;
-      this.counts.shown += 1;
       void vscode.commands.executeCommand("setContext", SHOWN_CONTEXT, true);
       void this.client?.sendNotification(SHOW, { item: served.item });
     }, 50);
@@ -357,7 +368,6 @@ class Heedful {
       this.forgetShown();
     }
     this.lastShownId = served.completionId;
-    this.counts.accepted += 1;
     // The language client registered the server's command: it sends workspace/executeCommand.
     await vscode.commands.executeCommand(command.command, ...(command.arguments ?? []));
   }
@@ -367,7 +377,6 @@ class Heedful {
     this.forgetShown();
     await vscode.commands.executeCommand("editor.action.inlineSuggest.hide");
     if (served && this.client) {
-      this.counts.rejected += 1;
       await this.client.sendNotification(REJECT, { completionId: served.completionId });
     }
   }
@@ -385,7 +394,6 @@ class Heedful {
     if (!served.item.insertText.toString().startsWith(taken) || taken.length === 0) {
       return;
     }
-    this.counts.partial += 1;
     await this.client.sendNotification(PARTIAL, { item: served.item, acceptedLength: taken.length });
     if (taken.length >= served.item.insertText.toString().length) {
       this.forgetShown();
@@ -412,7 +420,6 @@ class Heedful {
     }
     try {
       await this.client.sendRequest(ExecuteCommandRequest.type, { command: FEEDBACK_COMMAND, arguments: [body] });
-      this.counts.corrections += 1;
       vscode.window.setStatusBarMessage("Heedful: correction recorded", 4000);
     } catch (error) {
       void vscode.window.showErrorMessage(`Heedful: the correction was not recorded: ${String(error)}`);
@@ -433,33 +440,82 @@ class Heedful {
     }
   }
 
-  report(): string {
-    const s = this.status;
-    const c = this.counts;
-    return [
-      "# Heedful report",
-      "",
-      "## Server",
-      "",
-      `- Engine: ${s ? `${s.state} (${s.engine ?? "?"})` : "no status yet"}${s?.message ? ` - ${s.message}` : ""}`,
-      `- Model: ${s?.model ?? "?"}`,
-      `- Adapter serving you: ${s?.adapter ?? "base model"}`,
-      `- Developer: ${s?.developerId ?? "?"}, session ${s?.sessionId ?? "?"}`,
-      "",
-      "## This session",
-      "",
-      "| suggestions shown | accepted | partly accepted | dismissed | corrections |",
-      "|---|---|---|---|---|",
-      `| ${c.shown} | ${c.accepted} | ${c.partial} | ${c.rejected} | ${c.corrections} |`,
-      "",
-      "Rejects inferred from typing past a suggestion are counted by the server; `heedful stats` shows the totals.",
-      "",
-    ].join("\n");
+  /** Ask the server; a failure is shown to the developer and answers undefined. */
+  async serverCommand<T>(command: string, args: unknown[], failed: string): Promise<T | undefined> {
+    if (!this.client) {
+      void vscode.window.showErrorMessage(`Heedful: ${failed}: the server is not running (see "Show log").`);
+      return undefined;
+    }
+    try {
+      return (await this.client.sendRequest(ExecuteCommandRequest.type, { command, arguments: args })) as T;
+    } catch (error) {
+      void vscode.window.showErrorMessage(`Heedful: ${failed}: ${error instanceof Error ? error.message : String(error)}`);
+      return undefined;
+    }
   }
 
+  /** `heedful report` for this developer, from the server, in a panel (no scripts run in it). */
   async openReport(): Promise<void> {
-    const document = await vscode.workspace.openTextDocument({ language: "markdown", content: this.report() });
-    await vscode.window.showTextDocument(document, { preview: true });
+    const report = await this.serverCommand<{ html: string }>(REPORT_COMMAND, [], "the report could not be made");
+    if (!report) {
+      return;
+    }
+    if (!this.reportPanel) {
+      this.reportPanel = vscode.window.createWebviewPanel("heedful.report", "Heedful report", vscode.ViewColumn.Active, {
+        enableScripts: false,
+      });
+      this.reportPanel.onDidDispose(() => (this.reportPanel = undefined));
+    }
+    this.reportPanel.webview.html = report.html;
+    this.reportPanel.reveal();
+  }
+
+  /** pause, resume or undo; says what it did. */
+  async learning(action: "pause" | "resume" | "undo"): Promise<void> {
+    const done = await this.serverCommand<Learned>(LEARNING_COMMAND, [{ action }], `${action} did not happen`);
+    if (!done) {
+      return;
+    }
+    const said = {
+      pause: `learning paused: ${done.paused ?? "paused"}; the adapter serving you stays`,
+      resume: "learning resumed",
+      undo: `undone: now serving you ${done.serving ?? "the base model"}`,
+    }[action];
+    vscode.window.setStatusBarMessage(`Heedful: ${said}`, 6000);
+  }
+
+  /** What Heedful learned for this developer, with pause, resume and undo. */
+  async showLearned(): Promise<void> {
+    const learned = await this.serverCommand<Learned>(LEARNING_COMMAND, [{ action: "show" }], "what it learned is not known");
+    if (!learned) {
+      return;
+    }
+    type Choice = vscode.QuickPickItem & { run?: () => unknown };
+    const items: Choice[] = [
+      { label: "Serving you", kind: vscode.QuickPickItemKind.Separator },
+      { label: learned.serving ? `adapter ${learned.serving}` : "the base model (no adapter of yours)" },
+      { label: learned.paused ? `Training paused: ${learned.paused}` : "Training on: your feedback trains your adapter" },
+      learned.paused
+        ? { label: "$(debug-start) Resume learning", run: () => this.learning("resume") }
+        : { label: "$(debug-pause) Pause learning", run: () => this.learning("pause") },
+    ];
+    if (learned.serving) {
+      items.push({ label: "$(discard) Undo the adapter serving you", run: () => this.learning("undo") });
+    }
+    items.push({ label: "Your latest corrections", kind: vscode.QuickPickItemKind.Separator });
+    items.push(...(learned.corrections.length ? learned.corrections : ["none yet"]).map((c) => ({ label: c })));
+    items.push({ label: "Your adapter versions", kind: vscode.QuickPickItemKind.Separator });
+    items.push(
+      ...(learned.versions.length
+        ? learned.versions.map((v) => ({
+            label: `${v.version} ${v.status}`,
+            description: `${v.createdAt.slice(0, 16).replace("T", " ")}${v.kl !== null ? `, KL ${v.kl.toFixed(3)}` : ""}`,
+            detail: v.reason ?? undefined,
+          }))
+        : [{ label: "none yet" }]),
+    );
+    const picked = await vscode.window.showQuickPick(items, { title: "What Heedful learned", matchOnDescription: true });
+    await picked?.run?.();
   }
 }
 
@@ -489,6 +545,10 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.commands.registerCommand("heedful.correctLastSuggestion", () => h.correct()),
     vscode.commands.registerCommand("heedful.showStatus", () => h.showStatus()),
     vscode.commands.registerCommand("heedful.openReport", () => h.openReport()),
+    vscode.commands.registerCommand("heedful.showLearned", () => h.showLearned()),
+    vscode.commands.registerCommand("heedful.pauseLearning", () => h.learning("pause")),
+    vscode.commands.registerCommand("heedful.resumeLearning", () => h.learning("resume")),
+    vscode.commands.registerCommand("heedful.undoAdapter", () => h.learning("undo")),
     vscode.commands.registerCommand("heedful.showMenu", () => h.showMenu()),
     vscode.commands.registerCommand("heedful.enable", () => h.setEnabled("*", true)),
     vscode.commands.registerCommand("heedful.disable", () => h.setEnabled("*", false)),

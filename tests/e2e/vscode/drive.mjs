@@ -130,11 +130,39 @@ try {
   await runCommand(page, "Resume suggestions");
   await page.locator(".statusbar-item", { hasText: "Heedful: ready" }).first().waitFor({ timeout: 10_000 });
 
-  await runCommand(page, "Open report");
-  await page.locator(".editor-instance .view-line", { hasText: "# Heedful report" }).first().waitFor({ timeout: 30_000 });
-  const reportText = await visibleText();
+  step("learning from the editor: pause it (the status bar says so), resume it, undo with no adapter to undo");
+  await runCommand(page, "Pause learning");
+  // Heedful's own item (not the transient message): the server's heedful/status says learning is paused.
+  const pausedItem = page.locator(".statusbar-item", { hasText: "ready · learning paused" }).first();
+  const pausedStatus = await pausedItem.textContent({ timeout: 30_000 });
+  await runCommand(page, "Resume learning");
+  await page.locator(".statusbar-item", { hasText: /ready · learning \d+\/\d+/ }).first().waitFor({ timeout: 30_000 });
+  await runCommand(page, "Undo the adapter serving you");
+  const undoToast = page.locator(".notifications-toasts .notification-toast", { hasText: "nothing to undo" }).first();
+  const undoMessage = await undoToast.textContent({ timeout: 30_000 });
 
-  process.stdout.write(JSON.stringify({ ghostText, documentText, reportText, snoozedStatus, ghostWhileSnoozed }) + "\n");
+  step("open the report: the server's `heedful report` for this developer, in a panel");
+  await runCommand(page, "Open report");
+  let reportHtml = "";
+  for (let i = 0; i < 60 && !reportHtml; i++) {
+    for (const frame of page.frames()) {
+      const html = await frame.evaluate(() => document.body?.innerHTML ?? "").catch(() => "");
+      if (html.includes("Heedful report") && html.includes("data-stat=")) {
+        reportHtml = html;
+        break;
+      }
+    }
+    if (!reportHtml) {
+      await page.waitForTimeout(500);
+    }
+  }
+  if (!reportHtml) {
+    throw new Error("the report's panel did not show the report");
+  }
+
+  process.stdout.write(
+    JSON.stringify({ ghostText, documentText, reportHtml, snoozedStatus, ghostWhileSnoozed, pausedStatus, undoMessage }) + "\n",
+  );
 } finally {
   await browser.close();
 }

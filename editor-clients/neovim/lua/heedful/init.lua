@@ -439,6 +439,86 @@ function M.correct(text, on_done)
   end, 0)
 end
 
+---@type table? What `:HeedfulLearning` last answered (the server's `heedful.learning` result)
+M.last_learned = nil
+---@type string? The last error a learning or report command met
+M.last_error = nil
+---@type string? Where `:HeedfulReport` last wrote the report
+M.last_report = nil
+
+local LEARNING = "heedful.learning"
+local REPORT = "heedful.report"
+
+local function server_command(command, arguments, on_result)
+  local client = M.client(0) or vim.lsp.get_clients({ name = "heedful" })[1]
+  if not client then
+    M.last_error = "no Heedful server is running for this buffer"
+    vim.notify("heedful: " .. M.last_error, vim.log.levels.ERROR)
+    return
+  end
+  client:request("workspace/executeCommand", { command = command, arguments = arguments }, function(err, result)
+    if err then
+      M.last_error = err.message or vim.inspect(err)
+      vim.notify("heedful: " .. M.last_error, vim.log.levels.ERROR)
+    else
+      M.last_error = nil
+      on_result(result)
+    end
+  end, 0)
+end
+
+--- What Heedful learned for you, as lines: the adapter serving you, whether training is paused, your latest
+--- corrections and adapter versions.
+function M.learned_lines(r)
+  local function given(x) -- JSON null arrives as vim.NIL
+    return x ~= vim.NIL and x or nil
+  end
+  local serving, paused = given(r.serving), given(r.paused)
+  local lines = {
+    "Serving you: " .. (serving and ("adapter " .. serving) or "the base model (no adapter of yours)"),
+    "Training: " .. (paused and ("paused (" .. paused .. "), :HeedfulLearning resume") or "on (:HeedfulLearning pause)"),
+    "Latest corrections:",
+  }
+  for _, c in ipairs(r.corrections or {}) do
+    table.insert(lines, "  - " .. c)
+  end
+  table.insert(lines, "Adapter versions (:HeedfulLearning undo takes the serving one out):")
+  for _, v in ipairs(r.versions or {}) do
+    table.insert(lines, ("  - %s %s %s"):format(v.version, v.status, (v.createdAt or ""):sub(1, 16)))
+  end
+  return lines
+end
+
+--- `:HeedfulLearning [show|pause|resume|undo]`: what Heedful learned for you, and your control over it.
+function M.learning(action, on_done)
+  action = (action and action ~= "") and action or "show"
+  server_command(LEARNING, { { action = action } }, function(result)
+    M.last_learned = result
+    vim.notify(table.concat(M.learned_lines(result), "\n"), vim.log.levels.INFO)
+    if on_done then
+      on_done(result)
+    end
+  end)
+end
+
+--- `:HeedfulReport`: the server's report of your suggestions and adapters, written to an HTML file and opened.
+function M.report(on_done)
+  server_command(REPORT, {}, function(result)
+    local path = vim.fn.tempname() .. "-heedful-report.html"
+    vim.fn.writefile(vim.split(result.html, "\n", { plain = true }), path)
+    M.last_report = path
+    local opened = false
+    if vim.ui.open then
+      local ok, job = pcall(vim.ui.open, path)
+      opened = ok and job ~= nil
+    end
+    vim.notify("heedful: report written to " .. path .. (opened and "" or " (open it in a browser)"))
+    if on_done then
+      on_done(path)
+    end
+  end)
+end
+
 --- What learning does for you, in a few words, from the status's `learning` object (nil: not known yet).
 function M.learning_text(l)
   if type(l) ~= "table" then
@@ -549,6 +629,18 @@ function M.setup(opts)
   vim.api.nvim_create_user_command("HeedfulDisable", function()
     M.set_enabled(false)
   end, { desc = "Heedful: stop suggesting (the server is not asked)" })
+  vim.api.nvim_create_user_command("HeedfulLearning", function(cmd)
+    M.learning(cmd.args)
+  end, {
+    nargs = "?",
+    complete = function()
+      return { "show", "pause", "resume", "undo" }
+    end,
+    desc = "Heedful: what it learned for you; pause, resume or undo it",
+  })
+  vim.api.nvim_create_user_command("HeedfulReport", function()
+    M.report()
+  end, { desc = "Heedful: the report of your suggestions and adapters, as an HTML file" })
   vim.api.nvim_create_user_command("HeedfulToggle", function()
     M.set_enabled(not M.enabled)
     vim.notify(M.status_line())

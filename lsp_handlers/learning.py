@@ -1,0 +1,124 @@
+"""What Heedful learned for the developer of a connection, and their control over it, from the editor.
+
+`workspace/executeCommand heedful.learning [{"action": A, "reason"?: R}]`, always about the connection's own
+developer scope (`developer:<id>`; a team's adapter is the admin's to roll back, with `heedful adapters`):
+
+- `show`: what is learned: the developer's latest corrections, their adapter versions (newest first) and
+  which one serves them, whether training is paused and why;
+- `pause` / `resume`: stop or restart training their adapter (serving goes on with the one they have),
+  audited as `pause_training` / `resume_training` by `editor:<developer>`;
+- `undo`: take the adapter serving them out of serving (the version before it serves again, else the base
+  model), audited as a rollback; the next rollback never returns to it.
+
+`pause`, `resume` and `undo` answer with what `show` answers afterwards. The server's background loops
+(`server.registry`, `server.learning`) notice the change within a few seconds and the session's
+`heedful/status` follows.
+
+`workspace/executeCommand heedful.report` answers `{"html": ...}`: `heedful report` for this developer
+alone (a whole HTML document without scripts), which the editor shows.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+
+from server.guards import rollback_scope
+from storage.repositories import (
+    AdapterRepository,
+    AuditRepository,
+    EventRepository,
+    ReportFilter,
+    Scope,
+    ScopeControlRepository,
+)
+
+if TYPE_CHECKING:
+    from lsp_handlers.server import HeedfulLanguageServer
+
+LEARNING_COMMAND = "heedful.learning"
+REPORT_COMMAND = "heedful.report"
+ACTIONS = ("show", "pause", "resume", "undo")
+SHOWN_CORRECTIONS = 20
+SHOWN_VERSIONS = 10
+REASON_CHARS = 500
+
+
+class NothingToUndo(JsonRpcException):
+    """`undo` with no adapter of the developer's own serving them."""
+
+    CODE = -32002  # implementation-defined server error
+
+
+def learning_arguments(args: tuple[Any, ...]) -> tuple[str, str | None]:
+    """(action, reason) from the command's arguments, or InvalidParams naming what is wrong."""
+    usage = f'{LEARNING_COMMAND} takes one argument {{"action": one of {list(ACTIONS)}, "reason"?: "..."}}'
+    if len(args) != 1 or not isinstance(args[0], dict):
+        raise JsonRpcInvalidParams(f"{usage}, got {list(args)!r}")
+    action, reason = args[0].get("action"), args[0].get("reason")
+    if action not in ACTIONS:
+        raise JsonRpcInvalidParams(f"{usage}; action {action!r} is not one of them")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > REASON_CHARS):
+        raise JsonRpcInvalidParams(
+            f'{LEARNING_COMMAND}: "reason" must be a string of at most {REASON_CHARS} characters, got {reason!r:.80}'
+        )
+    return str(action), reason
+
+
+async def learning_command(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
+    action, reason = learning_arguments(args)
+    developer = ls.require_identity().developer_id
+    scope = Scope.developer(developer)
+    actor = f"editor:{developer}"
+    store = ls.services.store
+    async with store.unit() as s:
+        if action == "pause":
+            why = reason or "paused from the editor"
+            await ScopeControlRepository(s).set_training_paused(scope, True, why)
+            await AuditRepository(s).add(actor=actor, action="pause_training", scope=scope, reason=why)
+        elif action == "resume":
+            await ScopeControlRepository(s).set_training_paused(scope, False, None)
+            await AuditRepository(s).add(
+                actor=actor, action="resume_training", scope=scope, reason=reason or "resumed from the editor"
+            )
+        elif action == "undo":
+            if await AdapterRepository(s).active(scope) is None:
+                raise NothingToUndo(
+                    f"nothing to undo: no adapter of developer {developer!r} serves them (a team's adapter is "
+                    "rolled back by an admin: heedful adapters rollback --scope team:NAME)"
+                )
+            await rollback_scope(s, scope, actor=actor, reason=reason or "undone from the editor")
+        return await _learned(s, developer, scope)
+
+
+async def _learned(s: Any, developer: str, scope: Scope) -> dict[str, Any]:
+    control = await ScopeControlRepository(s).get(scope)
+    versions = await AdapterRepository(s).versions(scope)
+    active = await AdapterRepository(s).active(scope)
+    corrections = await EventRepository(s).latest_corrections(developer, SHOWN_CORRECTIONS)
+    return {
+        "developerId": developer,
+        "paused": control.reason or "paused" if control is not None and control.training_paused else None,
+        "serving": active.id if active is not None else None,
+        "corrections": list(reversed(corrections)),  # newest first
+        "versions": [
+            {
+                "version": v.id,
+                "status": v.status.value,
+                "createdAt": v.created_at.isoformat(),
+                "activatedAt": v.activated_at.isoformat() if v.activated_at else None,
+                "kl": v.kl,
+                "reason": v.reason,
+            }
+            for v in versions[:SHOWN_VERSIONS]
+        ],
+    }
+
+
+async def report_command(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
+    from personalization.report import load_report, render_report
+
+    developer = ls.require_identity().developer_id
+    data = await load_report(ls.services.store, ReportFilter((developer,), None, None))
+    return {"html": render_report(data)}
