@@ -452,4 +452,57 @@ class PathlibNotOsPath:
         return True, None
 
 
-SHIPPED = (TypeHints, Docstrings, DoubleQuotes, SingleQuotes, FStrings, LoggingNotPrint, PathlibNotOsPath)
+def _comments(code: str) -> list[tuple[int, int]]:
+    """(line index, column) of each comment in `code`; tolerant of code cut off anywhere."""
+    found: list[tuple[int, int]] = []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(code).readline):
+            if tok.type == tokenize.COMMENT:
+                found.append((tok.start[0] - 1, tok.start[1]))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass  # the rest of a cut-off completion: the comments read so far count
+    return found
+
+
+def _without_comments(completion: str) -> str:
+    """The completion with its comment lines dropped and trailing comments cut. Its first line starts at
+    the cursor, after the indentation, so when that line goes, the next one starts there instead."""
+    lines = completion.split("\n")
+    dropped: set[int] = set()
+    for row, col in _comments(completion):
+        code = lines[row][:col].rstrip()
+        if code.strip():
+            lines[row] = code
+        else:
+            dropped.add(row)
+    kept = [line for i, line in enumerate(lines) if i not in dropped]
+    if 0 in dropped and kept:
+        kept[0] = kept[0].lstrip()
+    return "\n".join(kept)
+
+
+class NoComments:
+    """Code, not comments: the assistant's comments are deleted (the code says what it does)."""
+
+    name = "no-comments"
+    correction = "No comments: write the code only."
+
+    prompt_kinds = ("body", "statement")
+
+    def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
+        if not _comments(completion):
+            return True, None
+        kept = _without_comments(completion)
+        return False, kept if kept.strip() else None  # only a comment: nothing to keep, the developer says so
+
+
+SHIPPED = (
+    TypeHints,
+    Docstrings,
+    DoubleQuotes,
+    SingleQuotes,
+    FStrings,
+    LoggingNotPrint,
+    PathlibNotOsPath,
+    NoComments,
+)

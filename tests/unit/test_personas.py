@@ -10,6 +10,7 @@ from personalization.personas import (
     DoubleQuotes,
     FStrings,
     LoggingNotPrint,
+    NoComments,
     PathlibNotOsPath,
     SingleQuotes,
     TypeHints,
@@ -154,6 +155,21 @@ def test_pathlib() -> None:
 )
 def test_f_strings_kept_rewrites_formatting(completion: str, kept: str | None) -> None:
     assert FStrings().review(BODY, completion) == (False, kept)
+
+
+@pytest.mark.parametrize(
+    ("completion", "accept", "kept"),
+    [
+        ("x = 1\n    return x", True, None),
+        ("url = 'http://a#b'\n    return url", True, None),  # a # inside a string is no comment
+        ("# add one\n    x = 1  # set x\n    return x", False, "x = 1\n    return x"),
+        ("x = 1\n    # done\n    return x  # the answer", False, "x = 1\n    return x"),
+        ("# TODO: implement", False, None),
+        ("total = sum(  # all of them\n        items", False, "total = sum(\n        items"),  # cut off
+    ],
+)
+def test_no_comments(completion: str, accept: bool, kept: str | None) -> None:
+    assert NoComments().review("def f(items):\n    ", completion) == (accept, kept)
 
 
 def test_every_shipped_persona_follows_the_contract() -> None:
