@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ import pytest
 
 from server import paths
 from tests.e2e.conftest import EDITOR_SOURCE, ServerSetup
-from tests.e2e.test_shared_server import servers_on
+from tests.e2e.test_shared_server import servers_on, shared_socket
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
 
@@ -331,8 +330,7 @@ def test_two_neovims_share_one_server(lsp_setup: ServerSetup, tmp_path: Path) ->
         statuses = [w.wait_for(functools.partial(ready_status, w), "heedful/status to say ready") for w in windows]
         pid = statuses[0]["serverPid"]
         assert statuses[1]["serverPid"] == pid and [s["sessionId"] for s in statuses] == ["session-one", "session-two"]
-        monkey_env = dict(os.environ, **env)
-        sock = _socket_for(config, data, monkey_env)
+        sock = shared_socket(config, env)
         assert servers_on(sock) == [pid]  # one server process (one engine) for both Neovims
         shown = []
         for w in windows:
@@ -377,59 +375,3 @@ def require_default_cmd() -> list[str]:
     found = re.search(r"^  cmd = \{ (.*) \},$", source, re.MULTILINE)
     assert found is not None, "no default cmd in the plugin's defaults"
     return [part.strip().strip('"') for part in found.group(1).split(",")]
-
-
-def _socket_for(config: Path, data: Path, env: dict[str, str]) -> Path:
-    """The shared server's socket as the plugin's command computes it (under the test's runtime dir)."""
-    code = "import sys; from pathlib import Path; from server.shared import socket_path; "
-    code += "print(socket_path(Path(sys.argv[1]), Path(sys.argv[2])))"
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(config), str(data)], env=env, cwd=ROOT, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    return Path(out.stdout.strip())
-
-
-@pytest.mark.parametrize("neovim", ["builtin"], indirect=True)
-def test_neovim_shows_pauses_resumes_and_undoes_learning_and_writes_the_report(
-    neovim: Neovim, lsp_setup: ServerSetup
-) -> None:
-    neovim.wait_for(functools.partial(ready_status, neovim), "the server's heedful/status to say ready")
-    # A browser would open the report; here Neovim's opener only says where it was asked to go.
-    neovim.remote("--remote-expr", "luaeval('(function() vim.ui.open = function(p) vim.g.opened = p end end)()')")
-
-    neovim.send(":HeedfulCorrect use pathlib, not os.path<CR>")
-    neovim.wait_for(lambda: events(lsp_setup, "correction"), "the correction event", timeout=30)
-    neovim.send(":HeedfulLearning<CR>")
-    learned = neovim.wait_for(lambda: neovim.lua('require("heedful").last_learned or vim.NIL'), "what it learned")
-    assert learned["serving"] is None and learned["paused"] is None
-    assert learned["corrections"] == ["use pathlib, not os.path"]
-    lines = neovim.lua('require("heedful").learned_lines(require("heedful").last_learned)')
-    assert lines[0] == "Serving you: the base model (no adapter of yours)" and "  - use pathlib, not os.path" in lines
-
-    # Pause: the server's status says so (what the status line shows); resume: collecting again.
-    neovim.send(":HeedfulLearning pause<CR>")
-    neovim.wait_for(
-        lambda: (neovim.lua('require("heedful").last_status.learning or vim.NIL') or {}).get("state") == "paused",
-        "the status to say learning is paused",
-        timeout=30,
-    )
-    assert "paused" in neovim.lua('require("heedful").status_line()')
-    neovim.send(":HeedfulLearning resume<CR>")
-    neovim.wait_for(
-        lambda: (neovim.lua('require("heedful").last_status.learning or vim.NIL') or {}).get("state") == "collecting",
-        "the status to say learning collects again",
-        timeout=30,
-    )
-    # Undo with no adapter of the developer's: the error says there is nothing to undo.
-    neovim.send(":HeedfulLearning undo<CR>")
-    error = neovim.wait_for(lambda: neovim.lua('require("heedful").last_error or vim.NIL'), "the undo's answer")
-    assert "nothing to undo" in error
-    audit = lsp_setup.rows("SELECT action FROM audit_log WHERE actor = 'editor:dev-nvim' ORDER BY id")
-    assert [r["action"] for r in audit] == ["pause_training", "resume_training"]
-
-    neovim.send(":HeedfulReport<CR>")
-    path = neovim.wait_for(lambda: neovim.lua('require("heedful").last_report or vim.NIL'), "the report's file")
-    html = Path(path).read_text()
-    assert "Heedful report" in html and "dev-nvim" in html and "<script" not in html
-    assert neovim.lua("vim.g.opened") == path

@@ -12,6 +12,7 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from server.shared import peer_pid, socket_path
-from tests.e2e.client import HeedfulClient, tcp_server
+from tests.e2e.client import ROOT, HeedfulClient, tcp_server
 from tests.e2e.conftest import write_config
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
@@ -39,6 +40,18 @@ def shared_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict
         monkeypatch.setenv(key, value)  # so socket_path() here names the servers' socket
     yield env
     shutil.rmtree(run, ignore_errors=True)
+
+
+def shared_socket(config: Path, env: dict[str, str]) -> Path:
+    """The shared server's socket for `config` as a `heedful serve --shared` with `env` (runtime and data dir)
+    computes it, in a process of its own (socket_path reads the environment)."""
+    code = "import sys; from pathlib import Path; from server import paths; from server.shared import socket_path; "
+    code += "print(socket_path(Path(sys.argv[1]), paths.data_dir()))"
+    found = subprocess.run(
+        [sys.executable, "-c", code, str(config)], env=dict(os.environ, **env), cwd=ROOT, capture_output=True, text=True
+    )
+    assert found.returncode == 0, found.stderr
+    return Path(found.stdout.strip())
 
 
 def servers_on(sock: Path) -> list[int]:

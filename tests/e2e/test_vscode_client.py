@@ -12,6 +12,7 @@ shown, accepted, correction, rejected and partial-accept events of that session.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -20,16 +21,20 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from server import paths
 from tests.e2e.conftest import EDITOR_SOURCE, ServerSetup
+from tests.e2e.test_neovim_client import Neovim, nvim_binary, ready_status, write_init
+from tests.e2e.test_shared_server import servers_on, shared_socket
 from tests.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,7 +127,9 @@ def test_vscode_extension_type_checks_bundles_and_packages(vsix: Path) -> None:
 class CodeServer:
     """code-server with the extension installed, serving one project folder on 127.0.0.1 without auth."""
 
-    def __init__(self, modules: Path, workdir: Path, vsix: Path, server_command: list[str]) -> None:
+    def __init__(
+        self, modules: Path, workdir: Path, vsix: Path, server_command: list[str], env: dict[str, str]
+    ) -> None:
         self.node_bin = modules / "node" / "bin"
         self.binary = modules / ".bin" / "code-server"
         self.workdir = workdir
@@ -156,6 +163,7 @@ class CodeServer:
             PATH=os.pathsep.join([str(self.node_bin), os.environ.get("PATH", "")]),
             XDG_CONFIG_HOME=str(workdir / "config"),  # code-server writes its default config there
             PYTHONPATH=str(ROOT),  # the server command runs this checkout's `server.cli`
+            **env,
         )
         self.common = ["--config", str(workdir / "code-server.yaml"), "--extensions-dir", str(workdir / "ext")]
         self.common += ["--user-data-dir", str(workdir / "data")]
@@ -205,12 +213,34 @@ class CodeServer:
                 self.proc.wait()
 
 
+@dataclass
+class Shared:
+    """The shared server the editors of a test start: its settings file, dirs and socket."""
+
+    config: Path
+    env: dict[str, str]
+    socket: Path
+
+
 @pytest.fixture
-def code_server(vsix: Path, lsp_setup: ServerSetup, tmp_path: Path) -> Iterator[CodeServer]:
+def shared(lsp_setup: ServerSetup, tmp_path: Path) -> Iterator[Shared]:
+    """`heedful serve --shared` (the extension's default command) on the suite's settings, with a runtime dir
+    (short: a socket path has at most 107 bytes) and a data dir of the test's own; it stops 2 s after the
+    last editor leaves."""
+    run = Path(tempfile.mkdtemp(prefix="hf-run-"))
+    config = tmp_path / "shared.toml"
+    config.write_text(lsp_setup.config.read_text() + "\n[server]\nidle_exit_s = 2\n")
+    env = {"XDG_RUNTIME_DIR": str(run), "HEEDFUL_DATA_DIR": str(tmp_path / "data")}
+    yield Shared(config, env, shared_socket(config, env))
+    shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.fixture
+def code_server(vsix: Path, lsp_setup: ServerSetup, shared: Shared, tmp_path: Path) -> Iterator[CodeServer]:
     modules = installed("vscode-e2e", HARNESS / "package-lock.json", ".bin/code-server")
-    server = [sys.executable, "-m", "server.cli", "--config", str(lsp_setup.config)]
-    server += ["--log-file", str(lsp_setup.log), "serve"]
-    cs = CodeServer(modules, tmp_path / "code-server", vsix, server)
+    server = [sys.executable, "-m", "server.cli", "--config", str(shared.config)]
+    server += ["--log-file", str(lsp_setup.log), "serve", "--shared"]
+    cs = CodeServer(modules, tmp_path / "code-server", vsix, server, shared.env)
     try:
         yield cs
     finally:
@@ -219,7 +249,7 @@ def code_server(vsix: Path, lsp_setup: ServerSetup, tmp_path: Path) -> Iterator[
 
 
 def test_vscode_shows_ghost_text_accepts_with_tab_and_sends_a_correction(
-    code_server: CodeServer, lsp_setup: ServerSetup, tmp_path: Path
+    code_server: CodeServer, lsp_setup: ServerSetup, shared: Shared, tmp_path: Path
 ) -> None:
     screenshot = tmp_path / "vscode-ghost-text.png"
     proc = drive_chromium(HARNESS / "drive.mjs", code_server.url, "orders.py", str(screenshot), CORRECTION)
@@ -277,3 +307,29 @@ def test_vscode_shows_ghost_text_accepts_with_tab_and_sends_a_correction(
     stat = re.search(r'data-stat="completions">(\d+)<', report)
     assert stat is not None, report[:2000]
     assert int(stat.group(1)) == len(lsp_setup.rows("SELECT id FROM completions WHERE developer_id = 'dev-vscode'"))
+
+    # One server for every window: VS Code's window started the shared server; a Neovim window with the same
+    # command and settings is served by that very process, and the server stops once both are gone.
+    (pid,) = servers_on(shared.socket)
+    work = tmp_path / "neovim"
+    work.mkdir()
+    file = work / "orders.py"
+    file.write_text(EDITOR_SOURCE + "\n")
+    command = ["/usr/bin/env", *(f"{k}={v}" for k, v in shared.env.items()), sys.executable, "-m", "server.cli"]
+    command += ["--config", str(shared.config), "serve", "--shared"]
+    nvim = Neovim(nvim_binary(), work, write_init(work / "init.lua", command, "dev-nvim", "nvim-1", "builtin"), file)
+    try:
+        status = nvim.wait_for(functools.partial(ready_status, nvim), "Neovim's heedful/status to say ready")
+        assert status["serverPid"] == pid and servers_on(shared.socket) == [pid]
+    finally:
+        nvim.close()
+    code_server.close()
+    deadline = time.monotonic() + 60
+    while servers_on(shared.socket) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not servers_on(shared.socket), "the shared server still runs with no editor left"
+    rows = lsp_setup.rows("SELECT developer_id, client_name FROM sessions ORDER BY started_at")
+    assert [(r["developer_id"], r["client_name"]) for r in rows] == [
+        ("dev-vscode", "code-server"),
+        ("dev-nvim", "Neovim"),
+    ]
