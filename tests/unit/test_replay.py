@@ -215,3 +215,18 @@ def test_broken_recordings_are_refused_naming_the_line(tmp_path: Path, content: 
 def test_a_missing_recording_is_named(tmp_path: Path) -> None:
     with pytest.raises(RecordingError, match="does not exist"):
         load_recording(tmp_path / "nope.jsonl")
+
+
+def test_a_server_that_offers_more_commands_than_recorded_still_matches() -> None:
+    path = "result.capabilities.executeCommandProvider.commands"
+    recorded = {"result": {"capabilities": {"executeCommandProvider": {"commands": ["a", "b"]}}}}
+    grown = {"result": {"capabilities": {"executeCommandProvider": {"commands": ["b", "a", "c"]}}}}
+    shrunk = {"result": {"capabilities": {"executeCommandProvider": {"commands": ["b", "c"]}}}}
+    assert diff_values(recorded, grown, structural=False, volatile=frozenset()) == []
+    assert diff_values(recorded, shrunk, structural=False, volatile=frozenset()) == [
+        f'{path}: recorded ["a"], missing in the replay'
+    ]
+    # Other lists still compare item by item.
+    assert diff_values({"xs": [1, 2]}, {"xs": [1, 2, 3]}, structural=False, volatile=frozenset()) == [
+        "xs: recorded 2 items, replayed 3"
+    ]
