@@ -40,8 +40,9 @@ SEED = 20261202
 class RawSession:
     """The client's side of one stdio connection, message by message (no LSP library in between)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
         self.proc = proc
+        self.log = log  # the server's standard error, quoted when it goes away
         self.parser = FrameParser()
         self.pending: list[dict[str, Any]] = []
         self.next_id = 0
@@ -65,7 +66,10 @@ class RawSession:
                 if wanted(message):
                     return self.pending.pop(i)
             chunk = await asyncio.wait_for(self.proc.stdout.read(65536), timeout)
-            assert chunk, "the server closed its output"
+            if not chunk:
+                code = await asyncio.wait_for(self.proc.wait(), 30)
+                tail = self.log.read_text(errors="replace")[-3000:]
+                raise AssertionError(f"the server closed its output (exit status {code}); its log:\n{tail}")
             self.pending.extend(json.loads(frame) for frame in self.parser.feed(chunk))
 
     async def answer(self, msg_id: int) -> dict[str, Any]:
@@ -74,14 +78,15 @@ class RawSession:
 
 async def one_trial(setup: ServerSetup, trial: int, rng: random.Random) -> tuple[list[str], int]:
     """(event ids acknowledged before the kill, commands sent)."""
-    err = (setup.log.parent / f"serve-{trial}.log").open("wb")
+    log = setup.log.parent / f"serve-{trial}.log"
+    err = log.open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "server.cli", "--config", str(setup.config), "serve",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=str(ROOT),
     )  # fmt: skip
     acked: list[str] = []
     try:
-        rpc = RawSession(proc)
+        rpc = RawSession(proc, log)
         options = {"developerId": "kim", "sessionId": f"k-{trial}"}
         init = rpc.send("initialize", {"processId": None, "capabilities": {}, "initializationOptions": options})
         assert init is not None and "result" in await rpc.answer(init)
