@@ -514,6 +514,8 @@ class EvalPlan:
     steps_per_round: int | None = None
     training: dict[str, Any] = field(default_factory=dict)  # [training] overrides, e.g. batch_size
     progress: Progress = field(default_factory=QuietProgress)
+    # Skip a persona's other arms when its first arm's correction rate before is below this (not at stake).
+    at_stake: float | None = None
 
 
 def check_plan(plan: EvalPlan) -> None:
@@ -528,6 +530,8 @@ def check_plan(plan: EvalPlan) -> None:
         raise EvalError(f"--steps {plan.steps_per_round}: a training round needs at least one step")
     if not plan.personas:
         raise EvalError("no persona: pass --persona path/to/file.py:ClassName or a shipped persona's name")
+    if plan.at_stake is not None and not 0.0 < plan.at_stake <= 1.0:
+        raise EvalError(f"--at-stake {plan.at_stake}: a correction rate above 0 and at most 1, e.g. 0.5")
 
 
 def eval_settings_toml(plan: EvalPlan, arm: str) -> str:
@@ -802,7 +806,15 @@ async def run_eval(plan: EvalPlan) -> list[ArmResult]:
             kinds=prompt_kinds(persona),
             context=prompt_context(persona),
         )
-        for arm in plan.arms:
+        first: ArmResult | None = None
+        for i, arm in enumerate(plan.arms):
+            if first is not None and not at_stake(first.correction_rate_before, plan.at_stake):
+                plan.progress.line(
+                    f"{persona.name}: correction rate before {first.correction_rate_before:.2f} is below "
+                    f"--at-stake {plan.at_stake}: the model already writes what this developer wants; "
+                    f"arms {', '.join(plan.arms[i:])} skipped"
+                )
+                break
             run = ArmRun(plan, persona, arm, train, held)
             plan.progress.line(f"{run.label}: developer {run.developer}, log {run.log}")
             result = await run.run()
@@ -813,7 +825,13 @@ async def run_eval(plan: EvalPlan) -> list[ArmResult]:
                 f"{sum(result.feedback_events.values())} feedback turns, {result.seconds:.0f} s"
             )
             results.append(result)
+            first = first or result
     return results
+
+
+def at_stake(correction_rate_before: float, threshold: float | None) -> bool:
+    """Whether a persona has enough to correct for its other arms to say anything (no threshold: always)."""
+    return threshold is None or correction_rate_before >= threshold
 
 
 def _fmt(value: float | None) -> str:

@@ -289,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt tokens a training sample keeps (default: training.max_prompt_tokens)",
     )
     ev.add_argument("--seed", type=int, default=0, help="which prompts are drawn (default 0)")
+    ev.add_argument(
+        "--at-stake",
+        type=float,
+        metavar="RATE",
+        help="run a persona's other arms only if its first arm's correction rate before is at least RATE (e.g. "
+        "0.5; default: always)",
+    )
     ev.add_argument("--out", type=Path, default=Path("heedful-eval"), help="output folder (default ./heedful-eval)")
 
     demo = sub.add_parser(
@@ -777,6 +784,7 @@ async def _eval(args: argparse.Namespace) -> int:
             steps_per_round=args.steps,
             training=_training_overrides(args),
             progress=ev.Progress(),
+            at_stake=args.at_stake,
         )
         results = await ev.run_eval(plan)
     except (ev.EvalError, CorpusError) as exc:

@@ -12,6 +12,7 @@ from personalization.evaluation import (
     EvalError,
     EvalPlan,
     Turn,
+    at_stake,
     crr,
     end_of,
     kept_characters,
@@ -150,3 +151,8 @@ def test_prompt_kinds_come_from_the_persona() -> None:
     odd = SimpleNamespace(name="odd", correction="c", prompt_kinds=("lambda",))
     with pytest.raises(EvalError, match="prompt_kinds = \\('lambda',\\)"):
         evaluation.prompt_kinds(odd)
+
+
+def test_a_persona_is_at_stake_from_the_threshold_on() -> None:
+    assert at_stake(0.5, 0.5) and at_stake(1.0, 0.5) and not at_stake(0.46, 0.5)
+    assert at_stake(0.0, None)  # no threshold: every arm runs
