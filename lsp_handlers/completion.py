@@ -86,7 +86,8 @@ class CompletionService:
     def prompt_for(self, doc: TextDocument, offset: int, settings: Settings, notes: Sequence[str] = ()) -> Prompt:
         window = settings.completion.context_tokens * _CHARS_PER_TOKEN_BOUND
         text = doc.text
-        before = text[max(0, offset - window) : offset]
+        start = max(0, offset - window)
+        before = text[start:offset]
         after = text[offset : offset + window]
         tokenizer = self.services.tokenizer
         return build_prompt(
@@ -99,6 +100,8 @@ class CompletionService:
             fim_template=fim_template_for(settings.model.fim_template, self.services.vocabulary),
             suffix_share=settings.completion.suffix_share,
             notes=notes,
+            anchor_lines=settings.completion.prefix_anchor_lines,
+            first_line=text.count("\n", 0, start),
         )
 
     async def complete(

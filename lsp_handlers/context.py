@@ -502,8 +502,14 @@ class _Parts:
         return -1
 
 
-def _take_before(parts: _Parts, before: str, limit: int, count: CountTokens) -> None:
-    """Fill parts.head and parts.earlier from `before` within `limit` tokens, nearest lines first."""
+def _take_before(
+    parts: _Parts, before: str, limit: int, count: CountTokens, *, anchor_lines: int = 1, first_line: int = 0
+) -> None:
+    """Fill parts.head and parts.earlier from `before` within `limit` tokens, nearest lines first.
+
+    Unless the prefix reaches the document's start (`before` starts at its line `first_line`), its first
+    line is then moved down to the next line whose number is a multiple of `anchor_lines` (see build_prompt).
+    """
     start = before.rfind("\n") + 1
     head = before[start:]
     n = _count_within(head, limit, count, from_end=True)
@@ -523,6 +529,12 @@ def _take_before(parts: _Parts, before: str, limit: int, count: CountTokens) -> 
         parts.earlier_tokens.append(n)
         remaining -= n
         end = line_start
+    if anchor_lines > 1 and (end > 0 or first_line > 0):
+        first = first_line + before.count("\n", 0, end)  # the document line the prefix starts on
+        drop = min(-first % anchor_lines, len(parts.earlier))
+        for _ in range(drop):
+            parts.earlier.pop()
+            parts.earlier_tokens.pop()
 
 
 def _take_after(parts: _Parts, after: str, limit: int, count: CountTokens) -> int:
@@ -603,6 +615,8 @@ def build_prompt(
     fim_template: str | None,
     suffix_share: float = 0.25,
     notes: Sequence[str] = (),
+    anchor_lines: int = 1,
+    first_line: int = 0,
 ) -> Prompt:
     """The prompt for a cursor with `before` (all text before it) and `after` (all text after it).
 
@@ -618,6 +632,14 @@ def build_prompt(
     while each fits. The prefix gets all the rest, including what the suffix did not use. When the template
     alone takes the whole budget, the prompt falls back to prefix mode.
 
+    `anchor_lines`: when the text before the cursor does not all fit, the prefix starts on a line whose
+    number in the document (`before` starts on its line `first_line`) is a multiple of `anchor_lines`: the
+    first line that fits is moved down to the next such line. As the developer types, the nearest lines
+    that fit change with every few keystrokes, and a prompt whose start moves is computed anew by the
+    engine; anchored, its start stays put until the prefix has grown by about `anchor_lines` lines, so the
+    engine's prefix cache reuses everything before the cursor line. It costs at most `anchor_lines - 1`
+    of the farthest lines. 1: every line that fits.
+
     `notes` (the developer's past corrections, for the prompt-injection baseline) join the header as
     comment lines after the file name (`notes_header`). The header (`comment_header`, plus the notes) is
     dropped when its tokens leave no room for text (header tokens >= the
@@ -632,6 +654,8 @@ def build_prompt(
         raise ValueError(f"budget_tokens = {budget_tokens} is not valid: it must be at least 1")
     if not 0.0 <= suffix_share <= 1.0:
         raise ValueError(f"suffix_share = {suffix_share} is not valid: it must be between 0 and 1")
+    if anchor_lines < 1 or first_line < 0:
+        raise ValueError(f"anchor_lines = {anchor_lines}, first_line = {first_line}: need >= 1 and >= 0")
     available = budget_tokens
     if fim_template is not None:
         _check_template(fim_template)
@@ -651,7 +675,7 @@ def build_prompt(
     if fim_template is not None:
         suffix_budget = min(math.floor(budget_tokens * suffix_share + 1e-9), available)
         available -= _take_after(parts, after, suffix_budget, count_tokens)
-    _take_before(parts, before, available, count_tokens)
+    _take_before(parts, before, available, count_tokens, anchor_lines=anchor_lines, first_line=first_line)
 
     text, tokens = _fit(parts, budget_tokens, count_tokens)
     return Prompt(

@@ -204,6 +204,15 @@ class CompletionSettings:
     suffix_share: float = setting(
         0.25, "Share of the context budget given to the text after the cursor (FIM models).", min=0.0, max=0.9
     )
+    prefix_anchor_lines: int = setting(
+        8,
+        "When the text before the cursor does not all fit the budget, the prompt starts on a line whose number "
+        "is a multiple of this, so its start stays put keystroke after keystroke and the engine's prefix cache "
+        "reuses what it computed; at most this many lines minus one of the farthest context are left out. "
+        "1: every line that fits.",
+        min=1,
+        max=1024,
+    )
     timeout_ms: int = setting(
         2000,
         "A completion the engine has not produced by then is answered with nothing.",

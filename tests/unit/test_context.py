@@ -662,3 +662,54 @@ def test_budget_holds_with_a_real_tokenizer_on_a_real_file(model: str, fim: str)
         fim_template=None,
     )
     assert prompt.text == "# file: examples/sample.py\n" + source[:cursor]
+
+
+# ------------------------------------------------------------------------------ build_prompt: anchored start
+
+LINES = "".join(f"l{i}\n" for i in range(10))  # ten one-word lines, l0 to l9
+
+
+def first_kept(prompt: Prompt) -> int:
+    return int(prompt.prefix.split("\n", 1)[0][1:])
+
+
+def test_an_anchored_prefix_starts_on_a_multiple_of_anchor_lines_and_stays_there_while_typing() -> None:
+    # The cursor line "x = a a ..." counts 2 + n words, so 6 - n of the earlier lines fit a budget of 8:
+    # the first kept line is l4, l5, l6, l7 for n = 0..3. Anchored on 4 lines it is l4, then l8 three times.
+    def start(anchor: int, n: int) -> int:
+        prompt = build_prompt(
+            LINES + "x = " + "a " * n, "", file_name=None, language_id=None, budget_tokens=8,
+            count_tokens=words, fim_template=None, anchor_lines=anchor,
+        )  # fmt: skip
+        return first_kept(prompt)
+
+    starts = {anchor: [start(anchor, n) for n in range(4)] for anchor in (1, 4)}
+    assert starts == {1: [4, 5, 6, 7], 4: [4, 8, 8, 8]}
+
+
+def test_the_anchor_counts_document_lines_from_where_the_text_before_the_cursor_starts() -> None:
+    def start(anchor: int, first_line: int) -> int:
+        prompt = build_prompt(
+            LINES + "x = ", "", file_name=None, language_id=None, budget_tokens=5,
+            count_tokens=words, fim_template=None, anchor_lines=anchor, first_line=first_line,
+        )  # fmt: skip
+        return first_kept(prompt)
+
+    # l7, l8, l9 fit (the cursor line is 2 words): l7 is document line 7 + first_line.
+    assert [start(1, 0), start(2, 0), start(3, 0), start(7, 0)] == [7, 8, 9, 7]
+    # With first_line 1, l7 is document line 8: a multiple of 2 and 4 (kept), not of 3 (l8, line 9).
+    assert [start(2, 1), start(3, 1), start(4, 1)] == [7, 8, 7]
+
+
+def test_a_prefix_from_the_start_of_the_document_is_never_cut_by_the_anchor() -> None:
+    prompt = build_prompt(
+        LINES + "x = ", "", file_name=None, language_id=None, budget_tokens=100,
+        count_tokens=words, fim_template=None, anchor_lines=8,
+    )  # fmt: skip
+    assert prompt.prefix == LINES + "x = "
+
+
+def test_anchor_lines_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="anchor_lines = 0"):
+        build_prompt("x", "", file_name=None, language_id=None, budget_tokens=5, count_tokens=words,
+                     fim_template=None, anchor_lines=0)  # fmt: skip
