@@ -8,8 +8,9 @@ connection its own session, as `heedful serve --tcp` does, with one engine, one 
 registry and one training worker for all of them, and stops once no editor has been connected for
 `server.idle_exit_s` (after a training round that runs then).
 
-Which shared server: one per settings file and data dir (the socket's name is a digest of both), so two
-windows started with the same settings share it and a window started with other settings gets its own.
+Which shared server: one per settings file, data dir and Heedful version (the socket's name is a digest of
+the three), so two windows started with the same settings share it, a window started with other settings
+gets its own, and after an upgrade new windows start the new version while the old server idles out.
 The socket lives in a folder only this user may enter (`$XDG_RUNTIME_DIR/heedful`, else
 `/tmp/heedful-<uid>`), and the server also checks each connection's user id (`SO_PEERCRED`): over it a
 connection is served as what it says it is, as over stdio.
@@ -39,6 +40,7 @@ import time
 from pathlib import Path
 
 from lsp_handlers.framing import CHUNK
+from server import __version__
 
 START_TIMEOUT_S = 120.0  # settings, model check, tokenizer and store, before the server listens
 SOCKET_PATH_MAX = 107  # sun_path on Linux, without its terminating NUL
@@ -69,10 +71,11 @@ def runtime_dir() -> Path:
     return base
 
 
-def socket_path(config: Path | None, data_dir: Path) -> Path:
-    """The socket of the shared server for this settings file and data dir."""
+def socket_path(config: Path | None, data_dir: Path, version: str = __version__) -> Path:
+    """The socket of the shared server for this settings file, data dir and Heedful version."""
     config_key = str(config.expanduser().resolve()) if config is not None else ""
-    digest = hashlib.sha256(f"{config_key}\0{data_dir.expanduser().resolve()}".encode()).hexdigest()[:16]
+    key = f"{config_key}\0{data_dir.expanduser().resolve()}\0{version}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = runtime_dir() / f"serve-{digest}.sock"
     if len(os.fsencode(path)) > SOCKET_PATH_MAX:
         raise SharedServerError(

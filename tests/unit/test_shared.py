@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from server import __version__
 from server.shared import SharedServerError, connect_tcp, runtime_dir, socket_path
 
 
@@ -22,12 +23,13 @@ def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_the_socket_is_named_by_the_settings_file_and_the_data_dir(runtime: Path, tmp_path: Path) -> None:
     config, data = tmp_path / "heedful.toml", tmp_path / "data"
-    digest = hashlib.sha256(f"{config}\0{data}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{config}\0{data}\0{__version__}".encode()).hexdigest()[:16]
     assert socket_path(config, data) == runtime / "heedful" / f"serve-{digest}.sock"
     assert socket_path(tmp_path / "." / "heedful.toml", data) == socket_path(config, data)  # resolved first
     assert socket_path(tmp_path / "other.toml", data) != socket_path(config, data)
     assert socket_path(config, tmp_path / "data2") != socket_path(config, data)
-    no_file = hashlib.sha256(f"\0{data}".encode()).hexdigest()[:16]
+    assert socket_path(config, data, "9.9.9") != socket_path(config, data)  # an upgrade gets a server of its own
+    no_file = hashlib.sha256(f"\0{data}\0{__version__}".encode()).hexdigest()[:16]
     assert socket_path(None, data).name == f"serve-{no_file}.sock"
     assert (runtime / "heedful").stat().st_mode & 0o777 == 0o700
 
