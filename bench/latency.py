@@ -18,7 +18,8 @@ Cases, each with p50/p95/p99 over the same requests:
     `engine.adapter_serving = auto` (one scope in use: merged into the weights), and again in a second
     server with `lora` (multi-LoRA, what a shared server does);
 - typing: a third server with prefix caching on (the default), base and personalized: after a request
-  at the cursor the developer types the call's first characters, each keystroke a new request;
+  at the cursor the developer types the call's first characters, each keystroke a new request; and a
+  fourth with the prompt's start not anchored (`completion.prefix_anchor_lines` = 1), base only;
 - raw vLLM: `EmbeddedEngine.generate` in this process, 1 stream and N concurrent;
 - Hugging Face `generate` (float32, this process), 1 stream;
 - llama.cpp (llama-cpp-python on the model's original Q4_1 GGUF, in a subprocess), 1 stream. It is built
@@ -117,8 +118,11 @@ def tagged(requests: list[Request], tag: str) -> list[Request]:
 
 
 def write_config(
-    tmp: Path, name: str, model: Path, adapter_serving: str, *, prefix_caching: bool = False
+    tmp: Path, name: str, model: Path, adapter_serving: str, *, prefix_caching: bool = False, anchor_lines: int = 0
 ) -> tuple[Path, Path]:
+    completion: dict[str, Any] = {"single_line_max_tokens": MAX_TOKENS, "timeout_ms": 120000}
+    if anchor_lines:
+        completion["prefix_anchor_lines"] = anchor_lines
     return bench_config(
         tmp,
         name,
@@ -129,7 +133,7 @@ def write_config(
                 "enable_prefix_caching": prefix_caching,
                 "merge_window_s": MERGE_WINDOW_S,
             },
-            "completion": {"single_line_max_tokens": MAX_TOKENS, "timeout_ms": 120000},
+            "completion": completion,
         },
     )
 
@@ -139,10 +143,20 @@ def write_config(
 
 
 async def start_server(
-    tmp: Path, name: str, model: Path, adapter: Path, adapter_serving: str, *, prefix_caching: bool = False
+    tmp: Path,
+    name: str,
+    model: Path,
+    adapter: Path,
+    adapter_serving: str,
+    *,
+    prefix_caching: bool = False,
+    anchor_lines: int = 0,
 ) -> tuple[Path, Path, str, asyncio.subprocess.Process]:
-    """A `heedful serve --tcp` whose store has `adapter` active for the team: (db, log, version, process)."""
-    config, db = write_config(tmp, name, model, adapter_serving, prefix_caching=prefix_caching)
+    """A `heedful serve --tcp` whose store has `adapter` active for the team: (db, log, version, process).
+    `anchor_lines`: `completion.prefix_anchor_lines` (0: the default)."""
+    config, db = write_config(
+        tmp, name, model, adapter_serving, prefix_caching=prefix_caching, anchor_lines=anchor_lines
+    )
     await publish_db_ready(config, db)
     version, _ = await publish(db, adapter, tmp / f"adapters-{name}")
     log = tmp / f"serve-{name}.log"
@@ -219,18 +233,32 @@ async def serve_cases(
     return times
 
 
-async def typing_cases(tmp: Path, model: Path, adapter: Path, requests: list[Request]) -> dict[str, Case]:
+UNANCHORED = "base typing, start not anchored x1"
+
+
+async def typing_cases(
+    tmp: Path, model: Path, adapter: Path, requests: list[Request], *, anchored: bool = True
+) -> dict[str, Case]:
     """Keystrokes with prefix caching on (the default): after a completion at the cursor, the developer
     types the call's first arguments one character at a time and every keystroke asks again. All but the
-    last few prompt tokens were computed for the previous keystroke, so only they are prefilled."""
-    db, log, version, proc = await start_server(tmp, "typing", model, adapter, "auto", prefix_caching=True)
+    last few prompt tokens were computed for the previous keystroke, so only they are prefilled, if the
+    prompt starts where it started before: `anchored` False serves with `completion.prefix_anchor_lines`
+    = 1 (the prompt's first line is the farthest that fits, which moves as the cursor line grows), base
+    developers only, as the peer of the default."""
+    name = "typing" if anchored else "typing-unanchored"
+    db, log, version, proc = await start_server(
+        tmp, name, model, adapter, "auto", prefix_caching=True, anchor_lines=0 if anchored else 1
+    )
     clients: list[BenchClient] = []
     cases: dict[str, Case] = {}
+    kinds = (("base", None), ("personalized", TEAM)) if anchored else (("base", None),)
     try:
         port = await wait_or_exit(proc, listening_port(log), log, 120)
-        for kind, team in (("base", None), ("personalized", TEAM)):
+        for kind, team in kinds:
             label = f"{kind} typing x1" if kind == "base" else "personalized auto typing x1"
-            client = BenchClient(f"bench-typing-{kind}", team)
+            if not anchored:
+                label = UNANCHORED
+            client = BenchClient(f"bench-{name}-{kind}", team)
             await client.lc.start_tcp("127.0.0.1", port)
             await wait_or_exit(proc, client.initialize(), log, 120)
             clients.append(client)
@@ -445,6 +473,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         print("[bench.latency] heedful serve, typing with prefix caching ...", file=sys.stderr, flush=True)
         times |= await typing_cases(tmp, model, adapter, requests[WARMUP : WARMUP + args.typing])
+        print("[bench.latency] heedful serve, typing, prompt start not anchored ...", file=sys.stderr, flush=True)
+        times |= await typing_cases(tmp, model, adapter, requests[WARMUP : WARMUP + args.typing], anchored=False)
         print("[bench.latency] raw vLLM ...", file=sys.stderr, flush=True)
         times |= await raw_vllm(prompts, n)
         print("[bench.latency] Hugging Face generate ...", file=sys.stderr, flush=True)
@@ -478,6 +508,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             f"base / raw vLLM, {n} sessions": ratio(f"base x{n}", f"raw vLLM x{n}"),
             "base typing / base, 1 session": ratio("base typing x1", "base x1"),
             "personalized typing / base typing": ratio("personalized auto typing x1", "base typing x1"),
+            "base typing / typing, start not anchored": ratio("base typing x1", UNANCHORED),
             "raw vLLM / llama.cpp": ratio("raw vLLM x1", "llama.cpp x1"),
             "HF generate / llama.cpp": ratio("HF generate x1", "llama.cpp x1"),
         },
