@@ -213,7 +213,15 @@ def test_neovim_shows_accepts_and_corrects_a_suggestion(neovim: Neovim, lsp_setu
         "normal mode with no request in flight",
         timeout=60,
     )
-    last = neovim.lua('require("heedful").last_completion_id')
+
+    # The suggestion asked for after the accept may still be drawn (and become the last one seen) just after
+    # its answer arrived: wait until the last one seen stays the same for a second.
+    def settled() -> str | None:
+        seen = neovim.lua('require("heedful").last_completion_id')
+        time.sleep(1.0)
+        return seen if neovim.lua('require("heedful").last_completion_id') == seen else None
+
+    last = neovim.wait_for(settled, "the last suggestion seen to settle", timeout=60)
     neovim.send(f":HeedfulCorrect {CORRECTION}<CR>")
     (correction,) = neovim.wait_for(lambda: events(lsp_setup, "correction"), "the correction event", timeout=30)
     assert correction["text"] == CORRECTION and correction["completion_id"] == last
