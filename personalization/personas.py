@@ -452,6 +452,44 @@ class PathlibNotOsPath:
         return True, None
 
 
+_OPEN_CALL = re.compile(r"(?<![\w.])open\(((?:[^()\n]|\([^()\n]*\))*)\)")
+
+
+def _text_mode_open(match: re.Match[str]) -> bool:
+    """Whether an `open(...)` call opens a file in text mode without saying its encoding."""
+    text = match.group(1)
+    args = _call_args(text)
+    if args is None:
+        return False  # not a plain call (a *args, a syntax error): nothing to judge mechanically
+    positional, named = args
+    if not positional and "file" not in named:
+        return False  # `open()` opens nothing
+    mode = named.get("mode", positional[1] if len(positional) > 1 else "'r'")
+    return "encoding" not in named and "b" not in mode and len(positional) < 4  # encoding is the 4th positional
+
+
+def _with_encoding(match: re.Match[str]) -> str | None:
+    if not _text_mode_open(match):
+        return match.group(0)
+    return f'open({match.group(1).rstrip()}, encoding="utf-8")'
+
+
+class OpenEncoding:
+    """Text files are opened with an explicit encoding (what the platform's default is must not matter)."""
+
+    name = "open-encoding"
+    correction = 'Always pass encoding="utf-8" to open() for text files.'
+
+    prompt_kinds = ("body", "statement")
+    prompt_context = ("open(",)
+
+    def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
+        code = "\n".join(_code_lines(completion))
+        if not any(_text_mode_open(m) for m in _OPEN_CALL.finditer(code)):
+            return True, None
+        return False, _rewrite_code(completion, [(_OPEN_CALL, _with_encoding)])
+
+
 def _comments(code: str) -> list[tuple[int, int]]:
     """(line index, column) of each comment in `code`; tolerant of code cut off anywhere."""
     found: list[tuple[int, int]] = []
@@ -505,4 +543,5 @@ SHIPPED = (
     LoggingNotPrint,
     PathlibNotOsPath,
     NoComments,
+    OpenEncoding,
 )

@@ -11,6 +11,7 @@ from personalization.personas import (
     FStrings,
     LoggingNotPrint,
     NoComments,
+    OpenEncoding,
     PathlibNotOsPath,
     SingleQuotes,
     TypeHints,
@@ -170,6 +171,26 @@ def test_f_strings_kept_rewrites_formatting(completion: str, kept: str | None) -
 )
 def test_no_comments(completion: str, accept: bool, kept: str | None) -> None:
     assert NoComments().review("def f(items):\n    ", completion) == (accept, kept)
+
+
+@pytest.mark.parametrize(
+    ("completion", "accept", "kept"),
+    [
+        ("with open(path) as f:", False, 'with open(path, encoding="utf-8") as f:'),
+        ("data = open(path, 'w').write(text)", False, "data = open(path, 'w', encoding=\"utf-8\").write(text)"),
+        ("with open(path, 'rb') as f:", True, None),
+        ("with open(path, mode='wb') as f:", True, None),
+        ("with open(path, encoding='latin-1') as f:", True, None),
+        ("fd = os.open(path, os.O_RDONLY)", True, None),
+        ("f = io.open(path)", True, None),  # a method named open: not the builtin
+        ("# open(path)\n    return None", True, None),  # in a comment
+        ("with open(join(root, name)) as f:", False, 'with open(join(root, name), encoding="utf-8") as f:'),
+        ("with open(path", True, None),  # cut off: nothing to judge yet
+        ("f = open()", True, None),  # opens nothing
+    ],
+)
+def test_open_encoding(completion: str, accept: bool, kept: str | None) -> None:
+    assert OpenEncoding().review("def read(path):\n    ", completion) == (accept, kept)
 
 
 def test_every_shipped_persona_follows_the_contract() -> None:
