@@ -183,14 +183,15 @@ class AdapterRegistry:
                 back = self._slots.get(new.version_id)
                 if back is not None:
                     back.retired = False  # a rollback to a version still finishing its requests keeps it
-            if old is not None:
-                await self._retire(old.version_id)
+            # Said the moment new requests route there: retiring the old version below may wait for the engine.
             log.info("%s is now served by %s", scope, new.version_id if new else "the base model")
             for listener in list(self._listeners):
                 try:
                     listener(scope, new.version_id if new else None)
                 except Exception:
                     log.exception("an adapter change listener failed")
+            if old is not None:
+                await self._retire(old.version_id)
         return changed
 
     def start(self) -> None:
