@@ -32,16 +32,22 @@ def _last_line(text: str) -> str:
     return text.rsplit("\n", 1)[-1]
 
 
-def _string_tokens(code: str) -> list[str]:
-    """The string literals of a piece of code, as written; tolerant of code cut off anywhere."""
-    found: list[str] = []
+def _tokens(code: str, kind: int) -> list[tokenize.TokenInfo]:
+    """The tokens of one kind (tokenize.STRING, COMMENT, ...) in a piece of code; tolerant of code cut off
+    anywhere: what was read before the tokenizer gave up counts."""
+    found: list[tokenize.TokenInfo] = []
     try:
         for tok in tokenize.generate_tokens(io.StringIO(code).readline):
-            if tok.type == tokenize.STRING:
-                found.append(tok.string)
+            if tok.type == kind:
+                found.append(tok)
     except (tokenize.TokenError, IndentationError, SyntaxError):
-        pass  # the rest of a cut-off completion; what was read so far counts
+        pass
     return found
+
+
+def _string_tokens(code: str) -> list[str]:
+    """The string literals of a piece of code, as written."""
+    return [tok.string for tok in _tokens(code, tokenize.STRING)]
 
 
 def _annotated(signature: str) -> bool | None:
@@ -491,15 +497,8 @@ class OpenEncoding:
 
 
 def _comments(code: str) -> list[tuple[int, int]]:
-    """(line index, column) of each comment in `code`; tolerant of code cut off anywhere."""
-    found: list[tuple[int, int]] = []
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(code).readline):
-            if tok.type == tokenize.COMMENT:
-                found.append((tok.start[0] - 1, tok.start[1]))
-    except (tokenize.TokenError, IndentationError, SyntaxError):
-        pass  # the rest of a cut-off completion: the comments read so far count
-    return found
+    """(line index, column) of each comment in `code`."""
+    return [(tok.start[0] - 1, tok.start[1]) for tok in _tokens(code, tokenize.COMMENT)]
 
 
 def _without_comments(completion: str) -> str:

@@ -85,13 +85,18 @@ def socket_path(config: Path | None, data_dir: Path, version: str = __version__)
     return path
 
 
+def _peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected Unix socket (Linux: SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return int(pid), int(uid), int(gid)
+
+
 def peer_uid(sock: socket.socket) -> int | None:
     """The user id of the process at the other end of a Unix socket (None where the OS does not say)."""
     if not hasattr(socket, "SO_PEERCRED"):
         return None
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
+    return _peer_credentials(sock)[1]
 
 
 def peer_pid(path: Path) -> int | None:
@@ -101,8 +106,7 @@ def peer_pid(path: Path) -> int | None:
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
             return None
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[0])
+        return _peer_credentials(sock)[0]
 
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
