@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
 
 from server.guards import rollback_scope
+from storage.models import AdapterStatus
 from storage.repositories import (
     AdapterRepository,
     AuditRepository,
@@ -95,12 +96,12 @@ async def learning_command(ls: HeedfulLanguageServer, *args: Any) -> dict[str, A
 async def _learned(s: Any, developer: str, scope: Scope) -> dict[str, Any]:
     control = await ScopeControlRepository(s).get(scope)
     versions = await AdapterRepository(s).versions(scope)
-    active = await AdapterRepository(s).active(scope)
+    serving = next((v.id for v in versions if v.status == AdapterStatus.ACTIVE), None)
     corrections = await EventRepository(s).latest_corrections(developer, SHOWN_CORRECTIONS)
     return {
         "developerId": developer,
         "paused": control.reason or "paused" if control is not None and control.training_paused else None,
-        "serving": active.id if active is not None else None,
+        "serving": serving,
         "corrections": list(reversed(corrections)),  # newest first
         "versions": [
             {

@@ -996,7 +996,7 @@ def _serve_through(args: argparse.Namespace) -> int:
         else:
             config = args.config or paths.config_path()
             path = socket_path(config, paths.data_dir())
-            command = [sys.executable, "-m", "server.cli", *(["--config", str(config)] if config else [])]
+            command = paths.heedful_command(config)
             if args.log_file:
                 command += ["--log-file", str(args.log_file)]
             command += ["-v"] * args.verbose + ["serve", "--socket", str(path)]
@@ -1057,7 +1057,7 @@ def _replay(args: argparse.Namespace) -> int:
             raise CliError("--server-cmd is empty: give the command that starts the server", EXIT_USAGE)
     else:
         config = args.config or paths.config_path()
-        command = [sys.executable, "-m", "server.cli", *(["--config", str(config)] if config else []), "serve"]
+        command = paths.heedful_command(config, "serve")
     store = _settings(args).settings  # the store the default server writes to, for the stored events
     results: list[ReplayResult] = []
     try:

@@ -6,6 +6,7 @@ Both live outside any source checkout so that a fresh clone reuses a model prepa
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 DEFAULT_MODEL_DIRNAME = "Qwen2.5-Coder-0.5B-Instruct"  # the default of `server.model_prep.MODELS`
@@ -43,3 +44,8 @@ def config_path() -> Path | None:
     """The global settings file named by `HEEDFUL_CONFIG`, if any."""
     explicit = os.environ.get("HEEDFUL_CONFIG")
     return Path(explicit).expanduser() if explicit else None
+
+
+def heedful_command(config: Path | None, *args: str) -> list[str]:
+    """The command line that runs this Heedful's CLI with `config` as its settings file (None: none given)."""
+    return [sys.executable, "-m", "server.cli", *(["--config", str(config)] if config is not None else []), *args]

@@ -20,9 +20,10 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
+
+from server.paths import heedful_command
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,7 @@ STOP_TIMEOUT_S = 15.0
 
 
 def train_command(config_path: Path | None, interval_s: float) -> list[str]:
-    cmd = [sys.executable, "-m", "server.cli"]
-    if config_path is not None:
-        cmd += ["--config", str(config_path)]
-    return [*cmd, "train", "--interval", str(interval_s)]
+    return heedful_command(config_path, "train", "--interval", str(interval_s))
 
 
 class TrainingChild:
