@@ -1007,12 +1007,8 @@ def _serve_through(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(run())
-    except SharedServerError as exc:
+    except (SharedServerError, OSError) as exc:
         raise CliError(str(exc)) from None
-    except (ValueError, OSError) as exc:
-        raise CliError(
-            f"the editor's end of `heedful serve` must be a pipe or socket ({exc}); an editor starts it so"
-        ) from None
 
 
 def _record(args: argparse.Namespace) -> int:

@@ -192,9 +192,15 @@ async def pipe_stdio(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
     the connection (after the editor's `exit`, or the editor's stdin ended). 0 when it did."""
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader(limit=CHUNK)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin.buffer)
-    out_file = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
-    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, out_file)
+    try:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin.buffer)
+        out_file = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, out_file)
+    except (ValueError, OSError) as exc:
+        writer.close()
+        raise SharedServerError(
+            f"the editor's end of `heedful serve` must be a pipe or socket ({exc}); an editor starts it so"
+        ) from None
     stdout = asyncio.StreamWriter(transport, protocol, None, loop)
 
     async def upstream() -> None:
