@@ -109,10 +109,11 @@ def load_persona(spec: str) -> Persona:
 
 
 def prompt_kinds(persona: Persona) -> tuple[str, ...]:
-    """The prompt kinds where the persona's preference shows (`prompt_kinds`, optional; default all)."""
+    """The prompt kinds where the persona's preference shows (`prompt_kinds`, optional; default signatures,
+    bodies and statements)."""
     kinds = getattr(persona, "prompt_kinds", None)
     if kinds is None:
-        return corpus.KINDS
+        return corpus.DEFAULT_KINDS
     if isinstance(kinds, str) or not kinds or any(k not in corpus.KINDS for k in kinds):
         raise EvalError(
             f"persona {persona.name!r}: prompt_kinds = {kinds!r}; expected a non-empty tuple of {list(corpus.KINDS)}"
@@ -130,6 +131,21 @@ def prompt_context(persona: Persona) -> tuple[str, ...]:
             f"persona {persona.name!r}: prompt_context = {context!r}; expected a non-empty tuple of non-empty strings"
         )
     return tuple(context)
+
+
+def prompt_calls(persona: Persona) -> tuple[str, ...]:
+    """The functions at whose calls `call` prompts are cut (`prompt_calls`; needed with that kind only)."""
+    calls = getattr(persona, "prompt_calls", None)
+    needed = "call" in prompt_kinds(persona)
+    if calls is None and not needed:
+        return ()
+    if isinstance(calls, str) or not calls or not all(isinstance(c, str) and c.strip() for c in calls):
+        raise EvalError(
+            f"persona {persona.name!r}: prompt_calls = {calls!r}; expected a non-empty tuple of function names "
+            "as the code calls them (e.g. ('open', 'warnings.warn'))"
+            + ("; prompt kind 'call' needs them" if needed else "")
+        )
+    return tuple(calls)
 
 
 def review(persona: Persona, prefix: str, completion: str) -> tuple[bool, str | None]:
@@ -805,6 +821,7 @@ async def run_eval(plan: EvalPlan) -> list[ArmResult]:
             held_out=plan.held_out,
             kinds=prompt_kinds(persona),
             context=prompt_context(persona),
+            calls=prompt_calls(persona),
         )
         first: ArmResult | None = None
         for i, arm in enumerate(plan.arms):

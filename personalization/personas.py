@@ -8,9 +8,10 @@ mechanically (quotes swapped, a docstring added, `print` turned into a logging c
 the developer rejects and types the correction.
 
 An optional `prompt_kinds` names the prompts where the preference shows (`signature`, `body`,
-`statement`: see personalization/corpus.py), and an optional `prompt_context` strings of which the code
-before the cursor must contain one (where the habit is at stake: `os.path` for a pathlib developer); the
-evaluation draws only such prompts for the persona.
+`statement`, `call`: see personalization/corpus.py), an optional `prompt_context` strings of which the code
+before the cursor must contain one (where the habit is at stake: `os.path` for a pathlib developer), and
+`prompt_calls` the functions at whose calls `call` prompts are cut (`open` for an open-encoding
+developer); the evaluation draws only such prompts for the persona.
 
 This file imports nothing from Heedful on purpose: it is also the example to copy for your own
 persona, loaded with `heedful eval --persona path/to/file.py:ClassName`.
@@ -32,13 +33,13 @@ def _last_line(text: str) -> str:
     return text.rsplit("\n", 1)[-1]
 
 
-def _tokens(code: str, kind: int) -> list[tokenize.TokenInfo]:
-    """The tokens of one kind (tokenize.STRING, COMMENT, ...) in a piece of code; tolerant of code cut off
-    anywhere: what was read before the tokenizer gave up counts."""
+def _tokens(code: str, kind: int | None = None) -> list[tokenize.TokenInfo]:
+    """The tokens of one kind (tokenize.STRING, COMMENT, ...; every kind with None) in a piece of code;
+    tolerant of code cut off anywhere: what was read before the tokenizer gave up counts."""
     found: list[tokenize.TokenInfo] = []
     try:
         for tok in tokenize.generate_tokens(io.StringIO(code).readline):
-            if tok.type == kind:
+            if kind is None or tok.type == kind:
                 found.append(tok)
     except (tokenize.TokenError, IndentationError, SyntaxError):
         pass
@@ -458,42 +459,172 @@ class PathlibNotOsPath:
         return True, None
 
 
-_OPEN_CALL = re.compile(r"(?<![\w.])open\(((?:[^()\n]|\([^()\n]*\))*)\)")
+def _call_spans(code: str, function: str) -> list[tuple[int, int]]:
+    """(offset of the `(`, offset of its `)`) of every call to `function` (dotted as written: `open`,
+    `warnings.warn`) in `code` that closes there; calls may span lines, comments and strings do not count."""
+    tokens = _tokens(code)
+    starts = [0]
+    for line in code.split("\n"):
+        starts.append(starts[-1] + len(line) + 1)
+
+    def offset(tok: tokenize.TokenInfo, end: bool = False) -> int:
+        row, col = tok.end if end else tok.start
+        return starts[row - 1] + col
+
+    parts = function.split(".")
+    width = 2 * len(parts) - 1  # the names and the dots between them
+    spans: list[tuple[int, int]] = []
+    for i in range(len(tokens) - width):
+        name = [t.string for t in tokens[i : i + width]]
+        if name[::2] != parts or any(dot != "." for dot in name[1::2]) or tokens[i + width].string != "(":
+            continue
+        if i > 0 and tokens[i - 1].string == ".":
+            continue  # `x.open(` is not `open(`
+        depth = 0
+        for tok in tokens[i + width :]:
+            if tok.type == tokenize.OP and tok.string in "([{":
+                depth += 1
+            elif tok.type == tokenize.OP and tok.string in ")]}":
+                depth -= 1
+                if depth == 0:
+                    spans.append((offset(tokens[i + width]), offset(tok)))
+                    break
+    return spans
 
 
-def _text_mode_open(match: re.Match[str]) -> bool:
-    """Whether an `open(...)` call opens a file in text mode without saying its encoding."""
-    text = match.group(1)
-    args = _call_args(text)
-    if args is None:
-        return False  # not a plain call (a *args, a syntax error): nothing to judge mechanically
-    positional, named = args
-    if not positional and "file" not in named:
-        return False  # `open()` opens nothing
-    mode = named.get("mode", positional[1] if len(positional) > 1 else "'r'")
-    return "encoding" not in named and "b" not in mode and len(positional) < 4  # encoding is the 4th positional
+class _CallKeyword:
+    """Calls to `function` pass `keyword=value` where `lacks` says they should; kept: the argument added.
+
+    The prompts are cut right after `function(` (kind `call`), so the call a suggestion finishes is judged
+    together with the start of its line, which is before the cursor."""
+
+    function = ""
+    keyword = ""
+    value = ""
+    prompt_kinds: tuple[str, ...] = ("call",)
+
+    def lacks(self, positional: list[str], named: dict[str, str]) -> bool:
+        return self.keyword not in named
+
+    def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
+        head = _last_line(prefix)
+        text = head + completion
+        wrong = []
+        for opening, closing in _call_spans(text, self.function):
+            args = _call_args(text[opening + 1 : closing])
+            if args is not None and self.lacks(*args):
+                wrong.append((opening, closing))
+        if not wrong:
+            return True, None
+        kept = text
+        for opening, closing in sorted(wrong, key=lambda span: span[1], reverse=True):  # outer calls first
+            inside = kept[opening + 1 : closing]
+            written = inside.rstrip()
+            added = f"{self.keyword}={self.value}"
+            added = f" {added}," if written.endswith(",") else f", {added}"
+            kept = kept[: opening + 1] + written + added + inside[len(written) :] + kept[closing:]
+        return False, kept[len(head) :] if kept.startswith(head) else None
 
 
-def _with_encoding(match: re.Match[str]) -> str | None:
-    if not _text_mode_open(match):
-        return match.group(0)
-    return f'open({match.group(1).rstrip()}, encoding="utf-8")'
-
-
-class OpenEncoding:
+class OpenEncoding(_CallKeyword):
     """Text files are opened with an explicit encoding (what the platform's default is must not matter)."""
 
     name = "open-encoding"
     correction = 'Always pass encoding="utf-8" to open() for text files.'
 
-    prompt_kinds = ("body", "statement")
-    prompt_context = ("open(",)
+    prompt_calls = ("open",)
+    function = "open"
+    keyword = "encoding"
+    value = '"utf-8"'
+
+    def lacks(self, positional: list[str], named: dict[str, str]) -> bool:
+        """A file opened in text mode without its encoding (the 4th positional argument)."""
+        if not positional and "file" not in named:
+            return False  # `open()` opens nothing
+        mode = named.get("mode", positional[1] if len(positional) > 1 else "'r'")
+        return "encoding" not in named and "b" not in mode and len(positional) < 4
+
+
+class WarningsStacklevel(_CallKeyword):
+    """Warnings name the caller's line (`stacklevel=2`), not the line of `warnings.warn` itself."""
+
+    name = "warnings-stacklevel"
+    correction = "Pass stacklevel=2 to warnings.warn so the warning points at the caller."
+
+    prompt_calls = ("warnings.warn",)
+    function = "warnings.warn"
+    keyword = "stacklevel"
+    value = "2"
+
+    def lacks(self, positional: list[str], named: dict[str, str]) -> bool:
+        """A warning without its stack level (the 3rd positional argument)."""
+        return bool(positional or "message" in named) and "stacklevel" not in named and len(positional) < 3
+
+
+_EXCEPT_LINE = re.compile(r"^([ \t]*)except\b[^#\n]*?(?:\bas[ \t]+(\w+))?[ \t]*:")
+
+
+def _caught(prefix: str) -> str | None:
+    """The name the `except` block the cursor is in binds (`from None` when it binds none); None outside one."""
+    lines = prefix.split("\n")
+    cursor = lines[-1]
+    depth = len(cursor) - len(cursor.lstrip())
+    for line in reversed(lines[:-1]):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        if indent < depth:
+            match = _EXCEPT_LINE.match(line)
+            if match is None:
+                return None  # the block the cursor is in is not an except block
+            return match.group(2) or "None"
+    return None
+
+
+class RaiseFrom:
+    """An exception raised while handling another says where it came from (`raise ... from err`), as
+    linters ask (flake8-bugbear B904): the traceback then reads as a cause, not as a bug in the handler."""
+
+    name = "raise-from"
+    correction = "Inside an except block, raise the new exception from the caught one: raise ... from err."
+    prompt_kinds = ("raise",)
 
     def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
-        code = "\n".join(_code_lines(completion))
-        if not any(_text_mode_open(m) for m in _OPEN_CALL.finditer(code)):
+        head = _last_line(prefix)
+        caught = _caught(prefix)
+        if caught is None or not re.match(r"[ \t]*raise[ \t]", head):
+            return True, None  # judged where the cursor is in a raise statement of an except block
+        text = head + completion
+        last_code: tokenize.TokenInfo | None = None
+        end: tokenize.TokenInfo | None = None
+        has_from = False
+        for tok in _tokens(text):  # up to the end of the statement at the cursor
+            if tok.type == tokenize.NEWLINE:
+                end = tok
+                break
+            has_from = has_from or (tok.type == tokenize.NAME and tok.string == "from")
+            if tok.type not in (tokenize.COMMENT, tokenize.NL):
+                last_code = tok
+        if end is None or last_code is None or has_from or last_code.string == "raise":
+            return True, None  # not finished, already chained, or a bare re-raise
+        lines = text.split("\n")
+        row, col = last_code.end
+        at = sum(len(line) + 1 for line in lines[: row - 1]) + col
+        return False, (text[:at] + f" from {caught}" + text[at:])[len(head) :]
+
+
+class SingleLine:
+    """One line at a time: a suggestion of several lines is cut to its first before it is kept."""
+
+    name = "single-line"
+    correction = "Suggest one line at a time, not whole blocks."
+    prompt_kinds = ("body",)  # at a body's start the model writes the whole body; inside one, often a line
+
+    def review(self, prefix: str, completion: str) -> tuple[bool, str | None]:
+        lines = completion.rstrip().split("\n")
+        if len(lines) == 1:
             return True, None
-        return False, _rewrite_code(completion, [(_OPEN_CALL, _with_encoding)])
+        return False, lines[0] if lines[0].strip() else None  # nothing on the first line: the developer says so
 
 
 def _comments(code: str) -> list[tuple[int, int]]:
@@ -543,4 +674,7 @@ SHIPPED = (
     PathlibNotOsPath,
     NoComments,
     OpenEncoding,
+    WarningsStacklevel,
+    SingleLine,
+    RaiseFrom,
 )

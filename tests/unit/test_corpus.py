@@ -92,3 +92,45 @@ def test_the_standard_library_gives_enough_prompts() -> None:
     train, held = corpus.build(0, train=90, held_out=60)
     assert len({p.path for p in held}) > 20  # spread over many files
     assert all(p.prefix.rsplit("\n", 1)[-1].isascii() for p in train + held)
+
+
+def test_call_prompts_are_cut_after_the_named_functions_opening_parenthesis(tmp_path: Path) -> None:
+    source = (
+        "import warnings\n\n\ndef load(path):\n"
+        "    with open(path) as f, open(path + '.bak', 'w') as g:\n"
+        "        g.write(f.read())\n"
+        "    warnings.warn('loaded',\n                  UserWarning)\n"
+        "    return os.open(path, 0)\n"
+    )
+    found = {p.id: p for p in corpus.prompts_in("pkg/io.py", source, ("open", "warnings.warn"))}
+    calls = {i: p for i, p in found.items() if p.kind == "call"}
+    # One prompt per line: the second open( on line 5 gives none; os.open is another function.
+    assert sorted(calls) == ["pkg/io.py:5:call", "pkg/io.py:7:call"]
+    assert calls["pkg/io.py:5:call"].prefix.endswith("def load(path):\n    with open(")
+    assert calls["pkg/io.py:7:call"].prefix.endswith("g.write(f.read())\n    warnings.warn(")
+    assert not [p for p in corpus.prompts_in("pkg/io.py", source) if p.kind == "call"]  # no functions named, none
+    for i in range(40):
+        (tmp_path / f"mod{i}.py").write_text(source)
+    train, held = corpus.build(3, train=4, held_out=2, root=tmp_path, kinds=("call",), calls=("open",))
+    assert {p.line for p in train + held} == {5} and all(p.prefix.endswith("open(") for p in train + held)
+    with pytest.raises(corpus.CorpusError, match="prompt kind 'call' needs"):
+        corpus.build(3, train=4, held_out=2, root=tmp_path, kinds=("call",))
+
+
+def test_raise_prompts_are_cut_after_raise_in_except_blocks() -> None:
+    source = (
+        "def parse(x):\n    try:\n        return int(x)\n    except ValueError as exc:\n"
+        "        log(exc)\n        raise TypeError(x) from exc\n    except KeyError:\n        raise\n"
+        "    raise RuntimeError(x)\n"
+    )
+    raises = [p for p in corpus.prompts_in("pkg/parse.py", source) if p.kind == "raise"]
+    # Only the raise of an exception inside an except block: not the bare re-raise, not the one outside.
+    assert [p.id for p in raises] == ["pkg/parse.py:6:raise"]
+    assert raises[0].prefix.endswith("except ValueError as exc:\n        log(exc)\n        raise ")
+
+
+@pytest.mark.parametrize("calls", [("open",), ("warnings.warn",)])
+def test_the_standard_library_has_enough_calls_for_the_shipped_call_personas(calls: tuple[str, ...]) -> None:
+    # open-encoding and warnings-stacklevel are evaluated on 24 held-out prompts and up to 48 trained ones.
+    train, held = corpus.build(0, train=48, held_out=24, kinds=("call",), calls=calls)
+    assert all(p.prefix.endswith(f"{calls[0]}(") for p in train + held)

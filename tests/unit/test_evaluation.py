@@ -145,6 +145,17 @@ def test_prompt_context_comes_from_the_persona() -> None:
         evaluation.prompt_context(odd)
 
 
+def test_prompt_calls_come_from_the_persona() -> None:
+    assert evaluation.prompt_calls(load_persona("open-encoding")) == ("open",)
+    assert evaluation.prompt_calls(load_persona("type-hints")) == ()
+    needs = SimpleNamespace(name="needs", correction="c", prompt_kinds=("call",))  # call prompts, no functions
+    with pytest.raises(EvalError, match="prompt_calls = None.*prompt kind 'call' needs them"):
+        evaluation.prompt_calls(needs)
+    odd = SimpleNamespace(name="odd", correction="c", prompt_kinds=("call",), prompt_calls="open")
+    with pytest.raises(EvalError, match="prompt_calls = 'open'"):
+        evaluation.prompt_calls(odd)
+
+
 def test_prompt_kinds_come_from_the_persona() -> None:
     assert evaluation.prompt_kinds(load_persona("type-hints")) == ("signature",)
     assert evaluation.prompt_kinds(SimpleNamespace(name="any", correction="c")) == ("signature", "body", "statement")

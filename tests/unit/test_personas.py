@@ -13,8 +13,11 @@ from personalization.personas import (
     NoComments,
     OpenEncoding,
     PathlibNotOsPath,
+    RaiseFrom,
+    SingleLine,
     SingleQuotes,
     TypeHints,
+    WarningsStacklevel,
 )
 
 SIGNATURE = "import os\n\n\ndef total("
@@ -191,6 +194,73 @@ def test_no_comments(completion: str, accept: bool, kept: str | None) -> None:
 )
 def test_open_encoding(completion: str, accept: bool, kept: str | None) -> None:
     assert OpenEncoding().review("def read(path):\n    ", completion) == (accept, kept)
+
+
+def test_open_encoding_at_a_call_prompt_judges_the_call_the_cursor_is_in() -> None:
+    prefix = "def read(path):\n    with open("
+    assert OpenEncoding().review(prefix, "path) as f:\n        return f.read()") == (
+        False,
+        'path, encoding="utf-8") as f:\n        return f.read()',
+    )
+    assert OpenEncoding().review(prefix, "path, 'rb') as f:") == (True, None)
+    # A call over several lines, with a trailing comma: the argument goes after it.
+    assert OpenEncoding().review(prefix, "\n        path,\n        'w',\n    ) as f:") == (
+        False,
+        "\n        path,\n        'w', encoding=\"utf-8\",\n    ) as f:",
+    )
+    # An open() inside the call's arguments is rewritten too, the outer call first.
+    assert OpenEncoding().review("    data = open(", "open(p).read().strip())") == (
+        False,
+        'open(p, encoding="utf-8").read().strip(), encoding="utf-8")',
+    )
+
+
+@pytest.mark.parametrize(
+    ("completion", "accept", "kept"),
+    [
+        ('"old", DeprecationWarning)', False, '"old", DeprecationWarning, stacklevel=2)'),
+        ('"old", DeprecationWarning, stacklevel=3)', True, None),
+        ('"old", DeprecationWarning, 2)', True, None),  # the third positional argument is the stack level
+        ('\n    "old",\n    DeprecationWarning,\n)', False, '\n    "old",\n    DeprecationWarning, stacklevel=2,\n)'),
+        (
+            'f"{warnings.warn(x)}")  # warnings.warn(y)',
+            False,
+            'f"{warnings.warn(x)}", stacklevel=2)  # warnings.warn(y)',
+        ),  # noqa: E501
+        ('"old"', True, None),  # not finished: nothing to judge yet
+        (")", True, None),  # warns with nothing
+    ],
+)
+def test_warnings_stacklevel(completion: str, accept: bool, kept: str | None) -> None:
+    assert WarningsStacklevel().review("def old():\n    warnings.warn(", completion) == (accept, kept)
+
+
+def test_single_line() -> None:
+    assert SingleLine().review(BODY, "return sum(items)") == (True, None)
+    assert SingleLine().review(BODY, "return sum(items)\n\n") == (True, None)  # trailing blank lines are nothing
+    assert SingleLine().review(BODY, "total = 0\n    for i in items:\n        total += i") == (False, "total = 0")
+    assert SingleLine().review(BODY, "\n    return 0") == (False, None)  # nothing on the cursor's line to keep
+
+
+HANDLER = "def parse(x):\n    try:\n        return int(x)\n    except ValueError as exc:\n        raise "
+
+
+@pytest.mark.parametrize(
+    ("prefix", "completion", "accept", "kept"),
+    [
+        (HANDLER, 'TypeError("bad")  # why\n    return 0', False, 'TypeError("bad") from exc  # why\n    return 0'),
+        (HANDLER, 'TypeError(\n            "bad")\n', False, 'TypeError(\n            "bad") from exc\n'),
+        (HANDLER, 'TypeError("bad") from exc', True, None),
+        (HANDLER, "TypeError('bad') from None", True, None),
+        (HANDLER, "\n    return 0", True, None),  # a bare re-raise keeps the exception as it is
+        (HANDLER, 'TypeError("bad"', True, None),  # not finished: nothing to judge yet
+        (HANDLER.replace(" as exc", ""), 'TypeError("bad")', False, 'TypeError("bad") from None'),  # nothing bound
+        ("def f(x):\n    if x:\n        raise ", 'TypeError("bad")', True, None),  # not in an except block
+        ("    except (OSError, ValueError) as err:  # both\n\n        raise ", "Bad()", False, "Bad() from err"),
+    ],
+)
+def test_raise_from(prefix: str, completion: str, accept: bool, kept: str | None) -> None:
+    assert RaiseFrom().review(prefix, completion) == (accept, kept)
 
 
 def test_every_shipped_persona_follows_the_contract() -> None:
