@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from lsprotocol import types
 
-from lsp_handlers.context import Prompt, build_prompt, fim_template_for
+from lsp_handlers.context import Prompt, build_prompt, fim_template_for, heal, unheal
 from lsp_handlers.documents import TextDocument, file_name_of
 from lsp_handlers.postprocess import is_single_line, postprocess
 from server.engine import Candidate, Engine, EngineError
@@ -159,13 +159,11 @@ class CompletionService:
         c = settings.completion
         line_prefix, line_suffix = doc.line_at(offset)
         single = is_single_line(line_prefix, line_suffix)
-        # Token healing: a prompt ending in spaces splits the tokenizer's usual whitespace tokens (the
-        # model then writes " with" after four spaces). Send the prompt without them and take them
-        # back off the front of what the model writes.
-        prompt_text, healed = prompt.text, ""
-        if prompt.mode == "prefix":
-            prompt_text = prompt.text.rstrip(" \t")
-            healed = prompt.text[len(prompt_text) :]
+        # Token healing (see `heal`): the blanks before the cursor are taken off the prompt and back off the
+        # front of what the model writes.
+        fim = prompt.mode == "fim"
+        template = fim_template_for(settings.model.fim_template, self.services.vocabulary) if fim else None
+        prompt_text, healed = heal(prompt, template)
         adapter = lease.ref
         request_id = f"cmpl-{uuid.uuid4().hex}"
         try:
@@ -202,15 +200,10 @@ class CompletionService:
         if not gen.candidates:
             return None
         raw = gen.candidates[0]
-        text = raw.text
-        if healed and not line_prefix.strip():
-            # The cursor sits on a line of indentation only: a model that starts with a blank line means the
-            # code after it, which belongs on the cursor's line.
-            text = text.lstrip("\r\n")
-        consumed = healed if text.startswith(healed) else text[: len(text) - len(text.lstrip(" \t"))]
+        consumed, text = unheal(raw.text, healed, blank_line=not line_prefix.strip())
         text_after = doc.text[offset : offset + 4096]
         shown = postprocess(
-            text[len(consumed) :],
+            text,
             line_prefix=line_prefix,
             line_suffix=line_suffix,
             after=text_after[len(line_suffix) :].lstrip("\r\n"),
@@ -231,7 +224,7 @@ class CompletionService:
             prompt=prompt_text,
             prompt_token_ids=list(gen.prompt_token_ids),
             # The candidate continues the stored prompt exactly: the healed whitespace, then what is shown.
-            candidates=[fit_candidate(raw, raw.text[: len(raw.text) - len(text)] + consumed + shown, engine)],
+            candidates=[fit_candidate(raw, consumed + shown, engine)],
             shown_index=0,
             mode=prompt.mode,
             uri=doc.uri,

@@ -29,7 +29,9 @@ __all__ = [
     "comment_header",
     "fill_template",
     "fim_template_for",
+    "heal",
     "notes_header",
+    "unheal",
 ]
 
 CountTokens = Callable[[str], int]
@@ -82,6 +84,41 @@ def _check_template(template: str) -> None:
             f"fill-in-the-middle template {template!r} is not valid: it must contain {{prefix}} and {{suffix}} "
             "exactly once each"
         )
+
+
+def heal(prompt: Prompt, fim_template: str | None) -> tuple[str, str]:
+    """Token healing: (the text to send the engine, the spaces and tabs taken off the end of the prefix).
+
+    A prefix that ends in blanks (the indentation of an empty line, `x = `) splits the tokenizer's usual
+    whitespace tokens: BPE tokenizers of the GPT-2 family join a run of blanks with the word after it, minus
+    its last space (`"       " + " self"`), so a prompt ending in eight spaces is a token the model has seen
+    before a line break, not before code, and it writes another indentation or `" with"` after it. The
+    prompt goes without them, in prefix and in fill-in-the-middle mode alike (`fim_template`: the template
+    `prompt` was built with, None in prefix mode), and the caller takes them back off the front of what the
+    model writes. A prompt whose prefix does not end in blanks is sent as it is.
+    """
+    kept = prompt.prefix.rstrip(" \t")
+    healed = prompt.prefix[len(kept) :]
+    if not healed:
+        return prompt.text, ""
+    if prompt.mode == "prefix":
+        return prompt.header + kept, healed
+    if fim_template is None:
+        raise ValueError("a fill-in-the-middle prompt is healed with the template it was built with, not None")
+    return fill_template(fim_template, prompt.header + kept, prompt.suffix), healed
+
+
+def unheal(text: str, healed: str, *, blank_line: bool) -> tuple[str, str]:
+    """What the model wrote after a healed prompt, split into (what stands for the blanks taken off the
+    prompt, the suggestion at the cursor). On a cursor line of blanks only (`blank_line`) a model that starts
+    with a line break means the code after it, which belongs on the cursor's line: leading line breaks go
+    first. Then the healed blanks when the text starts with them, else whatever blanks it starts with (a
+    model that indents less than the cursor still writes its code at the cursor).
+    """
+    rest = text.lstrip("\r\n") if healed and blank_line else text
+    blanks = healed if rest.startswith(healed) else rest[: len(rest) - len(rest.lstrip(" \t"))]
+    cut = len(text) - len(rest) + len(blanks)
+    return text[:cut], text[cut:]
 
 
 def fill_template(template: str, prefix: str, suffix: str) -> str:

@@ -595,18 +595,18 @@ class RaiseFrom:
         if caught is None or not re.match(r"[ \t]*raise[ \t]", head):
             return True, None  # judged where the cursor is in a raise statement of an except block
         text = head + completion
-        last_code: tokenize.TokenInfo | None = None
-        end: tokenize.TokenInfo | None = None
-        has_from = False
-        for tok in _tokens(text):  # up to the end of the statement at the cursor
+        statement: list[tokenize.TokenInfo] = []  # the code tokens of the statement at the cursor
+        finished = False
+        for tok in _tokens(text):
             if tok.type == tokenize.NEWLINE:
-                end = tok
+                finished = True
                 break
-            has_from = has_from or (tok.type == tokenize.NAME and tok.string == "from")
-            if tok.type not in (tokenize.COMMENT, tokenize.NL):
-                last_code = tok
-        if end is None or last_code is None or has_from or last_code.string == "raise":
-            return True, None  # not finished, already chained, or a bare re-raise
+            if tok.type not in (tokenize.COMMENT, tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
+                statement.append(tok)
+        words = [tok.string for tok in statement]
+        if not finished or "from" in words or words in (["raise"], ["raise", caught]):
+            return True, None  # not finished, already chained, or the caught exception raised again
+        last_code = statement[-1]
         lines = text.split("\n")
         row, col = last_code.end
         at = sum(len(line) + 1 for line in lines[: row - 1]) + col

@@ -555,7 +555,15 @@ def _base_results_path(model: Path, cases: list[str], template: str | None, dtyp
     model = model.resolve()
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model.iterdir() if p.is_file())
     key = json.dumps(
-        {"model": str(model), "files": files, "cases": cases, "template": template, "dtype": dtype, "cpu": cpu_model()},
+        {
+            "model": str(model),
+            "files": files,
+            "cases": cases,
+            "template": template,
+            "dtype": dtype,
+            "cpu": cpu_model(),
+            "asked": "healed",  # how the cases are prompted (humaneval_passes): results from before do not count
+        },
         sort_keys=True,
     )
     return paths.cache_dir() / "humaneval-base" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"

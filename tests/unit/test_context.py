@@ -19,6 +19,8 @@ from lsp_handlers.context import (
     build_prompt,
     comment_header,
     fim_template_for,
+    heal,
+    unheal,
 )
 from server.model_prep import DEFAULT_MODEL
 from tests.conftest import SMALL_MODEL, prepared
@@ -713,3 +715,47 @@ def test_anchor_lines_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="anchor_lines = 0"):
         build_prompt("x", "", file_name=None, language_id=None, budget_tokens=5, count_tokens=words,
                      fim_template=None, anchor_lines=0)  # fmt: skip
+
+
+def test_healing_takes_the_blanks_before_the_cursor_off_the_prompt_in_both_modes() -> None:
+    before, after = "def f(x):\n    ", "\n    return x\n"
+    fim = build_prompt(
+        before, after, file_name="", language_id="", budget_tokens=100, count_tokens=chars, fim_template=QWEN
+    )
+    assert fim.text == "<|fim_prefix|>def f(x):\n    <|fim_suffix|>\n    return x\n<|fim_middle|>"
+    assert heal(fim, QWEN) == ("<|fim_prefix|>def f(x):\n<|fim_suffix|>\n    return x\n<|fim_middle|>", "    ")
+    plain = build_prompt(
+        before, after, file_name="f.py", language_id="python", budget_tokens=100, count_tokens=chars, fim_template=None
+    )
+    assert plain.text == "# file: f.py\ndef f(x):\n    "
+    assert heal(plain, None) == ("# file: f.py\ndef f(x):\n", "    ")
+    mid = build_prompt(
+        "y = \t", "", file_name="", language_id="", budget_tokens=100, count_tokens=chars, fim_template=QWEN
+    )
+    assert heal(mid, QWEN) == ("<|fim_prefix|>y =<|fim_suffix|><|fim_middle|>", " \t")
+    ends_in_code = build_prompt(
+        "y = x", "", file_name="", language_id="", budget_tokens=100, count_tokens=chars, fim_template=QWEN
+    )
+    assert heal(ends_in_code, QWEN) == (ends_in_code.text, "")
+    with pytest.raises(ValueError, match="healed with the template it was built with"):
+        heal(fim, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "healed", "blank_line", "expected"),
+    [
+        ("    return x", "    ", True, ("    ", "return x")),  # the model wrote the cursor's indentation
+        ("        return x", "    ", True, ("    ", "    return x")),  # deeper: the rest is the model's own
+        ("  return x", "    ", True, ("  ", "return x")),  # shallower: the code still goes at the cursor
+        ("\n\n    return x", "    ", True, ("\n\n    ", "return x")),  # a leading blank line on a blank line
+        ("\n    return x", "    ", False, ("", "\n    return x")),  # after code the line break is the model's
+        (" x + 1", " ", False, (" ", "x + 1")),
+        (" x + 1", "", False, ("", " x + 1")),  # nothing healed: nothing taken
+        ("", "    ", True, ("", "")),
+    ],
+)
+def test_unhealing_splits_what_stands_for_the_blanks_from_the_suggestion(
+    text: str, healed: str, blank_line: bool, expected: tuple[str, str]
+) -> None:
+    assert unheal(text, healed, blank_line=blank_line) == expected
+    assert "".join(expected) == text

@@ -226,7 +226,7 @@ def test_open_encoding_at_a_call_prompt_judges_the_call_the_cursor_is_in() -> No
             'f"{warnings.warn(x)}")  # warnings.warn(y)',
             False,
             'f"{warnings.warn(x)}", stacklevel=2)  # warnings.warn(y)',
-        ),  # noqa: E501
+        ),
         ('"old"', True, None),  # not finished: nothing to judge yet
         (")", True, None),  # warns with nothing
     ],
@@ -253,6 +253,7 @@ HANDLER = "def parse(x):\n    try:\n        return int(x)\n    except ValueError
         (HANDLER, 'TypeError("bad") from exc', True, None),
         (HANDLER, "TypeError('bad') from None", True, None),
         (HANDLER, "\n    return 0", True, None),  # a bare re-raise keeps the exception as it is
+        (HANDLER, "exc\n", True, None),  # so does raising the caught exception again
         (HANDLER, 'TypeError("bad"', True, None),  # not finished: nothing to judge yet
         (HANDLER.replace(" as exc", ""), 'TypeError("bad")', False, 'TypeError("bad") from None'),  # nothing bound
         ("def f(x):\n    if x:\n        raise ", 'TypeError("bad")', True, None),  # not in an except block
