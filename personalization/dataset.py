@@ -49,7 +49,10 @@ async def load_training_data(
     tokenize: Tokenize,
     prm: PRMVote | None = None,
     limit: int = 2000,
+    eos: int | None = None,
 ) -> TrainingData:
+    """The pending rollouts of `scope` as training groups. `eos`, the tokenizer's end-of-text token, ends
+    the kept text of a suggestion the developer cut short (see `kept_ends`), so that stopping is taught."""
     stmt = (
         select(Rollout)
         .where(
@@ -76,7 +79,7 @@ async def load_training_data(
         if comp is None:
             continue
         data.rollout_ids.append(r.id)
-        group = build_group(r, comp, settings, tokenize=tokenize, judge=judge, data=data)
+        group = build_group(r, comp, settings, tokenize=tokenize, judge=judge, data=data, eos=eos)
         if group is not None:
             data.groups.append(group)
         hint = corrections.get(comp.id)
@@ -117,12 +120,27 @@ def departing_tokens(response_ids: Sequence[int], kept_ids: Sequence[int]) -> li
     return departs if any(departs) else None
 
 
-def _kept_ids(shown: str | None, kept: str, tokenize: Tokenize) -> list[int]:
+def _kept_ids(shown: str | None, kept: str, tokenize: Tokenize, *, end: int | None = None) -> list[int]:
     """The kept text as a response to the prompt: with the healed leading whitespace the prompt lacks
-    (the shown suggestion's), so that it lines up with the candidates' tokens."""
+    (the shown suggestion's), so that it lines up with the candidates' tokens; `end` (an end-of-text
+    token) after it when the response should stop there."""
     text = shown or ""
     lead = text[: len(text) - len(text.lstrip(" \t"))]
-    return tokenize(lead + kept.lstrip(" \t") if not kept.startswith(lead) else kept)
+    ids = tokenize(lead + kept.lstrip(" \t") if not kept.startswith(lead) else kept)
+    return [*ids, end] if end is not None and ids else ids
+
+
+def kept_ends(shown: str | None, shown_ids: Sequence[int], kept: str, eos: int | None) -> bool:
+    """Whether what the developer kept is a whole response, one the model should stop after: the shown
+    suggestion ended with the end-of-text token `eos`, or the developer kept its start and deleted the rest
+    (a partial accept, a suggestion of several lines cut to one). Otherwise the suggestion was cut by its
+    length or its stop strings, and so is what was kept: it goes on, and no end is taught."""
+    if eos is None or shown is None:
+        return False
+    if shown_ids and shown_ids[-1] == eos:
+        return True
+    whole, start = shown.strip(), kept.strip()
+    return bool(start) and len(start) < len(whole) and whole.startswith(start)
 
 
 def build_group(
@@ -133,6 +151,7 @@ def build_group(
     tokenize: Tokenize,
     judge: UnshownJudge,
     data: TrainingData,
+    eos: int | None = None,
 ) -> Group | None:
     prompt_ids = _prompt_ids(comp, tokenize)
     if not prompt_ids:
@@ -143,7 +162,9 @@ def build_group(
     shown_index = comp.shown_index if comp.shown_index is not None and comp.shown_index < len(comp.candidates) else None
     shown = comp.candidates[shown_index].text if shown_index is not None else None
     shown_reward = rewards[shown_index] if shown_index is not None and shown_index < len(rewards) else None
-    kept_ids = _kept_ids(shown, kept, tokenize) if kept else []
+    shown_ids = list(comp.candidates[shown_index].token_ids) if shown_index is not None else []
+    ends = kept is not None and kept_ends(shown, shown_ids, kept, eos)
+    kept_ids = _kept_ids(shown, kept, tokenize, end=eos if ends else None) if kept else []
     for i, cand in enumerate(comp.candidates):
         ids = list(cand.token_ids) if not cand.logprobs_stale else tokenize(cand.text)
         if not ids:

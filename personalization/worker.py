@@ -257,7 +257,9 @@ async def _round(
     prm_seconds = time.monotonic() - prm_started
     async with store.unit() as s:
         # The PRM votes on this thread (a forward pass per unshown candidate); the worker serves nothing.
-        data = await load_training_data(s, scope, t, tokenize=tokenizer.encode, prm=prm.vote)
+        data = await load_training_data(
+            s, scope, t, tokenize=tokenizer.encode, prm=prm.vote, eos=tokenizer.eos_token_id
+        )
         active = await AdapterRepository(s).active(scope)
     init = Path(active.path) if active else None
     root = resolve_adapters_root(adapters_root)

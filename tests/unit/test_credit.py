@@ -5,8 +5,11 @@ Token ids here are small integers written out by hand; every expected mask is re
 
 from __future__ import annotations
 
-from personalization.dataset import departing_tokens
+from personalization.dataset import TrainingData, build_group, departing_tokens, kept_ends
+from personalization.judge import UnshownJudge
 from personalization.trainer import token_advantages
+from server.settings import TrainingSettings
+from storage.models import Candidate, Completion, Rollout
 
 
 def test_a_replaced_token_departs_and_the_rest_is_kept() -> None:
@@ -57,3 +60,50 @@ def test_edit_credit_falls_back_to_the_whole_sequence_without_a_usable_mask() ->
     assert token_advantages(-1.0, None, 2, "edit") == [-1.0, -1.0]
     assert token_advantages(-1.0, [False, False], 2, "edit") == [-1.0, -1.0]
     assert token_advantages(-1.0, [True], 2, "edit") == [-1.0, -1.0]  # a mask of another length
+
+
+EOS = 0
+
+
+def chars(text: str) -> list[int]:
+    """One token per character: its code point (never EOS)."""
+    return [ord(ch) for ch in text]
+
+
+def test_kept_text_ends_where_the_developer_cut_the_suggestion_short_or_where_it_ended() -> None:
+    two_lines = "total = 0\n    for x in items:"
+    assert kept_ends(two_lines, chars(two_lines), "total = 0", EOS)  # cut to its first line
+    assert not kept_ends(two_lines, chars(two_lines), two_lines, EOS)  # kept whole: it went on, as cut
+    assert not kept_ends(two_lines, chars(two_lines), "total: int = 0\n    for x in items:", EOS)  # rewritten
+    assert not kept_ends(two_lines, chars(two_lines), "total = 0\n    for x in items:\n        total += x", EOS)
+    assert kept_ends("x)", [*chars("x)"), EOS], "x: int)", EOS)  # the model had stopped: so does the kept text
+    assert not kept_ends(two_lines, chars(two_lines), "", EOS)  # nothing kept: no response to end
+    assert not kept_ends(two_lines, chars(two_lines), "total = 0", None)  # a tokenizer without an end token
+    assert not kept_ends(None, [], "total = 0", EOS)
+
+
+def test_a_suggestion_cut_to_its_first_line_teaches_the_stop_after_it() -> None:
+    shown = "    a = 1\n    b = 2"  # the healed indentation, then what was shown
+    comp = Completion(
+        id="c1",
+        prompt="def f():\n",
+        prompt_token_ids=[7, 8],
+        shown_index=0,
+        candidates=[
+            Candidate(index=0, text=shown, token_ids=chars(shown), logprobs=[-0.5] * len(shown), finish_reason="length")
+        ],
+    )
+    rollout = Rollout(completion_id="c1", next_state="a = 1", rewards=[-1])
+    data = TrainingData()
+    group = build_group(rollout, comp, TrainingSettings(), tokenize=chars, judge=UnshownJudge(), data=data, eos=EOS)
+    assert group is not None and data.demonstrations == 1
+    shown_sample, demo = group.samples
+    assert demo.demonstration and demo.response_ids == [*chars("    a = 1"), EOS]
+    # The shown suggestion departs from the kept text from its line break on: the second line (and no EOS).
+    assert shown_sample.departs == [False] * len("    a = 1") + [True] * len("\n    b = 2")
+    # Without an end token (or kept whole) the demonstration is the kept text alone, as before.
+    rollout_whole = Rollout(completion_id="c1", next_state="a = 1\n    b = 3", rewards=[-1])
+    whole = build_group(
+        rollout_whole, comp, TrainingSettings(), tokenize=chars, judge=UnshownJudge(), data=data, eos=EOS
+    )
+    assert whole is not None and whole.samples[-1].response_ids == chars("    a = 1\n    b = 3")
