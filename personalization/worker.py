@@ -463,6 +463,26 @@ def _train(
             humaneval=he,
             humaneval_max_drop=settings.thresholds.humaneval_max_drop,
         )
+        # HumanEval runs once, at the end; when the last steps cost ability, the weights of the last gate
+        # check that passed are measured instead, if the round's budget still has room for it.
+        room = deadline is None or time.monotonic() + check_s + he_s <= deadline
+        if not gate.passed and passed_at is not None and passed_at[0] < trainer.steps_done and room:
+            failed_at, failure = trainer.steps_done, gate.summary()
+            trainer.restore(passed_at[1], passed_at[0])
+            losses = losses[: passed_at[0]]
+            with timing("gates"):
+                kl, ppl_adapter, _ = measure_gates(trainer, tokenizer, texts, ppl_base, settings, losses)
+            with timing("humaneval"):
+                he = (he_base, adapter_ability(trainer, tokenizer, settings, he_cases))
+            gate = check_gates(
+                **_gate_inputs(losses, kl, ppl_base, ppl_adapter, settings),
+                humaneval=he,
+                humaneval_max_drop=settings.thresholds.humaneval_max_drop,
+            )
+            metrics["stopped_early"] = (
+                f"the ability gate failed at step {failed_at} ({failure}); measured the weights of step "
+                f"{passed_at[0]}, the last gate check that passed, instead"
+            )
     metrics["gate_checks"] = checks
     metrics["steps_done"] = trainer.steps_done
     metrics["final_loss"] = losses[-1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,43 @@ def test_a_round_reports_the_ability_gate_and_caches_the_base(
     cached.write_text(json.dumps([True] * 6))
     _, third, _ = _train(settings, data, tokenizer, None, None)
     assert third["humaneval_base"] == metrics["humaneval_base"]
+
+
+def test_a_round_whose_last_steps_cost_ability_measures_its_last_passing_check_instead(
+    default_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # HumanEval runs at the end of a round only. A learning rate that wrecks the model makes the last
+    # steps lose what the base passes; perplexity and KL are let through so that only HumanEval sees it.
+    monkeypatch.setenv("HEEDFUL_CACHE_DIR", str(tmp_path))
+    tokenizer = LocalTokenizer(default_model)
+    prompt = tokenizer.encode("import os\n\n\ndef list_files(root):\n")
+    good = tokenizer.encode("    return sorted(os.listdir(root))")
+    bad = tokenizer.encode("    pass")
+    data = TrainingData(
+        rollout_ids=[1], groups=[Group([Sample(prompt, good, None, 1.0), Sample(prompt, bad, None, -1.0)])]
+    )
+    settings = Settings()
+    settings.model.path = str(default_model)
+    settings.training = dataclasses.replace(
+        settings.training, steps_per_round=3, gate_check_steps=1, learning_rate=0.05, lora_dropout=0.0, threads=2
+    )
+    settings.thresholds.humaneval_cases = 8
+    settings.thresholds.humaneval_max_drop = 0.0
+    settings.thresholds.kl_max = 1e30
+    settings.thresholds.perplexity_margin = 1e30
+    settings.thresholds.loss_divergence = 1e30
+
+    out, metrics, gate = _train(settings, data, tokenizer, None, None)
+
+    print("round:", json.dumps({k: metrics.get(k) for k in ("gate_checks", "steps_done", "gate", "stopped_early")}))
+    assert metrics["humaneval_base"] > 0  # something to lose
+    went = re.fullmatch(
+        r"the ability gate failed at step (\d+) \(.*HumanEval.*\); measured the weights of step (\d+), the last "
+        r"gate check that passed, instead",
+        metrics["stopped_early"],
+    )
+    assert went is not None, metrics["stopped_early"]
+    failed_at, back_to = int(went.group(1)), int(went.group(2))
+    assert back_to < failed_at and back_to in [c["step"] for c in metrics["gate_checks"] if c["passed"]]
+    assert metrics["steps_done"] == back_to  # the verdict and the saved adapter are that step's
+    assert out is not None and gate is not None
