@@ -52,19 +52,25 @@ def test_the_default_model_passes_humaneval_cases_and_a_fresh_adapter_changes_no
     assert with_adapter == base
 
 
-def test_a_round_reports_the_ability_gate_and_caches_the_base(
-    small_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("HEEDFUL_CACHE_DIR", str(tmp_path))
-    tokenizer = LocalTokenizer(small_model)
-    prompt = tokenizer.encode("import os\n\n\ndef list_files(root):\n    ")
-    good = tokenizer.encode("return sorted(os.listdir(root))")
-    bad = tokenizer.encode("pass")
+def one_group_round(model: Path) -> tuple[LocalTokenizer, TrainingData, Settings]:
+    """A round's data of one group (a body the developer kept, one they turned down) for `model`."""
+    tokenizer = LocalTokenizer(model)
+    prompt = tokenizer.encode("import os\n\n\ndef list_files(root):\n")
+    good = tokenizer.encode("    return sorted(os.listdir(root))")
+    bad = tokenizer.encode("    pass")
     data = TrainingData(
         rollout_ids=[1], groups=[Group([Sample(prompt, good, None, 1.0), Sample(prompt, bad, None, -1.0)])]
     )
     settings = Settings()
-    settings.model.path = str(small_model)
+    settings.model.path = str(model)
+    return tokenizer, data, settings
+
+
+def test_a_round_reports_the_ability_gate_and_caches_the_base(
+    small_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEEDFUL_CACHE_DIR", str(tmp_path))
+    tokenizer, data, settings = one_group_round(small_model)
     settings.training = dataclasses.replace(
         settings.training, steps_per_round=2, gate_check_steps=0, lora_dropout=0.0, threads=2
     )
@@ -98,15 +104,7 @@ def test_a_round_whose_last_steps_cost_ability_measures_its_last_passing_check_i
     # HumanEval runs at the end of a round only. A learning rate that wrecks the model makes the last
     # steps lose what the base passes; perplexity and KL are let through so that only HumanEval sees it.
     monkeypatch.setenv("HEEDFUL_CACHE_DIR", str(tmp_path))
-    tokenizer = LocalTokenizer(default_model)
-    prompt = tokenizer.encode("import os\n\n\ndef list_files(root):\n")
-    good = tokenizer.encode("    return sorted(os.listdir(root))")
-    bad = tokenizer.encode("    pass")
-    data = TrainingData(
-        rollout_ids=[1], groups=[Group([Sample(prompt, good, None, 1.0), Sample(prompt, bad, None, -1.0)])]
-    )
-    settings = Settings()
-    settings.model.path = str(default_model)
+    tokenizer, data, settings = one_group_round(default_model)
     settings.training = dataclasses.replace(
         settings.training, steps_per_round=3, gate_check_steps=1, learning_rate=0.05, lora_dropout=0.0, threads=2
     )
