@@ -145,12 +145,13 @@ class _PromptServices:
 def fill_prompts(
     requests: list[Request], settings: Settings, tokenizer: LocalTokenizer, *, single_line: bool = False
 ) -> list[float]:
-    """Set each request's prompt exactly as `CompletionService.complete` builds it (prefix-mode healing too).
+    """Set each request's prompt exactly as `CompletionService.complete` builds it (token healing too).
 
     `single_line` says which kind of cursor every request must be. Returns the seconds `prompt_for` took
     per request here: a share of the server's own latency.
     """
     from lsp_handlers.completion import CompletionService
+    from lsp_handlers.context import heal
     from lsp_handlers.documents import TextDocument
     from lsp_handlers.postprocess import is_single_line
     from server.runtime import Services
@@ -166,7 +167,7 @@ def fill_prompts(
         start = time.perf_counter()
         prompt = service.prompt_for(doc, offset, settings)
         seconds.append(time.perf_counter() - start)
-        r.prompt = prompt.text.rstrip(" \t") if prompt.mode == "prefix" else prompt.text
+        r.prompt = heal(prompt)[0]
     return seconds
 
 

@@ -161,9 +161,7 @@ class CompletionService:
         single = is_single_line(line_prefix, line_suffix)
         # Token healing (see `heal`): the blanks before the cursor are taken off the prompt and back off the
         # front of what the model writes.
-        fim = prompt.mode == "fim"
-        template = fim_template_for(settings.model.fim_template, self.services.vocabulary) if fim else None
-        prompt_text, healed = heal(prompt, template)
+        prompt_text, healed = heal(prompt)
         adapter = lease.ref
         request_id = f"cmpl-{uuid.uuid4().hex}"
         try:

@@ -31,6 +31,7 @@ __all__ = [
     "fim_template_for",
     "heal",
     "notes_header",
+    "split_blanks",
     "unheal",
 ]
 
@@ -48,6 +49,7 @@ class Prompt:
     suffix: str  # the kept text after the cursor (a prefix of `after`; "" in prefix mode)
     header: str  # the file-name header line put before the prefix ("" when none)
     tokens: int  # count_tokens(text) of the final prompt
+    template: str | None = None  # the FIM template `text` was filled in (None in prefix mode)
 
 
 # Template -> the special tokens that must all be in the tokenizer's vocabulary for "auto" to pick it.
@@ -86,26 +88,29 @@ def _check_template(template: str) -> None:
         )
 
 
-def heal(prompt: Prompt, fim_template: str | None) -> tuple[str, str]:
+def split_blanks(text: str) -> tuple[str, str]:
+    """`text` without the spaces and tabs it ends in, and those blanks."""
+    kept = text.rstrip(" \t")
+    return kept, text[len(kept) :]
+
+
+def heal(prompt: Prompt) -> tuple[str, str]:
     """Token healing: (the text to send the engine, the spaces and tabs taken off the end of the prefix).
 
     A prefix that ends in blanks (the indentation of an empty line, `x = `) splits the tokenizer's usual
     whitespace tokens: BPE tokenizers of the GPT-2 family join a run of blanks with the word after it, minus
     its last space (`"       " + " self"`), so a prompt ending in eight spaces is a token the model has seen
     before a line break, not before code, and it writes another indentation or `" with"` after it. The
-    prompt goes without them, in prefix and in fill-in-the-middle mode alike (`fim_template`: the template
-    `prompt` was built with, None in prefix mode), and the caller takes them back off the front of what the
-    model writes. A prompt whose prefix does not end in blanks is sent as it is.
+    prompt goes without them, in prefix and in fill-in-the-middle mode alike (refilled in the template it
+    was built with), and the caller takes them back off the front of what the model writes (`unheal`). A
+    prompt whose prefix does not end in blanks is sent as it is.
     """
-    kept = prompt.prefix.rstrip(" \t")
-    healed = prompt.prefix[len(kept) :]
+    kept, healed = split_blanks(prompt.prefix)
     if not healed:
         return prompt.text, ""
-    if prompt.mode == "prefix":
+    if prompt.template is None:
         return prompt.header + kept, healed
-    if fim_template is None:
-        raise ValueError("a fill-in-the-middle prompt is healed with the template it was built with, not None")
-    return fill_template(fim_template, prompt.header + kept, prompt.suffix), healed
+    return fill_template(prompt.template, prompt.header + kept, prompt.suffix), healed
 
 
 def unheal(text: str, healed: str, *, blank_line: bool) -> tuple[str, str]:
@@ -722,4 +727,5 @@ def build_prompt(
         suffix=parts.suffix(),
         header=parts.header,
         tokens=tokens,
+        template=fim_template,
     )

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from lsp_handlers.context import fill_template, unheal
+from lsp_handlers.context import fill_template, split_blanks, unheal
 
 if TYPE_CHECKING:  # torch is imported by the measurements only: the gate decision needs no torch
     import torch
@@ -414,7 +414,7 @@ def humaneval_passes(
 
     Each case is asked the way serving asks: the FIM `template` filled with the text before and after
     the cursor (the text before it alone when `template` is None), healed (the cursor's indentation off the
-    prompt and off the front of the suggestion: `lsp_handlers.context.heal`), greedy decoding of at most
+    prompt and off the front of the suggestion, as `lsp_handlers.context.heal` does), greedy decoding of at most
     `max_new_tokens`; the suggestion's first line goes in the blank and the program runs in a sandbox
     (`personalization.humaneval.passes`). `without_adapter` measures a peft model's base; `autocast` is
     the trainer's precision context (None: float32).
@@ -423,8 +423,8 @@ def humaneval_passes(
 
     # Healed as serving heals them (`lsp_handlers.context.heal`): the cursor's indentation comes off the
     # prompt and off the front of what the model writes.
-    heads = [c.prefix.rstrip(" \t") for c in cases]
-    prompts = [fill_template(template, h, c.suffix) if template else h for h, c in zip(heads, cases, strict=True)]
+    healed = [split_blanks(c.prefix) for c in cases]
+    prompts = [fill_template(template, h, c.suffix) if template else h for (h, _), c in zip(healed, cases, strict=True)]
     suggestions = greedy_suggestions(
         model,
         tokenizer,
@@ -435,8 +435,8 @@ def humaneval_passes(
         autocast=autocast,
     )
     return [
-        passes(c, unheal(s, c.prefix[len(h) :], blank_line=True)[1])
-        for c, h, s in zip(cases, heads, suggestions, strict=True)
+        passes(c, unheal(s, blanks, blank_line=True)[1])
+        for c, (_, blanks), s in zip(cases, healed, suggestions, strict=True)
     ]
 
 

@@ -23,6 +23,7 @@ import ast
 import io
 import re
 import tokenize
+from collections.abc import Callable
 from typing import Any
 
 _DEF_OPEN = re.compile(r"^[ \t]*(async[ \t]+)?def[ \t]+\w+[ \t]*\($")
@@ -459,18 +460,19 @@ class PathlibNotOsPath:
         return True, None
 
 
+def _offsets(code: str) -> Callable[[tuple[int, int]], int]:
+    """The character offset in `code` of a tokenizer position (1-based row, column)."""
+    starts = [0]
+    for line in code.split("\n"):
+        starts.append(starts[-1] + len(line) + 1)
+    return lambda position: starts[position[0] - 1] + position[1]
+
+
 def _call_spans(code: str, function: str) -> list[tuple[int, int]]:
     """(offset of the `(`, offset of its `)`) of every call to `function` (dotted as written: `open`,
     `warnings.warn`) in `code` that closes there; calls may span lines, comments and strings do not count."""
     tokens = _tokens(code)
-    starts = [0]
-    for line in code.split("\n"):
-        starts.append(starts[-1] + len(line) + 1)
-
-    def offset(tok: tokenize.TokenInfo, end: bool = False) -> int:
-        row, col = tok.end if end else tok.start
-        return starts[row - 1] + col
-
+    offset = _offsets(code)
     parts = function.split(".")
     width = 2 * len(parts) - 1  # the names and the dots between them
     spans: list[tuple[int, int]] = []
@@ -487,7 +489,7 @@ def _call_spans(code: str, function: str) -> list[tuple[int, int]]:
             elif tok.type == tokenize.OP and tok.string in ")]}":
                 depth -= 1
                 if depth == 0:
-                    spans.append((offset(tokens[i + width]), offset(tok)))
+                    spans.append((offset(tokens[i + width].start), offset(tok.start)))
                     break
     return spans
 
@@ -502,6 +504,10 @@ class _CallKeyword:
     keyword = ""
     value = ""
     prompt_kinds: tuple[str, ...] = ("call",)
+
+    @property
+    def prompt_calls(self) -> tuple[str, ...]:
+        return (self.function,)
 
     def lacks(self, positional: list[str], named: dict[str, str]) -> bool:
         return self.keyword not in named
@@ -532,7 +538,6 @@ class OpenEncoding(_CallKeyword):
     name = "open-encoding"
     correction = 'Always pass encoding="utf-8" to open() for text files.'
 
-    prompt_calls = ("open",)
     function = "open"
     keyword = "encoding"
     value = '"utf-8"'
@@ -551,7 +556,6 @@ class WarningsStacklevel(_CallKeyword):
     name = "warnings-stacklevel"
     correction = "Pass stacklevel=2 to warnings.warn so the warning points at the caller."
 
-    prompt_calls = ("warnings.warn",)
     function = "warnings.warn"
     keyword = "stacklevel"
     value = "2"
@@ -606,10 +610,7 @@ class RaiseFrom:
         words = [tok.string for tok in statement]
         if not finished or "from" in words or words in (["raise"], ["raise", caught]):
             return True, None  # not finished, already chained, or the caught exception raised again
-        last_code = statement[-1]
-        lines = text.split("\n")
-        row, col = last_code.end
-        at = sum(len(line) + 1 for line in lines[: row - 1]) + col
+        at = _offsets(text)(statement[-1].end)
         return False, (text[:at] + f" from {caught}" + text[at:])[len(head) :]
 
 
