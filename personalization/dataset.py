@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from personalization.grpo import overlong_penalty
-from personalization.judge import PRMVote, UnshownJudge
+from personalization.judge import MaybeVote, UnshownJudge
 from personalization.opd import Correction
 from personalization.trainer import Group, Sample
 from server.settings import TrainingSettings
@@ -47,7 +47,7 @@ async def load_training_data(
     settings: TrainingSettings,
     *,
     tokenize: Tokenize,
-    prm: PRMVote | None = None,
+    prm: MaybeVote | None = None,
     limit: int = 2000,
     eos: int | None = None,
 ) -> TrainingData:

@@ -9,7 +9,9 @@
 * The PRM (`prm.PRMJudge`), for unshown candidates the hindsight judge cannot decide: a classifier head on
   the frozen base model, trained here on the scope's own outcomes (`fit_scope_prm`), m MC-dropout votes,
   majority. It is used only when its accuracy on held-out outcomes reaches
-  `thresholds.prm_min_accuracy`; the accuracy is stored with each training run either way.
+  `thresholds.prm_min_accuracy`; the accuracy is stored with each training run that needed it.
+  `LazyScopePRM` fits it the first time a candidate needs it: a round where hindsight decides every
+  unshown candidate (the usual case, a developer's kept text is on most rollouts) spends no time on it.
 * `prm.LLMJudge` is the pluggable alternative for a larger judge model (m sampled yes/no votes).
 
 Anything no judge can decide gets 0.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,8 @@ from storage.repositories import RolloutRepository, Scope
 
 __all__ = [
     "LLMJudge",
+    "LazyScopePRM",
+    "MaybeVote",
     "PRMJudge",
     "PRMVote",
     "ScopePRM",
@@ -45,6 +50,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PRMVote = Callable[[str, str], int]  # (prompt, completion) -> majority vote in {-1, 0, +1}
+# A vote that may have no PRM behind it (None: none fitted, or not accurate enough to be used).
+MaybeVote = Callable[[str, str], int | None]
 
 
 def similarity(a: str, b: str) -> float:
@@ -89,7 +96,7 @@ def hindsight_reward(
 class UnshownJudge:
     """Judges unshown group members: hindsight first, then the PRM, else 0; counts which decided."""
 
-    prm: PRMVote | None = None
+    prm: MaybeVote | None = None
     tally: dict[str, int] = field(default_factory=dict)
 
     def __call__(
@@ -107,7 +114,9 @@ class UnshownJudge:
             if verdict is not None:
                 return self._count("hindsight", verdict)
         if self.prm is not None:
-            return self._count("prm", self.prm(prompt, text))
+            vote = self.prm(prompt, text)
+            if vote is not None:
+                return self._count("prm", vote)
         return self._count("unjudged", 0)
 
     def _count(self, by: str, verdict: int) -> int:
@@ -166,3 +175,34 @@ def fit_scope_prm(
         return verdict
 
     return ScopePRM(vote, report)
+
+
+@dataclass(slots=True)
+class LazyScopePRM:
+    """`fit_scope_prm` run on the first vote asked for, once; `report` says whether and how it was fitted.
+
+    Fitting costs a pass of the base model over every outcome of the scope (half a minute for the code model
+    on two cores), while hindsight decides every unshown candidate whose rollout has kept text.
+    """
+
+    fit: Callable[[], ScopePRM]
+    examples: int = 0  # outcomes the fit would train on, reported either way
+    fitted: ScopePRM | None = None
+    seconds: float = 0.0
+
+    def __call__(self, prompt: str, completion: str) -> int | None:
+        if self.fitted is None:
+            started = time.monotonic()
+            self.fitted = self.fit()
+            self.seconds = time.monotonic() - started
+        return None if self.fitted.vote is None else self.fitted.vote(prompt, completion)
+
+    @property
+    def report(self) -> dict[str, Any]:
+        if self.fitted is None:
+            return {
+                "examples": self.examples,
+                "used": False,
+                "reason": "not fitted: hindsight judged every unshown candidate",
+            }
+        return self.fitted.report

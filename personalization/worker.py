@@ -237,7 +237,7 @@ async def _round(
     progress: RoundProgress,
 ) -> RoundResult:
     from personalization.dataset import load_training_data
-    from personalization.judge import fit_scope_prm, prm_examples
+    from personalization.judge import LazyScopePRM, fit_scope_prm, prm_examples
 
     t = settings.training
     cap_threads(t.threads)
@@ -245,21 +245,20 @@ async def _round(
     deadline = started + t.round_budget_s
     async with store.unit() as s:
         examples = await prm_examples(s, scope)
-    prm_started = time.monotonic()
-    prm = await asyncio.to_thread(
-        fit_scope_prm,
-        settings.model_path(),
-        examples,
-        min_accuracy=settings.thresholds.prm_min_accuracy,
-        votes=t.prm_votes,
-        seed=t.seed,
+    prm = LazyScopePRM(
+        functools.partial(
+            fit_scope_prm,
+            settings.model_path(),
+            examples,
+            min_accuracy=settings.thresholds.prm_min_accuracy,
+            votes=t.prm_votes,
+            seed=t.seed,
+        ),
+        examples=len(examples),
     )
-    prm_seconds = time.monotonic() - prm_started
     async with store.unit() as s:
-        # The PRM votes on this thread (a forward pass per unshown candidate); the worker serves nothing.
-        data = await load_training_data(
-            s, scope, t, tokenize=tokenizer.encode, prm=prm.vote, eos=tokenizer.eos_token_id
-        )
+        # The PRM is fitted (if a candidate needs it) and votes on this thread: the worker serves nothing.
+        data = await load_training_data(s, scope, t, tokenize=tokenizer.encode, prm=prm, eos=tokenizer.eos_token_id)
         active = await AdapterRepository(s).active(scope)
     init = Path(active.path) if active else None
     root = resolve_adapters_root(adapters_root)
@@ -284,7 +283,7 @@ async def _round(
     trainer_dir, metrics, gate = result
     metrics["prm"] = prm.report
     metrics["seconds"] = round(time.monotonic() - started, 1)
-    metrics.setdefault("timing", {})["prm_fit"] = round(prm_seconds, 1)
+    metrics.setdefault("timing", {})["prm_fit"] = round(prm.seconds, 1)
     if trainer_dir is None:
         await _mark(store, scope, data, RolloutStatus.TRAINED, "no signal: every group's rewards were equal")
         return RoundResult(scope, "skipped", str(metrics.get("reason", "no signal")), metrics=metrics)

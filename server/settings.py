@@ -406,8 +406,8 @@ class ThresholdSettings:
     accept_rate_window: int = setting(50, "Completions after a swap the accept rate is measured over.", min=1)
     prm_min_accuracy: float = setting(
         0.75,
-        "Held-out accuracy the PRM (trained each round on the scope's own outcomes) needs before its votes "
-        "judge unshown candidates; below it they get 0.",
+        "Held-out accuracy the PRM (trained on the scope's own outcomes in a round whose hindsight cannot "
+        "judge every candidate) needs before its votes judge unshown candidates; below it they get 0.",
         min=0.0,
         max=1.0,
     )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
-from personalization.judge import UnshownJudge
+from personalization.judge import LazyScopePRM, PRMVote, ScopePRM, UnshownJudge
 from personalization.opd import (
     MAX_HINT_CHARS,
     Correction,
@@ -92,3 +94,28 @@ def test_unshown_judge_prefers_hindsight_then_prm_and_counts() -> None:
     assert calls == ["x = compute(a, b)", "return 1"]
     assert judge.tally == {"hindsight": 1, "prm": 2}
     assert UnshownJudge(None)("p", "return 1", None) == 0
+
+
+def test_the_prm_is_fitted_only_when_a_candidate_needs_it_and_once() -> None:
+    fits: list[int] = []
+
+    def fit(vote: PRMVote | None) -> Callable[[], ScopePRM]:
+        def run() -> ScopePRM:
+            fits.append(1)
+            return ScopePRM(vote, {"examples": 12, "used": vote is not None})
+
+        return run
+
+    lazy = LazyScopePRM(fit(lambda prompt, text: 1), examples=12)
+    judge = UnshownJudge(lazy)
+    assert judge("p", "return a + b", "return a + b") == 1  # hindsight decides: nothing fitted
+    assert fits == [] and lazy.report == {
+        "examples": 12,
+        "used": False,
+        "reason": "not fitted: hindsight judged every unshown candidate",
+    }
+    assert judge("p", "return 1", None) == 1 and judge("p", "return 2", None) == 1
+    assert fits == [1] and lazy.report == {"examples": 12, "used": True}
+    # A PRM fitted but not accurate enough leaves the candidate unjudged (0), as no PRM at all does.
+    unused = UnshownJudge(LazyScopePRM(fit(None)))
+    assert unused("p", "return 1", None) == 0 and unused.tally == {"unjudged": 1}
