@@ -104,6 +104,7 @@ class HeedfulLanguageServer(LanguageServer):
         self.shutdown_requested = False
         self.closed = False
         self.last_status: dict[str, Any] | None = None
+        self.status_started = False  # statuses go out from `initialized` on, the first with the learning state
         self._settings_files: list[Path] = []
         self._settings_stamp: FileStamp = ()
         self._unsubscribe = services.engine.subscribe(self.send_status)
@@ -123,7 +124,7 @@ class HeedfulLanguageServer(LanguageServer):
         return self.identity
 
     def send_status(self, status: EngineStatus | None = None) -> None:
-        if self.closed or self.protocol.writer is None or self.identity is None:
+        if self.closed or self.protocol.writer is None or self.identity is None or not self.status_started:
             return
         status = status or self.services.engine.status
         arm = self.arm
@@ -460,7 +461,13 @@ def create_server(
         )
 
     @ls.feature(types.INITIALIZED)
-    def initialized(ls: HeedfulLanguageServer, params: types.InitializedParams) -> None:
+    async def initialized(ls: HeedfulLanguageServer, params: types.InitializedParams) -> None:
+        identity = ls.require_identity()
+        try:  # the first status carries the learning state, rather than a second one a poll later
+            await services.learning.first_read(Scope.developer(identity.developer_id))
+        except Exception as exc:  # the status says "not known yet" until the next poll reads it
+            log.warning("reading the learning state of %r failed: %s", identity.developer_id, exc)
+        ls.status_started = True
         ls.send_status()
 
     @ls.feature(types.SHUTDOWN)

@@ -136,17 +136,29 @@ class LearningMonitor:
     def facts(self, scope: Scope) -> ScopeFacts | None:
         return self._facts.get(scope)
 
-    async def refresh(self) -> list[Scope]:
-        """Read the watched scopes' facts; return the scopes whose facts changed."""
-        scopes = list(self._watchers)
-        if not scopes:
-            return []
+    async def first_read(self, scope: Scope) -> None:
+        """Read a newly watched scope's facts now, telling no listener: a session's first status carries
+        them, instead of a second status a poll later (whose timing a recorded session would depend on)."""
+        if scope in self._facts or scope not in self._watchers:
+            return
+        facts = await self._read([scope])
+        if scope in self._watchers:
+            self._facts.setdefault(scope, facts[scope])
+
+    async def _read(self, scopes: list[Scope]) -> dict[Scope, ScopeFacts]:
         async with self._store.unit() as s:
             statuses = await TrainingStatusRepository(s).of(scopes)
             paused = await ScopeControlRepository(s).paused()
             pending = {sc: await RolloutRepository(s).count_pending(sc) for sc in scopes}
             now = utcnow()
-            facts = {sc: scope_facts(pending[sc], paused.get(sc), statuses.get(sc), now) for sc in scopes}
+            return {sc: scope_facts(pending[sc], paused.get(sc), statuses.get(sc), now) for sc in scopes}
+
+    async def refresh(self) -> list[Scope]:
+        """Read the watched scopes' facts; return the scopes whose facts changed."""
+        scopes = list(self._watchers)
+        if not scopes:
+            return []
+        facts = await self._read(scopes)
         scopes = [sc for sc in scopes if sc in self._watchers]  # some may have been unwatched meanwhile
         changed = [sc for sc in scopes if facts[sc] != self._facts.get(sc)]
         self._facts.update({sc: facts[sc] for sc in scopes})
