@@ -18,13 +18,17 @@ Cases, each with p50/p95/p99 over the same requests:
     `engine.adapter_serving = auto` (one scope in use: merged into the weights), and again in a second
     server with `lora` (multi-LoRA, what a shared server does);
 - typing: a third server with prefix caching on (the default), base and personalized: after a request
-  at the cursor the developer types the call's first characters, each keystroke a new request; and a
-  fourth with the prompt's start not anchored (`completion.prefix_anchor_lines` = 1), base only;
+  at the cursor the developer types the call's first characters, each keystroke a new request (one that
+  types what the suggestion shows is answered with its rest, `completion.type_through`); and two more
+  servers, base only: the prompt's start not anchored (`completion.prefix_anchor_lines` = 1), and
+  `completion.type_through` off;
 - raw vLLM: `EmbeddedEngine.generate` in this process, 1 stream and N concurrent;
 - Hugging Face `generate` (float32, this process), 1 stream;
-- llama.cpp (llama-cpp-python on the model's original Q4_1 GGUF, in a subprocess), 1 stream. It is built
-  once into the cache (about 9 minutes on 2 cores) with the CPU features that run here; `--no-llama-cpp`
-  skips it.
+- llama.cpp (llama-cpp-python on the default model's original GGUF, Q4_K_M, in a subprocess), 1 stream.
+  It is built once into the cache (about 9 minutes on 2 cores) with every CPU feature here (native), or
+  without AVX-512/AMX on CPUs with AMX, where the native build crashed; `--no-llama-cpp` skips it.
+
+The CPU model and llama.cpp's build flags are printed with the figures.
 
     .venv/bin/python -m bench.latency [--requests 40] [--sessions 8] [--typing 12] [--no-llama-cpp] [--json]
 """
@@ -68,6 +72,7 @@ from bench.lsp import (
     wait_or_exit,
 )
 from bench.swap import TEAM, listening_port, make_adapter, publish, publish_db_ready
+from server.engine.machine import cpu_model
 
 WARMUP = 3
 MAX_TOKENS = 16
@@ -76,9 +81,22 @@ MERGE_WINDOW_S = 2.0
 TYPED_CHARS = 3
 LLAMA_CPP_VERSION = "0.3.36"
 Case = list[tuple[float, int]]  # (seconds, new tokens) per measured request
-# The default native build crashed at generation on this kind of machine (AVX-512 / AMX code paths);
-# this set builds and runs. Part of the cache key, so a change rebuilds.
-LLAMA_CPP_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF"
+# The native build crashed at generation on the Intel machines of this kind (its AMX code paths); without
+# AMX (AMD EPYC) it builds and runs with every feature the CPU has (AVX-512, VNNI, BF16). Part of the cache
+# key, so each kind of CPU gets its own build.
+LLAMA_CPP_NATIVE = "-DGGML_NATIVE=ON"
+LLAMA_CPP_NO_AMX = "-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF"
+
+
+def llama_cpp_cmake_args() -> str:
+    """The CMake flags llama.cpp is built with on this machine: native unless the CPU has AMX."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return LLAMA_CPP_NO_AMX if "amx_tile" in flags else LLAMA_CPP_NATIVE
+
+
 CALL_RE = re.compile(r"^([ \t]+)([A-Za-z_][\w.]*(?:\[[^\]]*\])?\s*=\s*[A-Za-z_][\w.]*\()(.+)\)\s*$")
 
 
@@ -118,11 +136,16 @@ def tagged(requests: list[Request], tag: str) -> list[Request]:
 
 
 def write_config(
-    tmp: Path, name: str, model: Path, adapter_serving: str, *, prefix_caching: bool = False, anchor_lines: int = 0
+    tmp: Path,
+    name: str,
+    model: Path,
+    adapter_serving: str,
+    *,
+    prefix_caching: bool = False,
+    completion: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
-    completion: dict[str, Any] = {"single_line_max_tokens": MAX_TOKENS, "timeout_ms": 120000}
-    if anchor_lines:
-        completion["prefix_anchor_lines"] = anchor_lines
+    """`completion`: settings of the `[completion]` table beyond the bench's own (the defaults otherwise)."""
+    completion = {"single_line_max_tokens": MAX_TOKENS, "timeout_ms": 120000, **(completion or {})}
     return bench_config(
         tmp,
         name,
@@ -150,13 +173,11 @@ async def start_server(
     adapter_serving: str,
     *,
     prefix_caching: bool = False,
-    anchor_lines: int = 0,
+    completion: dict[str, Any] | None = None,
 ) -> tuple[Path, Path, str, asyncio.subprocess.Process]:
     """A `heedful serve --tcp` whose store has `adapter` active for the team: (db, log, version, process).
-    `anchor_lines`: `completion.prefix_anchor_lines` (0: the default)."""
-    config, db = write_config(
-        tmp, name, model, adapter_serving, prefix_caching=prefix_caching, anchor_lines=anchor_lines
-    )
+    `completion`: `[completion]` settings that differ from the defaults."""
+    config, db = write_config(tmp, name, model, adapter_serving, prefix_caching=prefix_caching, completion=completion)
     await publish_db_ready(config, db)
     version, _ = await publish(db, adapter, tmp / f"adapters-{name}")
     log = tmp / f"serve-{name}.log"
@@ -234,30 +255,42 @@ async def serve_cases(
 
 
 UNANCHORED = "base typing, start not anchored x1"
+NO_TYPE_THROUGH = "base typing, no type-through x1"
+# Typing servers: the default, and two peers of it that each turn one thing off (base developers only).
+TYPING_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "default": ("typing", {}),
+    "unanchored": ("typing-unanchored", {"prefix_anchor_lines": 1}),
+    "no-type-through": ("typing-no-type-through", {"type_through": False}),
+}
 
 
 async def typing_cases(
-    tmp: Path, model: Path, adapter: Path, requests: list[Request], *, anchored: bool = True
-) -> dict[str, Case]:
+    tmp: Path, model: Path, adapter: Path, requests: list[Request], variant: str = "default"
+) -> tuple[dict[str, Case], dict[str, float]]:
     """Keystrokes with prefix caching on (the default): after a completion at the cursor, the developer
     types the call's first arguments one character at a time and every keystroke asks again. All but the
     last few prompt tokens were computed for the previous keystroke, so only they are prefilled, if the
-    prompt starts where it started before: `anchored` False serves with `completion.prefix_anchor_lines`
-    = 1 (the prompt's first line is the farthest that fits, which moves as the cursor line grows), base
-    developers only, as the peer of the default."""
-    name = "typing" if anchored else "typing-unanchored"
+    prompt starts where it started before; and a keystroke that types what the suggestion shows is
+    answered with the suggestion's rest (`completion.type_through`), without the engine.
+
+    `variant` "unanchored" serves with `completion.prefix_anchor_lines` = 1 (the prompt's first line is the
+    farthest that fits, which moves as the cursor line grows) and "no-type-through" with
+    `completion.type_through` off, base developers only, as peers of the default. Returns the cases and,
+    for each, the share of keystrokes answered from the suggestion typed through."""
+    name, completion = TYPING_VARIANTS[variant]
     db, log, version, proc = await start_server(
-        tmp, name, model, adapter, "auto", prefix_caching=True, anchor_lines=0 if anchored else 1
+        tmp, name, model, adapter, "auto", prefix_caching=True, completion=completion
     )
     clients: list[BenchClient] = []
     cases: dict[str, Case] = {}
-    kinds = (("base", None), ("personalized", TEAM)) if anchored else (("base", None),)
+    reuses: dict[str, float] = {}
+    kinds = (("base", None), ("personalized", TEAM)) if variant == "default" else (("base", None),)
     try:
         port = await wait_or_exit(proc, listening_port(log), log, 120)
         for kind, team in kinds:
             label = f"{kind} typing x1" if kind == "base" else "personalized auto typing x1"
-            if not anchored:
-                label = UNANCHORED
+            if variant != "default":
+                label = UNANCHORED if variant == "unanchored" else NO_TYPE_THROUGH
             client = BenchClient(f"bench-{name}-{kind}", team)
             await client.lc.start_tcp("127.0.0.1", port)
             await wait_or_exit(proc, client.initialize(), log, 120)
@@ -265,11 +298,12 @@ async def typing_cases(
             await wait_or_exit(proc, client.wait_ready(900), log, 900)
             await asyncio.sleep(MERGE_WINDOW_S + 0.5)
             measured: list[tuple[Request, float]] = []
-            answered = 0  # requests answered with a completion (the others leave no record)
+            answered = 0  # requests the engine answered with a completion (the others leave no record)
+            reused = 0
             for r in tagged(requests, label.replace(" ", "-")):
                 client.open(r)
-                _, cold = await client.inline(r)  # the cold request at the cursor: not measured
-                answered += cold
+                _, previous = await client.inline_answer(r)  # the cold request at the cursor: not measured
+                answered += previous is not None
                 for k, char in enumerate(r.typed):
                     client.lc.text_document_did_change(
                         types.DidChangeTextDocumentParams(
@@ -286,9 +320,16 @@ async def typing_cases(
                         )
                     )
                     key = dataclasses.replace(r, character=r.character + k + 1)
-                    seconds, ok = await client.inline(key)
+                    seconds, answer = await client.inline_answer(key)
                     measured.append((r, seconds))
-                    answered += ok
+                    # The same id again: the developer typed what the suggestion showed and the server
+                    # answered with its rest, with no engine call and no record.
+                    if answer is not None and answer == previous:
+                        reused += 1
+                    else:
+                        answered += answer is not None
+                    previous = answer
+            reuses[label] = reused / len(measured)
             deadline = time.monotonic() + 15  # answers come before the batching writer commits
             while True:
                 with sqlite3.connect(db) as conn:
@@ -308,10 +349,13 @@ async def typing_cases(
             mean_tokens = round(statistics.fmean(len(json.loads(ids)) for _, ids in served))
             cases[label] = [(seconds, mean_tokens) for _, seconds in measured]
             p50 = statistics.median(t for _, t in measured)
-            print(f"[bench.latency] {label}: p50 {p50 * 1000:.0f} ms", file=sys.stderr)
+            print(
+                f"[bench.latency] {label}: p50 {p50 * 1000:.0f} ms, {reuses[label]:.0%} answered from the suggestion",
+                file=sys.stderr,
+            )
     finally:
         await stop_server(clients, proc)
-    return cases
+    return cases, reuses
 
 
 def check_served(db: Path, measured: list[Request], version: str | None, label: str, log: Path) -> dict[str, int]:
@@ -396,7 +440,8 @@ def llama_cpp_dir() -> Path:
     """llama-cpp-python built into the cache (once): the folder to put on PYTHONPATH."""
     from server import paths
 
-    key = hashlib.sha256(f"{LLAMA_CPP_VERSION} {LLAMA_CPP_CMAKE_ARGS}".encode()).hexdigest()[:10]
+    cmake_args = llama_cpp_cmake_args()
+    key = hashlib.sha256(f"{LLAMA_CPP_VERSION} {cmake_args}".encode()).hexdigest()[:10]
     target = paths.cache_dir() / "llama-cpp" / f"{LLAMA_CPP_VERSION}-{key}"
     if (target / "llama_cpp").is_dir():
         return target
@@ -407,7 +452,7 @@ def llama_cpp_dir() -> Path:
         file=sys.stderr,
         flush=True,
     )
-    env = dict(os.environ, CMAKE_ARGS=LLAMA_CPP_CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+    env = dict(os.environ, CMAKE_ARGS=cmake_args, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
     cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps", "--target"]
     proc = subprocess.run(
         [*cmd, str(partial), f"llama-cpp-python=={LLAMA_CPP_VERSION}", "diskcache"],
@@ -456,6 +501,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     n = args.sessions
     requests = single_line_requests(args.requests + WARMUP)
     times: dict[str, Case] = {}
+    type_through: dict[str, float] = {}  # typing case -> share of keystrokes answered from the suggestion
     with tempfile.TemporaryDirectory(prefix="heedful-bench-latency-") as tmp_name:
         tmp = Path(tmp_name)
         config, _ = write_config(tmp, "prompts", model, "auto")
@@ -472,9 +518,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 tmp, model, adapter, mode, requests, n, with_base, args.rounds if with_base else 1
             )
         print("[bench.latency] heedful serve, typing with prefix caching ...", file=sys.stderr, flush=True)
-        times |= await typing_cases(tmp, model, adapter, requests[WARMUP : WARMUP + args.typing])
-        print("[bench.latency] heedful serve, typing, prompt start not anchored ...", file=sys.stderr, flush=True)
-        times |= await typing_cases(tmp, model, adapter, requests[WARMUP : WARMUP + args.typing], anchored=False)
+        typing = requests[WARMUP : WARMUP + args.typing]
+        for variant in TYPING_VARIANTS:
+            print(f"[bench.latency] heedful serve, typing ({variant}) ...", file=sys.stderr, flush=True)
+            cases, shares = await typing_cases(tmp, model, adapter, typing, variant)
+            times |= cases
+            type_through |= shares
         print("[bench.latency] raw vLLM ...", file=sys.stderr, flush=True)
         times |= await raw_vllm(prompts, n)
         print("[bench.latency] Hugging Face generate ...", file=sys.stderr, flush=True)
@@ -497,7 +546,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": MAX_TOKENS,
         "cores": len(os.sched_getaffinity(0)),
         "prompt_tokens": statistics.fmean(len(p) for p in prompts),
+        "cpu": cpu_model(),
+        "llama_cpp_build": llama_cpp_cmake_args(),
         "results": figures,
+        "typing_answered_from_suggestion": type_through,
         "ratios_p50": {
             "personalized (merged) / base, 1 session": ratio("personalized auto x1", "base x1"),
             f"personalized (merged) / base, {n} sessions": ratio(f"personalized auto x{n}", f"base x{n}"),
@@ -509,6 +561,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "base typing / base, 1 session": ratio("base typing x1", "base x1"),
             "personalized typing / base typing": ratio("personalized auto typing x1", "base typing x1"),
             "base typing / typing, start not anchored": ratio("base typing x1", UNANCHORED),
+            "base typing / typing, no type-through": ratio("base typing x1", NO_TYPE_THROUGH),
             "raw vLLM / llama.cpp": ratio("raw vLLM x1", "llama.cpp x1"),
             "HF generate / llama.cpp": ratio("HF generate x1", "llama.cpp x1"),
         },
@@ -520,10 +573,13 @@ def print_table(r: dict[str, Any]) -> None:
         f"single-line completion latency: {r['requests']} stdlib cursors, prompts {r['prompt_tokens']:.0f} tokens on "
         f"average, up to {r['max_tokens']} new tokens, greedy, stop at the line end, {r['cores']} cores"
     )
+    print(f"CPU: {r['cpu']}; llama.cpp built with {r['llama_cpp_build']}")
     print(f"{'case':<34}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'tokens':>8}")
     for label, f in r["results"].items():
         print(f"{label:<34}{f['p50']:>9.0f}{f['p95']:>9.0f}{f['p99']:>9.0f}{f['mean']:>9.0f}{f['tokens']:>8.1f}")
     print("tokens: mean new tokens generated (the shown candidate's, as the server recorded them)")
+    for label, share in r["typing_answered_from_suggestion"].items():
+        print(f"{label}: {share:.0%} of keystrokes answered from the suggestion typed through")
     print("p50 ratios:")
     for label, value in r["ratios_p50"].items():
         if value is not None:

@@ -293,6 +293,11 @@ class BenchClient:
 
     async def inline(self, request: Request) -> tuple[float, bool]:
         """(seconds, whether a completion came back) for one textDocument/inlineCompletion."""
+        elapsed, answer = await self.inline_answer(request)
+        return elapsed, answer is not None
+
+    async def inline_answer(self, request: Request) -> tuple[float, str | None]:
+        """(seconds, the completion id of the item that came back, or None) for one inlineCompletion."""
         params = types.InlineCompletionParams(
             context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
             text_document=types.TextDocumentIdentifier(uri=request.uri),
@@ -302,7 +307,12 @@ class BenchClient:
         result = await self.lc.text_document_inline_completion_async(params)
         elapsed = time.perf_counter() - start
         items = result.items if isinstance(result, types.InlineCompletionList) else (result or [])
-        return elapsed, bool(items) and bool(items[0].insert_text)
+        command = items[0].command if items else None
+        arguments = command.arguments if command is not None else None
+        first = arguments[0] if arguments else None
+        if not items or not items[0].insert_text or not isinstance(first, dict):
+            return elapsed, None
+        return elapsed, str(first["completionId"])
 
     async def close(self) -> None:
         """shutdown + exit, as an editor does; then wait for the connection to end."""

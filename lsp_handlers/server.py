@@ -390,6 +390,27 @@ class HeedfulLanguageServer(LanguageServer):
             "edit_snapshot", tracked.completion_id, delay_s=delay, survival_ratio=ratio, kept_text=kept
         )
 
+    def typed_through(self, doc: TextDocument, offset: int) -> Served | None:
+        """The rest of the suggestion the developer has been typing through, when `offset` is where its typed
+        part ends: served again under its own id without asking the engine (None when there is no such rest).
+
+        What the developer typed matches the suggestion character for character (`Suggestion.observe`), so
+        the rest is what the model wrote after those characters; the request that asks at that cursor would
+        spend a model call (and its latency) on a question already answered. Feedback names the one id: an
+        accept inserts the rest where the typed part ends, a partial accept counts from the item sent back.
+        """
+        if not self.settings.completion.type_through:
+            return None
+        sugg = self.suggestions.get(doc.uri)
+        if sugg is None or offset != sugg.cursor or not 0 < sugg.typed < len(sugg.text):
+            return None
+        state = self.served.get(sugg.completion_id)
+        if state is None or state.outcomes & {"accepted", "rejected"}:
+            return None
+        line_prefix, _ = doc.line_at(offset)
+        self.latest_completion = sugg.completion_id
+        return Served(sugg.completion_id, sugg.text[sugg.typed :], offset, doc.position_at(offset), line_prefix)
+
     def serve(self, doc: TextDocument, served: Served) -> None:
         """Remember a served completion; the one it replaces in this document is no longer followed."""
         state = CompletionState(served, doc.uri)
@@ -571,9 +592,13 @@ def create_server(
             ls.inflight[uri] = current
         try:
             try:
-                doc.offset_at(position)
+                offset = doc.offset_at(position)
             except DocumentError as exc:
                 raise JsonRpcInvalidParams(str(exc)) from None
+            rest = ls.typed_through(doc, offset)
+            if rest is not None:
+                log.debug("completion %s typed through: the rest served again at %d", rest.completion_id, offset)
+                return doc, rest
             open_doc = ls.open_docs.get(uri)
             served = await ls.completions.complete(
                 doc,
@@ -673,10 +698,15 @@ def create_server(
         if params.accepted_length < 0:
             log.warning("didPartiallyAcceptCompletion with acceptedLength %d < 0; ignored", params.accepted_length)
             return
-        # acceptedLength counts UTF-16 units of insertText (the contract); the store keeps characters.
-        chars = code_points_for_units(state.served.text, params.accepted_length, types.PositionEncodingKind.Utf16)
-        accepted = state.served.text[:chars]
-        ls.record_event("partial_accept", completion_id, accepted_length=chars, kept_text=accepted)
+        # acceptedLength counts UTF-16 units of the item's insertText (the contract); the store keeps characters.
+        # The item may be the rest of the suggestion served again after the developer typed its start
+        # (`typed_through`): then the accepted text runs from the suggestion's own start.
+        text = state.served.text
+        item_text = params.item.insert_text if isinstance(params.item.insert_text, str) else text
+        skip = len(text) - len(item_text) if item_text and text.endswith(item_text) else 0
+        chars = code_points_for_units(text[skip:], params.accepted_length, types.PositionEncodingKind.Utf16)
+        accepted = text[: skip + chars]
+        ls.record_event("partial_accept", completion_id, accepted_length=len(accepted), kept_text=accepted)
         if accepted:
             ls.track_accept(state, accepted)
 

@@ -213,6 +213,11 @@ class CompletionSettings:
         min=1,
         max=1024,
     )
+    type_through: bool = setting(
+        True,
+        "While the developer types what the suggestion shows, a request at the cursor is answered with the rest "
+        "of that suggestion, without the engine (as editors keep showing ghost text typed through).",
+    )
     timeout_ms: int = setting(
         2000,
         "A completion the engine has not produced by then is answered with nothing.",

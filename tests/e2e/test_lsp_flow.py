@@ -171,6 +171,56 @@ async def test_completion_and_every_kind_of_feedback_reach_the_store(flavour: st
         assert {e["kept_text"] for e in written} == {divergent}
 
 
+async def test_typing_through_a_suggestion_is_answered_with_its_rest_under_the_same_id(lsp_setup: ServerSetup) -> None:
+    options = {"developerId": "dev-typist", "sessionId": "session-typist"}
+    async with running_client("vscode", lsp_setup.config, lsp_setup.log, options) as client:
+        await client.wait_status("ready")
+        enc = client.encoding
+        uri = "file:///work/typist.py"
+        client.open(uri, SOURCE)
+        item = await serve_item(client, uri, 6, 4)
+        text = str(item.insert_text)
+        assert len(text.rstrip()) > 4, f"the model's suggestion is too short for this test: {text!r}"
+
+        # Two keystrokes that type what the suggestion shows; the editor asks again at the new cursor.
+        cursor = (6, 4)
+        for char in text[:2]:
+            client.change(uri, [(cursor, cursor, char)])
+            cursor = end_of(cursor, char, enc)
+        again = await serve_item(client, uri, *cursor)
+        assert completion_id(again) == completion_id(item) and again.insert_text == text[2:]
+
+        # Accept-word on the item served again: its acceptedLength counts from that item, the kept text
+        # runs from the suggestion's start.
+        word = text[2:4]
+        client.change(uri, [(cursor, cursor, word)])
+        client.notify(
+            "textDocument/didPartiallyAcceptCompletion",
+            {
+                "item": client.lc.protocol._converter.unstructure(again),
+                "acceptedLength": client_length(word, types.PositionEncodingKind.Utf16),
+            },
+        )
+        cursor = end_of(cursor, word, enc)
+
+        # Switched off, the same cursor goes to the engine: a completion of its own (or none).
+        client.lc.workspace_did_change_configuration(
+            types.DidChangeConfigurationParams(settings={"heedful": {"completion": {"type_through": False}}})
+        )
+        fresh = await client.inline(uri, *cursor)
+        fresh_ids = [completion_id(i) for i in fresh.items] if fresh is not None else []
+        assert completion_id(item) not in fresh_ids
+        exit_status = await client.stop()
+    assert exit_status == 0
+
+    rows = lsp_setup.rows("SELECT id FROM completions WHERE session_id = ?", "session-typist")
+    assert sorted(r["id"] for r in rows) == sorted([completion_id(item), *fresh_ids])  # nothing recorded twice
+    events = lsp_setup.rows("SELECT * FROM events WHERE completion_id = ? ORDER BY id", completion_id(item))
+    (part,) = [e for e in events if e["kind"] == "partial_accept"]
+    assert part["kept_text"] == text[:4] and part["accepted_length"] == 4
+    assert not [e for e in events if e["kind"] == "rejected"]  # typing what it showed is no reject
+
+
 async def test_client_without_inline_completion_gets_completion_items(lsp_setup: ServerSetup) -> None:
     options = {"developerId": "dev-vim", "sessionId": "session-vim"}
     async with running_client("no-inline", lsp_setup.config, lsp_setup.log, options) as client:
