@@ -80,7 +80,7 @@ STOP = ["\n"]
 MERGE_WINDOW_S = 2.0
 TYPED_CHARS = 3
 LLAMA_CPP_VERSION = "0.3.36"
-Case = list[tuple[float, int]]  # (seconds, new tokens) per measured request
+Case = list[tuple[float, int]]  # (seconds, new tokens; -1: answered with nothing) per measured request
 # The native build crashed at generation on the Intel machines of this kind (its AMX code paths); without
 # AMX (AMD EPYC) it builds and runs with every feature the CPU has (AVX-512, VNNI, BF16). Part of the cache
 # key, so each kind of CPU gets its own build.
@@ -245,8 +245,11 @@ async def serve_cases(
                     await group[0].inline(r)
                 results = await asyncio.gather(*(timed_session(c, s) for c, s in zip(group, shares, strict=True)))
                 flat = [x for session in results for x in session]
-                tokens = check_served(db, measured, version if team else None, label, log)
-                times.setdefault(label, []).extend((t, tokens[r.uri]) for r, t, _ in flat)
+                # A request the server answered with nothing (post-processing left nothing worth showing)
+                # was timed like the others but leaves no record: its token count is unknown (-1).
+                answered = [r for r, _, ok in flat if ok]
+                tokens = check_served(db, answered, version if team else None, label, log)
+                times.setdefault(label, []).extend((t, tokens[r.uri] if ok else -1) for r, t, ok in flat)
                 p50 = statistics.median(t for r, t, _ in flat)
                 print(f"[bench.latency] {label} (round {rnd + 1}): p50 {p50 * 1000:.0f} ms", file=sys.stderr)
     finally:
@@ -533,7 +536,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             times["llama.cpp x1"] = llama_cpp(prompts)
     figures = {
         label: {k: v * 1000 for k, v in percentiles([t for t, _ in case]).items()}
-        | {"n": len(case), "tokens": statistics.fmean(n for _, n in case)}
+        | {
+            "n": len(case),
+            "tokens": statistics.fmean([n for _, n in case if n >= 0] or [0]),
+            "nulls": sum(n < 0 for _, n in case),
+        }
         for label, case in times.items()
     }
 
@@ -574,10 +581,16 @@ def print_table(r: dict[str, Any]) -> None:
         f"average, up to {r['max_tokens']} new tokens, greedy, stop at the line end, {r['cores']} cores"
     )
     print(f"CPU: {r['cpu']}; llama.cpp built with {r['llama_cpp_build']}")
-    print(f"{'case':<34}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'tokens':>8}")
+    print(f"{'case':<34}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'tokens':>8}{'nulls':>7}")
     for label, f in r["results"].items():
-        print(f"{label:<34}{f['p50']:>9.0f}{f['p95']:>9.0f}{f['p99']:>9.0f}{f['mean']:>9.0f}{f['tokens']:>8.1f}")
-    print("tokens: mean new tokens generated (the shown candidate's, as the server recorded them)")
+        print(
+            f"{label:<34}{f['p50']:>9.0f}{f['p95']:>9.0f}{f['p99']:>9.0f}{f['mean']:>9.0f}{f['tokens']:>8.1f}"
+            f"{f['nulls']:>7}"
+        )
+    print(
+        "tokens: mean new tokens generated (the shown candidate's, as the server recorded them); "
+        "nulls: requests answered with nothing"
+    )
     for label, share in r["typing_answered_from_suggestion"].items():
         print(f"{label}: {share:.0%} of keystrokes answered from the suggestion typed through")
     print("p50 ratios:")
