@@ -27,6 +27,7 @@ from server.engine import Candidate, Engine, EngineError
 from server.registry import BASE, Lease
 from server.runtime import Services, arm_of
 from server.settings import Settings
+from storage.repositories import Scope
 from storage.store import CandidateRecord, CompletionRecord, DocumentSeen, GroupRecord
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Served:
     offset: int
     position: types.Position
     line_prefix: str
+    recorded: bool = True  # False: served while the developer had recording paused; nothing of it is stored
 
 
 def fit_candidate(candidate: Candidate, shown: str, engine: Engine) -> CandidateRecord:
@@ -212,6 +214,8 @@ class CompletionService:
         if shown is None:
             log.debug("no completion for %s: nothing useful in %r", doc.uri, raw.text)
             return None
+        if self.services.learning.recording_paused(Scope.developer(identity.developer_id)):
+            return Served(f"c-{uuid.uuid4().hex}", shown, offset, position, line_prefix, recorded=False)
         served = Served(f"c-{uuid.uuid4().hex}", shown, offset, position, line_prefix)
         record = CompletionRecord(
             id=served.completion_id,

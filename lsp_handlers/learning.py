@@ -8,11 +8,15 @@ developer scope (`developer:<id>`; a team's adapter is the admin's to roll back,
 - `pause` / `resume`: stop or restart training their adapter (serving goes on with the one they have),
   audited as `pause_training` / `resume_training` by `editor:<developer>`;
 - `undo`: take the adapter serving them out of serving (the version before it serves again, else the base
-  model), audited as a rollback; the next rollback never returns to it.
+  model), audited as a rollback; the next rollback never returns to it;
+- `pause_recording` / `resume_recording`: while paused, completions are still served but nothing of the
+  developer's sessions is stored (no completion, document, event or correction: nothing to train on or to
+  report), in every session of theirs on any server of the store, until they resume; audited as
+  `pause_recording` / `resume_recording`.
 
-`pause`, `resume` and `undo` answer with what `show` answers afterwards. The server's background loops
-(`server.registry`, `server.learning`) notice the change within a few seconds and the session's
-`heedful/status` follows.
+`pause`, `resume`, `undo` and the recording actions answer with what `show` answers afterwards. This
+server's sessions see the change at once; other servers' background loops (`server.registry`,
+`server.learning`) within a few seconds, and each session's `heedful/status` follows.
 
 `workspace/executeCommand heedful.report` answers `{"html": ...}`: `heedful report` for this developer
 alone (a whole HTML document without scripts), which the editor shows.
@@ -40,7 +44,7 @@ if TYPE_CHECKING:
 
 LEARNING_COMMAND = "heedful.learning"
 REPORT_COMMAND = "heedful.report"
-ACTIONS = ("show", "pause", "resume", "undo")
+ACTIONS = ("show", "pause", "resume", "undo", "pause_recording", "resume_recording")
 SHOWN_CORRECTIONS = 20
 SHOWN_VERSIONS = 10
 REASON_CHARS = 500
@@ -90,7 +94,16 @@ async def learning_command(ls: HeedfulLanguageServer, *args: Any) -> dict[str, A
                     "rolled back by an admin: heedful adapters rollback --scope team:NAME)"
                 )
             await rollback_scope(s, scope, actor=actor, reason=reason or "undone from the editor")
-        return await _learned(s, developer, scope)
+        elif action in ("pause_recording", "resume_recording"):
+            await ScopeControlRepository(s).set_recording_paused(scope, action == "pause_recording")
+            await AuditRepository(s).add(
+                actor=actor, action=action, scope=scope, reason=reason or f"{action.replace('_', ' ')} from the editor"
+            )
+        learned = await _learned(s, developer, scope)
+    if action != "show":
+        # This server's sessions (every window of the developer) follow now, not a poll later.
+        await ls.services.learning.refresh()
+    return learned
 
 
 async def _learned(s: Any, developer: str, scope: Scope) -> dict[str, Any]:
@@ -101,6 +114,7 @@ async def _learned(s: Any, developer: str, scope: Scope) -> dict[str, Any]:
     return {
         "developerId": developer,
         "paused": control.reason or "paused" if control is not None and control.training_paused else None,
+        "recordingPaused": control is not None and control.recording_paused,
         "serving": serving,
         "corrections": list(reversed(corrections)),  # newest first
         "versions": [

@@ -62,6 +62,8 @@ from storage.store import DocumentSeen, EventRecord, SessionStart
 
 log = logging.getLogger(__name__)
 
+NOT_RECORDING = "recording is paused (heedful.learning resume_recording), or was when the completion was served"
+
 
 @dataclass(slots=True)
 class CompletionState:
@@ -272,11 +274,24 @@ class HeedfulLanguageServer(LanguageServer):
 
     # -- feedback bookkeeping ------------------------------------------------------------------------
 
-    def record_event(self, kind: str, completion_id: str | None, **fields: Any) -> asyncio.Future[Any]:
+    @property
+    def recording_paused(self) -> bool:
+        """The developer paused recording (`heedful.learning pause_recording`): nothing is stored for them."""
         identity = self.require_identity()
-        if completion_id is not None and completion_id in self.served:
-            self.served[completion_id].outcomes.add(kind)
+        return self.services.learning.recording_paused(Scope.developer(identity.developer_id))
+
+    def record_event(self, kind: str, completion_id: str | None, **fields: Any) -> asyncio.Future[Any]:
+        """Store the event (its future gives the event id), unless recording is paused now or the completion
+        it is about was served while it was (then the future gives None)."""
+        identity = self.require_identity()
+        state = self.served.get(completion_id) if completion_id is not None else None
+        if state is not None:
+            state.outcomes.add(kind)
         self.services.metrics.count_event(identity.team_id, self.arm, kind)
+        if self.recording_paused or (state is not None and not state.served.recorded):
+            skipped: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            skipped.set_result(None)
+            return skipped
         fut: asyncio.Future[Any] = self.services.store.record_event(
             EventRecord(session_id=identity.session_id, kind=kind, completion_id=completion_id, **fields)
         )
@@ -409,7 +424,14 @@ class HeedfulLanguageServer(LanguageServer):
             return None
         line_prefix, _ = doc.line_at(offset)
         self.latest_completion = sugg.completion_id
-        return Served(sugg.completion_id, sugg.text[sugg.typed :], offset, doc.position_at(offset), line_prefix)
+        return Served(
+            sugg.completion_id,
+            sugg.text[sugg.typed :],
+            offset,
+            doc.position_at(offset),
+            line_prefix,
+            recorded=state.served.recorded,
+        )
 
     def serve(self, doc: TextDocument, served: Served) -> None:
         """Remember a served completion; the one it replaces in this document is no longer followed."""
@@ -513,7 +535,7 @@ def create_server(
     def did_open(ls: HeedfulLanguageServer, params: types.DidOpenTextDocumentParams) -> None:
         doc = ls.documents.open(params.text_document)
         seen = None
-        if ls.identity is not None:
+        if ls.identity is not None and not ls.recording_paused:
             seen = DocumentSeen(ls.identity.session_id, doc.uri, doc.language_id, doc.version or 0)
             services.store.record_document(seen).add_done_callback(_log_failed_write)
         ls.open_docs[doc.uri] = OpenDocument(doc, seen)
@@ -678,6 +700,8 @@ def create_server(
         fut = ls.record_event("accepted", completion_id, accepted_length=len(state.served.text))
         ls.track_accept(state, state.served.text)
         event_id = await fut
+        if event_id is None:
+            return {"recorded": False, "completionId": completion_id, "reason": NOT_RECORDING}
         return {"recorded": True, "completionId": completion_id, "eventId": event_id}
 
     @ls.feature(DID_SHOW_COMPLETION)
@@ -745,6 +769,8 @@ def create_server(
                 )
             ls.state_of(completion_id)
         event_id = await ls.record_event("correction", completion_id, text=text)
+        if event_id is None:
+            return {"recorded": False, "completionId": completion_id, "reason": NOT_RECORDING}
         ls.services.forget_corrections(identity.developer_id)
         return {"recorded": True, "completionId": completion_id, "eventId": event_id}
 

@@ -50,11 +50,14 @@ class ScopeFacts:
     last_reason: str | None = None
     last_version: str | None = None
     last_finished_at: datetime | None = None
+    recording_paused: bool = False  # the developer paused recording: their sessions store nothing
 
 
-def scope_facts(pending: int, paused: str | None, status: TrainingStatus | None, now: datetime) -> ScopeFacts:
+def scope_facts(
+    pending: int, paused: str | None, status: TrainingStatus | None, now: datetime, *, recording_paused: bool = False
+) -> ScopeFacts:
     if status is None:
-        return ScopeFacts(pending, paused)
+        return ScopeFacts(pending, paused, recording_paused=recording_paused)
     running = status.phase is not None and (now - as_utc(status.updated_at)).total_seconds() < STALE_S
     return ScopeFacts(
         pending,
@@ -68,6 +71,7 @@ def scope_facts(pending: int, paused: str | None, status: TrainingStatus | None,
         status.last_reason,
         status.last_version,
         as_utc(status.last_finished_at) if status.last_finished_at else None,
+        recording_paused,
     )
 
 
@@ -77,6 +81,7 @@ def learning_state(facts: ScopeFacts, *, needed: int, in_server: bool) -> dict[s
     state: `training` (a round runs: phase, step, steps), `paused` (reason), or `collecting` (feedback of
     needed before the next round). `trainer` says who trains: this server (`in-server`) or a separate
     `heedful train` worker (`worker`). `lastRound` is how the last round ended, when there was one.
+    `recording` is "paused" while the developer has paused recording (absent otherwise).
     """
     out: dict[str, Any] = {
         "trainer": "in-server" if in_server else "worker",
@@ -89,6 +94,8 @@ def learning_state(facts: ScopeFacts, *, needed: int, in_server: bool) -> dict[s
         out.update(state="training", phase=facts.phase, step=facts.step, steps=facts.steps, rollouts=facts.rollouts)
     else:
         out["state"] = "collecting"
+    if facts.recording_paused:
+        out["recording"] = "paused"
     if facts.last_status is not None:
         out["lastRound"] = {
             "status": facts.last_status,
@@ -136,6 +143,11 @@ class LearningMonitor:
     def facts(self, scope: Scope) -> ScopeFacts | None:
         return self._facts.get(scope)
 
+    def recording_paused(self, scope: Scope) -> bool:
+        """Whether the developer of `scope` paused recording, as last read (False until first read)."""
+        facts = self._facts.get(scope)
+        return facts is not None and facts.recording_paused
+
     async def first_read(self, scope: Scope) -> None:
         """Read a newly watched scope's facts now, telling no listener: a session's first status carries
         them, instead of a second status a poll later (whose timing a recorded session would depend on)."""
@@ -148,10 +160,15 @@ class LearningMonitor:
     async def _read(self, scopes: list[Scope]) -> dict[Scope, ScopeFacts]:
         async with self._store.unit() as s:
             statuses = await TrainingStatusRepository(s).of(scopes)
-            paused = await ScopeControlRepository(s).paused()
+            controls = ScopeControlRepository(s)
+            paused = await controls.paused()
+            unrecorded = await controls.recording_paused()
             pending = {sc: await RolloutRepository(s).count_pending(sc) for sc in scopes}
             now = utcnow()
-            return {sc: scope_facts(pending[sc], paused.get(sc), statuses.get(sc), now) for sc in scopes}
+            return {
+                sc: scope_facts(pending[sc], paused.get(sc), statuses.get(sc), now, recording_paused=sc in unrecorded)
+                for sc in scopes
+            }
 
     async def refresh(self) -> list[Scope]:
         """Read the watched scopes' facts; return the scopes whose facts changed."""

@@ -24,6 +24,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -257,13 +258,15 @@ class AdapterVersion(Base):
 
 
 class ScopeControl(Base):
-    """Switches an admin or a guard sets on one scope (today: training paused, and why)."""
+    """Switches an admin, a guard or the developer sets on one scope: training paused (and why), and
+    recording paused (the developer's sessions store nothing: no completion, event or correction)."""
 
     __tablename__ = "scope_controls"
 
     scope_kind: Mapped[ScopeKind] = mapped_column(str_enum(ScopeKind, "scope_kind"), primary_key=True)
     scope_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     training_paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    recording_paused: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

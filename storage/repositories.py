@@ -424,8 +424,23 @@ class ScopeControlRepository:
         await self.s.flush()
         return row
 
+    async def set_recording_paused(self, scope: Scope, paused: bool) -> ScopeControl:
+        row = await self.s.get(ScopeControl, (scope.kind, scope.id))
+        if row is None:
+            row = ScopeControl(scope_kind=scope.kind, scope_id=scope.id, training_paused=False)
+            self.s.add(row)
+        row.recording_paused = paused
+        row.updated_at = utcnow()
+        await self.s.flush()
+        return row
+
     async def get(self, scope: Scope) -> ScopeControl | None:
         return await self.s.get(ScopeControl, (scope.kind, scope.id))
+
+    async def recording_paused(self) -> set[Scope]:
+        """Scopes whose developer paused recording."""
+        rows = await self.s.scalars(select(ScopeControl).where(ScopeControl.recording_paused.is_(True)))
+        return {Scope(r.scope_kind, r.scope_id) for r in rows}
 
     async def paused(self) -> dict[Scope, str]:
         """Scopes whose training is paused, with the reason."""

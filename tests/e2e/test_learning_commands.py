@@ -20,6 +20,7 @@ from storage.store import RolloutStore
 from tests.conftest import make_lora_adapter
 from tests.e2e.client import HeedfulClient, running_client
 from tests.e2e.conftest import ServerSetup
+from tests.e2e.test_lsp_flow import completion_id, serve_item
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
 
@@ -40,7 +41,8 @@ async def test_the_developer_sees_pauses_resumes_and_undoes_what_was_learned(
         await client.wait_status("ready", 300)
         shown = await client.command(LEARNING_COMMAND, {"action": "show"})
         assert shown == {
-            "developerId": DEVELOPER, "paused": None, "serving": None, "corrections": [], "versions": []
+            "developerId": DEVELOPER, "paused": None, "recordingPaused": False, "serving": None,
+            "corrections": [], "versions": [],
         }  # fmt: skip
         with pytest.raises(JsonRpcException, match="nothing to undo: no adapter of developer 'dev-learn'"):
             await client.command(LEARNING_COMMAND, {"action": "undo"})
@@ -114,3 +116,51 @@ async def test_the_developer_sees_pauses_resumes_and_undoes_what_was_learned(
         ("rollback", "undone from the editor"),
         ("rollback", "not what I write"),
     ]
+
+
+async def test_a_developer_who_pauses_recording_is_served_and_nothing_of_theirs_is_stored(
+    lsp_setup: ServerSetup,
+) -> None:
+    developer = "dev-private"
+    source = "import math\n\n\ndef area(radius):\n    return "
+    options = {"developerId": developer, "sessionId": "private-1"}
+    async with running_client("vscode", lsp_setup.config, lsp_setup.log, options) as client:
+        await client.wait_status("ready", 300)
+        done = await client.command(LEARNING_COMMAND, {"action": "pause_recording"})
+        assert done["recordingPaused"] is True and done["paused"] is None  # training itself is not paused
+        status = await status_where(
+            client, lambda s: (s.get("learning") or {}).get("recording") == "paused", "the status to say so"
+        )
+        assert status["learning"]["state"] == "collecting"
+        client.open("file:///work/private.py", source)
+        item = await serve_item(client, "file:///work/private.py", 4, 11)  # still served
+        client.notify("textDocument/didShowCompletion", {"item": client.lc.protocol._converter.unstructure(item)})
+        accepted = await client.command("heedful.acceptCompletion", {"completionId": completion_id(item)})
+        assert accepted["recorded"] is False and "recording is paused" in accepted["reason"]
+        corrected = await client.command(FEEDBACK_COMMAND, {"text": "use math.tau / 2"})
+        assert corrected["recorded"] is False
+
+    # A later session of theirs starts paused; resuming records again, from then on.
+    options = {"developerId": developer, "sessionId": "private-2"}
+    async with running_client("vscode", lsp_setup.config, lsp_setup.log, options) as client:
+        ready = await client.wait_status("ready", 300)
+        assert ready["learning"]["recording"] == "paused"
+        resumed = await client.command(LEARNING_COMMAND, {"action": "resume_recording"})
+        assert resumed["recordingPaused"] is False
+        await status_where(client, lambda s: "recording" not in (s.get("learning") or {}), "recording again")
+        client.open("file:///work/public.py", source)
+        item2 = await serve_item(client, "file:///work/public.py", 4, 11)
+        accepted = await client.command("heedful.acceptCompletion", {"completionId": completion_id(item2)})
+        assert accepted["recorded"] is True
+        exit_status = await client.stop()
+    assert exit_status == 0
+
+    assert [r["id"] for r in lsp_setup.rows("SELECT id FROM completions WHERE developer_id = ?", developer)] == [
+        completion_id(item2)
+    ]
+    for table in ("documents", "events"):
+        assert lsp_setup.rows(f"SELECT * FROM {table} WHERE session_id = ?", "private-1") == []
+    recorded = {r["kind"] for r in lsp_setup.rows("SELECT kind FROM events WHERE session_id = ?", "private-2")}
+    assert "accepted" in recorded and recorded <= {"accepted", "edit_snapshot"}
+    audit = lsp_setup.rows("SELECT action FROM audit_log WHERE actor = ? ORDER BY id", f"editor:{developer}")
+    assert [r["action"] for r in audit] == ["pause_recording", "resume_recording"]

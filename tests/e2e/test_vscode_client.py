@@ -297,9 +297,10 @@ def test_vscode_shows_ghost_text_accepts_with_tab_and_sends_a_correction(
     # Learning from the editor: paused (the status bar said so, from the server's status), resumed; undo with
     # no adapter of the developer's says there is nothing to undo. The audit log names the editor.
     assert "learning paused" in result["pausedStatus"] and "nothing to undo" in result["undoMessage"]
+    assert "recording paused" in result["recordingStatus"]
     audit = lsp_setup.rows("SELECT action FROM audit_log WHERE actor = 'editor:dev-vscode' ORDER BY id")
-    assert [r["action"] for r in audit] == ["pause_training", "resume_training"]
-    assert not lsp_setup.rows("SELECT * FROM scope_controls WHERE training_paused")
+    assert [r["action"] for r in audit] == ["pause_training", "resume_training", "pause_recording", "resume_recording"]
+    assert not lsp_setup.rows("SELECT * FROM scope_controls WHERE training_paused OR recording_paused")
 
     # "Heedful: Open report" shows the server's report of this developer: the store's own figures.
     report = result["reportHtml"]

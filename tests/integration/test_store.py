@@ -91,7 +91,7 @@ async def test_schema_is_at_head_and_matches_the_models(store: RolloutStore) -> 
 
     from storage.models import Base
 
-    assert await current_revision(store.db) == head_revision() == "0005"
+    assert await current_revision(store.db) == head_revision() == "0006"
     async with store.db.engine.connect() as conn:
         diff = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), Base.metadata))
     assert diff == []
@@ -108,7 +108,7 @@ async def test_upgrade_from_the_previous_revision_keeps_data(database_url: str) 
                 text("INSERT INTO sessions (id, developer_id, started_at) VALUES ('s-old', 'old', CURRENT_TIMESTAMP)")
             )
         await upgrade_schema(db)
-        assert await current_revision(db) == "0005"
+        assert await current_revision(db) == "0006"
         async with db.sessions() as s, s.begin():
             assert (await SessionRepository(s).require("s-old")).developer_id == "old"
             row = await RolloutRepository(s).add(

@@ -63,3 +63,17 @@ def test_the_last_round_and_a_pause_are_reported() -> None:
 def test_a_time_without_zone_from_sqlite_is_taken_as_utc() -> None:
     naive = row(phase="gates", step=24, steps=24, updated_at=(NOW - timedelta(seconds=10)).replace(tzinfo=None))
     assert scope_facts(0, None, naive, NOW).running
+
+
+def test_paused_recording_is_said_beside_the_learning_state() -> None:
+    facts = scope_facts(3, None, None, NOW, recording_paused=True)
+    assert learning_state(facts, needed=16, in_server=True) == {
+        "state": "collecting",
+        "trainer": "in-server",
+        "feedback": 3,
+        "needed": 16,
+        "recording": "paused",
+    }
+    running = row(phase="training", step=2, steps=24, rollouts=18)
+    state = learning_state(scope_facts(0, None, running, NOW, recording_paused=True), needed=16, in_server=False)
+    assert state["state"] == "training" and state["recording"] == "paused"

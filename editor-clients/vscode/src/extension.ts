@@ -32,6 +32,7 @@ const REPORT_COMMAND = "heedful.report";
 interface Learned {
   developerId: string;
   paused: string | null;
+  recordingPaused: boolean;
   serving: string | null;
   corrections: string[];
   versions: { version: string; status: string; createdAt: string; kl: number | null; reason: string | null }[];
@@ -82,6 +83,7 @@ interface Learning {
   step?: number;
   steps?: number;
   reason?: string;
+  recording?: "paused";
   lastRound?: { status: string; reason: string | null; version: string | null; finishedAt: string | null };
 }
 
@@ -92,6 +94,9 @@ function learningShort(l: Learning | null | undefined): string | undefined {
   }
   if (l.state === "training") {
     return `training ${l.step ?? "?"}/${l.steps ?? "?"}`;
+  }
+  if (l.state === "collecting" && l.recording === "paused") {
+    return "recording paused";
   }
   return l.state === "collecting" ? `learning ${l.feedback ?? 0}/${l.needed ?? "?"}` : `learning ${l.state}`;
 }
@@ -470,8 +475,8 @@ class Heedful {
     this.reportPanel.reveal();
   }
 
-  /** pause, resume or undo; says what it did. */
-  async learning(action: "pause" | "resume" | "undo"): Promise<void> {
+  /** pause, resume, undo, or pause/resume recording; says what it did. */
+  async learning(action: "pause" | "resume" | "undo" | "pause_recording" | "resume_recording"): Promise<void> {
     const done = await this.serverCommand<Learned>(LEARNING_COMMAND, [{ action }], `${action} did not happen`);
     if (!done) {
       return;
@@ -480,6 +485,8 @@ class Heedful {
       pause: `learning paused: ${done.paused ?? "paused"}; the adapter serving you stays`,
       resume: "learning resumed",
       undo: `undone: now serving you ${done.serving ?? "the base model"}`,
+      pause_recording: "recording paused: suggestions go on, nothing of yours is stored",
+      resume_recording: "recording resumed",
     }[action];
     vscode.window.setStatusBarMessage(`Heedful: ${said}`, 6000);
   }
@@ -502,6 +509,11 @@ class Heedful {
     if (learned.serving) {
       items.push({ label: "$(discard) Undo the adapter serving you", run: () => this.learning("undo") });
     }
+    items.push(
+      learned.recordingPaused
+        ? { label: "$(record) Resume recording (nothing of yours is stored now)", run: () => this.learning("resume_recording") }
+        : { label: "$(circle-slash) Pause recording", run: () => this.learning("pause_recording") },
+    );
     items.push({ label: "Your latest corrections", kind: vscode.QuickPickItemKind.Separator });
     items.push(...(learned.corrections.length ? learned.corrections : ["none yet"]).map((c) => ({ label: c })));
     items.push({ label: "Your adapter versions", kind: vscode.QuickPickItemKind.Separator });
@@ -549,6 +561,8 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.commands.registerCommand("heedful.pauseLearning", () => h.learning("pause")),
     vscode.commands.registerCommand("heedful.resumeLearning", () => h.learning("resume")),
     vscode.commands.registerCommand("heedful.undoAdapter", () => h.learning("undo")),
+    vscode.commands.registerCommand("heedful.pauseRecording", () => h.learning("pause_recording")),
+    vscode.commands.registerCommand("heedful.resumeRecording", () => h.learning("resume_recording")),
     vscode.commands.registerCommand("heedful.showMenu", () => h.showMenu()),
     vscode.commands.registerCommand("heedful.enable", () => h.setEnabled("*", true)),
     vscode.commands.registerCommand("heedful.disable", () => h.setEnabled("*", false)),

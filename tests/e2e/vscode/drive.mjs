@@ -137,6 +137,11 @@ try {
   const pausedStatus = await pausedItem.textContent({ timeout: 30_000 });
   await runCommand(page, "Resume learning");
   await page.locator(".statusbar-item", { hasText: /ready · learning \d+\/\d+/ }).first().waitFor({ timeout: 30_000 });
+  await runCommand(page, "Pause recording");
+  const recordingItem = page.locator(".statusbar-item", { hasText: "ready · recording paused" }).first();
+  const recordingStatus = await recordingItem.textContent({ timeout: 30_000 });
+  await runCommand(page, "Resume recording");
+  await page.locator(".statusbar-item", { hasText: /ready · learning \d+\/\d+/ }).first().waitFor({ timeout: 30_000 });
   await runCommand(page, "Undo the adapter serving you");
   const undoToast = page.locator(".notifications-toasts .notification-toast", { hasText: "nothing to undo" }).first();
   const undoMessage = await undoToast.textContent({ timeout: 30_000 });
@@ -161,7 +166,7 @@ try {
   }
 
   process.stdout.write(
-    JSON.stringify({ ghostText, documentText, reportHtml, snoozedStatus, ghostWhileSnoozed, pausedStatus, undoMessage }) + "\n",
+    JSON.stringify({ ghostText, documentText, reportHtml, snoozedStatus, ghostWhileSnoozed, pausedStatus, recordingStatus, undoMessage }) + "\n",
   );
 } finally {
   await browser.close();

@@ -477,6 +477,11 @@ function M.learned_lines(r)
   local lines = {
     "Serving you: " .. (serving and ("adapter " .. serving) or "the base model (no adapter of yours)"),
     "Training: " .. (paused and ("paused (" .. paused .. "), :HeedfulLearning resume") or "on (:HeedfulLearning pause)"),
+    "Recording: "
+      .. (
+        r.recordingPaused == true and "paused, nothing of yours is stored (:HeedfulLearning resume_recording)"
+        or "on (:HeedfulLearning pause_recording)"
+      ),
     "Latest corrections:",
   }
   for _, c in ipairs(r.corrections or {}) do
@@ -489,7 +494,8 @@ function M.learned_lines(r)
   return lines
 end
 
---- `:HeedfulLearning [show|pause|resume|undo]`: what Heedful learned for you, and your control over it.
+--- `:HeedfulLearning [show|pause|resume|undo|pause_recording|resume_recording]`: what Heedful learned for
+--- you, and your control over it.
 function M.learning(action, on_done)
   action = (action and action ~= "") and action or "show"
   server_command(LEARNING, { { action = action } }, function(result)
@@ -528,6 +534,8 @@ function M.learning_text(l)
     return ("training step %s/%s"):format(l.step or "?", l.steps or "?")
   elseif l.state == "paused" or l.state == "off" then
     return ("learning %s: %s"):format(l.state, l.reason or "?")
+  elseif l.recording == "paused" then
+    return "recording paused"
   end
   return ("learning from feedback %s/%s"):format(l.feedback or 0, l.needed or "?")
 end
@@ -634,9 +642,9 @@ function M.setup(opts)
   end, {
     nargs = "?",
     complete = function()
-      return { "show", "pause", "resume", "undo" }
+      return { "show", "pause", "resume", "undo", "pause_recording", "resume_recording" }
     end,
-    desc = "Heedful: what it learned for you; pause, resume or undo it",
+    desc = "Heedful: what it learned for you; pause, resume or undo it; pause or resume recording",
   })
   vim.api.nvim_create_user_command("HeedfulReport", function()
     M.report()
