@@ -214,9 +214,10 @@ class CompletionService:
         if shown is None:
             log.debug("no completion for %s: nothing useful in %r", doc.uri, raw.text)
             return None
-        if self.services.learning.recording_paused(Scope.developer(identity.developer_id)):
-            return Served(f"c-{uuid.uuid4().hex}", shown, offset, position, line_prefix, recorded=False)
-        served = Served(f"c-{uuid.uuid4().hex}", shown, offset, position, line_prefix)
+        paused = self.services.learning.recording_paused(Scope.developer(identity.developer_id))
+        served = Served(f"c-{uuid.uuid4().hex}", shown, offset, position, line_prefix, recorded=not paused)
+        if paused:
+            return served  # served, and nothing of it stored (nor a training group sampled)
         record = CompletionRecord(
             id=served.completion_id,
             session_id=identity.session_id,

@@ -413,11 +413,15 @@ class ScopeControlRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.s = session
 
-    async def set_training_paused(self, scope: Scope, paused: bool, reason: str | None) -> ScopeControl:
+    async def _row(self, scope: Scope) -> ScopeControl:
         row = await self.s.get(ScopeControl, (scope.kind, scope.id))
         if row is None:
-            row = ScopeControl(scope_kind=scope.kind, scope_id=scope.id)
+            row = ScopeControl(scope_kind=scope.kind, scope_id=scope.id, training_paused=False, recording_paused=False)
             self.s.add(row)
+        return row
+
+    async def set_training_paused(self, scope: Scope, paused: bool, reason: str | None) -> ScopeControl:
+        row = await self._row(scope)
         row.training_paused = paused
         row.reason = reason
         row.updated_at = utcnow()
@@ -425,10 +429,7 @@ class ScopeControlRepository:
         return row
 
     async def set_recording_paused(self, scope: Scope, paused: bool) -> ScopeControl:
-        row = await self.s.get(ScopeControl, (scope.kind, scope.id))
-        if row is None:
-            row = ScopeControl(scope_kind=scope.kind, scope_id=scope.id, training_paused=False)
-            self.s.add(row)
+        row = await self._row(scope)
         row.recording_paused = paused
         row.updated_at = utcnow()
         await self.s.flush()
