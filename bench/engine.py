@@ -64,9 +64,9 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 async def bench_engine(prompts: list[str], rounds: int, max_tokens: int) -> dict[str, Any]:
+    from kernel.settings import resolve
     from server.engine import AdapterRef
     from server.engine.embedded import EmbeddedEngine
-    from server.settings import resolve
 
     settings = resolve(None).settings
     engine = EmbeddedEngine(settings)
@@ -110,7 +110,7 @@ def bench_hf(prompts: list[str], rounds: int, max_tokens: int) -> dict[str, Any]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from server.settings import resolve
+    from kernel.settings import resolve
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     path = str(resolve(None).settings.model_path())

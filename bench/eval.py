@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from personalization.evaluation import ARMS
 from personalization.personas import SHIPPED
+from tools.evaluation import ARMS
 
 ROOT = Path(__file__).resolve().parents[1]
 

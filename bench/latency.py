@@ -390,8 +390,8 @@ def check_served(db: Path, measured: list[Request], version: str | None, label: 
 
 
 async def raw_vllm(prompts: list[list[int]], sessions: int) -> dict[str, Case]:
+    from kernel.settings import Settings
     from server.engine.embedded import EmbeddedEngine
-    from server.settings import Settings
 
     settings = Settings()
     settings.engine.adapter_serving = "lora"
@@ -441,7 +441,7 @@ def hf_generate(model: Path, prompts: list[list[int]]) -> Case:
 
 def llama_cpp_dir() -> Path:
     """llama-cpp-python built into the cache (once): the folder to put on PYTHONPATH."""
-    from server import paths
+    from kernel import paths
 
     cmake_args = llama_cpp_cmake_args()
     key = hashlib.sha256(f"{LLAMA_CPP_VERSION} {cmake_args}".encode()).hexdigest()[:10]
@@ -493,9 +493,9 @@ def llama_cpp(prompts: list[list[int]]) -> Case:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from server import paths
+    from kernel import paths
+    from kernel.settings import resolve
     from server.engine.tokens import LocalTokenizer
-    from server.settings import resolve
 
     model = paths.default_model_dir()
     if not (model / "config.json").exists():

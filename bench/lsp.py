@@ -50,9 +50,9 @@ from pygls.lsp.client import LanguageClient
 from bench.engine import percentiles
 
 if TYPE_CHECKING:
+    from kernel.settings import Settings
     from server.engine.embedded import EmbeddedEngine
     from server.engine.tokens import LocalTokenizer
-    from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 3
@@ -186,7 +186,7 @@ def bench_config(
     guard rolled the measured adapter back in the middle of its case); `sections` adds or overrides keys
     per section.
     """
-    from server.settings import toml_value
+    from kernel.settings import toml_value
 
     db = tmp / f"{name}.db"
     config = tmp / f"{name}.toml"
@@ -567,9 +567,9 @@ def figures(r: CaseResult) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from server import paths
+    from kernel import paths
+    from kernel.settings import resolve
     from server.engine.tokens import LocalTokenizer
-    from server.settings import resolve
 
     model = paths.default_model_dir()
     if not (model / "config.json").exists():

@@ -210,7 +210,7 @@ async def complete(client: BenchClient, case: Case, uri: str) -> tuple[str, floa
 
 
 async def run_config(model: str, style: str, cases: list[Case], max_tokens: int, tmp: Path) -> ConfigResult:
-    from server import paths
+    from kernel import paths
     from server.model_prep import known_model
 
     folder = paths.model_dir(known_model(model).title)
@@ -280,8 +280,8 @@ def score(result: ConfigResult) -> dict[str, Any]:
 
 
 def has_fim(model: str) -> bool:
-    from lsp_handlers.context import fim_template_for
-    from server import paths
+    from kernel import paths
+    from kernel.fim import fim_template_for
     from server.engine.tokens import LocalTokenizer
     from server.model_prep import known_model
 

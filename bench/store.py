@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from server.settings import Settings
+from kernel.settings import Settings
+from server.stores import open_store
 from storage.store import CandidateRecord, CompletionRecord, EventRecord, RolloutStore, SessionStart
 
 
@@ -31,7 +32,7 @@ def pct(samples: list[float], p: float) -> float:
 async def prepare(url: str) -> RolloutStore:
     s = Settings()
     s.database.url = url
-    store = await RolloutStore.open(s)
+    store = await open_store(s)
     await store.start_session(SessionStart("bench", "bench-dev", "bench-team"))
     await store.record_completion(
         CompletionRecord("bench-c", "bench", "bench-dev", "def f():", [1, 2], [CandidateRecord(" pass", [3], [-0.1])])

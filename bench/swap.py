@@ -45,6 +45,7 @@ from bench.lsp import (
     server_command,
     wait_or_exit,
 )
+from server.stores import open_store
 
 TEAM = "bench"
 
@@ -83,14 +84,13 @@ def make_adapter(model: Path, out: Path, seed: int) -> Path:
 
 async def publish(db: Path, source: Path, adapters: Path) -> tuple[str, float]:
     """Publish `source` as the team's active adapter, as the training worker does; (version, commit time)."""
+    from kernel.settings import Settings
     from personalization.publish import publish_adapter
-    from server.settings import Settings
     from storage.repositories import Scope
-    from storage.store import RolloutStore
 
     settings = Settings()
     settings.database.url = f"sqlite+aiosqlite:///{db}"
-    store = await RolloutStore.open(settings)
+    store = await open_store(settings)
     try:
         result = await publish_adapter(
             store,
@@ -149,7 +149,7 @@ def first_served(db: Path, version: str) -> float | None:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from server import paths
+    from kernel import paths
 
     model = paths.default_model_dir()
     tmp = Path(tempfile.mkdtemp(prefix="heedful-bench-swap-"))
@@ -233,12 +233,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 async def publish_db_ready(config: Path, db: Path) -> None:
     """Create the store's schema (the server would on start; publishing comes first here)."""
-    from server.settings import Settings
-    from storage.store import RolloutStore
+    from kernel.settings import Settings
 
     settings = Settings()
     settings.database.url = f"sqlite+aiosqlite:///{db}"
-    store = await RolloutStore.open(settings)
+    store = await open_store(settings)
     await store.close()
 
 

@@ -65,7 +65,7 @@ def trl_reward(completions: list[str], **kwargs: Any) -> list[float]:
 
 
 def model_dir(explicit: str | None) -> Path:
-    from server.paths import default_model_dir
+    from kernel.paths import default_model_dir
 
     path = Path(explicit).expanduser() if explicit else default_model_dir()
     if not (path / "config.json").is_file():
@@ -164,8 +164,8 @@ def load_rollouts(path: Path) -> list[dict[str, Any]]:
 def side_heedful(model: Path, rollouts: Path, steps: int, threads: int) -> dict[str, Any]:
     import torch
 
+    from kernel.settings import TrainingSettings
     from personalization.trainer import Group, LoraTrainer, Sample, finalize_groups
-    from server.settings import TrainingSettings
 
     torch.set_num_threads(threads)
     settings = TrainingSettings(

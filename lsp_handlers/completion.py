@@ -20,13 +20,14 @@ from dataclasses import dataclass
 
 from lsprotocol import types
 
-from lsp_handlers.context import Prompt, build_prompt, fim_template_for, heal, unheal
+from kernel.fim import fim_template_for, unheal
+from kernel.settings import ADAPTER_ARMS, BASELINE_ARMS, Settings
+from lsp_handlers.context import Prompt, build_prompt, heal
 from lsp_handlers.documents import TextDocument, file_name_of
 from lsp_handlers.postprocess import is_single_line, postprocess
-from server.engine import Candidate, Engine, EngineError
+from server.engine import Candidate, Engine, EngineError, Generation
 from server.registry import BASE, Lease
 from server.runtime import Services, arm_of
-from server.settings import Settings
 from storage.repositories import Scope
 from storage.store import CandidateRecord, CompletionRecord, DocumentSeen, GroupRecord
 
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 # Characters of document text around the cursor handed to the prompt builder: far more than any
 # token budget needs (a token is at least one character), and it keeps a 5 MB file cheap.
 _CHARS_PER_TOKEN_BOUND = 16
-ADAPTER_ARMS = ("rl", "rl+baseline")  # served by the developer's (or team's) adapter
-BASELINE_ARMS = ("baseline", "rl+baseline")  # the developer's past corrections go into the prompt
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +55,25 @@ class Served:
     position: types.Position
     line_prefix: str
     recorded: bool = True  # False: served while the developer had recording paused; nothing of it is stored
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    """One completion request, as far as it is known before the engine is asked."""
+
+    doc: TextDocument
+    position: types.Position
+    offset: int
+    line_prefix: str  # the cursor's line up to the cursor
+    line_suffix: str  # the rest of the cursor's line
+    single: bool  # a single-line completion (`is_single_line`)
+    identity: Identity
+    settings: Settings
+    document: DocumentSeen | None  # the store's record of the document, when it was recorded
+    prompt: Prompt
+    arm: str
+    lease: Lease  # the adapter that serves it (released by `complete`)
+    started: float  # `time.perf_counter()` when the request arrived
 
 
 def fit_candidate(candidate: Candidate, shown: str, engine: Engine) -> CandidateRecord:
@@ -135,87 +153,54 @@ class CompletionService:
                 log.warning(
                     "serving %s with the base model: their adapter could not be loaded: %s", identity.developer_id, exc
                 )
+        line_prefix, line_suffix = doc.line_at(offset)
+        request = CompletionRequest(
+            doc=doc,
+            position=position,
+            offset=offset,
+            line_prefix=line_prefix,
+            line_suffix=line_suffix,
+            single=is_single_line(line_prefix, line_suffix),
+            identity=identity,
+            settings=settings,
+            document=document,
+            prompt=prompt,
+            arm=arm,
+            lease=lease,
+            started=started,
+        )
         self.services.request_started()
         try:
-            return await self._complete(
-                engine, doc, position, offset, identity, settings, document, prompt, arm, lease, started
-            )
+            return await self._complete(engine, request)
         finally:
             lease.release()
             self.services.request_finished()
 
-    async def _complete(
-        self,
-        engine: Engine,
-        doc: TextDocument,
-        position: types.Position,
-        offset: int,
-        identity: Identity,
-        settings: Settings,
-        document: DocumentSeen | None,
-        prompt: Prompt,
-        arm: str,
-        lease: Lease,
-        started: float,
-    ) -> Served | None:
-        c = settings.completion
-        line_prefix, line_suffix = doc.line_at(offset)
-        single = is_single_line(line_prefix, line_suffix)
+    async def _complete(self, engine: Engine, req: CompletionRequest) -> Served | None:
         # Token healing (see `heal`): the blanks before the cursor are taken off the prompt and back off the
         # front of what the model writes.
-        prompt_text, healed = heal(prompt)
-        adapter = lease.ref
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        try:
-            gen = await asyncio.wait_for(
-                engine.generate(
-                    prompt_text,
-                    n=1,
-                    max_tokens=c.single_line_max_tokens if single else c.max_tokens,
-                    temperature=c.temperature,
-                    stop=["\n"] if single else list(c.stop),
-                    adapter=adapter,
-                    request_id=request_id,
-                ),
-                timeout=c.timeout_ms / 1000,
-            )
-        except TimeoutError:
-            log.warning("no completion for %s: the engine took longer than %d ms", doc.uri, c.timeout_ms)
-            await self._abort(engine, request_id)
-            return None
-        except asyncio.CancelledError:
-            await self._abort(engine, request_id)
-            raise
-        except EngineError as exc:
-            log.warning("no completion for %s: %s", doc.uri, exc)
-            self.services.engine.report_failure(str(exc))
-            if lease.ref is not None:
-                self.services.adapters.forget(lease)
-            return None
-        except Exception as exc:  # whatever the engine raised, the server keeps serving
-            log.exception("no completion for %s: the engine failed", doc.uri)
-            self.services.engine.report_failure(f"the engine failed: {exc}")
-            return None
-        self.services.engine.report_success()
-        if not gen.candidates:
+        prompt_text, healed = heal(req.prompt)
+        gen = await self._generate(engine, req, prompt_text)
+        if gen is None or not gen.candidates:
             return None
         raw = gen.candidates[0]
-        consumed, text = unheal(raw.text, healed, blank_line=not line_prefix.strip())
-        text_after = doc.text[offset : offset + 4096]
+        consumed, text = unheal(raw.text, healed, blank_line=not req.line_prefix.strip())
+        text_after = req.doc.text[req.offset : req.offset + 4096]
         shown = postprocess(
             text,
-            line_prefix=line_prefix,
-            line_suffix=line_suffix,
-            after=text_after[len(line_suffix) :].lstrip("\r\n"),
-            before_tail=prompt.prefix[-512:],
-            single_line=single,
+            line_prefix=req.line_prefix,
+            line_suffix=req.line_suffix,
+            after=text_after[len(req.line_suffix) :].lstrip("\r\n"),
+            before_tail=req.prompt.prefix[-512:],
+            single_line=req.single,
         )
-        latency_ms = (time.perf_counter() - started) * 1000
+        latency_ms = (time.perf_counter() - req.started) * 1000
         if shown is None:
-            log.debug("no completion for %s: nothing useful in %r", doc.uri, raw.text)
+            log.debug("no completion for %s: nothing useful in %r", req.doc.uri, raw.text)
             return None
+        identity = req.identity
         paused = self.services.learning.recording_paused(Scope.developer(identity.developer_id))
-        served = Served(f"c-{uuid.uuid4().hex}", shown, offset, position, line_prefix, recorded=not paused)
+        served = Served(f"c-{uuid.uuid4().hex}", shown, req.offset, req.position, req.line_prefix, recorded=not paused)
         if paused:
             return served  # served, and nothing of it stored (nor a training group sampled)
         record = CompletionRecord(
@@ -229,23 +214,64 @@ class CompletionService:
             # The candidate continues the stored prompt exactly: the healed whitespace, then what is shown.
             candidates=[fit_candidate(raw, consumed + shown, engine)],
             shown_index=0,
-            mode=prompt.mode,
-            uri=doc.uri,
-            line=position.line,
-            character=position.character,
-            adapter_version=lease.version_id,
-            arm=arm,
+            mode=req.prompt.mode,
+            uri=req.doc.uri,
+            line=req.position.line,
+            character=req.position.character,
+            adapter_version=req.lease.version_id,
+            arm=req.arm,
             latency_ms=latency_ms,
-            document=document,
+            document=req.document,
         )
         self.services.store.record_completion(record)
+        c = req.settings.completion
         if c.group_size > 1 and self._random.random() < c.group_sample_rate:
             # The group is sampled from the same adapter, after this request answers: it holds its own lease.
-            group_lease = lease.share()
+            group_lease = req.lease.share()
             self._spawn(
-                self._sample_group(engine, prompt_text, identity, served.completion_id, single, settings, group_lease)
+                self._sample_group(
+                    engine, prompt_text, identity, served.completion_id, req.single, req.settings, group_lease
+                )
             )
         return served
+
+    async def _generate(self, engine: Engine, req: CompletionRequest, prompt_text: str) -> Generation | None:
+        """The engine's answer to the request's prompt, or None (timed out, or the engine failed: logged,
+        and reported to the engine's health). A cancelled request aborts its generation."""
+        c = req.settings.completion
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        try:
+            gen = await asyncio.wait_for(
+                engine.generate(
+                    prompt_text,
+                    n=1,
+                    max_tokens=c.single_line_max_tokens if req.single else c.max_tokens,
+                    temperature=c.temperature,
+                    stop=["\n"] if req.single else list(c.stop),
+                    adapter=req.lease.ref,
+                    request_id=request_id,
+                ),
+                timeout=c.timeout_ms / 1000,
+            )
+        except TimeoutError:
+            log.warning("no completion for %s: the engine took longer than %d ms", req.doc.uri, c.timeout_ms)
+            await self._abort(engine, request_id)
+            return None
+        except asyncio.CancelledError:
+            await self._abort(engine, request_id)
+            raise
+        except EngineError as exc:
+            log.warning("no completion for %s: %s", req.doc.uri, exc)
+            self.services.engine.report_failure(str(exc))
+            if req.lease.ref is not None:
+                self.services.adapters.forget(req.lease)
+            return None
+        except Exception as exc:  # whatever the engine raised, the server keeps serving
+            log.exception("no completion for %s: the engine failed", req.doc.uri)
+            self.services.engine.report_failure(f"the engine failed: {exc}")
+            return None
+        self.services.engine.report_success()
+        return gen
 
     async def _sample_group(
         self,

@@ -2,7 +2,7 @@
 
 This module turns the text around the cursor into the string sent to the engine (the first step of serving
 a completion request). It picks the model's fill-in-the-middle template when the tokenizer has one
-(`fim_template_for`), writes a one-line comment naming the file (`comment_header`), and keeps the lines
+(`kernel.fim.fim_template_for`), writes a one-line comment naming the file (`comment_header`), and keeps the lines
 nearest to the cursor that fit the budget (`build_prompt`).
 
 It is pure: no I/O, no engine or tokenizer loading, no settings lookup, no logging. Token counting is a
@@ -16,23 +16,19 @@ work is proportional to what is kept (plus the one piece that did not fit, whose
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kernel.fim import check_template, fill_template, split_blanks
+
 __all__ = [
-    "KNOWN_FIM_TEMPLATES",
     "CountTokens",
     "Prompt",
     "build_prompt",
     "comment_header",
-    "fill_template",
-    "fim_template_for",
     "heal",
     "notes_header",
-    "split_blanks",
-    "unheal",
 ]
 
 CountTokens = Callable[[str], int]
@@ -50,48 +46,6 @@ class Prompt:
     header: str  # the file-name header line put before the prefix ("" when none)
     tokens: int  # count_tokens(text) of the final prompt
     template: str | None = None  # the FIM template `text` was filled in (None in prefix mode)
-
-
-# Template -> the special tokens that must all be in the tokenizer's vocabulary for "auto" to pick it.
-# Order matters: "auto" takes the first whose tokens are all present.
-KNOWN_FIM_TEMPLATES: dict[str, tuple[str, ...]] = {
-    # StarCoder, StarCoder2, StableCode, Granite-Code (and other BigCode-tokenizer models).
-    "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>": ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
-    # SantaCoder spells its FIM tokens with hyphens.
-    "<fim-prefix>{prefix}<fim-suffix>{suffix}<fim-middle>": ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"),
-    # Qwen2.5-Coder (and CodeGemma, which uses the same three tokens).
-    "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>": (
-        "<|fim_prefix|>",
-        "<|fim_suffix|>",
-        "<|fim_middle|>",
-    ),
-    # CodeLlama: Meta's prompt layout; its vocabulary holds the pieces "▁<PRE>", "▁<SUF>", "▁<MID>" (ids
-    # 32007-32009, with U+2581 in front), not "<PRE>".
-    "<PRE> {prefix} <SUF>{suffix} <MID>": ("\u2581<PRE>", "\u2581<SUF>", "\u2581<MID>"),
-    # DeepSeek-Coder: full-width bars (U+FF5C) and U+2581 inside the token names.
-    "<\uff5cfim\u2581begin\uff5c>{prefix}<\uff5cfim\u2581hole\uff5c>{suffix}<\uff5cfim\u2581end\uff5c>": (
-        "<\uff5cfim\u2581begin\uff5c>",
-        "<\uff5cfim\u2581hole\uff5c>",
-        "<\uff5cfim\u2581end\uff5c>",
-    ),
-}
-
-_PLACEHOLDER = re.compile(r"\{prefix\}|\{suffix\}")
-
-
-def _check_template(template: str) -> None:
-    """Raise ValueError unless `template` holds {prefix} and {suffix} exactly once each."""
-    if template.count("{prefix}") != 1 or template.count("{suffix}") != 1:
-        raise ValueError(
-            f"fill-in-the-middle template {template!r} is not valid: it must contain {{prefix}} and {{suffix}} "
-            "exactly once each"
-        )
-
-
-def split_blanks(text: str) -> tuple[str, str]:
-    """`text` without the spaces and tabs it ends in, and those blanks."""
-    kept = text.rstrip(" \t")
-    return kept, text[len(kept) :]
 
 
 def heal(prompt: Prompt) -> tuple[str, str]:
@@ -113,52 +67,6 @@ def heal(prompt: Prompt) -> tuple[str, str]:
     return fill_template(prompt.template, prompt.header + kept, prompt.suffix), healed
 
 
-def unheal(text: str, healed: str, *, blank_line: bool) -> tuple[str, str]:
-    """What the model wrote after a healed prompt, split into (what stands for the blanks taken off the
-    prompt, the suggestion at the cursor). On a cursor line of blanks only (`blank_line`) a model that starts
-    with a line break means the code after it, which belongs on the cursor's line: leading line breaks go
-    first. Then the healed blanks when the text starts with them, else whatever blanks it starts with (a
-    model that indents less than the cursor still writes its code at the cursor).
-    """
-    rest = text.lstrip("\r\n") if healed and blank_line else text
-    blanks = healed if rest.startswith(healed) else rest[: len(rest) - len(rest.lstrip(" \t"))]
-    cut = len(text) - len(rest) + len(blanks)
-    return text[:cut], text[cut:]
-
-
-def fill_template(template: str, prefix: str, suffix: str) -> str:
-    """The template with its two placeholders replaced, in one pass (text inside prefix is never re-scanned)."""
-    return _PLACEHOLDER.sub(lambda m: prefix if m.group(0) == "{prefix}" else suffix, template)
-
-
-def fim_template_for(setting: str, vocabulary: Collection[str]) -> str | None:
-    """The FIM template to use for `model.fim_template` = `setting`, or None for prefix-only prompts.
-
-    - "none": None.
-    - "auto": the first of `KNOWN_FIM_TEMPLATES` whose special tokens are all in `vocabulary` (e.g. the keys
-      of `tokenizer.get_vocab()`), else None (SmolLM2 has no FIM tokens, so it runs prefix-only).
-    - a template containing {prefix} and {suffix} (once each): the template itself.
-
-    Anything else raises ValueError naming the value and the allowed forms.
-    """
-    keyword = setting.strip().lower()
-    if keyword == "none":
-        return None
-    if keyword == "auto":
-        for template, tokens in KNOWN_FIM_TEMPLATES.items():
-            if all(token in vocabulary for token in tokens):
-                return template
-        return None
-    if "{prefix}" in setting and "{suffix}" in setting:
-        _check_template(setting)
-        return setting
-    raise ValueError(
-        f"model.fim_template = {setting!r} is not valid: use 'auto', 'none', or a template containing "
-        "{prefix} and {suffix}"
-    )
-
-
-# Line-comment syntax by LSP languageId (plus a few ids editors send that the LSP list lacks): (open, close).
 _HASH = ("# ", "")
 _SLASH = ("// ", "")
 _DASH = ("-- ", "")
@@ -700,7 +608,7 @@ def build_prompt(
         raise ValueError(f"anchor_lines = {anchor_lines}, first_line = {first_line}: need >= 1 and >= 0")
     available = budget_tokens
     if fim_template is not None:
-        _check_template(fim_template)
+        check_template(fim_template)
         template_tokens = count_tokens(fill_template(fim_template, "", ""))
         if template_tokens < budget_tokens:
             available -= template_tokens

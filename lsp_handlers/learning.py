@@ -24,6 +24,7 @@ alone (a whole HTML document without scripts), which the editor shows.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
@@ -34,16 +35,18 @@ from storage.repositories import (
     AdapterRepository,
     AuditRepository,
     EventRepository,
-    ReportFilter,
     Scope,
     ScopeControlRepository,
 )
 
 if TYPE_CHECKING:
     from lsp_handlers.server import HeedfulLanguageServer
+    from storage.store import RolloutStore
 
 LEARNING_COMMAND = "heedful.learning"
 REPORT_COMMAND = "heedful.report"
+# (store, developer) -> the HTML of `heedful report` for that developer alone
+ReportHtml = Callable[[RolloutStore, str], Awaitable[str]]
 ACTIONS = ("show", "pause", "resume", "undo", "pause_recording", "resume_recording")
 SHOWN_CORRECTIONS = 20
 SHOWN_VERSIONS = 10
@@ -132,8 +135,5 @@ async def _learned(s: Any, developer: str, scope: Scope) -> dict[str, Any]:
 
 
 async def report_command(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
-    from personalization.report import load_report, render_report
-
     developer = ls.require_identity().developer_id
-    data = await load_report(ls.services.store, ReportFilter((developer,), None, None))
-    return {"html": render_report(data)}
+    return {"html": await ls.report_html(ls.services.store, developer)}

@@ -27,11 +27,20 @@ from pygls.capabilities import ServerCapabilitiesBuilder
 from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 
+from kernel.settings import (
+    ADAPTER_ARMS,
+    FileStamp,
+    ResolvedSettings,
+    SettingsError,
+    apply_client_settings,
+    files_stamp,
+    watched_files,
+)
 from lsp_handlers.auth import AuthPolicy, ConnectionRefused, admit, check_client_info, parse_claim
-from lsp_handlers.completion import ADAPTER_ARMS, CompletionService, Identity, Served
+from lsp_handlers.completion import CompletionService, Identity, Served
 from lsp_handlers.documents import DocumentError, DocumentStore, StaleVersion, TextDocument, code_points_for_units
 from lsp_handlers.feedback import AcceptedText, Followed, Suggestion, TypedInstead, Verdict, locate
-from lsp_handlers.learning import LEARNING_COMMAND, REPORT_COMMAND, learning_command, report_command
+from lsp_handlers.learning import LEARNING_COMMAND, REPORT_COMMAND, ReportHtml, learning_command, report_command
 from lsp_handlers.protocol import (
     ACCEPT_COMMAND,
     DID_PARTIALLY_ACCEPT_COMPLETION,
@@ -49,14 +58,6 @@ from lsp_handlers.protocol import (
 from server import __version__
 from server.learning import learning_state
 from server.runtime import EngineStatus, Services, arm_of
-from server.settings import (
-    FileStamp,
-    ResolvedSettings,
-    SettingsError,
-    apply_client_settings,
-    files_stamp,
-    watched_files,
-)
 from storage.repositories import Scope
 from storage.store import DocumentSeen, EventRecord, SessionStart
 
@@ -87,10 +88,12 @@ class OpenDocument:
 class HeedfulLanguageServer(LanguageServer):
     """One connection's server and its session state."""
 
-    def __init__(self, services: Services, completions: CompletionService) -> None:
+    def __init__(self, services: Services, completions: CompletionService, report_html: ReportHtml) -> None:
         super().__init__("heedful", __version__, protocol_cls=HeedfulProtocol)
         self.services = services
         self.completions = completions
+        self.report_html = report_html  # `heedful.report`: given by whoever serves (the report is a tool)
+        self.auth_policy = AuthPolicy()  # how a connection proves who it is (set by `create_server`)
         self.identity: Identity | None = None
         self.resolved: ResolvedSettings = services.base
         self.client_settings: dict[str, Any] = {}
@@ -449,339 +452,364 @@ def _log_failed_write(fut: asyncio.Future[Any]) -> None:
         log.error("an event was not recorded: %s", fut.exception())
 
 
+async def initialize(ls: HeedfulLanguageServer, params: types.InitializeParams) -> None:
+    info = params.client_info
+    try:
+        claim = parse_claim(params.initialization_options)
+        check_client_info(info.name if info else None, info.version if info else None)
+        admitted = await admit(ls.auth_policy, claim, ls.services.store)
+    except ConnectionRefused:
+        asyncio.get_running_loop().call_soon(ls.exit_requested.set)  # after the error answer is written
+        raise
+    if not claim.developer_given and admitted.via == "os-user":
+        log.warning("initializationOptions.developerId is missing; using the OS user %r", admitted.developer_id)
+    developer, session_id, team = admitted.developer_id, admitted.session_id, admitted.team_id
+    try:
+        ls.resolved = ls.services.resolve(developer, team)
+    except SettingsError as exc:
+        log.error("settings for developer %r, team %r: %s", developer, team, exc)
+        ls.show_message(f"Heedful: {exc}; serving with the global settings until it is fixed")
+        ls.resolved = ls.services.base
+    ls.apply_settings(claim.settings, "initializationOptions.settings")
+    ls.identity = Identity(developer, session_id, team)
+    ls.watch_settings()
+    ls.watch_learning()
+    ls.documents = DocumentStore(ServerCapabilitiesBuilder.choose_position_encoding(params.capabilities))
+    fut = ls.services.store.start_session(
+        SessionStart(
+            session_id=session_id,
+            developer_id=developer,
+            team_id=team,
+            client_name=info.name if info else None,
+            client_version=info.version if info else None,
+        )
+    )
+    fut.add_done_callback(_log_failed_write)
+    log.info(
+        "session %s: developer %r, team %r, client %s, admitted by %s",
+        session_id,
+        developer,
+        team,
+        info.name if info else "?",
+        admitted.via,
+    )
+
+
+async def initialized(ls: HeedfulLanguageServer, params: types.InitializedParams) -> None:
+    identity = ls.require_identity()
+    try:  # the first status carries the learning state, rather than a second one a poll later
+        await ls.services.learning.first_read(Scope.developer(identity.developer_id))
+    except Exception as exc:  # the status says "not known yet" until the next poll reads it
+        log.warning("reading the learning state of %r failed: %s", identity.developer_id, exc)
+    ls.status_started = True
+    ls.send_status()
+
+
+async def shutdown(ls: HeedfulLanguageServer, params: Any) -> None:
+    ls.shutdown_requested = True
+    await ls.close_session()
+
+
+def exit_(ls: HeedfulLanguageServer, params: Any) -> None:
+    ls.exit_requested.set()
+
+
+def did_change_configuration(ls: HeedfulLanguageServer, params: types.DidChangeConfigurationParams) -> None:
+    table = params.settings
+    if isinstance(table, dict) and "heedful" in table:
+        table = table["heedful"]
+    ls.apply_settings(table, "workspace/didChangeConfiguration")
+
+
+# -- documents -----------------------------------------------------------------------------------
+
+
+def did_open(ls: HeedfulLanguageServer, params: types.DidOpenTextDocumentParams) -> None:
+    doc = ls.documents.open(params.text_document)
+    seen = None
+    if ls.identity is not None and not ls.recording_paused:
+        seen = DocumentSeen(ls.identity.session_id, doc.uri, doc.language_id, doc.version or 0)
+        ls.services.store.record_document(seen).add_done_callback(_log_failed_write)
+    ls.open_docs[doc.uri] = OpenDocument(doc, seen)
+
+
+def did_change(ls: HeedfulLanguageServer, params: types.DidChangeTextDocumentParams) -> None:
+    uri = params.text_document.uri
+    doc = ls.documents.find(uri)
+    if doc is None:
+        log.warning("didChange for %s, which is not open; ignored (send didOpen first)", uri)
+        return
+    try:
+        edits = doc.apply(params.content_changes, params.text_document.version)
+    except StaleVersion as exc:
+        log.warning("%s", exc)
+        return
+    except DocumentError as exc:
+        log.warning("didChange for %s ignored: %s", uri, exc)
+        return
+    sugg = ls.suggestions.get(uri)
+    tracked = [t for t in ls.followed if t.uri == uri]
+    for edit in edits:
+        for t in tracked:
+            t.observe(edit)
+        if sugg is None:
+            continue
+        verdict = sugg.observe(edit)
+        if verdict is Verdict.DIVERGED:
+            ls.suggestions.pop(uri, None)
+            state = ls.served.get(sugg.completion_id)
+            if state is not None and not state.resolved:
+                ls.record_event("rejected", sugg.completion_id, inferred=True)
+                instead = ls.track_rejected(state, sugg)
+                if instead is not None:  # the edit that typed past the suggestion is the first of it
+                    instead.observe(edit)
+                    tracked.append(instead)
+            sugg = None
+
+
+def did_close(ls: HeedfulLanguageServer, params: types.DidCloseTextDocumentParams) -> None:
+    uri = params.text_document.uri
+    ls.documents.close(uri)
+    ls.open_docs.pop(uri, None)
+    ls.suggestions.pop(uri, None)
+    task = ls.inflight.pop(uri, None)
+    if task is not None:
+        task.cancel()
+
+
+# -- completions ---------------------------------------------------------------------------------
+
+
+async def complete(
+    ls: HeedfulLanguageServer, uri: str, position: types.Position, method: str
+) -> tuple[TextDocument, Served] | None:
+    identity = ls.require_identity()
+    started = time.monotonic()
+    result = await serve_completion(ls, identity, uri, position)
+    ls.services.metrics.observe_completion(
+        identity.team_id, ls.arm, method, time.monotonic() - started, result is not None
+    )
+    return result
+
+
+async def serve_completion(
+    ls: HeedfulLanguageServer, identity: Identity, uri: str, position: types.Position
+) -> tuple[TextDocument, Served] | None:
+    ls.reload_settings_if_changed()
+    try:
+        doc = ls.documents.get(uri)
+    except DocumentError as exc:
+        raise JsonRpcInvalidParams(str(exc)) from None
+    # A newer request for the same document makes the older one pointless: cancel it.
+    current = asyncio.current_task()
+    previous = ls.inflight.get(uri)
+    if previous is not None and previous is not current and not previous.done():
+        previous.cancel()
+    if current is not None:
+        ls.inflight[uri] = current
+    try:
+        try:
+            offset = doc.offset_at(position)
+        except DocumentError as exc:
+            raise JsonRpcInvalidParams(str(exc)) from None
+        rest = ls.typed_through(doc, offset)
+        if rest is not None:
+            log.debug("completion %s typed through: the rest served again at %d", rest.completion_id, offset)
+            return doc, rest
+        open_doc = ls.open_docs.get(uri)
+        served = await ls.completions.complete(
+            doc,
+            position,
+            identity=identity,
+            settings=ls.settings,
+            document=open_doc.seen if open_doc else None,
+        )
+    finally:
+        if ls.inflight.get(uri) is current:
+            del ls.inflight[uri]
+    if served is None:
+        return None
+    ls.serve(doc, served)
+    return doc, served
+
+
+def accept_command(served: Served) -> types.Command:
+    return types.Command(
+        title="Accept Heedful completion",
+        command=ACCEPT_COMMAND,
+        arguments=[{"completionId": served.completion_id}],
+    )
+
+
+async def inline_completion(
+    ls: HeedfulLanguageServer, params: types.InlineCompletionParams
+) -> types.InlineCompletionList | None:
+    result = await complete(ls, params.text_document.uri, params.position, types.TEXT_DOCUMENT_INLINE_COMPLETION)
+    if result is None:
+        return None
+    doc, served = result
+    cursor = doc.position_at(served.offset)
+    item = types.InlineCompletionItem(
+        insert_text=served.text,
+        range=types.Range(start=cursor, end=cursor),
+        command=accept_command(served),
+    )
+    return types.InlineCompletionList(items=[item])
+
+
+async def completion(ls: HeedfulLanguageServer, params: types.CompletionParams) -> types.CompletionList | None:
+    result = await complete(ls, params.text_document.uri, params.position, types.TEXT_DOCUMENT_COMPLETION)
+    if result is None:
+        return None
+    doc, served = result
+    # The editor filters items by the word before the cursor, so the item replaces that word.
+    word = _trailing_word(served.line_prefix)
+    start = doc.position_at(served.offset - len(word))
+    cursor = doc.position_at(served.offset)
+    first_line = served.text.split("\n", 1)[0]
+    item = types.CompletionItem(
+        label=(word + first_line).strip()[:80] or served.text.strip()[:80],
+        kind=types.CompletionItemKind.Text,
+        detail="Heedful",
+        filter_text=word + first_line,
+        insert_text_format=types.InsertTextFormat.PlainText,
+        text_edit=types.TextEdit(range=types.Range(start=start, end=cursor), new_text=word + served.text),
+        command=accept_command(served),
+        sort_text="0",
+        preselect=True,
+    )
+    return types.CompletionList(is_incomplete=True, items=[item])
+
+
+# -- feedback ------------------------------------------------------------------------------------
+
+
+async def accept(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
+    completion_id = _completion_id_argument(args, ACCEPT_COMMAND)
+    state = ls.state_of(completion_id)
+    if "accepted" in state.outcomes:
+        return {"recorded": False, "completionId": completion_id, "reason": "already accepted"}
+    fut = ls.record_event("accepted", completion_id, accepted_length=len(state.served.text))
+    ls.track_accept(state, state.served.text)
+    event_id = await fut
+    if event_id is None:
+        return {"recorded": False, "completionId": completion_id, "reason": NOT_RECORDING}
+    return {"recorded": True, "completionId": completion_id, "eventId": event_id}
+
+
+def did_show(ls: HeedfulLanguageServer, params: DidShowCompletionParams) -> None:
+    completion_id = completion_id_of(params.item)
+    state = ls.known(completion_id, "didShowCompletion")
+    if state is None:
+        return
+    if "shown" not in state.outcomes:
+        ls.record_event("shown", completion_id)
+
+
+def did_partially_accept(ls: HeedfulLanguageServer, params: DidPartiallyAcceptCompletionParams) -> None:
+    completion_id = completion_id_of(params.item)
+    state = ls.known(completion_id, "didPartiallyAcceptCompletion")
+    if state is None:
+        return
+    if params.accepted_length < 0:
+        log.warning("didPartiallyAcceptCompletion with acceptedLength %d < 0; ignored", params.accepted_length)
+        return
+    # acceptedLength counts UTF-16 units of the item's insertText (the contract); the store keeps characters.
+    # The item may be the rest of the suggestion served again after the developer typed its start
+    # (`typed_through`): then the accepted text runs from the suggestion's own start.
+    text = state.served.text
+    item_text = params.item.insert_text if isinstance(params.item.insert_text, str) else text
+    skip = len(text) - len(item_text) if item_text and text.endswith(item_text) else 0
+    chars = code_points_for_units(text[skip:], params.accepted_length, types.PositionEncodingKind.Utf16)
+    accepted = text[: skip + chars]
+    ls.record_event("partial_accept", completion_id, accepted_length=len(accepted), kept_text=accepted)
+    if accepted:
+        ls.track_accept(state, accepted)
+
+
+def did_reject(ls: HeedfulLanguageServer, params: DidRejectCompletionParams) -> None:
+    state = ls.known(params.completion_id, DID_REJECT_COMPLETION)
+    if state is None:
+        return
+    if "accepted" in state.outcomes or "rejected" in state.outcomes:
+        log.info("reject of completion %s ignored: it is already %s", params.completion_id, state.outcomes)
+        return
+    ls.record_event("rejected", params.completion_id)
+    sugg = ls.suggestions.get(state.uri)
+    if sugg is not None and sugg.completion_id == params.completion_id:
+        ls.suggestions.pop(state.uri, None)
+    ls.track_rejected(state, sugg)
+
+
+async def feedback(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
+    identity = ls.require_identity()
+    if len(args) != 1 or not isinstance(args[0], dict):
+        raise JsonRpcInvalidParams(
+            f'{FEEDBACK_COMMAND} takes one argument {{"text": "...", "completionId"?: "..."}}, got {list(args)!r}'
+        )
+    body = args[0]
+    text = body.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise JsonRpcInvalidParams(
+            f'{FEEDBACK_COMMAND}: "text" must be the correction, e.g. "use Flask, not Django"; got {text!r}'
+        )
+    completion_id = body.get("completionId", ls.latest_completion)
+    if completion_id is not None:
+        if not isinstance(completion_id, str):
+            raise JsonRpcInvalidParams(f'{FEEDBACK_COMMAND}: "completionId" must be a string, got {completion_id!r}')
+        ls.state_of(completion_id)
+    event_id = await ls.record_event("correction", completion_id, text=text)
+    if event_id is None:
+        return {"recorded": False, "completionId": completion_id, "reason": NOT_RECORDING}
+    ls.services.forget_corrections(identity.developer_id)
+    return {"recorded": True, "completionId": completion_id, "eventId": event_id}
+
+
+async def learning(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
+    return await learning_command(ls, *args)
+
+
+async def report(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
+    return await report_command(ls, *args)
+
+
 def create_server(
-    services: Services, completions: CompletionService | None = None, *, auth: AuthPolicy | None = None
+    services: Services,
+    completions: CompletionService | None = None,
+    *,
+    report_html: ReportHtml,
+    auth: AuthPolicy | None = None,
 ) -> HeedfulLanguageServer:
     """A server for one connection, with every Heedful handler registered.
 
-    `auth` says how the connection proves who it is (`lsp_handlers.auth`; default: stdio, one OS user).
-    A refused `initialize` is answered with an error and the connection closes.
+    `report_html` renders a developer's report for `heedful.report`. `auth` says how the connection
+    proves who it is (`lsp_handlers.auth`; default: stdio, one OS user). A refused `initialize` is
+    answered with an error and the connection closes.
     """
-    ls = HeedfulLanguageServer(services, completions or CompletionService(services))
-    policy = auth or AuthPolicy()
-
-    @ls.feature(types.INITIALIZE)
-    async def initialize(ls: HeedfulLanguageServer, params: types.InitializeParams) -> None:
-        info = params.client_info
-        try:
-            claim = parse_claim(params.initialization_options)
-            check_client_info(info.name if info else None, info.version if info else None)
-            admitted = await admit(policy, claim, services.store)
-        except ConnectionRefused:
-            asyncio.get_running_loop().call_soon(ls.exit_requested.set)  # after the error answer is written
-            raise
-        if not claim.developer_given and admitted.via == "os-user":
-            log.warning("initializationOptions.developerId is missing; using the OS user %r", admitted.developer_id)
-        developer, session_id, team = admitted.developer_id, admitted.session_id, admitted.team_id
-        try:
-            ls.resolved = services.resolve(developer, team)
-        except SettingsError as exc:
-            log.error("settings for developer %r, team %r: %s", developer, team, exc)
-            ls.show_message(f"Heedful: {exc}; serving with the global settings until it is fixed")
-            ls.resolved = services.base
-        ls.apply_settings(claim.settings, "initializationOptions.settings")
-        ls.identity = Identity(developer, session_id, team)
-        ls.watch_settings()
-        ls.watch_learning()
-        ls.documents = DocumentStore(ServerCapabilitiesBuilder.choose_position_encoding(params.capabilities))
-        fut = services.store.start_session(
-            SessionStart(
-                session_id=session_id,
-                developer_id=developer,
-                team_id=team,
-                client_name=info.name if info else None,
-                client_version=info.version if info else None,
-            )
-        )
-        fut.add_done_callback(_log_failed_write)
-        log.info(
-            "session %s: developer %r, team %r, client %s, admitted by %s",
-            session_id,
-            developer,
-            team,
-            info.name if info else "?",
-            admitted.via,
-        )
-
-    @ls.feature(types.INITIALIZED)
-    async def initialized(ls: HeedfulLanguageServer, params: types.InitializedParams) -> None:
-        identity = ls.require_identity()
-        try:  # the first status carries the learning state, rather than a second one a poll later
-            await services.learning.first_read(Scope.developer(identity.developer_id))
-        except Exception as exc:  # the status says "not known yet" until the next poll reads it
-            log.warning("reading the learning state of %r failed: %s", identity.developer_id, exc)
-        ls.status_started = True
-        ls.send_status()
-
-    @ls.feature(types.SHUTDOWN)
-    async def shutdown(ls: HeedfulLanguageServer, params: Any) -> None:
-        ls.shutdown_requested = True
-        await ls.close_session()
-
-    @ls.feature(types.EXIT)
-    def exit_(ls: HeedfulLanguageServer, params: Any) -> None:
-        ls.exit_requested.set()
-
-    @ls.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
-    def did_change_configuration(ls: HeedfulLanguageServer, params: types.DidChangeConfigurationParams) -> None:
-        table = params.settings
-        if isinstance(table, dict) and "heedful" in table:
-            table = table["heedful"]
-        ls.apply_settings(table, "workspace/didChangeConfiguration")
-
-    # -- documents -----------------------------------------------------------------------------------
-
-    @ls.feature(types.TEXT_DOCUMENT_DID_OPEN)
-    def did_open(ls: HeedfulLanguageServer, params: types.DidOpenTextDocumentParams) -> None:
-        doc = ls.documents.open(params.text_document)
-        seen = None
-        if ls.identity is not None and not ls.recording_paused:
-            seen = DocumentSeen(ls.identity.session_id, doc.uri, doc.language_id, doc.version or 0)
-            services.store.record_document(seen).add_done_callback(_log_failed_write)
-        ls.open_docs[doc.uri] = OpenDocument(doc, seen)
-
-    @ls.feature(types.TEXT_DOCUMENT_DID_CHANGE)
-    def did_change(ls: HeedfulLanguageServer, params: types.DidChangeTextDocumentParams) -> None:
-        uri = params.text_document.uri
-        doc = ls.documents.find(uri)
-        if doc is None:
-            log.warning("didChange for %s, which is not open; ignored (send didOpen first)", uri)
-            return
-        try:
-            edits = doc.apply(params.content_changes, params.text_document.version)
-        except StaleVersion as exc:
-            log.warning("%s", exc)
-            return
-        except DocumentError as exc:
-            log.warning("didChange for %s ignored: %s", uri, exc)
-            return
-        sugg = ls.suggestions.get(uri)
-        tracked = [t for t in ls.followed if t.uri == uri]
-        for edit in edits:
-            for t in tracked:
-                t.observe(edit)
-            if sugg is None:
-                continue
-            verdict = sugg.observe(edit)
-            if verdict is Verdict.DIVERGED:
-                ls.suggestions.pop(uri, None)
-                state = ls.served.get(sugg.completion_id)
-                if state is not None and not state.resolved:
-                    ls.record_event("rejected", sugg.completion_id, inferred=True)
-                    instead = ls.track_rejected(state, sugg)
-                    if instead is not None:  # the edit that typed past the suggestion is the first of it
-                        instead.observe(edit)
-                        tracked.append(instead)
-                sugg = None
-
-    @ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)
-    def did_close(ls: HeedfulLanguageServer, params: types.DidCloseTextDocumentParams) -> None:
-        uri = params.text_document.uri
-        ls.documents.close(uri)
-        ls.open_docs.pop(uri, None)
-        ls.suggestions.pop(uri, None)
-        task = ls.inflight.pop(uri, None)
-        if task is not None:
-            task.cancel()
-
-    # -- completions ---------------------------------------------------------------------------------
-
-    async def complete(
-        ls: HeedfulLanguageServer, uri: str, position: types.Position, method: str
-    ) -> tuple[TextDocument, Served] | None:
-        identity = ls.require_identity()
-        started = time.monotonic()
-        result = await serve_completion(ls, identity, uri, position)
-        services.metrics.observe_completion(
-            identity.team_id, ls.arm, method, time.monotonic() - started, result is not None
-        )
-        return result
-
-    async def serve_completion(
-        ls: HeedfulLanguageServer, identity: Identity, uri: str, position: types.Position
-    ) -> tuple[TextDocument, Served] | None:
-        ls.reload_settings_if_changed()
-        try:
-            doc = ls.documents.get(uri)
-        except DocumentError as exc:
-            raise JsonRpcInvalidParams(str(exc)) from None
-        # A newer request for the same document makes the older one pointless: cancel it.
-        current = asyncio.current_task()
-        previous = ls.inflight.get(uri)
-        if previous is not None and previous is not current and not previous.done():
-            previous.cancel()
-        if current is not None:
-            ls.inflight[uri] = current
-        try:
-            try:
-                offset = doc.offset_at(position)
-            except DocumentError as exc:
-                raise JsonRpcInvalidParams(str(exc)) from None
-            rest = ls.typed_through(doc, offset)
-            if rest is not None:
-                log.debug("completion %s typed through: the rest served again at %d", rest.completion_id, offset)
-                return doc, rest
-            open_doc = ls.open_docs.get(uri)
-            served = await ls.completions.complete(
-                doc,
-                position,
-                identity=identity,
-                settings=ls.settings,
-                document=open_doc.seen if open_doc else None,
-            )
-        finally:
-            if ls.inflight.get(uri) is current:
-                del ls.inflight[uri]
-        if served is None:
-            return None
-        ls.serve(doc, served)
-        return doc, served
-
-    def accept_command(served: Served) -> types.Command:
-        return types.Command(
-            title="Accept Heedful completion",
-            command=ACCEPT_COMMAND,
-            arguments=[{"completionId": served.completion_id}],
-        )
-
+    ls = HeedfulLanguageServer(services, completions or CompletionService(services), report_html)
+    ls.auth_policy = auth or AuthPolicy()
+    ls.feature(types.INITIALIZE)(initialize)
+    ls.feature(types.INITIALIZED)(initialized)
+    ls.feature(types.SHUTDOWN)(shutdown)
+    ls.feature(types.EXIT)(exit_)
+    ls.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)(did_change_configuration)
+    ls.feature(types.TEXT_DOCUMENT_DID_OPEN)(did_open)
+    ls.feature(types.TEXT_DOCUMENT_DID_CHANGE)(did_change)
+    ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)(did_close)
     # Registered with options: without them pygls leaves inlineCompletionProvider out of the
     # capabilities, and VS Code's client then never asks for inline completions.
-    @ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
-    async def inline_completion(
-        ls: HeedfulLanguageServer, params: types.InlineCompletionParams
-    ) -> types.InlineCompletionList | None:
-        result = await complete(ls, params.text_document.uri, params.position, types.TEXT_DOCUMENT_INLINE_COMPLETION)
-        if result is None:
-            return None
-        doc, served = result
-        cursor = doc.position_at(served.offset)
-        item = types.InlineCompletionItem(
-            insert_text=served.text,
-            range=types.Range(start=cursor, end=cursor),
-            command=accept_command(served),
-        )
-        return types.InlineCompletionList(items=[item])
-
-    @ls.feature(
+    ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())(inline_completion)
+    ls.feature(
         types.TEXT_DOCUMENT_COMPLETION,
         types.CompletionOptions(trigger_characters=[".", "(", " ", "\n"], resolve_provider=False),
-    )
-    async def completion(ls: HeedfulLanguageServer, params: types.CompletionParams) -> types.CompletionList | None:
-        result = await complete(ls, params.text_document.uri, params.position, types.TEXT_DOCUMENT_COMPLETION)
-        if result is None:
-            return None
-        doc, served = result
-        # The editor filters items by the word before the cursor, so the item replaces that word.
-        word = _trailing_word(served.line_prefix)
-        start = doc.position_at(served.offset - len(word))
-        cursor = doc.position_at(served.offset)
-        first_line = served.text.split("\n", 1)[0]
-        item = types.CompletionItem(
-            label=(word + first_line).strip()[:80] or served.text.strip()[:80],
-            kind=types.CompletionItemKind.Text,
-            detail="Heedful",
-            filter_text=word + first_line,
-            insert_text_format=types.InsertTextFormat.PlainText,
-            text_edit=types.TextEdit(range=types.Range(start=start, end=cursor), new_text=word + served.text),
-            command=accept_command(served),
-            sort_text="0",
-            preselect=True,
-        )
-        return types.CompletionList(is_incomplete=True, items=[item])
-
-    # -- feedback ------------------------------------------------------------------------------------
-
-    @ls.command(ACCEPT_COMMAND)
-    async def accept(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
-        completion_id = _completion_id_argument(args, ACCEPT_COMMAND)
-        state = ls.state_of(completion_id)
-        if "accepted" in state.outcomes:
-            return {"recorded": False, "completionId": completion_id, "reason": "already accepted"}
-        fut = ls.record_event("accepted", completion_id, accepted_length=len(state.served.text))
-        ls.track_accept(state, state.served.text)
-        event_id = await fut
-        if event_id is None:
-            return {"recorded": False, "completionId": completion_id, "reason": NOT_RECORDING}
-        return {"recorded": True, "completionId": completion_id, "eventId": event_id}
-
-    @ls.feature(DID_SHOW_COMPLETION)
-    def did_show(ls: HeedfulLanguageServer, params: DidShowCompletionParams) -> None:
-        completion_id = completion_id_of(params.item)
-        state = ls.known(completion_id, "didShowCompletion")
-        if state is None:
-            return
-        if "shown" not in state.outcomes:
-            ls.record_event("shown", completion_id)
-
-    @ls.feature(DID_PARTIALLY_ACCEPT_COMPLETION)
-    def did_partially_accept(ls: HeedfulLanguageServer, params: DidPartiallyAcceptCompletionParams) -> None:
-        completion_id = completion_id_of(params.item)
-        state = ls.known(completion_id, "didPartiallyAcceptCompletion")
-        if state is None:
-            return
-        if params.accepted_length < 0:
-            log.warning("didPartiallyAcceptCompletion with acceptedLength %d < 0; ignored", params.accepted_length)
-            return
-        # acceptedLength counts UTF-16 units of the item's insertText (the contract); the store keeps characters.
-        # The item may be the rest of the suggestion served again after the developer typed its start
-        # (`typed_through`): then the accepted text runs from the suggestion's own start.
-        text = state.served.text
-        item_text = params.item.insert_text if isinstance(params.item.insert_text, str) else text
-        skip = len(text) - len(item_text) if item_text and text.endswith(item_text) else 0
-        chars = code_points_for_units(text[skip:], params.accepted_length, types.PositionEncodingKind.Utf16)
-        accepted = text[: skip + chars]
-        ls.record_event("partial_accept", completion_id, accepted_length=len(accepted), kept_text=accepted)
-        if accepted:
-            ls.track_accept(state, accepted)
-
-    @ls.feature(DID_REJECT_COMPLETION)
-    def did_reject(ls: HeedfulLanguageServer, params: DidRejectCompletionParams) -> None:
-        state = ls.known(params.completion_id, DID_REJECT_COMPLETION)
-        if state is None:
-            return
-        if "accepted" in state.outcomes or "rejected" in state.outcomes:
-            log.info("reject of completion %s ignored: it is already %s", params.completion_id, state.outcomes)
-            return
-        ls.record_event("rejected", params.completion_id)
-        sugg = ls.suggestions.get(state.uri)
-        if sugg is not None and sugg.completion_id == params.completion_id:
-            ls.suggestions.pop(state.uri, None)
-        ls.track_rejected(state, sugg)
-
-    @ls.command(FEEDBACK_COMMAND)
-    async def feedback(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
-        identity = ls.require_identity()
-        if len(args) != 1 or not isinstance(args[0], dict):
-            raise JsonRpcInvalidParams(
-                f'{FEEDBACK_COMMAND} takes one argument {{"text": "...", "completionId"?: "..."}}, got {list(args)!r}'
-            )
-        body = args[0]
-        text = body.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise JsonRpcInvalidParams(
-                f'{FEEDBACK_COMMAND}: "text" must be the correction, e.g. "use Flask, not Django"; got {text!r}'
-            )
-        completion_id = body.get("completionId", ls.latest_completion)
-        if completion_id is not None:
-            if not isinstance(completion_id, str):
-                raise JsonRpcInvalidParams(
-                    f'{FEEDBACK_COMMAND}: "completionId" must be a string, got {completion_id!r}'
-                )
-            ls.state_of(completion_id)
-        event_id = await ls.record_event("correction", completion_id, text=text)
-        if event_id is None:
-            return {"recorded": False, "completionId": completion_id, "reason": NOT_RECORDING}
-        ls.services.forget_corrections(identity.developer_id)
-        return {"recorded": True, "completionId": completion_id, "eventId": event_id}
-
-    @ls.command(LEARNING_COMMAND)
-    async def learning(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
-        return await learning_command(ls, *args)
-
-    @ls.command(REPORT_COMMAND)
-    async def report(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
-        return await report_command(ls, *args)
-
+    )(completion)
+    ls.command(ACCEPT_COMMAND)(accept)
+    ls.feature(DID_SHOW_COMPLETION)(did_show)
+    ls.feature(DID_PARTIALLY_ACCEPT_COMPLETION)(did_partially_accept)
+    ls.feature(DID_REJECT_COMPLETION)(did_reject)
+    ls.command(FEEDBACK_COMMAND)(feedback)
+    ls.command(LEARNING_COMMAND)(learning_command)
+    ls.command(REPORT_COMMAND)(report_command)
     return ls
 
 

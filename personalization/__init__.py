@@ -1,1 +1,2 @@
-"""Learning from feedback: rollouts, judges, GRPO-TCR, OPD, the LoRA trainer, gates and evaluation."""
+"""Learning from feedback: rollouts, judges, GRPO-TCR, OPD, the LoRA trainer, gates, publishing, and the
+simulated developers (personas) the evaluation uses."""

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from kernel.settings import TrainingSettings
 from personalization.grpo import overlong_penalty
 from personalization.judge import MaybeVote, UnshownJudge
 from personalization.opd import Correction
 from personalization.trainer import Group, Sample
-from server.settings import TrainingSettings
 from storage.models import Completion, Event, EventKind, Rollout, RolloutStatus
 from storage.repositories import Scope
 

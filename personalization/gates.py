@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from lsp_handlers.context import fill_template, split_blanks, unheal
+from kernel.fim import fill_template, split_blanks, unheal
 
 if TYPE_CHECKING:  # torch is imported by the measurements only: the gate decision needs no torch
     import torch

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import re
 import time
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kernel.files import fsync_replace
 from server.engine.base import AdapterRef, Engine, EngineError
 
 __all__ = [
@@ -497,7 +497,7 @@ class PRMJudge:
         tensors = {k: v.detach().contiguous().clone() for k, v in self.head.state_dict().items()}
         tmp_weights = directory / (HEAD_WEIGHTS_FILE + ".tmp")
         save_file(tensors, str(tmp_weights), metadata={"format": str(HEAD_FORMAT)})
-        _fsync_replace(tmp_weights, directory / HEAD_WEIGHTS_FILE)
+        fsync_replace(tmp_weights, directory / HEAD_WEIGHTS_FILE)
         config = {
             "format": HEAD_FORMAT,
             "hidden_size": self.hidden_size,
@@ -511,7 +511,7 @@ class PRMJudge:
         }
         tmp_config = directory / (HEAD_CONFIG_FILE + ".tmp")
         tmp_config.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        _fsync_replace(tmp_config, directory / HEAD_CONFIG_FILE)
+        fsync_replace(tmp_config, directory / HEAD_CONFIG_FILE)
         return directory
 
     @classmethod
@@ -583,12 +583,6 @@ def _load_base(path: Path) -> tuple[Any, Any]:
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
 
 
 # --- LLM judge ---------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from kernel.files import CHUNK, fsync_dir, sha256_file
 from server.engine.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir
 from server.engine.base import AdapterError
 from storage.adapter_files import (
@@ -108,7 +109,6 @@ log = logging.getLogger("heedful.publish")
 
 MANIFEST = "heedful-adapter.json"
 MANIFEST_FORMAT = 1
-_CHUNK = 1 << 20
 # How old a `.tmp-*` folder or a complete but unreferenced version folder must be before clean_partial
 # removes it: another worker sharing the adapter folder may be between its rename and its commit.
 DEFAULT_GRACE_S = 600.0
@@ -158,22 +158,6 @@ def trainer_workdir(root: Path, scope: Scope) -> Path:
 
 # --------------------------------------------------------------------------------------------------
 # Files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _json_safe(value: Any, where: str) -> Any:
@@ -238,7 +222,7 @@ def _write_version(
                 d.mkdir(parents=True, exist_ok=True)
                 created.append(d)
         for d in created:
-            _fsync_dir(d.parent)
+            fsync_dir(d.parent)
         tmp.mkdir()
         written = 0
         fired = False
@@ -247,7 +231,7 @@ def _write_version(
             h = hashlib.sha256()
             size = 0
             with src.open("rb") as fin, (tmp / src.name).open("xb") as fout:
-                while chunk := fin.read(_CHUNK):
+                while chunk := fin.read(CHUNK):
                     h.update(chunk)
                     if on_stage is not None and not fired and written + len(chunk) >= half:
                         cut = max(half - written, 0)
@@ -270,11 +254,11 @@ def _write_version(
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if on_stage is not None:
             on_stage("before_rename")
         os.rename(tmp, final)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -593,7 +577,7 @@ def _check_checksums(path: Path, manifest: dict[str, Any]) -> None:
                 f"{target} has {size} bytes, the manifest says {entry.get('size')}: the file is truncated or "
                 f"changed; {fix}"
             )
-        digest = _sha256(target)
+        digest = sha256_file(target)
         if digest != entry.get("sha256"):
             raise CorruptAdapterError(
                 f"{target} does not match its sha256 in {MANIFEST} ({digest[:12]} != "

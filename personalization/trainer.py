@@ -28,9 +28,9 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from kernel.settings import TrainingSettings
 from personalization.grpo import group_advantages, grpo_tcr_loss, masked_mean
 from personalization.opd import OPDSample
-from server.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

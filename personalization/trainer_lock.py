@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from server import paths
+from kernel import paths
 
 
 class TrainerBusy(Exception):

@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lsp_handlers.context import fim_template_for
+from kernel import paths
+from kernel.fim import fim_template_for
+from kernel.settings import Settings
 from personalization import humaneval
 from personalization.gates import (
     GateResult,
@@ -53,10 +55,8 @@ from personalization.publish import (
 )
 from personalization.rollouts import CollectStats, RolloutCollector, settle_seconds
 from personalization.trainer_lock import TrainerLock
-from server import paths
 from server.engine.machine import cpu_model
 from server.engine.tokens import LocalTokenizer
-from server.settings import Settings
 from storage.adapter_files import remove_empty_scope_dir
 from storage.models import RolloutStatus
 from storage.repositories import (

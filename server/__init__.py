@@ -1,4 +1,5 @@
-"""Heedful's server side: CLI, settings, process wiring, the inference engine and adapter handling."""
+"""Heedful's server side: the inference engine (`server.engine`, on the kernel alone), adapter serving and
+guards, and the composition root: the CLI, `heedful serve`, the process wiring (`runtime`)."""
 
 import os
 

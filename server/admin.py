@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from server.settings import SettingsError, check_directory_team_files, read_settings_file, resolve
+from kernel.settings import SettingsError, check_directory_team_files, read_settings_file, resolve
 from storage.models import as_utc
 
 GLOBAL_FILE_NAME = "heedful.toml"

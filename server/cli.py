@@ -19,10 +19,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from personalization.personas import SHIPPED
-from server import __version__, paths
-from server.logs import setup_logging
-from server.settings import (
+from kernel import paths
+from kernel.settings import (
     ARMS,
     ResolvedSettings,
     Settings,
@@ -33,6 +31,10 @@ from server.settings import (
     resolve,
     validate_sections,
 )
+from personalization.personas import SHIPPED
+from server import __version__
+from server.logs import setup_logging
+from server.stores import open_store
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -496,8 +498,8 @@ async def _demo(args: argparse.Namespace) -> int:
     swapped in, and the correction rate before and after is printed with the report's path."""
     import time
 
-    from personalization import evaluation as ev
     from personalization.corpus import CorpusError
+    from tools import evaluation as ev
 
     try:
         persona = ev.load_persona(args.persona)
@@ -570,10 +572,9 @@ async def _demo(args: argparse.Namespace) -> int:
 async def _open_store(settings: Settings) -> AsyncIterator[RolloutStore]:
     """The store for one command; a store failure (opening or later) becomes a one-line CLI error."""
     from storage.db import StoreError
-    from storage.store import RolloutStore
 
     try:
-        store = await RolloutStore.open(settings)
+        store = await open_store(settings)
     except StoreError as exc:
         raise CliError(str(exc)) from None
     try:
@@ -767,8 +768,8 @@ def _training_overrides(args: argparse.Namespace) -> dict[str, int]:
 
 
 async def _eval(args: argparse.Namespace) -> int:
-    from personalization import evaluation as ev
     from personalization.corpus import CorpusError
+    from tools import evaluation as ev
 
     try:
         personas = [(spec, ev.load_persona(spec)) for spec in args.persona]
@@ -796,8 +797,8 @@ async def _eval(args: argparse.Namespace) -> int:
 
 
 async def _report(args: argparse.Namespace) -> int:
-    from personalization.report import load_report, render_report, write_report
     from storage.repositories import ReportFilter
+    from tools.report import load_report, render_report, write_report
 
     since = _since_arg(args.report_since)
     out: Path = args.out

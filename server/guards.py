@@ -33,8 +33,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from kernel.settings import ThresholdSettings
 from server.background import every
-from server.settings import ThresholdSettings
 from storage.models import AdapterVersion, Completion, Event, EventKind, as_utc
 from storage.repositories import AdapterRepository, AuditRepository, Scope, ScopeControlRepository
 from storage.store import RolloutStore

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server import paths
+from kernel import paths
+from kernel.files import fsync_tree, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +139,6 @@ class PrepareResult:
     path: Path
     prepared: bool  # False when a verified model was already there
     seconds: float
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def prepare_hint(model_dir: Path) -> str:
@@ -283,17 +276,6 @@ def default_gguf() -> Path:
     return model_gguf(DEFAULT_MODEL)
 
 
-def _fsync_tree(root: Path) -> None:
-    for file in root.iterdir():
-        with file.open("rb") as fh:
-            os.fsync(fh.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # Tokens after which a completion is over, wherever a tokenizer has them: the end of a document, and the
 # Qwen2.5-Coder markers of a chat turn, a FIM section or a repository file (a FIM model that writes one has
 # finished the middle and starts another piece of text).
@@ -398,7 +380,7 @@ def prepare_model(
             "files": files,
         }
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _fsync_tree(out)
+        fsync_tree(out)
         if target.exists():
             old = tmp / "previous"
             os.replace(target, old)

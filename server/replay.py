@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kernel.settings import CLIENT_SECTIONS, Settings, SettingsError, validate_sections
 from server.recording import CLIENT_TO_SERVER, DIRECTIONS, FORMAT_VERSION, STORE, FrameParser
-from server.settings import CLIENT_SECTIONS, Settings, SettingsError, validate_sections
+from server.stores import open_store
 
 STRUCTURAL_METHODS = frozenset({"textDocument/inlineCompletion", "textDocument/completion"})
 # Keys holding the suggestion's text in completion answers: compared by type, not by value.
@@ -712,9 +713,8 @@ async def replay(
 
 async def _stored_events(settings: Settings, session_id: str) -> tuple[list[dict[str, Any]], list[str]]:
     """The session's stored events, and its completion ids in the order the events number them."""
-    from storage.store import RolloutStore
 
-    store = await RolloutStore.open(settings)
+    store = await open_store(settings)
     try:
         return await store.session_events(session_id), await store.session_completion_ids(session_id)
     finally:

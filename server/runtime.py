@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from server import paths
+from kernel import paths
+from kernel.settings import ResolvedSettings, Settings, SettingsError, resolve
 from server.engine import Engine, EngineError, create_engine
 from server.engine.tokens import LocalTokenizer
 from server.guards import Guardian
@@ -28,11 +29,11 @@ from server.learning import STALE_S, LearningMonitor
 from server.metrics import ServingMetrics
 from server.model_prep import ModelError, verify_model
 from server.registry import AdapterRegistry
-from server.settings import ResolvedSettings, Settings, SettingsError, resolve
+from server.stores import open_store, write_policy
 from server.trainer_child import TrainingChild, train_command
 from storage.models import utcnow
 from storage.repositories import EventRepository, TrainingStatusRepository
-from storage.store import RolloutStore, WritePolicy
+from storage.store import RolloutStore
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ class Services:
         model_path = settings.model_path()
         verify_model(model_path, checksums=False)  # a missing or broken folder fails here, with the fix
         tokenizer = LocalTokenizer(model_path)
-        store = await RolloutStore.open(settings, tokenize=tokenizer.encode)
+        store = await open_store(settings, tokenize=tokenizer.encode)
         host = EngineHost(settings, engine)
         host.start()
         services = cls(config_path, base, host, store, tokenizer)
@@ -238,7 +239,7 @@ class Services:
         except SettingsError as exc:
             self.store.settings_broken(developer, team, str(exc))
             raise RecordingPaused(exc, developer, team) from None
-        self.store.settings_resolved(developer, team, WritePolicy.of(resolved.settings))
+        self.store.settings_resolved(developer, team, write_policy(resolved.settings))
         return resolved
 
     def _resolve_quietly(self, developer: str, team: str | None) -> None:

@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 
 from pygls.io_ import StdoutWriter
 
+from kernel.settings import client_sections
 from lsp_handlers.auth import AuthPolicy
 from lsp_handlers.completion import CompletionService
 from lsp_handlers.framing import CHUNK, MAX_UNINITIALIZED_BYTES, FrameReader, FramingError, Source
@@ -37,9 +38,9 @@ from lsp_handlers.server import HeedfulLanguageServer, create_server
 from server.logs import connection
 from server.recording import CLIENT_TO_SERVER, Recorder, RecordingWriter
 from server.runtime import Services
-from server.settings import client_sections
 from server.shared import peer_pid, peer_uid
 from storage.redaction import Redactor
+from tools.report import developer_report_html
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ async def run_connection(
     `tap` sees every message body the client sent (`heedful serve --record`).
     """
     connection.set(f"c{next(_connection_numbers)}")  # the log's rate limits count per connection
-    ls = create_server(services, completions, auth=auth)
+    ls = create_server(services, completions, report_html=developer_report_html, auth=auth)
     ls.protocol.set_writer(writer)
     limit = services.base.settings.server.max_message_bytes
 

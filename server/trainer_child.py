@@ -23,7 +23,7 @@ import signal
 import time
 from pathlib import Path
 
-from server.paths import heedful_command
+from kernel.paths import heedful_command
 
 log = logging.getLogger(__name__)
 

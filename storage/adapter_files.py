@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server import paths
+from kernel import paths
 from storage.repositories import Scope
 
 TMP_PREFIX = ".tmp-"

@@ -25,7 +25,6 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from server.settings import Settings
 from storage.adapter_files import plan_scope_purge, remove_scope_files, resolve_adapters_root
 from storage.db import Database, StoreError, open_database
 from storage.models import AdapterStatus, Candidate, Completion, CompletionMode, Event, EventKind, utcnow
@@ -264,9 +263,20 @@ class WritePolicy:
     paused: str | None = None
 
     @classmethod
-    def of(cls, settings: Settings) -> WritePolicy:
-        privacy = settings.privacy
-        return cls(redactor_for(tuple(privacy.redact_patterns)), privacy.store_prompts)
+    def of(cls, redact_patterns: tuple[str, ...], store_prompts: bool) -> WritePolicy:
+        return cls(redactor_for(redact_patterns), store_prompts)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOptions:
+    """What opening the store takes: plain values (from `database` and `privacy` settings, by
+    `server.stores.store_options`), so storage depends on no settings type."""
+
+    url: str = ""  # empty: the SQLite file `heedful.db` in the data dir
+    busy_timeout_s: float = 5.0
+    redact_patterns: tuple[str, ...] = ()
+    store_prompts: bool = True
+    retention_days: int = 0  # 0 keeps everything
 
 
 Who = tuple[str, str | None]  # (developer, team): the settings a session's policy comes from
@@ -300,15 +310,14 @@ class RolloutStore:
 
     @classmethod
     async def open(
-        cls, settings: Settings, *, tokenize: Tokenize | None = None, apply_retention: bool = True
+        cls, options: StoreOptions, *, tokenize: Tokenize | None = None, apply_retention: bool = True
     ) -> RolloutStore:
-        """Open (and upgrade) the database; delete rows older than `privacy.retention_days`."""
-        db = await open_database(settings.database.url, busy_timeout_s=settings.database.busy_timeout_s)
-        policy = WritePolicy.of(settings)
-        store = cls(db, policy.redactor, tokenize=tokenize, store_prompts=policy.store_prompts)
-        if apply_retention and settings.privacy.retention_days > 0:
+        """Open (and upgrade) the database; delete rows older than `options.retention_days`."""
+        db = await open_database(options.url, busy_timeout_s=options.busy_timeout_s)
+        store = cls(db, redactor_for(options.redact_patterns), tokenize=tokenize, store_prompts=options.store_prompts)
+        if apply_retention and options.retention_days > 0:
             try:
-                await store.apply_retention(settings.privacy.retention_days, actor="retention:open")
+                await store.apply_retention(options.retention_days, actor="retention:open")
             except Exception:
                 await db.dispose()
                 raise

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from server import paths
+from kernel import paths
+from kernel.settings import Settings
 from server.engine.embedded import EmbeddedEngine
 from server.engine.remote import RemoteEngine, vllm_serve_command
 from server.model_prep import DEFAULT_MODEL, ModelError, known_model, verify_model
-from server.settings import Settings
 from tests.pgserver import PostgresUnavailable, create_database, temporary_postgres
 from tests.procs import free_port, wait_until_serving
 

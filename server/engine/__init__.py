@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kernel.settings import Settings
 from server.engine.base import (
     AdapterError,
     AdapterRef,
@@ -12,7 +13,6 @@ from server.engine.base import (
     Generation,
     Timing,
 )
-from server.settings import Settings
 
 
 def create_engine(settings: Settings) -> Engine:

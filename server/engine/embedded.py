@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from kernel.settings import Settings
 from server.engine.adapters import check_adapter_dir
 from server.engine.base import (
     AdapterError,
@@ -43,7 +44,6 @@ from server.engine.merging import MergeUnsupported, read_adapter
 from server.engine.tokens import LocalTokenizer
 from server.engine.vllm_fixes import PACK_ALL_ENV
 from server.model_prep import ModelError, verify_model
-from server.settings import Settings
 
 log = logging.getLogger(__name__)
 

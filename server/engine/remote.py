@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from kernel.settings import Settings
 from server.engine.adapters import check_adapter_dir
 from server.engine.base import (
     AdapterError,
@@ -29,7 +30,6 @@ from server.engine.base import (
     Timing,
 )
 from server.engine.tokens import LocalTokenizer
-from server.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from lsprotocol import types
 
-from personalization.evaluation import EditorSession
+from tools.evaluation import EditorSession
 
 ROOT = Path(__file__).resolve().parents[2]
 

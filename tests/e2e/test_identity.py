@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
+from kernel.settings import Settings
 from personalization.publish import publish_adapter
 from server.recording import FrameParser
-from server.settings import Settings
+from server.stores import open_store
 from storage.repositories import Scope, SessionRepository
-from storage.store import RolloutStore
 from tests.conftest import make_lora_adapter
 from tests.e2e.client import HeedfulClient, tcp_server
 from tests.e2e.conftest import ServerSetup, write_config
@@ -107,7 +107,7 @@ async def test_tokens_decide_who_a_connection_is_and_spoofing_is_refused(
 
     settings = Settings()
     settings.database.url = f"sqlite+aiosqlite:///{setup.db}"
-    store = await RolloutStore.open(settings)
+    store = await open_store(settings)
     try:
         source = make_lora_adapter(small_model, tmp_path / "lora-alice", seed=3, b_std=0.02)
         published = await publish_adapter(
@@ -197,7 +197,7 @@ async def test_ids_longer_than_the_store_holds_are_refused_at_initialize(
     else:
         settings = Settings()
         settings.database.url = url
-        store = await RolloutStore.open(settings)
+        store = await open_store(settings)
         try:
             async with store.unit() as s:
                 row = await SessionRepository(s).get("s" * 64)

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from pygls.exceptions import JsonRpcException
 
+from kernel.settings import Settings
 from lsp_handlers.learning import LEARNING_COMMAND, REPORT_COMMAND
 from lsp_handlers.protocol import FEEDBACK_COMMAND
 from personalization.publish import publish_adapter
-from server.settings import Settings
+from server.stores import open_store
 from storage.repositories import Scope
-from storage.store import RolloutStore
 from tests.conftest import make_lora_adapter
 from tests.e2e.client import HeedfulClient, running_client
 from tests.e2e.conftest import ServerSetup
@@ -48,7 +48,7 @@ async def test_the_developer_sees_pauses_resumes_and_undoes_what_was_learned(
             await client.command(LEARNING_COMMAND, {"action": "undo"})
 
         # Two adapters published for the developer, one after the other; the second serves them.
-        store = await RolloutStore.open(settings)
+        store = await open_store(settings)
         try:
             versions = []
             for i in range(2):

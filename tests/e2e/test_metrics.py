@@ -16,9 +16,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.settings import Settings
+from kernel.settings import Settings
+from server.stores import open_store
 from storage.repositories import AdapterRepository, Scope
-from storage.store import RolloutStore
 from tests.e2e.client import HeedfulClient, running_client
 from tests.e2e.conftest import ServerSetup
 from tests.e2e.test_lsp_flow import completion_id, end_of
@@ -32,7 +32,7 @@ async def seed_adapters(db: Path) -> str:
     """A published team adapter and a newer, rejected developer adapter; the team version's id."""
     settings = Settings()
     settings.database.url = f"sqlite+aiosqlite:///{db}"
-    store = await RolloutStore.open(settings)
+    store = await open_store(settings)
     try:
         async with store.unit() as s:
             repo = AdapterRepository(s)

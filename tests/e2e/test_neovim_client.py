@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from server import paths
+from kernel import paths
 from tests.e2e.conftest import EDITOR_SOURCE, ServerSetup
 from tests.e2e.test_shared_server import servers_on, shared_socket
 

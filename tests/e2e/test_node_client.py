@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from server import paths
+from kernel import paths
 from tests.e2e.conftest import ServerSetup
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
@@ -34,7 +34,7 @@ def node_modules_dir() -> Path:
 
     scripts/setup.sh runs `npm ci` into <cache dir>/node/<first 16 hex of sha256(package-lock.json)>/
     node_modules, the cache dir being `HEEDFUL_CACHE_DIR`, else `$XDG_CACHE_HOME/heedful`
-    (`server.paths.cache_dir`); keep the two in step. A changed lock file is a new directory.
+    (`kernel.paths.cache_dir`); keep the two in step. A changed lock file is a new directory.
     """
     digest = hashlib.sha256((NODE_CLIENT / "package-lock.json").read_bytes()).hexdigest()[:16]
     return paths.cache_dir() / "node" / digest / "node_modules"

@@ -45,7 +45,7 @@ def shared_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict
 def shared_socket(config: Path, env: dict[str, str]) -> Path:
     """The shared server's socket for `config` as a `heedful serve --shared` with `env` (runtime and data dir)
     computes it, in a process of its own (socket_path reads the environment)."""
-    code = "import sys; from pathlib import Path; from server import paths; from server.shared import socket_path; "
+    code = "import sys; from pathlib import Path; from kernel import paths; from server.shared import socket_path; "
     code += "print(socket_path(Path(sys.argv[1]), paths.data_dir()))"
     found = subprocess.run(
         [sys.executable, "-c", code, str(config)], env=dict(os.environ, **env), cwd=ROOT, capture_output=True, text=True

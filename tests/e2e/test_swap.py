@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import pytest
 
+from kernel.settings import Settings
 from personalization.publish import publish_adapter
 from server.guards import rollback_scope
-from server.settings import Settings
+from server.stores import open_store
 from storage.repositories import Scope
-from storage.store import RolloutStore
 from tests.conftest import make_lora_adapter
 from tests.e2e.client import HeedfulClient, tcp_server
 from tests.e2e.conftest import write_config
@@ -85,7 +85,7 @@ async def test_swaps_under_load_fail_no_request_and_mix_no_versions(
             asyncio.create_task(keep_requesting(i, c, f"file:///w/swap/s{i}.py", stop, requests))
             for i, c in enumerate(clients)
         ]
-        store = await RolloutStore.open(settings)
+        store = await open_store(settings)
         try:
             await asyncio.sleep(3)
             published: list[str] = []

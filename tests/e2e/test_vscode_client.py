@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from server import paths
+from kernel import paths
 from tests.e2e.conftest import EDITOR_SOURCE, ServerSetup
 from tests.e2e.test_neovim_client import Neovim, nvim_binary, ready_status, write_init
 from tests.e2e.test_shared_server import servers_on, shared_socket

@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from server.settings import Settings
-from storage.store import CandidateRecord, CompletionRecord, EventRecord, RolloutStore, SessionStart
+from kernel.settings import Settings
+from server.stores import open_store
+from storage.store import CandidateRecord, CompletionRecord, EventRecord, SessionStart
 
 
 async def main(url: str) -> None:
     s = Settings()
     s.database.url = url
-    store = await RolloutStore.open(s)
+    store = await open_store(s)
     await store.start_session(SessionStart("dur", "durability"))
     await store.record_completion(
         CompletionRecord("dur-c", "dur", "durability", "p", [1], [CandidateRecord("x", [2], [-0.5])])

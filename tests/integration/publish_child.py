@@ -11,17 +11,17 @@ import sys
 import time
 from pathlib import Path
 
+from kernel.settings import Settings
 from personalization.gates import GateResult
 from personalization.publish import PublishStage, publish_adapter
-from server.settings import Settings
+from server.stores import open_store
 from storage.repositories import Scope
-from storage.store import RolloutStore
 
 
 async def main(url: str, root: str, source: str, stop_at: str, scope: str) -> None:
     s = Settings()
     s.database.url = url
-    store = await RolloutStore.open(s)
+    store = await open_store(s)
 
     def hook(stage: PublishStage) -> None:
         if stage == stop_at:

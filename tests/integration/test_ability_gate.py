@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from lsp_handlers.context import fill_template, fim_template_for
+from kernel.fim import fill_template, fim_template_for
+from kernel.settings import Settings, TrainingSettings
 from personalization import humaneval
 from personalization.dataset import TrainingData
 from personalization.gates import greedy_suggestions, humaneval_passes
 from personalization.trainer import Group, LoraTrainer, Sample
 from personalization.worker import _train
 from server.engine.tokens import LocalTokenizer
-from server.settings import Settings, TrainingSettings
 
 
 def test_the_default_model_passes_humaneval_cases_and_a_fresh_adapter_changes_nothing(default_model: Path) -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import Settings
+from kernel.settings import Settings
+from server.stores import open_store
 from storage.adapter_files import scope_dir
 from storage.repositories import AdapterRepository, Scope
-from storage.store import RolloutStore, SessionStart
+from storage.store import SessionStart
 from tests.procs import run_heedful
 
 heedful = run_heedful
@@ -60,7 +61,7 @@ async def test_team_list_show_and_the_audit_log(tmp_path: Path, database_url: st
     config = root / "heedful.toml"
     settings = Settings()
     settings.database.url = database_url
-    store = await RolloutStore.open(settings)
+    store = await open_store(settings)
     try:
         for session, developer, team in (("s1", "alice", "backend"), ("s2", "bob", "backend"), ("s3", "carol", "ops")):
             await store.start_session(SessionStart(session_id=session, developer_id=developer, team_id=team))
@@ -139,7 +140,7 @@ async def test_purge_names_the_paths_it_refuses_and_deletes_the_developers_folde
     config = settings_dir(tmp_path, database_url) / "heedful.toml"
     settings = Settings()
     settings.database.url = database_url
-    store = await RolloutStore.open(settings)
+    store = await open_store(settings)
     try:
         await store.start_session(SessionStart(session_id="s1", developer_id="dave", team_id=None))
         async with store.unit() as s:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from server.settings import Settings
+from kernel.settings import Settings
+from server.stores import open_store
 from storage.models import Event
-from storage.store import RolloutStore
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -58,7 +58,7 @@ async def test_acknowledged_writes_survive_sigkill(database_url: str, seed: int)
             conn.close()
     s = Settings()
     s.database.url = database_url
-    store = await RolloutStore.open(s)
+    store = await open_store(s)
     try:
         async with store.unit() as session:
             stored = set(await session.scalars(select(Event.accepted_length).where(Event.session_id == "dur")))

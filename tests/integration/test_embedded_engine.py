@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from kernel.settings import Settings
 from server.engine import AdapterError, AdapterRef, Engine, EngineError
 from server.engine.embedded import EmbeddedEngine, cpu_bind_spec
-from server.settings import Settings
 from tests.conftest import hf_token_logprobs, make_lora_adapter, peft_token_logprobs
 
 pytestmark = pytest.mark.engine

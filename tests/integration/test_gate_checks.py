@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from kernel.settings import Settings
 from personalization.dataset import TrainingData
 from personalization.trainer import Group, Sample
 from personalization.worker import RoundProgress, _train
 from server.engine.tokens import LocalTokenizer
-from server.settings import Settings
 
 
 @pytest.mark.parametrize("steps", [12, 2], ids=["mid-round", "last-step"])

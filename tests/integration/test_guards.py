@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from kernel.settings import Settings, ThresholdSettings
 from personalization.worker import run_worker
 from server.guards import run_guards
-from server.settings import Settings, ThresholdSettings
+from server.stores import open_store
 from storage.models import AdapterStatus, AuditEntry
 from storage.repositories import AdapterRepository, Scope, ScopeControlRepository
 from storage.store import CandidateRecord, CompletionRecord, EventRecord, RolloutStore, SessionStart
@@ -30,7 +31,7 @@ def now() -> datetime:
 async def store(database_url: str) -> AsyncIterator[RolloutStore]:
     settings = Settings()
     settings.database.url = database_url
-    st = await RolloutStore.open(settings)
+    st = await open_store(settings)
     await st.start_session(SessionStart("s1", "alice", "web"))
     yield st
     await st.close()

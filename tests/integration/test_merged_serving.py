@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from kernel.settings import Settings
 from server.engine import AdapterRef
 from server.engine.embedded import EmbeddedEngine
-from server.settings import Settings
 from tests.conftest import make_lora_adapter, peft_token_logprobs
 
 pytestmark = pytest.mark.engine

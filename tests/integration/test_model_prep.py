@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from server import paths
+from kernel import paths
 from server.model_prep import (
     DEFAULT_MODEL,
     MANIFEST,
@@ -60,7 +60,7 @@ def test_the_assembled_gguf_is_the_one_the_registry_names() -> None:
     model = known_model(DEFAULT_MODEL)
     gguf = assemble_gguf(model, paths.cache_dir())  # make setup assembled it: this only looks
     assert gguf.stat().st_size == model.gguf_size
-    from server.model_prep import sha256_file
+    from kernel.files import sha256_file
 
     assert sha256_file(gguf) == model.gguf_sha256
 

@@ -20,11 +20,12 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from kernel.settings import SettingsError, resolve
 from personalization.dataset import load_training_data
 from personalization.rollouts import NO_PROMPT, RolloutCollector
 from server.engine.tokens import LocalTokenizer
 from server.runtime import EngineHost, RecordingPaused, Services
-from server.settings import SettingsError, resolve
+from server.stores import open_store
 from storage.models import Base, Completion, Document, Event, EventKind, LspSession
 from storage.repositories import RolloutRepository, Scope
 from storage.store import CandidateRecord, CompletionRecord, DocumentSeen, EventRecord, GroupRecord, SessionStart
@@ -98,7 +99,6 @@ def tokenizer(small_model: Path) -> LocalTokenizer:
 async def wired(
     tmp_path: Path, database_url: str, small_model: Path, tokenizer: LocalTokenizer
 ) -> AsyncIterator[Wired]:
-    from storage.store import RolloutStore
 
     config = tmp_path / "heedful.toml"
     config.write_text(
@@ -111,7 +111,7 @@ async def wired(
     (teams / "private.toml").write_text("[privacy]\nstore_prompts = false\nredact_patterns = ['PRV-[0-9]{6}']\n")
     (teams / "ops.toml").write_text("[completion]\nmax_tokens = 32\n")
     base = resolve(config)
-    store = await RolloutStore.open(base.settings, tokenize=tokenizer.encode)
+    store = await open_store(base.settings, tokenize=tokenizer.encode)
     services = Services(config, base, EngineHost(base.settings), store, tokenizer)
     try:
         yield Wired(config, services, tokenizer, database_url)

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from kernel.settings import Settings
 from personalization.gates import GateResult, check_gates
 from personalization.publish import (
     MANIFEST,
@@ -35,7 +36,7 @@ from personalization.publish import (
     verify_published,
 )
 from server.engine.base import AdapterError
-from server.settings import Settings
+from server.stores import open_store
 from storage.models import AdapterStatus, AdapterVersion, AuditEntry
 from storage.repositories import AdapterRepository, AuditRepository, Scope
 from storage.store import RolloutStore
@@ -49,7 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 async def store(database_url: str) -> AsyncIterator[RolloutStore]:
     s = Settings()
     s.database.url = database_url
-    st = await RolloutStore.open(s)
+    st = await open_store(s)
     yield st
     await st.close()
 
@@ -439,7 +440,7 @@ async def test_published_adapter_loads_in_peft_and_is_measured(root, lora_adapte
     a, _ = lora_adapters
     settings = Settings()
     settings.database.url = f"sqlite+aiosqlite:///{tmp_path / 'heedful.db'}"
-    store = await RolloutStore.open(settings)
+    store = await open_store(settings)
     try:
         result = await publish(store, root, a)
     finally:

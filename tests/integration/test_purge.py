@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from kernel.settings import Settings
 from personalization.gates import GateResult
 from personalization.publish import (
     PublishStage,
@@ -25,7 +26,7 @@ from personalization.publish import (
     trainer_workdir,
     verify_published,
 )
-from server.settings import Settings
+from server.stores import open_store
 from storage.repositories import AdapterRepository, PurgeRepository, Scope
 from storage.store import RolloutStore, SessionStart
 from tests.integration.test_publish import audit, rows
@@ -52,7 +53,7 @@ def root(data_dir: Path) -> Path:
 async def store(database_url: str, data_dir: Path) -> AsyncIterator[RolloutStore]:
     s = Settings()
     s.database.url = database_url
-    st = await RolloutStore.open(s)
+    st = await open_store(s)
     await st.start_session(SessionStart("s1", "alice", "web"))
     await st.start_session(SessionStart("s2", "bob", "web"))
     yield st

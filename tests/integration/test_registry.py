@@ -14,11 +14,12 @@ from typing import Any, cast
 
 import pytest
 
+from kernel.settings import Settings
 from personalization.publish import MANIFEST, publish_adapter, scope_dir
 from server.engine import AdapterRef, Engine
 from server.guards import rollback_scope
 from server.registry import AdapterRegistry, Lease
-from server.settings import Settings
+from server.stores import open_store
 from storage.models import AuditEntry
 from storage.repositories import AuditRepository, Scope
 from storage.store import RolloutStore
@@ -38,7 +39,7 @@ def engine(request: pytest.FixtureRequest) -> Engine:
 async def store(tmp_path: Path) -> AsyncIterator[RolloutStore]:
     settings = Settings()
     settings.database.url = f"sqlite+aiosqlite:///{tmp_path / 'heedful.db'}"
-    st = await RolloutStore.open(settings)
+    st = await open_store(settings)
     yield st
     await st.close()
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from kernel.settings import Settings
 from server.engine import AdapterError, AdapterRef, EngineError
 from server.engine.remote import RemoteEngine
-from server.settings import Settings
 from tests.conftest import hf_token_logprobs, make_lora_adapter
 from tests.integration.test_embedded_engine import (
     FUNCTION_STOPS,

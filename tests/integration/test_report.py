@@ -10,13 +10,14 @@ from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
-from personalization.report import INDEX_PLOTS, PLOTS
+from kernel.settings import Settings
 from server.guards import rollback_scope
-from server.settings import Settings
+from server.stores import open_store
 from storage.repositories import AdapterRepository, Scope
-from storage.store import CandidateRecord, CompletionRecord, EventRecord, RolloutStore, SessionStart
+from storage.store import CandidateRecord, CompletionRecord, EventRecord, SessionStart
 from tests.e2e.test_vscode_client import drive_chromium, keep_artifact
 from tests.procs import run_heedful
+from tools.report import INDEX_PLOTS, PLOTS
 
 BASE = datetime(2026, 11, 2, 10, 0, tzinfo=UTC)
 EVE = '<b>eve&"x</b>'  # a developer id that is also markup
@@ -52,7 +53,7 @@ async def fill_store(database_url: str) -> dict[str, str]:
     """
     settings = Settings()
     settings.database.url = database_url
-    store = await RolloutStore.open(settings, apply_retention=False)
+    store = await open_store(settings, apply_retention=False)
     alice, web = Scope.developer("alice"), Scope.team("web")
     ids: dict[str, str] = {}
     try:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import Settings
+from kernel.settings import Settings
+from server.stores import open_store
 from storage.db import StoreError, open_database
-from storage.store import EventRecord, RolloutStore, SessionStart
+from storage.store import EventRecord, SessionStart
 
 
 def settings(path: Path) -> Settings:
@@ -25,7 +26,7 @@ async def test_locked_database_delays_acknowledgement_until_the_commit(tmp_path:
     db_file = tmp_path / "h.db"
     s = settings(db_file)
     s.database.busy_timeout_s = 5.0
-    store = await RolloutStore.open(s)
+    store = await open_store(s)
     store.writer._retry_initial_s = 0.01
     await store.start_session(SessionStart("s", "alice"))
     blocker = sqlite3.connect(db_file, timeout=0.1)
@@ -106,7 +107,7 @@ async def test_unreachable_postgres_is_a_clear_error() -> None:
 
 
 async def test_closed_store_refuses_writes(tmp_path: Path) -> None:
-    store = await RolloutStore.open(settings(tmp_path / "h.db"))
+    store = await open_store(settings(tmp_path / "h.db"))
     await store.close()
     with pytest.raises(StoreError, match="the store is closing"):
         store.record_event(EventRecord("s", "correction", text="x"))

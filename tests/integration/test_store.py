@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text, update
 
-from server.settings import Settings
+from kernel.settings import Settings
+from server.stores import open_store
 from storage.adapter_files import scope_dir
 from storage.db import StoreError, current_revision, head_revision, open_database, upgrade_schema
 from storage.models import AdapterStatus, AdapterVersion, Completion, Event, Rollout, RolloutStatus
@@ -50,7 +51,7 @@ def settings_for(url: str) -> Settings:
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[RolloutStore]:
-    st = await RolloutStore.open(settings_for(database_url), tokenize=lambda t: [ord(c) % 97 for c in t])
+    st = await open_store(settings_for(database_url), tokenize=lambda t: [ord(c) % 97 for c in t])
     yield st
     await st.close()
 
@@ -247,7 +248,7 @@ async def test_secrets_are_redacted_and_token_ids_recomputed(store: RolloutStore
 
 async def test_original_secret_never_reaches_the_sqlite_file(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'h.db'}"
-    st = await RolloutStore.open(settings_for(url))
+    st = await open_store(settings_for(url))
     secret = "ghp_" + "A1b2C3d4E5" * 4
     await st.start_session(SessionStart("s1", "alice"))
     await st.record_completion(completion("c1", prompt=f"token = '{secret}'\n"))
@@ -483,7 +484,7 @@ async def test_training_status_follows_a_round_and_a_purged_scope_stays_gone(sto
 
 
 async def test_cli_stats_export_and_purge(database_url: str, tmp_path: Path) -> None:
-    st = await RolloutStore.open(settings_for(database_url))
+    st = await open_store(settings_for(database_url))
     await add_rollouts(st)
     await st.close()
     config = tmp_path / "heedful.toml"
@@ -514,7 +515,7 @@ async def test_cli_stats_export_and_purge(database_url: str, tmp_path: Path) -> 
 
 
 async def test_opening_the_store_applies_retention(database_url: str) -> None:
-    st = await RolloutStore.open(settings_for(database_url))
+    st = await open_store(settings_for(database_url))
     await add_rollouts(st)
     async with st.unit() as s:
         await s.execute(
@@ -523,7 +524,7 @@ async def test_opening_the_store_applies_retention(database_url: str) -> None:
     await st.close()
     s2 = settings_for(database_url)
     s2.privacy.retention_days = 90
-    reopened = await RolloutStore.open(s2)
+    reopened = await open_store(s2)
     try:
         assert (await reopened.stats())["rollouts"]["pending"] == 2
         async with reopened.unit() as s:

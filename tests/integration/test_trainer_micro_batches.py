@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 
+from kernel.settings import TrainingSettings
 from personalization.trainer import Group, LoraTrainer, Sample
-from server.settings import TrainingSettings
 
 
 def groups() -> list[Group]:

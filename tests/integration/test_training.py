@@ -21,12 +21,13 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from kernel.settings import Settings
 from lsp_handlers.feedback import survival_ratio
 from server.engine import AdapterRef
 from server.engine.embedded import EmbeddedEngine
-from server.settings import Settings
+from server.stores import open_store
 from storage.repositories import AdapterRepository, Scope
-from storage.store import CandidateRecord, CompletionRecord, EventRecord, RolloutStore, SessionStart
+from storage.store import CandidateRecord, CompletionRecord, EventRecord, SessionStart
 
 pytestmark = [pytest.mark.engine]
 
@@ -82,7 +83,7 @@ def hinted(completion: str) -> bool:
 
 
 async def record_sessions(settings: Settings, engine: EmbeddedEngine) -> dict[str, int]:
-    store = await RolloutStore.open(settings, tokenize=engine.tokenize)
+    store = await open_store(settings, tokenize=engine.tokenize)
     counts = {"shown_hinted": 0, "rewritten": 0, "corrected": 0}
     try:
         await store.start_session(SessionStart("train-session", "hinter"))
@@ -175,7 +176,7 @@ async def test_one_round_teaches_type_hints(embedded_engine: EmbeddedEngine, sma
     # The PRM was fitted on this developer's outcomes; its held-out accuracy is stored with the round.
     assert metrics["prm"]["examples"] >= counts["shown_hinted"] + counts["corrected"]
 
-    store = await RolloutStore.open(settings)
+    store = await open_store(settings)
     try:
         async with store.unit() as s:
             active = await AdapterRepository(s).active(Scope.developer("hinter"))

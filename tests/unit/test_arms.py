@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
+from kernel.settings import ARMS
 from lsp_handlers.context import build_prompt, notes_header
 from server.runtime import arm_of
-from server.settings import ARMS
 
 
 def test_a_developer_keeps_their_arm_and_arms_get_about_equal_shares() -> None:
@@ -51,3 +51,9 @@ def test_the_notes_follow_the_file_header_in_the_prompt() -> None:
         "# - use pathlib\n"
         "import os\n\ndef read(path):\n    "
     )
+
+
+def test_the_evaluation_runs_the_arms_cheapest_first() -> None:
+    from tools.evaluation import ARMS as RUN_ORDER
+
+    assert RUN_ORDER == ("none", "baseline", "rl", "rl+baseline")  # no training or prompt notes first

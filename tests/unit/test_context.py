@@ -13,15 +13,8 @@ from typing import Any
 
 import pytest
 
-from lsp_handlers.context import (
-    KNOWN_FIM_TEMPLATES,
-    Prompt,
-    build_prompt,
-    comment_header,
-    fim_template_for,
-    heal,
-    unheal,
-)
+from kernel.fim import KNOWN_FIM_TEMPLATES, fim_template_for, unheal
+from lsp_handlers.context import Prompt, build_prompt, comment_header, heal
 from server.model_prep import DEFAULT_MODEL
 from tests.conftest import SMALL_MODEL, prepared
 

@@ -5,10 +5,10 @@ Token ids here are small integers written out by hand; every expected mask is re
 
 from __future__ import annotations
 
+from kernel.settings import TrainingSettings
 from personalization.dataset import TrainingData, build_group, departing_tokens, kept_ends
 from personalization.judge import UnshownJudge
 from personalization.trainer import token_advantages
-from server.settings import TrainingSettings
 from storage.models import Candidate, Completion, Rollout
 
 

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from personalization import evaluation
-from personalization.evaluation import (
+from kernel.settings import Settings, resolve
+from tools import evaluation
+from tools.evaluation import (
     EvalError,
     EvalPlan,
     Turn,
@@ -20,7 +21,6 @@ from personalization.evaluation import (
     pass_stats,
     review,
 )
-from server.settings import Settings, resolve
 
 PERSONA_FILE = """
 class Terse:

@@ -12,8 +12,8 @@ import warnings
 import pytest
 import torch
 
+from kernel.settings import TrainingSettings
 from personalization.grpo import group_advantages, grpo_tcr_loss, masked_mean, overlong_penalty
-from server.settings import TrainingSettings
 
 LN2 = math.log(2.0)  # 0.6931471805599453
 # k3 KL terms for d = ref_logp - logp:  kl(d) = e^d - d - 1

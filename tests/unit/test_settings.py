@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import Settings, SettingsError, reference_markdown, render_toml, resolve
+from kernel.settings import Settings, SettingsError, reference_markdown, render_toml, resolve
 
 
 def write(path: Path, text: str) -> Path:
@@ -291,7 +291,7 @@ def test_kv_cache_takes_whole_gib(tmp_path: Path) -> None:
 
 
 def test_client_settings_layer_over_the_admins_and_refuse_other_sections(tmp_path: Path) -> None:
-    from server.settings import apply_client_settings
+    from kernel.settings import apply_client_settings
 
     base = resolve(write(tmp_path / "h.toml", "[completion]\nmax_tokens = 40\n"))
     layered = apply_client_settings(base, {"completion": {"temperature": 0.0}}, "editor")

@@ -1046,6 +1046,11 @@ def _latency_section(data: ReportData) -> str:
     return "\n".join(out)
 
 
+async def developer_report_html(store: RolloutStore, developer: str) -> str:
+    """The report of one developer alone (the editors' `heedful.report` command)."""
+    return render_report(await load_report(store, ReportFilter((developer,), None, None)))
+
+
 def render_report(data: ReportData) -> str:
     """The report as one HTML document (no scripts, no external resources)."""
     summary = summarize(data)

@@ -44,15 +44,17 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.client import LanguageClient
 
+from kernel.settings import ADAPTER_ARMS, BASELINE_ARMS, Settings, toml_value
+from kernel.settings import ARMS as SETTINGS_ARMS
 from lsp_handlers import protocol
 from lsp_handlers.feedback import surviving_characters
 from personalization import corpus
 from personalization.corpus import Prompt
 from personalization.rollouts import settle_seconds
-from server.settings import Settings, toml_value
+from server.stores import open_store
 
-ARMS = ("none", "baseline", "rl", "rl+baseline")  # server.settings.ARMS, in the order runs go: cheapest first
-TRAINED_ARMS = {"rl", "rl+baseline"}
+# The arms in the order runs go, cheapest first: none, baseline, rl, rl+baseline.
+ARMS = tuple(sorted(SETTINGS_ARMS, key=lambda arm: (arm in ADAPTER_ARMS, arm in BASELINE_ARMS)))
 SWAP_TIMEOUT_S = 120.0
 
 
@@ -630,7 +632,7 @@ class ArmRun:
                 batch = self.train[(r - 1) * per : r * per]
                 train_turns = await self.train_batch(session, batch, f"train-{r}")
                 info: dict[str, Any] = {"round": r, "train": asdict(pass_stats(train_turns))}
-                if self.arm in TRAINED_ARMS:
+                if self.arm in ADAPTER_ARMS:
                     result = await self.train_round(r)
                     info["training"] = result
                     if result.get("status") == "published":
@@ -857,14 +859,13 @@ def _fmt(value: float | None) -> str:
 
 async def write_outputs(plan: EvalPlan, results: Sequence[ArmResult]) -> tuple[Path, Path]:
     """OUT/eval.json (every reviewed completion) and OUT/report.html (`heedful report` of the run's store)."""
-    from personalization.report import load_report, render_report, write_report
-    from server.settings import resolve
+    from kernel.settings import resolve
     from storage.repositories import ReportFilter
-    from storage.store import RolloutStore
+    from tools.report import load_report, render_report, write_report
 
     details = plan.out_dir / "eval.json"
     details.write_text(json.dumps(report_json(results, details=True), indent=1, default=str) + "\n")
-    store = await RolloutStore.open(resolve(config_path(plan.out_dir, plan.arms[0])).settings)
+    store = await open_store(resolve(config_path(plan.out_dir, plan.arms[0])).settings)
     try:
         data = await load_report(store, ReportFilter((), None, None))
     finally:

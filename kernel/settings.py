@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server import paths
+from kernel import paths
 
 TEAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -422,6 +422,8 @@ class ThresholdSettings:
 
 
 ARMS = ("rl", "baseline", "rl+baseline", "none")
+ADAPTER_ARMS = ("rl", "rl+baseline")  # served by the developer's (or team's) adapter
+BASELINE_ARMS = ("baseline", "rl+baseline")  # the developer's past corrections go into the prompt
 
 
 @dataclass(slots=True)
