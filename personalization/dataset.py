@@ -18,7 +18,6 @@ import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kernel.settings import TrainingSettings
@@ -26,8 +25,8 @@ from personalization.grpo import overlong_penalty
 from personalization.judge import MaybeVote, UnshownJudge
 from personalization.opd import Correction
 from personalization.trainer import Group, Sample
-from storage.models import Completion, Event, EventKind, Rollout, RolloutStatus
-from storage.repositories import Scope
+from storage.models import Completion, Rollout
+from storage.repositories import CompletionRepository, EventRepository, RolloutRepository, Scope
 
 Tokenize = Callable[[str], list[int]]
 
@@ -53,25 +52,10 @@ async def load_training_data(
 ) -> TrainingData:
     """The pending rollouts of `scope` as training groups. `eos`, the tokenizer's end-of-text token, ends
     the kept text of a suggestion the developer cut short (see `kept_ends`), so that stopping is taught."""
-    stmt = (
-        select(Rollout)
-        .where(
-            Rollout.scope_kind == scope.kind,
-            Rollout.scope_id == scope.id,
-            Rollout.status == RolloutStatus.PENDING,
-        )
-        .order_by(Rollout.created_at)
-        .limit(limit)
-    )
-    rollouts = list(await session.scalars(stmt))
+    rollouts = await RolloutRepository(session).pending(scope, limit)
     ids = [r.completion_id for r in rollouts if r.completion_id]
-    completions = {c.id: c for c in await session.scalars(select(Completion).where(Completion.id.in_(ids)))}
-    corrections: dict[str, str] = {}
-    for e in await session.scalars(
-        select(Event).where(Event.completion_id.in_(ids), Event.kind == EventKind.CORRECTION).order_by(Event.id)
-    ):
-        if e.completion_id and e.text:
-            corrections[e.completion_id] = e.text
+    completions = await CompletionRepository(session).by_ids(ids)
+    corrections = await EventRepository(session).corrections_on(ids)
     data = TrainingData()
     judge = UnshownJudge(prm)
     for r in rollouts:

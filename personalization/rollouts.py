@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import Completion, Event, LspSession, Rollout, RolloutStatus, ScopeKind
-from storage.repositories import Scope
+from storage.models import Completion, Rollout, RolloutStatus, ScopeKind
+from storage.repositories import CompletionRepository, EventRepository, Scope
 
 log = logging.getLogger(__name__)
 
@@ -158,22 +157,13 @@ class RolloutCollector:
         """Write rollouts for completions that are final and have none yet; one unit of work."""
         now = now or datetime.now(UTC)
         cutoff = now - timedelta(seconds=self.settle_s)
-        has_rollout = exists().where(Rollout.completion_id == Completion.id)
-        stmt = (
-            select(Completion)
-            .join(LspSession, LspSession.id == Completion.session_id)
-            .where(~has_rollout, or_(LspSession.ended_at.is_not(None), Completion.created_at <= cutoff))
-            .order_by(Completion.created_at)
-            .limit(self.batch)
-        )
-        completions = list(await session.scalars(stmt))
+        completions = await CompletionRepository(session).final_without_rollout(cutoff, self.batch)
         stats = CollectStats(completions=len(completions))
         if not completions:
             return stats
         ids = [c.id for c in completions]
         events: dict[str, list[EventView]] = {cid: [] for cid in ids}
-        rows = await session.scalars(select(Event).where(and_(Event.completion_id.in_(ids))).order_by(Event.id))
-        for e in rows:
+        for e in await EventRepository(session).for_completions(ids):
             assert e.completion_id is not None
             events[e.completion_id].append(
                 EventView(

@@ -138,17 +138,8 @@ async def collect(store: RolloutStore, settings: Settings) -> CollectStats:
 
 
 async def pending_scopes(store: RolloutStore) -> dict[Scope, int]:
-    from sqlalchemy import func, select
-
-    from storage.models import Rollout
-
     async with store.unit() as s:
-        rows = await s.execute(
-            select(Rollout.scope_kind, Rollout.scope_id, func.count())
-            .where(Rollout.status == RolloutStatus.PENDING)
-            .group_by(Rollout.scope_kind, Rollout.scope_id)
-        )
-        return {Scope(kind, sid): int(n) for kind, sid, n in rows}
+        return await RolloutRepository(s).pending_counts()
 
 
 async def train_round(

@@ -30,13 +30,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kernel.settings import ThresholdSettings
 from server.background import every
-from storage.models import AdapterVersion, Completion, Event, EventKind, as_utc
-from storage.repositories import AdapterRepository, AuditRepository, Scope, ScopeControlRepository
+from storage.models import AdapterVersion, EventKind, as_utc
+from storage.repositories import (
+    AdapterRepository,
+    AuditRepository,
+    CompletionRepository,
+    EventRepository,
+    Scope,
+    ScopeControlRepository,
+)
 from storage.store import RolloutStore
 
 log = logging.getLogger(__name__)
@@ -94,26 +100,10 @@ async def rollback_scope(
     return result
 
 
-def _scope_filter(scope: Scope) -> Any:
-    if scope.kind.value == "developer":
-        return Completion.developer_id == scope.id
-    return Completion.team_id == scope.id
-
-
 async def _outcomes(session: AsyncSession, completion_ids: list[str]) -> dict[str, bool]:
     """Completion id -> accepted (True) or rejected (False), for those with an outcome."""
     out: dict[str, bool] = {}
-    if not completion_ids:
-        return out
-    rows = await session.execute(
-        select(Event.completion_id, Event.kind).where(
-            Event.completion_id.in_(completion_ids),
-            Event.kind.in_([*ACCEPTED, EventKind.REJECTED]),
-        )
-    )
-    for cid, kind in rows:
-        if cid is None:
-            continue
+    for cid, kind in await EventRepository(session).outcome_kinds(completion_ids, [*ACCEPTED, EventKind.REJECTED]):
         out[cid] = out.get(cid, False) or kind in ACCEPTED
     return out
 
@@ -122,14 +112,9 @@ async def _accept_rate(
     session: AsyncSession, scope: Scope, *, version: str | None, before: datetime | None, after: datetime | None, n: int
 ) -> tuple[float | None, int]:
     """Accept rate over the newest `n` completions with an outcome (served by `version` when given)."""
-    stmt = select(Completion.id).where(_scope_filter(scope))
-    if version is not None:
-        stmt = stmt.where(Completion.adapter_version == version)
-    if before is not None:
-        stmt = stmt.where(Completion.created_at < before)
-    if after is not None:
-        stmt = stmt.where(Completion.created_at >= after)
-    ids = list(await session.scalars(stmt.order_by(Completion.created_at.desc()).limit(n * 4)))
+    ids = await CompletionRepository(session).newest_ids(
+        scope, version=version, before=before, after=after, limit=n * 4
+    )
     outcomes = await _outcomes(session, ids)
     decided = [outcomes[i] for i in ids if i in outcomes][:n]
     if not decided:
@@ -187,18 +172,7 @@ async def check_version(
 
     window_start = now - timedelta(seconds=th.p99_window_s)
     if activated <= window_start:
-        latencies = [
-            float(x)
-            for x in await session.scalars(
-                select(Completion.latency_ms).where(
-                    _scope_filter(scope),
-                    Completion.adapter_version == version.id,
-                    Completion.created_at >= window_start,
-                    Completion.latency_ms.is_not(None),
-                )
-            )
-            if x is not None
-        ]
+        latencies = await CompletionRepository(session).latencies(scope, version.id, window_start)
         if len(latencies) >= MIN_LATENCY_SAMPLES:
             p99 = _p99(latencies)
             if p99 > th.p99_latency_ms:

@@ -7,12 +7,12 @@ so a query for one team's rollouts cannot return another's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, delete, false, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, false, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.db import StoreError
@@ -83,10 +83,31 @@ class Scope:
         return f"{self.kind.value}:{self.id}"
 
 
-class IdentityRepository:
+class Repository:
+    """Queries on one open session (a unit of work); repositories never commit."""
+
     def __init__(self, session: AsyncSession) -> None:
         self.s = session
 
+
+def of_scope(model: Any, scope: Scope) -> ColumnElement[bool]:
+    """The rows of `model` (a table with `scope_kind` and `scope_id` columns) that belong to `scope`."""
+    return and_(model.scope_kind == scope.kind, model.scope_id == scope.id)
+
+
+def completions_of(scope: Scope) -> ColumnElement[bool]:
+    """The completions a scope's adapter learns from and serves: its developer's, or its team's."""
+    if scope.kind == ScopeKind.DEVELOPER:
+        return Completion.developer_id == scope.id
+    return Completion.team_id == scope.id
+
+
+def of_scopes(model: Any, scopes: Iterable[Scope]) -> ColumnElement[bool]:
+    """The rows of `model` that belong to any of `scopes`."""
+    return or_(*(of_scope(model, sc) for sc in scopes))
+
+
+class IdentityRepository(Repository):
     async def ensure_team(self, team_id: str) -> Team:
         team = await self.s.get(Team, team_id)
         if team is None:
@@ -118,10 +139,7 @@ class IdentityRepository:
         return list(rows)
 
 
-class SessionRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
-
+class SessionRepository(Repository):
     async def start(
         self,
         *,
@@ -169,10 +187,7 @@ class SessionRepository:
         return row
 
 
-class DocumentRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
-
+class DocumentRepository(Repository):
     async def record(self, *, session_id: str, uri: str, language_id: str | None, version: int) -> Document:
         await SessionRepository(self.s).require(session_id)
         row = Document(session_id=session_id, uri=uri, language_id=language_id, version=version)
@@ -190,10 +205,7 @@ class DocumentRepository:
         return (await self.s.scalars(stmt)).first()
 
 
-class CompletionRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
-
+class CompletionRepository(Repository):
     async def add(self, row: Completion, candidates: Sequence[Candidate]) -> Completion:
         sess = await SessionRepository(self.s).require(row.session_id)
         if sess.developer_id != row.developer_id:
@@ -244,14 +256,51 @@ class CompletionRepository:
         stmt = select(Completion).where(Completion.developer_id == developer_id).order_by(Completion.created_at)
         return list(await self.s.scalars(stmt))
 
+    async def by_ids(self, ids: Sequence[str]) -> dict[str, Completion]:
+        return {c.id: c for c in await self.s.scalars(select(Completion).where(Completion.id.in_(list(ids))))}
+
+    async def final_without_rollout(self, settled_before: datetime, limit: int) -> list[Completion]:
+        """The oldest completions that have no rollout yet and are final: their session ended, or they
+        were made before `settled_before` (their last edit snapshot is due)."""
+        has_rollout = exists().where(Rollout.completion_id == Completion.id)
+        stmt = (
+            select(Completion)
+            .join(LspSession, LspSession.id == Completion.session_id)
+            .where(~has_rollout, or_(LspSession.ended_at.is_not(None), Completion.created_at <= settled_before))
+            .order_by(Completion.created_at)
+            .limit(limit)
+        )
+        return list(await self.s.scalars(stmt))
+
+    async def newest_ids(
+        self, scope: Scope, *, version: str | None, before: datetime | None, after: datetime | None, limit: int
+    ) -> list[str]:
+        """Ids of the scope's newest completions (served by adapter `version` when given, made in
+        [`after`, `before`) when given), newest first."""
+        stmt = select(Completion.id).where(completions_of(scope))
+        if version is not None:
+            stmt = stmt.where(Completion.adapter_version == version)
+        if before is not None:
+            stmt = stmt.where(Completion.created_at < before)
+        if after is not None:
+            stmt = stmt.where(Completion.created_at >= after)
+        return list(await self.s.scalars(stmt.order_by(Completion.created_at.desc()).limit(limit)))
+
+    async def latencies(self, scope: Scope, version: str, since: datetime) -> list[float]:
+        """Latencies (ms) of the scope's completions served by adapter `version` since `since`."""
+        stmt = select(Completion.latency_ms).where(
+            completions_of(scope),
+            Completion.adapter_version == version,
+            Completion.created_at >= since,
+            Completion.latency_ms.is_not(None),
+        )
+        return [float(x) for x in await self.s.scalars(stmt) if x is not None]
+
 
 DISTINCT_SCAN = 20  # EventRepository.latest_corrections reads up to this many times the corrections it keeps
 
 
-class EventRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
-
+class EventRepository(Repository):
     async def add(self, row: Event) -> Event:
         sess = await SessionRepository(self.s).require(row.session_id)
         if row.completion_id is not None:
@@ -272,6 +321,31 @@ class EventRepository:
 
     async def for_session(self, session_id: str) -> list[Event]:
         return list(await self.s.scalars(select(Event).where(Event.session_id == session_id).order_by(Event.id)))
+
+    async def for_completions(self, completion_ids: Sequence[str]) -> list[Event]:
+        """The events on any of the completions, in the order they were recorded."""
+        stmt = select(Event).where(Event.completion_id.in_(list(completion_ids))).order_by(Event.id)
+        return list(await self.s.scalars(stmt))
+
+    async def corrections_on(self, completion_ids: Sequence[str]) -> dict[str, str]:
+        """Completion id -> the text of the latest correction given on it (for those that have one)."""
+        stmt = (
+            select(Event)
+            .where(Event.completion_id.in_(list(completion_ids)), Event.kind == EventKind.CORRECTION)
+            .order_by(Event.id)
+        )
+        return {e.completion_id: e.text for e in await self.s.scalars(stmt) if e.completion_id and e.text}
+
+    async def outcome_kinds(
+        self, completion_ids: Sequence[str], kinds: Sequence[EventKind]
+    ) -> list[tuple[str, EventKind]]:
+        """(completion id, kind) of every event of one of `kinds` on any of the completions."""
+        if not completion_ids:
+            return []
+        stmt = select(Event.completion_id, Event.kind).where(
+            Event.completion_id.in_(list(completion_ids)), Event.kind.in_(list(kinds))
+        )
+        return [(cid, kind) for cid, kind in await self.s.execute(stmt) if cid is not None]
 
     async def latest_corrections(self, developer_id: str, limit: int) -> list[str]:
         """The developer's last `limit` different correction texts, oldest first.
@@ -305,10 +379,7 @@ class EventRepository:
         return counts
 
 
-class RolloutRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
-
+class RolloutRepository(Repository):
     async def add(
         self,
         scope: Scope,
@@ -347,27 +418,34 @@ class RolloutRepository:
         return row
 
     async def pending(self, scope: Scope, limit: int | None = None) -> list[Rollout]:
+        """The scope's rollouts not trained on yet, oldest first."""
         stmt = (
             select(Rollout)
-            .where(Rollout.scope_kind == scope.kind, Rollout.scope_id == scope.id)
-            .where(Rollout.status == RolloutStatus.PENDING)
-            .order_by(Rollout.id)
+            .where(of_scope(Rollout, scope), Rollout.status == RolloutStatus.PENDING)
+            .order_by(Rollout.created_at, Rollout.id)
         )
         if limit is not None:
             stmt = stmt.limit(limit)
         return list(await self.s.scalars(stmt))
 
-    async def count_pending(self, scope: Scope) -> int:
-        stmt = select(func.count()).where(
-            Rollout.scope_kind == scope.kind, Rollout.scope_id == scope.id, Rollout.status == RolloutStatus.PENDING
+    async def pending_counts(self) -> dict[Scope, int]:
+        """Every scope that has rollouts not trained on yet, with how many."""
+        stmt = (
+            select(Rollout.scope_kind, Rollout.scope_id, func.count())
+            .where(Rollout.status == RolloutStatus.PENDING)
+            .group_by(Rollout.scope_kind, Rollout.scope_id)
         )
+        return {Scope(kind, sid): int(n) for kind, sid, n in await self.s.execute(stmt)}
+
+    async def count_pending(self, scope: Scope) -> int:
+        stmt = select(func.count()).where(of_scope(Rollout, scope), Rollout.status == RolloutStatus.PENDING)
         return int(await self.s.scalar(stmt) or 0)
 
     async def outcomes(self, scope: Scope, limit: int) -> list[tuple[str, str, int]]:
         """(context, shown response, outcome) of the scope's newest rollouts whose outcome is +1 or -1."""
         stmt = (
             select(Rollout.context, Rollout.response, Rollout.rewards)
-            .where(Rollout.scope_kind == scope.kind, Rollout.scope_id == scope.id, Rollout.response != "")
+            .where(of_scope(Rollout, scope), Rollout.response != "")
             .order_by(Rollout.created_at.desc(), Rollout.id.desc())
             .limit(limit * 4)  # most have a decided outcome; undecided ones (0, no signal) are skipped
         )
@@ -381,7 +459,7 @@ class RolloutRepository:
         return out
 
     async def in_scope(self, scope: Scope) -> list[Rollout]:
-        stmt = select(Rollout).where(Rollout.scope_kind == scope.kind, Rollout.scope_id == scope.id)
+        stmt = select(Rollout).where(of_scope(Rollout, scope))
         return list(await self.s.scalars(stmt.order_by(Rollout.id)))
 
     async def mark(self, scope: Scope, ids: Sequence[int], status: RolloutStatus, reason: str | None = None) -> int:
@@ -390,16 +468,14 @@ class RolloutRepository:
         if status == RolloutStatus.TRAINED:
             values["trained_at"] = utcnow()
         result = await self.s.execute(
-            update(Rollout)
-            .where(Rollout.id.in_(list(ids)), Rollout.scope_kind == scope.kind, Rollout.scope_id == scope.id)
-            .values(**values)
+            update(Rollout).where(Rollout.id.in_(list(ids)), of_scope(Rollout, scope)).values(**values)
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
 
     async def counts_by_status(self, scope: Scope | None = None) -> dict[str, int]:
         stmt = select(Rollout.status, func.count()).group_by(Rollout.status)
         if scope is not None:
-            stmt = stmt.where(Rollout.scope_kind == scope.kind, Rollout.scope_id == scope.id)
+            stmt = stmt.where(of_scope(Rollout, scope))
         counts = {status.value: 0 for status in RolloutStatus}
         counts.update({status.value: int(n) for status, n in (await self.s.execute(stmt)).all()})
         return counts
@@ -409,10 +485,7 @@ class RolloutRepository:
         return list(await self.s.scalars(stmt))
 
 
-class ScopeControlRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
-
+class ScopeControlRepository(Repository):
     async def _row(self, scope: Scope) -> ScopeControl:
         row = await self.s.get(ScopeControl, (scope.kind, scope.id))
         if row is None:
@@ -449,11 +522,8 @@ class ScopeControlRepository:
         return {Scope(r.scope_kind, r.scope_id): r.reason or "" for r in rows}
 
 
-class TrainingStatusRepository:
+class TrainingStatusRepository(Repository):
     """The training worker's progress per scope (`TrainingStatus`): written by the worker, read by serving."""
-
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
 
     async def _row(self, scope: Scope) -> TrainingStatus:
         row = await self.s.get(TrainingStatus, (scope.kind, scope.id))
@@ -473,7 +543,7 @@ class TrainingStatusRepository:
         """The running round's phase and step. Updates only: a scope purged while its round ran stays gone."""
         await self.s.execute(
             update(TrainingStatus)
-            .where(TrainingStatus.scope_kind == scope.kind, TrainingStatus.scope_id == scope.id)
+            .where(of_scope(TrainingStatus, scope))
             .values(phase=phase, step=step, steps=steps, updated_at=utcnow())
         )
 
@@ -482,7 +552,7 @@ class TrainingStatusRepository:
         now = utcnow()
         await self.s.execute(
             update(TrainingStatus)
-            .where(TrainingStatus.scope_kind == scope.kind, TrainingStatus.scope_id == scope.id)
+            .where(of_scope(TrainingStatus, scope))
             .values(
                 phase=None,
                 step=None,
@@ -509,15 +579,12 @@ class TrainingStatusRepository:
     async def of(self, scopes: Sequence[Scope]) -> dict[Scope, TrainingStatus]:
         if not scopes:
             return {}
-        wanted = or_(*(and_(TrainingStatus.scope_kind == sc.kind, TrainingStatus.scope_id == sc.id) for sc in scopes))
+        wanted = of_scopes(TrainingStatus, scopes)
         rows = await self.s.scalars(select(TrainingStatus).where(wanted))
         return {Scope(r.scope_kind, r.scope_id): r for r in rows}
 
 
-class AdapterRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
-
+class AdapterRepository(Repository):
     async def add_candidate(
         self,
         scope: Scope,
@@ -551,8 +618,7 @@ class AdapterRepository:
 
     async def active(self, scope: Scope) -> AdapterVersion | None:
         stmt = select(AdapterVersion).where(
-            AdapterVersion.scope_kind == scope.kind,
-            AdapterVersion.scope_id == scope.id,
+            of_scope(AdapterVersion, scope),
             AdapterVersion.status == AdapterStatus.ACTIVE,
         )
         return (await self.s.scalars(stmt)).first()
@@ -572,8 +638,7 @@ class AdapterRepository:
         stmt = (
             select(AdapterVersion)
             .where(
-                AdapterVersion.scope_kind == scope.kind,
-                AdapterVersion.scope_id == scope.id,
+                of_scope(AdapterVersion, scope),
                 AdapterVersion.kl.is_not(None),
             )
             .order_by(AdapterVersion.created_at.desc(), AdapterVersion.id)
@@ -584,7 +649,7 @@ class AdapterRepository:
     async def versions(self, scope: Scope | None = None) -> list[AdapterVersion]:
         stmt = select(AdapterVersion).order_by(AdapterVersion.created_at.desc(), AdapterVersion.id)
         if scope is not None:
-            stmt = stmt.where(AdapterVersion.scope_kind == scope.kind, AdapterVersion.scope_id == scope.id)
+            stmt = stmt.where(of_scope(AdapterVersion, scope))
         return list(await self.s.scalars(stmt))
 
     async def activate(self, scope: Scope, version_id: str) -> AdapterVersion:
@@ -595,8 +660,7 @@ class AdapterRepository:
         await self.s.execute(
             update(AdapterVersion)
             .where(
-                AdapterVersion.scope_kind == scope.kind,
-                AdapterVersion.scope_id == scope.id,
+                of_scope(AdapterVersion, scope),
                 AdapterVersion.status == AdapterStatus.ACTIVE,
                 AdapterVersion.id != version_id,
             )
@@ -631,8 +695,7 @@ class AdapterRepository:
             stmt = (
                 select(AdapterVersion)
                 .where(
-                    AdapterVersion.scope_kind == scope.kind,
-                    AdapterVersion.scope_id == scope.id,
+                    of_scope(AdapterVersion, scope),
                     AdapterVersion.status == AdapterStatus.RETIRED,
                     AdapterVersion.activated_at.is_not(None),
                     AdapterVersion.activated_at < current.activated_at,
@@ -669,10 +732,7 @@ class AdapterRepository:
         return out
 
 
-class AuditRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
-
+class AuditRepository(Repository):
     async def add(
         self,
         *,
@@ -701,10 +761,7 @@ class AuditRepository:
         return list(await self.s.scalars(stmt))
 
 
-class StatsRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
-
+class StatsRepository(Repository):
     async def counts(self) -> dict[str, Any]:
         async def count(model: Any) -> int:
             return int(await self.s.scalar(select(func.count()).select_from(model)) or 0)
@@ -764,11 +821,8 @@ class OutcomeEvent:
     survival_ratio: float | None
 
 
-class ReportRepository:
+class ReportRepository(Repository):
     """The reads of `heedful report`: completions, their outcomes, adapter versions and rollbacks."""
-
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
 
     @staticmethod
     def _completion_filters(f: ReportFilter) -> list[Any]:
@@ -835,9 +889,7 @@ class ReportRepository:
         if scopes is not None:
             if not scopes:
                 return []
-            stmt = stmt.where(
-                or_(*(and_(AdapterVersion.scope_kind == sc.kind, AdapterVersion.scope_id == sc.id) for sc in scopes))
-            )
+            stmt = stmt.where(of_scopes(AdapterVersion, scopes))
         if since is not None:
             stmt = stmt.where(AdapterVersion.created_at >= since)
         return list(await self.s.scalars(stmt))
@@ -865,10 +917,7 @@ async def _delete_counting(session: AsyncSession, statements: Sequence[tuple[str
     return counts
 
 
-class RetentionRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
-
+class RetentionRepository(Repository):
     async def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
         """Delete completions (with candidates and events), events, rollouts, documents and ended
         sessions older than `cutoff`. Adapters and the audit log have their own lifetimes."""
@@ -896,7 +945,7 @@ _PUBLISH_PURGE_LOCK = 0x68656564_66756C
 PurgeMark = frozenset[int]
 
 
-class PurgeRepository:
+class PurgeRepository(Repository):
     """Purging a developer, and the tombstones that keep a purge from losing to a round already running.
 
     A purge's audit entry (action ``purge``, scope ``developer:<id>``) is its tombstone: the audit log is
@@ -906,9 +955,6 @@ class PurgeRepository:
     before it deletes, so the two never interleave: either the purge runs first and the publish sees its
     tombstone and refuses, or the publish commits first and the purge deletes what it published.
     """
-
-    def __init__(self, session: AsyncSession) -> None:
-        self.s = session
 
     async def lock(self) -> None:
         """Serialize this unit of work with every purge and publish until it ends; call it first.
@@ -953,7 +999,7 @@ class PurgeRepository:
                     "rollouts",
                     delete(Rollout).where(
                         (Rollout.developer_id == developer_id)
-                        | ((Rollout.scope_kind == ScopeKind.DEVELOPER) & (Rollout.scope_id == developer_id))
+                        | of_scope(Rollout, Scope.developer(developer_id))
                         | Rollout.completion_id.in_(completion_ids)
                     ),
                 ),
@@ -967,21 +1013,15 @@ class PurgeRepository:
                 ("sessions", delete(LspSession).where(LspSession.developer_id == developer_id)),
                 (
                     "adapter_versions",
-                    delete(AdapterVersion).where(
-                        AdapterVersion.scope_kind == ScopeKind.DEVELOPER, AdapterVersion.scope_id == developer_id
-                    ),
+                    delete(AdapterVersion).where(of_scope(AdapterVersion, Scope.developer(developer_id))),
                 ),
                 (
                     "scope_controls",
-                    delete(ScopeControl).where(
-                        ScopeControl.scope_kind == ScopeKind.DEVELOPER, ScopeControl.scope_id == developer_id
-                    ),
+                    delete(ScopeControl).where(of_scope(ScopeControl, Scope.developer(developer_id))),
                 ),
                 (
                     "training_status",
-                    delete(TrainingStatus).where(
-                        TrainingStatus.scope_kind == ScopeKind.DEVELOPER, TrainingStatus.scope_id == developer_id
-                    ),
+                    delete(TrainingStatus).where(of_scope(TrainingStatus, Scope.developer(developer_id))),
                 ),
                 ("developers", delete(Developer).where(Developer.id == developer_id)),
             ],

@@ -60,6 +60,12 @@ CONTRACTS = (
         ("personalization", "tools", "server.cli", "server.serve", *NOT_SHIPPED),
     ),
     Contract(
+        "queries live in storage: elsewhere a database session is only handed on",
+        ("kernel", "server", "lsp_handlers", "personalization", "tools"),
+        ("sqlalchemy",),
+        allowed=("sqlalchemy.ext.asyncio.AsyncSession", "sqlalchemy.engine.make_url"),
+    ),
+    Contract(
         "the tools are imported only by the entry points that run them",
         PACKAGES,
         ("tools", *NOT_SHIPPED),
@@ -151,7 +157,8 @@ AFTER_A_KERNEL_IMPORT = "from kernel.settings import Settings\nfrom server.runti
         ("personalization/worker.py", TYPE_ONLY, 3, "lsp_handlers.context"),
         ("lsp_handlers/server.py", "from personalization.trainer import Sample\n", 4, "personalization.trainer.Sample"),
         ("server/engine/base.py", "from ..registry import AdapterRegistry\n", 2, "server.registry.AdapterRegistry"),
-        ("server/guards.py", "from tools import report\n", 5, "tools.report"),
+        ("server/guards.py", "from tools import report\n", 6, "tools.report"),
+        ("personalization/judge.py", "from sqlalchemy import select\n", 5, "sqlalchemy.select"),
         ("server/engine/__init__.py", "from .. import cli\n", 2, "server.cli"),
     ],
 )
