@@ -1040,7 +1040,7 @@ def _record(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     import shlex
 
-    from server.replay import RecordingError, ReplayResult, junit_xml, replay
+    from tools.replay import RecordingError, ReplayResult, junit_xml, replay
 
     if args.speed <= 0:
         raise CliError(

@@ -20,7 +20,7 @@ must not reach it.
 
 `heedful serve --record FILE` taps its own streams (each body its reader frames, `RecordingWriter`);
 `heedful record --out FILE -- CMD...` (`run_proxy`) sits between an editor and any language server.
-This module only records; `server.replay` reads recordings back.
+This module only records; `tools.replay` reads recordings back.
 """
 
 from __future__ import annotations

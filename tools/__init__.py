@@ -1,3 +1,4 @@
 """Tools built on the whole of Heedful: `heedful eval` (scripted editor sessions against a real server,
-`evaluation`) and `heedful report` (`report`). Only the composition root (`server.cli`, `server.serve`)
-imports them; nothing they hold is on the serving or training path."""
+`evaluation`), `heedful report` (`report`) and `heedful replay` (a recorded session against a fresh
+server, `replay`). Only the composition root (`server.cli`, `server.serve`) imports them; nothing they
+hold is on the serving or training path."""

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from server.recording import FrameParser, Recorder, redact_value
-from server.replay import (
+from storage.redaction import Redactor
+from tools.replay import (
     Entry,
     RecordingError,
     Replayer,
@@ -21,7 +22,6 @@ from server.replay import (
     read_recording,
     substitute,
 )
-from storage.redaction import Redactor
 
 ITEM = {
     "insertText": "return x + 1",
