@@ -58,6 +58,7 @@ from lsp_handlers.protocol import (
 from server import __version__
 from server.learning import learning_state
 from server.runtime import EngineStatus, Services, arm_of
+from storage.models import EventKind
 from storage.repositories import Scope
 from storage.store import DocumentSeen, EventRecord, SessionStart
 
@@ -72,11 +73,11 @@ class CompletionState:
 
     served: Served
     uri: str
-    outcomes: set[str] = field(default_factory=set)  # event kinds already recorded for it
+    outcomes: set[EventKind] = field(default_factory=set)  # event kinds already recorded for it
 
     @property
     def resolved(self) -> bool:
-        return bool(self.outcomes & {"accepted", "partial_accept", "rejected"})
+        return bool(self.outcomes & {EventKind.ACCEPTED, EventKind.PARTIAL_ACCEPT, EventKind.REJECTED})
 
 
 @dataclass(slots=True)
@@ -283,7 +284,7 @@ class HeedfulLanguageServer(LanguageServer):
         identity = self.require_identity()
         return self.services.learning.recording_paused(Scope.developer(identity.developer_id))
 
-    def record_event(self, kind: str, completion_id: str | None, **fields: Any) -> asyncio.Future[Any]:
+    def record_event(self, kind: EventKind, completion_id: str | None, **fields: Any) -> asyncio.Future[Any]:
         """Store the event (its future gives the event id), unless recording is paused now or the completion
         it is about was served while it was (then the future gives None)."""
         identity = self.require_identity()
@@ -396,7 +397,7 @@ class HeedfulLanguageServer(LanguageServer):
             last: asyncio.Future[Any] | None = None
             for d in delays:
                 last = self.record_event(
-                    "edit_snapshot", tracked.completion_id, delay_s=d, survival_ratio=ratio, kept_text=kept
+                    EventKind.EDIT_SNAPSHOT, tracked.completion_id, delay_s=d, survival_ratio=ratio, kept_text=kept
                 )
             assert last is not None
             return last
@@ -405,7 +406,7 @@ class HeedfulLanguageServer(LanguageServer):
         if not tracked.pending_delays:
             self.followed.remove(tracked)
         return self.record_event(
-            "edit_snapshot", tracked.completion_id, delay_s=delay, survival_ratio=ratio, kept_text=kept
+            EventKind.EDIT_SNAPSHOT, tracked.completion_id, delay_s=delay, survival_ratio=ratio, kept_text=kept
         )
 
     def typed_through(self, doc: TextDocument, offset: int) -> Served | None:
@@ -423,7 +424,7 @@ class HeedfulLanguageServer(LanguageServer):
         if sugg is None or offset != sugg.cursor or not 0 < sugg.typed < len(sugg.text):
             return None
         state = self.served.get(sugg.completion_id)
-        if state is None or state.outcomes & {"accepted", "rejected"}:
+        if state is None or state.outcomes & {EventKind.ACCEPTED, EventKind.REJECTED}:
             return None
         line_prefix, _ = doc.line_at(offset)
         self.latest_completion = sugg.completion_id
@@ -559,7 +560,7 @@ def did_change(ls: HeedfulLanguageServer, params: types.DidChangeTextDocumentPar
             ls.suggestions.pop(uri, None)
             state = ls.served.get(sugg.completion_id)
             if state is not None and not state.resolved:
-                ls.record_event("rejected", sugg.completion_id, inferred=True)
+                ls.record_event(EventKind.REJECTED, sugg.completion_id, inferred=True)
                 instead = ls.track_rejected(state, sugg)
                 if instead is not None:  # the edit that typed past the suggestion is the first of it
                     instead.observe(edit)
@@ -687,9 +688,9 @@ async def completion(ls: HeedfulLanguageServer, params: types.CompletionParams) 
 async def accept(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
     completion_id = _completion_id_argument(args, ACCEPT_COMMAND)
     state = ls.state_of(completion_id)
-    if "accepted" in state.outcomes:
+    if EventKind.ACCEPTED in state.outcomes:
         return {"recorded": False, "completionId": completion_id, "reason": "already accepted"}
-    fut = ls.record_event("accepted", completion_id, accepted_length=len(state.served.text))
+    fut = ls.record_event(EventKind.ACCEPTED, completion_id, accepted_length=len(state.served.text))
     ls.track_accept(state, state.served.text)
     event_id = await fut
     if event_id is None:
@@ -702,8 +703,8 @@ def did_show(ls: HeedfulLanguageServer, params: DidShowCompletionParams) -> None
     state = ls.known(completion_id, "didShowCompletion")
     if state is None:
         return
-    if "shown" not in state.outcomes:
-        ls.record_event("shown", completion_id)
+    if EventKind.SHOWN not in state.outcomes:
+        ls.record_event(EventKind.SHOWN, completion_id)
 
 
 def did_partially_accept(ls: HeedfulLanguageServer, params: DidPartiallyAcceptCompletionParams) -> None:
@@ -722,7 +723,7 @@ def did_partially_accept(ls: HeedfulLanguageServer, params: DidPartiallyAcceptCo
     skip = len(text) - len(item_text) if item_text and text.endswith(item_text) else 0
     chars = code_points_for_units(text[skip:], params.accepted_length, types.PositionEncodingKind.Utf16)
     accepted = text[: skip + chars]
-    ls.record_event("partial_accept", completion_id, accepted_length=len(accepted), kept_text=accepted)
+    ls.record_event(EventKind.PARTIAL_ACCEPT, completion_id, accepted_length=len(accepted), kept_text=accepted)
     if accepted:
         ls.track_accept(state, accepted)
 
@@ -731,10 +732,10 @@ def did_reject(ls: HeedfulLanguageServer, params: DidRejectCompletionParams) -> 
     state = ls.known(params.completion_id, DID_REJECT_COMPLETION)
     if state is None:
         return
-    if "accepted" in state.outcomes or "rejected" in state.outcomes:
+    if EventKind.ACCEPTED in state.outcomes or EventKind.REJECTED in state.outcomes:
         log.info("reject of completion %s ignored: it is already %s", params.completion_id, state.outcomes)
         return
-    ls.record_event("rejected", params.completion_id)
+    ls.record_event(EventKind.REJECTED, params.completion_id)
     sugg = ls.suggestions.get(state.uri)
     if sugg is not None and sugg.completion_id == params.completion_id:
         ls.suggestions.pop(state.uri, None)
@@ -758,7 +759,7 @@ async def feedback(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
         if not isinstance(completion_id, str):
             raise JsonRpcInvalidParams(f'{FEEDBACK_COMMAND}: "completionId" must be a string, got {completion_id!r}')
         ls.state_of(completion_id)
-    event_id = await ls.record_event("correction", completion_id, text=text)
+    event_id = await ls.record_event(EventKind.CORRECTION, completion_id, text=text)
     if event_id is None:
         return {"recorded": False, "completionId": completion_id, "reason": NOT_RECORDING}
     ls.services.forget_corrections(identity.developer_id)

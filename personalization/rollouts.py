@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import Completion, Rollout, RolloutStatus, ScopeKind
+from storage.models import Completion, EventKind, Rollout, RolloutStatus, ScopeKind
 from storage.repositories import CompletionRepository, EventRepository, Scope
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,13 @@ def classify(shown_text: str | None, events: Sequence[EventView], *, rewrite_thr
     if shown_text is None:
         return Classification(False, NO_SIGNAL, "nothing was shown")
     kinds = {e.kind for e in events}
-    snapshots = sorted((e for e in events if e.kind == "edit_snapshot"), key=lambda e: e.delay_s or 0.0)
+    snapshots = sorted((e for e in events if e.kind == EventKind.EDIT_SNAPSHOT), key=lambda e: e.delay_s or 0.0)
     last = snapshots[-1] if snapshots else None
-    corrections = [e.text for e in events if e.kind == "correction" and e.text]
+    corrections = [e.text for e in events if e.kind == EventKind.CORRECTION and e.text]
     if corrections:
         kept = last.kept_text if last is not None else None
         return Classification(True, CORRECTED, "explicit correction", -1, kept, corrections[-1])
-    if "accepted" in kinds:
+    if EventKind.ACCEPTED in kinds:
         if last is None or last.survival_ratio is None:
             return Classification(True, ACCEPTED, "accepted", 1, shown_text)
         kept = last.kept_text if last.kept_text is not None else shown_text
@@ -101,12 +101,12 @@ def classify(shown_text: str | None, events: Sequence[EventView], *, rewrite_thr
         reward = 0 if last.survival_ratio >= rewrite_threshold / 2 else -1
         reason = f"accepted, then rewritten ({last.survival_ratio:.2f} survived)"
         return Classification(True, REWRITTEN, reason, reward, last.kept_text)
-    if "partial_accept" in kinds:
-        part = next(e for e in reversed(events) if e.kind == "partial_accept")
+    if EventKind.PARTIAL_ACCEPT in kinds:
+        part = next(e for e in reversed(events) if e.kind == EventKind.PARTIAL_ACCEPT)
         kept = last.kept_text if last is not None and last.kept_text is not None else part.kept_text
         return Classification(True, PARTIAL, "partly accepted", 0, kept)
-    if "rejected" in kinds:
-        inferred = all(e.inferred for e in events if e.kind == "rejected")
+    if EventKind.REJECTED in kinds:
+        inferred = all(e.inferred for e in events if e.kind == EventKind.REJECTED)
         reason = "rejected (inferred)" if inferred else "rejected"
         written = last.kept_text if last is not None else None
         if written and written.strip() and not _same_code(written, shown_text):

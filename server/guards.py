@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kernel.settings import ThresholdSettings
+from kernel.stats import percentile
 from server.background import every
 from storage.models import AdapterVersion, EventKind, as_utc
 from storage.repositories import (
@@ -122,11 +123,6 @@ async def _accept_rate(
     return sum(decided) / len(decided), len(decided)
 
 
-def _p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
-
-
 async def check_version(
     session: AsyncSession, version: AdapterVersion, th: ThresholdSettings, *, now: datetime | None = None
 ) -> list[Finding]:
@@ -174,7 +170,7 @@ async def check_version(
     if activated <= window_start:
         latencies = await CompletionRepository(session).latencies(scope, version.id, window_start)
         if len(latencies) >= MIN_LATENCY_SAMPLES:
-            p99 = _p99(latencies)
+            p99 = percentile(latencies, 0.99)
             if p99 > th.p99_latency_ms:
                 findings.append(
                     Finding(

@@ -29,6 +29,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from kernel.stats import percentile
 from storage.models import AdapterStatus, AdapterVersion, AuditEntry, EventKind, as_utc
 from storage.repositories import CompletionFact, OutcomeEvent, ReportFilter, ReportRepository
 from storage.store import RolloutStore
@@ -220,12 +221,6 @@ async def load_report(store: RolloutStore, f: ReportFilter) -> ReportData:
         versions = await repo.adapter_versions(scopes, f.since)
         rollbacks = await repo.rollbacks(scopes, f.since)
     return ReportData(f, completions, outcomes, versions, rollbacks)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of `values` (not empty)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def _finite(value: Any) -> float | None:
