@@ -12,7 +12,6 @@
   `thresholds.prm_min_accuracy`; the accuracy is stored with each training run that needed it.
   `LazyScopePRM` fits it the first time a candidate needs it: a round where hindsight decides every
   unshown candidate (the usual case, a developer's kept text is on most rollouts) spends no time on it.
-* `prm.LLMJudge` is the pluggable alternative for a larger judge model (m sampled yes/no votes).
 
 Anything no judge can decide gets 0.
 """
@@ -29,11 +28,10 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from personalization.prm import MIN_FIT_EXAMPLES, LLMJudge, PRMExample, PRMJudge, majority
+from personalization.prm import MIN_FIT_EXAMPLES, PRMExample, PRMJudge, majority
 from storage.repositories import RolloutRepository, Scope
 
 __all__ = [
-    "LLMJudge",
     "LazyScopePRM",
     "MaybeVote",
     "PRMJudge",

@@ -1,19 +1,10 @@
-"""Judges that score a completion +1 (the developer would keep it), -1 (would not) or 0 (no verdict).
+"""The process reward model: scores a completion +1 (the developer would keep it), -1 (would not) or 0
+(no verdict), voting ``m`` times and reducing the votes with :func:`majority` (ties and failures count 0).
 
-Two judges, both voting ``m`` times and reducing the votes with :func:`majority` (ties and failures
-count 0):
-
-* :class:`PRMJudge` -- the process reward model: a small classifier head on the *frozen* base model.
-  Features are the mean of the base model's last hidden layer over the completion's tokens (the prompt is
-  context only). The ``m`` votes are MC-dropout passes of the head over features computed once. It is
-  **synchronous** (plain torch on the caller's thread); code on an event loop should call it through
-  ``asyncio.to_thread``.
-* :class:`LLMJudge` -- the pluggable alternative for a larger judge model served by an
-  :class:`~server.engine.base.Engine`: it asks a yes/no question and samples ``m`` answers at
-  temperature 1. It is **asynchronous** because the engine is.
-
-The two are deliberately not unified behind one ``Judge`` protocol: one is sync, the other async, and a
-caller picks one explicitly.
+:class:`PRMJudge` is a small classifier head on the *frozen* base model. Features are the mean of the
+base model's last hidden layer over the completion's tokens (the prompt is context only). The ``m`` votes
+are MC-dropout passes of the head over features computed once. It is **synchronous** (plain torch on the
+caller's thread); code on an event loop should call it through ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
@@ -23,10 +14,9 @@ import json
 import logging
 import math
 import random
-import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from kernel.files import fsync_replace
-from server.engine.base import AdapterRef, Engine, EngineError
 
 __all__ = [
     "HEAD_CONFIG_FILE",
     "HEAD_WEIGHTS_FILE",
     "MIN_FIT_EXAMPLES",
-    "LLMJudge",
     "PRMExample",
     "PRMHead",
     "PRMJudge",
@@ -49,7 +37,6 @@ __all__ = [
     "majority",
     "mc_dropout_votes",
     "mc_dropout_votes_many",
-    "parse_yes_no",
 ]
 
 log = logging.getLogger(__name__)
@@ -583,87 +570,3 @@ def _load_base(path: Path) -> tuple[Any, Any]:
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer
-
-
-# --- LLM judge ---------------------------------------------------------------------------------------------
-
-_WORD_RE = re.compile(r"[a-z]+")
-
-
-def parse_yes_no(answer: str) -> int | None:
-    """+1 when the answer's first word is "yes", -1 when it is "no", otherwise ``None`` (a failed vote)."""
-    word = _WORD_RE.match(answer.lstrip(" \t\r\n\"'`*_:.-").lower())
-    if word is None:
-        return None
-    if word.group() == "yes":
-        return 1
-    if word.group() == "no":
-        return -1
-    return None
-
-
-class LLMJudge:
-    """A judge that asks a (larger) model served by an ``Engine`` whether the developer would accept a
-    completion, ``m`` times at temperature 1, and takes the :func:`majority` of yes (+1) / no (-1); any
-    other answer is a failed vote (``None``). Asynchronous, because the engine is.
-
-    ``wrap`` turns the question into the model's prompt format (e.g. a chat template); by default the raw
-    question ending in "Answer:" is sent. ``max_context_chars`` keeps the end of the code before the cursor.
-    """
-
-    def __init__(
-        self,
-        engine: Engine,
-        *,
-        adapter: AdapterRef | None = None,
-        wrap: Callable[[str], str] | None = None,
-        max_context_chars: int = 2000,
-    ) -> None:
-        self._engine = engine
-        self._adapter = adapter
-        self._wrap = wrap
-        self._max_context_chars = max_context_chars
-
-    def question(self, prompt: str, completion: str, *, preference: str | None = None) -> str:
-        """The yes/no question the judge model is asked."""
-        context = prompt[-self._max_context_chars :] if self._max_context_chars > 0 else ""
-        parts = [
-            "You review code completions for a developer.",
-            f"Code before the cursor:\n```\n{context}\n```",
-            f"Suggested completion:\n```\n{completion}\n```",
-        ]
-        if preference and preference.strip():
-            parts.append(f"The developer's latest correction or stated preference:\n{preference.strip()}")
-        parts.append("Would the developer accept this completion? Answer yes or no.")
-        text = "\n\n".join(parts)
-        if self._wrap is not None:
-            return self._wrap(text)
-        return text + "\nAnswer:"
-
-    async def votes(
-        self, prompt: str, completion: str, *, preference: str | None = None, m: int = 5
-    ) -> list[int | None]:
-        """``m`` sampled answers mapped to +1 / -1 / ``None``; an engine failure makes all ``m`` fail."""
-        if m < 1:
-            raise ValueError(f"m (the number of votes) must be >= 1, got {m}")
-        try:
-            gen = await self._engine.generate(
-                self.question(prompt, completion, preference=preference),
-                n=m,
-                max_tokens=2,
-                temperature=1.0,
-                adapter=self._adapter,
-            )
-        except EngineError as exc:
-            log.warning("LLM judge: the engine failed, all %d votes fail: %s", m, exc)
-            return [None] * m
-        out: list[int | None] = [parse_yes_no(c.text) for c in gen.candidates[:m]]
-        out.extend([None] * (m - len(out)))
-        return out
-
-    async def judge(
-        self, prompt: str, completion: str, *, preference: str | None = None, m: int = 5
-    ) -> tuple[int, list[int | None]]:
-        """The majority verdict in {-1, 0, +1} of ``m`` yes/no answers, and the votes."""
-        v = await self.votes(prompt, completion, preference=preference, m=m)
-        return majority(v), v

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -36,20 +35,6 @@ class WriteOp(Protocol):
     def describe(self) -> str: ...
 
     async def apply(self, session: AsyncSession) -> Any: ...
-
-
-class FunctionOp:
-    """A write given as a coroutine function of the session."""
-
-    def __init__(self, fn: Callable[[AsyncSession], Awaitable[Any]], description: str) -> None:
-        self._fn = fn
-        self._description = description
-
-    def describe(self) -> str:
-        return self._description
-
-    async def apply(self, session: AsyncSession) -> Any:
-        return await self._fn(session)
 
 
 def _is_transient(exc: BaseException) -> bool:

@@ -1,4 +1,4 @@
-"""The PRM judge on the real small model (SmolLM2-135M-Instruct) and the LLM judge on the real engine.
+"""The PRM judge on the real small model (SmolLM2-135M-Instruct).
 
 The PRM task is synthetic but real text, shaped like a developer preference: completions of Python
 functions whose signatures carry type hints are labelled +1, the same kind of functions without hints -1.
@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from personalization.prm import LLMJudge, PRMExample, PRMJudge
-from server.engine.embedded import EmbeddedEngine
+from personalization.prm import PRMExample, PRMJudge
 
 VERBS = [
     "load", "parse", "compute", "merge", "render", "fetch", "validate", "split", "count", "normalize",
@@ -155,20 +154,3 @@ def test_prm_refuses_bad_training_sets_and_foreign_heads(hf_model: Any, tokenize
 
     # An empty completion has nothing to judge: all votes fail, the verdict is 0.
     assert judge.judge("def f(", "", m=5) == (0, [None] * 5)
-
-
-@pytest.mark.engine
-async def test_llm_judge_plumbing_on_the_real_engine(embedded_engine: EmbeddedEngine) -> None:
-    """The LLM judge end to end on the real engine: m sampled answers, each mapped to +1/-1/None, majority.
-
-    SmolLM2-135M is far too small to judge code well, so this checks the plumbing (question, sampling,
-    parsing, voting), not the quality of the verdicts.
-    """
-    judge = LLMJudge(embedded_engine)
-    prompt = '"""Helpers for billing."""\n\n\n'
-    completion = "def total(amounts: list[float]) -> float:\n    return sum(amounts)\n"
-    verdict, votes = await judge.judge(prompt, completion, preference="I always write type hints.", m=5)
-    assert verdict in (-1, 0, 1)
-    assert len(votes) == 5
-    assert all(v in (-1, 1, None) for v in votes)
-    assert "I always write type hints." in judge.question(prompt, completion, preference="I always write type hints.")

@@ -1,15 +1,11 @@
-"""Majority voting, MC-dropout votes of a small synthetic head (no base model) and the LLM judge's answer
-parsing against a scripted engine."""
+"""Majority voting and MC-dropout votes of a small synthetic head (no base model)."""
 
 from __future__ import annotations
-
-from typing import Any, cast
 
 import pytest
 import torch
 
-from personalization.prm import LLMJudge, PRMHead, majority, mc_dropout_votes, parse_yes_no
-from server.engine.base import Candidate, Engine, EngineError, Generation, Timing
+from personalization.prm import PRMHead, majority, mc_dropout_votes
 
 
 @pytest.mark.parametrize(
@@ -75,45 +71,3 @@ def test_failed_passes_vote_none() -> None:
     assert majority(mc_dropout_votes(head, torch.zeros(7), m=3)) == 0
     with pytest.raises(ValueError, match="m"):
         mc_dropout_votes(head, torch.zeros(4), m=0)
-
-
-@pytest.mark.parametrize(
-    ("answer", "vote"),
-    [(" Yes", 1), ("yes.", 1), ("\nNo", -1), (" no,", -1), (" Maybe", None), ("", None), (" nope", None), ("**Yes", 1)],
-)
-def test_parse_yes_no(answer: str, vote: int | None) -> None:
-    assert parse_yes_no(answer) == vote
-
-
-class ScriptedEngine:
-    """Answers every generate() with the scripted texts; records the calls."""
-
-    def __init__(self, answers: list[str], fail: bool = False) -> None:
-        self.answers = answers
-        self.fail = fail
-        self.calls: list[dict[str, Any]] = []
-
-    async def generate(self, prompt: str | list[int], **kwargs: Any) -> Generation:
-        self.calls.append({"prompt": prompt, **kwargs})
-        if self.fail:
-            raise EngineError("engine down")
-        cands = [Candidate(text=a, token_ids=[], logprobs=[], finish_reason="length") for a in self.answers]
-        return Generation(candidates=cands, prompt_token_ids=[], adapter=None, timing=Timing(total_s=0.0))
-
-
-async def test_llm_judge_samples_m_answers_and_takes_the_majority() -> None:
-    engine = ScriptedEngine([" Yes", " no", " yes", " Sure", " Yes"])
-    judge = LLMJudge(cast(Engine, engine))
-    verdict, votes = await judge.judge("x = 1\n", "y = 2\n", preference="Prefer snake_case.", m=5)
-    assert votes == [1, -1, 1, None, 1] and verdict == 1
-    (call,) = engine.calls
-    assert call["n"] == 5 and call["max_tokens"] == 2 and call["temperature"] == 1.0
-    assert "Prefer snake_case." in call["prompt"] and "Answer yes or no." in call["prompt"]
-    assert "y = 2" in call["prompt"]
-
-
-async def test_llm_judge_engine_failure_and_short_answers_are_failed_votes() -> None:
-    verdict, votes = await LLMJudge(cast(Engine, ScriptedEngine([], fail=True))).judge("a", "b", m=5)
-    assert (verdict, votes) == (0, [None] * 5)
-    verdict, votes = await LLMJudge(cast(Engine, ScriptedEngine([" no"]))).judge("a", "b", m=3)
-    assert (verdict, votes) == (-1, [-1, None, None])
