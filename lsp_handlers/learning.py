@@ -38,10 +38,10 @@ from storage.repositories import (
     Scope,
     ScopeControlRepository,
 )
+from storage.store import RolloutStore
 
 if TYPE_CHECKING:
     from lsp_handlers.server import HeedfulLanguageServer
-    from storage.store import RolloutStore
 
 LEARNING_COMMAND = "heedful.learning"
 REPORT_COMMAND = "heedful.report"

@@ -178,3 +178,14 @@ def test_what_a_contract_allows_or_exempts_is_not_reported(tree: Path) -> None:
     plant(tree / "server/cli.py", "from tools.evaluation import EvalPlan\n")  # exempt source
     plant(tree / "storage/models.py", "import serverless_thing\n")  # a name that only starts like a package
     assert violations(tree) == []
+
+
+def test_every_module_imports() -> None:
+    """A name only imported for type checking but used at run time (a type alias, a default) fails here,
+    not in the first editor that starts the server."""
+    import importlib
+
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "migrations" not in path.parts:
+                importlib.import_module(module_name(ROOT, path))
