@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from kernel.settings import (
 from lsp_handlers.auth import AuthPolicy, ConnectionRefused, admit, check_client_info, parse_claim
 from lsp_handlers.completion import CompletionService, Identity, Served
 from lsp_handlers.documents import DocumentError, DocumentStore, StaleVersion, TextDocument, code_points_for_units
-from lsp_handlers.feedback import AcceptedText, Followed, Suggestion, TypedInstead, Verdict, locate
+from lsp_handlers.followup import Followup
 from lsp_handlers.learning import LEARNING_COMMAND, REPORT_COMMAND, ReportHtml, learning_command, report_command
 from lsp_handlers.protocol import (
     ACCEPT_COMMAND,
@@ -68,19 +68,6 @@ NOT_RECORDING = "recording is paused (heedful.learning resume_recording), or was
 
 
 @dataclass(slots=True)
-class CompletionState:
-    """A served completion this session may still hear about."""
-
-    served: Served
-    uri: str
-    outcomes: set[EventKind] = field(default_factory=set)  # event kinds already recorded for it
-
-    @property
-    def resolved(self) -> bool:
-        return bool(self.outcomes & {EventKind.ACCEPTED, EventKind.PARTIAL_ACCEPT, EventKind.REJECTED})
-
-
-@dataclass(slots=True)
 class OpenDocument:
     doc: TextDocument
     seen: DocumentSeen | None = None  # the queued document write; completions link to its row
@@ -100,12 +87,8 @@ class HeedfulLanguageServer(LanguageServer):
         self.client_settings: dict[str, Any] = {}
         self.documents = DocumentStore()
         self.open_docs: dict[str, OpenDocument] = {}
-        self.served: dict[str, CompletionState] = {}
-        self.latest_completion: str | None = None
-        self.suggestions: dict[str, Suggestion] = {}  # uri -> the suggestion given last, unresolved
-        self.followed: list[Followed] = []  # accepted texts, and what was written instead of rejected ones
+        self.followup = Followup(self)  # what the developer does with what this session served
         self.inflight: dict[str, asyncio.Task[Any]] = {}
-        self.timers: set[asyncio.TimerHandle] = set()
         self.exit_requested = asyncio.Event()
         self.shutdown_requested = False
         self.closed = False
@@ -260,21 +243,17 @@ class HeedfulLanguageServer(LanguageServer):
             self._unwatch_learning()
         for task in list(self.inflight.values()):
             task.cancel()
-        for handle in list(self.timers):
-            handle.cancel()
-        self.timers.clear()
         await self.completions.drain()
         identity = self.identity
         if identity is None:
             return
-        futures = [self._snapshot(tracked, final=True) for tracked in self.followed if tracked.pending_delays]
+        futures = self.followup.finish()
         futures.append(self.services.store.end_session(identity.session_id))
         for fut in futures:
             try:
                 await fut
             except Exception as exc:
                 log.error("a write at the end of session %s failed: %s", identity.session_id, exc)
-        self.followed.clear()
 
     # -- feedback bookkeeping ------------------------------------------------------------------------
 
@@ -288,7 +267,7 @@ class HeedfulLanguageServer(LanguageServer):
         """Store the event (its future gives the event id), unless recording is paused now or the completion
         it is about was served while it was (then the future gives None)."""
         identity = self.require_identity()
-        state = self.served.get(completion_id) if completion_id is not None else None
+        state = self.followup.served.get(completion_id) if completion_id is not None else None
         if state is not None:
             state.outcomes.add(kind)
         self.services.metrics.count_event(identity.team_id, self.arm, kind)
@@ -302,150 +281,18 @@ class HeedfulLanguageServer(LanguageServer):
         fut.add_done_callback(_log_failed_write)
         return fut
 
-    def state_of(self, completion_id: str) -> CompletionState:
-        state = self.served.get(completion_id)
-        if state is None:
-            raise JsonRpcInvalidParams(
-                f"completion {completion_id!r} was not served in this session; use the completionId of an item "
-                "this server returned"
-            )
-        return state
+    def count_kept(self, chars: int) -> None:
+        """An accepted text's last snapshot: how much of it the developer kept, for the metrics."""
+        identity = self.require_identity()
+        self.services.metrics.count_kept(identity.team_id, self.arm, chars)
 
-    def known(self, completion_id: str, method: str) -> CompletionState | None:
-        """The served completion a notification names; an unknown id is logged and ignored."""
-        state = self.served.get(completion_id)
-        if state is None:
-            log.warning("%s for completion %r, which this session did not serve; ignored", method, completion_id)
-        return state
+    def document(self, uri: str) -> TextDocument | None:
+        open_doc = self.open_docs.get(uri)
+        return open_doc.doc if open_doc is not None else None
 
-    def track_accept(self, state: CompletionState, accepted: str) -> None:
-        """Follow `accepted` (inserted at the suggestion's anchor) and schedule its snapshots."""
-        open_doc = self.open_docs.get(state.uri)
-        anchor = state.served.offset
-        sugg = self.suggestions.get(state.uri)
-        if sugg is not None and sugg.completion_id == state.served.completion_id:
-            anchor = sugg.anchor  # moved along with the edits since the completion was served
-            del self.suggestions[state.uri]
-        delays = sorted(self.settings.feedback.edit_snapshot_delays_s)
-        tracked = AcceptedText(state.served.completion_id, state.uri, accepted, anchor, anchor, pending_delays=delays)
-        where = locate(open_doc.doc.text, accepted, anchor) if open_doc is not None else None
-        if where is None:
-            tracked.awaiting_insert = True
-        else:
-            tracked.start, tracked.end = where, where + len(accepted)
-        self._follow(tracked, open_doc.doc if open_doc is not None else None)
-
-    def track_rejected(self, state: CompletionState, sugg: Suggestion | None) -> TypedInstead | None:
-        """Follow what the developer writes where a rejected suggestion would have gone (from its anchor,
-        with what of it they had typed), and schedule its snapshots; None when the document is not open."""
-        open_doc = self.open_docs.get(state.uri)
-        if open_doc is None:
-            return None
-        mine = sugg is not None and sugg.completion_id == state.served.completion_id
-        start, end = (sugg.anchor, sugg.cursor) if sugg is not None and mine else (state.served.offset,) * 2
-        delays = sorted(self.settings.feedback.edit_snapshot_delays_s)
-        tracked = TypedInstead(state.served.completion_id, state.uri, state.served.text, start, end, delays)
-        self._follow(tracked, open_doc.doc)
-        return tracked
-
-    def _follow(self, tracked: Followed, doc: TextDocument | None) -> None:
-        self.followed.append(tracked)
-        loop = asyncio.get_running_loop()
-        for delay in tracked.pending_delays:
-            handle = loop.call_later(delay, self._on_snapshot_timer, tracked, doc, delay)
-            self.timers.add(handle)
-
-    def _on_snapshot_timer(self, tracked: Followed, doc: TextDocument | None, delay: float) -> None:
-        if delay in tracked.pending_delays:
-            self._snapshot(tracked, delay=delay, doc=doc)
-
-    def _snapshot(
-        self,
-        tracked: Followed,
-        *,
-        delay: float | None = None,
-        doc: TextDocument | None = None,
-        final: bool = False,
-    ) -> asyncio.Future[Any]:
-        """Record one snapshot: the configured `delay`, or at session end all pending ones at once.
-
-        Where nothing was written in place of a rejected suggestion, nothing is recorded: the reject says it all.
-        """
-        if doc is None:
-            open_doc = self.open_docs.get(tracked.uri)
-            doc = open_doc.doc if open_doc is not None else None
-        text = doc.text if doc is not None else ""
-        ratio, kept = tracked.snapshot(text)
-        if isinstance(tracked, TypedInstead) and not kept.strip():
-            if final:  # the session's end clears what it follows
-                tracked.pending_delays = []
-            else:
-                assert delay is not None
-                tracked.pending_delays.remove(delay)
-                if not tracked.pending_delays:
-                    self.followed.remove(tracked)
-            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-            return done
-        if isinstance(tracked, AcceptedText) and (final or tracked.pending_delays == [delay]):
-            identity = self.require_identity()  # the last snapshot of an accepted text: what it kept, for good
-            kept_chars = round(ratio * len(tracked.accepted))
-            self.services.metrics.count_kept(identity.team_id, self.arm, kept_chars)
-        if final:
-            # The session ends before the delay: record what is there now, with the delays it stood for.
-            delays, tracked.pending_delays = tracked.pending_delays, []
-            last: asyncio.Future[Any] | None = None
-            for d in delays:
-                last = self.record_event(
-                    EventKind.EDIT_SNAPSHOT, tracked.completion_id, delay_s=d, survival_ratio=ratio, kept_text=kept
-                )
-            assert last is not None
-            return last
-        assert delay is not None
-        tracked.pending_delays.remove(delay)
-        if not tracked.pending_delays:
-            self.followed.remove(tracked)
-        return self.record_event(
-            EventKind.EDIT_SNAPSHOT, tracked.completion_id, delay_s=delay, survival_ratio=ratio, kept_text=kept
-        )
-
-    def typed_through(self, doc: TextDocument, offset: int) -> Served | None:
-        """The rest of the suggestion the developer has been typing through, when `offset` is where its typed
-        part ends: served again under its own id without asking the engine (None when there is no such rest).
-
-        What the developer typed matches the suggestion character for character (`Suggestion.observe`), so
-        the rest is what the model wrote after those characters; the request that asks at that cursor would
-        spend a model call (and its latency) on a question already answered. Feedback names the one id: an
-        accept inserts the rest where the typed part ends, a partial accept counts from the item sent back.
-        """
-        if not self.settings.completion.type_through:
-            return None
-        sugg = self.suggestions.get(doc.uri)
-        if sugg is None or offset != sugg.cursor or not 0 < sugg.typed < len(sugg.text):
-            return None
-        state = self.served.get(sugg.completion_id)
-        if state is None or state.outcomes & {EventKind.ACCEPTED, EventKind.REJECTED}:
-            return None
-        line_prefix, _ = doc.line_at(offset)
-        self.latest_completion = sugg.completion_id
-        return Served(
-            sugg.completion_id,
-            sugg.text[sugg.typed :],
-            offset,
-            doc.position_at(offset),
-            line_prefix,
-            recorded=state.served.recorded,
-        )
-
-    def serve(self, doc: TextDocument, served: Served) -> None:
-        """Remember a served completion; the one it replaces in this document is no longer followed."""
-        state = CompletionState(served, doc.uri)
-        self.served[served.completion_id] = state
-        self.latest_completion = served.completion_id
-        self.suggestions[doc.uri] = Suggestion(served.completion_id, doc.uri, served.offset, served.text)
-        if len(self.served) > 10000:  # a long session: forget the oldest (their events still reach the store)
-            for cid in list(self.served)[:1000]:
-                del self.served[cid]
+    @property
+    def snapshot_delays(self) -> list[float]:
+        return list(self.settings.feedback.edit_snapshot_delays_s)
 
 
 def _log_failed_write(fut: asyncio.Future[Any]) -> None:
@@ -548,31 +395,14 @@ def did_change(ls: HeedfulLanguageServer, params: types.DidChangeTextDocumentPar
     except DocumentError as exc:
         log.warning("didChange for %s ignored: %s", uri, exc)
         return
-    sugg = ls.suggestions.get(uri)
-    tracked = [t for t in ls.followed if t.uri == uri]
-    for edit in edits:
-        for t in tracked:
-            t.observe(edit)
-        if sugg is None:
-            continue
-        verdict = sugg.observe(edit)
-        if verdict is Verdict.DIVERGED:
-            ls.suggestions.pop(uri, None)
-            state = ls.served.get(sugg.completion_id)
-            if state is not None and not state.resolved:
-                ls.record_event(EventKind.REJECTED, sugg.completion_id, inferred=True)
-                instead = ls.track_rejected(state, sugg)
-                if instead is not None:  # the edit that typed past the suggestion is the first of it
-                    instead.observe(edit)
-                    tracked.append(instead)
-            sugg = None
+    ls.followup.observe(uri, edits, ls.snapshot_delays)
 
 
 def did_close(ls: HeedfulLanguageServer, params: types.DidCloseTextDocumentParams) -> None:
     uri = params.text_document.uri
     ls.documents.close(uri)
     ls.open_docs.pop(uri, None)
-    ls.suggestions.pop(uri, None)
+    ls.followup.closed(uri)
     task = ls.inflight.pop(uri, None)
     if task is not None:
         task.cancel()
@@ -613,7 +443,7 @@ async def serve_completion(
             offset = doc.offset_at(position)
         except DocumentError as exc:
             raise JsonRpcInvalidParams(str(exc)) from None
-        rest = ls.typed_through(doc, offset)
+        rest = ls.followup.typed_through(doc, offset) if ls.settings.completion.type_through else None
         if rest is not None:
             log.debug("completion %s typed through: the rest served again at %d", rest.completion_id, offset)
             return doc, rest
@@ -630,7 +460,7 @@ async def serve_completion(
             del ls.inflight[uri]
     if served is None:
         return None
-    ls.serve(doc, served)
+    ls.followup.serve(doc, served)
     return doc, served
 
 
@@ -687,11 +517,11 @@ async def completion(ls: HeedfulLanguageServer, params: types.CompletionParams) 
 
 async def accept(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
     completion_id = _completion_id_argument(args, ACCEPT_COMMAND)
-    state = ls.state_of(completion_id)
+    state = ls.followup.state_of(completion_id)
     if EventKind.ACCEPTED in state.outcomes:
         return {"recorded": False, "completionId": completion_id, "reason": "already accepted"}
     fut = ls.record_event(EventKind.ACCEPTED, completion_id, accepted_length=len(state.served.text))
-    ls.track_accept(state, state.served.text)
+    ls.followup.track_accept(state, state.served.text, ls.snapshot_delays)
     event_id = await fut
     if event_id is None:
         return {"recorded": False, "completionId": completion_id, "reason": NOT_RECORDING}
@@ -700,7 +530,7 @@ async def accept(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
 
 def did_show(ls: HeedfulLanguageServer, params: DidShowCompletionParams) -> None:
     completion_id = completion_id_of(params.item)
-    state = ls.known(completion_id, "didShowCompletion")
+    state = ls.followup.known(completion_id, "didShowCompletion")
     if state is None:
         return
     if EventKind.SHOWN not in state.outcomes:
@@ -709,7 +539,7 @@ def did_show(ls: HeedfulLanguageServer, params: DidShowCompletionParams) -> None
 
 def did_partially_accept(ls: HeedfulLanguageServer, params: DidPartiallyAcceptCompletionParams) -> None:
     completion_id = completion_id_of(params.item)
-    state = ls.known(completion_id, "didPartiallyAcceptCompletion")
+    state = ls.followup.known(completion_id, "didPartiallyAcceptCompletion")
     if state is None:
         return
     if params.accepted_length < 0:
@@ -717,7 +547,7 @@ def did_partially_accept(ls: HeedfulLanguageServer, params: DidPartiallyAcceptCo
         return
     # acceptedLength counts UTF-16 units of the item's insertText (the contract); the store keeps characters.
     # The item may be the rest of the suggestion served again after the developer typed its start
-    # (`typed_through`): then the accepted text runs from the suggestion's own start.
+    # (`Followup.typed_through`): then the accepted text runs from the suggestion's own start.
     text = state.served.text
     item_text = params.item.insert_text if isinstance(params.item.insert_text, str) else text
     skip = len(text) - len(item_text) if item_text and text.endswith(item_text) else 0
@@ -725,21 +555,18 @@ def did_partially_accept(ls: HeedfulLanguageServer, params: DidPartiallyAcceptCo
     accepted = text[: skip + chars]
     ls.record_event(EventKind.PARTIAL_ACCEPT, completion_id, accepted_length=len(accepted), kept_text=accepted)
     if accepted:
-        ls.track_accept(state, accepted)
+        ls.followup.track_accept(state, accepted, ls.snapshot_delays)
 
 
 def did_reject(ls: HeedfulLanguageServer, params: DidRejectCompletionParams) -> None:
-    state = ls.known(params.completion_id, DID_REJECT_COMPLETION)
+    state = ls.followup.known(params.completion_id, DID_REJECT_COMPLETION)
     if state is None:
         return
     if EventKind.ACCEPTED in state.outcomes or EventKind.REJECTED in state.outcomes:
         log.info("reject of completion %s ignored: it is already %s", params.completion_id, state.outcomes)
         return
     ls.record_event(EventKind.REJECTED, params.completion_id)
-    sugg = ls.suggestions.get(state.uri)
-    if sugg is not None and sugg.completion_id == params.completion_id:
-        ls.suggestions.pop(state.uri, None)
-    ls.track_rejected(state, sugg)
+    ls.followup.rejected(state, ls.snapshot_delays)
 
 
 async def feedback(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
@@ -754,11 +581,11 @@ async def feedback(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
         raise JsonRpcInvalidParams(
             f'{FEEDBACK_COMMAND}: "text" must be the correction, e.g. "use Flask, not Django"; got {text!r}'
         )
-    completion_id = body.get("completionId", ls.latest_completion)
+    completion_id = body.get("completionId", ls.followup.latest_completion)
     if completion_id is not None:
         if not isinstance(completion_id, str):
             raise JsonRpcInvalidParams(f'{FEEDBACK_COMMAND}: "completionId" must be a string, got {completion_id!r}')
-        ls.state_of(completion_id)
+        ls.followup.state_of(completion_id)
     event_id = await ls.record_event(EventKind.CORRECTION, completion_id, text=text)
     if event_id is None:
         return {"recorded": False, "completionId": completion_id, "reason": NOT_RECORDING}
