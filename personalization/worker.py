@@ -69,6 +69,7 @@ from storage.repositories import (
     ScopeControlRepository,
     TrainingStatusRepository,
 )
+from storage.round_metrics import RoundMetrics, humaneval_figures
 from storage.store import RolloutStore
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class RoundResult:
     status: str  # "published", "rejected", "skipped", or "discarded" (its scope was purged while it trained)
     reason: str
     version_id: str | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: RoundMetrics = field(default_factory=RoundMetrics)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -102,7 +103,7 @@ class RoundResult:
             "status": self.status,
             "reason": self.reason,
             "version": self.version_id,
-            "metrics": {k: v for k, v in self.metrics.items() if k != "steps"},
+            "metrics": {k: v for k, v in self.metrics.as_json().items() if k != "steps"},
         }
 
 
@@ -272,21 +273,21 @@ async def _round(
             return purged
         raise
     trainer_dir, metrics, gate = result
-    metrics["prm"] = prm.report
-    metrics["seconds"] = round(time.monotonic() - started, 1)
-    metrics.setdefault("timing", {})["prm_fit"] = round(prm.seconds, 1)
+    metrics.prm = prm.report
+    metrics.seconds = round(time.monotonic() - started, 1)
+    metrics.timing["prm_fit"] = round(prm.seconds, 1)
     if trainer_dir is None:
         await _mark(store, scope, data, RolloutStatus.TRAINED, "no signal: every group's rewards were equal")
-        return RoundResult(scope, "skipped", str(metrics.get("reason", "no signal")), metrics=metrics)
-    assert gate is not None
+        return RoundResult(scope, "skipped", metrics.reason or "no signal", metrics=metrics)
+    assert gate is not None and metrics.steps_done is not None and metrics.gate_kl is not None
     try:
         published = await publish_adapter(
             store,
             scope,
             trainer_dir,
-            step=int(metrics["steps_done"]),
-            kl=float(metrics["gate_kl"]),
-            metrics=metrics,
+            step=metrics.steps_done,
+            kl=metrics.gate_kl,
+            metrics=metrics.as_json(),
             adapters_root=root,
             parent_id=active.id if active else None,
             gate=gate,
@@ -328,7 +329,7 @@ def _train(
     *,
     progress: RoundProgress | None = None,
     deadline: float | None = None,
-) -> tuple[Path | None, dict[str, Any], Any]:
+) -> tuple[Path | None, RoundMetrics, Any]:
     """One round's training, gates and save: (the saved adapter folder or None, metrics, the gate verdict).
 
     `out` is where the adapter is saved (a round passes a folder from `trainer_workdir`); a new temporary
@@ -353,21 +354,20 @@ def _train(
             data.corrections, trainer.teacher_logprobs, tokenizer.encode, max_prompt_tokens=trainer.max_prompt_tokens
         )
     groups, masked = finalize_groups(data.groups)
-    metrics: dict[str, Any] = {
-        "rollouts": len(data.rollout_ids),
-        "groups": len(data.groups),
-        "groups_masked_all_equal": masked,
-        "demonstrations": data.demonstrations,
-        "judged": dict(data.judged),
-        "opd_samples": opd_stats.used,
-        "opd_dropped": opd_stats.dropped_total,
-        "opd_dropped_by_reason": dict(opd_stats.dropped),
-        "old_logprobs_recomputed": recomputed,
-        "steps": [],
-        "timing": timing.seconds,
-    }
+    metrics = RoundMetrics(
+        rollouts=len(data.rollout_ids),
+        groups=len(data.groups),
+        groups_masked_all_equal=masked,
+        demonstrations=data.demonstrations,
+        judged=dict(data.judged),
+        opd_samples=opd_stats.used,
+        opd_dropped=opd_stats.dropped_total,
+        opd_dropped_by_reason=dict(opd_stats.dropped),
+        old_logprobs_recomputed=recomputed,
+        timing=timing.seconds,
+    )
     if not groups and not opd:
-        metrics["reason"] = f"no signal: all {masked} groups had equal rewards and there were no corrections"
+        metrics.reason = f"no signal: all {masked} groups had equal rewards and there were no corrections"
         return None, metrics, None
     losses: list[float] = []
     opd_batch = max(1, t.batch_size // 4) if opd else 0
@@ -394,7 +394,7 @@ def _train(
             due_check = bool(t.gate_check_steps) and (step_no + 1) % t.gate_check_steps == 0
             need = step_s + check_s * (2 if due_check else 1) + he_s
             if time.monotonic() + need > deadline:
-                metrics["stopped_budget"] = (
+                metrics.stopped_budget = (
                     f"stopped after {step_no} of {t.steps_per_round} steps: training.round_budget_s = "
                     f"{t.round_budget_s:.0f} leaves no time for another step ({step_s:.0f} s) and the final gates"
                 )
@@ -412,7 +412,7 @@ def _train(
         losses.append(step["loss"])
         if prm_accuracy is not None:
             step["prm_accuracy"] = prm_accuracy
-        metrics["steps"].append({k: round(v, 6) for k, v in step.items()})
+        metrics.steps.append({k: round(v, 6) for k, v in step.items()})
         measured = None
         if not math.isfinite(step["loss"]):
             break
@@ -435,7 +435,7 @@ def _train(
                 trainer.restore(passed_at[1], passed_at[0])
                 losses = losses[: passed_at[0]]
                 measured = None
-            metrics["stopped_early"] = (
+            metrics.stopped_early = (
                 f"the gates failed at step {done} (KL {kl:.4f}, perplexity {ppl:.3f} against {ppl_base:.3f}); "
                 + (f"kept the weights of step {passed_at[0]}" if passed_at else "no earlier check passed")
             )
@@ -469,16 +469,17 @@ def _train(
                 humaneval=he,
                 humaneval_max_drop=settings.thresholds.humaneval_max_drop,
             )
-            metrics["stopped_early"] = (
+            metrics.stopped_early = (
                 f"the ability gate failed at step {failed_at} ({failure}); measured the weights of step "
                 f"{passed_at[0]}, the last gate check that passed, instead"
             )
-    metrics["gate_checks"] = checks
-    metrics["steps_done"] = trainer.steps_done
-    metrics["final_loss"] = losses[-1]
-    metrics.update(gate_kl=kl, perplexity_base=ppl_base, perplexity_adapter=ppl_adapter, gate=gate.summary())
-    metrics["base_weights_unchanged"] = trainer.base_weights_checksum() == base_fingerprint
-    metrics.update({k: v for k, v in gate.metrics.items() if k.startswith("humaneval_")})
+    metrics.gate_checks = checks
+    metrics.steps_done = trainer.steps_done
+    metrics.final_loss = losses[-1]
+    metrics.gate_kl, metrics.perplexity_base, metrics.perplexity_adapter = kl, ppl_base, ppl_adapter
+    metrics.gate = gate.summary()
+    metrics.base_weights_unchanged = trainer.base_weights_checksum() == base_fingerprint
+    metrics.humaneval = humaneval_figures(gate.metrics)
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="heedful-train-")) / "adapter"
     progress.phase = "saving"

@@ -44,6 +44,7 @@ from storage.repositories import (
     Scope,
     ScopeControlRepository,
 )
+from storage.round_metrics import RoundMetrics
 from storage.store import RolloutStore
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ async def check_version(
     activated = as_utc(version.activated_at or version.created_at)
     findings: list[Finding] = []
 
-    losses = [s.get("loss") for s in (version.metrics or {}).get("steps", []) if isinstance(s, dict)]
+    losses = [s.get("loss") for s in RoundMetrics.from_json(version.metrics).steps]
     bad = [x for x in losses if isinstance(x, int | float) and (not math.isfinite(x) or x > th.loss_divergence)]
     if bad:
         findings.append(

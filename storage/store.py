@@ -44,6 +44,7 @@ from storage.repositories import (
     SessionRepository,
     StatsRepository,
 )
+from storage.round_metrics import RoundMetrics
 from storage.writer import BatchingWriter
 
 log = logging.getLogger(__name__)
@@ -545,11 +546,10 @@ class RolloutStore:
         for v in versions:
             scope = f"{v.scope_kind.value}:{v.scope_id}"
             if scope not in out:  # the newest version of the scope
-                loss = (v.metrics or {}).get("final_loss")
                 out[scope] = {
                     "active_version": None,
                     "active_step": None,
-                    "latest_loss": loss if isinstance(loss, int | float) else None,
+                    "latest_loss": RoundMetrics.from_json(v.metrics).final_loss,
                     "latest_kl": v.kl,
                 }
             if v.status == AdapterStatus.ACTIVE:

@@ -52,6 +52,7 @@ from personalization import corpus
 from personalization.corpus import Prompt
 from personalization.rollouts import settle_seconds
 from server.stores import open_store
+from storage.round_metrics import RoundMetrics
 
 # The arms in the order runs go, cheapest first: none, baseline, rl, rl+baseline.
 ARMS = tuple(sorted(SETTINGS_ARMS, key=lambda arm: (arm in ADAPTER_ARMS, arm in BASELINE_ARMS)))
@@ -625,7 +626,7 @@ class ArmRun:
                 raise EvalError(f"the server put developer {self.developer} in arm {ready.get('arm')}, not {self.arm}")
             before = await self.held_out(session, "before")
             rounds: list[dict[str, Any]] = []
-            last_metrics: dict[str, Any] = {}
+            last_metrics = RoundMetrics()
             adapter: str | None = None
             per = self.plan.train_per_round
             for r in range(1, self.plan.rounds + 1):
@@ -637,7 +638,7 @@ class ArmRun:
                     info["training"] = result
                     if result.get("status") == "published":
                         adapter = str(result["version"])
-                        last_metrics = result.get("metrics", {})
+                        last_metrics = RoundMetrics.from_json(result.get("metrics"))
                         await session.wait_for(serving(adapter), SWAP_TIMEOUT_S, f"adapter {adapter} to serve")
                 info["adapter"] = adapter
                 held = await self.held_out(session, f"round-{r}")
@@ -647,7 +648,7 @@ class ArmRun:
         finally:
             await session.stop()
         first, last = before, pass_stats([t for t in self.turns if t.phase == f"round-{self.plan.rounds}"])
-        ppl_base, ppl_adapter = last_metrics.get("perplexity_base"), last_metrics.get("perplexity_adapter")
+        ppl_base, ppl_adapter = last_metrics.perplexity_base, last_metrics.perplexity_adapter
         return ArmResult(
             persona=self.persona.name,
             arm=self.arm,
@@ -659,9 +660,9 @@ class ArmRun:
             accept_rate=last.accept_rate,
             kept_chars_before=round(first.kept_chars_per_shown, 2),
             kept_chars_after=round(last.kept_chars_per_shown, 2),
-            kl=float(last_metrics.get("gate_kl", 0.0)),
-            humaneval_base=last_metrics.get("humaneval_base"),
-            humaneval_adapter=last_metrics.get("humaneval_adapter"),
+            kl=last_metrics.gate_kl or 0.0,
+            humaneval_base=last_metrics.humaneval.get("base"),
+            humaneval_adapter=last_metrics.humaneval.get("adapter"),
             perplexity_base=ppl_base,
             perplexity_adapter=ppl_adapter,
             perplexity_delta=(ppl_adapter - ppl_base) if ppl_base is not None and ppl_adapter is not None else 0.0,
@@ -680,10 +681,11 @@ class ArmRun:
         training = info.get("training")
         trained = ""
         if training is not None:
-            m = training.get("metrics", {})
-            kl = m.get("gate_kl")
+            m = RoundMetrics.from_json(training.get("metrics"))
+            kl = m.gate_kl
+            steps = "?" if m.steps_done is None else m.steps_done
             trained = (
-                f"; trained {m.get('steps_done', '?')} steps in {m.get('seconds', '?')} s: {training.get('status')}"
+                f"; trained {steps} steps in {'?' if m.seconds is None else m.seconds} s: {training.get('status')}"
                 + (f" (KL {kl:.3f})" if isinstance(kl, float) else "")
                 + (f" [{training.get('reason')}]" if training.get("status") != "published" else "")
             )

@@ -32,6 +32,7 @@ from typing import Any
 from kernel.stats import percentile
 from storage.models import AdapterStatus, AdapterVersion, AuditEntry, EventKind, as_utc
 from storage.repositories import CompletionFact, OutcomeEvent, ReportFilter, ReportRepository
+from storage.round_metrics import RoundMetrics
 from storage.store import RolloutStore
 
 MINUTE, HOUR, DAY = 60, 3600, 86400
@@ -691,10 +692,9 @@ def training_series(versions: Sequence[AdapterVersion], metric: str) -> list[Ser
         points: list[tuple[float, float]] = []
         offset = 0
         for v in rows:
-            metrics = v.metrics if isinstance(v.metrics, dict) else {}
-            steps = [s for s in metrics.get("steps") or [] if isinstance(s, dict)]
-            prm = metrics.get("prm")
-            fallback = _finite(prm.get("held_out_accuracy")) if isinstance(prm, dict) else None
+            metrics = RoundMetrics.from_json(v.metrics)
+            steps = metrics.steps
+            fallback = _finite(metrics.prm.get("held_out_accuracy")) if metrics.prm is not None else None
             for i, step in enumerate(steps, start=1):
                 value = _finite(step.get(metric))
                 if value is None and metric == "prm_accuracy":

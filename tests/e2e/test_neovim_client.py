@@ -314,6 +314,63 @@ def test_neovim_turns_suggestions_off_and_on_keeps_other_tab_mappings_and_checks
     assert "engine ready" in report and "server(s) running" in report and "ERROR" not in report, report
 
 
+@pytest.mark.parametrize("neovim", ["extmark"], indirect=True)
+def test_neovim_shows_what_was_learned_pauses_recording_and_writes_the_report(
+    neovim: Neovim, lsp_setup: ServerSetup
+) -> None:
+    neovim.wait_for(
+        lambda: (neovim.lua('require("heedful").last_status or vim.NIL') or {}).get("state") == "ready",
+        "the server's heedful/status to say ready",
+    )
+    # What was learned for a new developer: nothing; the base model serves them, recording is on.
+    neovim.send(":HeedfulLearning<CR>")
+    learned = neovim.wait_for(lambda: neovim.lua('require("heedful").last_learned or vim.NIL'), ":HeedfulLearning")
+    assert learned["serving"] is None and learned["recordingPaused"] is False, learned
+    lines = neovim.lua('require("heedful").learned_lines(require("heedful").last_learned)')
+    assert lines[0] == "Serving you: the base model (no adapter of yours)"
+    assert lines[2] == "Recording: on (:HeedfulLearning pause_recording)"
+    # Undo with nothing of theirs serving: the server's refusal, as the error the command met.
+    neovim.send(":HeedfulLearning undo<CR>")
+    error = neovim.wait_for(lambda: neovim.lua('require("heedful").last_error or vim.NIL'), "undo's refusal")
+    assert "nothing to undo" in error, error
+
+    # Recording paused: suggestions still come, nothing of this session is stored.
+    neovim.send(":HeedfulLearning pause_recording<CR>")
+    neovim.wait_for(
+        lambda: (neovim.lua('require("heedful").last_learned or vim.NIL') or {}).get("recordingPaused") is True,
+        "the answer that recording is paused",
+    )
+    neovim.wait_for(
+        lambda: "recording paused" in neovim.lua('require("heedful").status_line()'),
+        "the status line to say recording is paused",
+        timeout=30,
+    )
+    stored = len(lsp_setup.rows("SELECT id FROM completions WHERE session_id = ?", "session-nvim"))
+    neovim.send("GA")
+    neovim.wait_for(lambda: neovim.lua('require("heedful").current() or vim.NIL'), "a suggestion while paused")
+    assert len(lsp_setup.rows("SELECT id FROM completions WHERE session_id = ?", "session-nvim")) == stored
+
+    # Resumed: the next suggestion is stored again.
+    neovim.send("<Esc>:HeedfulLearning resume_recording<CR>")
+    neovim.wait_for(
+        lambda: (neovim.lua('require("heedful").last_learned or vim.NIL') or {}).get("recordingPaused") is False,
+        "the answer that recording is on again",
+    )
+    neovim.send("A<M-\\>")
+    neovim.wait_for(
+        lambda: len(lsp_setup.rows("SELECT id FROM completions WHERE session_id = ?", "session-nvim")) > stored,
+        "a completion stored once recording resumed",
+        timeout=60,
+    )
+
+    # The report: the server's HTML for this developer, written to a file (no scripts in it).
+    neovim.send("<Esc>:HeedfulReport<CR>")
+    path = neovim.wait_for(lambda: neovim.lua('require("heedful").last_report or vim.NIL'), ":HeedfulReport")
+    html = Path(path).read_text(encoding="utf-8")
+    assert html.lstrip().lower().startswith("<!doctype html") and "<script" not in html.lower()
+    assert "dev-nvim" in html
+
+
 def test_two_neovims_share_one_server(lsp_setup: ServerSetup, tmp_path: Path) -> None:
     """The plugin's default command, `heedful serve --shared`: two Neovims (each its own session) are served by
     one server process, which goes on serving the second when the first quits."""

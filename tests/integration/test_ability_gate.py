@@ -80,22 +80,22 @@ def test_a_round_reports_the_ability_gate_and_caches_the_base(
     out, metrics, gate = _train(settings, data, tokenizer, None, None)
 
     assert out is not None and gate is not None and gate.passed
-    assert metrics["humaneval_cases"] == 6.0
-    assert 0.0 <= metrics["humaneval_adapter"] <= 100.0 and 0.0 <= metrics["humaneval_base"] <= 100.0
-    assert metrics["timing"]["humaneval"] > 0 and metrics["timing"]["steps"] > 0
-    assert all("seconds" in step for step in metrics["steps"])
+    assert metrics.humaneval["cases"] == 6.0
+    assert 0.0 <= metrics.humaneval["adapter"] <= 100.0 and 0.0 <= metrics.humaneval["base"] <= 100.0
+    assert metrics.timing["humaneval"] > 0 and metrics.timing["steps"] > 0
+    assert all("seconds" in step for step in metrics.steps)
     (cached,) = (tmp_path / "humaneval-base").iterdir()
     base = json.loads(cached.read_text())
-    assert len(base["results"]) == 6 and metrics["humaneval_base"] == pytest.approx(100.0 * sum(base["results"]) / 6)
+    assert len(base["results"]) == 6 and metrics.humaneval["base"] == pytest.approx(100.0 * sum(base["results"]) / 6)
     assert base["seconds"] > 0  # what the round budget reserves for the adapter's pass
     # the next round reads the base's results instead of measuring them again
     cached.write_text(json.dumps({"results": [True] * 6, "seconds": 1.0}))
     _, again, _ = _train(settings, data, tokenizer, None, None)
-    assert again["humaneval_base"] == 100.0
+    assert again.humaneval["base"] == 100.0
     # a cache in the format before the seconds were kept is measured again
     cached.write_text(json.dumps([True] * 6))
     _, third, _ = _train(settings, data, tokenizer, None, None)
-    assert third["humaneval_base"] == metrics["humaneval_base"]
+    assert third.humaneval["base"] == metrics.humaneval["base"]
 
 
 def test_a_round_whose_last_steps_cost_ability_measures_its_last_passing_check_instead(
@@ -116,15 +116,16 @@ def test_a_round_whose_last_steps_cost_ability_measures_its_last_passing_check_i
 
     out, metrics, gate = _train(settings, data, tokenizer, None, None)
 
-    print("round:", json.dumps({k: metrics.get(k) for k in ("gate_checks", "steps_done", "gate", "stopped_early")}))
-    assert metrics["humaneval_base"] > 0  # something to lose
+    shown = ("gate_checks", "steps_done", "gate", "stopped_early")
+    print("round:", json.dumps({k: metrics.as_json().get(k) for k in shown}))
+    assert metrics.humaneval["base"] > 0  # something to lose
     went = re.fullmatch(
         r"the ability gate failed at step (\d+) \(.*HumanEval.*\); measured the weights of step (\d+), the last "
         r"gate check that passed, instead",
-        metrics["stopped_early"],
+        str(metrics.stopped_early),
     )
-    assert went is not None, metrics["stopped_early"]
+    assert went is not None, metrics.stopped_early
     failed_at, back_to = int(went.group(1)), int(went.group(2))
-    assert back_to < failed_at and back_to in [c["step"] for c in metrics["gate_checks"] if c["passed"]]
-    assert metrics["steps_done"] == back_to  # the verdict and the saved adapter are that step's
+    assert back_to < failed_at and back_to in [c["step"] for c in metrics.gate_checks if c["passed"]]
+    assert metrics.steps_done == back_to  # the verdict and the saved adapter are that step's
     assert out is not None and gate is not None

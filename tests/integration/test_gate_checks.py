@@ -48,20 +48,21 @@ def test_a_round_past_the_margin_keeps_the_last_weights_that_passed(small_model:
     out, metrics, gate = _train(settings, data, tokenizer, None, None)
 
     assert out is not None and gate is not None
-    checks = metrics["gate_checks"]
-    print("checks:", checks, "stopped:", metrics.get("stopped_early"))
+    checks = metrics.gate_checks
+    print("checks:", checks, "stopped:", metrics.stopped_early)
     passed = [c for c in checks if c["passed"]]
     failed = [c for c in checks if not c["passed"]]
     assert passed and failed, f"the run should pass early checks and fail a later one: {checks}"
     assert checks[-1] == failed[0]  # no training after the first failing check
     assert all(c["step"] < failed[0]["step"] for c in passed)
-    assert len(metrics["steps"]) == failed[0]["step"]  # what was trained is recorded ...
-    assert metrics["steps_done"] == passed[-1]["step"]  # ... but the weights are those of the last pass
-    assert f"kept the weights of step {passed[-1]['step']}" in metrics["stopped_early"]
+    assert len(metrics.steps) == failed[0]["step"]  # what was trained is recorded ...
+    assert metrics.steps_done == passed[-1]["step"]  # ... but the weights are those of the last pass
+    assert f"kept the weights of step {passed[-1]['step']}" in str(metrics.stopped_early)
     # The final gates measure the restored weights: the same perplexity the passing check saw, and a pass.
-    assert round(metrics["perplexity_adapter"], 4) == passed[-1]["perplexity"]
+    assert round(metrics.perplexity_adapter or 0.0, 4) == passed[-1]["perplexity"]
     assert gate.passed
-    assert metrics["perplexity_adapter"] <= metrics["perplexity_base"] * 1.01
+    assert metrics.perplexity_adapter is not None and metrics.perplexity_base is not None
+    assert metrics.perplexity_adapter <= metrics.perplexity_base * 1.01
 
 
 def test_a_round_out_of_time_stops_taking_steps_and_goes_to_its_final_gates(small_model: Path) -> None:
@@ -83,7 +84,7 @@ def test_a_round_out_of_time_stops_taking_steps_and_goes_to_its_final_gates(smal
         progress=progress, deadline=time.monotonic(),
     )  # fmt: skip
     assert out is not None and gate is not None and gate.passed
-    assert metrics["steps_done"] == 1 and len(metrics["steps"]) == 1
-    assert "stopped after 1 of 24 steps: training.round_budget_s = 600" in metrics["stopped_budget"]
-    assert metrics["gate_checks"] == [] and metrics["perplexity_adapter"] > 0
+    assert metrics.steps_done == 1 and len(metrics.steps) == 1
+    assert "stopped after 1 of 24 steps: training.round_budget_s = 600" in str(metrics.stopped_budget)
+    assert metrics.gate_checks == [] and (metrics.perplexity_adapter or 0.0) > 0
     assert (progress.phase, progress.step) == ("saving", 1)
