@@ -165,7 +165,8 @@ def side_heedful(model: Path, rollouts: Path, steps: int, threads: int) -> dict[
     import torch
 
     from kernel.settings import TrainingSettings
-    from personalization.trainer import Group, LoraTrainer, Sample, finalize_groups
+    from personalization.samples import Group, Sample
+    from personalization.trainer import LoraTrainer, finalize_groups
 
     torch.set_num_threads(threads)
     settings = TrainingSettings(

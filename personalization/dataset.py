@@ -24,7 +24,7 @@ from kernel.settings import TrainingSettings
 from personalization.grpo import overlong_penalty
 from personalization.judge import MaybeVote, UnshownJudge
 from personalization.opd import Correction
-from personalization.trainer import Group, Sample
+from personalization.samples import Group, Sample
 from storage.models import Completion, Rollout
 from storage.repositories import CompletionRepository, EventRepository, RolloutRepository, Scope
 

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from personalization.trainer import Sample
+from personalization.samples import Sample
 
 Tokenize = Callable[[str], list[int]]
-TeacherScore = Callable[["Sample", list[int]], list[float]]  # (sample, hinted prompt ids) -> log-probs
+TeacherScore = Callable[[Sample, list[int]], list[float]]  # (sample, hinted prompt ids) -> log-probs
 
 # A hint is a sentence or two; anything longer is pasted code or a log, not an instruction.
 MAX_HINT_CHARS = 500

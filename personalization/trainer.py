@@ -21,7 +21,6 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,35 +30,10 @@ from torch import Tensor
 from kernel.settings import TrainingSettings
 from personalization.grpo import group_advantages, grpo_tcr_loss, masked_mean
 from personalization.opd import OPDSample
+from personalization.samples import Group, Sample
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(slots=True)
-class Sample:
-    """One response to a prompt, as the loss sees it."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    old_logprobs: list[float] | None  # pi_old per response token; None: the policy of the step that next uses it
-    reward: float = 0.0
-    demonstration: bool = False
-    # Per response token: does it depart from what the developer kept there (None: not known, or nothing
-    # departs)? With `training.credit = "edit"` a negative advantage lands on the departing tokens only.
-    departs: list[bool] | None = None
-
-
-@dataclass(slots=True)
-class Group:
-    """The G samples of one prompt; their advantages are relative to each other."""
-
-    samples: list[Sample]
-    advantages: list[float] = field(default_factory=list)
-
-    @property
-    def masked(self) -> bool:
-        return not any(abs(a) > 0 for a in self.advantages)
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -74,7 +74,8 @@ from storage.store import RolloutStore
 
 if TYPE_CHECKING:
     from personalization.dataset import TrainingData
-    from personalization.trainer import Group, LoraTrainer
+    from personalization.samples import Group
+    from personalization.trainer import LoraTrainer
 
 # The dataset, the judge and the trainer import torch (seconds, hundreds of MB); they are imported when a
 # round trains, so a worker that waits (for rollouts, or standing by for another worker) stays light.

@@ -20,7 +20,8 @@ from kernel.settings import Settings, TrainingSettings
 from personalization import humaneval
 from personalization.dataset import TrainingData
 from personalization.gates import greedy_suggestions, humaneval_passes
-from personalization.trainer import Group, LoraTrainer, Sample
+from personalization.samples import Group, Sample
+from personalization.trainer import LoraTrainer
 from personalization.worker import _train
 from server.engine.tokens import LocalTokenizer
 

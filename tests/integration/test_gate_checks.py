@@ -17,7 +17,7 @@ import pytest
 
 from kernel.settings import Settings
 from personalization.dataset import TrainingData
-from personalization.trainer import Group, Sample
+from personalization.samples import Group, Sample
 from personalization.worker import RoundProgress, _train
 from server.engine.tokens import LocalTokenizer
 

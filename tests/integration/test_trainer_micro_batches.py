@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from kernel.settings import TrainingSettings
-from personalization.trainer import Group, LoraTrainer, Sample
+from personalization.samples import Group, Sample
+from personalization.trainer import LoraTrainer
 
 
 def groups() -> list[Group]:

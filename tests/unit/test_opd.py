@@ -15,7 +15,7 @@ from personalization.opd import (
     hint_prompt,
     token_advantages,
 )
-from personalization.trainer import Sample
+from personalization.samples import Sample
 
 
 def test_token_advantages_are_teacher_minus_behaviour() -> None:
