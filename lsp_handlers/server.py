@@ -593,6 +593,8 @@ async def feedback(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
     return {"recorded": True, "completionId": completion_id, "eventId": event_id}
 
 
+# The two learning commands are registered through these, not directly: pygls reads a command's type hints
+# to convert its arguments, and this module is where `HeedfulLanguageServer` is a name at run time.
 async def learning(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
     return await learning_command(ls, *args)
 
@@ -636,8 +638,8 @@ def create_server(
     ls.feature(DID_PARTIALLY_ACCEPT_COMPLETION)(did_partially_accept)
     ls.feature(DID_REJECT_COMPLETION)(did_reject)
     ls.command(FEEDBACK_COMMAND)(feedback)
-    ls.command(LEARNING_COMMAND)(learning_command)
-    ls.command(REPORT_COMMAND)(report_command)
+    ls.command(LEARNING_COMMAND)(learning)
+    ls.command(REPORT_COMMAND)(report)
     return ls
 
 
