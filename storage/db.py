@@ -7,6 +7,8 @@ is used through asyncpg when `database.url` names it; the code above this module
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import functools
 import os
 import sqlite3
@@ -166,13 +168,27 @@ def head_revision() -> str:
 
 
 async def upgrade_schema(db: Database, revision: str = "head") -> None:
-    """Bring the schema to `revision` (the server and the worker do this on start)."""
+    """Bring the schema to `revision` (the server and the worker do this on start).
+
+    SQLite runs DDL outside a transaction, so two processes opening a fresh file at once (two editor
+    windows, a server and its worker) would both create the first tables and one would fail with "table
+    already exists": they take turns on a lock file beside the database (`<file>.upgrade-lock`)."""
 
     def run(connection: Connection) -> None:
         command.upgrade(_alembic_config(connection), revision)
 
-    async with db.engine.begin() as conn:
-        await conn.run_sync(run)
+    if db.sqlite_path is None:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(run)
+        return
+    lock = db.sqlite_path.with_name(db.sqlite_path.name + ".upgrade-lock")
+    with lock.open("a+b") as fh:
+        await asyncio.to_thread(fcntl.flock, fh.fileno(), fcntl.LOCK_EX)
+        try:
+            async with db.engine.begin() as conn:
+                await conn.run_sync(run)
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 async def current_revision(db: Database) -> str | None:
