@@ -19,7 +19,7 @@ def store_options(settings: Settings) -> StoreOptions:
 
 def write_policy(settings: Settings) -> WritePolicy:
     """What the store keeps of a session whose resolved settings are `settings`."""
-    return WritePolicy.of(tuple(settings.privacy.redact_patterns), settings.privacy.store_prompts)
+    return store_options(settings).policy()
 
 
 async def open_store(

@@ -279,6 +279,10 @@ class StoreOptions:
     store_prompts: bool = True
     retention_days: int = 0  # 0 keeps everything
 
+    def policy(self) -> WritePolicy:
+        """What the store keeps of a session's writes under these `privacy` values."""
+        return WritePolicy.of(self.redact_patterns, self.store_prompts)
+
 
 Who = tuple[str, str | None]  # (developer, team): the settings a session's policy comes from
 PolicyOf = Callable[[str, str | None], None]
@@ -315,7 +319,8 @@ class RolloutStore:
     ) -> RolloutStore:
         """Open (and upgrade) the database; delete rows older than `options.retention_days`."""
         db = await open_database(options.url, busy_timeout_s=options.busy_timeout_s)
-        store = cls(db, redactor_for(options.redact_patterns), tokenize=tokenize, store_prompts=options.store_prompts)
+        policy = options.policy()
+        store = cls(db, policy.redactor, tokenize=tokenize, store_prompts=policy.store_prompts)
         if apply_retention and options.retention_days > 0:
             try:
                 await store.apply_retention(options.retention_days, actor="retention:open")
