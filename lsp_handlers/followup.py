@@ -49,8 +49,14 @@ class Sink(Protocol):
 
     def document(self, uri: str) -> TextDocument | None: ...
 
+    @property
+    def snapshot_delays(self) -> Sequence[float]:
+        """When, after an accept or a reject, what the developer kept there is recorded (seconds)."""
+        ...
 
-def _done() -> asyncio.Future[Any]:
+
+def nothing_recorded() -> asyncio.Future[Any]:
+    """The acknowledgement of a write that is not made: done, with no event id."""
     done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     done.set_result(None)
     return done
@@ -120,7 +126,7 @@ class Followup:
 
     # -- what the developer did -----------------------------------------------------------------------
 
-    def observe(self, uri: str, edits: Sequence[Edit], delays: Sequence[float]) -> None:
+    def observe(self, uri: str, edits: Sequence[Edit]) -> None:
         """The document's edits: followed texts move with them; a suggestion typed past is rejected (inferred)
         and what is written in its place is followed from that edit on."""
         sugg = self.suggestions.get(uri)
@@ -135,23 +141,23 @@ class Followup:
                 state = self.served.get(sugg.completion_id)
                 if state is not None and not state.resolved:
                     self.sink.record_event(EventKind.REJECTED, sugg.completion_id, inferred=True)
-                    instead = self.track_rejected(state, sugg, delays)
+                    instead = self.track_rejected(state, sugg)
                     if instead is not None:  # the edit that typed past the suggestion is the first of it
                         instead.observe(edit)
                         tracked.append(instead)
                 sugg = None
 
-    def rejected(self, state: CompletionState, delays: Sequence[float]) -> None:
+    def rejected(self, state: CompletionState) -> None:
         """An explicit reject (already recorded): the suggestion is gone; what is written there is followed."""
         sugg = self.suggestions.get(state.uri)
         if sugg is not None and sugg.completion_id == state.served.completion_id:
             self.suggestions.pop(state.uri, None)
-        self.track_rejected(state, sugg, delays)
+        self.track_rejected(state, sugg)
 
     def closed(self, uri: str) -> None:
         self.suggestions.pop(uri, None)
 
-    def track_accept(self, state: CompletionState, accepted: str, delays: Sequence[float]) -> None:
+    def track_accept(self, state: CompletionState, accepted: str) -> None:
         """Follow `accepted` (inserted at the suggestion's anchor) and schedule its snapshots."""
         doc = self.sink.document(state.uri)
         anchor = state.served.offset
@@ -159,7 +165,7 @@ class Followup:
         if sugg is not None and sugg.completion_id == state.served.completion_id:
             anchor = sugg.anchor  # moved along with the edits since the completion was served
             del self.suggestions[state.uri]
-        pending = sorted(delays)
+        pending = sorted(self.sink.snapshot_delays)
         tracked = AcceptedText(state.served.completion_id, state.uri, accepted, anchor, anchor, pending_delays=pending)
         where = locate(doc.text, accepted, anchor) if doc is not None else None
         if where is None:
@@ -168,9 +174,7 @@ class Followup:
             tracked.start, tracked.end = where, where + len(accepted)
         self._follow(tracked, doc)
 
-    def track_rejected(
-        self, state: CompletionState, sugg: Suggestion | None, delays: Sequence[float]
-    ) -> TypedInstead | None:
+    def track_rejected(self, state: CompletionState, sugg: Suggestion | None) -> TypedInstead | None:
         """Follow what the developer writes where a rejected suggestion would have gone (from its anchor,
         with what of it they had typed), and schedule its snapshots; None when the document is not open."""
         doc = self.sink.document(state.uri)
@@ -178,7 +182,8 @@ class Followup:
             return None
         mine = sugg is not None and sugg.completion_id == state.served.completion_id
         start, end = (sugg.anchor, sugg.cursor) if sugg is not None and mine else (state.served.offset,) * 2
-        tracked = TypedInstead(state.served.completion_id, state.uri, state.served.text, start, end, sorted(delays))
+        delays = sorted(self.sink.snapshot_delays)
+        tracked = TypedInstead(state.served.completion_id, state.uri, state.served.text, start, end, delays)
         self._follow(tracked, doc)
         return tracked
 
@@ -228,7 +233,7 @@ class Followup:
                 tracked.pending_delays.remove(delay)
                 if not tracked.pending_delays:
                     self.followed.remove(tracked)
-            return _done()
+            return nothing_recorded()
         if isinstance(tracked, AcceptedText) and (final or tracked.pending_delays == [delay]):
             self.sink.count_kept(round(ratio * len(tracked.accepted)))  # its last snapshot: kept for good
         if final:

@@ -39,7 +39,7 @@ from kernel.settings import (
 from lsp_handlers.auth import AuthPolicy, ConnectionRefused, admit, check_client_info, parse_claim
 from lsp_handlers.completion import CompletionService, Identity, Served
 from lsp_handlers.documents import DocumentError, DocumentStore, StaleVersion, TextDocument, code_points_for_units
-from lsp_handlers.followup import Followup
+from lsp_handlers.followup import Followup, nothing_recorded
 from lsp_handlers.learning import LEARNING_COMMAND, REPORT_COMMAND, ReportHtml, learning_command, report_command
 from lsp_handlers.protocol import (
     ACCEPT_COMMAND,
@@ -272,9 +272,7 @@ class HeedfulLanguageServer(LanguageServer):
             state.outcomes.add(kind)
         self.services.metrics.count_event(identity.team_id, self.arm, kind)
         if self.recording_paused or (state is not None and not state.served.recorded):
-            skipped: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            skipped.set_result(None)
-            return skipped
+            return nothing_recorded()
         fut: asyncio.Future[Any] = self.services.store.record_event(
             EventRecord(session_id=identity.session_id, kind=kind, completion_id=completion_id, **fields)
         )
@@ -395,7 +393,7 @@ def did_change(ls: HeedfulLanguageServer, params: types.DidChangeTextDocumentPar
     except DocumentError as exc:
         log.warning("didChange for %s ignored: %s", uri, exc)
         return
-    ls.followup.observe(uri, edits, ls.snapshot_delays)
+    ls.followup.observe(uri, edits)
 
 
 def did_close(ls: HeedfulLanguageServer, params: types.DidCloseTextDocumentParams) -> None:
@@ -521,7 +519,7 @@ async def accept(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:
     if EventKind.ACCEPTED in state.outcomes:
         return {"recorded": False, "completionId": completion_id, "reason": "already accepted"}
     fut = ls.record_event(EventKind.ACCEPTED, completion_id, accepted_length=len(state.served.text))
-    ls.followup.track_accept(state, state.served.text, ls.snapshot_delays)
+    ls.followup.track_accept(state, state.served.text)
     event_id = await fut
     if event_id is None:
         return {"recorded": False, "completionId": completion_id, "reason": NOT_RECORDING}
@@ -555,7 +553,7 @@ def did_partially_accept(ls: HeedfulLanguageServer, params: DidPartiallyAcceptCo
     accepted = text[: skip + chars]
     ls.record_event(EventKind.PARTIAL_ACCEPT, completion_id, accepted_length=len(accepted), kept_text=accepted)
     if accepted:
-        ls.followup.track_accept(state, accepted, ls.snapshot_delays)
+        ls.followup.track_accept(state, accepted)
 
 
 def did_reject(ls: HeedfulLanguageServer, params: DidRejectCompletionParams) -> None:
@@ -566,7 +564,7 @@ def did_reject(ls: HeedfulLanguageServer, params: DidRejectCompletionParams) -> 
         log.info("reject of completion %s ignored: it is already %s", params.completion_id, state.outcomes)
         return
     ls.record_event(EventKind.REJECTED, params.completion_id)
-    ls.followup.rejected(state, ls.snapshot_delays)
+    ls.followup.rejected(state)
 
 
 async def feedback(ls: HeedfulLanguageServer, *args: Any) -> dict[str, Any]:

@@ -83,7 +83,7 @@ class RoundMetrics:
                 setattr(m, f.name, value if isinstance(value, str) else None)
             elif f.name == "base_weights_unchanged":
                 m.base_weights_unchanged = value if isinstance(value, bool) else None
-            elif f.name in ("steps_done",):
+            elif f.name == "steps_done":
                 m.steps_done = int(value) if _number(value) is not None else None
             elif isinstance(default, int):
                 setattr(m, f.name, int(value) if _number(value) is not None else default)
