@@ -276,10 +276,10 @@ class TrainingSettings:
     )
     round_budget_s: float = setting(
         600.0,
-        "Most seconds one round may take, from loading the model to its final gates: the round takes no step "
-        "that would leave too little time for the final gates (as long as its slowest step, gate check and "
-        "HumanEval pass took) and publishes what it has learnt by then. A round needs about 20 s a step on "
-        "Qwen2.5-Coder-0.5B on 2 CPU cores.",
+        "Most seconds one round may take, from loading the model to its saved adapter: the round takes no step "
+        "that would leave too little time for its end (its slowest step, the gate checks, the base's HumanEval "
+        "pass time x1.6 for the adapter's longer answers, the save) and publishes what it has learnt by then. "
+        "A round needs about 20 s a step on Qwen2.5-Coder-0.5B on 2 CPU cores.",
         min=1.0,
         max=7 * 86400.0,
     )

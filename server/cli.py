@@ -45,6 +45,9 @@ log = logging.getLogger("heedful")
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+# `make demo`'s training round: short enough for the whole demo to end within 15 minutes on a 2-core CPU,
+# long enough for the type-hints developer's corrections to be learnt (see docs/evaluation.md).
+DEMO_ROUND_BUDGET_S = 420.0
 
 
 class CliError(Exception):
@@ -290,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="prompt tokens a training sample keeps (default: training.max_prompt_tokens)",
     )
+    ev.add_argument(
+        "--round-budget",
+        type=float,
+        metavar="SECONDS",
+        help="most seconds a training round may take (default: training.round_budget_s)",
+    )
     ev.add_argument("--seed", type=int, default=0, help="which prompts are drawn (default 0)")
     ev.add_argument(
         "--at-stake",
@@ -310,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=4, help="groups per step (default 4)")
     demo.add_argument(
         "--max-prompt-tokens", type=int, default=128, help="prompt tokens per training sample (default 128)"
+    )
+    demo.add_argument(
+        "--round-budget",
+        type=float,
+        default=DEMO_ROUND_BUDGET_S,
+        metavar="SECONDS",
+        help=f"most seconds the training round may take (default {DEMO_ROUND_BUDGET_S:.0f})",
     )
     demo.add_argument("--out", type=Path, help="output folder (default: <data dir>/demo/<time>)")
     return parser
@@ -756,9 +772,14 @@ async def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _training_overrides(args: argparse.Namespace) -> dict[str, int]:
-    """`--batch-size` / `--max-prompt-tokens` as [training] settings (checked like the settings files)."""
-    overrides = {"batch_size": args.batch_size, "max_prompt_tokens": args.max_prompt_tokens}
+def _training_overrides(args: argparse.Namespace) -> dict[str, int | float]:
+    """`--batch-size` / `--max-prompt-tokens` / `--round-budget` as [training] settings (checked like the
+    settings files)."""
+    overrides = {
+        "batch_size": args.batch_size,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "round_budget_s": args.round_budget,
+    }
     chosen = {key: value for key, value in overrides.items() if value is not None}
     try:
         validate_sections("(command line)", {"training": chosen})

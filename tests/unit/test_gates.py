@@ -275,3 +275,13 @@ def test_kl_and_perplexity_in_one_pass_match_hand_computation() -> None:
         kl_and_perplexity(model, CharTokenizer(), ["a"])
     with pytest.raises(ValueError, match="disable_adapter"):
         kl_and_perplexity(FixedLogits([[0.0, 0.0]]), CharTokenizer(), ["ab"])
+
+
+def test_a_round_reserves_its_end_with_a_margin_on_the_adapters_humaneval_pass_and_the_save() -> None:
+    from personalization.worker import end_reserve_s
+
+    # step 20 s + one final check 10 s + HumanEval 60 s x 1.6 + save 5 s = 131 s; with a check due, 141 s.
+    assert end_reserve_s(20.0, 10.0, 60.0, due_check=False) == pytest.approx(131.0)
+    assert end_reserve_s(20.0, 10.0, 60.0, due_check=True) == pytest.approx(141.0)
+    # Without the ability gate (no HumanEval cases) only the step, the check and the save remain.
+    assert end_reserve_s(0.0, 10.0, 0.0, due_check=False) == pytest.approx(15.0)
