@@ -84,8 +84,8 @@ def make_adapter(model: Path, out: Path, seed: int) -> Path:
 
 async def publish(db: Path, source: Path, adapters: Path) -> tuple[str, float]:
     """Publish `source` as the team's active adapter, as the training worker does; (version, commit time)."""
+    from adapters.lifecycle import publish_adapter
     from kernel.settings import Settings
-    from personalization.publish import publish_adapter
     from storage.repositories import Scope
 
     settings = Settings()

@@ -20,7 +20,7 @@ from pygls.exceptions import JsonRpcInvalidParams
 from lsp_handlers.completion import Served
 from lsp_handlers.documents import Edit, TextDocument
 from lsp_handlers.feedback import AcceptedText, Followed, Suggestion, TypedInstead, Verdict, locate
-from storage.models import EventKind
+from storage.models import DECISION_KINDS, EventKind
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class CompletionState:
 
     @property
     def resolved(self) -> bool:
-        return bool(self.outcomes & {EventKind.ACCEPTED, EventKind.PARTIAL_ACCEPT, EventKind.REJECTED})
+        return bool(self.outcomes & DECISION_KINDS)
 
 
 class Sink(Protocol):

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
 
-from server.guards import rollback_scope
+from adapters.lifecycle import rollback_scope
 from storage.models import AdapterStatus
 from storage.repositories import (
     AdapterRepository,

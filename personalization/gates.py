@@ -5,7 +5,7 @@ frozen reference on held-out prompts must be <= ``thresholds.kl_max`` (5.0), and
 general code must not rise by more than ``thresholds.perplexity_margin`` (0.5: a guard against collapse), and
 with ``thresholds.humaneval_cases`` set the adapter must pass HumanEval infilling cases within
 ``thresholds.humaneval_max_drop`` points of its base (:func:`humaneval_passes`). A failed gate keeps the old
-adapter (see :mod:`personalization.publish`, which records the rejection).
+adapter (see :mod:`adapters.lifecycle`, which records the rejection).
 
 * :func:`check_gates` is the pure decision: numbers in, a :class:`GateResult` out, every failure listed with
   the value, the threshold and the settings key that sets it.

@@ -32,6 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapters.lifecycle import (
+    ScopePurgedError,
+    clean_partial,
+    publish_adapter,
+    purge_mark,
+    resolve_adapters_root,
+    trainer_workdir,
+)
 from kernel import paths
 from kernel.fim import fim_template_for
 from kernel.settings import Settings
@@ -45,14 +53,6 @@ from personalization.gates import (
     perplexity,
 )
 from personalization.opd import build_opd_samples
-from personalization.publish import (
-    ScopePurgedError,
-    clean_partial,
-    publish_adapter,
-    purge_mark,
-    resolve_adapters_root,
-    trainer_workdir,
-)
 from personalization.rollouts import CollectStats, RolloutCollector, settle_seconds
 from personalization.trainer_lock import TrainerLock
 from server.engine.machine import cpu_model
@@ -161,7 +161,7 @@ async def train_round(
     """Train one round for `scope` from its pending rollouts; publish or reject the result.
 
     A purge that concerns the scope once the round has started discards the round: nothing is published
-    and its output folder is removed (see `personalization.publish.purge_mark`).
+    and its output folder is removed (see `adapters.lifecycle.purge_mark`).
     """
     t = settings.training
     mark = await purge_mark(store, scope)  # before any rollout is read

@@ -881,7 +881,7 @@ def _scope_arg(text: str | None) -> Any:
 async def _adapters(args: argparse.Namespace) -> int:
     import getpass
 
-    from server.guards import rollback_scope
+    from adapters.lifecycle import rollback_scope
     from storage.repositories import AdapterRepository, AuditRepository, ScopeControlRepository
 
     if args.adapters_command is None:

@@ -1,5 +1,5 @@
-"""Guards on adapters that already serve (monitoring after publishing), and the rollback they share
-with `heedful adapters rollback`.
+"""Guards on adapters that already serve (monitoring after publishing); the rollback they act with is the
+adapter lifecycle's (`adapters.lifecycle.rollback_scope`), the same as `heedful adapters rollback`'s.
 
 Every `thresholds.guard_interval_s` the server checks each scope's active adapter against what serving
 recorded since it was activated:
@@ -32,10 +32,11 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from adapters.lifecycle import rollback_scope
 from kernel.settings import ThresholdSettings
 from kernel.stats import percentile
 from server.background import every
-from storage.models import AdapterVersion, EventKind, as_utc
+from storage.models import ACCEPT_KINDS, DECISION_KINDS, AdapterVersion, as_utc
 from storage.repositories import (
     AdapterRepository,
     AuditRepository,
@@ -50,7 +51,6 @@ from storage.store import RolloutStore
 log = logging.getLogger(__name__)
 
 MIN_LATENCY_SAMPLES = 20
-ACCEPTED = (EventKind.ACCEPTED, EventKind.PARTIAL_ACCEPT)
 
 
 @dataclass(slots=True)
@@ -64,49 +64,11 @@ class Finding:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class RollbackResult:
-    scope: Scope
-    taken_out: str | None
-    active: str | None
-
-
-async def rollback_scope(
-    session: AsyncSession,
-    scope: Scope,
-    *,
-    actor: str,
-    reason: str,
-    to: str | None = None,
-    expect: str | None = None,
-    detail: dict[str, Any] | None = None,
-) -> RollbackResult | None:
-    """Roll the scope back (to `to`, else its previous version) and audit it, in the caller's transaction.
-
-    With `expect`, nothing happens (None) unless `expect` is still the active version: a guard's finding
-    is about one version, and another server may have acted on it already.
-    """
-    repo = AdapterRepository(session)
-    current = await repo.active(scope)
-    if expect is not None and (current is None or current.id != expect):
-        return None
-    now = await repo.rollback(scope, to=to, reason=reason)
-    result = RollbackResult(scope, current.id if current else None, now.id if now else None)
-    await AuditRepository(session).add(
-        actor=actor,
-        action="rollback",
-        scope=scope,
-        reason=reason,
-        detail={"from": result.taken_out, "to": result.active, **(detail or {})},
-    )
-    return result
-
-
 async def _outcomes(session: AsyncSession, completion_ids: list[str]) -> dict[str, bool]:
     """Completion id -> accepted (True) or rejected (False), for those with an outcome."""
     out: dict[str, bool] = {}
-    for cid, kind in await EventRepository(session).outcome_kinds(completion_ids, [*ACCEPTED, EventKind.REJECTED]):
-        out[cid] = out.get(cid, False) or kind in ACCEPTED
+    for cid, kind in await EventRepository(session).outcome_kinds(completion_ids, sorted(DECISION_KINDS)):
+        out[cid] = out.get(cid, False) or kind in ACCEPT_KINDS
     return out
 
 
@@ -265,9 +227,7 @@ class Guardian:
 __all__ = [
     "Finding",
     "Guardian",
-    "RollbackResult",
     "check_kl",
     "check_version",
-    "rollback_scope",
     "run_guards",
 ]

@@ -11,7 +11,7 @@ the engine in step:
   So no request fails, none mixes two versions, and none meets a half-loaded adapter (publishing renames
   a complete folder into place before the version row becomes active).
 * Nothing is served that does not match what was published: before a version is routed to or loaded,
-  its folder is checked against its manifest (`personalization.publish.verify_published`: every file's
+  its folder is checked against its manifest (`adapters.lifecycle.verify_published`: every file's
   size and sha256, a valid LoRA folder and safetensors header), once per folder state. A version that
   fails is not served (the scope keeps its previous version, or falls back to its team's or the base
   model), and the failure is logged and written to the audit log (`refuse_adapter`) with the path and
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from personalization.publish import PublishedFolders
+from adapters.lifecycle import PublishedFolders
 from server.background import every
 from server.engine import AdapterError, AdapterRef, Engine, EngineError
 from storage.repositories import AdapterRepository, AuditRepository, Scope

@@ -2,7 +2,7 @@
 
 Layout (``root`` is ``<data dir>/adapters`` unless the worker is told another)::
 
-    <root>/<scope kind>/<safe scope id>/<version id>/    a published version (personalization/publish.py)
+    <root>/<scope kind>/<safe scope id>/<version id>/    a published version (adapters/lifecycle.py)
     <root>/<scope kind>/<safe scope id>/.tmp-<uuid>/     a version being written, or left by a publish that died
     <root>/<scope kind>/<safe scope id>/.train-<uuid>/   a training round's output, until it is published
 

@@ -88,6 +88,12 @@ class EventKind(enum.StrEnum):
     CORRECTION = "correction"
 
 
+# A completion's outcome, as the guards, the report and a session's follow-up all count it: accepted (an
+# accept or a partial accept), else rejected, else undecided; the accept rate is accepted / decided.
+ACCEPT_KINDS = frozenset({EventKind.ACCEPTED, EventKind.PARTIAL_ACCEPT})
+DECISION_KINDS = ACCEPT_KINDS | {EventKind.REJECTED}
+
+
 class RolloutStatus(enum.StrEnum):
     PENDING = "pending"
     TRAINED = "trained"

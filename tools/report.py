@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel.stats import percentile
-from storage.models import AdapterStatus, AdapterVersion, AuditEntry, EventKind, as_utc
+from storage.models import ACCEPT_KINDS, AdapterStatus, AdapterVersion, AuditEntry, EventKind, as_utc
 from storage.repositories import CompletionFact, OutcomeEvent, ReportFilter, ReportRepository
 from storage.round_metrics import RoundMetrics
 from storage.store import RolloutStore
@@ -147,7 +147,7 @@ class Outcome:
     def add(self, e: OutcomeEvent) -> None:
         if e.kind == EventKind.SHOWN:
             self.shown = True
-        elif e.kind in (EventKind.ACCEPTED, EventKind.PARTIAL_ACCEPT):
+        elif e.kind in ACCEPT_KINDS:
             self.accepted = True
             self.accepted_length = max(self.accepted_length, e.accepted_length or 0)
         elif e.kind == EventKind.REJECTED:

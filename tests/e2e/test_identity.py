@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from adapters.lifecycle import publish_adapter
 from kernel.settings import Settings
-from personalization.publish import publish_adapter
 from server.recording import FrameParser
 from server.stores import open_store
 from storage.repositories import Scope, SessionRepository

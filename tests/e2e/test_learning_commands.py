@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from pygls.exceptions import JsonRpcException
 
+from adapters.lifecycle import publish_adapter
 from kernel.settings import Settings
 from lsp_handlers.learning import LEARNING_COMMAND, REPORT_COMMAND
 from lsp_handlers.protocol import FEEDBACK_COMMAND
-from personalization.publish import publish_adapter
 from server.stores import open_store
 from storage.repositories import Scope
 from tests.conftest import make_lora_adapter

@@ -19,9 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from adapters.lifecycle import publish_adapter, rollback_scope
 from kernel.settings import Settings
-from personalization.publish import publish_adapter
-from server.guards import rollback_scope
 from server.stores import open_store
 from storage.repositories import Scope
 from tests.conftest import make_lora_adapter

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from adapters.lifecycle import PublishStage, publish_adapter
 from kernel.settings import Settings
 from personalization.gates import GateResult
-from personalization.publish import PublishStage, publish_adapter
 from server.stores import open_store
 from storage.repositories import Scope
 

@@ -20,9 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from kernel.settings import Settings
-from personalization.gates import GateResult, check_gates
-from personalization.publish import (
+from adapters.lifecycle import (
     MANIFEST,
     CorruptAdapterError,
     PublishedFolders,
@@ -35,6 +33,8 @@ from personalization.publish import (
     scope_dirname,
     verify_published,
 )
+from kernel.settings import Settings
+from personalization.gates import GateResult, check_gates
 from server.engine.base import AdapterError
 from server.stores import open_store
 from storage.models import AdapterStatus, AdapterVersion, AuditEntry

@@ -14,9 +14,7 @@ from typing import Any
 
 import pytest
 
-from kernel.settings import Settings
-from personalization.gates import GateResult
-from personalization.publish import (
+from adapters.lifecycle import (
     PublishStage,
     ScopePurgedError,
     clean_partial,
@@ -26,6 +24,8 @@ from personalization.publish import (
     trainer_workdir,
     verify_published,
 )
+from kernel.settings import Settings
+from personalization.gates import GateResult
 from server.stores import open_store
 from storage.repositories import AdapterRepository, PurgeRepository, Scope
 from storage.store import RolloutStore, SessionStart

@@ -14,10 +14,9 @@ from typing import Any, cast
 
 import pytest
 
+from adapters.lifecycle import MANIFEST, publish_adapter, rollback_scope, scope_dir
 from kernel.settings import Settings
-from personalization.publish import MANIFEST, publish_adapter, scope_dir
 from server.engine import AdapterRef, Engine
-from server.guards import rollback_scope
 from server.registry import AdapterRegistry, Lease
 from server.stores import open_store
 from storage.models import AuditEntry

@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
+from adapters.lifecycle import rollback_scope
 from kernel.settings import Settings
-from server.guards import rollback_scope
 from server.stores import open_store
 from storage.repositories import AdapterRepository, Scope
 from storage.store import CandidateRecord, CompletionRecord, EventRecord, SessionStart

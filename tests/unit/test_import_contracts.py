@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("kernel", "storage", "server", "lsp_handlers", "personalization", "tools")
+PACKAGES = ("kernel", "storage", "adapters", "server", "lsp_handlers", "personalization", "tools")
 NOT_SHIPPED = ("bench", "tests", "scripts")
 
 
@@ -40,13 +40,19 @@ CONTRACTS = (
     Contract(
         "storage builds on the kernel alone (it is handed plain values, not settings)",
         ("storage",),
-        ("server", "lsp_handlers", "personalization", "tools", *NOT_SHIPPED),
+        ("adapters", "server", "lsp_handlers", "personalization", "tools", *NOT_SHIPPED),
     ),
     Contract(
         "the engine builds on the kernel and the model files alone",
         ("server.engine",),
-        ("storage", "server", "lsp_handlers", "personalization", "tools", *NOT_SHIPPED),
+        ("storage", "adapters", "server", "lsp_handlers", "personalization", "tools", *NOT_SHIPPED),
         allowed=("server.engine", "server.model_prep"),
+    ),
+    Contract(
+        "the adapter lifecycle builds on the kernel, storage and the engine",
+        ("adapters",),
+        ("server", "lsp_handlers", "personalization", "tools", *NOT_SHIPPED),
+        allowed=("server.engine",),
     ),
     Contract(
         "learning uses storage and the engine, never the language server or the composition root",
@@ -61,7 +67,7 @@ CONTRACTS = (
     ),
     Contract(
         "queries live in storage: elsewhere a database session is only handed on",
-        ("kernel", "server", "lsp_handlers", "personalization", "tools"),
+        ("kernel", "adapters", "server", "lsp_handlers", "personalization", "tools"),
         ("sqlalchemy",),
         allowed=("sqlalchemy.ext.asyncio.AsyncSession", "sqlalchemy.engine.make_url"),
     ),
@@ -154,11 +160,18 @@ AFTER_A_KERNEL_IMPORT = "from kernel.settings import Settings\nfrom server.runti
     [
         ("storage/db.py", AFTER_A_KERNEL_IMPORT, 1, "server.runtime.Services"),
         ("kernel/paths.py", IN_A_FUNCTION, 0, "storage.models"),
-        ("personalization/worker.py", TYPE_ONLY, 3, "lsp_handlers.context"),
-        ("lsp_handlers/server.py", "from personalization.trainer import Sample\n", 4, "personalization.trainer.Sample"),
+        ("personalization/worker.py", TYPE_ONLY, 4, "lsp_handlers.context"),
+        ("lsp_handlers/server.py", "from personalization.trainer import Sample\n", 5, "personalization.trainer.Sample"),
         ("server/engine/base.py", "from ..registry import AdapterRegistry\n", 2, "server.registry.AdapterRegistry"),
-        ("server/guards.py", "from tools import report\n", 6, "tools.report"),
-        ("personalization/judge.py", "from sqlalchemy import select\n", 5, "sqlalchemy.select"),
+        (
+            "adapters/lifecycle.py",
+            "from personalization.gates import GateResult\n",
+            3,
+            "personalization.gates.GateResult",
+        ),
+        ("storage/adapter_files.py", "from adapters import lifecycle\n", 1, "adapters.lifecycle"),
+        ("server/guards.py", "from tools import report\n", 7, "tools.report"),
+        ("personalization/judge.py", "from sqlalchemy import select\n", 6, "sqlalchemy.select"),
         ("server/engine/__init__.py", "from .. import cli\n", 2, "server.cli"),
     ],
 )

@@ -1,4 +1,9 @@
-"""Publishing trained LoRA adapters: versioned folders written crash-safely, recorded in one transaction.
+"""The adapter lifecycle, one entry point per step: :func:`publish_adapter` (a versioned folder written
+crash-safely with its manifest, then activated, or rejected when its gates failed, in one transaction, and
+the scope's old versions pruned), :func:`verify_published` (what serving runs before it routes to or loads a
+version, through :class:`PublishedFolders`), :func:`rollback_scope` (back to the previous or a named
+version), :func:`clean_partial` (what a crash left behind); each writes its audit entry. The state machine of
+the version rows (active, retired, rejected, rolled back) is `storage.repositories.AdapterRepository`'s.
 
 Layout (``root`` is ``<data dir>/adapters`` unless the caller names another; see
 :mod:`storage.adapter_files`, which also says what a purge deletes there)::
@@ -34,8 +39,8 @@ leftovers and never touches a folder a version row points to. :func:`verify_publ
 runs before routing to or loading a version (through :class:`PublishedFolders`, once per folder state):
 manifest present, checksums match, a valid LoRA folder; so a half-written or altered adapter is never served.
 
-What it must not do: train, judge or gate (the caller passes the :class:`~personalization.gates.GateResult`
-in), load adapters into an engine, write anywhere but under ``root``, delete a folder a version row points
+What it must not do: train, judge or gate (the caller passes the gates' verdict in, a :class:`GateVerdict`),
+load adapters into an engine, write anywhere but under ``root``, delete a folder a version row points
 to, or change a published version folder in place.
 """
 
@@ -55,7 +60,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from kernel.files import CHUNK, fsync_dir, sha256_file
 from server.engine.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir
@@ -81,7 +88,6 @@ from storage.repositories import (
 )
 
 if TYPE_CHECKING:
-    from personalization.gates import GateResult
     from storage.store import RolloutStore
 
 __all__ = [
@@ -93,12 +99,14 @@ __all__ = [
     "PublishStage",
     "PublishedFolders",
     "PurgeMark",
+    "RollbackResult",
     "ScopePurgedError",
     "clean_partial",
     "publish_adapter",
     "purge_mark",
     "read_manifest",
     "resolve_adapters_root",
+    "rollback_scope",
     "scope_dir",
     "scope_dirname",
     "trainer_workdir",
@@ -119,6 +127,19 @@ DEFAULT_GRACE_S = 600.0
 # "committed": the row is committed, old versions are not pruned yet.
 PublishStage = Literal["partial", "before_rename", "after_rename", "committed"]
 StageHook = Callable[[PublishStage], None]
+
+
+class GateVerdict(Protocol):
+    """What publishing reads of the gates' verdict on a candidate (`personalization.gates.GateResult`)."""
+
+    @property
+    def passed(self) -> bool: ...
+
+    @property
+    def reasons(self) -> list[str]: ...
+
+    @property
+    def metrics(self) -> Mapping[str, Any]: ...
 
 
 class PublishError(RuntimeError):
@@ -291,7 +312,7 @@ async def publish_adapter(
     metrics: Mapping[str, Any],
     adapters_root: Path | None = None,
     parent_id: str | None = None,
-    gate: GateResult | None,
+    gate: GateVerdict | None,
     actor: str = "trainer",
     keep: int = KEEP_ADAPTERS,
     on_stage: StageHook | None = None,
@@ -757,3 +778,45 @@ async def clean_partial(
         return removed
 
     return await asyncio.to_thread(remove)
+
+
+# --------------------------------------------------------------------------------------------------
+# Roll back
+
+
+@dataclass(slots=True)
+class RollbackResult:
+    scope: Scope
+    taken_out: str | None
+    active: str | None
+
+
+async def rollback_scope(
+    session: AsyncSession,
+    scope: Scope,
+    *,
+    actor: str,
+    reason: str,
+    to: str | None = None,
+    expect: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> RollbackResult | None:
+    """Roll the scope back (to `to`, else its previous version) and audit it, in the caller's transaction.
+
+    With `expect`, nothing happens (None) unless `expect` is still the active version: a guard's finding
+    is about one version, and another server may have acted on it already.
+    """
+    repo = AdapterRepository(session)
+    current = await repo.active(scope)
+    if expect is not None and (current is None or current.id != expect):
+        return None
+    now = await repo.rollback(scope, to=to, reason=reason)
+    result = RollbackResult(scope, current.id if current else None, now.id if now else None)
+    await AuditRepository(session).add(
+        actor=actor,
+        action="rollback",
+        scope=scope,
+        reason=reason,
+        detail={"from": result.taken_out, "to": result.active, **(detail or {})},
+    )
+    return result
