@@ -94,4 +94,14 @@ def fim_template_for(setting: str, vocabulary: Collection[str]) -> str | None:
     )
 
 
+# Repository formats: the token a model puts before each file's path when it reads several files of one
+# repository (Qwen2.5-Coder; StarCoder2 spells it without bars).
+KNOWN_FILE_SEPARATORS = ("<|file_sep|>", "<file_sep>")
+
+
+def file_separator_for(vocabulary: Collection[str]) -> str | None:
+    """The first of `KNOWN_FILE_SEPARATORS` in the model's `vocabulary`, or None (no repository format)."""
+    return next((token for token in KNOWN_FILE_SEPARATORS if token in vocabulary), None)
+
+
 # Line-comment syntax by LSP languageId (plus a few ids editors send that the LSP list lacks): (open, close).

@@ -204,6 +204,21 @@ class CompletionSettings:
     suffix_share: float = setting(
         0.25, "Share of the context budget given to the text after the cursor (FIM models).", min=0.0, max=0.9
     )
+    crossfile_share: float = setting(
+        0.0,
+        "Share of the context budget given to snippets of the developer's other files, ranked by how much they "
+        "look like the code around the cursor, in the model's repository format (`<|file_sep|>` pieces) or as "
+        "comment lines. Files are read only inside the workspace folders the editor named. 0: the current file "
+        "only.",
+        min=0.0,
+        max=0.8,
+    )
+    crossfile_sources: list[str] = setting(
+        ["open", "import"],
+        "Where cross-file snippets come from: `open` (the session's other open documents), `import` (the "
+        "Python files the current file imports).",
+        choices=("open", "import"),
+    )
     prefix_anchor_lines: int = setting(
         8,
         "When the text before the cursor does not all fit the budget, the prompt starts on a line whose number "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 import uuid
@@ -20,9 +21,10 @@ from dataclasses import dataclass
 
 from lsprotocol import types
 
-from kernel.fim import fim_template_for, unheal
+from kernel.fim import file_separator_for, fim_template_for, unheal
 from kernel.settings import ADAPTER_ARMS, BASELINE_ARMS, Settings
-from lsp_handlers.context import Prompt, build_prompt, heal
+from lsp_handlers.context import Prompt, build_prompt, comment_syntax, heal
+from lsp_handlers.crossfile import WINDOW_LINES, Neighbours, repository_context
 from lsp_handlers.documents import TextDocument, file_name_of
 from lsp_handlers.postprocess import is_single_line, postprocess
 from server.engine import Candidate, Engine, EngineError, Generation
@@ -103,13 +105,32 @@ class CompletionService:
         self._background: set[asyncio.Task[None]] = set()
         self._random = random.Random()
 
-    def prompt_for(self, doc: TextDocument, offset: int, settings: Settings, notes: Sequence[str] = ()) -> Prompt:
+    def prompt_for(
+        self,
+        doc: TextDocument,
+        offset: int,
+        settings: Settings,
+        notes: Sequence[str] = (),
+        neighbours: Neighbours | None = None,
+    ) -> Prompt:
         window = settings.completion.context_tokens * _CHARS_PER_TOKEN_BOUND
         text = doc.text
         start = max(0, offset - window)
         before = text[start:offset]
         after = text[offset : offset + window]
         tokenizer = self.services.tokenizer
+        repository = ""
+        if neighbours is not None and settings.completion.crossfile_share > 0:
+            query = "".join(before.splitlines(keepends=True)[-WINDOW_LINES:])
+            repository = repository_context(
+                neighbours.path,
+                query,
+                neighbours.sources,
+                math.floor(settings.completion.context_tokens * settings.completion.crossfile_share),
+                lambda s: len(tokenizer.encode(s)),
+                separator=file_separator_for(self.services.vocabulary),
+                comment=comment_syntax(file_name_of(doc.uri), doc.language_id),
+            )
         return build_prompt(
             before,
             after,
@@ -122,6 +143,7 @@ class CompletionService:
             notes=notes,
             anchor_lines=settings.completion.prefix_anchor_lines,
             first_line=text.count("\n", 0, start),
+            repository=repository,
         )
 
     async def complete(
@@ -132,6 +154,7 @@ class CompletionService:
         identity: Identity,
         settings: Settings,
         document: DocumentSeen | None,
+        neighbours: Neighbours | None = None,
     ) -> Served | None:
         engine = self.services.engine.ready()
         if engine is None:
@@ -144,7 +167,7 @@ class CompletionService:
         notes: list[str] = []
         if arm in BASELINE_ARMS:
             notes = await self.services.corrections_of(identity.developer_id, settings.experiment.baseline_corrections)
-        prompt = self.prompt_for(doc, offset, settings, notes)
+        prompt = self.prompt_for(doc, offset, settings, notes, neighbours)
         lease = BASE
         if arm in ADAPTER_ARMS:
             try:

@@ -46,6 +46,7 @@ class Prompt:
     header: str  # the file-name header line put before the prefix ("" when none)
     tokens: int  # count_tokens(text) of the final prompt
     template: str | None = None  # the FIM template `text` was filled in (None in prefix mode)
+    repository: str = ""  # the other files' snippets put before everything else ("" when none)
 
 
 def heal(prompt: Prompt) -> tuple[str, str]:
@@ -63,8 +64,8 @@ def heal(prompt: Prompt) -> tuple[str, str]:
     if not healed:
         return prompt.text, ""
     if prompt.template is None:
-        return prompt.header + kept, healed
-    return fill_template(prompt.template, prompt.header + kept, prompt.suffix), healed
+        return prompt.repository + prompt.header + kept, healed
+    return prompt.repository + fill_template(prompt.template, prompt.header + kept, prompt.suffix), healed
 
 
 _HASH = ("# ", "")
@@ -307,7 +308,7 @@ def _language_from_file_name(file_name: str) -> str | None:
     return _EXTENSIONS.get(extension)
 
 
-def _comment_syntax(file_name: str | None, language_id: str | None) -> tuple[str, str] | None:
+def comment_syntax(file_name: str | None, language_id: str | None) -> tuple[str, str] | None:
     if language_id is None:
         language = _language_from_file_name(file_name) if file_name else None
     else:
@@ -330,7 +331,7 @@ def comment_header(file_name: str | None, language_id: str | None) -> str:
     """
     if not file_name:
         return ""
-    syntax = _comment_syntax(file_name, language_id)
+    syntax = comment_syntax(file_name, language_id)
     if syntax is None:
         return ""
     opener, closer = syntax
@@ -343,7 +344,7 @@ def notes_header(notes: Sequence[str], file_name: str | None, language_id: str |
     One line introduces them, then one line per note, newest last, each made one line; "" when there are
     no notes or the language has no known comment syntax.
     """
-    syntax = _comment_syntax(file_name, language_id)
+    syntax = comment_syntax(file_name, language_id)
     kept = [_one_line(n).strip() for n in notes if n.strip()]
     if syntax is None or not kept:
         return ""
@@ -419,6 +420,7 @@ class _Parts:
     """The kept pieces of one prompt, nearest to the cursor first, with their individual token counts."""
 
     template: str | None
+    repository: str = ""
     header: str = ""
     header_tokens: int = 0
     head: str = ""  # the cursor line's text before the cursor (maybe cut from its left)
@@ -438,8 +440,8 @@ class _Parts:
 
     def text(self) -> str:
         if self.template is None:
-            return self.header + self.prefix()
-        return fill_template(self.template, self.header + self.prefix(), self.suffix())
+            return self.repository + self.header + self.prefix()
+        return self.repository + fill_template(self.template, self.header + self.prefix(), self.suffix())
 
     def drop_farthest_line(self) -> int:
         """Drop the whole line farthest from the cursor (a suffix line on a tie); its token count, or -1."""
@@ -516,8 +518,9 @@ def _fit(parts: _Parts, budget: int, count: CountTokens) -> tuple[str, int]:
     Per-piece counts need not add up to the count of the joined text (a tokenizer can merge across piece
     boundaries), so the joined text is counted and, while it is over, pieces are dropped in this order: whole
     lines farthest from the cursor (enough of them to cover the excess by their own counts, then recount),
-    then the header, then characters of the cursor line's remainder (from its right), then characters of the
-    cursor line's text before the cursor (from its left). Every round removes text, so this ends.
+    then the other files' snippets, then the header, then characters of the cursor line's remainder (from
+    its right), then characters of the cursor line's text before the cursor (from its left). Every round
+    removes text, so this ends.
     """
     text = parts.text()
     n = count(text)
@@ -530,7 +533,9 @@ def _fit(parts: _Parts, budget: int, count: CountTokens) -> tuple[str, int]:
                 break
             dropped += max(freed, 1)
         if dropped == 0:
-            if parts.header:
+            if parts.repository:
+                parts.repository = ""
+            elif parts.header:
                 parts.header, parts.header_tokens = "", 0
             elif parts.tail:
                 cut, cut_n = _longest_fitting(parts.tail, max(parts.tail_tokens - excess, 0), count, keep_end=False)
@@ -567,6 +572,7 @@ def build_prompt(
     notes: Sequence[str] = (),
     anchor_lines: int = 1,
     first_line: int = 0,
+    repository: str = "",
 ) -> Prompt:
     """The prompt for a cursor with `before` (all text before it) and `after` (all text after it).
 
@@ -589,6 +595,12 @@ def build_prompt(
     engine; anchored, its start stays put until the prefix has grown by about `anchor_lines` lines, so the
     engine's prefix cache reuses everything before the cursor line. It costs at most `anchor_lines - 1`
     of the farthest lines. 1: every line that fits.
+
+    `repository`: snippets of the developer's other files, already chosen and rendered for this model
+    (`crossfile.repository_context`), put before everything else (before the template in FIM mode: the
+    repository format of Qwen2.5-Coder and StarCoder2 ends in the current file's path, then the template).
+    Its tokens come off the budget after the template's and before the header's; it is left out when it
+    leaves no room for text.
 
     `notes` (the developer's past corrections, for the prompt-injection baseline) join the header as
     comment lines after the file name (`notes_header`). The header (`comment_header`, plus the notes) is
@@ -615,9 +627,14 @@ def build_prompt(
         else:
             fim_template = None
 
+    parts = _Parts(template=fim_template)
+    if repository:
+        repository_tokens = count_tokens(repository)
+        if repository_tokens < available:
+            parts.repository = repository
+            available -= repository_tokens
     header = comment_header(file_name, language_id) + notes_header(notes, file_name, language_id)
     header_tokens = count_tokens(header) if header else 0
-    parts = _Parts(template=fim_template)
     if header and header_tokens < available:
         parts.header, parts.header_tokens = header, header_tokens
         available -= header_tokens
@@ -636,4 +653,5 @@ def build_prompt(
         header=parts.header,
         tokens=tokens,
         template=fim_template,
+        repository=parts.repository,
     )

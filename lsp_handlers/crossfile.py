@@ -49,6 +49,14 @@ class Source:
 
 
 @dataclass(frozen=True, slots=True)
+class Neighbours:
+    """Where a completion is (`path`, relative to its workspace folder) and the files it may draw on."""
+
+    path: str
+    sources: tuple[Source, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Snippet:
     path: str
     start_line: int  # 0-based line of the window's first line in its file
@@ -139,17 +147,58 @@ def render_comments(snippets: Sequence[Snippet], comment: tuple[str, str]) -> st
     return "".join(out)
 
 
+def repository_context(
+    path: str,
+    query: str,
+    sources: Sequence[Source],
+    budget_tokens: int,
+    count_tokens: CountTokens,
+    *,
+    separator: str | None,
+    comment: tuple[str, str] | None,
+) -> str:
+    """What a prompt carries of the other files: the windows of `sources` most like `query` (the code around
+    the cursor) that fit `budget_tokens` with what frames them, in the model's repository format when it
+    has a file separator (`separator` + path + code for each, best last, then `separator` + `path`, the
+    current file, on the last line: the prompt's template follows), else as comment lines in the
+    language's `comment` syntax; "" when nothing is alike, nothing fits, or neither format applies."""
+    if budget_tokens <= 0 or not sources or (separator is None and comment is None):
+        return ""
+    ranked = rank(query, sources)
+    if separator is not None:
+        tail = f"{separator}{path}\n"
+        sep = separator
+        chosen = select(ranked, budget_tokens - count_tokens(tail), lambda piece: count_tokens(sep + piece))
+        return render_file_sep(chosen, separator) + tail if chosen else ""
+    assert comment is not None
+    # Each comment line costs its markers: count the pieces as rendered.
+    chosen = []
+    left = budget_tokens
+    for snippet in select(ranked, budget_tokens, count_tokens):
+        cost = count_tokens(render_comments([snippet], comment))
+        if cost <= left:
+            chosen.append(snippet)
+            left -= cost
+    return render_comments(chosen, comment)
+
+
 def imported_files(source: str, path: str, files: Collection[str]) -> list[str]:
     """The files among `files` (workspace-relative, `/`-separated) that the Python `source` at `path`
     imports, in the order of its imports, each once. `from pkg import name` is `pkg/name.py` when that
-    exists, else `pkg` itself (where `name` is defined). Unparsable source (the developer is typing)
-    imports what its complete `import` lines name."""
+    exists, else `pkg` itself (where `name` is defined). An absolute import is looked for from the
+    workspace's top, then from each folder above `path` (`src/pkg/mod.py` for `import pkg.mod` in
+    `src/pkg/app.py`). Unparsable source (the developer is typing) imports what its complete `import`
+    lines name."""
     package = path.rsplit("/", 1)[0].split("/") if "/" in path else []
+    roots = ["", *("/".join(package[:i]) + "/" for i in range(1, len(package) + 1))]
     out: list[str] = []
     for alternatives in _imports(source, package):
         for module in alternatives:
             as_path = module.replace(".", "/")
-            found = next((f for f in (as_path + ".py", as_path + "/__init__.py") if f in files), None)
+            found = next(
+                (f for root in roots for f in (root + as_path + ".py", root + as_path + "/__init__.py") if f in files),
+                None,
+            )
             if found is not None:
                 if found != path and found not in out:
                     out.append(found)

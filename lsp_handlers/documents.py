@@ -324,3 +324,7 @@ class DocumentStore:
 
     def find(self, uri: str) -> TextDocument | None:
         return self._docs.get(uri)
+
+    def texts(self) -> list[tuple[str, str]]:
+        """(uri, text) of every open document."""
+        return [(uri, doc.text) for uri, doc in self._docs.items()]

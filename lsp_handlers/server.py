@@ -38,6 +38,7 @@ from kernel.settings import (
 )
 from lsp_handlers.auth import AuthPolicy, ConnectionRefused, admit, check_client_info, parse_claim
 from lsp_handlers.completion import CompletionService, Identity, Served
+from lsp_handlers.crossfile import Neighbours
 from lsp_handlers.documents import DocumentError, DocumentStore, StaleVersion, TextDocument, code_points_for_units
 from lsp_handlers.followup import Followup, nothing_recorded
 from lsp_handlers.learning import LEARNING_COMMAND, REPORT_COMMAND, ReportHtml, learning_command, report_command
@@ -55,6 +56,7 @@ from lsp_handlers.protocol import (
     completion_id_of,
     is_parse_error,
 )
+from lsp_handlers.workspace import Workspace
 from server import __version__
 from server.learning import learning_state
 from server.runtime import EngineStatus, Services, arm_of
@@ -86,6 +88,7 @@ class HeedfulLanguageServer(LanguageServer):
         self.resolved: ResolvedSettings = services.base
         self.client_settings: dict[str, Any] = {}
         self.documents = DocumentStore()
+        self.folders = Workspace()  # the folders `initialize` named (cross-file context reads only there)
         self.open_docs: dict[str, OpenDocument] = {}
         self.followup = Followup(self)  # what the developer does with what this session served
         self.inflight: dict[str, asyncio.Task[Any]] = {}
@@ -321,6 +324,7 @@ async def initialize(ls: HeedfulLanguageServer, params: types.InitializeParams) 
     ls.watch_settings()
     ls.watch_learning()
     ls.documents = DocumentStore(ServerCapabilitiesBuilder.choose_position_encoding(params.capabilities))
+    ls.folders = Workspace.from_initialize(params)
     fut = ls.services.store.start_session(
         SessionStart(
             session_id=session_id,
@@ -452,6 +456,7 @@ async def serve_completion(
             identity=identity,
             settings=ls.settings,
             document=open_doc.seen if open_doc else None,
+            neighbours=neighbours(ls, doc),
         )
     finally:
         if ls.inflight.get(uri) is current:
@@ -460,6 +465,19 @@ async def serve_completion(
         return None
     ls.followup.serve(doc, served)
     return doc, served
+
+
+def neighbours(ls: HeedfulLanguageServer, doc: TextDocument) -> Neighbours | None:
+    """The other files a completion in `doc` may take snippets from (`completion.crossfile_share`), or None."""
+    c = ls.settings.completion
+    if c.crossfile_share <= 0:
+        return None
+    here = ls.folders.locate(doc.uri)
+    if here is None:
+        return None
+    open_docs = ls.documents.texts() if "open" in c.crossfile_sources else []
+    sources = ls.folders.sources(doc.uri, doc.text, doc.language_id, open_docs, imports="import" in c.crossfile_sources)
+    return Neighbours(here[1], tuple(sources)) if sources else None
 
 
 def accept_command(served: Served) -> types.Command:

@@ -752,3 +752,46 @@ def test_unhealing_splits_what_stands_for_the_blanks_from_the_suggestion(
 ) -> None:
     assert unheal(text, healed, blank_line=blank_line) == expected
     assert "".join(expected) == text
+
+
+# ------------------------------------------------------------------------------ build_prompt: other files
+
+
+REPOSITORY = "<|file_sep|>billing/tax.py\ndef tax_rate(region):\n<|file_sep|>app/main.py\n"  # 4 words
+PSM = "<PRE>{prefix}<SUF>{suffix}<MID>"
+
+
+def test_the_other_files_go_before_the_template_and_their_tokens_come_off_the_budget() -> None:
+    # Budget 12: template "<PRE>"/"<SUF>"/"<MID>" filled empty is 1 word ("<PRE><SUF><MID>"), the repository
+    # 4, the header "# file: app/main.py" 3: 4 words are left for the text, "x = " (2) and "y = 1" would
+    # need 3 more: only the cursor line fits before the cursor. The text: 4 + "<PRE>#", "file:",
+    # "app/main.py", "x", "=", "<SUF><MID>" = 10 words.
+    prompt = build_prompt(
+        "y = 1\nx = ",
+        "",
+        file_name="app/main.py",
+        language_id="python",
+        budget_tokens=12,
+        count_tokens=words,
+        fim_template=PSM,
+        repository=REPOSITORY,
+    )
+    assert prompt.repository == REPOSITORY
+    assert prompt.text == REPOSITORY + "<PRE># file: app/main.py\nx = <SUF><MID>"
+    assert prompt.tokens == 10
+    # Token healing refills the template after the repository: the trailing blank goes, the rest stays.
+    assert heal(prompt) == (REPOSITORY + "<PRE># file: app/main.py\nx =<SUF><MID>", " ")
+
+
+def test_other_files_that_leave_no_room_for_text_are_left_out() -> None:
+    prompt = build_prompt(
+        "x = ",
+        "",
+        file_name=None,
+        language_id=None,
+        budget_tokens=4,
+        count_tokens=words,
+        fim_template=None,
+        repository=REPOSITORY,  # 4 words: the whole budget
+    )
+    assert (prompt.repository, prompt.text) == ("", "x = ")

@@ -14,6 +14,7 @@ from lsp_handlers.crossfile import (
     rank,
     render_comments,
     render_file_sep,
+    repository_context,
     select,
     windows,
 )
@@ -130,3 +131,47 @@ def test_a_file_being_typed_still_yields_its_complete_import_lines() -> None:
     source = "from billing import tax\nimport util.log\n\ndef broken(:\n    from billing import lin"
     # `lin` is no module of billing (yet): it would be defined in billing/__init__.py
     assert imported_files(source, "main.py", FILES) == ["billing/tax.py", "util/log.py", "billing/__init__.py"]
+
+
+def test_absolute_imports_are_also_found_from_the_folders_above_the_file() -> None:
+    files = {"src/billing/__init__.py", "src/billing/tax.py", "src/billing/invoice.py", "tax.py"}
+    # `billing.tax` is not at the workspace's top but under src/; plain `tax` is at the top.
+    got = imported_files("from billing.tax import rate\nimport tax\n", "src/billing/invoice.py", files)
+    assert got == ["src/billing/tax.py", "tax.py"]
+
+
+TAX_SOURCE = Source("billing/tax.py", "def tax_rate(region):\n    return RATES[region]\n", "import")
+LOG_SOURCE = Source("util/log.py", "def log(message):\n    print(message)\n", "import")
+
+
+def test_the_repository_context_holds_the_alike_snippets_then_the_current_files_path() -> None:
+    # Query identifiers {rate, tax_rate, region}; tax.py's {tax_rate, region, RATES}: 2/4. log.py shares none.
+    # The current file's line "<|file_sep|>billing/invoice.py" is 1 word, tax.py's piece 5 words
+    # ("<|file_sep|>billing/tax.py", "def", "tax_rate(region):", "return", "RATES[region]").
+    query = "rate = tax_rate(region)\n"
+    got = repository_context(
+        "billing/invoice.py", query, [LOG_SOURCE, TAX_SOURCE], 6, words, separator="<|file_sep|>", comment=("# ", "")
+    )
+    assert got == (
+        "<|file_sep|>billing/tax.py\ndef tax_rate(region):\n    return RATES[region]\n<|file_sep|>billing/invoice.py\n"
+    )
+    # One word less and nothing fits: no repository at all (not a lone path line).
+    assert (
+        repository_context(
+            "billing/invoice.py", query, [LOG_SOURCE, TAX_SOURCE], 5, words, separator="<|file_sep|>", comment=None
+        )
+        == ""
+    )
+
+
+def test_without_a_repository_format_the_snippets_are_comment_lines_counted_as_rendered() -> None:
+    # "# Compare this snippet from billing/tax.py:" 6 words, "# def tax_rate(region):" 3, "#     return
+    # RATES[region]" 3: 12 in all (select alone would count the bare piece, 5).
+    query = "rate = tax_rate(region)\n"
+    got = repository_context("billing/invoice.py", query, [TAX_SOURCE], 12, words, separator=None, comment=("# ", ""))
+    assert got == "# Compare this snippet from billing/tax.py:\n# def tax_rate(region):\n#     return RATES[region]\n"
+    assert (
+        repository_context("billing/invoice.py", query, [TAX_SOURCE], 11, words, separator=None, comment=("# ", ""))
+        == ""
+    )
+    assert repository_context("billing/invoice.py", query, [TAX_SOURCE], 12, words, separator=None, comment=None) == ""
