@@ -239,9 +239,10 @@ CAPABILITIES = types.ClientCapabilities(
 class BenchClient:
     """One editor session: initialize, open documents, time inline completions."""
 
-    def __init__(self, developer: str, team: str | None = None) -> None:
+    def __init__(self, developer: str, team: str | None = None, *, workspace: Path | None = None) -> None:
         self.developer = developer
         self.team = team
+        self.workspace = workspace  # the folder `initialize` names (cross-file context reads only there)
         self.lc = LanguageClient("heedful-bench", "1")
         self.states: list[tuple[str, str | None]] = []
         self._changed = asyncio.Event()
@@ -268,6 +269,9 @@ class BenchClient:
                 client_info=types.ClientInfo(name="heedful-bench", version="1"),
                 initialization_options={"developerId": self.developer, "team": self.team},
                 process_id=os.getpid(),
+                workspace_folders=[types.WorkspaceFolder(uri=self.workspace.as_uri(), name=self.workspace.name)]
+                if self.workspace
+                else None,
             )
         )
         self.lc.initialized(types.InitializedParams())

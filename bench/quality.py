@@ -11,6 +11,13 @@ Two kinds of cursor, both on code nobody on the project wrote:
 - **Standard-library lines**: one-line statements inside function bodies of modules of this Python's
   standard library, blanked the same way in the whole file. Scored by exact match and edit similarity
   (1 - Levenshtein distance / length of the longer line).
+- **Repository lines** (`--repo N`): one-line statements inside function bodies of installed libraries
+  (`REPO_PACKAGES`: requests, click, jinja2, ...) that use a name the file imports from another module of
+  its own package, so the other files say what the line needs (as CrossCodeEval picks its cases). Each
+  package's Python files are copied into one workspace folder that the bench's editor names at
+  `initialize`; the case's file is opened there with its line blanked. Scored like the stdlib lines. With
+  `--crossfile SHARE` (repeatable) every configuration runs once per `completion.crossfile_share`: 0 is the
+  current file alone, anything above it adds snippets of the files it imports in that share of the budget.
 
 A blank line with code after it is where an editor asks for a multi-line completion; the bench scores
 the suggestion's first line, which is what the blank held. Every configuration runs the same sample of
@@ -21,7 +28,7 @@ beside its scores. Prompt styles: `fim` (the model's fill-in-the-middle template
 runs `prefix` only.
 
     .venv/bin/python -m bench.quality [--model NAME ...] [--style fim|prefix ...] [--humaneval 80]
-        [--stdlib 80] [--seed 0] [--max-tokens 64] [--json]
+        [--stdlib 80] [--repo 0] [--crossfile SHARE ...] [--seed 0] [--max-tokens 64] [--json]
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import sysconfig
@@ -75,6 +83,20 @@ STDLIB_MODULES = [
     "zipfile.py",
     "tarfile.py",
 ]
+# Installed libraries the repository lines come from: pure Python, packages of 10-100 modules that import
+# each other (none is Heedful's, none was tuned to).
+REPO_PACKAGES = [
+    "requests",
+    "click",
+    "jinja2",
+    "httpx",
+    "attr",
+    "urllib3",
+    "packaging",
+    "mako",
+    "starlette",
+    "markdown_it",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,13 +130,14 @@ def edit_similarity(suggested: str, expected: str) -> float:
 
 @dataclass(slots=True)
 class Case:
-    kind: str  # "humaneval" or "stdlib"
+    kind: str  # "humaneval", "stdlib" or "repo"
     name: str  # task id and line, or module and line
     text: str  # the document, the blanked line holding only its indentation
     line: int
     character: int
     expected: str  # the blanked line without its indentation
     infill: humaneval.InfillCase | None = None  # HumanEval: the problem, its tests and the blank
+    path: Path | None = None  # repository lines: the file in the bench's workspace folder
 
 
 def blank(lines: list[str], i: int) -> tuple[str, str, str, str]:
@@ -165,6 +188,90 @@ def stdlib_cases(count: int, rng: random.Random) -> list[Case]:
     return rng.sample(pool, min(count, len(pool)))
 
 
+def package_imports(tree: ast.Module, package: str, module: str) -> set[str]:
+    """Names `module` (dotted, in `package`) binds by importing from another module of its own package."""
+    parts = module.split(".")
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = parts[: len(parts) - node.level]
+                target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != package or target == module:
+                continue
+            names.update(a.asname or a.name for a in node.names if a.name != "*")
+        elif isinstance(node, ast.Import):
+            names.update(a.asname or a.name.split(".")[0] for a in node.names if a.name.split(".")[0] == package)
+    return names
+
+
+def _defined_here(tree: ast.Module) -> set[str]:
+    """Names the module itself defines at its top level (a def, a class, an assignment)."""
+    out: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            out.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                out.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return out
+
+
+def copy_packages(workspace: Path, packages: list[str]) -> list[str]:
+    """Copy each installed package's Python files into `workspace`; the packages found."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    found = []
+    for name in packages:
+        source = site / name
+        if not source.is_dir():
+            continue
+        shutil.copytree(
+            source,
+            workspace / name,
+            ignore=lambda d, names: [n for n in names if not n.endswith(".py") and not (Path(d) / n).is_dir()],
+            dirs_exist_ok=True,
+        )
+        found.append(name)
+    return found
+
+
+def repo_cases(count: int, rng: random.Random, workspace: Path, packages: list[str] = REPO_PACKAGES) -> list[Case]:
+    """`count` repository lines (see the module docstring) from the packages copied into `workspace`."""
+    if count <= 0:
+        return []
+    found = copy_packages(workspace, packages)
+    if not found:
+        raise BenchError(f"none of {', '.join(packages)} is installed: no repository lines")
+    pool: list[Case] = []
+    for package in found:
+        for path in sorted((workspace / package).rglob("*.py")):
+            rel = path.relative_to(workspace)
+            module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
+            source = path.read_text(encoding="utf-8")
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                continue
+            imported = package_imports(tree, package, module) - _defined_here(tree)
+            if not imported:
+                continue
+            lines = source.splitlines(keepends=True)
+            for i in _statement_lines(source):
+                before, indent, content, after = blank(lines, i)
+                if len(content) < 4 or content.startswith(("#", "import ", "from ")):
+                    continue
+                try:
+                    names = {n.id for n in ast.walk(ast.parse(content)) if isinstance(n, ast.Name)}
+                except SyntaxError:
+                    continue
+                if names & imported:
+                    text = before + indent + "\n" + after
+                    pool.append(Case("repo", f"{rel.as_posix()}:{i + 1}", text, i, len(indent), content, path=path))
+    return rng.sample(pool, min(count, len(pool)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Running a HumanEval program
 
@@ -191,6 +298,7 @@ class Outcome:
 class ConfigResult:
     model: str
     style: str
+    crossfile: float = 0.0
     outcomes: list[Outcome] = field(default_factory=list)
     engine_start_s: float = 0.0
 
@@ -209,30 +317,39 @@ async def complete(client: BenchClient, case: Case, uri: str) -> tuple[str, floa
     return (text if isinstance(text, str) else text.value), elapsed
 
 
-async def run_config(model: str, style: str, cases: list[Case], max_tokens: int, tmp: Path) -> ConfigResult:
+async def run_config(
+    model: str,
+    style: str,
+    cases: list[Case],
+    max_tokens: int,
+    tmp: Path,
+    *,
+    crossfile: float = 0.0,
+    workspace: Path | None = None,
+) -> ConfigResult:
     from kernel import paths
     from server.model_prep import known_model
 
     folder = paths.model_dir(known_model(model).title)
     if not (folder / "config.json").exists():
         raise BenchError(f"model {model} is not prepared at {folder}: run `heedful model prepare --model {model}`")
-    name = f"{model}-{style}"
+    name = f"{model}-{style}-crossfile-{crossfile:g}"
     config, _ = bench_config(
         tmp,
         name,
         folder,
         {
             "model": {"fim_template": "auto" if style == "fim" else "none"},
-            "completion": {"max_tokens": max_tokens, "timeout_ms": 600_000},
+            "completion": {"max_tokens": max_tokens, "timeout_ms": 600_000, "crossfile_share": crossfile},
         },
     )
     log = tmp / f"{name}.log"
-    client = BenchClient(f"bench-quality-{name}")
+    client = BenchClient(f"bench-quality-{name}", workspace=workspace)
     await client.lc.start_io(*server_command(config), cwd=str(ROOT), env=dict(os.environ))
     proc = cast(asyncio.subprocess.Process, client.lc._server)
     assert proc.stderr is not None
     drainer = asyncio.create_task(drain(proc.stderr, log))
-    result = ConfigResult(model, style)
+    result = ConfigResult(model, style, crossfile)
     try:
         started = time.perf_counter()
         await asyncio.wait_for(client.initialize(), 120)
@@ -241,7 +358,7 @@ async def run_config(model: str, style: str, cases: list[Case], max_tokens: int,
         warm = cases[0]
         for i, case in enumerate([warm, *cases]):
             file = "humaneval.py" if case.kind == "humaneval" else case.name.split(":")[0]
-            uri = f"file:///bench/quality/{i:04d}/{file}"
+            uri = case.path.as_uri() if case.path else f"file:///bench/quality/{i:04d}/{file}"
             client.open(Request(uri, case.text, case.line, case.character))
             suggestion, seconds = await complete(client, case, uri)
             if i:  # the first request warms the engine up and is not counted
@@ -254,6 +371,12 @@ async def run_config(model: str, style: str, cases: list[Case], max_tokens: int,
 def score(result: ConfigResult) -> dict[str, Any]:
     he = [o for o in result.outcomes if o.case.kind == "humaneval"]
     std = [o for o in result.outcomes if o.case.kind == "stdlib"]
+    repo = [o for o in result.outcomes if o.case.kind == "repo"]
+
+    def similarity(outcomes: list[Outcome]) -> float | None:
+        if not outcomes:
+            return None
+        return statistics.fmean(edit_similarity(first_line(o.suggestion), o.case.expected) for o in outcomes)
 
     def exact(outcomes: list[Outcome]) -> float | None:
         if not outcomes:
@@ -268,11 +391,11 @@ def score(result: ConfigResult) -> dict[str, Any]:
         "humaneval_exact": exact(he),
         "stdlib_cases": len(std),
         "stdlib_exact": exact(std),
-        "stdlib_edit_similarity": statistics.fmean(
-            edit_similarity(first_line(o.suggestion), o.case.expected) for o in std
-        )
-        if std
-        else None,
+        "stdlib_edit_similarity": similarity(std),
+        "crossfile_share": result.crossfile,
+        "repo_cases": len(repo),
+        "repo_exact": exact(repo),
+        "repo_edit_similarity": similarity(repo),
         "empty": sum(not o.suggestion.strip() for o in result.outcomes),
         "latency_p50_s": percentiles([o.seconds for o in result.outcomes])["p50"] if result.outcomes else None,
         "engine_start_s": result.engine_start_s,
@@ -298,21 +421,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         except ModelError as exc:
             raise BenchError(str(exc)) from None
     rng = random.Random(args.seed)
-    cases = humaneval_cases(args.humaneval, rng) + stdlib_cases(args.stdlib, rng)
-    if not cases:
-        raise BenchError("no cases: ask for --humaneval or --stdlib cases")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="heedful-bench-quality-") as tmp_name:
+        workspace = Path(tmp_name) / "workspace"
+        workspace.mkdir()
+        cases = (
+            humaneval_cases(args.humaneval, rng)
+            + stdlib_cases(args.stdlib, rng)
+            + repo_cases(args.repo, rng, workspace)
+        )
+        if not cases:
+            raise BenchError("no cases: ask for --humaneval, --stdlib or --repo cases")
         for model in args.model:
             for style in args.style:
                 if style == "fim" and not has_fim(model):
                     rows.append({"model": model, "style": style, "skipped": "the model has no FIM tokens"})
                     continue
-                result = await run_config(model, style, cases, args.max_tokens, Path(tmp_name))
-                row = score(result)
-                rows.append(row)
-                print(f"bench.quality: {model} {style}: {json.dumps(row)}", file=sys.stderr)
+                for share in args.crossfile:
+                    result = await run_config(
+                        model, style, cases, args.max_tokens, Path(tmp_name), crossfile=share, workspace=workspace
+                    )
+                    row = score(result)
+                    rows.append(row)
+                    print(f"bench.quality: {model} {style} crossfile {share:g}: {json.dumps(row)}", file=sys.stderr)
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -320,6 +452,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": args.max_tokens,
         "humaneval_cases": sum(c.kind == "humaneval" for c in cases),
         "stdlib_cases": sum(c.kind == "stdlib" for c in cases),
+        "repo_cases": sum(c.kind == "repo" for c in cases),
         "rows": rows,
     }
 
@@ -331,24 +464,29 @@ def _pct(value: Any) -> str:
 def print_table(report: dict[str, Any]) -> None:
     print(
         f"bench.quality on {report['cpu']} ({report['cores']} cores): {report['humaneval_cases']} HumanEval "
-        f"single-line infilling cases, {report['stdlib_cases']} stdlib lines, seed {report['seed']}, "
-        f"up to {report['max_tokens']} new tokens"
+        f"single-line infilling cases, {report['stdlib_cases']} stdlib lines, {report['repo_cases']} repository "
+        f"lines, seed {report['seed']}, up to {report['max_tokens']} new tokens"
     )
     print()
     print(
-        "| model | prompt | HumanEval pass | HumanEval exact | stdlib exact | stdlib edit sim. | p50 latency | empty |"
+        "| model | prompt | cross-file share | HumanEval pass | HumanEval exact | stdlib exact | stdlib edit sim. | "
+        "repo exact | repo edit sim. | p50 latency | empty |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in report["rows"]:
         if "skipped" in row:
-            print(f"| {row['model']} | {row['style']} | {row['skipped']} | | | | | |")
+            print(f"| {row['model']} | {row['style']} | | {row['skipped']} | | | | | | | |")
             continue
-        es = row["stdlib_edit_similarity"]
         print(
-            f"| {row['model']} | {row['style']} | {_pct(row['humaneval_pass'])} | {_pct(row['humaneval_exact'])} | "
-            f"{_pct(row['stdlib_exact'])} | {'n/a' if es is None else f'{es:.3f}'} | "
-            f"{row['latency_p50_s']:.2f} s | {row['empty']} |"
+            f"| {row['model']} | {row['style']} | {row['crossfile_share']:g} | {_pct(row['humaneval_pass'])} | "
+            f"{_pct(row['humaneval_exact'])} | {_pct(row['stdlib_exact'])} | {_sim(row['stdlib_edit_similarity'])} | "
+            f"{_pct(row['repo_exact'])} | {_sim(row['repo_edit_similarity'])} | {row['latency_p50_s']:.2f} s | "
+            f"{row['empty']} |"
         )
+
+
+def _sim(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -357,12 +495,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--style", action="append", choices=["fim", "prefix"], help="prompt style (repeatable)")
     parser.add_argument("--humaneval", type=int, default=80, help="HumanEval infilling cases (default 80)")
     parser.add_argument("--stdlib", type=int, default=80, help="standard-library lines (default 80)")
+    parser.add_argument("--repo", type=int, default=0, help="repository lines of installed libraries (default 0)")
+    parser.add_argument(
+        "--crossfile",
+        type=float,
+        action="append",
+        metavar="SHARE",
+        help="completion.crossfile_share to run each configuration with (repeatable; default 0)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64, help="completion.max_tokens (default 64, as served)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     args.model = args.model or ["qwen2.5-coder-0.5b", "smollm2-135m"]
     args.style = args.style or ["fim", "prefix"]
+    args.crossfile = args.crossfile or [0.0]
     return args
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import random
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +14,9 @@ from bench.quality import (
     edit_similarity,
     humaneval_cases,
     levenshtein,
+    package_imports,
     passes,
+    repo_cases,
     stdlib_cases,
 )
 from personalization.humaneval import first_line
@@ -67,3 +72,35 @@ def test_stdlib_cases_are_one_line_statements_inside_function_bodies() -> None:
         line = case.text.splitlines()[case.line]
         assert line.strip() == "" and len(line) == case.character
         assert not case.expected.startswith(("#", '"""', "def ", "class "))
+
+
+def test_package_imports_are_the_names_bound_from_other_modules_of_the_same_package() -> None:
+    source = (
+        "import os\n"
+        "import shop.db\n"
+        "from . import tax\n"
+        "from .lines import Line as L, total\n"
+        "from ..util import slug\n"  # two levels up from shop.billing.invoice: shop.util
+        "from shop.billing.invoice import itself\n"  # the module itself: not another module
+        "from requests import get\n"
+    )
+    got = package_imports(ast.parse(source), "shop", "shop.billing.invoice")
+    assert got == {"shop", "tax", "L", "total", "slug"}
+
+
+def test_repository_lines_use_a_name_imported_from_the_package_and_not_defined_in_the_file(tmp_path: Path) -> None:
+    site = Path(sysconfig.get_paths()["purelib"])
+    packaging_dir = site / "packaging"
+    if not packaging_dir.is_dir():
+        pytest.skip("packaging is not installed")
+    cases = repo_cases(10**6, random.Random(0), tmp_path, packages=["packaging"])
+    assert cases and all(c.kind == "repo" and c.path is not None for c in cases)
+    for case in cases[:50]:
+        assert case.path is not None and case.path.is_relative_to(tmp_path / "packaging")
+        original = case.path.read_text(encoding="utf-8").splitlines()
+        assert original[case.line].strip() == case.expected  # the copy on disk keeps the line
+        assert case.text.splitlines()[case.line].strip() == ""  # the opened document has it blanked
+        tree = ast.parse(case.path.read_text(encoding="utf-8"))
+        module = ".".join(case.path.relative_to(tmp_path).with_suffix("").parts).removesuffix(".__init__")
+        used = {n.id for n in ast.walk(ast.parse(case.expected)) if isinstance(n, ast.Name)}
+        assert used & package_imports(tree, "packaging", module)
