@@ -289,6 +289,11 @@ class BenchClient:
 
         await asyncio.wait_for(wait(), timeout)
 
+    def close_document(self, uri: str) -> None:
+        self.lc.text_document_did_close(
+            types.DidCloseTextDocumentParams(text_document=types.TextDocumentIdentifier(uri=uri))
+        )
+
     def open(self, request: Request) -> None:
         self.lc.text_document_did_open(
             types.DidOpenTextDocumentParams(

@@ -361,6 +361,7 @@ async def run_config(
             uri = case.path.as_uri() if case.path else f"file:///bench/quality/{i:04d}/{file}"
             client.open(Request(uri, case.text, case.line, case.character))
             suggestion, seconds = await complete(client, case, uri)
+            client.close_document(uri)  # one file open at a time: none is another case's neighbour
             if i:  # the first request warms the engine up and is not counted
                 result.outcomes.append(Outcome(case, suggestion, seconds))
     finally:

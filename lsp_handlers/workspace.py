@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 MAX_FILES = 20_000  # Python files listed per folder (a monorepo beyond it is listed in part)
 MAX_FILE_BYTES = 256 * 1024
 LISTING_TTL_S = 30.0
-MAX_SOURCES = 8  # files one prompt's snippets are taken from: open documents first, then imports
+MAX_SOURCES = 8  # imported files, and open documents, one prompt's snippets are taken from (each at most)
 SKIPPED_DIRS = frozenset({"node_modules", "__pycache__", "venv", "env", "build", "dist", "site-packages"})
 
 
@@ -120,31 +120,31 @@ class Workspace:
         imports: bool = True,
     ) -> list[Source]:
         """The files the snippets for a completion in `uri` (whose text is `text`) may come from: the
-        connection's other open documents inside the workspace (`open_docs`: (uri, text)), then, with
-        `imports`, the Python files it imports (an open document's text wins over the file on disk), at most
-        `MAX_SOURCES`."""
+        connection's other open documents in the same workspace folder (`open_docs`: (uri, text); the first
+        `MAX_SOURCES`), then, with `imports`, the first `MAX_SOURCES` Python files it imports that are not
+        open (an open one is already there, with the text the developer sees)."""
         here = self.locate(uri)
         if here is None:
             return []
         folder, path = here
         found: dict[str, Source] = {}
-        open_texts: dict[str, str] = {}
         for other_uri, other_text in open_docs:
             where = self.locate(other_uri)
             if where is None or where[0] != folder or where[1] == path:
                 continue
-            open_texts[where[1]] = other_text
             if len(found) < MAX_SOURCES:
                 found[where[1]] = Source(where[1], other_text, "open")
         if imports and (path.endswith(".py") or language_id == "python"):
+            added = 0
             for imported in imported_files(text, path, self.python_files(folder)):
-                if len(found) >= MAX_SOURCES:
+                if added >= MAX_SOURCES:
                     break
                 if imported in found:
                     continue
-                source_text = open_texts.get(imported) or self.read(folder, imported)
+                source_text = self.read(folder, imported)
                 if source_text:
                     found[imported] = Source(imported, source_text, "import")
+                    added += 1
         return list(found.values())
 
 

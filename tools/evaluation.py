@@ -236,7 +236,11 @@ class EditorSession:
         self._stderr_task = asyncio.create_task(_drain(proc.stderr, log_file))
 
     async def initialize_as(
-        self, capabilities: types.ClientCapabilities, client_info: tuple[str, str], options: dict[str, Any] | None
+        self,
+        capabilities: types.ClientCapabilities,
+        client_info: tuple[str, str],
+        options: dict[str, Any] | None,
+        folders: Sequence[Path] = (),
     ) -> types.InitializeResult:
         result = await self.lc.initialize_async(
             types.InitializeParams(
@@ -244,6 +248,7 @@ class EditorSession:
                 client_info=types.ClientInfo(name=client_info[0], version=client_info[1]),
                 initialization_options=options,
                 process_id=os.getpid(),
+                workspace_folders=[types.WorkspaceFolder(uri=f.as_uri(), name=f.name) for f in folders] or None,
             )
         )
         self.lc.initialized(types.InitializedParams())

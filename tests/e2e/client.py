@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,8 @@ class HeedfulClient(EditorSession):
             env = dict(env or {}, HEEDFUL_CONFIG=str(config))
         await self.start_process(command, stderr_log, cwd=ROOT, env=dict(os.environ, **(env or {})))
 
-    async def initialize(self, options: dict[str, Any] | None) -> types.InitializeResult:
-        return await self.initialize_as(CAPABILITIES[self.flavour], CLIENT_INFO[self.flavour], options)
+    async def initialize(self, options: dict[str, Any] | None, folders: Sequence[Path] = ()) -> types.InitializeResult:
+        return await self.initialize_as(CAPABILITIES[self.flavour], CLIENT_INFO[self.flavour], options, folders)
 
     async def wait_status(self, state: str, timeout: float = 600.0) -> dict[str, Any]:
         async def wait() -> dict[str, Any]:
@@ -151,11 +152,12 @@ async def running_client(
     env: dict[str, str] | None = None,
     command: list[str] | None = None,
     args: list[str] | None = None,
+    folders: Sequence[Path] = (),
 ) -> Any:
     client = HeedfulClient(flavour)
     await client.start(config, log, env, command, args)
     try:
-        await client.initialize(options)
+        await client.initialize(options, folders)
         yield client
     finally:
         await client.stop()

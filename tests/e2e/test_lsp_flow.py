@@ -336,3 +336,41 @@ async def test_tcp_serves_several_editors_and_one_exit_ends_only_its_session(
     sessions = {r["id"]: r for r in lsp_setup.rows("SELECT * FROM sessions")}
     assert set(sessions) == {"session-tcp-0", "session-tcp-1"}
     assert all(s["ended_at"] is not None for s in sessions.values())
+
+
+async def test_a_completion_carries_what_its_imports_say_read_only_inside_the_workspace(
+    tmp_path: Any, lsp_setup: ServerSetup
+) -> None:
+    import os
+
+    folder, outside = tmp_path / "ws", tmp_path / "secret.py"
+    (folder / "billing").mkdir(parents=True)
+    (folder / "billing" / "__init__.py").write_text("")
+    (folder / "billing" / "tax.py").write_text(
+        "RATES = {'fr': 0.2}\n\n\ndef tax_rate(region):\n    return RATES[region]\n"
+    )
+    outside.write_text("def tax_rate(region):\n    return SECRET_TOKEN\n")
+    os.symlink(outside, folder / "billing" / "leak.py")  # listed in the folder, but it leads out of it
+    text = (
+        "from billing.tax import tax_rate\nfrom billing import leak\nimport secret\n\n\n"
+        "def with_tax(net, region):\n    rate = tax_rate(region)\n    "
+    )
+    uri = (folder / "billing" / "invoice.py").as_uri()
+    options = {"developerId": "dev-x", "sessionId": "dev-x-1"}
+    async with running_client("vscode", lsp_setup.config, lsp_setup.log, options, folders=[folder]) as client:
+        await client.wait_status("ready")
+        client.open(uri, text)
+        off = await serve_item(client, uri, 7, 4)  # completion.crossfile_share is 0 by default
+        client.configure({"heedful": {"completion": {"crossfile_share": 0.3}}})
+        await asyncio.sleep(0.5)
+        other = (folder / "billing" / "orders.py").as_uri()  # another file: no typing through the first one
+        client.open(other, text)
+        on = await serve_item(client, other, 7, 4)
+    prompts = {r["id"]: r["prompt"] for r in lsp_setup.rows("SELECT id, prompt FROM completions")}
+    assert "snippet from" not in prompts[completion_id(off)]
+    # The small model has no repository tokens: the snippet comes as comment lines before the file's own text.
+    with_context = prompts[completion_id(on)]
+    assert "# Compare this snippet from billing/tax.py:\n" in with_context
+    assert "#     return RATES[region]\n" in with_context
+    assert with_context.index("snippet from billing/tax.py") < with_context.index("def with_tax(net, region):")
+    assert "SECRET_TOKEN" not in with_context

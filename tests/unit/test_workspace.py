@@ -121,3 +121,12 @@ def test_sources_are_the_other_open_documents_then_the_imported_files_open_text_
     ]
     assert [s.path for s in space.sources(here, text, "python", [], imports=False)] == []
     assert space.sources("file:///elsewhere/x.py", text, "python", open_docs) == []
+
+
+def test_many_open_documents_leave_the_imported_files_their_own_places(tmp_path: Path) -> None:
+    make_tree(tmp_path, {"app/util.py": "def helper(): ...\n", **{f"tabs/t{i}.py": "" for i in range(12)}})
+    space = Workspace.from_initialize(params(tmp_path))
+    open_docs = [((tmp_path / "tabs" / f"t{i}.py").as_uri(), f"t{i} = {i}\n") for i in range(12)]
+    got = space.sources((tmp_path / "app" / "main.py").as_uri(), "from app.util import helper\n", "python", open_docs)
+    assert [s.kind for s in got] == ["open"] * ws.MAX_SOURCES + ["import"]
+    assert got[-1].path == "app/util.py"
