@@ -121,7 +121,9 @@ class CompletionService:
         tokenizer = self.services.tokenizer
         repository = ""
         if neighbours is not None and settings.completion.crossfile_share > 0:
-            query = "".join(before.splitlines(keepends=True)[-WINDOW_LINES:])
+            # The lines above the cursor's line: the snippets stay the same while the developer types on a
+            # line, so the engine's prefix cache keeps the prompt's start from keystroke to keystroke.
+            query = "".join(before.splitlines(keepends=True)[-WINDOW_LINES - 1 : -1])
             repository = repository_context(
                 neighbours.path,
                 query,
@@ -130,6 +132,12 @@ class CompletionService:
                 lambda s: len(tokenizer.encode(s)),
                 separator=file_separator_for(self.services.vocabulary),
                 comment=comment_syntax(file_name_of(doc.uri), doc.language_id),
+            )
+            log.debug(
+                "cross-file context for %s: %d characters, from %s",
+                doc.uri,
+                len(repository),
+                ", ".join(f"{s.path} ({s.kind})" for s in neighbours.sources),
             )
         return build_prompt(
             before,

@@ -355,6 +355,8 @@ async def test_a_completion_carries_what_its_imports_say_read_only_inside_the_wo
         "from billing.tax import tax_rate\nfrom billing import leak\nimport secret\n\n\n"
         "def with_tax(net, region):\n    rate = tax_rate(region)\n    "
     )
+    # The debug log names the files a prompt's snippets came from (paths only, never their text).
+    lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
     uri = (folder / "billing" / "invoice.py").as_uri()
     options = {"developerId": "dev-x", "sessionId": "dev-x-1"}
     async with running_client("vscode", lsp_setup.config, lsp_setup.log, options, folders=[folder]) as client:
@@ -363,14 +365,23 @@ async def test_a_completion_carries_what_its_imports_say_read_only_inside_the_wo
         off = await serve_item(client, uri, 7, 4)  # completion.crossfile_share is 0 by default
         client.configure({"heedful": {"completion": {"crossfile_share": 0.3}}})
         await asyncio.sleep(0.5)
+        client.close(uri)  # an open document would be a source too
         other = (folder / "billing" / "orders.py").as_uri()  # another file: no typing through the first one
         client.open(other, text)
-        on = await serve_item(client, other, 7, 4)
-    prompts = {r["id"]: r["prompt"] for r in lsp_setup.rows("SELECT id, prompt FROM completions")}
-    assert "snippet from" not in prompts[completion_id(off)]
-    # The small model has no repository tokens: the snippet comes as comment lines before the file's own text.
-    with_context = prompts[completion_id(on)]
-    assert "# Compare this snippet from billing/tax.py:\n" in with_context
-    assert "#     return RATES[region]\n" in with_context
-    assert with_context.index("snippet from billing/tax.py") < with_context.index("def with_tax(net, region):")
-    assert "SECRET_TOKEN" not in with_context
+        await client.inline(other, 7, 4)  # what the model answers may be nothing: the log says what was sent
+    (prompt,) = [r["prompt"] for r in lsp_setup.rows("SELECT prompt FROM completions WHERE id = ?", completion_id(off))]
+    assert "snippet from" not in prompt
+    used = [line for line in lsp_setup.log.read_text().splitlines() if "cross-file context for" in line]
+    # Only the second request had the share; its snippets came from the one imported file inside the folder
+    # (leak.py leads out of it, secret.py is not in it), and the snippet was put in the prompt.
+    assert len(used) == 1 and used[0].endswith(
+        f"cross-file context for {other}: {len(SNIPPET)} characters, from billing/tax.py (import)"
+    )
+
+
+# SmolLM2's tokenizer is StarCoder2's: it has the `<file_sep>` token, so the snippet comes in the
+# repository format, then the current file's path; tax.py is short enough to be one window.
+SNIPPET = (
+    "<file_sep>billing/tax.py\nRATES = {'fr': 0.2}\n\n\ndef tax_rate(region):\n    return RATES[region]\n"
+    "<file_sep>billing/orders.py\n"
+)
