@@ -456,7 +456,7 @@ async def serve_completion(
             identity=identity,
             settings=ls.settings,
             document=open_doc.seen if open_doc else None,
-            neighbours=neighbours(ls, doc),
+            neighbours=await neighbours(ls, doc),
         )
     finally:
         if ls.inflight.get(uri) is current:
@@ -467,17 +467,17 @@ async def serve_completion(
     return doc, served
 
 
-def neighbours(ls: HeedfulLanguageServer, doc: TextDocument) -> Neighbours | None:
-    """The other files a completion in `doc` may take snippets from (`completion.crossfile_share`), or None."""
+async def neighbours(ls: HeedfulLanguageServer, doc: TextDocument) -> Neighbours | None:
+    """The other files a completion in `doc` may take snippets from (`completion.crossfile_share`), or None.
+    The workspace is listed and read in a thread: a large folder's walk must not hold up other requests."""
     c = ls.settings.completion
     if c.crossfile_share <= 0:
         return None
-    here = ls.folders.locate(doc.uri)
-    if here is None:
-        return None
     open_docs = ls.documents.texts() if "open" in c.crossfile_sources else []
-    sources = ls.folders.sources(doc.uri, doc.text, doc.language_id, open_docs, imports="import" in c.crossfile_sources)
-    return Neighbours(here[1], tuple(sources)) if sources else None
+    imports = "import" in c.crossfile_sources
+    return await asyncio.to_thread(
+        ls.folders.neighbours, doc.uri, doc.text, doc.language_id, open_docs, imports=imports
+    )
 
 
 def accept_command(served: Served) -> types.Command:

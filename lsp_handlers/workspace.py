@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlparse
 
 from lsprotocol import types
 
-from lsp_handlers.crossfile import Source, imported_files
+from lsp_handlers.crossfile import Neighbours, Source, imported_files
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Workspace:
         self._texts[path] = (st.st_size, st.st_mtime_ns, text)
         return text
 
-    def sources(
+    def neighbours(
         self,
         uri: str,
         text: str,
@@ -118,14 +118,15 @@ class Workspace:
         open_docs: Iterable[tuple[str, str]],
         *,
         imports: bool = True,
-    ) -> list[Source]:
-        """The files the snippets for a completion in `uri` (whose text is `text`) may come from: the
-        connection's other open documents in the same workspace folder (`open_docs`: (uri, text); the first
+    ) -> Neighbours | None:
+        """Where `uri` (whose text is `text`) is in its workspace folder and the files its snippets may come
+        from: the connection's other open documents in the same folder (`open_docs`: (uri, text); the first
         `MAX_SOURCES`), then, with `imports`, the first `MAX_SOURCES` Python files it imports that are not
-        open (an open one is already there, with the text the developer sees)."""
+        open (an open one is already there, with the text the developer sees). None outside the folders or
+        with no such file. Reads the disk: call it off the event loop."""
         here = self.locate(uri)
         if here is None:
-            return []
+            return None
         folder, path = here
         found: dict[str, Source] = {}
         for other_uri, other_text in open_docs:
@@ -145,7 +146,7 @@ class Workspace:
                 if source_text:
                     found[imported] = Source(imported, source_text, "import")
                     added += 1
-        return list(found.values())
+        return Neighbours(path, tuple(found.values())) if found else None
 
 
 def _list_python(folder: Path, limit: int) -> list[str]:

@@ -113,20 +113,24 @@ def test_sources_are_the_other_open_documents_then_the_imported_files_open_text_
         ((tmp_path / "notes.py").as_uri(), "todo = []\n"),
         ("file:///elsewhere/other.py", "outside = True\n"),  # outside the workspace
     ]
-    got = space.sources(here, text, "python", open_docs)
-    assert [(s.path, s.kind, s.text) for s in got] == [
+    found = space.neighbours(here, text, "python", open_docs)
+    assert found is not None and found.path == "billing/invoice.py"
+    assert [(s.path, s.kind, s.text) for s in found.sources] == [
         ("billing/tax.py", "open", "RATE = 0.25  # being edited\n"),
         ("notes.py", "open", "todo = []\n"),
         ("billing/lines.py", "import", "class Line: ...\n"),
     ]
-    assert [s.path for s in space.sources(here, text, "python", [], imports=False)] == []
-    assert space.sources("file:///elsewhere/x.py", text, "python", open_docs) == []
+    assert space.neighbours(here, text, "python", [], imports=False) is None  # no source at all
+    assert space.neighbours("file:///elsewhere/x.py", text, "python", open_docs) is None
 
 
 def test_many_open_documents_leave_the_imported_files_their_own_places(tmp_path: Path) -> None:
     make_tree(tmp_path, {"app/util.py": "def helper(): ...\n", **{f"tabs/t{i}.py": "" for i in range(12)}})
     space = Workspace.from_initialize(params(tmp_path))
     open_docs = [((tmp_path / "tabs" / f"t{i}.py").as_uri(), f"t{i} = {i}\n") for i in range(12)]
-    got = space.sources((tmp_path / "app" / "main.py").as_uri(), "from app.util import helper\n", "python", open_docs)
-    assert [s.kind for s in got] == ["open"] * ws.MAX_SOURCES + ["import"]
-    assert got[-1].path == "app/util.py"
+    found = space.neighbours(
+        (tmp_path / "app" / "main.py").as_uri(), "from app.util import helper\n", "python", open_docs
+    )
+    assert found is not None
+    assert [s.kind for s in found.sources] == ["open"] * ws.MAX_SOURCES + ["import"]
+    assert found.sources[-1].path == "app/util.py"
