@@ -5,8 +5,10 @@ Cursors are single-line completions cut from the standard library's own sources:
 the arguments are removed and the cursor sits between the parentheses, as an editor leaves it after
 typing `f(` with auto-closed brackets. The server completes up to `completion.single_line_max_tokens`
 (16) new tokens, greedy, stopping at the line end; every peer gets the very prompt the server builds
-with the same limit and stop. Every request starts cold: prefix caching is off in every vLLM case
-(the same prompts recur across cases) and llama.cpp resets its context before each prompt.
+with the same limit and stop, at the context budget the server learned from its engine's speed
+(`completion.prefill_target_ms`; `--context-tokens N` fixes it instead). Every request starts cold:
+prefix caching is off in every vLLM case (the same prompts recur across cases) and llama.cpp resets its
+context before each prompt.
 
 Cases, each with p50/p95/p99 over the same requests:
 
@@ -30,7 +32,8 @@ Cases, each with p50/p95/p99 over the same requests:
 
 The CPU model and llama.cpp's build flags are printed with the figures.
 
-    .venv/bin/python -m bench.latency [--requests 40] [--sessions 8] [--typing 12] [--no-llama-cpp] [--json]
+    .venv/bin/python -m bench.latency [--requests 40] [--sessions 8] [--typing 12] [--no-llama-cpp]
+        [--context-tokens N] [--json]
 """
 
 from __future__ import annotations
@@ -135,6 +138,16 @@ def tagged(requests: list[Request], tag: str) -> list[Request]:
     return [dataclasses.replace(r, uri=r.uri.replace("file:///bench/", f"file:///bench/{tag}/")) for r in requests]
 
 
+# `--context-tokens N`: every server's prompt budget is N tokens, not learned from its engine.
+FIXED_BUDGET: dict[str, int] = {}
+
+
+def learned_budget(log: Path) -> int | None:
+    """The context budget a server learned from its engine's speed (its last "context budget" line)."""
+    found = re.findall(r"context budget (\d+) tokens", log.read_text(encoding="utf-8", errors="replace"))
+    return int(found[-1]) if found else None
+
+
 def write_config(
     tmp: Path,
     name: str,
@@ -145,7 +158,7 @@ def write_config(
     completion: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """`completion`: settings of the `[completion]` table beyond the bench's own (the defaults otherwise)."""
-    completion = {"single_line_max_tokens": MAX_TOKENS, "timeout_ms": 120000, **(completion or {})}
+    completion = {"single_line_max_tokens": MAX_TOKENS, "timeout_ms": 120000, **FIXED_BUDGET, **(completion or {})}
     return bench_config(
         tmp,
         name,
@@ -494,7 +507,7 @@ def llama_cpp(prompts: list[list[int]]) -> Case:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from kernel import paths
-    from kernel.settings import resolve
+    from kernel.settings import Settings, resolve
     from server.engine.tokens import LocalTokenizer
 
     model = paths.default_model_dir()
@@ -509,8 +522,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(tmp_name)
         config, _ = write_config(tmp, "prompts", model, "auto")
         tokenizer = LocalTokenizer(model)
-        fill_prompts(requests, resolve(config).settings, tokenizer, single_line=True)
-        prompts = [tokenizer.encode(r.prompt) for r in requests]
+        settings = resolve(config).settings
+        fill_prompts(requests, settings, tokenizer, single_line=True)  # every cursor is a single-line one
         if args.adapter == "zero":
             adapter = make_zero_adapter(model, tmp / "adapter")
         else:
@@ -520,6 +533,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             times |= await serve_cases(
                 tmp, model, adapter, mode, requests, n, with_base, args.rounds if with_base else 1
             )
+        # The peers get the prompts the server built: at the budget it learned from its engine's speed.
+        budget = settings.completion.context_tokens if FIXED_BUDGET else learned_budget(tmp / "serve-auto.log")
+        settings.completion.context_tokens = budget or settings.completion.context_tokens
+        fill_prompts(requests, settings, tokenizer, single_line=True)
+        prompts = [tokenizer.encode(r.prompt) for r in requests]
         print("[bench.latency] heedful serve, typing with prefix caching ...", file=sys.stderr, flush=True)
         typing = requests[WARMUP : WARMUP + args.typing]
         for variant in TYPING_VARIANTS:
@@ -534,12 +552,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.no_llama_cpp:
             print("[bench.latency] llama.cpp ...", file=sys.stderr, flush=True)
             times["llama.cpp x1"] = llama_cpp(prompts)
+    # The servers run with the timeout lifted, so every request is timed to its answer; this is the share
+    # that would have been answered within the default `completion.timeout_ms`.
+    timeout_s = Settings().completion.timeout_ms / 1000
     figures = {
         label: {k: v * 1000 for k, v in percentiles([t for t, _ in case]).items()}
         | {
             "n": len(case),
             "tokens": statistics.fmean([n for _, n in case if n >= 0] or [0]),
             "nulls": sum(n < 0 for _, n in case),
+            "within_timeout": sum(t <= timeout_s for t, _ in case) / len(case),
         }
         for label, case in times.items()
     }
@@ -553,6 +575,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": MAX_TOKENS,
         "cores": len(os.sched_getaffinity(0)),
         "prompt_tokens": statistics.fmean(len(p) for p in prompts),
+        "context_tokens": settings.completion.context_tokens,
+        "timeout_ms": Settings().completion.timeout_ms,
+        "budget": "fixed (--context-tokens)" if FIXED_BUDGET else "learned by the server (prefill_target_ms)",
         "cpu": cpu_model(),
         "llama_cpp_build": llama_cpp_cmake_args(),
         "results": figures,
@@ -580,16 +605,18 @@ def print_table(r: dict[str, Any]) -> None:
         f"single-line completion latency: {r['requests']} stdlib cursors, prompts {r['prompt_tokens']:.0f} tokens on "
         f"average, up to {r['max_tokens']} new tokens, greedy, stop at the line end, {r['cores']} cores"
     )
+    print(f"context budget {r['context_tokens']} tokens, {r['budget']}")
     print(f"CPU: {r['cpu']}; llama.cpp built with {r['llama_cpp_build']}")
-    print(f"{'case':<34}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'tokens':>8}{'nulls':>7}")
+    head = f"{'case':<34}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'tokens':>8}{'nulls':>7}"
+    print(head + f"{'<= ' + str(r['timeout_ms']) + ' ms':>12}")
     for label, f in r["results"].items():
         print(
             f"{label:<34}{f['p50']:>9.0f}{f['p95']:>9.0f}{f['p99']:>9.0f}{f['mean']:>9.0f}{f['tokens']:>8.1f}"
-            f"{f['nulls']:>7}"
+            f"{f['nulls']:>7}{f['within_timeout']:>12.0%}"
         )
     print(
         "tokens: mean new tokens generated (the shown candidate's, as the server recorded them); "
-        "nulls: requests answered with nothing"
+        "nulls: requests answered with nothing; <= N ms: share answered within the default completion.timeout_ms"
     )
     for label, share in r["typing_answered_from_suggestion"].items():
         print(f"{label}: {share:.0%} of keystrokes answered from the suggestion typed through")
@@ -615,8 +642,16 @@ async def main() -> None:
     )
     parser.add_argument("--typing", type=int, default=12, help="cursors of the typing case (default 12)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peer (and its build)")
+    parser.add_argument(
+        "--context-tokens",
+        type=int,
+        help="a fixed prompt budget for every server (completion.context_tokens, prefill_target_ms = 0); "
+        "default: what each server learns from its engine's speed",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
+    if args.context_tokens is not None:
+        FIXED_BUDGET.update(context_tokens=args.context_tokens, prefill_target_ms=0)
     if args.requests < args.sessions or args.sessions < 1:
         parser.error("--sessions must be at least 1 and --requests at least --sessions")
     await report_or_exit("bench.latency", run(args), args.json, print_table)

@@ -18,6 +18,9 @@ Two kinds of cursor, both on code nobody on the project wrote:
   `initialize`; the case's file is opened there with its line blanked. Scored like the stdlib lines. With
   `--crossfile SHARE` (repeatable) every configuration runs once per `completion.crossfile_share`: 0 is the
   current file alone, anything above it adds snippets of the files it imports in that share of the budget.
+With `--context-tokens N|learned` (repeatable) every configuration runs once per prompt budget: N tokens
+fixed, or `learned` (the default), what the server learns from its engine's speed
+(`completion.prefill_target_ms`).
 
 A blank line with code after it is where an editor asks for a multi-line completion; the bench scores
 the suggestion's first line, which is what the blank held. Every configuration runs the same sample of
@@ -28,7 +31,8 @@ beside its scores. Prompt styles: `fim` (the model's fill-in-the-middle template
 runs `prefix` only.
 
     .venv/bin/python -m bench.quality [--model NAME ...] [--style fim|prefix ...] [--humaneval 80]
-        [--stdlib 80] [--repo 0] [--crossfile SHARE ...] [--seed 0] [--max-tokens 64] [--json]
+        [--stdlib 80] [--repo 0] [--crossfile SHARE ...] [--context-tokens N|learned ...] [--seed 0]
+        [--max-tokens 64] [--json]
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -299,8 +304,10 @@ class ConfigResult:
     model: str
     style: str
     crossfile: float = 0.0
+    context_tokens: int | None = None  # fixed by `--context-tokens N`; None: learned by the server
     outcomes: list[Outcome] = field(default_factory=list)
     engine_start_s: float = 0.0
+    learned_budget: int | None = None  # the server's last "context budget" line
 
 
 async def complete(client: BenchClient, case: Case, uri: str) -> tuple[str, float]:
@@ -326,6 +333,7 @@ async def run_config(
     *,
     crossfile: float = 0.0,
     workspace: Path | None = None,
+    context_tokens: int | None = None,
 ) -> ConfigResult:
     from kernel import paths
     from server.model_prep import known_model
@@ -333,15 +341,12 @@ async def run_config(
     folder = paths.model_dir(known_model(model).title)
     if not (folder / "config.json").exists():
         raise BenchError(f"model {model} is not prepared at {folder}: run `heedful model prepare --model {model}`")
-    name = f"{model}-{style}-crossfile-{crossfile:g}"
+    name = f"{model}-{style}-crossfile-{crossfile:g}-context-{context_tokens or 'learned'}"
+    completion: dict[str, Any] = {"max_tokens": max_tokens, "timeout_ms": 600_000, "crossfile_share": crossfile}
+    if context_tokens is not None:
+        completion |= {"context_tokens": context_tokens, "prefill_target_ms": 0}
     config, _ = bench_config(
-        tmp,
-        name,
-        folder,
-        {
-            "model": {"fim_template": "auto" if style == "fim" else "none"},
-            "completion": {"max_tokens": max_tokens, "timeout_ms": 600_000, "crossfile_share": crossfile},
-        },
+        tmp, name, folder, {"model": {"fim_template": "auto" if style == "fim" else "none"}, "completion": completion}
     )
     log = tmp / f"{name}.log"
     client = BenchClient(f"bench-quality-{name}", workspace=workspace)
@@ -349,7 +354,7 @@ async def run_config(
     proc = cast(asyncio.subprocess.Process, client.lc._server)
     assert proc.stderr is not None
     drainer = asyncio.create_task(drain(proc.stderr, log))
-    result = ConfigResult(model, style, crossfile)
+    result = ConfigResult(model, style, crossfile, context_tokens)
     try:
         started = time.perf_counter()
         await asyncio.wait_for(client.initialize(), 120)
@@ -366,6 +371,9 @@ async def run_config(
                 result.outcomes.append(Outcome(case, suggestion, seconds))
     finally:
         await close_stdio_server(client, proc, drainer)
+    if context_tokens is None:
+        found = re.findall(r"context budget (\d+) tokens", log.read_text(encoding="utf-8", errors="replace"))
+        result.learned_budget = int(found[-1]) if found else None
     return result
 
 
@@ -394,6 +402,9 @@ def score(result: ConfigResult) -> dict[str, Any]:
         "stdlib_exact": exact(std),
         "stdlib_edit_similarity": similarity(std),
         "crossfile_share": result.crossfile,
+        # A fixed budget (`--context-tokens N`), or the one the server learned from its engine's speed.
+        "context_tokens": result.context_tokens or result.learned_budget,
+        "context_budget": "fixed" if result.context_tokens else "learned",
         "repo_cases": len(repo),
         "repo_exact": exact(repo),
         "repo_edit_similarity": similarity(repo),
@@ -440,12 +451,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     rows.append({"model": model, "style": style, "skipped": "the model has no FIM tokens"})
                     continue
                 for share in args.crossfile:
-                    result = await run_config(
-                        model, style, cases, args.max_tokens, Path(tmp_name), crossfile=share, workspace=workspace
-                    )
-                    row = score(result)
-                    rows.append(row)
-                    print(f"bench.quality: {model} {style} crossfile {share:g}: {json.dumps(row)}", file=sys.stderr)
+                    for budget in args.context_tokens:
+                        result = await run_config(
+                            model,
+                            style,
+                            cases,
+                            args.max_tokens,
+                            Path(tmp_name),
+                            crossfile=share,
+                            workspace=workspace,
+                            context_tokens=budget,
+                        )
+                        row = score(result)
+                        rows.append(row)
+                        print(f"bench.quality: {model} {style} crossfile {share:g}: {json.dumps(row)}", file=sys.stderr)
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -470,16 +489,17 @@ def print_table(report: dict[str, Any]) -> None:
     )
     print()
     print(
-        "| model | prompt | cross-file share | HumanEval pass | HumanEval exact | stdlib exact | stdlib edit sim. | "
-        "repo exact | repo edit sim. | p50 latency | empty |"
+        "| model | prompt | cross-file share | context tokens | HumanEval pass | HumanEval exact | stdlib exact | "
+        "stdlib edit sim. | repo exact | repo edit sim. | p50 latency | empty |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in report["rows"]:
         if "skipped" in row:
-            print(f"| {row['model']} | {row['style']} | | {row['skipped']} | | | | | | | |")
+            print(f"| {row['model']} | {row['style']} | | | {row['skipped']} | | | | | | | |")
             continue
         print(
-            f"| {row['model']} | {row['style']} | {row['crossfile_share']:g} | {_pct(row['humaneval_pass'])} | "
+            f"| {row['model']} | {row['style']} | {row['crossfile_share']:g} | {row['context_tokens']} "
+            f"({row['context_budget']}) | {_pct(row['humaneval_pass'])} | "
             f"{_pct(row['humaneval_exact'])} | {_pct(row['stdlib_exact'])} | {_sim(row['stdlib_edit_similarity'])} | "
             f"{_pct(row['repo_exact'])} | {_sim(row['repo_edit_similarity'])} | {row['latency_p50_s']:.2f} s | "
             f"{row['empty']} |"
@@ -504,6 +524,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SHARE",
         help="completion.crossfile_share to run each configuration with (repeatable; default 0)",
     )
+    parser.add_argument(
+        "--context-tokens",
+        type=_budget,
+        action="append",
+        metavar="N|learned",
+        help="the prompt budget to run each configuration with (repeatable): N tokens fixed, or `learned` "
+        "(the default: what the server learns from its engine's speed, completion.prefill_target_ms)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64, help="completion.max_tokens (default 64, as served)")
     parser.add_argument("--json", action="store_true")
@@ -511,7 +539,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.model = args.model or ["qwen2.5-coder-0.5b", "smollm2-135m"]
     args.style = args.style or ["fim", "prefix"]
     args.crossfile = args.crossfile or [0.0]
+    args.context_tokens = args.context_tokens or [None]
     return args
+
+
+def _budget(value: str) -> int | None:
+    if value == "learned":
+        return None
+    try:
+        tokens = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number of tokens nor `learned`") from None
+    if tokens < 16:
+        raise argparse.ArgumentTypeError(f"{tokens} tokens is below completion.context_tokens' minimum of 16")
+    return tokens
 
 
 async def main() -> None:

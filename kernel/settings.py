@@ -201,6 +201,15 @@ class CompletionSettings:
     context_tokens: int = setting(
         1536, "Token budget for prefix plus suffix; nearest lines are kept first.", min=16, max=131072
     )
+    prefill_target_ms: int = setting(
+        600,
+        "How long the engine may take to read a completion's prompt (to its first new token). Where reading "
+        "`context_tokens` takes longer on this machine, the prompt's budget shrinks to what the engine reads in "
+        "this time, learned from its own answers (in steps of 128 tokens, never below 256); the few tokens of a "
+        "single-line answer come on top. 0: the budget is always `context_tokens`.",
+        min=0,
+        max=600000,
+    )
     suffix_share: float = setting(
         0.25, "Share of the context budget given to the text after the cursor (FIM models).", min=0.0, max=0.9
     )

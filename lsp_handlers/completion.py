@@ -23,6 +23,7 @@ from lsprotocol import types
 
 from kernel.fim import file_separator_for, fim_template_for, unheal
 from kernel.settings import ADAPTER_ARMS, BASELINE_ARMS, Settings
+from lsp_handlers.budget import PrefillClock
 from lsp_handlers.context import Prompt, build_prompt, comment_syntax, heal
 from lsp_handlers.crossfile import WINDOW_LINES, Neighbours, repository_context
 from lsp_handlers.documents import TextDocument, file_name_of
@@ -97,6 +98,15 @@ def fit_candidate(candidate: Candidate, shown: str, engine: Engine) -> Candidate
     return CandidateRecord(shown, list(ids), list(candidate.logprobs), candidate.finish_reason, stale=True)
 
 
+# The calibration prompt: what the engine reads once it is up, before the first completion, so that the
+# first completion's prompt is already sized to this machine (`PrefillClock`).
+CALIBRATION_TOKENS = 512
+_CALIBRATION_TEXT = "".join(f"def step_{i}(value):\n    return value * {i} + {i % 7}\n\n" for i in range(400))
+# A request that streams is cut at its deadline by the engine; this is how much longer the service waits
+# for the cut answer before it gives up on it.
+_DEADLINE_GRACE_S = 0.25
+
+
 class CompletionService:
     """Serves completions for the connections of one process (they share the engine and the store)."""
 
@@ -104,6 +114,55 @@ class CompletionService:
         self.services = services
         self._background: set[asyncio.Task[None]] = set()
         self._random = random.Random()
+        self.prefill = PrefillClock()
+        self._calibration: asyncio.Task[None] | None = None
+        self._budget_logged: int | None = None
+
+    def context_budget(self, settings: Settings) -> int:
+        """The prompt's token budget now: `completion.context_tokens`, less where this machine's engine would
+        take longer than `completion.prefill_target_ms` to read it (`PrefillClock`)."""
+        c = settings.completion
+        budget = self.prefill.budget(c.context_tokens, c.prefill_target_ms)
+        if budget != self._budget_logged and self.prefill.samples:
+            rate = self.prefill.seconds_per_token() or 0.0
+            log.info(
+                "context budget %d tokens: the engine reads %.0f prompt tokens a second here "
+                "(completion.context_tokens %d, completion.prefill_target_ms %d)",
+                budget,
+                1 / rate if rate else 0.0,
+                c.context_tokens,
+                c.prefill_target_ms,
+            )
+            self._budget_logged = budget
+        return budget
+
+    def calibrate_soon(self) -> None:
+        """Time the engine reading a prompt once (in the background), if nothing has been timed yet."""
+        if self._calibration is None and not self.prefill.samples:
+            self._calibration = asyncio.ensure_future(self._calibrate())
+
+    async def _calibrate(self) -> None:
+        engine = self.services.engine.ready()
+        if engine is None:
+            self._calibration = None  # not up yet: the next ready status or request tries again
+            return
+        ids = self.services.tokenizer.encode(_CALIBRATION_TEXT)[:CALIBRATION_TOKENS]
+        try:
+            gen = await engine.generate(ids, n=1, max_tokens=1, temperature=0.0)
+        except Exception as exc:
+            log.warning("the engine's prompt-reading speed was not measured: %s", exc)
+            return
+        log.info(
+            "the engine read %d prompt tokens in %.0f ms",
+            len(gen.prompt_token_ids) - (gen.timing.cached_tokens or 0),
+            (gen.timing.first_token_s or gen.timing.total_s) * 1000,
+        )
+        self._observe(gen)
+
+    def _observe(self, gen: Generation) -> None:
+        t = gen.timing
+        if t.alone and t.first_token_s is not None and t.cached_tokens is not None:
+            self.prefill.observe(len(gen.prompt_token_ids) - t.cached_tokens, t.first_token_s)
 
     def prompt_for(
         self,
@@ -113,7 +172,8 @@ class CompletionService:
         notes: Sequence[str] = (),
         neighbours: Neighbours | None = None,
     ) -> Prompt:
-        window = settings.completion.context_tokens * _CHARS_PER_TOKEN_BOUND
+        budget = self.context_budget(settings)
+        window = budget * _CHARS_PER_TOKEN_BOUND
         text = doc.text
         start = max(0, offset - window)
         before = text[start:offset]
@@ -128,7 +188,7 @@ class CompletionService:
                 neighbours.path,
                 query,
                 neighbours.sources,
-                math.floor(settings.completion.context_tokens * settings.completion.crossfile_share),
+                math.floor(budget * settings.completion.crossfile_share),
                 lambda s: len(tokenizer.encode(s)),
                 separator=file_separator_for(self.services.vocabulary),
                 comment=comment_syntax(file_name_of(doc.uri), doc.language_id),
@@ -144,7 +204,7 @@ class CompletionService:
             after,
             file_name=file_name_of(doc.uri),
             language_id=doc.language_id,
-            budget_tokens=settings.completion.context_tokens,
+            budget_tokens=budget,
             count_tokens=lambda s: len(tokenizer.encode(s)),
             fim_template=fim_template_for(settings.model.fim_template, self.services.vocabulary),
             suffix_share=settings.completion.suffix_share,
@@ -170,6 +230,12 @@ class CompletionService:
             log.info("no completion for %s: the engine is %s (%s)", doc.uri, status.state.value, status.message)
             return None
         started = time.perf_counter()
+        if self._calibration is None and settings.completion.prefill_target_ms > 0:
+            self.calibrate_soon()
+        if self._calibration is not None and not self._calibration.done():
+            # The first request after start-up waits for the engine to be timed (a fraction of a second),
+            # so that its own prompt is sized to this machine.
+            await asyncio.shield(self._calibration)
         offset = doc.offset_at(position)
         arm = arm_of(identity.developer_id, settings.experiment.arms)
         notes: list[str] = []
@@ -215,7 +281,24 @@ class CompletionService:
         if gen is None or not gen.candidates:
             return None
         raw = gen.candidates[0]
-        consumed, text = unheal(raw.text, healed, blank_line=not req.line_prefix.strip())
+        generated = raw.text
+        if raw.finish_reason == "deadline":
+            # Cut at the timeout: the lines it finished are worth showing, a line half-written is not.
+            generated = generated[: generated.rfind("\n") + 1] if not req.single else ""
+            if not generated.strip():
+                log.warning(
+                    "no completion for %s: the engine took longer than %d ms",
+                    req.doc.uri,
+                    req.settings.completion.timeout_ms,
+                )
+                return None
+            log.info(
+                "completion for %s cut at %d ms: %d finished lines shown",
+                req.doc.uri,
+                req.settings.completion.timeout_ms,
+                generated.count("\n"),
+            )
+        consumed, text = unheal(generated, healed, blank_line=not req.line_prefix.strip())
         text_after = req.doc.text[req.offset : req.offset + 4096]
         shown = postprocess(
             text,
@@ -271,6 +354,9 @@ class CompletionService:
         and reported to the engine's health). A cancelled request aborts its generation."""
         c = req.settings.completion
         request_id = f"cmpl-{uuid.uuid4().hex}"
+        # The timeout counts from the request's arrival; an engine that streams answers at the deadline
+        # with what it has (finish reason "deadline"), the others raise TimeoutError.
+        left_s = max(0.0, c.timeout_ms / 1000 - (time.perf_counter() - req.started))
         try:
             gen = await asyncio.wait_for(
                 engine.generate(
@@ -281,8 +367,9 @@ class CompletionService:
                     stop=["\n"] if req.single else list(c.stop),
                     adapter=req.lease.ref,
                     request_id=request_id,
+                    deadline_s=left_s,
                 ),
-                timeout=c.timeout_ms / 1000,
+                timeout=left_s + _DEADLINE_GRACE_S,
             )
         except TimeoutError:
             log.warning("no completion for %s: the engine took longer than %d ms", req.doc.uri, c.timeout_ms)
@@ -302,6 +389,7 @@ class CompletionService:
             self.services.engine.report_failure(f"the engine failed: {exc}")
             return None
         self.services.engine.report_success()
+        self._observe(gen)
         return gen
 
     async def _sample_group(

@@ -59,7 +59,7 @@ from lsp_handlers.protocol import (
 from lsp_handlers.workspace import Workspace
 from server import __version__
 from server.learning import learning_state
-from server.runtime import EngineStatus, Services, arm_of
+from server.runtime import EngineState, EngineStatus, Services, arm_of
 from storage.models import EventKind
 from storage.repositories import Scope
 from storage.store import DocumentSeen, EventRecord, SessionStart
@@ -116,9 +116,11 @@ class HeedfulLanguageServer(LanguageServer):
         return self.identity
 
     def send_status(self, status: EngineStatus | None = None) -> None:
+        status = status or self.services.engine.status
+        if status.state is EngineState.READY and not self.closed:
+            self.completions.calibrate_soon()  # once per process: size prompts to this machine's engine
         if self.closed or self.protocol.writer is None or self.identity is None or not self.status_started:
             return
-        status = status or self.services.engine.status
         arm = self.arm
         adapter = None
         if arm in ADAPTER_ARMS:

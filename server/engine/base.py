@@ -52,7 +52,9 @@ class Candidate:
     text: str
     token_ids: list[int]
     logprobs: list[float]  # one per token id: log pi_old(token | prompt, earlier tokens)
-    finish_reason: str  # "stop" (stop string or end-of-text) or "length"
+    # "stop" (stop string or end-of-text), "length", or "deadline" (cut at `generate`'s `deadline_s`:
+    # the text so far)
+    finish_reason: str
 
 
 @dataclass(slots=True)
@@ -60,7 +62,11 @@ class Timing:
     """Seconds, measured around the engine call."""
 
     total_s: float
-    first_token_s: float | None = None
+    first_token_s: float | None = None  # to the first new token (engines that stream: the embedded one)
+    cached_tokens: int | None = None  # prompt tokens the engine's prefix cache already held (embedded)
+    # No other request was running in the engine when this one was admitted: its first-token time is
+    # what reading the prompt costs on this machine, not a wait behind someone else's request.
+    alone: bool = False
 
 
 @dataclass(slots=True)
@@ -111,8 +117,14 @@ class Engine(Protocol):
         adapter: AdapterRef | None = None,
         seed: int | None = None,
         request_id: str | None = None,
+        deadline_s: float | None = None,
     ) -> Generation:
-        """Sample `n` candidates for `prompt` (text, or token ids from `tokenize`)."""
+        """Sample `n` candidates for `prompt` (text, or token ids from `tokenize`).
+
+        `deadline_s`: seconds from the call. An engine that streams (the embedded one, for `n` = 1) answers
+        then with what it has generated so far (finish reason "deadline") and stops the request; with
+        nothing generated yet, or an engine that does not stream, it raises `TimeoutError`.
+        """
         ...
 
     async def abort(self, request_id: str) -> None:

@@ -26,6 +26,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,17 @@ def cpu_bind_spec(setting: str) -> str | None:
         else:
             runs.append([core, core])
     return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """One request's run through the engine."""
+
+    final: Any  # vLLM's last RequestOutput
+    elapsed_s: float
+    first_token_s: float | None  # to the first output (streamed requests)
+    alone: bool  # no other request was in the engine when it was admitted
+    cut: bool  # stopped at its deadline: `final` is the output so far
 
 
 class EmbeddedEngine:
@@ -294,6 +306,7 @@ class EmbeddedEngine:
         adapter: AdapterRef | None = None,
         seed: int | None = None,
         request_id: str | None = None,
+        deadline_s: float | None = None,
     ) -> Generation:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -318,53 +331,80 @@ class EmbeddedEngine:
             seed=seed,
             logprobs=0,
             skip_special_tokens=True,
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            # One candidate streams (cumulative text): its first token is timed, and a deadline can cut it.
+            output_kind=RequestOutputKind.CUMULATIVE if n == 1 else RequestOutputKind.FINAL_ONLY,
         )
         rid = request_id or f"heedful-{uuid.uuid4().hex}"
-        started = time.perf_counter()
-        final = await self._run(prompt_ids, params, adapter, rid, "generation")
-        elapsed = time.perf_counter() - started
+        # (Several candidates come at the end only: past the deadline they raise TimeoutError.)
+        run = await self._run(prompt_ids, params, adapter, rid, "generation", deadline_s=deadline_s)
         candidates = []
-        for out in sorted(final.outputs, key=lambda o: o.index):
+        for out in sorted(run.final.outputs, key=lambda o: o.index):
             token_ids = list(out.token_ids)
             logprobs = [step[tok].logprob for step, tok in zip(out.logprobs or [], token_ids, strict=True)]
-            candidates.append(
-                Candidate(
-                    text=out.text,
-                    token_ids=token_ids,
-                    logprobs=logprobs,
-                    finish_reason="length" if out.finish_reason == "length" else "stop",
-                )
-            )
+            reason = "deadline" if run.cut else "length" if out.finish_reason == "length" else "stop"
+            candidates.append(Candidate(text=out.text, token_ids=token_ids, logprobs=logprobs, finish_reason=reason))
         return Generation(
             candidates=candidates,
             prompt_token_ids=prompt_ids,
             adapter=adapter.name if adapter else None,
-            timing=Timing(total_s=elapsed),
+            timing=Timing(
+                total_s=run.elapsed_s,
+                first_token_s=run.first_token_s if n == 1 else None,  # several come whole, at the end
+                cached_tokens=run.final.num_cached_tokens,
+                alone=run.alone,
+            ),
             request_id=rid,
         )
 
-    async def _run(self, prompt_ids: list[int], params: Any, adapter: AdapterRef | None, rid: str, what: str) -> Any:
-        """One request through the merge barrier: the final output, on the weights it was admitted on."""
+    async def _run(
+        self,
+        prompt_ids: list[int],
+        params: Any,
+        adapter: AdapterRef | None,
+        rid: str,
+        what: str,
+        *,
+        deadline_s: float | None = None,
+    ) -> _Run:
+        """One request through the merge barrier, on the weights it was admitted on: its last output.
+
+        At `deadline_s` (seconds from now, the wait for admission included) the request is stopped and its
+        last output so far is the answer (`_Run.cut`); with no output yet, `TimeoutError`.
+        """
         llm = self._require()
         lora = self._lora_request(adapter) if adapter else None
         final: Any = None
-        merged = await self._enter(adapter)
+        first_token_s: float | None = None
+        started = time.perf_counter()
+        alone = False
+        entered = False
         try:
-            if merged is not None:
-                lora = None  # this request's adapter is in the weights
-            async for out in llm.generate({"prompt_token_ids": prompt_ids}, params, rid, lora_request=lora):
-                final = out
+            async with asyncio.timeout(deadline_s):
+                merged = await self._enter(adapter)
+                entered = True
+                alone = self._inflight == 1
+                if merged is not None:
+                    lora = None  # this request's adapter is in the weights
+                async for out in llm.generate({"prompt_token_ids": prompt_ids}, params, rid, lora_request=lora):
+                    if first_token_s is None:
+                        first_token_s = time.perf_counter() - started
+                    final = out
+        except TimeoutError:
+            await self.abort(rid)
+            if final is None:
+                raise TimeoutError(f"request {rid} produced nothing within its deadline of {deadline_s} s") from None
+            return _Run(final, time.perf_counter() - started, first_token_s, alone, cut=True)
         except asyncio.CancelledError:
             await self.abort(rid)
             raise
         except Exception as exc:
             raise EngineError(f"{what} failed in the embedded engine: {exc}") from exc
         finally:
-            self._leave(adapter)
+            if entered:
+                self._leave(adapter)
         if final is None:
             raise EngineError(f"the embedded engine returned nothing for request {rid}")
-        return final
+        return _Run(final, time.perf_counter() - started, first_token_s, alone, cut=False)
 
     async def score(
         self, prompt_ids: list[int], token_ids: list[int], *, adapter: AdapterRef | None = None
@@ -385,8 +425,7 @@ class EmbeddedEngine:
             max_tokens=1, temperature=0.0, prompt_logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY
         )
         rid = f"heedful-score-{uuid.uuid4().hex}"
-        final = await self._run(ids, params, adapter, rid, "scoring")
-        steps = final.prompt_logprobs
+        steps = (await self._run(ids, params, adapter, rid, "scoring")).final.prompt_logprobs
         if not steps or len(steps) != len(ids):
             raise EngineError(f"the embedded engine returned no prompt log-probs for request {rid}")
         return [steps[len(prompt_ids) + i][tok].logprob for i, tok in enumerate(token_ids)]

@@ -113,6 +113,7 @@ class RemoteEngine:
         adapter: AdapterRef | None = None,
         seed: int | None = None,
         request_id: str | None = None,
+        deadline_s: float | None = None,
     ) -> Generation:
         assert self._tokenizer is not None or self._client is None
         self._require()
@@ -139,7 +140,12 @@ class RemoteEngine:
         if seed is not None:
             body["seed"] = seed
         started = time.perf_counter()
-        resp = await self._post("/v1/completions", body)
+        try:
+            # The answer comes whole (no stream): at the deadline there is nothing to give but the wait's end.
+            resp = await asyncio.wait_for(self._post("/v1/completions", body), deadline_s)
+        except TimeoutError:
+            await self.abort(rid)
+            raise TimeoutError(f"request {rid} produced nothing within its deadline of {deadline_s} s") from None
         elapsed = time.perf_counter() - started
         if resp.status_code != 200:
             raise EngineError(

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
+import textwrap
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -282,6 +286,75 @@ async def test_the_default_embedded_engine_reports_loading_then_serves(tmp_path:
         client.open(uri, "def square(x):\n    ")
         item = await serve_item(client, uri, 1, 4)
         assert "x" in str(item.insert_text)
+
+
+async def test_prompts_are_sized_to_the_engines_speed_and_a_late_answer_keeps_its_finished_lines(
+    tmp_path: Any, small_model: Any
+) -> None:
+    """The embedded engine times itself reading a prompt; a 1 ms prefill target leaves the smallest budget
+    (256 tokens), so a long real file's prompt is cut to it. A developer whose timeout falls in the middle
+    of a long multi-line answer is shown the lines finished by then: the start of the whole answer, as
+    it would have been shown."""
+    config = tmp_path / "heedful.toml"
+    db = tmp_path / "h.db"
+    config.write_text(
+        f'[model]\npath = "{small_model}"\n\n[engine]\nkv_cache_gib = 1\n\n'
+        "[completion]\ntimeout_ms = 120000\ntemperature = 0.0\ngroup_sample_rate = 0.0\nprefill_target_ms = 1\n"
+        f'max_tokens = 160\n\n[database]\nurl = "sqlite+aiosqlite:///{db}"\n'
+    )
+    log = tmp_path / "server.log"
+    source = Path(textwrap.__file__).read_text(encoding="utf-8") + "\n\ndef square(x):\n    return "
+    walk = "import os\n\n\ndef walk_tree(root):\n    \n"
+    async with running_client("neovim", config, log, {"developerId": "dev-budget"}) as client:
+        await client.wait_status("ready", timeout=600)
+        uri = "file:///work/textwrap_copy.py"
+        client.open(uri, source)
+        last = source.count("\n")
+        item = await serve_item(client, uri, last, len("    return "))
+        assert "context budget 256 tokens: the engine reads" in log.read_text()
+        ids = await prompt_token_ids(db, completion_id(item))
+        # The budget holds the file's text; the model's fill-in-the-middle markers come on top.
+        assert 100 < len(ids) <= 256 + 8
+        client.open("file:///work/walk.py", walk)
+        started = time.perf_counter()
+        whole = await serve_item(client, "file:///work/walk.py", 4, 4)
+        seconds = time.perf_counter() - started
+    lines = str(whole.insert_text).splitlines()
+    if len(lines) < 2:
+        pytest.skip(f"the model answered {len(lines)} line: nothing to cut in the middle")
+    teams = tmp_path / "teams"
+    teams.mkdir()
+    (teams / "t.toml").write_text(f'[developers."dev-late".completion]\ntimeout_ms = {max(50, int(seconds * 500))}\n')
+    timed = log.read_text().count("prompt tokens in")
+    async with running_client("neovim", config, log, {"developerId": "dev-late", "team": "t"}) as late:
+        await late.wait_status("ready", timeout=600)
+        # The server times its engine once it is up; the request waits for that, so let it end first.
+        for _ in range(600):
+            if log.read_text().count("prompt tokens in") > timed:
+                break
+            await asyncio.sleep(0.1)
+        late.open("file:///work/walk.py", walk)
+        cut = await late.inline("file:///work/walk.py", 4, 4)
+    text = log.read_text()
+    if cut is None:  # not even the first line was finished in time: said so in the log
+        assert "the engine took longer than" in text
+        return
+    shown = str(cut.items[0].insert_text)
+    # Cut at the deadline: the lines finished by then, post-processed as any answer (which may cut the
+    # whole answer's tail anyway, so the two can be equal).
+    assert "finished lines shown" in text
+    assert str(whole.insert_text).startswith(shown) and shown.strip()
+
+
+async def prompt_token_ids(db: Path, completion: str) -> list[int]:
+    """The stored prompt of a completion (the store's writer commits it shortly after the answer)."""
+    for _ in range(100):
+        with sqlite3.connect(db) as conn:
+            row = conn.execute("SELECT prompt_token_ids FROM completions WHERE id = ?", (completion,)).fetchone()
+        if row is not None:
+            return list(json.loads(row[0]))
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"completion {completion} was not stored within 10 s")
 
 
 async def test_team_and_developer_settings_apply_to_the_session(lsp_setup: ServerSetup) -> None:

@@ -1,0 +1,57 @@
+"""How many tokens of context a completion's prompt may have on this machine, learned from the engine.
+
+Reading the prompt (prefill) is most of a cold completion's time on a CPU, and it grows with the prompt:
+a 1,536-token prompt takes about 2 s on two AMD EPYC cores and well under 1 s where AMX units do the
+work. `PrefillClock` keeps the engine's own recent figures (seconds per prompt token it had to read, from
+requests that ran alone in the engine) and turns `completion.prefill_target_ms` into a token budget: the
+most tokens the engine reads in that time, rounded down to `STEP_TOKENS` so that the prompt's start moves
+rarely (the prefix cache keeps what a keystroke's prompt shares with the last one), never below
+`FLOOR_TOKENS` nor above `completion.context_tokens`.
+
+The rate is the median over the last `WINDOW` samples: one request slowed by something else on the
+machine moves nothing, a machine that stays busier (a training round beside the server) shrinks the
+budget, and five quiet requests bring it back. Requests that read fewer than `MIN_SAMPLE_TOKENS` (a keystroke whose
+prompt the prefix cache mostly held) are not samples: their fixed costs would look like a slow rate.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+STEP_TOKENS = 128
+FLOOR_TOKENS = 256
+MIN_SAMPLE_TOKENS = 128
+WINDOW = 9
+
+
+class PrefillClock:
+    """The engine's prompt-reading speed on this machine, and the context budget it allows."""
+
+    def __init__(self, window: int = WINDOW) -> None:
+        self._rates: deque[float] = deque(maxlen=window)
+
+    def observe(self, read_tokens: int, seconds: float) -> bool:
+        """Record that the engine read `read_tokens` prompt tokens (those its prefix cache did not hold)
+        in `seconds` (to the first new token). Returns whether it counted as a sample."""
+        if read_tokens < MIN_SAMPLE_TOKENS or not seconds > 0:
+            return False
+        self._rates.append(seconds / read_tokens)
+        return True
+
+    @property
+    def samples(self) -> int:
+        return len(self._rates)
+
+    def seconds_per_token(self) -> float | None:
+        """The median rate of the recent samples, or None before the first."""
+        return statistics.median(self._rates) if self._rates else None
+
+    def budget(self, context_tokens: int, target_ms: int) -> int:
+        """The prompt's token budget: `context_tokens`, or less where reading it would take longer than
+        `target_ms` (0: no target)."""
+        rate = self.seconds_per_token()
+        if target_ms <= 0 or rate is None:
+            return context_tokens
+        fits = int(target_ms / 1000 / rate) // STEP_TOKENS * STEP_TOKENS
+        return min(context_tokens, max(FLOOR_TOKENS, fits))

@@ -1,0 +1,54 @@
+"""The context budget learned from the engine's prompt-reading speed (`lsp_handlers.budget.PrefillClock`),
+against hand-computed values."""
+
+from __future__ import annotations
+
+from lsp_handlers.budget import FLOOR_TOKENS, MIN_SAMPLE_TOKENS, PrefillClock
+
+
+def test_without_a_sample_or_a_target_the_budget_is_the_settings_own() -> None:
+    clock = PrefillClock()
+    assert clock.budget(1536, 600) == 1536
+    clock.observe(1000, 2.0)
+    assert clock.budget(1536, 0) == 1536
+
+
+def test_the_budget_is_what_the_engine_reads_in_the_target_time_in_steps_of_128() -> None:
+    clock = PrefillClock()
+    # 1,445 tokens in 1.95 s: 1.3495 ms a token; 600 ms reads 444.6 tokens -> 384 (3 x 128).
+    assert clock.observe(1445, 1.95)
+    assert clock.budget(1536, 600) == 384
+    # 700 ms: 518.7 tokens -> 512.
+    assert clock.budget(1536, 700) == 512
+
+
+def test_a_fast_engine_keeps_the_whole_context_and_a_very_slow_one_keeps_the_floor() -> None:
+    fast = PrefillClock()
+    fast.observe(1024, 0.256)  # 0.25 ms a token: 600 ms reads 2,400 tokens
+    assert fast.budget(1536, 600) == 1536
+    slow = PrefillClock()
+    slow.observe(512, 5.12)  # 10 ms a token: 600 ms reads 60 tokens
+    assert slow.budget(1536, 600) == FLOOR_TOKENS
+    assert slow.budget(200, 600) == 200  # never above the settings' own budget
+
+
+def test_the_rate_is_the_median_of_the_window_so_one_slow_request_moves_nothing() -> None:
+    clock = PrefillClock(window=3)
+    clock.observe(1000, 1.0)  # 1 ms a token
+    clock.observe(1000, 1.0)
+    clock.observe(1000, 9.0)  # slowed by something else on the machine
+    assert clock.seconds_per_token() == 0.001
+    assert clock.budget(1536, 600) == 512  # 600 tokens -> 512
+    # The window keeps the last 3: two slow ones make the median slow.
+    clock.observe(1000, 3.0)
+    assert clock.seconds_per_token() == 0.003
+    assert clock.budget(1536, 600) == FLOOR_TOKENS  # 200 tokens -> 128, below the floor
+
+
+def test_requests_that_read_few_tokens_are_not_samples() -> None:
+    clock = PrefillClock()
+    assert not clock.observe(MIN_SAMPLE_TOKENS - 1, 0.5)  # a keystroke whose prompt the cache held
+    assert not clock.observe(1000, 0.0)
+    assert not clock.observe(1000, float("nan"))
+    assert clock.samples == 0
+    assert clock.seconds_per_token() is None
