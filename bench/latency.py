@@ -68,6 +68,7 @@ from bench.lsp import (
     Request,
     bench_config,
     fill_prompts,
+    learned_budget,
     log_tail,
     report_or_exit,
     server_command,
@@ -140,12 +141,6 @@ def tagged(requests: list[Request], tag: str) -> list[Request]:
 
 # `--context-tokens N`: every server's prompt budget is N tokens, not learned from its engine.
 FIXED_BUDGET: dict[str, int] = {}
-
-
-def learned_budget(log: Path) -> int | None:
-    """The context budget a server learned from its engine's speed (its last "context budget" line)."""
-    found = re.findall(r"context budget (\d+) tokens", log.read_text(encoding="utf-8", errors="replace"))
-    return int(found[-1]) if found else None
 
 
 def write_config(

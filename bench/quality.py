@@ -43,7 +43,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import shutil
 import statistics
 import sys
@@ -65,6 +64,7 @@ from bench.lsp import (
     bench_config,
     close_stdio_server,
     drain,
+    learned_budget,
     report_or_exit,
     server_command,
 )
@@ -372,8 +372,7 @@ async def run_config(
     finally:
         await close_stdio_server(client, proc, drainer)
     if context_tokens is None:
-        found = re.findall(r"context budget (\d+) tokens", log.read_text(encoding="utf-8", errors="replace"))
-        result.learned_budget = int(found[-1]) if found else None
+        result.learned_budget = learned_budget(log)
     return result
 
 
