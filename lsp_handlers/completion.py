@@ -107,6 +107,12 @@ _CALIBRATION_TEXT = "".join(f"def step_{i}(value):\n    return value * {i} + {i 
 _DEADLINE_GRACE_S = 0.25
 
 
+def _too_slow(req: CompletionRequest) -> None:
+    log.warning(
+        "no completion for %s: the engine took longer than %d ms", req.doc.uri, req.settings.completion.timeout_ms
+    )
+
+
 class CompletionService:
     """Serves completions for the connections of one process (they share the engine and the store)."""
 
@@ -286,11 +292,7 @@ class CompletionService:
             # Cut at the timeout: the lines it finished are worth showing, a line half-written is not.
             generated = generated[: generated.rfind("\n") + 1] if not req.single else ""
             if not generated.strip():
-                log.warning(
-                    "no completion for %s: the engine took longer than %d ms",
-                    req.doc.uri,
-                    req.settings.completion.timeout_ms,
-                )
+                _too_slow(req)
                 return None
             log.info(
                 "completion for %s cut at %d ms: %d finished lines shown",
@@ -372,7 +374,7 @@ class CompletionService:
                 timeout=left_s + _DEADLINE_GRACE_S,
             )
         except TimeoutError:
-            log.warning("no completion for %s: the engine took longer than %d ms", req.doc.uri, c.timeout_ms)
+            _too_slow(req)
             await self._abort(engine, request_id)
             return None
         except asyncio.CancelledError:

@@ -86,7 +86,7 @@ class _Run:
 
     final: Any  # vLLM's last RequestOutput
     elapsed_s: float
-    first_token_s: float | None  # to the first output (streamed requests)
+    first_token_s: float | None  # from admission to the first output (streamed requests)
     alone: bool  # no other request was in the engine when it was admitted
     cut: bool  # stopped at its deadline: `final` is the output so far
 
@@ -383,11 +383,13 @@ class EmbeddedEngine:
                 merged = await self._enter(adapter)
                 entered = True
                 alone = self._inflight == 1
+                # The first token is timed from admission: a wait at the merge barrier is not reading time.
+                admitted = time.perf_counter()
                 if merged is not None:
                     lora = None  # this request's adapter is in the weights
                 async for out in llm.generate({"prompt_token_ids": prompt_ids}, params, rid, lora_request=lora):
                     if first_token_s is None:
-                        first_token_s = time.perf_counter() - started
+                        first_token_s = time.perf_counter() - admitted
                     final = out
         except TimeoutError:
             await self.abort(rid)
