@@ -28,10 +28,11 @@ cursors (`--seed`) through its own `heedful serve` (embedded engine, greedy, no 
 timeout lifted so that quality is measured on every case), and its client-side p50 latency is printed
 beside its scores. Prompt styles: `fim` (the model's fill-in-the-middle template: prefix and suffix) and
 `prefix` (`model.fim_template = "none"`: the text before the cursor only). A model without FIM tokens
-runs `prefix` only.
+runs `prefix` only. `--quantization int8` serves the model's int8 (W8A8) copy (`engine.quantization`).
 
     .venv/bin/python -m bench.quality [--model NAME ...] [--style fim|prefix ...] [--humaneval 80]
-        [--stdlib 80] [--repo 0] [--crossfile SHARE ...] [--context-tokens N|learned ...] [--seed 0]
+        [--stdlib 80] [--repo 0] [--crossfile SHARE ...] [--context-tokens N|learned ...]
+        [--quantization none|int8 ...] [--seed 0]
         [--max-tokens 64] [--json]
 """
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -308,6 +310,7 @@ class ConfigResult:
     outcomes: list[Outcome] = field(default_factory=list)
     engine_start_s: float = 0.0
     learned_budget: int | None = None  # the server's last "context budget" line
+    quantization: str = "none"  # engine.quantization
 
 
 async def complete(client: BenchClient, case: Case, uri: str) -> tuple[str, float]:
@@ -334,6 +337,7 @@ async def run_config(
     crossfile: float = 0.0,
     workspace: Path | None = None,
     context_tokens: int | None = None,
+    quantization: str = "none",
 ) -> ConfigResult:
     from kernel import paths
     from server.model_prep import known_model
@@ -341,12 +345,19 @@ async def run_config(
     folder = paths.model_dir(known_model(model).title)
     if not (folder / "config.json").exists():
         raise BenchError(f"model {model} is not prepared at {folder}: run `heedful model prepare --model {model}`")
-    name = f"{model}-{style}-crossfile-{crossfile:g}-context-{context_tokens or 'learned'}"
+    name = f"{model}-{style}-crossfile-{crossfile:g}-context-{context_tokens or 'learned'}-weights-{quantization}"
     completion: dict[str, Any] = {"max_tokens": max_tokens, "timeout_ms": 600_000, "crossfile_share": crossfile}
     if context_tokens is not None:
         completion |= {"context_tokens": context_tokens, "prefill_target_ms": 0}
     config, _ = bench_config(
-        tmp, name, folder, {"model": {"fim_template": "auto" if style == "fim" else "none"}, "completion": completion}
+        tmp,
+        name,
+        folder,
+        {
+            "model": {"fim_template": "auto" if style == "fim" else "none"},
+            "completion": completion,
+            "engine": {"quantization": quantization},
+        },
     )
     log = tmp / f"{name}.log"
     client = BenchClient(f"bench-quality-{name}", workspace=workspace)
@@ -354,7 +365,7 @@ async def run_config(
     proc = cast(asyncio.subprocess.Process, client.lc._server)
     assert proc.stderr is not None
     drainer = asyncio.create_task(drain(proc.stderr, log))
-    result = ConfigResult(model, style, crossfile, context_tokens)
+    result = ConfigResult(model, style, crossfile, context_tokens, quantization=quantization)
     try:
         started = time.perf_counter()
         await asyncio.wait_for(client.initialize(), 120)
@@ -404,6 +415,7 @@ def score(result: ConfigResult) -> dict[str, Any]:
         # A fixed budget (`--context-tokens N`), or the one the server learned from its engine's speed.
         "context_tokens": result.context_tokens or result.learned_budget,
         "context_budget": "fixed" if result.context_tokens else "learned",
+        "quantization": result.quantization,
         "repo_cases": len(repo),
         "repo_exact": exact(repo),
         "repo_edit_similarity": similarity(repo),
@@ -449,21 +461,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if style == "fim" and not has_fim(model):
                     rows.append({"model": model, "style": style, "skipped": "the model has no FIM tokens"})
                     continue
-                for share in args.crossfile:
-                    for budget in args.context_tokens:
-                        result = await run_config(
-                            model,
-                            style,
-                            cases,
-                            args.max_tokens,
-                            Path(tmp_name),
-                            crossfile=share,
-                            workspace=workspace,
-                            context_tokens=budget,
-                        )
-                        row = score(result)
-                        rows.append(row)
-                        print(f"bench.quality: {model} {style} crossfile {share:g}: {json.dumps(row)}", file=sys.stderr)
+                for share, budget, weights in itertools.product(args.crossfile, args.context_tokens, args.quantization):
+                    result = await run_config(
+                        model,
+                        style,
+                        cases,
+                        args.max_tokens,
+                        Path(tmp_name),
+                        crossfile=share,
+                        workspace=workspace,
+                        context_tokens=budget,
+                        quantization=weights,
+                    )
+                    row = score(result)
+                    rows.append(row)
+                    print(f"bench.quality: {model} {style} crossfile {share:g}: {json.dumps(row)}", file=sys.stderr)
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -488,16 +500,17 @@ def print_table(report: dict[str, Any]) -> None:
     )
     print()
     print(
-        "| model | prompt | cross-file share | context tokens | HumanEval pass | HumanEval exact | stdlib exact | "
-        "stdlib edit sim. | repo exact | repo edit sim. | p50 latency | empty |"
+        "| model | prompt | weights | cross-file share | context tokens | HumanEval pass | HumanEval exact | "
+        "stdlib exact | stdlib edit sim. | repo exact | repo edit sim. | p50 latency | empty |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in report["rows"]:
         if "skipped" in row:
-            print(f"| {row['model']} | {row['style']} | | | {row['skipped']} | | | | | | | |")
+            print(f"| {row['model']} | {row['style']} | | | | {row['skipped']} | | | | | | | |")
             continue
         print(
-            f"| {row['model']} | {row['style']} | {row['crossfile_share']:g} | {row['context_tokens']} "
+            f"| {row['model']} | {row['style']} | {row.get('quantization', 'none')} | {row['crossfile_share']:g} | "
+            f"{row['context_tokens']} "
             f"({row['context_budget']}) | {_pct(row['humaneval_pass'])} | "
             f"{_pct(row['humaneval_exact'])} | {_pct(row['stdlib_exact'])} | {_sim(row['stdlib_edit_similarity'])} | "
             f"{_pct(row['repo_exact'])} | {_sim(row['repo_edit_similarity'])} | {row['latency_p50_s']:.2f} s | "
@@ -531,6 +544,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the prompt budget to run each configuration with (repeatable): N tokens fixed, or `learned` "
         "(the default: what the server learns from its engine's speed, completion.prefill_target_ms)",
     )
+    parser.add_argument(
+        "--quantization",
+        action="append",
+        choices=["none", "int8"],
+        help="engine.quantization to run each configuration with (repeatable; default none)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64, help="completion.max_tokens (default 64, as served)")
     parser.add_argument("--json", action="store_true")
@@ -539,6 +558,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.style = args.style or ["fim", "prefix"]
     args.crossfile = args.crossfile or [0.0]
     args.context_tokens = args.context_tokens or [None]
+    args.quantization = args.quantization or ["none"]
     return args
 
 

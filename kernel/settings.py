@@ -123,6 +123,14 @@ class EngineSettings:
     dtype: str = setting(
         "bfloat16", "Weight and activation type inside vLLM.", choices=("bfloat16", "float16", "float32")
     )
+    quantization: str = setting(
+        "none",
+        "Weights of the embedded engine's decoder projections. `none`: `engine.dtype` throughout; `int8`: "
+        "int8 weights with a scale per row and activations quantized per token (W8A8), made once from the "
+        "model folder into <data dir>/models/int8; on a CPU about 1.7x faster at reading prompts. Llama and "
+        "Qwen2 models only; adapters are served on top, merged or multi-LoRA.",
+        choices=("none", "int8"),
+    )
     kv_cache_gib: int = setting(
         1,
         "KV-cache size in whole GiB for the embedded engine on CPU (sets VLLM_CPU_KVCACHE_SPACE, which vLLM "

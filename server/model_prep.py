@@ -337,6 +337,24 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def publish_model_folder(out: Path, target: Path, tmp: Path, about: dict[str, object]) -> None:
+    """Write the manifest of the finished model folder `out` (`about`, the time, every file's size and
+    sha256), make it durable and put it at `target` in one rename; an older `target` goes into `tmp`
+    (a folder on the same file system that the caller removes)."""
+    files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(out.iterdir()) if f.is_file()}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        **about,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": files,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    fsync_tree(out)
+    if target.exists():
+        os.replace(target, tmp / "previous")
+    os.replace(out, target)
+
+
 def prepare_model(
     name: str = DEFAULT_MODEL, target: Path | None = None, *, force: bool = False, gguf: Path | None = None
 ) -> PrepareResult:
@@ -370,21 +388,7 @@ def prepare_model(
     try:
         out = tmp / "model"
         convert_gguf(gguf, out)
-        files = {
-            f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(out.iterdir()) if f.is_file()
-        }
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "source": source,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "files": files,
-        }
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        fsync_tree(out)
-        if target.exists():
-            old = tmp / "previous"
-            os.replace(target, old)
-        os.replace(out, target)
+        publish_model_folder(out, target, tmp, {"source": source})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     verify_model(target)

@@ -95,6 +95,9 @@ class EngineInfo:
     # settings asked for it (`engine.adapter_serving = auto`) and this machine cannot do it.
     adapter_serving: str = "multi-lora"
     adapter_serving_reason: str | None = None
+    # The served weights of the decoder projections: "none" (the engine's dtype) or "int8" (W8A8, the
+    # embedded engine with `engine.quantization = int8`; `model` is then the float folder they came from).
+    quantization: str = "none"
 
 
 @runtime_checkable

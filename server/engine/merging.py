@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.engine.adapters import check_adapter_dir
 from server.engine.base import AdapterError
+from server.engine.quantize import quantized_from
 
 if TYPE_CHECKING:
     import torch
@@ -164,9 +165,10 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
 ONEDNN_PRIMITIVE_CACHE = 32
 
 
-def _weight_writer(layer: Any) -> Callable[[torch.Tensor], None]:
+def _weight_writer(layer: Any, dtype: torch.dtype | None = None) -> Callable[[torch.Tensor], None]:
     """How to put a new weight into a vLLM linear layer in place. Raises `MergeUnsupported` before
-    anything is written when the layer's kernel keeps its weight where it cannot be rewritten.
+    anything is written when the layer's kernel keeps its weight where it cannot be rewritten. `dtype`:
+    the engine's activation type (what an int8 layer's kernel writes out).
 
     vLLM's CPU backend picks one kernel per layer (`dispatch_cpu_unquantized_gemm`) and may drop the
     layer's own weight, keeping only the kernel's copy:
@@ -177,7 +179,8 @@ def _weight_writer(layer: Any) -> Callable[[torch.Tensor], None]:
       oneDNN matmul handler in the cell `handler`, which holds its own reordered copy of the weight. The
       handler's address lives in a one-element tensor (`handler_tensor`); a new native handler is built
       from the new weight, its address written into that tensor, and the old native handler released;
-    * the plain `torch.nn.functional.linear` fallback (and GPUs): the layer's weight parameter.
+    * the plain `torch.nn.functional.linear` fallback (and GPUs): the layer's weight parameter;
+    * int8 layers (`engine.quantization = int8`): the new weight is quantized first (`_int8_writer`).
 
     In place matters: whatever holds the tensors (the kernel closure, a compiled graph) sees the new
     weight without being rebuilt. Kernels whose copy is opaque in any other way (zentorch's prepacked
@@ -185,6 +188,9 @@ def _weight_writer(layer: Any) -> Callable[[torch.Tensor], None]:
     """
     import torch
 
+    scheme = getattr(layer, "scheme", None)
+    if scheme is not None:  # a quantized layer (compressed-tensors): its kernel holds the weight
+        return _int8_writer(layer, getattr(scheme, "kernel", None), dtype)
     gemm = getattr(layer, "cpu_linear", None)
     closure = getattr(gemm, "__closure__", None) or ()
     cells = dict(zip(getattr(getattr(gemm, "__code__", None), "co_freevars", ()), closure, strict=False))
@@ -247,6 +253,83 @@ def _onednn_writer(layer: Any, handler: Any) -> Callable[[torch.Tensor], None]:
     return write_onednn
 
 
+def _int8_writer(layer: Any, kernel: Any, dtype: torch.dtype | None) -> Callable[[torch.Tensor], None]:
+    """The writer for a W8A8 int8 layer served by vLLM's CPU int8 kernel (`CPUInt8ScaledMMLinearKernel`).
+
+    The new float weight is quantized with `quantize.quantize_rows`, the function that made the int8
+    folder, so writing the pristine float weight back gives exactly the loaded int8 weight and scales.
+
+    * oneDNN (CPUs without AMX): the kernel's `dnnl_handler` holds a reordered copy of the int8 weight and
+      a pointer to the scales tensor; a new handler is built from the new weight and scales (the scales
+      tensor kept alive on the layer), its address written into the handler's slot and the old released;
+    * AMX ("sgl"): the packed int8 weight and the scales are layer parameters, overwritten in place.
+
+    Any other kernel (zentorch's, another vLLM's layout, asymmetric or static activation scales) is refused.
+    """
+    import torch
+
+    from server.engine.quantize import quantize_rows
+
+    kind = type(kernel).__name__
+    method = getattr(getattr(kernel, "linear_method", None), "__name__", "")
+    config = getattr(kernel, "config", None)
+    ops = torch.ops._C
+    refused = MergeUnsupported(
+        f"vLLM serves {type(layer).__name__} through {kind} ({method or 'no method'}), whose int8 weights "
+        "Heedful cannot rewrite; adapters are served through multi-LoRA"
+    )
+    if (
+        kind != "CPUInt8ScaledMMLinearKernel"
+        or not getattr(config, "input_symmetric", False)
+        or getattr(config, "is_static_input_scheme", True)
+    ):
+        raise refused
+    if method == "_apply_weights_sgl":
+        packed, scales = getattr(layer, "weight", None), getattr(layer, "weight_scale", None)
+        if not isinstance(packed, torch.Tensor) or not isinstance(scales, torch.Tensor):
+            raise refused
+
+        def write_sgl(weight: torch.Tensor) -> None:
+            q, scale = quantize_rows(weight)
+            fresh = ops.convert_weight_packed(q)
+            if fresh.shape != packed.shape or fresh.dtype != packed.dtype:
+                raise MergeUnsupported("the CPU backend packed this int8 weight differently than before: cannot merge")
+            packed.data.copy_(fresh)
+            scales.data.copy_(scale.view_as(scales))
+
+        return write_sgl
+    handler = getattr(kernel, "dnnl_handler", None)
+    slot = getattr(handler, "handler_tensor", None)
+    shape = (getattr(handler, "n", None), getattr(handler, "k", None))
+    if (
+        method != "_apply_weights_onednn"
+        or dtype is None
+        or not isinstance(slot, torch.Tensor)
+        or slot.numel() != 1
+        or not all(isinstance(d, int) and d > 0 for d in shape)
+        or not hasattr(ops, "create_onednn_scaled_mm_handler")
+        or not hasattr(ops, "release_dnnl_matmul_handler")
+    ):
+        raise refused
+    dynamic = getattr(layer, "input_scale", None) is None
+
+    def write_onednn(weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != shape:
+            raise MergeUnsupported(f"the oneDNN handler is for a {shape} weight, not {tuple(weight.shape)}")
+        q, scale = quantize_rows(weight)
+        # The handler reorders the weight into memory of its own but reads the scales where they are.
+        fresh = int(ops.create_onednn_scaled_mm_handler(q.t(), scale, dtype, dynamic, False, ONEDNN_PRIMITIVE_CACHE))
+        old = int(slot.item())
+        slot.fill_(fresh)
+        ops.release_dnnl_matmul_handler(old)
+        layer._heedful_weight_scale = scale
+        adj = getattr(layer, "azp_adj", None)
+        if isinstance(adj, torch.Tensor):
+            adj.data.copy_((q.t().sum(dim=0, keepdim=True, dtype=torch.float32) * scale.squeeze()).view_as(adj))
+
+    return write_onednn
+
+
 class MergeWorkerExtension:
     """Mixed into vLLM's worker class; methods run in the worker process via `collective_rpc`."""
 
@@ -279,6 +362,11 @@ class MergeWorkerExtension:
         if cached is not None:
             return cached
         model_dir = Path(self.model_config.model)  # type: ignore[attr-defined]
+        # An int8 folder's float weights are in the folder it was made from; they stay float32 until the
+        # int8 writer quantizes base + delta (`_int8_writer`).
+        source = quantized_from(model_dir)
+        dtype = torch.float32 if source else self.model_config.dtype  # type: ignore[attr-defined]
+        model_dir = source or model_dir
         if not hasattr(self, "_heedful_files"):
             self._heedful_files = _weight_files(model_dir)  # once: every projection looks its parts up here
         files = self._heedful_files
@@ -288,7 +376,7 @@ class MergeWorkerExtension:
             if key not in files:
                 raise MergeUnsupported(f"{model_dir} has no tensor {key}: cannot merge onto it")
             with safe_open(str(files[key]), framework="pt") as fh:
-                blocks.append(fh.get_tensor(key).to(self.model_config.dtype))  # type: ignore[attr-defined]
+                blocks.append(fh.get_tensor(key).to(dtype))
         cached = (torch.cat(blocks, dim=0), [int(b.shape[0]) for b in blocks])
         self._heedful_pristine[name] = cached
         return cached
@@ -307,7 +395,7 @@ class MergeWorkerExtension:
                 continue
             checked += 1
             try:
-                _weight_writer(layer)
+                _weight_writer(layer, self.model_config.dtype)  # type: ignore[attr-defined]
             except MergeUnsupported as exc:
                 refused.setdefault(str(exc), []).append(name)
         if not checked:
@@ -336,7 +424,7 @@ class MergeWorkerExtension:
             layer, parts = layers[name]
             base, sizes = self._heedful_base(name, parts)
             delta = fused_delta(parts, sizes, int(base.shape[1]), factors) if name in touched else None
-            updates.append((_weight_writer(layer), merged_weight(base, delta)))
+            updates.append((_weight_writer(layer, self.model_config.dtype), merged_weight(base, delta)))  # type: ignore[attr-defined]
         for write, weight in updates:
             write(weight)
         self._heedful_merged = touched

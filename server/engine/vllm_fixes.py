@@ -105,12 +105,43 @@ def pack_all_linear() -> None:
         utils._CPU_SGL_GEMM_MAX_WEIGHT_BYTES = 16 << 20
 
 
+def keep_int8_weight_shape() -> None:
+    """Let LoRA wrap vLLM's CPU int8 layers served through oneDNN (`engine.quantization = int8`).
+
+    That kernel hands the int8 weight to a oneDNN handler and sets the layer's `weight` to None; vLLM's
+    LoRA layers then fail at start reading `base_layer.weight.device` (and `.shape` for dummy adapters).
+    After the kernel has taken the weight, the layer gets a one-byte placeholder of the loaded shape
+    ([out, in], int8, every element the same byte, never read by the kernel) in its place.
+    """
+    try:
+        from vllm.model_executor.kernels.linear.scaled_mm.cpu import CPUInt8ScaledMMLinearKernel
+    except ImportError:
+        return
+    original = CPUInt8ScaledMMLinearKernel.process_weights_for_onednn
+    if getattr(original, _PATCHED, False):
+        return
+
+    def process_weights_for_onednn(self: Any, layer: Any) -> None:
+        import torch
+
+        name = self.layer_param_names[0]
+        shape = tuple(getattr(layer, name).shape)
+        original(self, layer)
+        if getattr(layer, name, None) is None:
+            placeholder = torch.zeros(1, dtype=torch.int8).expand(*shape)
+            setattr(layer, name, torch.nn.Parameter(placeholder, requires_grad=False))
+
+    setattr(process_weights_for_onednn, _PATCHED, True)
+    CPUInt8ScaledMMLinearKernel.process_weights_for_onednn = process_weights_for_onednn
+
+
 def apply() -> None:
     """Install the fixed kernels wherever vLLM's CPU LoRA path looks them up (idempotent)."""
     import os
 
     if os.environ.get(PACK_ALL_ENV) == "1":
         pack_all_linear()
+    keep_int8_weight_shape()
     try:
         import vllm.lora.ops.torch_ops as package
         from vllm.lora.ops.torch_ops import lora_ops

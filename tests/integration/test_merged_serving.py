@@ -64,6 +64,13 @@ def short_window(engine_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> 
     return WINDOW_S
 
 
+def assert_base_restored(base: list[Any], again: list[Any]) -> None:
+    """After unmerging, the same prompts give the very tokens and log-probs the base weights gave."""
+    for a, b in zip(again, base, strict=True):
+        assert a.candidates[0].token_ids == b.candidates[0].token_ids
+        assert a.candidates[0].logprobs == pytest.approx(b.candidates[0].logprobs, abs=1e-6)
+
+
 async def _settle(engine: EmbeddedEngine) -> None:
     """Let the window forget earlier requests."""
     await asyncio.sleep(WINDOW_S * 1.5)
@@ -123,10 +130,7 @@ async def test_merged_serves_what_multi_lora_serves(
             await engine.unload_adapter(ref)
         # Unloading the merged adapter restores the base weights exactly: same greedy tokens, same log-probs.
         assert engine.merged_adapter is None
-        again = [await engine.generate(p, max_tokens=16) for p in PROMPTS]
-        for a, b in zip(again, base, strict=True):
-            assert a.candidates[0].token_ids == b.candidates[0].token_ids
-            assert a.candidates[0].logprobs == pytest.approx(b.candidates[0].logprobs, abs=1e-6)
+        assert_base_restored(base, [await engine.generate(p, max_tokens=16) for p in PROMPTS])
 
 
 async def test_switching_scopes_never_serves_another_scopes_weights(
