@@ -33,7 +33,9 @@ Cases, each with p50/p95/p99 over the same requests:
 The CPU model and llama.cpp's build flags are printed with the figures.
 
     .venv/bin/python -m bench.latency [--requests 40] [--sessions 8] [--typing 12] [--no-llama-cpp]
-        [--context-tokens N] [--json]
+        [--context-tokens N] [--quantization none|int8] [--json]
+
+`--quantization int8` serves every vLLM case from the model's int8 (W8A8) copy (`engine.quantization`).
 """
 
 from __future__ import annotations
@@ -141,6 +143,8 @@ def tagged(requests: list[Request], tag: str) -> list[Request]:
 
 # `--context-tokens N`: every server's prompt budget is N tokens, not learned from its engine.
 FIXED_BUDGET: dict[str, int] = {}
+# `--quantization int8`: every engine of the run (servers and raw vLLM) serves the int8 weights.
+WEIGHTS: dict[str, str] = {"quantization": "none"}
 
 
 def write_config(
@@ -163,6 +167,7 @@ def write_config(
                 "adapter_serving": adapter_serving,
                 "enable_prefix_caching": prefix_caching,
                 "merge_window_s": MERGE_WINDOW_S,
+                **WEIGHTS,
             },
             "completion": completion,
         },
@@ -404,6 +409,7 @@ async def raw_vllm(prompts: list[list[int]], sessions: int) -> dict[str, Case]:
     settings = Settings()
     settings.engine.adapter_serving = "lora"
     settings.engine.enable_prefix_caching = False
+    settings.engine.quantization = WEIGHTS["quantization"]
     engine = EmbeddedEngine(settings)
     await engine.start()
     try:
@@ -574,6 +580,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "timeout_ms": timeout_ms,
         "budget": "fixed (--context-tokens)" if FIXED_BUDGET else "learned by the server (prefill_target_ms)",
         "cpu": cpu_model(),
+        "quantization": WEIGHTS["quantization"],
         "llama_cpp_build": llama_cpp_cmake_args(),
         "results": figures,
         "typing_answered_from_suggestion": type_through,
@@ -600,7 +607,10 @@ def print_table(r: dict[str, Any]) -> None:
         f"single-line completion latency: {r['requests']} stdlib cursors, prompts {r['prompt_tokens']:.0f} tokens on "
         f"average, up to {r['max_tokens']} new tokens, greedy, stop at the line end, {r['cores']} cores"
     )
-    print(f"context budget {r['context_tokens']} tokens, {r['budget']}")
+    print(
+        f"context budget {r['context_tokens']} tokens, {r['budget']}; vLLM weights: "
+        + ("int8 (engine.quantization = int8)" if r.get("quantization") == "int8" else "bfloat16")
+    )
     print(f"CPU: {r['cpu']}; llama.cpp built with {r['llama_cpp_build']}")
     head = f"{'case':<34}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'tokens':>8}{'nulls':>7}"
     print(head + f"{'<= ' + str(r['timeout_ms']) + ' ms':>12}")
@@ -643,8 +653,16 @@ async def main() -> None:
         help="a fixed prompt budget for every server (completion.context_tokens, prefill_target_ms = 0); "
         "default: what each server learns from its engine's speed",
     )
+    parser.add_argument(
+        "--quantization",
+        choices=["none", "int8"],
+        default="none",
+        help="engine.quantization of every engine in the run (the servers' and raw vLLM's; llama.cpp keeps its "
+        "Q4_K_M GGUF)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
+    WEIGHTS["quantization"] = args.quantization
     if args.context_tokens is not None:
         FIXED_BUDGET.update(context_tokens=args.context_tokens, prefill_target_ms=0)
     if args.requests < args.sessions or args.sessions < 1:

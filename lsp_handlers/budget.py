@@ -8,6 +8,11 @@ most tokens the engine reads in that time, rounded down to `STEP_TOKENS` so that
 rarely (the prefix cache keeps what a keystroke's prompt shares with the last one), never below
 `FLOOR_TOKENS` nor above `completion.context_tokens`.
 
+A budget grows only when the engine reads `UP_MARGIN` (5 %) more than the bigger budget needs, and shrinks
+as soon as it reads less than the current one: an engine whose speed sits on a step's edge (600 ms reading
+511 tokens one minute and 514 the next) keeps one budget instead of switching between 384 and 512, and a
+prompt whose budget switches starts somewhere else, which the prefix cache cannot reuse.
+
 The rate is the median over the last `WINDOW` samples: one request slowed by something else on the
 machine moves nothing, a machine that stays busier (a training round beside the server) shrinks the
 budget, and five quiet requests bring it back. Requests that read fewer than `MIN_SAMPLE_TOKENS` (a keystroke whose
@@ -23,6 +28,7 @@ STEP_TOKENS = 128
 FLOOR_TOKENS = 256
 MIN_SAMPLE_TOKENS = 128
 WINDOW = 9
+UP_MARGIN = 0.05
 
 
 class PrefillClock:
@@ -30,6 +36,7 @@ class PrefillClock:
 
     def __init__(self, window: int = WINDOW) -> None:
         self._rates: deque[float] = deque(maxlen=window)
+        self._given: dict[tuple[int, int], int] = {}  # (context_tokens, target_ms) -> the budget last given
 
     def observe(self, read_tokens: int, seconds: float) -> bool:
         """Record that the engine read `read_tokens` prompt tokens (those its prefix cache did not hold)
@@ -53,5 +60,12 @@ class PrefillClock:
         rate = self.seconds_per_token()
         if target_ms <= 0 or rate is None:
             return context_tokens
-        fits = int(target_ms / 1000 / rate) // STEP_TOKENS * STEP_TOKENS
-        return min(context_tokens, max(FLOOR_TOKENS, fits))
+        tokens = target_ms / 1000 / rate
+        fits = int(tokens) // STEP_TOKENS * STEP_TOKENS
+        key = (context_tokens, target_ms)
+        last = self._given.get(key)
+        if last is not None and fits > last:  # grow only by the steps the engine reads with the margin
+            fits = max(last, int(tokens / (1 + UP_MARGIN)) // STEP_TOKENS * STEP_TOKENS)
+        budget = min(context_tokens, max(FLOOR_TOKENS, fits))
+        self._given[key] = budget
+        return budget

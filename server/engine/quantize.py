@@ -14,9 +14,9 @@ checkpoint; this module writes one from a prepared float folder, once, next to t
   adapter's update and quantizes the sum with the same `quantize_rows`, so that unmerging gives back
   exactly the int8 weights of this folder.
 
-The quantized folder lives in `<data dir>/models/int8/<float folder's name>-<key>`, the key a digest of the
-float folder's weights (their manifest checksums, or sizes and times for an admin's own folder), so a
-re-prepared model gets a new int8 folder instead of a stale one.
+The quantized folder lives in `<cache dir>/int8/<float folder's name>-<key>` (it can be made again at any
+time), the key a digest of the float folder's weights (their manifest checksums, or sizes and times for an
+admin's own folder), so a re-prepared model gets a new int8 folder instead of a stale one.
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ def source_key(model_dir: Path) -> str:
 
 
 def int8_dir_for(model_dir: Path) -> Path:
-    """Where the int8 copy of the float model folder `model_dir` lives."""
-    return paths.data_dir() / "models" / "int8" / f"{model_dir.name}-{source_key(model_dir)}"
+    """Where the int8 copy of the float model folder `model_dir` lives: in the cache, since it can be made
+    again from the model folder at any time."""
+    return paths.cache_dir() / "int8" / f"{model_dir.name}-{source_key(model_dir)}"
 
 
 def quantized_from(model_dir: Path) -> Path | None:

@@ -52,3 +52,19 @@ def test_requests_that_read_few_tokens_are_not_samples() -> None:
     assert not clock.observe(1000, float("nan"))
     assert clock.samples == 0
     assert clock.seconds_per_token() is None
+
+
+def test_a_speed_on_a_steps_edge_keeps_one_budget() -> None:
+    clock = PrefillClock(window=1)
+    clock.observe(1000, 1000 / 852)  # 852 tokens a second: 600 ms reads 511.2 tokens -> 384
+    assert clock.budget(1536, 600) == 384
+    clock.observe(1000, 1000 / 857)  # 514.2 tokens: over 512, but not by 5 % (537.6): stays 384
+    assert clock.budget(1536, 600) == 384
+    clock.observe(1000, 1000 / 900)  # 540 tokens >= 537.6: grows to 512
+    assert clock.budget(1536, 600) == 512
+    clock.observe(1000, 1000 / 852)  # 511.2 tokens < 512: shrinks at once
+    assert clock.budget(1536, 600) == 384
+    clock.observe(1000, 1000 / 1100)  # 660 tokens: 640 needs 672, 512 needs 537.6 -> 512
+    assert clock.budget(1536, 600) == 512
+    # Another developer's settings (another target) have a budget of their own: 700 ms reads 770 -> 768.
+    assert clock.budget(1536, 700) == 768
