@@ -3,9 +3,12 @@
 Prompts are function starts taken from the standard library's own sources (code nobody tuned to). Each
 prompt is completed with 16 new tokens, greedy, by: the embedded vLLM engine (base model), the same
 engine with a rank-8 LoRA adapter active, and Hugging Face `generate` on the same weights. Prints
-p50/p95/p99 and the ratio of each to the embedded engine's base latency.
+p50/p95/p99, the engine's time to its first token (reading the prompt) and the ratio of each to the
+embedded engine's base latency. `--quantization int8` (repeatable with `none`) runs the engine cases on the
+model's int8 (W8A8) copy as well (`engine.quantization`), one engine after the other; the CPU model is
+printed with the figures.
 
-    .venv/bin/python -m bench.engine [--prompts 20] [--rounds 2] [--json]
+    .venv/bin/python -m bench.engine [--prompts 20] [--rounds 2] [--quantization none|int8 ...] [--json]
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from server.engine.machine import cpu_model
 
 STDLIB_FILES = [
     "json/decoder.py",
@@ -63,12 +68,13 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     return {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99), "mean": statistics.fmean(ordered)}
 
 
-async def bench_engine(prompts: list[str], rounds: int, max_tokens: int) -> dict[str, Any]:
+async def bench_engine(prompts: list[str], rounds: int, max_tokens: int, quantization: str = "none") -> dict[str, Any]:
     from kernel.settings import resolve
     from server.engine import AdapterRef
     from server.engine.embedded import EmbeddedEngine
 
     settings = resolve(None).settings
+    settings.engine.quantization = quantization
     engine = EmbeddedEngine(settings)
     await engine.start()
     results: dict[str, Any] = {}
@@ -77,16 +83,23 @@ async def bench_engine(prompts: list[str], rounds: int, max_tokens: int) -> dict
             adapter_dir = make_adapter(settings.model_path(), Path(tmp) / "bench-adapter")
             adapter = AdapterRef("bench-adapter", 1, adapter_dir)
             await engine.load_adapter(adapter)
-            for label, ref in (("engine", None), ("engine+lora", adapter)):
+            name = "engine" if quantization == "none" else f"engine {quantization}"
+            for label, ref in ((name, None), (f"{name}+lora", adapter)):
                 await engine.generate(prompts[0], max_tokens=max_tokens, adapter=ref)  # warm-up
-                times, tokens = [], []
+                times, tokens, first = [], [], []
                 for _ in range(rounds):
                     for prompt in prompts:
                         start = time.perf_counter()
                         gen = await engine.generate(prompt, max_tokens=max_tokens, temperature=0.0, adapter=ref)
                         times.append(time.perf_counter() - start)
                         tokens.append(len(gen.candidates[0].token_ids))
-                results[label] = {**percentiles(times), "tokens": statistics.fmean(tokens)}
+                        if gen.timing.first_token_s is not None:
+                            first.append(gen.timing.first_token_s)
+                results[label] = {
+                    **percentiles(times),
+                    "tokens": statistics.fmean(tokens),
+                    "first_token_p50": statistics.median(first) if first else None,
+                }
     finally:
         await engine.close()
     return results
@@ -134,24 +147,34 @@ async def main() -> None:
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument(
+        "--quantization",
+        action="append",
+        choices=["none", "int8"],
+        help="engine.quantization of the engine cases (repeatable; default none)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     prompts = stdlib_prompts(args.prompts)
-    results = await bench_engine(prompts, args.rounds, args.max_tokens)
+    results: dict[str, Any] = {}
+    for quantization in args.quantization or ["none"]:
+        results |= await bench_engine(prompts, args.rounds, args.max_tokens, quantization)
     results["hf-generate"] = bench_hf(prompts, args.rounds, args.max_tokens)
-    base = results["engine"]["p50"]
+    base = next(iter(results.values()))["p50"]
     if args.json:
-        print(json.dumps({"prompts": len(prompts), "rounds": args.rounds, "results": results}, indent=2))
+        report = {"cpu": cpu_model(), "prompts": len(prompts), "rounds": args.rounds, "results": results}
+        print(json.dumps(report, indent=2))
         return
     print(
         f"single-line completion latency, {len(prompts)} stdlib prompts x {args.rounds} rounds, "
-        f"{args.max_tokens} new tokens, greedy, {len(os.sched_getaffinity(0))} cores"
+        f"{args.max_tokens} new tokens, greedy, {len(os.sched_getaffinity(0))} cores, CPU: {cpu_model()}"
     )
-    print(f"{'peer':<14}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'tokens':>8}{'p50 / engine p50':>19}")
+    print(f"{'peer':<18}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'first ms':>10}{'tokens':>8}{'p50 / first p50':>17}")
     for label, r in results.items():
+        first = r.get("first_token_p50")
         print(
-            f"{label:<14}{r['p50'] * 1000:>9.0f}{r['p95'] * 1000:>9.0f}{r['p99'] * 1000:>9.0f}"
-            f"{r['tokens']:>8.1f}{r['p50'] / base:>19.2f}"
+            f"{label:<18}{r['p50'] * 1000:>9.0f}{r['p95'] * 1000:>9.0f}{r['p99'] * 1000:>9.0f}"
+            f"{'' if first is None else f'{first * 1000:.0f}':>10}{r['tokens']:>8.1f}{r['p50'] / base:>17.2f}"
         )
 
 

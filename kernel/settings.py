@@ -127,9 +127,10 @@ class EngineSettings:
         "none",
         "Weights of the embedded engine's decoder projections. `none`: `engine.dtype` throughout; `int8`: "
         "int8 weights with a scale per row and activations quantized per token (W8A8), made once from the "
-        "model folder into <cache dir>/int8; on a CPU about 1.7x faster at reading prompts. Llama and "
-        "Qwen2 models only; adapters are served on top, merged or multi-LoRA.",
-        choices=("none", "int8"),
+        "model folder into <cache dir>/int8; on a CPU about 1.7x faster at reading prompts. Llama and Qwen2 "
+        "models only; adapters are served on top, merged or multi-LoRA. `auto`: `int8` on a CPU for such a "
+        "model, else `none`.",
+        choices=("auto", "none", "int8"),
     )
     kv_cache_gib: int = setting(
         1,

@@ -42,7 +42,7 @@ from server.engine.base import (
     Timing,
 )
 from server.engine.merging import MergeUnsupported, read_adapter
-from server.engine.quantize import ensure_int8
+from server.engine.quantize import chosen_quantization, ensure_int8
 from server.engine.tokens import LocalTokenizer
 from server.engine.vllm_fixes import PACK_ALL_ENV
 from server.model_prep import ModelError, verify_model
@@ -100,6 +100,7 @@ class EmbeddedEngine:
         self._model_path = model_path or settings.model_path()
         # What vLLM loads: the model folder, or its int8 copy (`engine.quantization`, made at start).
         self._serve_path = self._model_path
+        self._quantization = "none"  # what `engine.quantization` chose for this model and machine (at start)
         self._llm: Any = None
         self._tokenizer: LocalTokenizer | None = None
         self._adapters: dict[str, AdapterRef] = {}
@@ -129,7 +130,8 @@ class EmbeddedEngine:
         except ModelError as exc:
             raise EngineError(str(exc)) from None
         s = self._settings.engine
-        if s.quantization == "int8":
+        self._quantization = chosen_quantization(s.quantization, self._model_path, gpu=has_gpu())
+        if self._quantization == "int8":
             try:
                 self._serve_path = await asyncio.to_thread(ensure_int8, self._model_path)
             except ModelError as exc:
@@ -531,7 +533,7 @@ class EmbeddedEngine:
             merged_adapter=self.merged_adapter,
             adapter_serving="merged" if self._merge_enabled else "multi-lora",
             adapter_serving_reason=self._merge_unavailable,
-            quantization=self._settings.engine.quantization,
+            quantization=self._quantization,
         )
 
     async def close(self) -> None:

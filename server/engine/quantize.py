@@ -21,6 +21,7 @@ admin's own folder), so a re-prepared model gets a new int8 folder instead of a 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCHEME = "w8a8-int8"
-QUANTIZATIONS = ("none", "int8")
 # The projections of a Llama/Qwen2 decoder layer; vLLM runs each as an int8 linear layer.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODEL_TYPES = ("qwen2", "llama")
@@ -65,6 +65,21 @@ QUANTIZATION_CONFIG: dict[str, Any] = {
         }
     },
 }
+
+
+def chosen_quantization(setting: str, model_dir: Path, *, gpu: bool) -> str:
+    """What `engine.quantization` = `setting` serves for the model folder `model_dir`: `auto` is `int8` on a
+    CPU for a float Llama or Qwen2 model (int8 reads prompts faster there), else `none`."""
+    if setting != "auto":
+        return setting
+    if gpu:
+        return "none"
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "none"
+    quantizable = config.get("model_type") in MODEL_TYPES and not config.get("quantization_config")
+    return "int8" if quantizable else "none"
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,18 +187,22 @@ def quantize_model(source: Path, target: Path) -> None:
 
 
 def ensure_int8(source: Path) -> Path:
-    """The int8 copy of float model folder `source`, made now when there is none (or a broken one)."""
+    """The int8 copy of float model folder `source`, made now when there is none (or a broken one). Two
+    engines starting at once take turns (a lock file beside the copy): the second finds the first's."""
     target = int8_dir_for(source)
-    if target.exists():
-        try:
-            verify_model(target, checksums=False)
-            if quantized_from(target) == source:
-                return target
-        except ModelError as exc:
-            log.warning("the int8 copy of %s is unusable, making it again: %s", source, exc)
-    started = time.monotonic()
-    log.info("making the int8 copy of %s in %s (once) ...", source, target)
-    quantize_model(source, target)
-    verify_model(target)
-    log.info("int8 copy of %s made in %.0f s", source, time.monotonic() - started)
-    return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (target.parent / f".{target.name}.lock").open("a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        if target.exists():
+            try:
+                verify_model(target, checksums=False)
+                if quantized_from(target) == source:
+                    return target
+            except ModelError as exc:
+                log.warning("the int8 copy of %s is unusable, making it again: %s", source, exc)
+        started = time.monotonic()
+        log.info("making the int8 copy of %s in %s (once) ...", source, target)
+        quantize_model(source, target)
+        verify_model(target)
+        log.info("int8 copy of %s made in %.0f s", source, time.monotonic() - started)
+        return target

@@ -40,3 +40,24 @@ def test_a_model_of_another_kind_is_refused_with_the_fix(tmp_path: Path) -> None
     with pytest.raises(ModelError, match="'gpt2' model: set engine.quantization = none"):
         quantize_model(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_auto_is_int8_for_a_float_llama_or_qwen2_model_on_a_cpu(tmp_path: Path) -> None:
+    from server.engine.quantize import chosen_quantization
+
+    def folder(name: str, config: dict[str, object]) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        return path
+
+    qwen = folder("qwen", {"model_type": "qwen2"})
+    gpt2 = folder("gpt2", {"model_type": "gpt2"})
+    awq = folder("awq", {"model_type": "llama", "quantization_config": {"quant_method": "awq"}})
+    assert chosen_quantization("auto", qwen, gpu=False) == "int8"
+    assert chosen_quantization("auto", qwen, gpu=True) == "none"
+    assert chosen_quantization("auto", gpt2, gpu=False) == "none"
+    assert chosen_quantization("auto", awq, gpu=False) == "none"
+    assert chosen_quantization("auto", tmp_path / "missing", gpu=False) == "none"
+    assert chosen_quantization("none", qwen, gpu=False) == "none"
+    assert chosen_quantization("int8", gpt2, gpu=True) == "int8"  # asked for: the engine says why it cannot
