@@ -207,6 +207,14 @@ class CompletionSettings:
         1.0, "Sampling temperature of the group's candidates.", min=0.0, max=2.0, min_exclusive=True
     )
     group_sample_rate: float = setting(0.25, "Share of requests that also sample a training group.", min=0.0, max=1.0)
+    group_max_pending: int = setting(
+        8,
+        "Most training groups being sampled at once by one server; a request that answers while that many are "
+        "still sampling samples none (under load, groups would otherwise queue in the engine without bound, "
+        "ahead of the completions developers wait for, and keep retired adapters loaded).",
+        min=1,
+        max=1024,
+    )
     context_tokens: int = setting(
         1536, "Token budget for prefix plus suffix; nearest lines are kept first.", min=16, max=131072
     )

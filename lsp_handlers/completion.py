@@ -123,6 +123,7 @@ class CompletionService:
         self.prefill = PrefillClock()
         self._calibration: asyncio.Task[None] | None = None
         self._budget_logged: int | None = None
+        self._groups_pending = 0  # training groups being sampled now (`completion.group_max_pending`)
 
     def context_budget(self, settings: Settings) -> int:
         """The prompt's token budget now: `completion.context_tokens`, less where this machine's engine would
@@ -342,14 +343,33 @@ class CompletionService:
         self.services.store.record_completion(record)
         c = req.settings.completion
         if c.group_size > 1 and self._random.random() < c.group_sample_rate:
-            # The group is sampled from the same adapter, after this request answers: it holds its own lease.
-            group_lease = req.lease.share()
-            self._spawn(
-                self._sample_group(
-                    engine, prompt_text, identity, served.completion_id, req.single, req.settings, group_lease
-                )
-            )
+            self._sample_group_soon(engine, prompt_text, served.completion_id, req)
         return served
+
+    def _sample_group_soon(self, engine: Engine, prompt_text: str, completion_id: str, req: CompletionRequest) -> None:
+        """Sample the request's training group after it answers, unless `completion.group_max_pending` groups
+        are still sampling: then none (logged), so that groups never pile up in the engine under load."""
+        skip = self._groups_pending >= req.settings.completion.group_max_pending
+        self.services.metrics.count_group(req.identity.team_id, sampled=not skip)
+        if skip:
+            log.debug(
+                "no training group for completion %s: %d groups are still sampling (completion.group_max_pending)",
+                completion_id,
+                self._groups_pending,
+            )
+            return
+        self._groups_pending += 1
+        # The group is sampled from the same adapter, after this request answers: it holds its own lease.
+        group_lease = req.lease.share()
+        task = self._spawn(
+            self._sample_group(engine, prompt_text, req.identity, completion_id, req.single, req.settings, group_lease)
+        )
+
+        def done(_: asyncio.Task[None]) -> None:  # also when cancelled before it started
+            group_lease.release()
+            self._groups_pending -= 1
+
+        task.add_done_callback(done)
 
     async def _generate(self, engine: Engine, req: CompletionRequest, prompt_text: str) -> Generation | None:
         """The engine's answer to the request's prompt, or None (timed out, or the engine failed: logged,
@@ -422,10 +442,11 @@ class CompletionService:
         cands = [CandidateRecord(g.text, list(g.token_ids), list(g.logprobs), g.finish_reason) for g in gen.candidates]
         self.services.store.record_group(GroupRecord(completion_id, cands, identity.session_id))
 
-    def _spawn(self, coro: object) -> None:
+    def _spawn(self, coro: object) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[call-overload]
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _abort(self, engine: Engine, request_id: str) -> None:
         try:

@@ -67,7 +67,17 @@ class ServingMetrics:
             ["team", "arm"],
             registry=self.registry,
         )
+        self.groups = Counter(
+            "heedful_training_groups",
+            "Training groups of served completions, by team and outcome (sampled; skipped: "
+            "completion.group_max_pending groups were still sampling).",
+            ["team", "outcome"],
+            registry=self.registry,
+        )
         self._http: Any = None
+
+    def count_group(self, team: str | None, sampled: bool) -> None:
+        self.groups.labels(team=team or NO_TEAM, outcome="sampled" if sampled else "skipped").inc()
 
     def observe_completion(self, team: str | None, arm: str, method: str, seconds: float, served: bool) -> None:
         labels = {"team": team or NO_TEAM, "arm": arm}

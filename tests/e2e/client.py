@@ -117,13 +117,13 @@ class HeedfulClient(EditorSession):
 
 
 @asynccontextmanager
-async def tcp_server(config: Path, log: Path) -> Any:
-    """`heedful serve --tcp --port 0` in a subprocess: yields (port, process); stopped with SIGTERM after."""
+async def tcp_server(config: Path, log: Path, *args: str) -> Any:
+    """`heedful serve --tcp --port 0 ARGS` in a subprocess: yields (port, process); stopped with SIGTERM after."""
     import re
 
     with log.open("ab") as stderr:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.cli", "--config", str(config), "serve", "--tcp", "--port", "0",
+            sys.executable, "-m", "server.cli", "--config", str(config), "serve", "--tcp", "--port", "0", *args,
             stderr=stderr, cwd=str(ROOT),
         )  # fmt: skip
     try:
