@@ -365,7 +365,7 @@ class CompletionService:
             self._sample_group(engine, prompt_text, req.identity, completion_id, req.single, req.settings, group_lease)
         )
 
-        def done(_: asyncio.Task[None]) -> None:  # also when cancelled before it started
+        def done(_: asyncio.Task[None]) -> None:  # the group's one release, however the task ended
             group_lease.release()
             self._groups_pending -= 1
 
@@ -424,6 +424,8 @@ class CompletionService:
         settings: Settings,
         lease: Lease,
     ) -> None:
+        """Sample and record the group on `lease`'s adapter; `_sample_group_soon` releases the lease when this
+        task ends, however it ends (also when cancelled before it started)."""
         c = settings.completion
         try:
             gen = await engine.generate(
@@ -437,8 +439,6 @@ class CompletionService:
         except Exception as exc:
             log.warning("the training group of completion %s was not sampled: %s", completion_id, exc)
             return
-        finally:
-            lease.release()
         cands = [CandidateRecord(g.text, list(g.token_ids), list(g.logprobs), g.finish_reason) for g in gen.candidates]
         self.services.store.record_group(GroupRecord(completion_id, cands, identity.session_id))
 
