@@ -33,9 +33,10 @@ Cases, each with p50/p95/p99 over the same requests:
 The CPU model and llama.cpp's build flags are printed with the figures.
 
     .venv/bin/python -m bench.latency [--requests 40] [--sessions 8] [--typing 12] [--no-llama-cpp]
-        [--context-tokens N] [--quantization none|int8] [--json]
+        [--context-tokens N] [--quantization auto|none|int8] [--json]
 
-`--quantization int8` serves every vLLM case from the model's int8 (W8A8) copy (`engine.quantization`).
+`--quantization` sets `engine.quantization` of every vLLM case (default: the setting's default, `auto`, which
+serves the model's int8 (W8A8) copy on a CPU); the table says which weights served.
 """
 
 from __future__ import annotations
@@ -143,8 +144,8 @@ def tagged(requests: list[Request], tag: str) -> list[Request]:
 
 # `--context-tokens N`: every server's prompt budget is N tokens, not learned from its engine.
 FIXED_BUDGET: dict[str, int] = {}
-# `--quantization int8`: every engine of the run (servers and raw vLLM) serves the int8 weights.
-WEIGHTS: dict[str, str] = {"quantization": "none"}
+# `--quantization`: engine.quantization of every engine of the run (servers and raw vLLM).
+WEIGHTS: dict[str, str] = {"quantization": "auto"}
 
 
 def write_config(
@@ -509,6 +510,8 @@ def llama_cpp(prompts: list[list[int]]) -> Case:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from kernel import paths
     from kernel.settings import Settings, resolve
+    from server.engine.embedded import has_gpu
+    from server.engine.quantize import chosen_quantization
     from server.engine.tokens import LocalTokenizer
 
     model = paths.default_model_dir()
@@ -581,6 +584,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "budget": "fixed (--context-tokens)" if FIXED_BUDGET else "learned by the server (prefill_target_ms)",
         "cpu": cpu_model(),
         "quantization": WEIGHTS["quantization"],
+        "weights": chosen_quantization(WEIGHTS["quantization"], model, gpu=has_gpu()),
         "llama_cpp_build": llama_cpp_cmake_args(),
         "results": figures,
         "typing_answered_from_suggestion": type_through,
@@ -609,7 +613,8 @@ def print_table(r: dict[str, Any]) -> None:
     )
     print(
         f"context budget {r['context_tokens']} tokens, {r['budget']}; vLLM weights: "
-        + ("int8 (engine.quantization = int8)" if r.get("quantization") == "int8" else "bfloat16")
+        + ("int8" if r.get("weights") == "int8" else "bfloat16")
+        + f" (engine.quantization = {r.get('quantization')})"
     )
     print(f"CPU: {r['cpu']}; llama.cpp built with {r['llama_cpp_build']}")
     head = f"{'case':<34}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'tokens':>8}{'nulls':>7}"
@@ -655,10 +660,10 @@ async def main() -> None:
     )
     parser.add_argument(
         "--quantization",
-        choices=["none", "int8"],
-        default="none",
+        choices=["auto", "none", "int8"],
+        default="auto",
         help="engine.quantization of every engine in the run (the servers' and raw vLLM's; llama.cpp keeps its "
-        "Q4_K_M GGUF)",
+        "Q4_K_M GGUF); default auto, the setting's default",
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()

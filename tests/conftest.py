@@ -54,6 +54,9 @@ def engine_settings(small_model: Path) -> Settings:
     s = Settings()
     s.model.path = str(small_model)
     s.engine.kv_cache_gib = 1
+    # The engine tests compare its tokens and log-probs with the float weights (Hugging Face, multi-LoRA
+    # against merged): they run on them. The int8 copy has tests of its own (test_int8_serving).
+    s.engine.quantization = "none"
     return s
 
 

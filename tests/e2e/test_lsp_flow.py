@@ -294,11 +294,12 @@ async def test_prompts_are_sized_to_the_engines_speed_and_a_late_answer_keeps_it
     """The embedded engine times itself reading a prompt; a 1 ms prefill target leaves the smallest budget
     (256 tokens), so a long real file's prompt is cut to it. A developer whose timeout falls in the middle
     of a long multi-line answer is shown the lines finished by then: the start of the whole answer, as
-    it would have been shown."""
+    it would have been shown. On the float weights: the small model's int8 copy answers `walk_tree` with
+    one line, which leaves nothing to cut."""
     config = tmp_path / "heedful.toml"
     db = tmp_path / "h.db"
     config.write_text(
-        f'[model]\npath = "{small_model}"\n\n[engine]\nkv_cache_gib = 1\n\n'
+        f'[model]\npath = "{small_model}"\n\n[engine]\nkv_cache_gib = 1\nquantization = "none"\n\n'
         "[completion]\ntimeout_ms = 120000\ntemperature = 0.0\ngroup_sample_rate = 0.0\nprefill_target_ms = 1\n"
         f'max_tokens = 160\n\n[database]\nurl = "sqlite+aiosqlite:///{db}"\n'
     )
