@@ -35,8 +35,8 @@ The CPU model and llama.cpp's build flags are printed with the figures.
     .venv/bin/python -m bench.latency [--requests 40] [--sessions 8] [--typing 12] [--no-llama-cpp]
         [--context-tokens N] [--quantization auto|none|int8] [--json]
 
-`--quantization` sets `engine.quantization` of every vLLM case (default: the setting's default, `auto`, which
-serves the model's int8 (W8A8) copy on a CPU); the table says which weights served.
+`--quantization` sets `engine.quantization` of every vLLM case (default `none`, the setting's default; `int8`
+or `auto` serve the model's int8 (W8A8) copy on a CPU); the table says which weights served.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def tagged(requests: list[Request], tag: str) -> list[Request]:
 # `--context-tokens N`: every server's prompt budget is N tokens, not learned from its engine.
 FIXED_BUDGET: dict[str, int] = {}
 # `--quantization`: engine.quantization of every engine of the run (servers and raw vLLM).
-WEIGHTS: dict[str, str] = {"quantization": "auto"}
+WEIGHTS: dict[str, str] = {"quantization": "none"}
 
 
 def write_config(
@@ -661,9 +661,9 @@ async def main() -> None:
     parser.add_argument(
         "--quantization",
         choices=["auto", "none", "int8"],
-        default="auto",
+        default="none",
         help="engine.quantization of every engine in the run (the servers' and raw vLLM's; llama.cpp keeps its "
-        "Q4_K_M GGUF); default auto, the setting's default",
+        "Q4_K_M GGUF); default none, the setting's default",
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()

@@ -124,7 +124,7 @@ class EngineSettings:
         "bfloat16", "Weight and activation type inside vLLM.", choices=("bfloat16", "float16", "float32")
     )
     quantization: str = setting(
-        "auto",
+        "none",
         "Weights of the embedded engine's decoder projections. `none`: `engine.dtype` throughout; `int8`: "
         "int8 weights with a scale per row and activations quantized per token (W8A8), made once from the "
         "model folder into <cache dir>/int8; on a CPU about 1.7x faster at reading prompts. Llama and Qwen2 "
