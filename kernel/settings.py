@@ -259,6 +259,28 @@ class CompletionSettings:
         "While the developer types what the suggestion shows, a request at the cursor is answered with the rest "
         "of that suggestion, without the engine (as editors keep showing ghost text typed through).",
     )
+    show_threshold: float = setting(
+        0.25,
+        "The show policy: a suggestion is shown only when the developer's own estimate of keeping it (learned "
+        "from what they kept, rewrote and rejected) is at least this; below it the server answers nothing and "
+        "records that it stayed silent. 0.25 is where showing pays: +0.75 for a kept suggestion, -0.25 for one "
+        "that is not, 0 for silence. 0: always show.",
+        min=0.0,
+        max=1.0,
+    )
+    show_min_outcomes: int = setting(
+        20,
+        "Outcomes (kept or not) of a developer's suggestions the show policy needs before it stays silent.",
+        min=1,
+        max=100000,
+    )
+    show_explore: float = setting(
+        0.1,
+        "Share of the suggestions the show policy would hold back that are shown anyway, so that it learns when "
+        "the developer's habits change.",
+        min=0.0,
+        max=1.0,
+    )
     timeout_ms: int = setting(
         2000,
         "A completion the engine has not produced by then is answered with nothing.",

@@ -28,6 +28,7 @@ from lsp_handlers.context import Prompt, build_prompt, comment_syntax, heal
 from lsp_handlers.crossfile import WINDOW_LINES, Neighbours, repository_context
 from lsp_handlers.documents import TextDocument, file_name_of
 from lsp_handlers.postprocess import is_single_line, postprocess
+from lsp_handlers.show_policy import ShowPolicies, suggestion_features
 from server.engine import Candidate, Engine, EngineError, Generation
 from server.registry import BASE, Lease
 from server.runtime import Services, arm_of
@@ -129,6 +130,7 @@ class CompletionService:
         self._calibration: asyncio.Task[None] | None = None
         self._budget_logged: int | None = None
         self._groups_pending = 0  # training groups being sampled now (`completion.group_max_pending`)
+        self.policies = ShowPolicies()  # each developer's show policy (`completion.show_threshold`)
 
     def context_budget(self, settings: Settings) -> int:
         """The prompt's token budget now: `completion.context_tokens`, less where this machine's engine would
@@ -253,6 +255,8 @@ class CompletionService:
             # The first request after start-up waits for the engine to be timed (a fraction of a second),
             # so that its own prompt is sized to this machine.
             await asyncio.shield(self._calibration)
+        if settings.completion.show_threshold > 0:
+            await self.policies.ready(identity.developer_id)  # the first request waits for the stored outcomes
         offset = doc.offset_at(position)
         arm = arm_of(identity.developer_id, settings.experiment.arms)
         notes: list[str] = []
@@ -327,11 +331,9 @@ class CompletionService:
             return None
         identity = req.identity
         paused = self.services.learning.recording_paused(Scope.developer(identity.developer_id))
-        served = Served(f"c-{uuid.uuid4().hex}", shown, req.offset, req.position, req.line_prefix, recorded=not paused)
-        if paused:
-            return served  # served, and nothing of it stored (nor a training group sampled)
+        completion_id = f"c-{uuid.uuid4().hex}"
         record = CompletionRecord(
-            id=served.completion_id,
+            id=completion_id,
             session_id=identity.session_id,
             developer_id=identity.developer_id,
             team_id=identity.team_id,
@@ -350,11 +352,43 @@ class CompletionService:
             latency_ms=latency_ms,
             document=req.document,
         )
+        if self._holds_back(req, shown):
+            # Silent: nothing shown, and the record says so (no candidate shown); what the developer writes
+            # there instead judges the candidate in hindsight when the scope trains.
+            record.shown_index = None
+            self.services.metrics.count_silent(identity.team_id, req.arm)
+            if not paused:
+                self.services.store.record_completion(record)
+            return None
+        served = Served(completion_id, shown, req.offset, req.position, req.line_prefix, recorded=not paused)
+        if paused:
+            return served  # served, and nothing of it stored (nor a training group sampled)
         self.services.store.record_completion(record)
         c = req.settings.completion
         if c.group_size > 1 and self._random.random() < c.group_sample_rate:
             self._sample_group_soon(engine, prompt_text, served.completion_id, req)
         return served
+
+    def _holds_back(self, req: CompletionRequest, shown: str) -> bool:
+        """Whether the developer's show policy keeps `shown` back (`completion.show_threshold`): their estimate
+        of keeping it is below the threshold, and this is not one of the `completion.show_explore` share of
+        such suggestions shown anyway."""
+        c = req.settings.completion
+        policy = self.policies.of(req.identity.developer_id)
+        p = policy.holds_back(suggestion_features(shown), c.show_threshold, c.show_min_outcomes)
+        if p is None:
+            return False
+        if self._random.random() < c.show_explore:
+            log.debug("completion for %s shown to explore: P(kept) %.2f < %.2f", req.doc.uri, p, c.show_threshold)
+            return False
+        log.debug(
+            "no completion for %s: held back, P(kept) %.2f < completion.show_threshold %.2f (%d outcomes)",
+            req.doc.uri,
+            p,
+            c.show_threshold,
+            policy.outcomes,
+        )
+        return True
 
     def _sample_group_soon(self, engine: Engine, prompt_text: str, completion_id: str, req: CompletionRequest) -> None:
         """Sample the request's training group after it answers, unless `completion.group_max_pending` groups

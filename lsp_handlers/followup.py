@@ -45,7 +45,9 @@ class Sink(Protocol):
 
     def record_event(self, kind: EventKind, completion_id: str | None, **fields: Any) -> asyncio.Future[Any]: ...
 
-    def count_kept(self, chars: int) -> None: ...
+    def accepted_outcome(self, completion_id: str, chars: int, ratio: float) -> None:
+        """An accepted text's last snapshot: `chars` of it (a share `ratio`) kept for good."""
+        ...
 
     def document(self, uri: str) -> TextDocument | None: ...
 
@@ -235,7 +237,8 @@ class Followup:
                     self.followed.remove(tracked)
             return nothing_recorded()
         if isinstance(tracked, AcceptedText) and (final or tracked.pending_delays == [delay]):
-            self.sink.count_kept(round(ratio * len(tracked.accepted)))  # its last snapshot: kept for good
+            # Its last snapshot: what is there now is kept for good.
+            self.sink.accepted_outcome(tracked.completion_id, round(ratio * len(tracked.accepted)), ratio)
         if final:
             # The session ends before the delay: record what is there now, with the delays it stood for.
             delays, tracked.pending_delays = tracked.pending_delays, []

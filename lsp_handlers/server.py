@@ -274,6 +274,9 @@ class HeedfulLanguageServer(LanguageServer):
         identity = self.require_identity()
         state = self.followup.served.get(completion_id) if completion_id is not None else None
         if state is not None:
+            if kind == EventKind.REJECTED and not state.resolved and state.served.recorded:
+                # Not kept: the show policy learns it now (a kept one, at its accept's last snapshot).
+                self.completions.policies.observe(identity.developer_id, state.served.text, 0.0)
             state.outcomes.add(kind)
         self.services.metrics.count_event(identity.team_id, self.arm, kind)
         if self.recording_paused or (state is not None and not state.served.recorded):
@@ -284,10 +287,14 @@ class HeedfulLanguageServer(LanguageServer):
         fut.add_done_callback(_log_failed_write)
         return fut
 
-    def count_kept(self, chars: int) -> None:
-        """An accepted text's last snapshot: how much of it the developer kept, for the metrics."""
+    def accepted_outcome(self, completion_id: str, chars: int, ratio: float) -> None:
+        """An accepted text's last snapshot: how much of it the developer kept, for the metrics and their show
+        policy."""
         identity = self.require_identity()
         self.services.metrics.count_kept(identity.team_id, self.arm, chars)
+        state = self.followup.served.get(completion_id)
+        if state is not None and state.served.recorded:
+            self.completions.policies.observe(identity.developer_id, state.served.text, ratio)
 
     def document(self, uri: str) -> TextDocument | None:
         open_doc = self.open_docs.get(uri)
@@ -355,6 +362,8 @@ async def initialized(ls: HeedfulLanguageServer, params: types.InitializedParams
         log.warning("reading the learning state of %r failed: %s", identity.developer_id, exc)
     ls.status_started = True
     ls.send_status()
+    # The developer's show policy starts from their stored outcomes (once per process, in the background).
+    ls.completions.policies.load(ls.services.store, identity.developer_id)
 
 
 async def shutdown(ls: HeedfulLanguageServer, params: Any) -> None:

@@ -307,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a persona's other arms only if its first arm's correction rate before is at least RATE (e.g. "
         "0.5; default: always)",
     )
+    ev.add_argument(
+        "--show-policy",
+        action="store_true",
+        help="keep the show policy on (completion.show_threshold; explore 0): held-back suggestions count as silent "
+        "turns, with the accept rate of shown suggestions. Off by default: the correction rate then measures what "
+        "the model writes",
+    )
     ev.add_argument("--out", type=Path, default=Path("heedful-eval"), help="output folder (default ./heedful-eval)")
 
     demo = sub.add_parser(
@@ -807,6 +814,7 @@ async def _eval(args: argparse.Namespace) -> int:
             training=_training_overrides(args),
             progress=ev.Progress(),
             at_stake=args.at_stake,
+            show_policy=args.show_policy,
         )
         results = await ev.run_eval(plan)
     except (ev.EvalError, CorpusError) as exc:

@@ -67,6 +67,13 @@ class ServingMetrics:
             ["team", "arm"],
             registry=self.registry,
         )
+        self.silent = Counter(
+            "heedful_silent_completions",
+            "Completions the developer's show policy held back (completion.show_threshold): the engine wrote one, "
+            "and the server answered nothing, by team and arm. They also count as empty in heedful_completions.",
+            ["team", "arm"],
+            registry=self.registry,
+        )
         self.groups = Counter(
             "heedful_training_groups",
             "Training groups of served completions, by team and outcome (sampled; skipped: "
@@ -86,6 +93,9 @@ class ServingMetrics:
 
     def count_event(self, team: str | None, arm: str, kind: str) -> None:
         self.feedback.labels(team=team or NO_TEAM, arm=arm, kind=kind).inc()
+
+    def count_silent(self, team: str | None, arm: str) -> None:
+        self.silent.labels(team=team or NO_TEAM, arm=arm).inc()
 
     def count_kept(self, team: str | None, arm: str, characters: int) -> None:
         self.kept.labels(team=team or NO_TEAM, arm=arm).inc(characters)

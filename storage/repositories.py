@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.db import StoreError
 from storage.models import (
+    ACCEPT_KINDS,
     AdapterStatus,
     AdapterVersion,
     AuditEntry,
@@ -285,6 +286,53 @@ class CompletionRepository(Repository):
         if after is not None:
             stmt = stmt.where(Completion.created_at >= after)
         return list(await self.s.scalars(stmt.order_by(Completion.created_at.desc()).limit(limit)))
+
+    async def keep_outcomes(self, developer_id: str, limit: int) -> list[tuple[str, float]]:
+        """(shown text, share kept) of the developer's newest shown completions with an outcome, oldest first:
+        an accept (or partial accept) keeps the share that survived its last edit snapshot (all of it before
+        its first snapshot), a reject keeps nothing. Undecided ones are left out."""
+        stmt = (
+            select(Completion.id, Candidate.text)
+            .join(Candidate, and_(Candidate.completion_id == Completion.id, Candidate.index == Completion.shown_index))
+            .where(Completion.developer_id == developer_id, Completion.shown_index.is_not(None))
+            .order_by(Completion.created_at.desc(), Completion.id.desc())
+            .limit(limit * 2)  # most shown completions are decided; the undecided ones are skipped
+        )
+        shown = [(cid, text) for cid, text in await self.s.execute(stmt)]
+        if not shown:
+            return []
+        events = select(Event.completion_id, Event.kind, Event.survival_ratio, Event.delay_s).where(
+            Event.completion_id.in_([cid for cid, _ in shown]),
+            Event.kind.in_([EventKind.ACCEPTED, EventKind.PARTIAL_ACCEPT, EventKind.REJECTED, EventKind.EDIT_SNAPSHOT]),
+        )
+        accepted: set[str] = set()
+        rejected: set[str] = set()
+        last_snapshot: dict[str, tuple[float, float]] = {}  # completion id -> (delay, survival) of the latest
+        for cid, kind, survival, delay in await self.s.execute(events):
+            if cid is None:
+                continue
+            if kind in ACCEPT_KINDS:
+                accepted.add(cid)
+            elif kind == EventKind.REJECTED:
+                rejected.add(cid)
+            elif survival is not None and (cid not in last_snapshot or (delay or 0.0) >= last_snapshot[cid][0]):
+                last_snapshot[cid] = (delay or 0.0, float(survival))
+        out: list[tuple[str, float]] = []
+        for cid, text in shown:
+            if cid in accepted:
+                out.append((text, last_snapshot.get(cid, (0.0, 1.0))[1]))
+            elif cid in rejected:
+                out.append((text, 0.0))
+            if len(out) >= limit:
+                break
+        return out[::-1]
+
+    async def silent(self, developer_id: str) -> list[tuple[str | None, datetime]]:
+        """(uri, time of the request) of the developer's completions the show policy held back (none shown)."""
+        stmt = select(Completion.uri, Completion.created_at).where(
+            Completion.developer_id == developer_id, Completion.shown_index.is_(None)
+        )
+        return [(uri, as_utc(at)) for uri, at in await self.s.execute(stmt.order_by(Completion.created_at))]
 
     async def latencies(self, scope: Scope, version: str, since: datetime) -> list[float]:
         """Latencies (ms) of the scope's completions served by adapter `version` since `since`."""

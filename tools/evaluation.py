@@ -52,6 +52,7 @@ from personalization import corpus
 from personalization.corpus import Prompt
 from personalization.rollouts import settle_seconds
 from server.stores import open_store
+from storage.repositories import CompletionRepository
 from storage.round_metrics import RoundMetrics
 
 # The arms in the order runs go, cheapest first: none, baseline, rl, rl+baseline.
@@ -406,15 +407,21 @@ class Turn:
     adapter: str | None
     latency_ms: float
     kept_chars: int = 0  # characters of the suggestion the developer keeps (`kept_characters`)
+    asked_at: float = 0.0  # when the request went out and its answer came (seconds since the epoch)
+    answered_at: float = 0.0
+    silent: bool = False  # the show policy held the suggestion back (the store's record says so)
+    uri: str = ""
 
 
 @dataclass(slots=True)
 class PassStats:
     correction_rate: float
     accept_rate: float
-    empty: int
+    empty: int  # prompts answered with nothing (the silent ones among them)
     prompts: int
     kept_chars_per_shown: float = 0.0  # kept characters per shown (non-empty) suggestion
+    silent: int = 0  # prompts the show policy answered with nothing, though the model wrote a suggestion
+    accept_rate_shown: float = 0.0  # accepted / shown suggestions
 
 
 def pass_stats(turns: Sequence[Turn]) -> PassStats:
@@ -428,7 +435,22 @@ def pass_stats(turns: Sequence[Turn]) -> PassStats:
         n - len(shown),
         n,
         sum(t.kept_chars for t in shown) / len(shown) if shown else 0.0,
+        sum(t.silent for t in turns),
+        sum(t.accepted for t in shown) / len(shown) if shown else 0.0,
     )
+
+
+def mark_silent(turns: Sequence[Turn], held_back: Sequence[tuple[str | None, float]]) -> int:
+    """Mark the empty turns whose request the server held back: a held-back record (uri, time of its request)
+    of the turn's uri made between the turn's request and its answer. The number marked."""
+    marked = 0
+    for turn in turns:
+        if turn.text or turn.silent:
+            continue
+        if any(u == turn.uri and turn.asked_at <= at <= turn.answered_at for u, at in held_back):
+            turn.silent = True
+            marked += 1
+    return marked
 
 
 def kept_characters(suggestion: str, accepted: bool, kept: str | None) -> int:
@@ -460,6 +482,10 @@ class ArmResult:
     accept_rate: float
     kept_chars_before: float  # kept characters per shown held-out suggestion
     kept_chars_after: float
+    accept_rate_shown_before: float  # accepted / shown held-out suggestions
+    accept_rate_shown_after: float
+    silent_before: float  # share of held-out prompts the show policy answered with nothing
+    silent_after: float
     kl: float
     humaneval_base: float | None  # the ability gate's pass rates (%) of the last round, when it ran
     humaneval_adapter: float | None
@@ -540,6 +566,9 @@ class EvalPlan:
     progress: Progress = field(default_factory=QuietProgress)
     # Skip a persona's other arms when its first arm's correction rate before is below this (not at stake).
     at_stake: float | None = None
+    # The show policy (`completion.show_threshold`) on: held-back suggestions are silent turns. Off (0), the
+    # correction rate measures what the model writes, not what the server chose to keep quiet about.
+    show_policy: bool = False
 
 
 def check_plan(plan: EvalPlan) -> None:
@@ -577,6 +606,10 @@ def eval_settings_toml(plan: EvalPlan, arm: str) -> str:
         values["training"]["steps_per_round"] = plan.steps_per_round
     values["training"].update(plan.training)
     values["experiment"]["arms"] = [arm]
+    if plan.show_policy:
+        values["completion"]["show_explore"] = 0.0  # measured turns are the policy's own choice, not a coin's
+    else:
+        values["completion"]["show_threshold"] = 0.0
     values["logging"]["file"] = ""
     lines = [f"# Written by heedful eval for the arm {arm!r}; the user's settings with the evaluation's overrides."]
     for section, table in values.items():
@@ -652,6 +685,10 @@ class ArmRun:
                 self.plan.progress.line(self.round_line(r, info, before))
         finally:
             await session.stop()
+        if await self.mark_silent():
+            for info in rounds:
+                info["held_out"] = asdict(pass_stats([t for t in self.turns if t.phase == f"round-{info['round']}"]))
+        before = pass_stats([t for t in self.turns if t.phase == "before"])
         first, last = before, pass_stats([t for t in self.turns if t.phase == f"round-{self.plan.rounds}"])
         ppl_base, ppl_adapter = last_metrics.perplexity_base, last_metrics.perplexity_adapter
         return ArmResult(
@@ -665,6 +702,10 @@ class ArmRun:
             accept_rate=last.accept_rate,
             kept_chars_before=round(first.kept_chars_per_shown, 2),
             kept_chars_after=round(last.kept_chars_per_shown, 2),
+            accept_rate_shown_before=round(first.accept_rate_shown, 4),
+            accept_rate_shown_after=round(last.accept_rate_shown, 4),
+            silent_before=round(first.silent / max(first.prompts, 1), 4),
+            silent_after=round(last.silent / max(last.prompts, 1), 4),
             kl=last_metrics.gate_kl or 0.0,
             humaneval_base=last_metrics.humaneval.get("base"),
             humaneval_adapter=last_metrics.humaneval.get("adapter"),
@@ -680,6 +721,19 @@ class ArmRun:
             training_seconds=round(self.training_seconds, 1),
             turns=self.turns,
         )
+
+    async def mark_silent(self) -> int:
+        """Mark the turns the show policy kept quiet about, from the store's records (after the session ended,
+        when every record is written). The number marked."""
+        from kernel.settings import resolve
+
+        store = await open_store(resolve(self.config).settings, apply_retention=False)
+        try:
+            async with store.unit() as s:
+                held = await CompletionRepository(s).silent(self.developer)
+        finally:
+            await store.close()
+        return mark_silent(self.turns, [(uri, at.timestamp()) for uri, at in held])
 
     def round_line(self, r: int, info: dict[str, Any], before: PassStats) -> str:
         train = info["train"]
@@ -714,7 +768,9 @@ class ArmRun:
         line = prompt.prefix.count("\n")
         character = utf16_len(prompt.prefix.rsplit("\n", 1)[-1])
         t0 = time.monotonic()
+        asked_at = time.time()
         served = await session.inline(uri, line, character)
+        answered_at = time.time()
         item = served.items[0] if served is not None and served.items else None
         latency = (time.monotonic() - t0) * 1000
         text = str(item.insert_text) if item is not None else ""
@@ -734,6 +790,9 @@ class ArmRun:
             adapter,
             latency,
             kept_characters(text, accepted, kept),
+            asked_at,
+            answered_at,
+            uri=uri,
         )
         if item is not None and item.range is not None:
             character = item.range.start.character
@@ -849,6 +908,13 @@ async def run_eval(plan: EvalPlan) -> list[ArmResult]:
                 f"{result.correction_rate_after:.2f}, CRR {_fmt(result.crr)}, kept characters per shown suggestion "
                 f"{result.kept_chars_before:.1f} -> {result.kept_chars_after:.1f}, KL {result.kl:.3f}, "
                 f"{sum(result.feedback_events.values())} feedback turns, {result.seconds:.0f} s"
+                + (
+                    f"; show policy: accept rate of shown suggestions {result.accept_rate_shown_before:.2f} -> "
+                    f"{result.accept_rate_shown_after:.2f}, silent {result.silent_before:.0%} -> "
+                    f"{result.silent_after:.0%} of held-out prompts"
+                    if plan.show_policy
+                    else ""
+                )
             )
             results.append(result)
             first = first or result

@@ -65,6 +65,9 @@ timeout_ms = 120000
 temperature = 0.0
 group_sample_rate = 1.0
 max_tokens = 24
+# The suite's simulated developers turn down or rewrite most suggestions on purpose, and then expect to be
+# served: off here, the show policy is on in its own test (tests/e2e/test_show_policy.py).
+show_threshold = 0.0
 
 [feedback]
 edit_snapshot_delays_s = [{", ".join(str(d) for d in snapshot_delays)}]

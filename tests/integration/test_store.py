@@ -572,3 +572,47 @@ async def test_outcomes_pending_counts_and_latest_corrections(store: RolloutStor
         events = EventRepository(s)
         assert await events.latest_corrections("alice", 2) == ["add type hints", "use pathlib"]
         assert await events.latest_corrections("alice", 10) == ["prefer f-strings", "add type hints", "use pathlib"]
+
+
+async def test_keep_outcomes_and_held_back_completions(store: RolloutStore) -> None:
+    """What a developer's show policy starts from: each shown completion with an outcome and the share of it
+    kept (its accept's last snapshot; 0 for a reject), oldest first; and the completions the policy held back
+    (none shown)."""
+    await seed(store)
+    await seed(store, developer="bob", session="s2")
+    t0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+
+    def shown(cid: str, k: int, **kw: object) -> CompletionRecord:
+        cand = [CandidateRecord(f"text {cid}", [4], [-0.1], "stop")]
+        return completion(cid, candidates=cand, created_at=t0 + timedelta(seconds=k), **kw)  # type: ignore[arg-type]
+
+    for k, cid in enumerate(["c0", "c1", "c2", "c3", "c4"]):
+        await store.record_completion(shown(cid, k))
+    await store.record_completion(shown("c5", 5, shown_index=None))
+    await store.record_completion(shown("b0", 6, session="s2", developer="bob"))
+    events = [
+        EventRecord("s1", "accepted", "c0", accepted_length=7),
+        EventRecord("s1", "edit_snapshot", "c0", delay_s=2.0, survival_ratio=0.9),  # the last one decides
+        EventRecord("s1", "edit_snapshot", "c0", delay_s=1.0, survival_ratio=0.2),
+        EventRecord("s1", "partial_accept", "c1", accepted_length=3),
+        EventRecord("s1", "edit_snapshot", "c1", delay_s=2.0, survival_ratio=0.1),  # rewritten: little kept
+        EventRecord("s1", "rejected", "c2", inferred=True),
+        EventRecord("s1", "accepted", "c3", accepted_length=7),  # no snapshot yet: all kept
+        EventRecord("s1", "shown", "c4"),  # undecided: left out
+        EventRecord("s2", "rejected", "b0"),
+    ]
+    for event in events:
+        await store.record_event(event)
+    async with store.unit() as s:
+        repo = CompletionRepository(s)
+        assert await repo.keep_outcomes("alice", 10) == [
+            ("text c0", 0.9),
+            ("text c1", 0.1),
+            ("text c2", 0.0),
+            ("text c3", 1.0),
+        ]
+        assert await repo.keep_outcomes("alice", 2) == [("text c2", 0.0), ("text c3", 1.0)]
+        assert await repo.keep_outcomes("bob", 10) == [("text b0", 0.0)]
+        assert await repo.keep_outcomes("carol", 10) == []
+        assert await repo.silent("alice") == [("file:///app.py", t0 + timedelta(seconds=5))]
+        assert await repo.silent("bob") == []

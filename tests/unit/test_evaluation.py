@@ -103,6 +103,24 @@ def test_kept_characters_per_shown_suggestion_leaves_empty_ones_out() -> None:
     assert pass_stats(turns).kept_chars_per_shown == 2.5  # (4 + 1) / 2 shown
 
 
+def test_silent_turns_are_the_empty_ones_held_back_while_they_waited() -> None:
+    turns = [turn("", False), turn("", False), turn("x", True), turn("", False)]
+    for i, t in enumerate(turns):
+        t.uri, t.asked_at, t.answered_at = f"file:///{i % 2}.py", 10.0 * i, 10.0 * i + 2
+    held_back = [
+        ("file:///0.py", 1.0),  # turn 0's uri, while it waited: silent
+        ("file:///1.py", 5.0),  # turn 1's uri, but after its answer: the server answered nothing else
+        ("file:///0.py", 21.0),  # turn 2 showed a suggestion: not silent
+        ("file:///0.py", 31.0),  # turn 3's time, another uri
+    ]
+    assert evaluation.mark_silent(turns, held_back) == 1
+    assert [t.silent for t in turns] == [True, False, False, False]
+    assert evaluation.mark_silent(turns, held_back) == 0  # marked once
+    stats = pass_stats(turns)
+    # 3 empty turns, 1 of them silent; 1 shown suggestion, accepted.
+    assert (stats.empty, stats.silent, stats.accept_rate, stats.accept_rate_shown) == (3, 1, 0.25, 1.0)
+
+
 def test_end_of_counts_utf16_units() -> None:
     assert end_of(3, 4, "abc") == (3, 7)
     assert end_of(3, 4, "a😀") == (3, 7)  # the emoji is two UTF-16 units
@@ -124,6 +142,12 @@ def test_the_eval_settings_are_valid_settings_with_the_overrides(tmp_path: Path)
     assert s.database.url == f"sqlite+aiosqlite:///{(tmp_path / 'heedful.db').resolve()}"
     assert Path(s.model.path).is_absolute()
     assert s.training.lora_target_modules == settings.training.lora_target_modules  # the rest is the user's
+    assert s.completion.show_threshold == 0.0  # the correction rate measures what the model writes
+    plan.show_policy = True
+    config.write_text(evaluation.eval_settings_toml(plan, "baseline"))
+    s = resolve(config).settings
+    assert s.completion.show_threshold == settings.completion.show_threshold > 0
+    assert s.completion.show_explore == 0.0  # measured turns are the policy's choice
 
 
 def test_plans_are_checked() -> None:
