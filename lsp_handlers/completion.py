@@ -353,8 +353,8 @@ class CompletionService:
             document=req.document,
         )
         if self._holds_back(req, shown):
-            # Silent: nothing shown, and the record says so (no candidate shown); what the developer writes
-            # there instead judges the candidate in hindsight when the scope trains.
+            # Silent: nothing shown, and the record says so (no candidate shown); the training collector keeps
+            # it out of training ("nothing was shown"); `heedful eval --show-policy` counts it as a silent turn.
             record.shown_index = None
             self.services.metrics.count_silent(identity.team_id, req.arm)
             if not paused:

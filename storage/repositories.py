@@ -837,6 +837,7 @@ class CompletionFact:
     adapter_version: str | None
     latency_ms: float | None
     created_at: datetime
+    held_back: bool = False  # the show policy answered nothing: no candidate was shown
 
 
 @dataclass(slots=True, frozen=True)
@@ -894,13 +895,14 @@ class ReportRepository(Repository):
                 Completion.adapter_version,
                 Completion.latency_ms,
                 Completion.created_at,
+                Completion.shown_index,
             )
             .where(*self._completion_filters(f))
             .order_by(Completion.created_at, Completion.id)
         )
         return [
-            CompletionFact(cid, dev, team, arm, version, latency, as_utc(at))
-            for cid, dev, team, arm, version, latency, at in await self.s.execute(stmt)
+            CompletionFact(cid, dev, team, arm, version, latency, as_utc(at), shown is None)
+            for cid, dev, team, arm, version, latency, at, shown in await self.s.execute(stmt)
         ]
 
     async def outcome_events(self, f: ReportFilter) -> list[OutcomeEvent]:

@@ -199,10 +199,11 @@ class Tally:
 @dataclass(slots=True)
 class ReportData:
     filter: ReportFilter
-    completions: list[CompletionFact]
+    completions: list[CompletionFact]  # served: a suggestion was shown
     outcomes: dict[str, Outcome]
     versions: list[AdapterVersion]
     rollbacks: list[AuditEntry]
+    held_back: list[CompletionFact] = field(default_factory=list)  # the show policy answered nothing
 
     def outcome(self, completion_id: str) -> Outcome:
         return self.outcomes.get(completion_id) or Outcome()
@@ -221,7 +222,8 @@ async def load_report(store: RolloutStore, f: ReportFilter) -> ReportData:
         scopes = await repo.scopes(f)
         versions = await repo.adapter_versions(scopes, f.since)
         rollbacks = await repo.rollbacks(scopes, f.since)
-    return ReportData(f, completions, outcomes, versions, rollbacks)
+    served = [c for c in completions if not c.held_back]
+    return ReportData(f, served, outcomes, versions, rollbacks, [c for c in completions if c.held_back])
 
 
 def _finite(value: Any) -> float | None:
@@ -828,6 +830,7 @@ def _summary_section(data: ReportData, summary: Summary) -> str:
     rows: list[tuple[str, str, str]] = [
         ("developers", "Developers", str(summary.developers)),
         ("completions", "Completions", str(summary.completions)),
+        ("held_back", "Held back by the show policy", str(len(data.held_back))),
         ("accept_rate", "Accept rate", _rate_cell(t.accept_rate, t.accepted, t.decided)),
         ("correction_rate", "Correction rate", _rate_cell(t.correction_rate, t.corrected, t.completions)),
         ("kept_chars", "Kept characters per shown suggestion", _kept_cell(t)),

@@ -42,7 +42,8 @@ def write_config(tmp_path: Path, database_url: str) -> Path:
 
 
 async def fill_store(database_url: str) -> dict[str, str]:
-    """Three developers, eight completions with outcomes, four adapter versions and one rollback.
+    """Three developers, eight completions with outcomes (and one the show policy held back), four adapter
+    versions and one rollback.
 
     alice (team web, arm rl):      a1 accepted, a2 partly accepted, a3 rejected, a4 corrected (no outcome)
     bob (team web, arm baseline):  b1 rejected, b2 rejected and corrected, b3 accepted
@@ -124,6 +125,22 @@ async def fill_store(database_url: str) -> dict[str, str]:
                     await store.record_event(
                         EventRecord(session, kind, cid, delay_s=30.0, survival_ratio=0.9, created_at=later)
                     )
+        # One the show policy held back: not a served completion, its latency no served one's.
+        await store.record_completion(
+            CompletionRecord(
+                id="a5",
+                session_id="s-alice",
+                developer_id="alice",
+                team_id="web",
+                prompt="def total(xs):",
+                prompt_token_ids=[1, 2],
+                candidates=[CandidateRecord("\n    # add them up", [5, 6], [-0.1, -0.2], "stop")],
+                shown_index=None,
+                arm="rl",
+                latency_ms=5.0,
+                created_at=BASE + timedelta(seconds=190),
+            )
+        )
     finally:
         await store.close()
     return ids
@@ -219,6 +236,7 @@ async def test_report_has_every_plot_the_hand_counted_summary_and_escapes_store_
     assert_self_contained(document)
     assert page.stats["developers"] == "3"
     assert page.stats["completions"] == "8"
+    assert page.stats["held_back"] == "1"
     assert page.stats["accept_rate"] == "50.0% (3 of 6)"  # a1, a2, b3 of a1-a3, b1-b3
     assert page.stats["correction_rate"] == "25.0% (2 of 8)"  # a4, b2
     assert page.stats["kept_chars"] == "4.4 (35 over 8 shown)"  # 19 + 5 + 11; every completion was seen
