@@ -293,8 +293,10 @@ class HeedfulLanguageServer(LanguageServer):
         identity = self.require_identity()
         self.services.metrics.count_kept(identity.team_id, self.arm, chars)
         state = self.followup.served.get(completion_id)
-        if state is not None and state.served.recorded:
-            self.completions.policies.observe(identity.developer_id, state.served.text, ratio)
+        if state is not None and state.served.recorded and state.served.text:
+            # The share of the whole suggestion kept: a partial accept kept only what it took.
+            share = min(1.0, chars / len(state.served.text))
+            self.completions.policies.observe(identity.developer_id, state.served.text, share)
 
     def document(self, uri: str) -> TextDocument | None:
         open_doc = self.open_docs.get(uri)

@@ -5,8 +5,9 @@ kept suggestion +0.75, one that is not -0.25 and silence 0, showing pays when P(
 (`completion.show_threshold`). A suggestion partly kept counts as that share kept: P(kept) is the expected
 share of the suggestion the developer keeps. `ShowPolicy` estimates it for one developer with an online
 logistic regression over features of the suggestion's text (`suggestion_features`: the kind of its first
-line, its length, its words), trained on that developer's own outcomes: an accept counts the share of it
-still there at its last edit snapshot (a suggestion rewritten into something else keeps little), a
+line, its length, its words), trained on that developer's own outcomes: an accept counts the share of the
+suggestion still there at its last edit snapshot (a partial accept only the part it took; a suggestion
+rewritten into something else keeps little), a
 reject (explicit, or typing past the suggestion) counts 0. A developer who rejects every comment line
 stops being shown them; one who keeps them goes on seeing them.
 

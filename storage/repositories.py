@@ -289,8 +289,9 @@ class CompletionRepository(Repository):
 
     async def keep_outcomes(self, developer_id: str, limit: int) -> list[tuple[str, float]]:
         """(shown text, share kept) of the developer's newest shown completions with an outcome, oldest first:
-        an accept (or partial accept) keeps the share that survived its last edit snapshot (all of it before
-        its first snapshot), a reject keeps nothing. Undecided ones are left out."""
+        an accept keeps the share of the suggestion it took (all of it, or a partial accept's part) times the
+        share of that which survived its last edit snapshot (all of it before its first snapshot); a reject
+        keeps nothing. Undecided ones are left out."""
         stmt = (
             select(Completion.id, Candidate.text)
             .join(Candidate, and_(Candidate.completion_id == Completion.id, Candidate.index == Completion.shown_index))
@@ -301,18 +302,22 @@ class CompletionRepository(Repository):
         shown = [(cid, text) for cid, text in await self.s.execute(stmt)]
         if not shown:
             return []
-        events = select(Event.completion_id, Event.kind, Event.survival_ratio, Event.delay_s).where(
+        events = select(
+            Event.completion_id, Event.kind, Event.survival_ratio, Event.delay_s, Event.accepted_length
+        ).where(
             Event.completion_id.in_([cid for cid, _ in shown]),
             Event.kind.in_([EventKind.ACCEPTED, EventKind.PARTIAL_ACCEPT, EventKind.REJECTED, EventKind.EDIT_SNAPSHOT]),
         )
-        accepted: set[str] = set()
+        accepted: dict[str, int] = {}  # completion id -> the most characters an accept took
         rejected: set[str] = set()
         last_snapshot: dict[str, tuple[float, float]] = {}  # completion id -> (delay, survival) of the latest
-        for cid, kind, survival, delay in await self.s.execute(events):
+        lengths = {cid: len(text.lstrip(" \t")) for cid, text in shown}  # the stored text has the healed blanks
+        for cid, kind, survival, delay, length in await self.s.execute(events):
             if cid is None:
                 continue
             if kind in ACCEPT_KINDS:
-                accepted.add(cid)
+                taken = lengths[cid] if length is None else length
+                accepted[cid] = max(accepted.get(cid, 0), taken)
             elif kind == EventKind.REJECTED:
                 rejected.add(cid)
             elif survival is not None and (cid not in last_snapshot or (delay or 0.0) >= last_snapshot[cid][0]):
@@ -320,7 +325,8 @@ class CompletionRepository(Repository):
         out: list[tuple[str, float]] = []
         for cid, text in shown:
             if cid in accepted:
-                out.append((text, last_snapshot.get(cid, (0.0, 1.0))[1]))
+                share = min(1.0, accepted[cid] / lengths[cid]) if lengths[cid] else 1.0
+                out.append((text, share * last_snapshot.get(cid, (0.0, 1.0))[1]))
             elif cid in rejected:
                 out.append((text, 0.0))
             if len(out) >= limit:

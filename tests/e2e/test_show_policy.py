@@ -21,7 +21,7 @@ REJECTED_SOURCE = "class Inventory:\n    "
 REJECTED_URI = "file:///work/inventory.py"
 # Where they keep every suggestion: the body of a function that reads a file.
 KEPT_SOURCE = "import json\n\n\ndef load_config(path):\n    with open(path) as handle:\n        "
-ROUNDS = 8  # 8 rejected and 8 kept suggestions: 16 outcomes, as many as the policy is told to need
+ROUNDS = 5  # 5 rejected and 5 kept suggestions: 10 outcomes, as many as the policy is told to need
 POLICY = {"show_min_outcomes": 2 * ROUNDS, "show_explore": 0.0, "show_threshold": 0.25}
 
 

@@ -576,8 +576,8 @@ async def test_outcomes_pending_counts_and_latest_corrections(store: RolloutStor
 
 async def test_keep_outcomes_and_held_back_completions(store: RolloutStore) -> None:
     """What a developer's show policy starts from: each shown completion with an outcome and the share of it
-    kept (its accept's last snapshot; 0 for a reject), oldest first; and the completions the policy held back
-    (none shown)."""
+    kept (what its accept took, times what of that survived its last snapshot; 0 for a reject), oldest first;
+    and the completions the policy held back (none shown)."""
     await seed(store)
     await seed(store, developer="bob", session="s2")
     t0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
@@ -594,8 +594,8 @@ async def test_keep_outcomes_and_held_back_completions(store: RolloutStore) -> N
         EventRecord("s1", "accepted", "c0", accepted_length=7),
         EventRecord("s1", "edit_snapshot", "c0", delay_s=2.0, survival_ratio=0.9),  # the last one decides
         EventRecord("s1", "edit_snapshot", "c0", delay_s=1.0, survival_ratio=0.2),
-        EventRecord("s1", "partial_accept", "c1", accepted_length=3),
-        EventRecord("s1", "edit_snapshot", "c1", delay_s=2.0, survival_ratio=0.1),  # rewritten: little kept
+        EventRecord("s1", "partial_accept", "c1", accepted_length=3),  # 3 of the 7 characters taken
+        EventRecord("s1", "edit_snapshot", "c1", delay_s=2.0, survival_ratio=0.5),  # and half of them kept
         EventRecord("s1", "rejected", "c2", inferred=True),
         EventRecord("s1", "accepted", "c3", accepted_length=7),  # no snapshot yet: all kept
         EventRecord("s1", "shown", "c4"),  # undecided: left out
@@ -607,7 +607,7 @@ async def test_keep_outcomes_and_held_back_completions(store: RolloutStore) -> N
         repo = CompletionRepository(s)
         assert await repo.keep_outcomes("alice", 10) == [
             ("text c0", 0.9),
-            ("text c1", 0.1),
+            ("text c1", pytest.approx(3 / 7 * 0.5)),
             ("text c2", 0.0),
             ("text c3", 1.0),
         ]
