@@ -7,9 +7,8 @@ share of the suggestion the developer keeps. `ShowPolicy` estimates it for one d
 logistic regression over features of the suggestion's text (`suggestion_features`: the kind of its first
 line, its length, its words), trained on that developer's own outcomes: an accept counts the share of the
 suggestion still there at its last edit snapshot (a partial accept only the part it took; a suggestion
-rewritten into something else keeps little), a
-reject (explicit, or typing past the suggestion) counts 0. A developer who rejects every comment line
-stops being shown them; one who keeps them goes on seeing them.
+rewritten into something else keeps little), a reject (explicit, or typing past the suggestion) counts 0.
+A developer who rejects every comment line stops being shown them; one who keeps them goes on seeing them.
 
 The policy stays quiet until it has `completion.show_min_outcomes` outcomes, and shows a share
 `completion.show_explore` of what it would hold back anyway, so that it follows a developer whose habits
@@ -20,6 +19,7 @@ from their stored outcomes (`CompletionRepository.keep_outcomes`), so a restart 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
@@ -31,13 +31,14 @@ from storage.store import RolloutStore
 
 log = logging.getLogger(__name__)
 
-# Cursor's arithmetic for Tab: +0.75 for an accepted suggestion, -0.25 for a rejected one, 0 for none shown.
+# What a shown suggestion is worth: +0.75 kept, -0.25 not kept (read, then turned down); silence is worth 0.
 KEPT_REWARD = 0.75
 NOT_KEPT_REWARD = -0.25
 LEARNING_RATE = 0.5
 L2 = 1e-3
 MAX_WORDS = 48  # words of a suggestion that become features (the first ones)
 STORED_OUTCOMES = 500  # outcomes a developer's policy starts from
+LOAD_WAIT_S = 2.0  # how long a request waits for them
 
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _COMMENT_STARTS = ("#", "//", "/*", "--", ";", "* ", "<!--")
@@ -151,10 +152,12 @@ class ShowPolicies:
         return policy
 
     async def ready(self, developer_id: str) -> None:
-        """Wait for the developer's stored outcomes to be read, if they are being read now (one query)."""
+        """Wait for the developer's stored outcomes to be read, if they are being read now (one query), for at
+        most `LOAD_WAIT_S`: a slow store makes the first requests go by what this process has seen alone."""
         task = self._loading.get(developer_id)
         if task is not None and not task.done():
-            await asyncio.shield(task)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), LOAD_WAIT_S)
 
     def observe(self, developer_id: str, text: str, kept: float) -> None:
         """One outcome of a suggestion shown to the developer: the share of it they kept."""
@@ -187,7 +190,7 @@ class ShowPolicies:
             policy.observe(features, kept)
         self._policies[developer_id] = policy
         log.info(
-            "show policy of %r: started from %d stored outcomes (%.0f %% of their characters kept)",
+            "show policy of %r: started from %d stored outcomes (on average %.0f %% of a suggestion kept)",
             developer_id,
             len(stored),
             100 * sum(k for _, k in stored) / max(len(stored), 1),

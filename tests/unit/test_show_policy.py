@@ -18,7 +18,7 @@ from lsp_handlers.show_policy import (
 
 
 def test_break_even_is_where_showing_pays() -> None:
-    # p * 0.75 - (1 - p) * 0.25 = 0  ->  p = 0.25 (Cursor's arithmetic, the default threshold).
+    # p * 0.75 - (1 - p) * 0.25 = 0  ->  p = 0.25 (the default threshold).
     assert break_even() == pytest.approx(0.25)
     assert break_even(1.0, -1.0) == pytest.approx(0.5)
     assert break_even(0.5, -1.5) == pytest.approx(0.75)
