@@ -44,7 +44,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.client import LanguageClient
 
-from kernel.settings import ADAPTER_ARMS, BASELINE_ARMS, Settings, toml_value
+from kernel.settings import ADAPTER_ARMS, BASELINE_ARMS, Settings, resolve, toml_value
 from kernel.settings import ARMS as SETTINGS_ARMS
 from lsp_handlers import protocol
 from lsp_handlers.feedback import surviving_characters
@@ -52,7 +52,7 @@ from personalization import corpus
 from personalization.corpus import Prompt
 from personalization.rollouts import settle_seconds
 from server.stores import open_store
-from storage.repositories import CompletionRepository
+from storage.repositories import CompletionRepository, ReportFilter
 from storage.round_metrics import RoundMetrics
 
 # The arms in the order runs go, cheapest first: none, baseline, rl, rl+baseline.
@@ -725,8 +725,6 @@ class ArmRun:
     async def mark_silent(self) -> int:
         """Mark the turns the show policy kept quiet about, from the store's records (after the session ended,
         when every record is written). The number marked."""
-        from kernel.settings import resolve
-
         store = await open_store(resolve(self.config).settings, apply_retention=False)
         try:
             async with store.unit() as s:
@@ -932,8 +930,6 @@ def _fmt(value: float | None) -> str:
 
 async def write_outputs(plan: EvalPlan, results: Sequence[ArmResult]) -> tuple[Path, Path]:
     """OUT/eval.json (every reviewed completion) and OUT/report.html (`heedful report` of the run's store)."""
-    from kernel.settings import resolve
-    from storage.repositories import ReportFilter
     from tools.report import load_report, render_report, write_report
 
     details = plan.out_dir / "eval.json"
