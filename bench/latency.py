@@ -20,8 +20,9 @@ Cases, each with p50/p95/p99 over the same requests:
     `engine.adapter_serving = auto` (one scope in use: merged into the weights), and again in a second
     server with `lora` (multi-LoRA, what a shared server does);
 - typing: a third server with prefix caching on (the default), base and personalized: after a request
-  at the cursor the developer types the call's first characters, each keystroke a new request (one that
-  types what the suggestion shows is answered with its rest, `completion.type_through`); and two more
+  at the cursor the developer types the call's arguments as the file has them, up to the closing
+  bracket, each keystroke a new request sent when the previous one is answered (one that types what the
+  suggestion shows is answered with its rest, `completion.type_through`); and two more
   servers, base only: the prompt's start not anchored (`completion.prefix_anchor_lines` = 1), and
   `completion.type_through` off;
 - raw vLLM: `EmbeddedEngine.generate` in this process, 1 stream and N concurrent;
@@ -85,7 +86,6 @@ WARMUP = 3
 MAX_TOKENS = 16
 STOP = ["\n"]
 MERGE_WINDOW_S = 2.0
-TYPED_CHARS = 3
 LLAMA_CPP_VERSION = "0.3.36"
 Case = list[tuple[float, int]]  # (seconds, new tokens; -1: answered with nothing) per measured request
 # The native build crashed at generation on the Intel machines of this kind (its AMX code paths); without
@@ -123,7 +123,7 @@ def single_line_requests(count: int) -> list[Request]:
         chosen = []
         for i, new_line, character, args in found[step // 2 :: step]:
             text = "".join(lines[:i]) + new_line + "".join(lines[i + 1 :])
-            chosen.append(Request(f"file:///bench/{rel}", text, i, character, typed=args[:TYPED_CHARS]))
+            chosen.append(Request(f"file:///bench/{rel}", text, i, character, typed=args))
         per_file.append(chosen)
     requests: list[Request] = []
     for k in range(max(len(c) for c in per_file)):
@@ -283,9 +283,9 @@ TYPING_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 async def typing_cases(
     tmp: Path, model: Path, adapter: Path, requests: list[Request], variant: str = "default"
-) -> tuple[dict[str, Case], dict[str, float]]:
+) -> tuple[dict[str, Case], dict[str, float], dict[str, float]]:
     """Keystrokes with prefix caching on (the default): after a completion at the cursor, the developer
-    types the call's first arguments one character at a time and every keystroke asks again. All but the
+    types the call's arguments one character at a time and every keystroke asks again. All but the
     last few prompt tokens were computed for the previous keystroke, so only they are prefilled, if the
     prompt starts where it started before; and a keystroke that types what the suggestion shows is
     answered with the suggestion's rest (`completion.type_through`), without the engine.
@@ -293,7 +293,8 @@ async def typing_cases(
     `variant` "unanchored" serves with `completion.prefix_anchor_lines` = 1 (the prompt's first line is the
     farthest that fits, which moves as the cursor line grows) and "no-type-through" with
     `completion.type_through` off, base developers only, as peers of the default. Returns the cases and,
-    for each, the share of keystrokes answered from the suggestion typed through."""
+    for each, the share of keystrokes answered from the suggestion typed through and the keystrokes the
+    engine answered (its own p50 is printed beside the case's)."""
     name, completion = TYPING_VARIANTS[variant]
     db, log, version, proc = await start_server(
         tmp, name, model, adapter, "auto", prefix_caching=True, completion=completion
@@ -301,6 +302,7 @@ async def typing_cases(
     clients: list[BenchClient] = []
     cases: dict[str, Case] = {}
     reuses: dict[str, float] = {}
+    engine_p50: dict[str, float] = {}  # label -> p50 (ms) of the keystrokes not answered from the suggestion
     kinds = (("base", None), ("personalized", TEAM)) if variant == "default" else (("base", None),)
     try:
         port = await wait_or_exit(proc, listening_port(log), log, 120)
@@ -315,6 +317,7 @@ async def typing_cases(
             await wait_or_exit(proc, client.wait_ready(900), log, 900)
             await asyncio.sleep(MERGE_WINDOW_S + 0.5)
             measured: list[tuple[Request, float]] = []
+            engine_times: list[float] = []
             answered = 0  # requests the engine answered with a completion (the others leave no record)
             reused = 0
             for r in tagged(requests, label.replace(" ", "-")):
@@ -345,8 +348,10 @@ async def typing_cases(
                         reused += 1
                     else:
                         answered += answer is not None
+                        engine_times.append(seconds)
                     previous = answer
             reuses[label] = reused / len(measured)
+            engine_p50[label] = statistics.median(engine_times) * 1000 if engine_times else float("nan")
             deadline = time.monotonic() + 15  # answers come before the batching writer commits
             while True:
                 with sqlite3.connect(db) as conn:
@@ -367,12 +372,13 @@ async def typing_cases(
             cases[label] = [(seconds, mean_tokens) for _, seconds in measured]
             p50 = statistics.median(t for _, t in measured)
             print(
-                f"[bench.latency] {label}: p50 {p50 * 1000:.0f} ms, {reuses[label]:.0%} answered from the suggestion",
+                f"[bench.latency] {label}: p50 {p50 * 1000:.0f} ms over {len(measured)} keystrokes, "
+                f"{reuses[label]:.0%} answered from the suggestion, the others {engine_p50[label]:.0f} ms p50",
                 file=sys.stderr,
             )
     finally:
         await stop_server(clients, proc)
-    return cases, reuses
+    return cases, reuses, engine_p50
 
 
 def check_served(db: Path, measured: list[Request], version: str | None, label: str, log: Path) -> dict[str, int]:
@@ -522,6 +528,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     requests = single_line_requests(args.requests + WARMUP)
     times: dict[str, Case] = {}
     type_through: dict[str, float] = {}  # typing case -> share of keystrokes answered from the suggestion
+    typing_engine: dict[str, float] = {}  # typing case -> p50 ms of the keystrokes the engine answered
     with tempfile.TemporaryDirectory(prefix="heedful-bench-latency-") as tmp_name:
         tmp = Path(tmp_name)
         config, _ = write_config(tmp, "prompts", model, "auto")
@@ -546,9 +553,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         typing = requests[WARMUP : WARMUP + args.typing]
         for variant in TYPING_VARIANTS:
             print(f"[bench.latency] heedful serve, typing ({variant}) ...", file=sys.stderr, flush=True)
-            cases, shares = await typing_cases(tmp, model, adapter, typing, variant)
+            cases, shares, engine_p50 = await typing_cases(tmp, model, adapter, typing, variant)
             times |= cases
             type_through |= shares
+            typing_engine |= engine_p50
         print("[bench.latency] raw vLLM ...", file=sys.stderr, flush=True)
         times |= await raw_vllm(prompts, n)
         print("[bench.latency] Hugging Face generate ...", file=sys.stderr, flush=True)
@@ -588,6 +596,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "llama_cpp_build": llama_cpp_cmake_args(),
         "results": figures,
         "typing_answered_from_suggestion": type_through,
+        "typing_engine_p50_ms": typing_engine,
         "ratios_p50": {
             "personalized (merged) / base, 1 session": ratio("personalized auto x1", "base x1"),
             f"personalized (merged) / base, {n} sessions": ratio(f"personalized auto x{n}", f"base x{n}"),
@@ -629,7 +638,11 @@ def print_table(r: dict[str, Any]) -> None:
         "nulls: requests answered with nothing; <= N ms: share answered within the default completion.timeout_ms"
     )
     for label, share in r["typing_answered_from_suggestion"].items():
-        print(f"{label}: {share:.0%} of keystrokes answered from the suggestion typed through")
+        engine = r["typing_engine_p50_ms"].get(label, float("nan"))
+        print(
+            f"{label}: {share:.0%} of keystrokes answered from the suggestion typed through; "
+            f"the others, answered by the engine: {engine:.0f} ms p50"
+        )
     print("p50 ratios:")
     for label, value in r["ratios_p50"].items():
         if value is not None:

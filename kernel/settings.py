@@ -158,6 +158,14 @@ class EngineSettings:
         True,
         "Reuse the KV cache of shared prompt prefixes (consecutive keystrokes in one file).",
     )
+    block_size: int = setting(
+        32,
+        "Tokens per block of the embedded engine's KV cache, the unit its prefix cache reuses: a prompt's last "
+        "partial block is read again at every request, so smaller blocks save more while the developer types "
+        "(vLLM's CPU default is 128). vLLM's CPU attention takes multiples of 32; `remote` engines use "
+        "their own `--block-size`.",
+        choices=(32, 64, 128, 256),
+    )
     max_loras: int = setting(
         4,
         "LoRA adapters active in one batch; at least 2 so a new adapter can load while the old one "

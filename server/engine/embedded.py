@@ -161,6 +161,7 @@ class EmbeddedEngine:
             max_num_seqs=s.max_num_seqs,
             enforce_eager=s.enforce_eager,
             enable_prefix_caching=s.enable_prefix_caching,
+            block_size=s.block_size,
             enable_lora=True,
             max_loras=s.max_loras,
             max_lora_rank=s.max_lora_rank,
