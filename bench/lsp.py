@@ -181,7 +181,9 @@ def bench_config(
     """A settings file for a bench's `heedful serve`: (config, its SQLite db) in `tmp`.
 
     Every bench runs the embedded engine on `model` with a 1 GiB KV cache, greedy completions, no
-    training groups, no in-server training worker (a bench that measures training runs its own) and no
+    training groups, no show policy (a bench's developer turns suggestions down or types past them by
+    the dozen: after 20 the policy would answer some with nothing, and a bench times every completion
+    the engine makes), no in-server training worker (a bench that measures training runs its own) and no
     latency guard (8 sessions at once on two cores take 10-20 s a completion with the code model: the
     guard rolled the measured adapter back in the middle of its case); `sections` adds or overrides keys
     per section.
@@ -193,7 +195,7 @@ def bench_config(
     merged: dict[str, dict[str, Any]] = {
         "model": {"path": str(model)},
         "engine": {"mode": "embedded", "kv_cache_gib": 1},
-        "completion": {"temperature": 0.0, "group_sample_rate": 0.0},
+        "completion": {"temperature": 0.0, "group_sample_rate": 0.0, "show_threshold": 0.0},
         "training": {"in_server": False},
         "thresholds": {"p99_latency_ms": 1e9},
     }

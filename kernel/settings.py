@@ -162,8 +162,8 @@ class EngineSettings:
         32,
         "Tokens per block of the embedded engine's KV cache, the unit its prefix cache reuses: a prompt's last "
         "partial block is read again at every request, so smaller blocks save more while the developer types "
-        "(vLLM's CPU default is 128). vLLM's CPU attention takes multiples of 32; `remote` engines use "
-        "their own `--block-size`.",
+        "(vLLM's CPU default is 128). vLLM's CPU attention takes multiples of 32. A `remote` engine uses its "
+        "own `--block-size`.",
         choices=(32, 64, 128, 256),
     )
     max_loras: int = setting(

@@ -277,6 +277,8 @@ def vllm_serve_command(settings: Settings, *, host: str, port: int, model_path: 
         str(settings.model.max_model_len),
         "--max-num-seqs",
         str(s.max_num_seqs),
+        "--block-size",
+        str(s.block_size),
         "--enable-lora",
         "--max-loras",
         str(s.max_loras),

@@ -266,6 +266,20 @@ async def test_a_deadline_answers_with_the_text_so_far_and_the_engine_keeps_serv
     assert again.candidates[0].token_ids == whole.candidates[0].token_ids[:8]
 
 
+async def test_a_repeated_prompt_is_read_again_only_past_its_last_full_cache_block(
+    embedded_engine: EmbeddedEngine, engine_settings: Settings
+) -> None:
+    """`engine.block_size` (32) is the unit the prefix cache keeps: asked again, a 100-token prompt reuses
+    its first 96 tokens (three full blocks) and reads only the last 4 again, where vLLM's CPU default of
+    128-token blocks would read all 100."""
+    ids = embedded_engine.tokenize("import os\n" + "".join(f"value_{k} = os.getenv('V{k}')\n" for k in range(40)))
+    ids = ids[:100]
+    await embedded_engine.generate(ids, max_tokens=2, temperature=0.0)
+    again = await embedded_engine.generate(ids, max_tokens=2, temperature=0.0)
+    assert engine_settings.engine.block_size == 32
+    assert again.timing.cached_tokens == 96
+
+
 async def test_a_single_candidate_reports_its_first_token_time_and_cached_tokens(
     embedded_engine: EmbeddedEngine,
 ) -> None:
