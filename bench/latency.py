@@ -317,9 +317,8 @@ async def typing_cases(
             await wait_or_exit(proc, client.wait_ready(900), log, 900)
             await asyncio.sleep(MERGE_WINDOW_S + 0.5)
             measured: list[tuple[Request, float]] = []
-            engine_times: list[float] = []
+            engine_times: list[float] = []  # the keystrokes not answered from the suggestion typed through
             answered = 0  # requests the engine answered with a completion (the others leave no record)
-            reused = 0
             for r in tagged(requests, label.replace(" ", "-")):
                 client.open(r)
                 _, previous = await client.inline_answer(r)  # the cold request at the cursor: not measured
@@ -342,15 +341,13 @@ async def typing_cases(
                     key = dataclasses.replace(r, character=r.character + k + 1)
                     seconds, answer = await client.inline_answer(key)
                     measured.append((r, seconds))
-                    # The same id again: the developer typed what the suggestion showed and the server
-                    # answered with its rest, with no engine call and no record.
-                    if answer is not None and answer == previous:
-                        reused += 1
-                    else:
+                    # The same id again means the developer typed what the suggestion showed and the server
+                    # answered with its rest, with no engine call and no record; anything else asked the engine.
+                    if answer is None or answer != previous:
                         answered += answer is not None
                         engine_times.append(seconds)
                     previous = answer
-            reuses[label] = reused / len(measured)
+            reuses[label] = 1 - len(engine_times) / len(measured)
             engine_p50[label] = statistics.median(engine_times) * 1000 if engine_times else float("nan")
             deadline = time.monotonic() + 15  # answers come before the batching writer commits
             while True:
