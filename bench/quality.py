@@ -29,10 +29,13 @@ timeout lifted so that quality is measured on every case), and its client-side p
 beside its scores. Prompt styles: `fim` (the model's fill-in-the-middle template: prefix and suffix) and
 `prefix` (`model.fim_template = "none"`: the text before the cursor only). A model without FIM tokens
 runs `prefix` only. `--quantization int8` serves the model's int8 (W8A8) copy (`engine.quantization`).
+With `--set "section.key=value,..."` (repeatable) every configuration runs once per group of settings
+(`--set ""`: the defaults), e.g. `--set "" --set "completion.suffix_share=0.1"` to compare a prompt
+setting with the default on the same cases in one run; values are TOML (`0.1`, `true`, `"text"`).
 
     .venv/bin/python -m bench.quality [--model NAME ...] [--style fim|prefix ...] [--humaneval 80]
         [--stdlib 80] [--repo 0] [--crossfile SHARE ...] [--context-tokens N|learned ...]
-        [--quantization none|int8 ...] [--seed 0]
+        [--quantization none|int8 ...] [--set "section.key=value,..." ...] [--seed 0]
         [--max-tokens 64] [--json]
 """
 
@@ -311,6 +314,26 @@ class ConfigResult:
     engine_start_s: float = 0.0
     learned_budget: int | None = None  # the server's last "context budget" line
     quantization: str = "none"  # engine.quantization
+    overrides: str = ""  # the `--set` group this configuration ran with ("" for the defaults)
+
+
+def parse_overrides(group: str) -> dict[str, dict[str, Any]]:
+    """`--set`'s "section.key=value,..." as settings sections; values are TOML. Raises ValueError, naming the part."""
+    import tomllib
+
+    sections: dict[str, dict[str, Any]] = {}
+    for part in filter(None, (p.strip() for p in group.split(","))):
+        name, sep, value = part.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not section or not key:
+            raise ValueError(f"--set part {part!r} is not section.key=value (e.g. completion.suffix_share=0.1)")
+        try:
+            parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError as exc:
+            problem = f"--set part {part!r}: {value.strip()!r} is not a TOML value ({exc}); quote text"
+            raise ValueError(problem) from None
+        sections.setdefault(section, {})[key] = parsed
+    return sections
 
 
 async def complete(client: BenchClient, case: Case, uri: str) -> tuple[str, float]:
@@ -338,6 +361,8 @@ async def run_config(
     workspace: Path | None = None,
     context_tokens: int | None = None,
     quantization: str = "none",
+    overrides: str = "",
+    index: int = 0,
 ) -> ConfigResult:
     from kernel import paths
     from server.model_prep import known_model
@@ -345,27 +370,28 @@ async def run_config(
     folder = paths.model_dir(known_model(model).title)
     if not (folder / "config.json").exists():
         raise BenchError(f"model {model} is not prepared at {folder}: run `heedful model prepare --model {model}`")
-    name = f"{model}-{style}-crossfile-{crossfile:g}-context-{context_tokens or 'learned'}-weights-{quantization}"
+    name = (
+        f"{model}-{style}-crossfile-{crossfile:g}-context-{context_tokens or 'learned'}-weights-{quantization}"
+        f"-set-{index}"
+    )
     completion: dict[str, Any] = {"max_tokens": max_tokens, "timeout_ms": 600_000, "crossfile_share": crossfile}
     if context_tokens is not None:
         completion |= {"context_tokens": context_tokens, "prefill_target_ms": 0}
-    config, _ = bench_config(
-        tmp,
-        name,
-        folder,
-        {
-            "model": {"fim_template": "auto" if style == "fim" else "none"},
-            "completion": completion,
-            "engine": {"quantization": quantization},
-        },
-    )
+    sections: dict[str, dict[str, Any]] = {
+        "model": {"fim_template": "auto" if style == "fim" else "none"},
+        "completion": completion,
+        "engine": {"quantization": quantization},
+    }
+    for section, values in parse_overrides(overrides).items():
+        sections.setdefault(section, {}).update(values)
+    config, _ = bench_config(tmp, name, folder, sections)
     log = tmp / f"{name}.log"
     client = BenchClient(f"bench-quality-{name}", workspace=workspace)
     await client.lc.start_io(*server_command(config), cwd=str(ROOT), env=dict(os.environ))
     proc = cast(asyncio.subprocess.Process, client.lc._server)
     assert proc.stderr is not None
     drainer = asyncio.create_task(drain(proc.stderr, log))
-    result = ConfigResult(model, style, crossfile, context_tokens, quantization=quantization)
+    result = ConfigResult(model, style, crossfile, context_tokens, quantization=quantization, overrides=overrides)
     try:
         started = time.perf_counter()
         await asyncio.wait_for(client.initialize(), 120)
@@ -416,6 +442,7 @@ def score(result: ConfigResult) -> dict[str, Any]:
         "context_tokens": result.context_tokens or result.learned_budget,
         "context_budget": "fixed" if result.context_tokens else "learned",
         "quantization": result.quantization,
+        "settings": result.overrides,
         "repo_cases": len(repo),
         "repo_exact": exact(repo),
         "repo_edit_similarity": similarity(repo),
@@ -461,7 +488,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if style == "fim" and not has_fim(model):
                     rows.append({"model": model, "style": style, "skipped": "the model has no FIM tokens"})
                     continue
-                for share, budget, weights in itertools.product(args.crossfile, args.context_tokens, args.quantization):
+                for share, budget, weights, (index, overrides) in itertools.product(
+                    args.crossfile, args.context_tokens, args.quantization, enumerate(args.set)
+                ):
                     result = await run_config(
                         model,
                         style,
@@ -472,6 +501,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         workspace=workspace,
                         context_tokens=budget,
                         quantization=weights,
+                        overrides=overrides,
+                        index=index,
                     )
                     row = score(result)
                     rows.append(row)
@@ -500,18 +531,18 @@ def print_table(report: dict[str, Any]) -> None:
     )
     print()
     print(
-        "| model | prompt | weights | cross-file share | context tokens | HumanEval pass | HumanEval exact | "
-        "stdlib exact | stdlib edit sim. | repo exact | repo edit sim. | p50 latency | empty |"
+        "| model | prompt | weights | cross-file share | context tokens | settings | HumanEval pass | "
+        "HumanEval exact | stdlib exact | stdlib edit sim. | repo exact | repo edit sim. | p50 latency | empty |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in report["rows"]:
         if "skipped" in row:
-            print(f"| {row['model']} | {row['style']} | | | | {row['skipped']} | | | | | | | |")
+            print(f"| {row['model']} | {row['style']} | | | | | {row['skipped']} | | | | | | | |")
             continue
         print(
             f"| {row['model']} | {row['style']} | {row.get('quantization', 'none')} | {row['crossfile_share']:g} | "
             f"{row['context_tokens']} "
-            f"({row['context_budget']}) | {_pct(row['humaneval_pass'])} | "
+            f"({row['context_budget']}) | {row.get('settings') or 'defaults'} | {_pct(row['humaneval_pass'])} | "
             f"{_pct(row['humaneval_exact'])} | {_pct(row['stdlib_exact'])} | {_sim(row['stdlib_edit_similarity'])} | "
             f"{_pct(row['repo_exact'])} | {_sim(row['repo_edit_similarity'])} | {row['latency_p50_s']:.2f} s | "
             f"{row['empty']} |"
@@ -550,6 +581,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["none", "int8"],
         help="engine.quantization to run each configuration with (repeatable; default none)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        type=_overrides,
+        metavar="SECTION.KEY=VALUE,...",
+        help='settings to run each configuration with (repeatable: one run per group; "" for the defaults)',
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64, help="completion.max_tokens (default 64, as served)")
     parser.add_argument("--json", action="store_true")
@@ -559,7 +597,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.crossfile = args.crossfile or [0.0]
     args.context_tokens = args.context_tokens or [None]
     args.quantization = args.quantization or ["none"]
+    args.set = args.set or [""]
     return args
+
+
+def _overrides(value: str) -> str:
+    try:
+        parse_overrides(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def _budget(value: str) -> int | None:
