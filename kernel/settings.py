@@ -255,12 +255,23 @@ class CompletionSettings:
     )
     prefix_anchor_lines: int = setting(
         8,
-        "When the text before the cursor does not all fit the budget, the prompt starts on a line whose number "
-        "is a multiple of this, so its start stays put keystroke after keystroke and the engine's prefix cache "
-        "reuses what it computed; at most this many lines minus one of the farthest context are left out. "
-        "1: every line that fits.",
+        "When the text before the cursor does not all fit the budget, a prompt starts where the previous prompt "
+        "on the document started while that line still fits (at most this many lines minus one below the first "
+        "line that fits); once typing pushes it out, on the next line whose number is a multiple of this, so "
+        "that its start stays put keystroke after keystroke and the engine's prefix cache reuses what it "
+        "computed. The first prompt at a cursor keeps every line that fits. 1: every line that fits, always.",
         min=1,
         max=1024,
+    )
+    outline_lines: int = setting(
+        0,
+        "When the budget cuts the prompt's text before the cursor short of the lines that open the scopes around "
+        "the cursor (the `def` whose body it is in, its `class`), up to this many of them are kept above the "
+        "prompt's text, in at most a quarter of its budget, so that a short budget still shows the signature "
+        "being completed. 0 (the default): none; 4 did not help the default model on `bench.quality`'s cases at "
+        "256 tokens (docs/benchmarks.md).",
+        min=0,
+        max=64,
     )
     type_through: bool = setting(
         True,

@@ -16,6 +16,7 @@ import math
 import random
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 # Characters of document text around the cursor handed to the prompt builder: far more than any
 # token budget needs (a token is at least one character), and it keeps a 5 MB file cheap.
 _CHARS_PER_TOKEN_BOUND = 16
+_STARTS_KEPT = 1024  # documents whose last prompt's start line is remembered (the least recently asked go)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +133,8 @@ class CompletionService:
         self._budget_logged: int | None = None
         self._groups_pending = 0  # training groups being sampled now (`completion.group_max_pending`)
         self.policies = ShowPolicies()  # each developer's show policy (`completion.show_threshold`)
+        # The document line each document's last prompt started on (`build_prompt`'s previous_start).
+        self._starts: OrderedDict[str, int] = OrderedDict()
 
     def context_budget(self, settings: Settings) -> int:
         """The prompt's token budget now: `completion.context_tokens`, less where this machine's engine would
@@ -195,7 +199,14 @@ class CompletionService:
         window = budget * _CHARS_PER_TOKEN_BOUND
         text = doc.text
         start = max(0, offset - window)
+        if start > 0:
+            # Whole lines only: a line cut by the window would be a fragment of code to the model (and to
+            # `scope_openers`, a line with no indentation).
+            newline = text.find("\n", start, offset)
+            if newline >= 0:
+                start = newline + 1
         before = text[start:offset]
+        first_line = text.count("\n", 0, start)
         after = text[offset : offset + window]
         tokenizer = self.services.tokenizer
         repository = ""
@@ -218,7 +229,7 @@ class CompletionService:
                 len(repository),
                 ", ".join(f"{s.path} ({s.kind})" for s in neighbours.sources),
             )
-        return build_prompt(
+        prompt = build_prompt(
             before,
             after,
             file_name=file_name_of(doc.uri),
@@ -229,9 +240,25 @@ class CompletionService:
             suffix_share=settings.completion.suffix_share,
             notes=notes,
             anchor_lines=settings.completion.prefix_anchor_lines,
-            first_line=text.count("\n", 0, start),
+            outline_lines=settings.completion.outline_lines,
+            first_line=first_line,
+            previous_start=self._starts.get(doc.uri),  # where the last prompt on this document started
             repository=repository,
         )
+        previous = self._starts.get(doc.uri)
+        self._starts[doc.uri] = first_line + before.count("\n", 0, len(before) - len(prompt.prefix))
+        self._starts.move_to_end(doc.uri)
+        log.debug(
+            "prompt for %s: %d tokens from line %d (the previous prompt's start: %s), %d scope lines above it",
+            doc.uri,
+            prompt.tokens,
+            self._starts[doc.uri],
+            previous,
+            prompt.outline.count("\n"),
+        )
+        if len(self._starts) > _STARTS_KEPT:
+            self._starts.popitem(last=False)
+        return prompt
 
     async def complete(
         self,

@@ -29,6 +29,7 @@ __all__ = [
     "comment_header",
     "heal",
     "notes_header",
+    "scope_openers",
 ]
 
 CountTokens = Callable[[str], int]
@@ -47,6 +48,7 @@ class Prompt:
     tokens: int  # count_tokens(text) of the final prompt
     template: str | None = None  # the FIM template `text` was filled in (None in prefix mode)
     repository: str = ""  # the other files' snippets put before everything else ("" when none)
+    outline: str = ""  # the lines opening the scopes around the cursor that the prefix did not reach
 
 
 def heal(prompt: Prompt) -> tuple[str, str]:
@@ -64,8 +66,11 @@ def heal(prompt: Prompt) -> tuple[str, str]:
     if not healed:
         return prompt.text, ""
     if prompt.template is None:
-        return prompt.repository + prompt.header + kept, healed
-    return prompt.repository + fill_template(prompt.template, prompt.header + kept, prompt.suffix), healed
+        return prompt.repository + prompt.header + prompt.outline + kept, healed
+    return (
+        prompt.repository + fill_template(prompt.template, prompt.header + prompt.outline + kept, prompt.suffix),
+        healed,
+    )
 
 
 _HASH = ("# ", "")
@@ -423,6 +428,7 @@ class _Parts:
     repository: str = ""
     header: str = ""
     header_tokens: int = 0
+    outline: str = ""  # scope openers above the prefix, in document order
     head: str = ""  # the cursor line's text before the cursor (maybe cut from its left)
     head_tokens: int = 0
     earlier: list[str] = field(default_factory=list)  # whole lines before the cursor line, nearest first
@@ -440,8 +446,8 @@ class _Parts:
 
     def text(self) -> str:
         if self.template is None:
-            return self.repository + self.header + self.prefix()
-        return self.repository + fill_template(self.template, self.header + self.prefix(), self.suffix())
+            return self.repository + self.header + self.outline + self.prefix()
+        return self.repository + fill_template(self.template, self.header + self.outline + self.prefix(), self.suffix())
 
     def drop_farthest_line(self) -> int:
         """Drop the whole line farthest from the cursor (a suffix line on a tie); its token count, or -1."""
@@ -455,12 +461,19 @@ class _Parts:
 
 
 def _take_before(
-    parts: _Parts, before: str, limit: int, count: CountTokens, *, anchor_lines: int = 1, first_line: int = 0
+    parts: _Parts,
+    before: str,
+    limit: int,
+    count: CountTokens,
+    *,
+    anchor_lines: int = 1,
+    first_line: int = 0,
+    previous_start: int | None = None,
 ) -> None:
     """Fill parts.head and parts.earlier from `before` within `limit` tokens, nearest lines first.
 
     Unless the prefix reaches the document's start (`before` starts at its line `first_line`), its first
-    line is then moved down to the next line whose number is a multiple of `anchor_lines` (see build_prompt).
+    line may then move down (`anchor_drop`, see build_prompt).
     """
     start = before.rfind("\n") + 1
     head = before[start:]
@@ -481,12 +494,69 @@ def _take_before(
         parts.earlier_tokens.append(n)
         remaining -= n
         end = line_start
-    if anchor_lines > 1 and (end > 0 or first_line > 0):
-        first = first_line + before.count("\n", 0, end)  # the document line the prefix starts on
-        drop = min(-first % anchor_lines, len(parts.earlier))
+    if end > 0 or first_line > 0:
+        first = first_line + before.count("\n", 0, end)  # the first document line that fits
+        drop = min(anchor_drop(first, anchor_lines, previous_start), len(parts.earlier))
         for _ in range(drop):
             parts.earlier.pop()
             parts.earlier_tokens.pop()
+
+
+def anchor_drop(first: int, anchor_lines: int, previous_start: int | None) -> int:
+    """How many lines the prompt's start moves down from `first`, the first document line that fits.
+
+    The start stays where the previous prompt on the document started (`previous_start`) while that still
+    fits less than `anchor_lines` lines below `first`; when typing has just pushed it out (it is less than
+    `anchor_lines` lines above `first`), the start moves to the next line whose number is a multiple of
+    `anchor_lines`; otherwise (no previous prompt, or one far from here: a cold request) nothing moves and
+    every line that fits is kept.
+    """
+    if anchor_lines <= 1 or previous_start is None:
+        return 0
+    if first <= previous_start < first + anchor_lines:
+        return previous_start - first
+    if first - anchor_lines < previous_start < first:
+        return -first % anchor_lines
+    return 0
+
+
+_CLOSERS = (")", "]", "}")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" \t"))
+
+
+def scope_openers(before: str, limit: int, comment: str | None = None) -> list[tuple[int, str]]:
+    """The lines opening the scopes around a cursor with `before` before it: (offset in `before`, line), nearest
+    first, at most `limit`.
+
+    Walking up from the cursor's line, a line is an opener when it is indented less than every non-blank
+    line between it and the cursor (a `def`, a `class`, a loop, `function f() {`). The cursor's own line
+    counts when it has text or blanks before the cursor; else the nearest non-blank line above sets the
+    indentation the openers must be under. Blank lines, comment lines (`comment`, e.g. "#") and lines that
+    start by closing a bracket (`) -> int:`, `} else {`: the line that opened it comes higher up) are passed
+    over. Stops at an opener with no indentation. Indentation is counted in characters, a tab as one.
+    """
+    start = before.rfind("\n") + 1
+    head = before[start:]
+    under: int | None = _indent(head) if head else None
+    openers: list[tuple[int, str]] = []
+    end = start
+    while end > 0 and under != 0 and len(openers) < limit:
+        line_start = before.rfind("\n", 0, end - 1) + 1
+        line = before[line_start:end]
+        end = line_start
+        body = line.strip()
+        if not body or (comment and body.startswith(comment)):
+            continue
+        width = _indent(line)
+        if under is None:
+            under = width
+        elif width < under and not body.startswith(_CLOSERS):
+            openers.append((line_start, line))
+            under = width
+    return openers
 
 
 def _take_after(parts: _Parts, after: str, limit: int, count: CountTokens) -> int:
@@ -518,9 +588,9 @@ def _fit(parts: _Parts, budget: int, count: CountTokens) -> tuple[str, int]:
     Per-piece counts need not add up to the count of the joined text (a tokenizer can merge across piece
     boundaries), so the joined text is counted and, while it is over, pieces are dropped in this order: whole
     lines farthest from the cursor (enough of them to cover the excess by their own counts, then recount),
-    then the other files' snippets, then the header, then characters of the cursor line's remainder (from
-    its right), then characters of the cursor line's text before the cursor (from its left). Every round
-    removes text, so this ends.
+    then the other files' snippets, then the scope openers, then the header, then characters of the cursor
+    line's remainder (from its right), then characters of the cursor line's text before the cursor (from its
+    left). Every round removes text, so this ends.
     """
     text = parts.text()
     n = count(text)
@@ -535,6 +605,8 @@ def _fit(parts: _Parts, budget: int, count: CountTokens) -> tuple[str, int]:
         if dropped == 0:
             if parts.repository:
                 parts.repository = ""
+            elif parts.outline:
+                parts.outline = ""
             elif parts.header:
                 parts.header, parts.header_tokens = "", 0
             elif parts.tail:
@@ -572,7 +644,9 @@ def build_prompt(
     notes: Sequence[str] = (),
     anchor_lines: int = 1,
     first_line: int = 0,
+    previous_start: int | None = None,
     repository: str = "",
+    outline_lines: int = 0,
 ) -> Prompt:
     """The prompt for a cursor with `before` (all text before it) and `after` (all text after it).
 
@@ -588,19 +662,29 @@ def build_prompt(
     while each fits. The prefix gets all the rest, including what the suffix did not use. When the template
     alone takes the whole budget, the prompt falls back to prefix mode.
 
-    `anchor_lines`: when the text before the cursor does not all fit, the prefix starts on a line whose
-    number in the document (`before` starts on its line `first_line`) is a multiple of `anchor_lines`: the
-    first line that fits is moved down to the next such line. As the developer types, the nearest lines
-    that fit change with every few keystrokes, and a prompt whose start moves is computed anew by the
-    engine; anchored, its start stays put until the prefix has grown by about `anchor_lines` lines, so the
-    engine's prefix cache reuses everything before the cursor line. It costs at most `anchor_lines - 1`
-    of the farthest lines. 1: every line that fits.
+    `anchor_lines` and `previous_start`: when the text before the cursor does not all fit, the prompt keeps
+    starting on the document line the previous prompt on this document started on (`previous_start`;
+    `before` starts on the document's line `first_line`) while that line still fits and is less than
+    `anchor_lines` lines below the first line that fits; once typing has pushed it out by less than
+    `anchor_lines` lines, the start moves down to the next line whose number is a multiple of
+    `anchor_lines` (`anchor_drop`). As the developer types, the nearest lines that fit change with every
+    few keystrokes, and a prompt whose start moves is computed anew by the engine; anchored, its start
+    stays put until the prefix has grown by about `anchor_lines` lines, so the engine's prefix cache reuses
+    everything before the cursor line, at the cost of at most `anchor_lines - 1` of the farthest lines. A
+    prompt with no previous one nearby (`previous_start` None or far away: the first at a cursor) keeps
+    every line that fits, as does `anchor_lines` 1.
 
     `repository`: snippets of the developer's other files, already chosen and rendered for this model
     (`crossfile.repository_context`), put before everything else (before the template in FIM mode: the
     repository format of Qwen2.5-Coder and StarCoder2 ends in the current file's path, then the template).
     Its tokens come off the budget after the template's and before the header's; it is left out when it
     leaves no room for text.
+
+    `outline_lines`: when the prefix does not reach them, up to this many of the lines that open the scopes
+    around the cursor (`scope_openers`: the `def` whose body the cursor is in, its `class`) are put between
+    the header and the prefix, in document order, so that a short budget still shows the model the
+    signature it completes a body of. They take at most a quarter of the budget left for the prefix,
+    nearest first, and come off it before the prefix is taken again without them in its reach. 0: none.
 
     `notes` (the developer's past corrections, for the prompt-injection baseline) join the header as
     comment lines after the file name (`notes_header`). The header (`comment_header`, plus the notes) is
@@ -642,7 +726,29 @@ def build_prompt(
     if fim_template is not None:
         suffix_budget = min(math.floor(budget_tokens * suffix_share + 1e-9), available)
         available -= _take_after(parts, after, suffix_budget, count_tokens)
-    _take_before(parts, before, available, count_tokens, anchor_lines=anchor_lines, first_line=first_line)
+
+    def take_before(limit: int) -> None:
+        _take_before(
+            parts,
+            before,
+            limit,
+            count_tokens,
+            anchor_lines=anchor_lines,
+            first_line=first_line,
+            previous_start=previous_start,
+        )
+
+    take_before(available)
+    if outline_lines > 0 and len(parts.prefix()) < len(before):
+        syntax = comment_syntax(file_name, language_id)
+        openers = scope_openers(before, outline_lines, syntax[0].strip() if syntax else None)
+        outline, outline_tokens = _outline(openers, len(before) - len(parts.prefix()), available // 4, count_tokens)
+        if outline:
+            parts.head, parts.head_tokens, parts.earlier, parts.earlier_tokens = "", 0, [], []
+            take_before(available - outline_tokens)
+            # The prefix, taken again in less room, may have lost more openers: the outline shows them too
+            # (`_fit` then sheds the farthest lines if that is over the budget).
+            parts.outline, _ = _outline(openers, len(before) - len(parts.prefix()), available // 4, count_tokens)
 
     text, tokens = _fit(parts, budget_tokens, count_tokens)
     return Prompt(
@@ -654,4 +760,21 @@ def build_prompt(
         tokens=tokens,
         template=fim_template,
         repository=parts.repository,
+        outline=parts.outline,
     )
+
+
+def _outline(openers: list[tuple[int, str]], kept_from: int, limit: int, count: CountTokens) -> tuple[str, int]:
+    """The openers above `kept_from` (where the kept prefix starts), nearest first while their tokens stay within
+    `limit`, joined in document order; and their token count."""
+    lines: list[str] = []
+    used = 0
+    for offset, line in openers:
+        if offset >= kept_from:
+            continue
+        n = count(line)
+        if used + n > limit:
+            break
+        lines.append(line)
+        used += n
+    return "".join(reversed(lines)), used

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import textwrap
 import time
@@ -449,3 +450,41 @@ SNIPPET = (
     "<file_sep>billing/tax.py\nRATES = {'fr': 0.2}\n\n\ndef tax_rate(region):\n    return RATES[region]\n"
     "<file_sep>billing/orders.py\n"
 )
+
+
+async def test_a_short_prompt_keeps_the_signature_and_its_start_while_typing(lsp_setup: ServerSetup) -> None:
+    # A function body longer than a 64-token budget: the cold prompt keeps every body line that fits and
+    # the signature the budget cut off above them; a long piece typed pushes its start out, so the next
+    # prompt starts on a line that is a multiple of 4; the same cursor asked again starts there again (the
+    # engine's prefix cache reuses it).
+    text = "def total(values):\n" + "".join(f"    x{i} = values[{i}] * {i}\n" for i in range(1, 40)) + "    "
+    lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
+    uri = "file:///work/anchored.py"
+    settings = {
+        "context_tokens": 64,
+        "prefill_target_ms": 0,
+        "prefix_anchor_lines": 4,
+        "outline_lines": 4,
+        "type_through": False,
+    }
+    options = {"developerId": "dev-anchor", "sessionId": "dev-anchor-1", "settings": {"completion": settings}}
+    async with running_client("vscode", lsp_setup.config, lsp_setup.log, options) as client:
+        await client.wait_status("ready")
+        client.open(uri, text)
+        await client.inline(uri, 40, 4)  # what the model answers may be nothing: the log says what was sent
+        typed = "total = x1 + x2 + x3 + x4 + x5"
+        client.change(uri, [((40, 4), (40, 4), typed)])
+        await client.inline(uri, 40, 4 + len(typed))
+        await client.inline(uri, 40, 4 + len(typed))
+    starts = [
+        line.split("prompt for ", 1)[1] for line in lsp_setup.log.read_text().splitlines() if "prompt for " in line
+    ]
+    assert len(starts) == 3, starts
+    pattern = re.compile(r"(\d+) tokens from line (\d+) \(the previous prompt's start: (\w+)\), (\d+) scope lines")
+    found = [pattern.search(s) for s in starts]
+    assert all(found), starts
+    (t1, s1, p1, o1), (_, s2, p2, _), (_, s3, p3, _) = [m.groups() for m in found if m]
+    assert p1 == "None" and o1 == "1" and int(t1) <= 64  # cold: the signature above the body lines that fit
+    assert int(s1) % 4 != 0, "the cold prompt should not have been moved to a multiple of 4 on this text"
+    assert p2 == s1 and int(s2) > int(s1) and int(s2) % 4 == 0  # typing pushed the start out: anchored
+    assert (p3, s3) == (s2, s2)  # asked again: the same start

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from kernel.fim import KNOWN_FIM_TEMPLATES, fim_template_for, unheal
-from lsp_handlers.context import Prompt, build_prompt, comment_header, heal
+from lsp_handlers.context import Prompt, build_prompt, comment_header, heal, scope_openers
 from server.model_prep import DEFAULT_MODEL
 from tests.conftest import SMALL_MODEL, prepared
 
@@ -604,6 +604,7 @@ def test_budget_holds_for_random_documents_cursors_and_budgets(counter: Callable
         budget = rng.choice([1, 2, 3, 5, 8, 13, 40, 100, 400])
         template = rng.choice([None, STARCODER, QWEN, CODELLAMA, "{suffix}|{prefix}"])
         share = rng.choice([0.0, 0.25, 0.5, 0.9])
+        outline_lines = rng.choice([0, 1, 4])
         prompt = build_prompt(
             before,
             after,
@@ -613,14 +614,18 @@ def test_budget_holds_for_random_documents_cursors_and_budgets(counter: Callable
             count_tokens=counter,
             fim_template=template,
             suffix_share=share,
+            outline_lines=outline_lines,
         )
         check_invariants(prompt, before, after, budget, counter)
+        # The outline is whole lines of the text before the prefix, in document order.
+        assert prompt.outline.count("\n") <= outline_lines
+        assert before[: len(before) - len(prompt.prefix)].find(prompt.outline.split("\n")[0]) >= 0
         if prompt.mode == "prefix":
-            assert prompt.text == prompt.header + prompt.prefix
+            assert prompt.text == prompt.header + prompt.outline + prompt.prefix
             assert prompt.suffix == ""
         else:
             assert template is not None
-            assert prompt.text == fill(template, prompt.header + prompt.prefix, prompt.suffix)
+            assert prompt.text == fill(template, prompt.header + prompt.outline + prompt.prefix, prompt.suffix)
 
 
 @pytest.mark.parametrize(("model", "fim"), [(SMALL_MODEL, STARCODER), (DEFAULT_MODEL, QWEN)])
@@ -671,23 +676,53 @@ def first_kept(prompt: Prompt) -> int:
 
 def test_an_anchored_prefix_starts_on_a_multiple_of_anchor_lines_and_stays_there_while_typing() -> None:
     # The cursor line "x = a a ..." counts 2 + n words, so 6 - n of the earlier lines fit a budget of 8:
-    # the first kept line is l4, l5, l6, l7 for n = 0..3. Anchored on 4 lines it is l4, then l8 three times.
-    def start(anchor: int, n: int) -> int:
-        prompt = build_prompt(
-            LINES + "x = " + "a " * n, "", file_name=None, language_id=None, budget_tokens=8,
-            count_tokens=words, fim_template=None, anchor_lines=anchor,
-        )  # fmt: skip
-        return first_kept(prompt)
+    # the first line that fits is l4, l5, l6, l7 for n = 0..3. Typing, each prompt after the previous one:
+    # the first (no previous prompt) keeps every line that fits, from l4; at l5 typing has pushed l4 out,
+    # so the start moves to the next multiple of 4, l8, and stays there. Not anchored: l4, l5, l6, l7.
+    def typing(anchor: int) -> list[int]:
+        starts: list[int] = []
+        previous: int | None = None
+        for n in range(4):
+            prompt = build_prompt(
+                LINES + "x = " + "a " * n, "", file_name=None, language_id=None, budget_tokens=8,
+                count_tokens=words, fim_template=None, anchor_lines=anchor, previous_start=previous,
+            )  # fmt: skip
+            previous = first_kept(prompt)
+            starts.append(previous)
+        return starts
 
-    starts = {anchor: [start(anchor, n) for n in range(4)] for anchor in (1, 4)}
-    assert starts == {1: [4, 5, 6, 7], 4: [4, 8, 8, 8]}
+    assert {anchor: typing(anchor) for anchor in (1, 4)} == {1: [4, 5, 6, 7], 4: [4, 8, 8, 8]}
+
+
+@pytest.mark.parametrize(
+    ("previous", "expected"),
+    [
+        (None, 5),  # no previous prompt: every line that fits
+        (5, 5),  # the previous start still fits: kept
+        (8, 8),  # ... up to anchor_lines - 1 lines below the first that fits
+        (9, 5),  # farther down (the cursor moved up since): every line that fits
+        (4, 8),  # pushed out by typing, less than anchor_lines lines ago: the next multiple of 4
+        (2, 8),
+        (1, 5),  # pushed out 4 lines or more ago (the cursor moved down): every line that fits
+    ],
+)
+def test_a_prompt_keeps_the_previous_start_while_it_fits_else_anchors_only_after_typing(
+    previous: int | None, expected: int
+) -> None:
+    prompt = build_prompt(
+        LINES + "x = ", "", file_name=None, language_id=None, budget_tokens=7,
+        count_tokens=words, fim_template=None, anchor_lines=4, previous_start=previous,
+    )  # fmt: skip
+    assert first_kept(prompt) == expected  # l5 to l9 fit (the cursor line is 2 words)
 
 
 def test_the_anchor_counts_document_lines_from_where_the_text_before_the_cursor_starts() -> None:
     def start(anchor: int, first_line: int) -> int:
+        # The previous prompt started one line above the first that fits now: typing pushed it out.
         prompt = build_prompt(
             LINES + "x = ", "", file_name=None, language_id=None, budget_tokens=5,
             count_tokens=words, fim_template=None, anchor_lines=anchor, first_line=first_line,
+            previous_start=6 + first_line,
         )  # fmt: skip
         return first_kept(prompt)
 
@@ -700,7 +735,7 @@ def test_the_anchor_counts_document_lines_from_where_the_text_before_the_cursor_
 def test_a_prefix_from_the_start_of_the_document_is_never_cut_by_the_anchor() -> None:
     prompt = build_prompt(
         LINES + "x = ", "", file_name=None, language_id=None, budget_tokens=100,
-        count_tokens=words, fim_template=None, anchor_lines=8,
+        count_tokens=words, fim_template=None, anchor_lines=8, previous_start=5,
     )  # fmt: skip
     assert prompt.prefix == LINES + "x = "
 
@@ -795,3 +830,96 @@ def test_other_files_that_leave_no_room_for_text_are_left_out() -> None:
         repository=REPOSITORY,  # 4 words: the whole budget
     )
     assert (prompt.repository, prompt.text) == ("", "x = ")
+
+
+# ------------------------------------------------------------------------------ build_prompt: scope openers
+
+NESTED = (
+    "import os\n"  # 0
+    "class Stack:\n"  # 10
+    "    def push(self, item):\n"  # 23
+    "        # keep it\n"  # 49
+    "        for x in item:\n"  # 67
+    "# a comment at the margin\n"  # 90
+    "\n"  # 116
+    "            if x:\n"  # 117
+    "                y = (\n"  # 135
+    "                    1\n"  # 157
+    "                )\n"  # 179
+    "                "  # 197: the cursor after the indentation of a blank line
+)
+
+
+def test_scope_openers_are_the_lines_indented_less_than_everything_below_them_nearest_first() -> None:
+    # From the cursor's 16 blanks up: `)` closes a bracket (passed over), `1` is deeper, `y = (` is at 16,
+    # `if x:` (12) opens, the blank and the comment at the margin are passed over, then `for` (8),
+    # `def` (4), `class` (0), where the walk stops: `import os` is never reached.
+    assert scope_openers(NESTED, 10, "#") == [
+        (117, "            if x:\n"),
+        (67, "        for x in item:\n"),
+        (23, "    def push(self, item):\n"),
+        (10, "class Stack:\n"),
+    ]
+    assert scope_openers(NESTED, 2, "#") == [(117, "            if x:\n"), (67, "        for x in item:\n")]
+    # Without a comment syntax the comment at the margin is a line with no indentation: the last opener.
+    assert scope_openers(NESTED, 10, None)[-1] == (90, "# a comment at the margin\n")
+
+
+def test_a_cursor_at_the_start_of_an_empty_line_takes_its_indentation_from_the_line_above() -> None:
+    before = "def f(x):\n    y = x\n\n"
+    assert scope_openers(before, 4, "#") == [(0, "def f(x):\n")]
+    assert scope_openers("x = 1\n", 4, "#") == []  # nothing is indented less than the margin
+    assert scope_openers("", 4, "#") == []
+
+
+def test_the_outline_shows_the_signature_the_budget_cut_off_between_header_and_prefix() -> None:
+    # words: the header "# file: m.py\n" is 3 tokens; each body line 3 words. Budget 16: 13 left for the
+    # prefix, a quarter of it (3) for openers: "def f(a, b):" (3 words) fits.
+    body = "".join(f"    x{i} = {i}\n" for i in range(6))
+    before = "def f(a, b):\n" + body + "    return"
+    prompt = build_prompt(
+        before, "", file_name="m.py", language_id="python", budget_tokens=16, count_tokens=words,
+        fim_template=None, outline_lines=4,
+    )  # fmt: skip
+    # 13 - 3 = 10 tokens for the prefix: "return" (1) and three body lines (9).
+    assert prompt.outline == "def f(a, b):\n"
+    assert prompt.prefix == "    x3 = 3\n    x4 = 4\n    x5 = 5\n    return"
+    assert prompt.text == "# file: m.py\ndef f(a, b):\n" + prompt.prefix
+    assert prompt.tokens == 16
+    # Without the outline the same budget keeps one more body line instead.
+    plain = build_prompt(
+        before, "", file_name="m.py", language_id="python", budget_tokens=16, count_tokens=words,
+        fim_template=None,
+    )  # fmt: skip
+    assert (plain.outline, plain.prefix) == ("", "    x2 = 2\n" + prompt.prefix)
+    # A prefix that reaches the signature needs no outline.
+    whole = build_prompt(
+        before, "", file_name="m.py", language_id="python", budget_tokens=100, count_tokens=words,
+        fim_template=None, outline_lines=4,
+    )  # fmt: skip
+    assert (whole.outline, whole.prefix) == ("", before)
+
+
+def test_openers_over_a_quarter_of_the_prefix_budget_are_left_out_outermost_first() -> None:
+    before = "class A:\n    def m(self, a, b, c):\n" + "".join(f"        x{i} = {i}\n" for i in range(6)) + "        "
+    prompt = build_prompt(
+        before, "", file_name=None, language_id="python", budget_tokens=20, count_tokens=words,
+        fim_template=None, outline_lines=4,
+    )  # fmt: skip
+    # A quarter of 20 is 5: "def m(self, a, b, c):" (5 words) fits, "class A:" (2 more) does not.
+    assert prompt.outline == "    def m(self, a, b, c):\n"
+    assert prompt.prefix.startswith("        x")
+
+
+def test_healing_keeps_the_outline_in_both_modes() -> None:
+    before = "def f(a, b):\n" + "".join(f"    x{i} = {i}\n" for i in range(6)) + "    "
+    for template in (None, QWEN):
+        prompt = build_prompt(
+            before, "\n", file_name=None, language_id="python", budget_tokens=16, count_tokens=words,
+            fim_template=template, outline_lines=4, suffix_share=0.0,
+        )  # fmt: skip
+        assert prompt.outline == "def f(a, b):\n"
+        text, healed = heal(prompt)
+        assert healed == "    "
+        kept = prompt.prefix[: -len(healed)]
+        assert text == ("def f(a, b):\n" + kept if template is None else fill(QWEN, "def f(a, b):\n" + kept, "\n"))
