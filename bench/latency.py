@@ -22,9 +22,10 @@ Cases, each with p50/p95/p99 over the same requests:
 - typing: a third server with prefix caching on (the default), base and personalized: after a request
   at the cursor the developer types the call's arguments as the file has them, up to the closing
   bracket, each keystroke a new request sent when the previous one is answered (one that types what the
-  suggestion shows is answered with its rest, `completion.type_through`); and two more
-  servers, base only: the prompt's start not anchored (`completion.prefix_anchor_lines` = 1), and
-  `completion.type_through` off;
+  suggestion shows is answered with its rest, `completion.type_through`); and three more
+  servers, base only: the prompt's start not anchored (`completion.prefix_anchor_lines` = 1),
+  `completion.type_through` off, and the last prompt extended by what was typed at its cursor
+  (`completion.extend_prompt` on);
 - raw vLLM: `EmbeddedEngine.generate` in this process, 1 stream and N concurrent;
 - Hugging Face `generate` (float32, this process), 1 stream;
 - llama.cpp (llama-cpp-python on the default model's original GGUF, Q4_K_M, in a subprocess), 1 stream.
@@ -34,7 +35,9 @@ Cases, each with p50/p95/p99 over the same requests:
 The CPU model and llama.cpp's build flags are printed with the figures.
 
     .venv/bin/python -m bench.latency [--requests 40] [--sessions 8] [--typing 12] [--no-llama-cpp]
-        [--context-tokens N] [--quantization auto|none|int8] [--json]
+        [--typing-only] [--context-tokens N] [--quantization auto|none|int8] [--json]
+
+`--typing-only` runs the typing servers alone (a few minutes instead of half an hour).
 
 `--quantization` sets `engine.quantization` of every vLLM case (default `none`, the setting's default; `int8`
 or `auto` serve the model's int8 (W8A8) copy on a CPU); the table says which weights served.
@@ -59,8 +62,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-from lsprotocol import types
 
 from bench.engine import make_adapter as make_zero_adapter
 from bench.engine import percentiles
@@ -273,12 +274,15 @@ async def serve_cases(
 
 UNANCHORED = "base typing, start not anchored x1"
 NO_TYPE_THROUGH = "base typing, no type-through x1"
-# Typing servers: the default, and two peers of it that each turn one thing off (base developers only).
+EXTENDED = "base typing, prompt extended x1"
+# Typing servers: the default, and peers of it that each change one thing (base developers only).
 TYPING_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("typing", {}),
     "unanchored": ("typing-unanchored", {"prefix_anchor_lines": 1}),
     "no-type-through": ("typing-no-type-through", {"type_through": False}),
+    "extended": ("typing-extended", {"extend_prompt": True}),
 }
+TYPING_LABELS = {"unanchored": UNANCHORED, "no-type-through": NO_TYPE_THROUGH, "extended": EXTENDED}
 
 
 async def typing_cases(
@@ -291,8 +295,9 @@ async def typing_cases(
     answered with the suggestion's rest (`completion.type_through`), without the engine.
 
     `variant` "unanchored" serves with `completion.prefix_anchor_lines` = 1 (the prompt's first line is the
-    farthest that fits, which moves as the cursor line grows) and "no-type-through" with
-    `completion.type_through` off, base developers only, as peers of the default. Returns the cases and,
+    farthest that fits, which moves as the cursor line grows), "no-type-through" with
+    `completion.type_through` off and "extended" with `completion.extend_prompt` on, base developers only,
+    as peers of the default. Returns the cases and,
     for each, the share of keystrokes answered from the suggestion typed through and the keystrokes the
     engine answered (its own p50 is printed beside the case's)."""
     name, completion = TYPING_VARIANTS[variant]
@@ -309,7 +314,7 @@ async def typing_cases(
         for kind, team in kinds:
             label = f"{kind} typing x1" if kind == "base" else "personalized auto typing x1"
             if variant != "default":
-                label = UNANCHORED if variant == "unanchored" else NO_TYPE_THROUGH
+                label = TYPING_LABELS[variant]
             client = BenchClient(f"bench-{name}-{kind}", team)
             await client.lc.start_tcp("127.0.0.1", port)
             await wait_or_exit(proc, client.initialize(), log, 120)
@@ -324,20 +329,7 @@ async def typing_cases(
                 _, previous = await client.inline_answer(r)  # the cold request at the cursor: not measured
                 answered += previous is not None
                 for k, char in enumerate(r.typed):
-                    client.lc.text_document_did_change(
-                        types.DidChangeTextDocumentParams(
-                            text_document=types.VersionedTextDocumentIdentifier(uri=r.uri, version=2 + k),
-                            content_changes=[
-                                types.TextDocumentContentChangePartial(
-                                    range=types.Range(
-                                        start=types.Position(line=r.line, character=r.character + k),
-                                        end=types.Position(line=r.line, character=r.character + k),
-                                    ),
-                                    text=char,
-                                )
-                            ],
-                        )
-                    )
+                    client.insert(r.uri, 2 + k, r.line, r.character + k, char)
                     key = dataclasses.replace(r, character=r.character + k + 1)
                     seconds, answer = await client.inline_answer(key)
                     measured.append((r, seconds))
@@ -536,13 +528,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             adapter = make_zero_adapter(model, tmp / "adapter")
         else:
             adapter = make_adapter(model, tmp / "adapter", seed=1)
-        for mode, with_base in (("auto", True), ("lora", False)):
+        for mode, with_base in (("auto", True), ("lora", False)) if not args.typing_only else ():
             print(f"[bench.latency] heedful serve, adapter_serving = {mode} ...", file=sys.stderr, flush=True)
             times |= await serve_cases(
                 tmp, model, adapter, mode, requests, n, with_base, args.rounds if with_base else 1
             )
         # The peers get the prompts the server built: at the budget it learned from its engine's speed.
-        budget = settings.completion.context_tokens if FIXED_BUDGET else learned_budget(tmp / "serve-auto.log")
+        learned = None if args.typing_only else learned_budget(tmp / "serve-auto.log")
+        budget = settings.completion.context_tokens if FIXED_BUDGET else learned
         settings.completion.context_tokens = budget or settings.completion.context_tokens
         fill_prompts(requests, settings, tokenizer, single_line=True)
         prompts = [tokenizer.encode(r.prompt) for r in requests]
@@ -554,11 +547,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             times |= cases
             type_through |= shares
             typing_engine |= engine_p50
-        print("[bench.latency] raw vLLM ...", file=sys.stderr, flush=True)
-        times |= await raw_vllm(prompts, n)
-        print("[bench.latency] Hugging Face generate ...", file=sys.stderr, flush=True)
-        times["HF generate x1"] = hf_generate(model, prompts)
-        if not args.no_llama_cpp:
+        if not args.typing_only:
+            print("[bench.latency] raw vLLM ...", file=sys.stderr, flush=True)
+            times |= await raw_vllm(prompts, n)
+            print("[bench.latency] Hugging Face generate ...", file=sys.stderr, flush=True)
+            times["HF generate x1"] = hf_generate(model, prompts)
+        if not args.no_llama_cpp and not args.typing_only:
             print("[bench.latency] llama.cpp ...", file=sys.stderr, flush=True)
             times["llama.cpp x1"] = llama_cpp(prompts)
     # The servers run with the timeout lifted, so every request is timed to its answer; this is the share
@@ -606,6 +600,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "personalized typing / base typing": ratio("personalized auto typing x1", "base typing x1"),
             "base typing / typing, start not anchored": ratio("base typing x1", UNANCHORED),
             "base typing / typing, no type-through": ratio("base typing x1", NO_TYPE_THROUGH),
+            "base typing / typing, prompt extended": ratio("base typing x1", EXTENDED),
             "raw vLLM / llama.cpp": ratio("raw vLLM x1", "llama.cpp x1"),
             "HF generate / llama.cpp": ratio("HF generate x1", "llama.cpp x1"),
         },
@@ -662,6 +657,11 @@ async def main() -> None:
     )
     parser.add_argument("--typing", type=int, default=12, help="cursors of the typing case (default 12)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peer (and its build)")
+    parser.add_argument(
+        "--typing-only",
+        action="store_true",
+        help="run the typing cases alone (their servers learn their own budget; no cold cases, no peers)",
+    )
     parser.add_argument(
         "--context-tokens",
         type=int,

@@ -311,6 +311,23 @@ class BenchClient:
             )
         )
 
+    def insert(self, uri: str, version: int, line: int, character: int, text: str) -> None:
+        """A keystroke: `text` inserted at (line, character) of the open document, its new `version`."""
+        self.lc.text_document_did_change(
+            types.DidChangeTextDocumentParams(
+                text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+                content_changes=[
+                    types.TextDocumentContentChangePartial(
+                        range=types.Range(
+                            start=types.Position(line=line, character=character),
+                            end=types.Position(line=line, character=character),
+                        ),
+                        text=text,
+                    )
+                ],
+            )
+        )
+
     async def inline(self, request: Request) -> tuple[float, bool]:
         """(seconds, whether a completion came back) for one textDocument/inlineCompletion."""
         elapsed, answer = await self.inline_answer(request)

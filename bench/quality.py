@@ -32,10 +32,15 @@ runs `prefix` only. `--quantization int8` serves the model's int8 (W8A8) copy (`
 With `--set "section.key=value,..."` (repeatable) every configuration runs once per group of settings
 (`--set ""`: the defaults), e.g. `--set "" --set "completion.suffix_share=0.1"` to compare a prompt
 setting with the default on the same cases in one run; values are TOML (`0.1`, `true`, `"text"`).
+With `--typed N` the suggestion scored is the one shown after the developer typed the first N characters
+of the blanked line (at most all but its last), one keystroke at a time after a first request at the
+cursor, each keystroke a request as an editor sends them: what typing shows (the prompt's start kept
+from keystroke to keystroke, the rest of a suggestion typed through); the typed characters and the
+suggestion's first line make the line scored.
 
     .venv/bin/python -m bench.quality [--model NAME ...] [--style fim|prefix ...] [--humaneval 80]
         [--stdlib 80] [--repo 0] [--crossfile SHARE ...] [--context-tokens N|learned ...]
-        [--quantization none|int8 ...] [--set "section.key=value,..." ...] [--seed 0]
+        [--quantization none|int8 ...] [--set "section.key=value,..." ...] [--typed 0] [--seed 0]
         [--max-tokens 64] [--json]
 """
 
@@ -336,11 +341,18 @@ def parse_overrides(group: str) -> dict[str, dict[str, Any]]:
     return sections
 
 
-async def complete(client: BenchClient, case: Case, uri: str) -> tuple[str, float]:
+def _units(text: str) -> int:
+    """`text`'s length in UTF-16 code units, the unit of an LSP position's character (the bench's editor)."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+async def complete(client: BenchClient, case: Case, uri: str, typed: int = 0) -> tuple[str, float]:
+    """The first item's text at the case's cursor after the line's first `typed` characters, and the seconds
+    it took."""
     params = types.InlineCompletionParams(
         context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
         text_document=types.TextDocumentIdentifier(uri=uri),
-        position=types.Position(line=case.line, character=case.character),
+        position=types.Position(line=case.line, character=case.character + _units(case.expected[:typed])),
     )
     start = time.perf_counter()
     result = await client.lc.text_document_inline_completion_async(params)
@@ -363,6 +375,7 @@ async def run_config(
     quantization: str = "none",
     overrides: str = "",
     index: int = 0,
+    typed: int = 0,
 ) -> ConfigResult:
     from kernel import paths
     from server.model_prep import known_model
@@ -402,7 +415,15 @@ async def run_config(
             file = "humaneval.py" if case.kind == "humaneval" else case.name.split(":")[0]
             uri = case.path.as_uri() if case.path else f"file:///bench/quality/{i:04d}/{file}"
             client.open(Request(uri, case.text, case.line, case.character))
-            suggestion, seconds = await complete(client, case, uri)
+            # Typing: a request at the cursor, then one per character typed of the line; the last one's
+            # answer is scored.
+            keys = min(typed, max(len(case.expected) - 1, 0))
+            for k in range(keys):
+                await complete(client, case, uri, k)
+                column = case.character + _units(case.expected[:k])
+                client.insert(uri, 2 + k, case.line, column, case.expected[k])
+            suggestion, seconds = await complete(client, case, uri, keys)
+            suggestion = case.expected[:keys] + suggestion
             client.close_document(uri)  # one file open at a time: none is another case's neighbour
             if i:  # the first request warms the engine up and is not counted
                 result.outcomes.append(Outcome(case, suggestion, seconds))
@@ -503,6 +524,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         quantization=weights,
                         overrides=overrides,
                         index=index,
+                        typed=args.typed,
                     )
                     row = score(result)
                     rows.append(row)
@@ -512,6 +534,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "seed": args.seed,
         "max_tokens": args.max_tokens,
+        "typed": args.typed,
         "humaneval_cases": sum(c.kind == "humaneval" for c in cases),
         "stdlib_cases": sum(c.kind == "stdlib" for c in cases),
         "repo_cases": sum(c.kind == "repo" for c in cases),
@@ -528,6 +551,7 @@ def print_table(report: dict[str, Any]) -> None:
         f"bench.quality on {report['cpu']} ({report['cores']} cores): {report['humaneval_cases']} HumanEval "
         f"single-line infilling cases, {report['stdlib_cases']} stdlib lines, {report['repo_cases']} repository "
         f"lines, seed {report['seed']}, up to {report['max_tokens']} new tokens"
+        + (f", scored after typing {report['typed']} characters of the line" if report.get("typed") else "")
     )
     print()
     print(
@@ -588,6 +612,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECTION.KEY=VALUE,...",
         help='settings to run each configuration with (repeatable: one run per group; "" for the defaults)',
     )
+    parser.add_argument(
+        "--typed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="score the suggestion shown after typing the line's first N characters, a request per keystroke "
+        "(default 0: the first request at the cursor)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64, help="completion.max_tokens (default 64, as served)")
     parser.add_argument("--json", action="store_true")
@@ -598,6 +630,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.context_tokens = args.context_tokens or [None]
     args.quantization = args.quantization or ["none"]
     args.set = args.set or [""]
+    if args.typed < 0:
+        parser.error(f"--typed {args.typed}: the number of characters typed cannot be negative")
     return args
 
 

@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 
 from bench.quality import (
+    _units,
     blank,
     edit_similarity,
     humaneval_cases,
     levenshtein,
     package_imports,
+    parse_args,
+    parse_overrides,
     passes,
     repo_cases,
     stdlib_cases,
@@ -104,3 +107,23 @@ def test_repository_lines_use_a_name_imported_from_the_package_and_not_defined_i
         module = ".".join(case.path.relative_to(tmp_path).with_suffix("").parts).removesuffix(".__init__")
         used = {n.id for n in ast.walk(ast.parse(case.expected)) if isinstance(n, ast.Name)}
         assert used & package_imports(tree, "packaging", module)
+
+
+def test_set_groups_become_settings_sections_with_toml_values() -> None:
+    assert parse_overrides("") == {}
+    assert parse_overrides('completion.suffix_share=0.1, completion.type_through=false,model.fim_template="none"') == {
+        "completion": {"suffix_share": 0.1, "type_through": False},
+        "model": {"fim_template": "none"},
+    }
+    with pytest.raises(ValueError, match=r"--set part 'suffix_share=0.1' is not section.key=value"):
+        parse_overrides("suffix_share=0.1")
+    with pytest.raises(ValueError, match=r"'none' is not a TOML value .*quote text"):
+        parse_overrides("model.fim_template=none")
+
+
+def test_typed_characters_are_counted_and_positioned_in_utf16_units() -> None:
+    args = parse_args(["--typed", "3", "--set", "", "--set", "completion.suffix_share=0.4"])
+    assert (args.typed, args.set) == (3, ["", "completion.suffix_share=0.4"])
+    with pytest.raises(SystemExit):
+        parse_args(["--typed", "-1"])
+    assert [_units(t) for t in ("", "x = 1", "é", "🎉")] == [0, 5, 1, 2]
