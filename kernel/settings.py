@@ -273,6 +273,15 @@ class CompletionSettings:
         min=0,
         max=64,
     )
+    extend_prompt: bool = setting(
+        False,
+        "While the developer types at the cursor of their last prompt on a document (nothing else changed, at "
+        "most 64 characters), the engine is sent that prompt with what was typed appended (in a "
+        "fill-in-the-middle prompt, after the middle token) instead of a new prompt: its prefix cache holds "
+        "the whole last prompt, so it reads only the typed tokens, where a new prompt has the text after the "
+        "cursor read again. Off: it halved the engine's wait while typing but the default model completes worse "
+        "from such a prompt (docs/benchmarks.md).",
+    )
     type_through: bool = setting(
         True,
         "While the developer types what the suggestion shows, a request at the cursor is answered with the rest "

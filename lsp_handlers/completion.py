@@ -19,13 +19,14 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from lsprotocol import types
 
 from kernel.fim import file_separator_for, fim_template_for, unheal
 from kernel.settings import ADAPTER_ARMS, BASELINE_ARMS, Settings
 from lsp_handlers.budget import PrefillClock
-from lsp_handlers.context import Prompt, build_prompt, comment_syntax, heal
+from lsp_handlers.context import Continuation, Prompt, build_prompt, comment_syntax, continue_prompt, heal
 from lsp_handlers.crossfile import WINDOW_LINES, Neighbours, repository_context
 from lsp_handlers.documents import TextDocument, file_name_of
 from lsp_handlers.postprocess import is_single_line, postprocess
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 # token budget needs (a token is at least one character), and it keeps a 5 MB file cheap.
 _CHARS_PER_TOKEN_BOUND = 16
 _STARTS_KEPT = 1024  # documents whose last prompt's start line is remembered (the least recently asked go)
+_ANCHORS_KEPT = 64  # (developer, document) pairs whose last new prompt later keystrokes may extend
+_TYPED_MAX_CHARS = 64  # most characters typed since a prompt that extending it takes (then a new prompt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +79,10 @@ class CompletionRequest:
     identity: Identity
     settings: Settings
     document: DocumentSeen | None  # the store's record of the document, when it was recorded
-    prompt: Prompt
+    prompt_text: str  # what the engine is sent (healed: see `heal`)
+    healed: str  # the blanks taken off its end, taken back off the front of what the model writes
+    mode: Literal["fim", "prefix"]
+    before_tail: str  # the end of the text before the cursor the prompt kept (for `postprocess`)
     arm: str
     lease: Lease  # the adapter that serves it (released by `complete`)
     started: float  # `time.perf_counter()` when the request arrived
@@ -135,6 +141,8 @@ class CompletionService:
         self.policies = ShowPolicies()  # each developer's show policy (`completion.show_threshold`)
         # The document line each document's last prompt started on (`build_prompt`'s previous_start).
         self._starts: OrderedDict[str, int] = OrderedDict()
+        # Each (developer, document)'s last new prompt, which keystrokes at its cursor extend (`continue_prompt`).
+        self._anchors: OrderedDict[tuple[str, str], Continuation] = OrderedDict()
 
     def context_budget(self, settings: Settings) -> int:
         """The prompt's token budget now: `completion.context_tokens`, less where this machine's engine would
@@ -289,7 +297,7 @@ class CompletionService:
         notes: list[str] = []
         if arm in BASELINE_ARMS:
             notes = await self.services.corrections_of(identity.developer_id, settings.experiment.baseline_corrections)
-        prompt = self.prompt_for(doc, offset, settings, notes, neighbours)
+        prompt_text, healed, mode, before_tail = self._prompt(doc, offset, identity, settings, notes, neighbours)
         lease = BASE
         if arm in ADAPTER_ARMS:
             try:
@@ -309,7 +317,10 @@ class CompletionService:
             identity=identity,
             settings=settings,
             document=document,
-            prompt=prompt,
+            prompt_text=prompt_text,
+            healed=healed,
+            mode=mode,
+            before_tail=before_tail,
             arm=arm,
             lease=lease,
             started=started,
@@ -321,10 +332,52 @@ class CompletionService:
             lease.release()
             self.services.request_finished()
 
-    async def _complete(self, engine: Engine, req: CompletionRequest) -> Served | None:
+    def _prompt(
+        self,
+        doc: TextDocument,
+        offset: int,
+        identity: Identity,
+        settings: Settings,
+        notes: Sequence[str],
+        neighbours: Neighbours | None,
+    ) -> tuple[str, str, Literal["fim", "prefix"], str]:
+        """(the prompt to send, the blanks healing took off it, its mode, the end of the text before the cursor
+        it kept): the developer's last prompt on the document extended by what they typed at its cursor since
+        (`completion.extend_prompt`, `continue_prompt`), else a new prompt (`prompt_for`, healed), which
+        later keystrokes may extend."""
+        key = (identity.developer_id, doc.uri)
+        anchor = self._anchors.get(key) if settings.completion.extend_prompt else None
+        if anchor is not None:
+            extended = continue_prompt(anchor, doc.text, offset, _TYPED_MAX_CHARS)
+            if extended is not None:
+                appended, healed, typed = extended
+                tokens = anchor.tokens + len(self.services.tokenizer.encode(appended))
+                # The prompt grows past the budget by the typed tokens (they are all the engine reads); it
+                # stays within completion.context_tokens, which the engine's context length is checked for.
+                if tokens <= settings.completion.context_tokens:
+                    log.debug("prompt for %s: the last one and %d characters typed at its cursor", doc.uri, len(typed))
+                    return anchor.prompt + appended, healed, anchor.mode, (anchor.before_tail + typed)[-512:]
+        prompt = self.prompt_for(doc, offset, settings, notes, neighbours)
         # Token healing (see `heal`): the blanks before the cursor are taken off the prompt and back off the
         # front of what the model writes.
-        prompt_text, healed = heal(req.prompt)
+        prompt_text, healed = heal(prompt)
+        if settings.completion.extend_prompt:
+            self._anchors[key] = Continuation(
+                before=doc.text[:offset],
+                after=doc.text[offset:],
+                prompt=prompt_text,
+                healed=healed,
+                tokens=prompt.tokens,
+                mode=prompt.mode,
+                before_tail=prompt.prefix[-512:],
+            )
+            self._anchors.move_to_end(key)
+            if len(self._anchors) > _ANCHORS_KEPT:
+                self._anchors.popitem(last=False)
+        return prompt_text, healed, prompt.mode, prompt.prefix[-512:]
+
+    async def _complete(self, engine: Engine, req: CompletionRequest) -> Served | None:
+        prompt_text, healed = req.prompt_text, req.healed
         gen = await self._generate(engine, req, prompt_text)
         if gen is None or not gen.candidates:
             return None
@@ -349,7 +402,7 @@ class CompletionService:
             line_prefix=req.line_prefix,
             line_suffix=req.line_suffix,
             after=text_after[len(req.line_suffix) :].lstrip("\r\n"),
-            before_tail=req.prompt.prefix[-512:],
+            before_tail=req.before_tail,
             single_line=req.single,
         )
         latency_ms = (time.perf_counter() - req.started) * 1000
@@ -370,7 +423,7 @@ class CompletionService:
             # The candidate continues the stored prompt exactly: the healed whitespace, then what is shown.
             candidates=[fit_candidate(raw, consumed + shown, engine)],
             shown_index=0,
-            mode=req.prompt.mode,
+            mode=req.mode,
             uri=req.doc.uri,
             line=req.position.line,
             character=req.position.character,

@@ -23,10 +23,12 @@ from typing import Literal
 from kernel.fim import check_template, fill_template, split_blanks
 
 __all__ = [
+    "Continuation",
     "CountTokens",
     "Prompt",
     "build_prompt",
     "comment_header",
+    "continue_prompt",
     "heal",
     "notes_header",
     "scope_openers",
@@ -71,6 +73,42 @@ def heal(prompt: Prompt) -> tuple[str, str]:
         prompt.repository + fill_template(prompt.template, prompt.header + prompt.outline + kept, prompt.suffix),
         healed,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Continuation:
+    """A prompt sent for a cursor, which later keystrokes at that cursor extend (`continue_prompt`)."""
+
+    before: str  # the document's text before the cursor when it was sent
+    after: str  # ... and after it
+    prompt: str  # the prompt sent (healed)
+    healed: str  # the blanks `heal` took off its end
+    tokens: int  # its token count (at most)
+    mode: Literal["fim", "prefix"]
+    before_tail: str  # the end of the kept text before the cursor (for the answer's post-processing)
+
+
+def continue_prompt(anchor: Continuation, text: str, offset: int, max_chars: int) -> tuple[str, str, str] | None:
+    """The prompt for the cursor at `offset` in `text` when the developer has only typed at the anchor's
+    cursor since it was sent: (what to append to the anchor's prompt, the blanks taken off its end, what
+    was typed). None when anything else changed, the cursor is not at the end of what was typed, or more
+    than `max_chars` characters were typed.
+
+    What was typed, after the blanks the anchor's healing took off, goes at the end of the anchor's prompt:
+    in a fill-in-the-middle prompt that is after the middle token (the start of the middle the model
+    writes), in a prefix prompt after the prefix. The engine's prefix cache holds the anchor's whole prompt,
+    text after the cursor included, so it reads only the typed tokens; a new prompt with the typed text in
+    its prefix would put the text after the cursor after a changed token and have it read again. The
+    result is healed like any prompt: its own trailing blanks come off.
+    """
+    typed = len(text) - len(anchor.before) - len(anchor.after)
+    if not 0 < typed <= max_chars or offset != len(anchor.before) + typed:
+        return None
+    if not (text.startswith(anchor.before) and text.endswith(anchor.after)):
+        return None
+    written = text[len(anchor.before) : offset]
+    kept, healed = split_blanks(anchor.healed + written)
+    return kept, healed, written
 
 
 _HASH = ("# ", "")

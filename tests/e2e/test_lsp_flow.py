@@ -488,3 +488,36 @@ async def test_a_short_prompt_keeps_the_signature_and_its_start_while_typing(lsp
     assert int(s1) % 4 != 0, "the cold prompt should not have been moved to a multiple of 4 on this text"
     assert p2 == s1 and int(s2) > int(s1) and int(s2) % 4 == 0  # typing pushed the start out: anchored
     assert (p3, s3) == (s2, s2)  # asked again: the same start
+
+
+async def test_keystrokes_at_the_cursor_extend_the_last_prompt_until_something_else_changes(
+    lsp_setup: ServerSetup,
+) -> None:
+    text = "def area(width, height):\n    "
+    lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
+    uri = "file:///work/extended.py"
+    settings = {"extend_prompt": True, "type_through": False}
+    options = {"developerId": "dev-extend", "sessionId": "dev-extend-1", "settings": {"completion": settings}}
+    async with running_client("vscode", lsp_setup.config, lsp_setup.log, options) as client:
+        await client.wait_status("ready")
+        client.open(uri, text)
+        await client.inline(uri, 1, 4)  # a new prompt
+        client.change(uri, [((1, 4), (1, 4), "ret")])
+        await client.inline(uri, 1, 7)  # extended by "ret"
+        client.change(uri, [((1, 7), (1, 7), "urn ")])
+        await client.inline(uri, 1, 11)  # extended by "return " (the last prompt's, not the one before)
+        client.change(uri, [((0, 0), (0, 0), "# areas\n")])  # a change above the cursor
+        await client.inline(uri, 2, 11)  # a new prompt
+    lines = [line for line in lsp_setup.log.read_text().splitlines() if "prompt for file:///work/extended.py" in line]
+    kinds = ["extended" if "characters typed at its cursor" in line else "new" for line in lines]
+    assert kinds == ["new", "extended", "extended", "new"], lines
+    assert lines[1].endswith("the last one and 3 characters typed at its cursor")
+    assert lines[2].endswith("the last one and 7 characters typed at its cursor")
+    prompts = [
+        r["prompt"] for r in lsp_setup.rows("SELECT prompt FROM completions WHERE session_id = ?", "dev-extend-1")
+    ]
+    # What the engine read, for the answers shown (the model may answer nothing): the first prompt healed of
+    # the line's indentation, then it with what was typed after it, healed of the space after `return`.
+    assert prompts, "the model answered none of the four requests"
+    for prompt in prompts:
+        assert prompt.split("def area(width, height):\n", 1)[1] in {"", "    ret", "    return"}, prompt

@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 
 from kernel.fim import KNOWN_FIM_TEMPLATES, fim_template_for, unheal
-from lsp_handlers.context import Prompt, build_prompt, comment_header, heal, scope_openers
+from lsp_handlers.context import (
+    Continuation,
+    Prompt,
+    build_prompt,
+    comment_header,
+    continue_prompt,
+    heal,
+    scope_openers,
+)
 from server.model_prep import DEFAULT_MODEL
 from tests.conftest import SMALL_MODEL, prepared
 
@@ -923,3 +931,37 @@ def test_healing_keeps_the_outline_in_both_modes() -> None:
         assert healed == "    "
         kept = prompt.prefix[: -len(healed)]
         assert text == ("def f(a, b):\n" + kept if template is None else fill(QWEN, "def f(a, b):\n" + kept, "\n"))
+
+
+# ------------------------------------------------------------------------------ continue_prompt
+
+
+def anchored(before: str, after: str) -> Continuation:
+    prompt = build_prompt(
+        before, after, file_name=None, language_id=None, budget_tokens=100, count_tokens=chars, fim_template=QWEN
+    )
+    text, healed = heal(prompt)
+    return Continuation(before, after, text, healed, prompt.tokens, prompt.mode, prompt.prefix[-512:])
+
+
+def test_typing_at_the_cursor_extends_the_last_prompt_after_its_middle_token() -> None:
+    anchor = anchored("def f(x):\n    ", "\n    return x\n")
+    assert (anchor.prompt, anchor.healed) == (
+        "<|fim_prefix|>def f(x):\n<|fim_suffix|>\n    return x\n<|fim_middle|>",
+        "    ",
+    )
+    text = "def f(x):\n    y = \n    return x\n"
+    # The healed indentation comes back in front of what was typed; the new trailing blank is healed.
+    assert continue_prompt(anchor, text, len("def f(x):\n    y = "), 64) == ("    y =", " ", "y = ")
+    assert continue_prompt(anchor, text, len("def f(x):\n    y"), 64) is None  # the cursor is not after it
+    assert continue_prompt(anchor, text, len("def f(x):\n    y = "), 3) is None  # more typed than allowed
+
+
+def test_any_other_change_means_a_new_prompt() -> None:
+    anchor = anchored("a = 1\nb = ", "\nc = 3\n")
+    assert continue_prompt(anchor, "a = 1\nb = ", len("a = 1\nb = "), 64) is None  # the text after it went
+    assert continue_prompt(anchor, "a = 2\nb = 7\nc = 3\n", len("a = 2\nb = 7"), 64) is None  # changed above
+    assert continue_prompt(anchor, "a = 1\nb = 7\nc = 4\n", len("a = 1\nb = 7"), 64) is None  # changed below
+    assert continue_prompt(anchor, "a = 1\nb = \nc = 3\n", len("a = 1\nb = "), 64) is None  # nothing typed
+    # "b = " was healed of its space: it comes back in front of the 7.
+    assert continue_prompt(anchor, "a = 1\nb = 7\nc = 3\n", len("a = 1\nb = 7"), 64) == (" 7", "", "7")
