@@ -78,9 +78,12 @@ from bench.lsp import (
     report_or_exit,
     server_command,
 )
+from lsp_handlers.documents import client_length
 from personalization import humaneval
 from personalization.humaneval import first_line
 from server.engine.machine import cpu_model
+
+UTF16 = types.PositionEncodingKind.Utf16  # the bench's editor counts a position's character in UTF-16 units
 
 # Modules of the standard library whose function bodies give the stdlib cases (none is used by another
 # bench's prompts).
@@ -341,18 +344,13 @@ def parse_overrides(group: str) -> dict[str, dict[str, Any]]:
     return sections
 
 
-def _units(text: str) -> int:
-    """`text`'s length in UTF-16 code units, the unit of an LSP position's character (the bench's editor)."""
-    return len(text.encode("utf-16-le")) // 2
-
-
 async def complete(client: BenchClient, case: Case, uri: str, typed: int = 0) -> tuple[str, float]:
     """The first item's text at the case's cursor after the line's first `typed` characters, and the seconds
     it took."""
     params = types.InlineCompletionParams(
         context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
         text_document=types.TextDocumentIdentifier(uri=uri),
-        position=types.Position(line=case.line, character=case.character + _units(case.expected[:typed])),
+        position=types.Position(line=case.line, character=case.character + client_length(case.expected[:typed], UTF16)),
     )
     start = time.perf_counter()
     result = await client.lc.text_document_inline_completion_async(params)
@@ -420,7 +418,7 @@ async def run_config(
             keys = min(typed, max(len(case.expected) - 1, 0))
             for k in range(keys):
                 await complete(client, case, uri, k)
-                column = case.character + _units(case.expected[:k])
+                column = case.character + client_length(case.expected[:k], UTF16)
                 client.insert(uri, 2 + k, case.line, column, case.expected[k])
             suggestion, seconds = await complete(client, case, uri, keys)
             suggestion = case.expected[:keys] + suggestion

@@ -237,6 +237,7 @@ class CompletionService:
                 len(repository),
                 ", ".join(f"{s.path} ({s.kind})" for s in neighbours.sources),
             )
+        previous = self._starts.get(doc.uri)  # where the last prompt on this document started
         prompt = build_prompt(
             before,
             after,
@@ -250,10 +251,9 @@ class CompletionService:
             anchor_lines=settings.completion.prefix_anchor_lines,
             outline_lines=settings.completion.outline_lines,
             first_line=first_line,
-            previous_start=self._starts.get(doc.uri),  # where the last prompt on this document started
+            previous_start=previous,
             repository=repository,
         )
-        previous = self._starts.get(doc.uri)
         self._starts[doc.uri] = first_line + before.count("\n", 0, len(before) - len(prompt.prefix))
         self._starts.move_to_end(doc.uri)
         log.debug(

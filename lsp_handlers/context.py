@@ -67,12 +67,15 @@ def heal(prompt: Prompt) -> tuple[str, str]:
     kept, healed = split_blanks(prompt.prefix)
     if not healed:
         return prompt.text, ""
-    if prompt.template is None:
-        return prompt.repository + prompt.header + prompt.outline + kept, healed
-    return (
-        prompt.repository + fill_template(prompt.template, prompt.header + prompt.outline + kept, prompt.suffix),
-        healed,
-    )
+    return _assemble(prompt.template, prompt.repository, prompt.header + prompt.outline + kept, prompt.suffix), healed
+
+
+def _assemble(template: str | None, repository: str, before: str, suffix: str) -> str:
+    """A prompt's text: the other files' snippets, then `before` (header, scope openers, prefix) alone in
+    prefix mode or filled in the template with `suffix`."""
+    if template is None:
+        return repository + before
+    return repository + fill_template(template, before, suffix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,9 +486,7 @@ class _Parts:
         return self.tail + "".join(self.later)
 
     def text(self) -> str:
-        if self.template is None:
-            return self.repository + self.header + self.outline + self.prefix()
-        return self.repository + fill_template(self.template, self.header + self.outline + self.prefix(), self.suffix())
+        return _assemble(self.template, self.repository, self.header + self.outline + self.prefix(), self.suffix())
 
     def drop_farthest_line(self) -> int:
         """Drop the whole line farthest from the cursor (a suffix line on a tie); its token count, or -1."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.quality import (
-    _units,
+    UTF16,
     blank,
     edit_similarity,
     humaneval_cases,
@@ -22,6 +22,7 @@ from bench.quality import (
     repo_cases,
     stdlib_cases,
 )
+from lsp_handlers.documents import client_length
 from personalization.humaneval import first_line
 
 
@@ -126,4 +127,4 @@ def test_typed_characters_are_counted_and_positioned_in_utf16_units() -> None:
     assert (args.typed, args.set) == (3, ["", "completion.suffix_share=0.4"])
     with pytest.raises(SystemExit):
         parse_args(["--typed", "-1"])
-    assert [_units(t) for t in ("", "x = 1", "é", "🎉")] == [0, 5, 1, 2]
+    assert [client_length(t, UTF16) for t in ("", "x = 1", "é", "🎉")] == [0, 5, 1, 2]
