@@ -7,7 +7,9 @@ the engine in step:
 * A developer is served by their own scope's active version, else their team's, else the base model.
 * Swap: a new version is loaded into the engine under a new unique name and LoRA id while requests keep
   going to the old one; only once it is loaded do new requests route to it. Requests in flight keep the
-  version they started with (a `Lease` pins it); the old version is unloaded when its last lease ends.
+  version they started with (a `Lease` pins it); the old version is unloaded when its last lease ends
+  (or, when a request was still loading it, as soon as it is loaded: the requests waiting for it take
+  the new one).
   So no request fails, none mixes two versions, and none meets a half-loaded adapter (publishing renames
   a complete folder into place before the version row becomes active).
 * Nothing is served that does not match what was published: before a version is routed to or loaded,
@@ -123,6 +125,7 @@ class AdapterRegistry:
         self._active: dict[Scope, ActiveVersion] = {}
         self._slots: OrderedDict[str, _Slot] = OrderedDict()  # by version id, least recently used first
         self._loading: dict[str, asyncio.Task[_Slot]] = {}
+        self._retire_on_load: set[str] = set()  # versions retired while a load of theirs was in progress
         self._room = asyncio.Condition()
         self._listeners: set[ChangeListener] = set()
         self._background: set[asyncio.Future[None]] = set()
@@ -183,6 +186,7 @@ class AdapterRegistry:
                 back = self._slots.get(new.version_id)
                 if back is not None:
                     back.retired = False  # a rollback to a version still finishing its requests keeps it
+                self._retire_on_load.discard(new.version_id)  # (or to one a request is loading)
             # Said the moment new requests route there: retiring the old version below may wait for the engine.
             log.info("%s is now served by %s", scope, new.version_id if new else "the base model")
             for listener in list(self._listeners):
@@ -242,8 +246,13 @@ class AdapterRegistry:
         if task is None:
             task = asyncio.create_task(self._load(version))
             self._loading[version.version_id] = task
-            task.add_done_callback(lambda _t: self._loading.pop(version.version_id, None))
+            task.add_done_callback(lambda t: self._loaded(version.version_id, t))
         return await asyncio.shield(task)
+
+    def _loaded(self, version_id: str, task: asyncio.Task[_Slot]) -> None:
+        self._loading.pop(version_id, None)
+        if task.cancelled() or task.exception() is not None:
+            self._retire_on_load.discard(version_id)  # nothing loaded, nothing to retire
 
     async def _still_active(self, version: ActiveVersion) -> bool:
         async with self._store.unit() as s:
@@ -285,6 +294,13 @@ class AdapterRegistry:
         slot = _Slot(version, ref)
         self._slots[version.version_id] = slot
         log.info("loaded adapter %s of %s as %s", version.version_id, version.scope, ref.name)
+        if version.version_id in self._retire_on_load:
+            # A request loaded the version its scope had then and the scope moved on meanwhile: unloaded
+            # before the requests waiting for it resume (they find it gone and take what serves now), or,
+            # should one have taken it first, after its last lease.
+            self._retire_on_load.discard(version.version_id)
+            slot.retired = True
+            self._spawn(self._after_idle(slot))
         return slot
 
     async def _make_room(self) -> None:
@@ -300,6 +316,8 @@ class AdapterRegistry:
     async def _retire(self, version_id: str) -> None:
         slot = self._slots.get(version_id)
         if slot is None:
+            if version_id in self._loading:  # a request is loading it: retired once loaded
+                self._retire_on_load.add(version_id)
             return
         slot.retired = True
         log.debug("retiring adapter %s: %d request(s) in flight", version_id, slot.busy)

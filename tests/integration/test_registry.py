@@ -187,6 +187,35 @@ async def test_a_version_rolled_back_while_it_loads_is_never_routed_to(
     await registry.close()
 
 
+async def test_a_version_replaced_while_a_request_loads_it_is_unloaded_and_the_request_takes_the_new_one(
+    store: RolloutStore,
+    engine: Engine,
+    loras: list[Path],
+    tmp_path: Path,
+) -> None:
+    # A scope's first version is loaded by its first request; when the next version is published before
+    # that load ends (a slow engine under load), the scope is routed straight to it and the first one
+    # must not stay loaded for good once its load ends.
+    scope = Scope.developer("fay")
+    first = await publish(store, scope, loras[0], tmp_path)
+    gated = GatedEngine(engine)
+    registry = AdapterRegistry(store, lambda: cast(Engine, gated), capacity=2)
+    await registry.refresh()
+    before = set(await engine.loaded_adapters())
+    requesting = asyncio.create_task(registry.acquire("fay", None))
+    await asyncio.wait_for(gated.loading.wait(), 30)
+    second = await publish(store, scope, loras[1], tmp_path)
+    assert await registry.refresh() == [scope]  # routed at once: nothing of the scope was loaded yet
+    gated.gate.set()
+    lease = await asyncio.wait_for(requesting, 60)
+    assert lease.version_id == second
+    assert registry.loaded() == {second: 1}
+    loaded = set(await engine.loaded_adapters()) - before
+    assert [n for n in loaded if n.endswith(second)] and not [n for n in loaded if n.endswith(first)]
+    lease.release()
+    await registry.close()
+
+
 async def refusals(store: RolloutStore) -> list[AuditEntry]:
     async with store.unit() as s:
         return [e for e in await AuditRepository(s).since() if e.action == "refuse_adapter"]
