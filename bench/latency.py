@@ -228,7 +228,7 @@ async def serve_cases(
     clients: list[BenchClient] = []
     times: dict[str, Case] = {}
     try:
-        port = await wait_or_exit(proc, listening_port(log), log, 120)
+        port = await wait_or_exit(proc, listening_port(log), log, 600)
 
         async def connect(developer: str, team: str | None) -> BenchClient:
             client = BenchClient(developer, team)
@@ -310,7 +310,7 @@ async def typing_cases(
     engine_p50: dict[str, float] = {}  # label -> p50 (ms) of the keystrokes not answered from the suggestion
     kinds = (("base", None), ("personalized", TEAM)) if variant == "default" else (("base", None),)
     try:
-        port = await wait_or_exit(proc, listening_port(log), log, 120)
+        port = await wait_or_exit(proc, listening_port(log), log, 600)
         for kind, team in kinds:
             label = f"{kind} typing x1" if kind == "base" else "personalized auto typing x1"
             if variant != "default":

@@ -25,6 +25,25 @@ def run_heedful(config: Path, *args: str, cwd: Path = ROOT, timeout: float = 600
     )
 
 
+def in_session(sid: int) -> list[int]:
+    """The living processes of session `sid` (a process started with `start_new_session` and every process
+    it starts, however deep, unless one leaves the session: orphans keep it), read from /proc (Linux).
+    Zombies (ended, not yet reaped) are not living."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        # "pid (name) state ppid pgrp session ...": the name may hold spaces and parentheses.
+        state, _ppid, _pgrp, session = stat[stat.rindex(")") + 2 :].split()[:4]
+        if int(session) == sid and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

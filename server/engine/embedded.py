@@ -22,6 +22,8 @@ on another scope's weights or on a mix of two.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
 import logging
 import os
 import time
@@ -102,6 +104,7 @@ class EmbeddedEngine:
         self._serve_path = self._model_path
         self._quantization = "none"  # what `engine.quantization` chose for this model and machine (at start)
         self._llm: Any = None
+        self._starting: asyncio.Future[Any] | None = None  # the engine being built in a thread (`start`)
         self._tokenizer: LocalTokenizer | None = None
         self._adapters: dict[str, AdapterRef] = {}
         self._ids_in_use: dict[int, str] = {}
@@ -148,6 +151,10 @@ class EmbeddedEngine:
             else:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
         try:
+            # Importing vLLM (half a minute on a cold machine) and starting its engine core (a minute or
+            # more) block the thread that does it: a worker thread, so that the server's event loop answers
+            # editors meanwhile (initialize, the "loading" status) and handles a signal to stop.
+            await asyncio.to_thread(importlib.import_module, "vllm.v1.engine.async_llm")
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
@@ -173,10 +180,19 @@ class EmbeddedEngine:
         )
         started = time.monotonic()
         self._tokenizer = LocalTokenizer(self._model_path)
+        # Built without a running loop, the engine client starts its output tasks on the first request
+        # (the warm-up below), in this loop.
+        self._starting = asyncio.ensure_future(asyncio.to_thread(AsyncLLM.from_engine_args, args))
         try:
-            self._llm = AsyncLLM.from_engine_args(args)
+            self._llm = await asyncio.shield(self._starting)
+        except asyncio.CancelledError:
+            raise  # `close` waits for the engine being built and shuts it down
         except Exception as exc:
             raise EngineError(f"the embedded vLLM engine failed to start on {self._model_path}: {exc}") from exc
+        finally:
+            if self._starting.done():
+                self._starting = None
+        log.info("vLLM's engine core started in %.1f s; compiling its kernels", time.monotonic() - started)
         # The first generation compiles kernels (about 20 s on CPU); do it now so that "started" means
         # the first developer request is served at full speed.
         await self.generate([self._tokenizer.encode("def")[0]], max_tokens=2, temperature=0.0)
@@ -538,6 +554,12 @@ class EmbeddedEngine:
         )
 
     async def close(self) -> None:
+        starting, self._starting = self._starting, None
+        if starting is not None and self._llm is None:
+            # Stopped while the engine core was being started: its thread cannot be interrupted, so wait for
+            # it and shut down what it started (else the engine's processes would outlive the server).
+            with contextlib.suppress(Exception):
+                self._llm = await starting
         if self._llm is None or self._closed:
             return
         self._closed = True

@@ -7,9 +7,13 @@ SQLite file), plays an editor session, and then reads what the store recorded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
+import signal
 import sqlite3
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -19,10 +23,10 @@ import pytest
 from lsprotocol import types
 
 from lsp_handlers.documents import client_length
-from tests.e2e.client import HeedfulClient, running_client, tcp_server
+from tests.e2e.client import ROOT, HeedfulClient, running_client, tcp_server
 from tests.e2e.conftest import ServerSetup, write_config
 from tests.e2e.sessions import completion_items_session
-from tests.procs import free_port
+from tests.procs import free_port, in_session
 
 pytestmark = [pytest.mark.engine, pytest.mark.remote]
 
@@ -276,9 +280,16 @@ async def test_the_default_embedded_engine_reports_loading_then_serves(tmp_path:
         f'[model]\npath = "{small_model}"\n\n[engine]\nkv_cache_gib = 1\n\n'
         f'[completion]\ntimeout_ms = 120000\ntemperature = 0.0\n\n[database]\nurl = "sqlite+aiosqlite:///{db}"\n'
     )
-    async with running_client("neovim", config, tmp_path / "server.log", {"developerId": "dev-embedded"}) as client:
+    log = tmp_path / "server.log"
+    async with running_client("neovim", config, log, {"developerId": "dev-embedded"}) as client:
         ready = await client.wait_status("ready", timeout=600)
         assert client.statuses[0]["state"] == "loading"
+        # The editor was answered while vLLM was still starting (it starts in a thread, not in the loop
+        # that answers editors): the session began before the engine core was up.
+        lines = log.read_text(errors="replace").splitlines()
+        session = next(i for i, line in enumerate(lines) if "session " in line and "'dev-embedded'" in line)
+        core = next(i for i, line in enumerate(lines) if "vLLM's engine core started in" in line)
+        assert session < core, (lines[session], lines[core])
         assert ready["engine"] == "embedded"
         # Both kinds of x86 CPU can merge (AMX-packed weights, oneDNN handlers): a developer alone is
         # served from merged weights, and nothing says otherwise.
@@ -287,6 +298,42 @@ async def test_the_default_embedded_engine_reports_loading_then_serves(tmp_path:
         client.open(uri, "def square(x):\n    ")
         item = await serve_item(client, uri, 1, 4)
         assert "x" in str(item.insert_text)
+
+
+async def test_a_server_stopped_while_its_engine_starts_exits_and_leaves_no_engine_process(
+    tmp_path: Path, small_model: Path
+) -> None:
+    """An editor (or a supervisor) stops `heedful serve` with SIGTERM while vLLM is still starting: the
+    server exits cleanly, and none of the engine's processes outlives it (they hold gigabytes)."""
+    config = tmp_path / "heedful.toml"
+    config.write_text(
+        f'[model]\npath = "{small_model}"\n\n[engine]\nkv_cache_gib = 1\n\n'
+        f'[database]\nurl = "sqlite+aiosqlite:///{tmp_path / "h.db"}"\n'
+    )
+    log = tmp_path / "server.log"
+    with log.open("ab") as stderr:  # a session of its own: its processes are found even once orphaned
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "--config", str(config), "serve", "--tcp", "--port", "0",
+            stderr=stderr, cwd=str(ROOT), start_new_session=True,
+        )  # fmt: skip
+    try:
+        for _ in range(3000):  # vLLM's engine core is a process of its own, started after vLLM is imported
+            if len(in_session(proc.pid)) > 1:
+                break
+            await asyncio.sleep(0.1)
+        assert len(in_session(proc.pid)) > 1, log.read_text(errors="replace")[-3000:]
+        assert "vLLM's engine core started in" not in log.read_text(errors="replace")  # still starting
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 300) == 0, log.read_text(errors="replace")[-3000:]
+        for _ in range(300):
+            if not in_session(proc.pid):
+                break
+            await asyncio.sleep(0.1)
+        assert not in_session(proc.pid), log.read_text(errors="replace")[-3000:]
+    finally:
+        for pid in in_session(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 async def test_prompts_are_sized_to_the_engines_speed_and_a_late_answer_keeps_its_finished_lines(
