@@ -113,11 +113,13 @@ async def test_completion_and_every_kind_of_feedback_reach_the_store(flavour: st
         client.change(uri, [(end_of(cursor2, partial, enc), end_of(cursor2, partial, enc), "\n    ")])
         item3 = await serve_item(client, uri, line3, 4)
         client.notify("heedful/didRejectCompletion", {"completionId": completion_id(item3)})
+        rejected_at = time.monotonic()
 
         # 5. Inferred reject: the developer types something the fourth suggestion does not start with.
         item4 = await serve_item(client, uri, line3, 4)
         divergent = "zq_" if not str(item4.insert_text).startswith("zq_") else "qz_"
         client.change(uri, [((line3, 4), (line3, 4), divergent)])
+        typed_after_s = time.monotonic() - rejected_at  # item 4 is served in between
 
         # 6. An explicit correction, defaulting to the latest completion.
         answer = await client.command("heedful.feedback", {"text": "Always add type hints"})
@@ -173,11 +175,13 @@ async def test_completion_and_every_kind_of_feedback_reach_the_store(flavour: st
     assert {e["kept_text"] for e in partial_snaps} == {partial}
     # Rejects teach too: what the developer wrote where both rejected suggestions would have gone (step 5).
     # Item 3's 1 s snapshot may come before anything was written (item 4 is served first): nothing is
-    # recorded then.
-    for rejected_item, delays in ((item4, [[1.0, 2.0]]), (item3, [[2.0], [1.0, 2.0]])):
+    # recorded then; where serving item 4 took longer than about 2 s (a slow machine), neither snapshot
+    # of item 3 saw anything written.
+    item3_delays = [[2.0], [1.0, 2.0]] + ([[]] if typed_after_s > 1.5 else [])
+    for rejected_item, delays in ((item4, [[1.0, 2.0]]), (item3, item3_delays)):
         written = [e for e in by_kind["edit_snapshot"] if e["completion_id"] == completion_id(rejected_item)]
         assert sorted(e["delay_s"] for e in written) in delays
-        assert {e["kept_text"] for e in written} == {divergent}
+        assert all(e["kept_text"] == divergent for e in written)
 
 
 async def test_typing_through_a_suggestion_is_answered_with_its_rest_under_the_same_id(lsp_setup: ServerSetup) -> None:
