@@ -182,11 +182,10 @@ class EmbeddedEngine:
         self._tokenizer = LocalTokenizer(self._model_path)
         # Built without a running loop, the engine client starts its output tasks on the first request
         # (the warm-up below), in this loop.
+        # Cancelled meanwhile (the server stops), the build goes on: `close` waits for it and shuts it down.
         self._starting = asyncio.ensure_future(asyncio.to_thread(AsyncLLM.from_engine_args, args))
         try:
             self._llm = await asyncio.shield(self._starting)
-        except asyncio.CancelledError:
-            raise  # `close` waits for the engine being built and shuts it down
         except Exception as exc:
             raise EngineError(f"the embedded vLLM engine failed to start on {self._model_path}: {exc}") from exc
         finally:
