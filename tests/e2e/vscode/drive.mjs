@@ -94,14 +94,18 @@ try {
   await page.keyboard.press("Enter");
   await page.locator(".statusbar-item", { hasText: "correction recorded" }).first().waitFor({ timeout: 30_000 });
 
-  step("at the end of the file: dismiss a suggestion with Escape, type on, take a word of the next one");
+  step("in a new function's body: dismiss a suggestion with Escape, type on, take a word of the next one");
   await editor.click();
   await page.keyboard.press("Control+End");
-  await page.keyboard.type(" ", { delay: 50 });
+  // Not right after the accepted text: where that ends a statement, the model may rightly have nothing to
+  // add (greedy output differs between CPUs). A new function's first line is code for certain.
+  await page.keyboard.press("Enter");
+  await page.keyboard.type("def write_lines(path, lines):", { delay: 50 });
+  await page.keyboard.press("Enter");
   await waitForGhost(page);
   await page.keyboard.press("Escape");
   await page.locator(".ghost-text-decoration").first().waitFor({ state: "detached", timeout: 10_000 });
-  await page.keyboard.type("l", { delay: 50 }); // the developer types on; a new suggestion comes
+  await page.keyboard.type("w", { delay: 50 }); // the developer types on; a new suggestion comes
   await waitForGhost(page);
   await page.keyboard.press("Control+ArrowRight");
   await page.waitForTimeout(1000);
