@@ -230,7 +230,7 @@ class CompletionSettings:
         600,
         "How long the engine may take to read a completion's prompt (to its first new token). Where reading "
         "`context_tokens` takes longer on this machine, the prompt's budget shrinks to what the engine reads in "
-        "this time, learned from its own answers (in steps of 128 tokens, never below 256); the few tokens of a "
+        "this time, learned from its own answers (in steps of 64 tokens, never below 256); the few tokens of a "
         "single-line answer come on top. 0: the budget is always `context_tokens`.",
         min=0,
         max=600000,

@@ -10,7 +10,7 @@ rarely (the prefix cache keeps what a keystroke's prompt shares with the last on
 
 A budget grows only when the engine reads `UP_MARGIN` (5 %) more than the bigger budget needs, and shrinks
 as soon as it reads less than the current one: an engine whose speed sits on a step's edge (600 ms reading
-511 tokens one minute and 514 the next) keeps one budget instead of switching between 384 and 512, and a
+383 tokens one minute and 386 the next) keeps one budget instead of switching between 320 and 384, and a
 prompt whose budget switches starts somewhere else, which the prefix cache cannot reuse.
 
 The rate is the median over the last `WINDOW` samples: one request slowed by something else on the
@@ -24,7 +24,7 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
-STEP_TOKENS = 128
+STEP_TOKENS = 64
 FLOOR_TOKENS = 256
 MIN_SAMPLE_TOKENS = 128
 WINDOW = 9

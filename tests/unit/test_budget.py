@@ -13,12 +13,13 @@ def test_without_a_sample_or_a_target_the_budget_is_the_settings_own() -> None:
     assert clock.budget(1536, 0) == 1536
 
 
-def test_the_budget_is_what_the_engine_reads_in_the_target_time_in_steps_of_128() -> None:
+def test_the_budget_is_what_the_engine_reads_in_the_target_time_in_steps_of_64() -> None:
     clock = PrefillClock()
-    # 1,445 tokens in 1.95 s: 1.3495 ms a token; 600 ms reads 444.6 tokens -> 384 (3 x 128).
+    # 1,445 tokens in 1.95 s: 1.3495 ms a token; 600 ms reads 444.6 tokens -> 384 (6 x 64).
     assert clock.observe(1445, 1.95)
     assert clock.budget(1536, 600) == 384
-    # 700 ms: 518.7 tokens -> 512.
+    # 650 ms: 481.7 tokens -> 448 (7 x 64); 700 ms: 518.7 tokens -> 512.
+    assert clock.budget(1536, 650) == 448
     assert clock.budget(1536, 700) == 512
 
 
@@ -38,11 +39,11 @@ def test_the_rate_is_the_median_of_the_window_so_one_slow_request_moves_nothing(
     clock.observe(1000, 1.0)
     clock.observe(1000, 9.0)  # slowed by something else on the machine
     assert clock.seconds_per_token() == 0.001
-    assert clock.budget(1536, 600) == 512  # 600 tokens -> 512
+    assert clock.budget(1536, 600) == 576  # 600 tokens -> 576 (9 x 64)
     # The window keeps the last 3: two slow ones make the median slow.
     clock.observe(1000, 3.0)
     assert clock.seconds_per_token() == 0.003
-    assert clock.budget(1536, 600) == FLOOR_TOKENS  # 200 tokens -> 128, below the floor
+    assert clock.budget(1536, 600) == FLOOR_TOKENS  # 200 tokens -> 192, below the floor
 
 
 def test_requests_that_read_few_tokens_are_not_samples() -> None:
@@ -56,15 +57,15 @@ def test_requests_that_read_few_tokens_are_not_samples() -> None:
 
 def test_a_speed_on_a_steps_edge_keeps_one_budget() -> None:
     clock = PrefillClock(window=1)
-    clock.observe(1000, 1000 / 852)  # 852 tokens a second: 600 ms reads 511.2 tokens -> 384
-    assert clock.budget(1536, 600) == 384
-    clock.observe(1000, 1000 / 857)  # 514.2 tokens: over 512, but not by 5 % (537.6): stays 384
-    assert clock.budget(1536, 600) == 384
+    clock.observe(1000, 1000 / 852)  # 852 tokens a second: 600 ms reads 511.2 tokens -> 448
+    assert clock.budget(1536, 600) == 448
+    clock.observe(1000, 1000 / 857)  # 514.2 tokens: over 512, but not by 5 % (537.6): stays 448
+    assert clock.budget(1536, 600) == 448
     clock.observe(1000, 1000 / 900)  # 540 tokens >= 537.6: grows to 512
     assert clock.budget(1536, 600) == 512
     clock.observe(1000, 1000 / 852)  # 511.2 tokens < 512: shrinks at once
-    assert clock.budget(1536, 600) == 384
-    clock.observe(1000, 1000 / 1100)  # 660 tokens: 640 needs 672, 512 needs 537.6 -> 512
-    assert clock.budget(1536, 600) == 512
+    assert clock.budget(1536, 600) == 448
+    clock.observe(1000, 1000 / 1100)  # 660 tokens: 640 needs 672, 576 needs 604.8 -> 576
+    assert clock.budget(1536, 600) == 576
     # Another developer's settings (another target) have a budget of their own: 700 ms reads 770 -> 768.
     assert clock.budget(1536, 700) == 768
