@@ -4,9 +4,10 @@ Face `generate` and llama.cpp on the same weights, all in one run.
 Cursors are single-line completions cut from the standard library's own sources: on a line `x = f(args)`
 the arguments are removed and the cursor sits between the parentheses, as an editor leaves it after
 typing `f(` with auto-closed brackets. The server completes up to `completion.single_line_max_tokens`
-(16) new tokens, greedy, stopping at the line end; every peer gets the very prompt the server builds
-with the same limit and stop, at the context budget the server learned from its engine's speed
-(`completion.prefill_target_ms`; `--context-tokens N` fixes it instead). Every request starts cold:
+(16) new tokens, greedy, stopping at the line end; every peer gets the very prompt token ids the server's
+engine read in its first base case (as its store recorded them), with the same limit and stop: prompts at
+the context budget the server learned from its engine's speed (`completion.prefill_target_ms`, which may
+move between steps during the run; `--context-tokens N` fixes it instead). Every request starts cold:
 prefix caching is off in every vLLM case (the same prompts recur across cases) and llama.cpp resets its
 context before each prompt.
 
@@ -74,6 +75,7 @@ from bench.lsp import (
     bench_config,
     fill_prompts,
     learned_budget,
+    learned_budgets,
     log_tail,
     report_or_exit,
     server_command,
@@ -370,6 +372,19 @@ async def typing_cases(
     return cases, reuses, engine_p50
 
 
+def served_prompts(db: Path, requests: list[Request], tag: str, fallback: list[list[int]]) -> list[list[int]]:
+    """The prompt token ids the server recorded for `requests` in the case tagged `tag` (its warm-up
+    requests included), in order; `fallback`'s where the server recorded none (a request answered with
+    nothing)."""
+    with sqlite3.connect(db) as conn:
+        rows = dict(conn.execute("SELECT uri, prompt_token_ids FROM completions").fetchall())
+    out = []
+    for r, ids in zip(requests, fallback, strict=True):
+        recorded = rows.get(tagged([r], tag)[0].uri) or rows.get(tagged([r], f"{tag}-warm")[0].uri)
+        out.append(json.loads(recorded) if recorded else ids)
+    return out
+
+
 def check_served(db: Path, measured: list[Request], version: str | None, label: str, log: Path) -> dict[str, int]:
     """Check that every measured request was served by the expected adapter version (None: the base
     model); the number of tokens the engine generated for each, by URI."""
@@ -539,6 +554,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         settings.completion.context_tokens = budget or settings.completion.context_tokens
         fill_prompts(requests, settings, tokenizer, single_line=True)
         prompts = [tokenizer.encode(r.prompt) for r in requests]
+        budgets: list[int] = []
+        if not args.typing_only:
+            # Exactly what the server's engine read for its first base case: a learned budget may move while
+            # the server runs (its engine's speed sits near a step), and a peer given the last budget's
+            # prompts would be timed on other prompts than the server.
+            prompts = served_prompts(tmp / "auto.db", requests, "base-x1-0", prompts)
+            budgets = learned_budgets(tmp / "serve-auto.log")
         print("[bench.latency] heedful serve, typing with prefix caching ...", file=sys.stderr, flush=True)
         typing = requests[WARMUP : WARMUP + args.typing]
         for variant in TYPING_VARIANTS:
@@ -581,6 +603,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "context_tokens": settings.completion.context_tokens,
         "timeout_ms": timeout_ms,
         "budget": "fixed (--context-tokens)" if FIXED_BUDGET else "learned by the server (prefill_target_ms)",
+        "budgets_learned": budgets,
         "cpu": cpu_model(),
         "quantization": WEIGHTS["quantization"],
         "weights": chosen_quantization(WEIGHTS["quantization"], model, gpu=has_gpu()),
@@ -612,8 +635,12 @@ def print_table(r: dict[str, Any]) -> None:
         f"single-line completion latency: {r['requests']} stdlib cursors, prompts {r['prompt_tokens']:.0f} tokens on "
         f"average, up to {r['max_tokens']} new tokens, greedy, stop at the line end, {r['cores']} cores"
     )
+    learned = r.get("budgets_learned") or []
+    taken = f" (it took {', '.join(map(str, learned))} in turn; every peer reads the server's own prompts)"
     print(
-        f"context budget {r['context_tokens']} tokens, {r['budget']}; vLLM weights: "
+        f"context budget {r['context_tokens']} tokens, {r['budget']}"
+        + (taken if len(learned) > 1 else "")
+        + "; vLLM weights: "
         + ("int8" if r.get("weights") == "int8" else "bfloat16")
         + f" (engine.quantization = {r.get('quantization')})"
     )

@@ -214,10 +214,17 @@ def write_config(tmp: Path, name: str, model: Path, max_tokens: int) -> tuple[Pa
     return bench_config(tmp, name, model, {"completion": {"max_tokens": max_tokens, "timeout_ms": 60000}})
 
 
-def learned_budget(log: Path) -> int | None:
-    """The context budget a server learned from its engine's speed (its log's last "context budget" line)."""
+def learned_budgets(log: Path) -> list[int]:
+    """Every context budget a server learned from its engine's speed, in order (its log's "context budget"
+    lines: the budget moves when the engine's speed crosses a step)."""
     found = re.findall(r"context budget (\d+) tokens", log.read_text(encoding="utf-8", errors="replace"))
-    return int(found[-1]) if found else None
+    return [int(n) for n in found]
+
+
+def learned_budget(log: Path) -> int | None:
+    """The context budget a server learned last, or None."""
+    found = learned_budgets(log)
+    return found[-1] if found else None
 
 
 def server_command(config: Path, *extra: str) -> list[str]:
