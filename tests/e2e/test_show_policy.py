@@ -22,7 +22,10 @@ REJECTED_URI = "file:///work/inventory.py"
 # Where they keep every suggestion: the body of a function that reads a file.
 KEPT_SOURCE = "import json\n\n\ndef load_config(path):\n    with open(path) as handle:\n        "
 ROUNDS = 5  # 5 rejected and 5 kept suggestions: 10 outcomes, as many as the policy is told to need
-POLICY = {"show_min_outcomes": 2 * ROUNDS, "show_explore": 0.0, "show_threshold": 0.25}
+# No training groups: a group sampled after one answer runs in the engine beside the next request, and on a
+# CPU a batch of other shapes can change a greedy token (a fresh-clone run served `config` instead of
+# `config_dict` at one of the kept places); alone in the engine, each place gets its one answer.
+POLICY = {"show_min_outcomes": 2 * ROUNDS, "show_explore": 0.0, "show_threshold": 0.25, "group_sample_rate": 0.0}
 
 
 def kept_uri(i: int) -> str:
