@@ -74,9 +74,9 @@ from bench.lsp import (
     Request,
     bench_config,
     fill_prompts,
-    learned_budget,
     learned_budgets,
     log_tail,
+    recorded_prompts,
     report_or_exit,
     server_command,
     timed_session,
@@ -376,12 +376,11 @@ def served_prompts(db: Path, requests: list[Request], tag: str, fallback: list[l
     """The prompt token ids the server recorded for `requests` in the case tagged `tag` (its warm-up
     requests included), in order; `fallback`'s where the server recorded none (a request answered with
     nothing)."""
-    with sqlite3.connect(db) as conn:
-        rows = dict(conn.execute("SELECT uri, prompt_token_ids FROM completions").fetchall())
+    rows = recorded_prompts(db)
     out = []
     for r, ids in zip(requests, fallback, strict=True):
         recorded = rows.get(tagged([r], tag)[0].uri) or rows.get(tagged([r], f"{tag}-warm")[0].uri)
-        out.append(json.loads(recorded) if recorded else ids)
+        out.append(recorded or ids)
     return out
 
 
@@ -549,18 +548,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 tmp, model, adapter, mode, requests, n, with_base, args.rounds if with_base else 1
             )
         # The peers get the prompts the server built: at the budget it learned from its engine's speed.
-        learned = None if args.typing_only else learned_budget(tmp / "serve-auto.log")
-        budget = settings.completion.context_tokens if FIXED_BUDGET else learned
+        budgets = [] if args.typing_only else learned_budgets(tmp / "serve-auto.log")
+        budget = settings.completion.context_tokens if FIXED_BUDGET else (budgets[-1] if budgets else None)
         settings.completion.context_tokens = budget or settings.completion.context_tokens
         fill_prompts(requests, settings, tokenizer, single_line=True)
         prompts = [tokenizer.encode(r.prompt) for r in requests]
-        budgets: list[int] = []
         if not args.typing_only:
             # Exactly what the server's engine read for its first base case: a learned budget may move while
             # the server runs (its engine's speed sits near a step), and a peer given the last budget's
             # prompts would be timed on other prompts than the server.
             prompts = served_prompts(tmp / "auto.db", requests, "base-x1-0", prompts)
-            budgets = learned_budgets(tmp / "serve-auto.log")
         print("[bench.latency] heedful serve, typing with prefix caching ...", file=sys.stderr, flush=True)
         typing = requests[WARMUP : WARMUP + args.typing]
         for variant in TYPING_VARIANTS:

@@ -526,11 +526,17 @@ def collect(results: list[tuple[Request, float, bool]], db: Path) -> CaseResult:
     )
 
 
+def recorded_prompts(db: Path) -> dict[str, list[int] | None]:
+    """The prompt token ids a server's store recorded, by document URI (None where it kept no prompt)."""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT uri, prompt_token_ids FROM completions").fetchall()
+    return {uri: json.loads(ids) if ids is not None else None for uri, ids in rows}
+
+
 def check_prompts(requests: list[Request], db: Path, tokenizer: LocalTokenizer) -> int:
     """Served requests whose prompt token ids, as the server recorded them, differ from ours."""
-    with sqlite3.connect(db) as conn:
-        rows = dict(conn.execute("SELECT uri, prompt_token_ids FROM completions").fetchall())
-    return sum(1 for r in requests if r.uri in rows and json.loads(rows[r.uri]) != tokenizer.encode(r.prompt))
+    rows = recorded_prompts(db)
+    return sum(1 for r in requests if r.uri in rows and rows[r.uri] != tokenizer.encode(r.prompt))
 
 
 # ---------------------------------------------------------------------------------------------
