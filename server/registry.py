@@ -161,6 +161,9 @@ class AdapterRegistry:
                 continue  # the scope keeps what serves it now: its previous version, its team's, or the base
             if new is not None and old is not None and old.version_id in self._slots:
                 # The scope is in use: load the new version before routing to it, so no request waits.
+                # A rollback to a version a request is still loading (retired when the scope moved on)
+                # keeps that load: it is about to serve the scope again, not to be unloaded once loaded.
+                self._retire_on_load.discard(new.version_id)
                 try:
                     await self._slot_for(new)
                 except EngineError as exc:

@@ -141,17 +141,21 @@ class GatedEngine:
     """The real engine, whose adapter loads wait until the test opens the gate: a load as slow as the test
     needs, so that something can happen in the store while it is in progress."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, held: set[str] | None = None) -> None:
         self.engine = engine
         self.gate = asyncio.Event()
         self.loading = asyncio.Event()
+        self.held = held  # the version ids whose loads wait for the gate (None: every version's)
+        self.loads: list[str] = []  # the adapter names asked to load, in order
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
 
     async def load_adapter(self, ref: AdapterRef) -> None:
-        self.loading.set()
-        await self.gate.wait()
+        self.loads.append(ref.name)
+        if self.held is None or any(ref.name.endswith(version) for version in self.held):
+            self.loading.set()
+            await self.gate.wait()
         await self.engine.load_adapter(ref)
 
 
@@ -213,6 +217,51 @@ async def test_a_version_replaced_while_a_request_loads_it_is_unloaded_and_the_r
     loaded = set(await engine.loaded_adapters()) - before
     assert [n for n in loaded if n.endswith(second)] and not [n for n in loaded if n.endswith(first)]
     lease.release()
+    await registry.close()
+
+
+async def test_a_rollback_to_a_version_a_request_still_loads_keeps_it_loaded_once(
+    store: RolloutStore,
+    engine: Engine,
+    loras: list[Path],
+    tmp_path: Path,
+) -> None:
+    # A request loads the scope's version; a new version is published meanwhile (the scope is routed to it
+    # at once and the one loading is to be retired once loaded) and comes into use; then an admin rolls back
+    # to the version still loading. Its load, once done, must serve the scope: not be retired, unloaded and
+    # loaded a second time by the next request.
+    scope = Scope.developer("gus")
+    first = await publish(store, scope, loras[0], tmp_path)
+    gated = GatedEngine(engine, held={first})
+    registry = AdapterRegistry(store, lambda: cast(Engine, gated), capacity=3)
+    await registry.refresh()
+    requesting = asyncio.create_task(registry.acquire("gus", None))
+    await asyncio.wait_for(gated.loading.wait(), 30)
+    second = await publish(store, scope, loras[1], tmp_path)
+    assert await registry.refresh() == [scope]
+    on_second = await asyncio.wait_for(registry.acquire("gus", None), 60)  # loads at once: not held
+    assert on_second.version_id == second
+    async with store.unit() as s:
+        rolled = await rollback_scope(s, scope, actor="test", reason="rolled back to the one loading")
+    assert rolled is not None and rolled.taken_out == second and rolled.active == first
+    refreshing = asyncio.create_task(registry.refresh())
+    await asyncio.sleep(0.2)  # the refresh waits for the load of `first` in progress
+    gated.gate.set()
+    assert await asyncio.wait_for(refreshing, 60) == [scope]
+    lease = await asyncio.wait_for(requesting, 60)
+    assert lease.version_id == first
+    again = await registry.acquire("gus", None)
+    assert again.version_id == first
+    assert len([n for n in gated.loads if n.endswith(first)]) == 1  # loaded once
+    assert registry.loaded() == {first: 2, second: 1}  # `second` stays for its request in flight
+    on_second.release()
+    for _ in range(100):  # retired: unloaded once its last request ended
+        if second not in registry.loaded():
+            break
+        await asyncio.sleep(0.05)
+    assert registry.loaded() == {first: 2}
+    lease.release()
+    again.release()
     await registry.close()
 
 
