@@ -42,14 +42,44 @@ def load(name: str) -> Any:
         pytest.fail(f"{path} is not valid JSON: {exc}")
 
 
+# What LSP4IJ's template readers take from a template.json: a key outside these is silently ignored by the
+# IDE, so a misspelt one would go unnoticed. Its older reader requires "name" and programArgs' "default".
+LSP4IJ_TEMPLATE_KEYS = {
+    "id",
+    "name",
+    "url",
+    "dev",
+    "programArgs",
+    "env",
+    "workingDir",
+    "fileTypeMappings",
+    "languageMappings",
+}
+LSP4IJ_OS_KEYS = {"default", "windows", "mac", "unix"}  # programArgs: the IDE's OS key, else "default"
+
+
+def unix_command(template: dict[str, Any]) -> list[str]:
+    """The command LSP4IJ runs on Linux: programArgs' "unix" entry, else its "default" one."""
+    args = template["programArgs"]
+    return shlex.split(args.get("unix", args["default"]))
+
+
 def test_template_files_are_what_lsp4ij_reads() -> None:
     template = load("template.json")
+    assert set(template) <= LSP4IJ_TEMPLATE_KEYS, set(template) - LSP4IJ_TEMPLATE_KEYS
     assert template["id"] == "heedful" and template["name"] == "Heedful"
-    assert shlex.split(template["programArgs"]["default"]) == ["heedful", "serve", "--shared"]
+    assert set(template["programArgs"]) <= LSP4IJ_OS_KEYS and all(
+        isinstance(v, str) and v for v in template["programArgs"].values()
+    )
+    assert unix_command(template) == ["heedful", "serve", "--shared"]
     mappings = template["fileTypeMappings"]
     assert {"fileType": {"name": "Python", "patterns": ["*.py", "*.pyi"]}, "languageId": "python"} in mappings
     for mapping in mappings:
-        assert mapping["fileType"]["name"] and mapping["fileType"]["patterns"] and mapping["languageId"]
+        # LSP4IJ maps a file by its IDE file type's name and by its name patterns, each to the languageId
+        # sent in didOpen.
+        assert set(mapping) == {"fileType", "languageId"} and set(mapping["fileType"]) == {"name", "patterns"}
+        assert mapping["fileType"]["name"] and mapping["languageId"]
+        assert mapping["fileType"]["patterns"] and all(p.startswith("*.") for p in mapping["fileType"]["patterns"])
     options = load("initializationOptions.json")
     assert set(options) <= {"developerId", "sessionId", "team", "token", "settings"}
     assert isinstance(options["developerId"], str)
@@ -58,7 +88,7 @@ def test_template_files_are_what_lsp4ij_reads() -> None:
 async def test_template_command_starts_the_server_and_answers_initialize(
     lsp_setup: ServerSetup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    command = shlex.split(load("template.json")["programArgs"]["default"])
+    command = unix_command(load("template.json"))
     # `heedful` as LSP4IJ finds it: on PATH, here the console script of the environment running the tests.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     options = dict(load("initializationOptions.json"), developerId="dev-jetbrains", team="ide")
