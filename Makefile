@@ -37,6 +37,7 @@ demo: setup
 	$(BIN)/heedful demo
 
 bench: setup
+	$(BIN)/python -m bench.steadiness
 	$(BIN)/python -m bench.latency
 	$(BIN)/python -m bench.store
 	$(BIN)/python -m bench.lsp
