@@ -10,7 +10,8 @@ another's work) reads `--lengths` prompts of consecutive lengths from `--tokens`
 new token each), and the very same lengths again in every later pass. Each pass's median is printed, and
 the slowest pass's median over the fastest's: near 1.0 the machine is steady; 1.5 or more and the
 machine's own steps are bigger than most effects a latency bench looks for. A pass slower only the first
-time its lengths are read would be kernels set up per prompt shape (they are not: the passes alternate).
+time its lengths are read would be kernels set up per prompt shape; passes that alternate between two
+levels are the machine.
 
     .venv/bin/python -m bench.steadiness [--passes 6] [--lengths 40] [--tokens 300] [--json]
 """
