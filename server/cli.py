@@ -197,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, help="new tokens (default: completion.max_tokens)")
     gen.add_argument("--temperature", type=float, help="sampling temperature (default: completion.temperature)")
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    gen.add_argument("--seed", type=int, help="sampling seed for a reproducible answer")
+    gen.add_argument(
+        "--seed",
+        type=int,
+        help="sampling seed: the same answer every run on an engine nothing else uses (candidates run one by one)",
+    )
     gen.add_argument("--adapter", type=Path, help="a peft LoRA adapter folder to generate with")
     gen.add_argument("--json", action="store_true", help="print candidates with token ids and log-probs")
     _add_identity(gen)

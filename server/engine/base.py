@@ -8,10 +8,14 @@ Adapters are named by `AdapterRef`; a name always stands for one set of weights 
 
 from __future__ import annotations
 
+import functools
 import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
@@ -124,6 +128,10 @@ class Engine(Protocol):
     ) -> Generation:
         """Sample `n` candidates for `prompt` (text, or token ids from `tokenize`).
 
+        With `seed`, the same call gives the same candidates as long as nothing else runs in the engine
+        (other requests in the same batch change the arithmetic, and a near tie can then sample another
+        token). The candidates of a seeded group run one after another with seeds `seed`, `seed + 1`, ...
+        (`seeded_one_by_one`): sent at once, vLLM can schedule them over two steps one time and one the next.
         `deadline_s`: seconds from the call. An engine that streams (the embedded one, for `n` = 1) answers
         then with what it has generated so far (finish reason "deadline") and stops the request; with
         nothing generated yet, or an engine that does not stream, it raises `TimeoutError`.
@@ -157,3 +165,52 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Stop the engine and its worker processes; safe to call twice."""
         ...
+
+
+GenerateFn = TypeVar("GenerateFn", bound=Callable[..., Awaitable[Generation]])
+
+
+def seeded_one_by_one(generate: GenerateFn) -> GenerateFn:
+    """Makes an engine's `generate` run the `n` candidates of a seeded request one after another.
+
+    vLLM sends the candidates of one request to its engine core one message at a time, and the core may
+    start a step with only some of them: the batch, hence the arithmetic, then differs from one run to
+    the next, and a candidate can sample another token at a near tie. One candidate per request, alone in
+    the engine when nothing else runs, reads the same batch every time. Candidate `i` is sampled with
+    vLLM's own seed for it (`seed + i`) under the group's request id (one runs at a time, so `abort`
+    reaches whichever is running). Like any group, it comes whole or not at all: past `deadline_s`,
+    `TimeoutError`.
+    """
+
+    @functools.wraps(generate)
+    async def wrapper(self: Any, prompt: str | list[int], *, n: int = 1, **params: Any) -> Generation:
+        seed = params.pop("seed", None)
+        if seed is None or n <= 1:
+            return await generate(self, prompt, n=n, seed=seed, **params)
+        deadline_s = params.pop("deadline_s", None)
+        request_id = params.pop("request_id", None) or f"heedful-{uuid.uuid4().hex}"
+        started = time.perf_counter()
+        parts: list[Generation] = []
+        for i in range(n):
+            left = None if deadline_s is None else deadline_s - (time.perf_counter() - started)
+            late = TimeoutError(f"a seeded group of {n} candidates had {i} within its deadline of {deadline_s} s")
+            if left is not None and left <= 0:
+                raise late
+            part = await generate(self, prompt, n=1, seed=seed + i, request_id=request_id, deadline_s=left, **params)
+            if part.candidates[0].finish_reason == "deadline":
+                raise late
+            parts.append(part)
+        first = parts[0]
+        return Generation(
+            candidates=[p.candidates[0] for p in parts],
+            prompt_token_ids=first.prompt_token_ids,
+            adapter=first.adapter,
+            timing=Timing(
+                total_s=time.perf_counter() - started,
+                cached_tokens=first.timing.cached_tokens,
+                alone=all(p.timing.alone for p in parts),
+            ),
+            request_id=request_id,
+        )
+
+    return cast(GenerateFn, wrapper)

@@ -42,6 +42,7 @@ from server.engine.base import (
     EngineInfo,
     Generation,
     Timing,
+    seeded_one_by_one,
 )
 from server.engine.merging import MergeUnsupported, read_adapter
 from server.engine.quantize import chosen_quantization, ensure_int8
@@ -325,6 +326,7 @@ class EmbeddedEngine:
         finally:
             self._open.set()
 
+    @seeded_one_by_one
     async def generate(
         self,
         prompt: str | list[int],

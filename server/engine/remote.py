@@ -28,6 +28,7 @@ from server.engine.base import (
     EngineInfo,
     Generation,
     Timing,
+    seeded_one_by_one,
 )
 from server.engine.tokens import LocalTokenizer
 
@@ -101,6 +102,7 @@ class RemoteEngine:
         except httpx.HTTPError as exc:
             raise EngineError(f"the vLLM server at {self._base} is unreachable for {path}: {exc}") from None
 
+    @seeded_one_by_one
     async def generate(
         self,
         prompt: str | list[int],
