@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--seed",
         type=int,
-        help="sampling seed: the same answer every run on an engine nothing else uses (candidates run one by one)",
+        help="sampling seed: the same answer from run to run on the embedded engine (candidates run one by one)",
     )
     gen.add_argument("--adapter", type=Path, help="a peft LoRA adapter folder to generate with")
     gen.add_argument("--json", action="store_true", help="print candidates with token ids and log-probs")

@@ -128,10 +128,12 @@ class Engine(Protocol):
     ) -> Generation:
         """Sample `n` candidates for `prompt` (text, or token ids from `tokenize`).
 
-        With `seed`, the same call gives the same candidates as long as nothing else runs in the engine
-        (other requests in the same batch change the arithmetic, and a near tie can then sample another
-        token). The candidates of a seeded group run one after another with seeds `seed`, `seed + 1`, ...
-        (`seeded_one_by_one`): sent at once, vLLM can schedule them over two steps one time and one the next.
+        With `seed`, a call gives the same candidates each time it runs alone in the engine and reads its
+        prompt whole: another request in the batch, or a prompt the prefix cache partly holds, changes the
+        arithmetic, and a near tie can then sample another token (`heedful generate` starts an embedded
+        engine of its own, so its seeded answer repeats from run to run). The candidates of a seeded group
+        run one after another with seeds `seed`, `seed + 1`, ... (`seeded_one_by_one`): sent at once, vLLM
+        can schedule them over two steps one time and in one the next.
         `deadline_s`: seconds from the call. An engine that streams (the embedded one, for `n` = 1) answers
         then with what it has generated so far (finish reason "deadline") and stops the request; with
         nothing generated yet, or an engine that does not stream, it raises `TimeoutError`.
