@@ -75,6 +75,26 @@ class BenchError(RuntimeError):
     """The benchmark cannot run; the message says why and what to do."""
 
 
+def parse_overrides(group: str, option: str = "--set") -> dict[str, dict[str, Any]]:
+    """`option`'s "section.key=value,..." as settings sections; values are TOML. Raises ValueError, naming the
+    part."""
+    import tomllib
+
+    sections: dict[str, dict[str, Any]] = {}
+    for part in filter(None, (p.strip() for p in group.split(","))):
+        name, sep, value = part.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not section or not key:
+            raise ValueError(f"{option} part {part!r} is not section.key=value (e.g. completion.suffix_share=0.1)")
+        try:
+            parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError as exc:
+            problem = f"{option} part {part!r}: {value.strip()!r} is not a TOML value ({exc}); quote text"
+            raise ValueError(problem) from None
+        sections.setdefault(section, {})[key] = parsed
+    return sections
+
+
 async def report_or_exit(
     name: str, report: Awaitable[dict[str, Any]], as_json: bool, print_table: Callable[[dict[str, Any]], None]
 ) -> None:

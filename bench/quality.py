@@ -75,6 +75,7 @@ from bench.lsp import (
     close_stdio_server,
     drain,
     learned_budget,
+    parse_overrides,
     report_or_exit,
     server_command,
 )
@@ -323,25 +324,6 @@ class ConfigResult:
     learned_budget: int | None = None  # the server's last "context budget" line
     quantization: str = "none"  # engine.quantization
     overrides: str = ""  # the `--set` group this configuration ran with ("" for the defaults)
-
-
-def parse_overrides(group: str) -> dict[str, dict[str, Any]]:
-    """`--set`'s "section.key=value,..." as settings sections; values are TOML. Raises ValueError, naming the part."""
-    import tomllib
-
-    sections: dict[str, dict[str, Any]] = {}
-    for part in filter(None, (p.strip() for p in group.split(","))):
-        name, sep, value = part.partition("=")
-        section, dot, key = name.strip().partition(".")
-        if not sep or not dot or not section or not key:
-            raise ValueError(f"--set part {part!r} is not section.key=value (e.g. completion.suffix_share=0.1)")
-        try:
-            parsed = tomllib.loads(f"v = {value.strip()}")["v"]
-        except tomllib.TOMLDecodeError as exc:
-            problem = f"--set part {part!r}: {value.strip()!r} is not a TOML value ({exc}); quote text"
-            raise ValueError(problem) from None
-        sections.setdefault(section, {})[key] = parsed
-    return sections
 
 
 async def complete(client: BenchClient, case: Case, uri: str, typed: int = 0) -> tuple[str, float]:

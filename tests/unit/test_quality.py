@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.lsp import parse_overrides
 from bench.quality import (
     UTF16,
     blank,
@@ -17,7 +18,6 @@ from bench.quality import (
     levenshtein,
     package_imports,
     parse_args,
-    parse_overrides,
     passes,
     repo_cases,
     stdlib_cases,
