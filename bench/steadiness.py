@@ -99,11 +99,10 @@ async def _start(settings: Any, env: dict[str, str]) -> Any:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    import dataclasses
+    from kernel.settings import SettingsError, layer_sections, resolve
 
-    from kernel.settings import SettingsError, resolve, validate_sections
-
-    settings = resolve(None).settings
+    resolved = resolve(None)
+    settings = resolved.settings
     settings.engine.enable_prefix_caching = False
     if args.tokens + args.lengths + args.new_tokens > settings.model.max_model_len:
         raise BenchError(
@@ -115,12 +114,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     variants: dict[str, tuple[Any, dict[str, str]]] = {"A": (settings, {})}
     if paired:
         try:
-            layer = validate_sections("--against", parse_overrides(args.against or "", "--against"))
+            against = layer_sections(resolved, parse_overrides(args.against or "", "--against"), "--against")
             env = parse_env(args.against_env)
         except (ValueError, SettingsError) as exc:
             raise BenchError(str(exc)) from None
-        replaced = {name: dataclasses.replace(getattr(settings, name), **values) for name, values in layer.items()}
-        variants["B"] = (dataclasses.replace(settings, **replaced), env)
+        variants["B"] = (against.settings, env)
     engines: dict[str, Any] = {}
     rng = random.Random(0)
     lengths = list(range(args.tokens, args.tokens + args.lengths))

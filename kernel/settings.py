@@ -999,6 +999,12 @@ def apply_client_settings(resolved: ResolvedSettings, table: Mapping[str, Any], 
                 table[section],
                 f"editors may set only {', '.join(CLIENT_SECTIONS)}; ask the admin to change [{section}]",
             )
+    return layer_sections(resolved, table, source)
+
+
+def layer_sections(resolved: ResolvedSettings, table: Mapping[str, Any], source: str) -> ResolvedSettings:
+    """Layer `{"section": {key: value}}` over resolved settings, checked as a settings file's sections are
+    (a bad value or an inconsistent result raises `SettingsError` naming `source` and the key)."""
     layer = validate_sections(source, table)
     current = resolved.settings
     replaced: dict[str, Any] = {}

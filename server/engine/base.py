@@ -134,6 +134,7 @@ class Engine(Protocol):
         engine of its own, so its seeded answer repeats from run to run). The candidates of a seeded group
         run one after another with seeds `seed`, `seed + 1`, ... (`seeded_one_by_one`): sent at once, vLLM
         can schedule them over two steps one time and in one the next.
+
         `deadline_s`: seconds from the call. An engine that streams (the embedded one, for `n` = 1) answers
         then with what it has generated so far (finish reason "deadline") and stops the request; with
         nothing generated yet, or an engine that does not stream, it raises `TimeoutError`.
