@@ -31,7 +31,9 @@ __all__ = [
     "continue_prompt",
     "heal",
     "notes_header",
+    "prompt_head",
     "scope_openers",
+    "shared_start",
 ]
 
 CountTokens = Callable[[str], int]
@@ -68,6 +70,31 @@ def heal(prompt: Prompt) -> tuple[str, str]:
     if not healed:
         return prompt.text, ""
     return _assemble(prompt.template, prompt.repository, prompt.header + prompt.outline + kept, prompt.suffix), healed
+
+
+def prompt_head(prompt: Prompt) -> str:
+    """The start of `heal(prompt)`'s text up to the cursor: the other files' snippets, the template's text before
+    its prefix, the header, the scope openers and the prefix without the blanks healing takes off. What
+    precedes the cursor is all a later prompt at a cursor further on in the same lines may share with this
+    one (the suffix comes after it)."""
+    kept, _ = split_blanks(prompt.prefix)
+    opening = prompt.template[: prompt.template.index("{prefix}")] if prompt.template is not None else ""
+    return prompt.repository + opening + prompt.header + prompt.outline + kept
+
+
+def shared_start(a: str, b: str) -> int:
+    """How many characters `a` and `b` have in common from their start."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _assemble(template: str | None, repository: str, before: str, suffix: str) -> str:
@@ -686,6 +713,7 @@ def build_prompt(
     previous_start: int | None = None,
     repository: str = "",
     outline_lines: int = 0,
+    suffix_tokens: int | None = None,
 ) -> Prompt:
     """The prompt for a cursor with `before` (all text before it) and `after` (all text after it).
 
@@ -699,7 +727,9 @@ def build_prompt(
     then the header's. The suffix gets floor(budget_tokens * suffix_share) tokens (at most what is left): the
     rest of the cursor line first (cut from its right if alone over), then whole later lines, nearest first,
     while each fits. The prefix gets all the rest, including what the suffix did not use. When the template
-    alone takes the whole budget, the prompt falls back to prefix mode.
+    alone takes the whole budget, the prompt falls back to prefix mode. `suffix_tokens`, when given, is the
+    suffix's budget instead of the share: a long prompt whose text before the cursor the engine's prefix
+    cache holds keeps the suffix of a short one, which is what the engine reads of it.
 
     `anchor_lines` and `previous_start`: when the text before the cursor does not all fit, the prompt keeps
     starting on the document line the previous prompt on this document started on (`previous_start`;
@@ -739,6 +769,8 @@ def build_prompt(
         raise ValueError(f"budget_tokens = {budget_tokens} is not valid: it must be at least 1")
     if not 0.0 <= suffix_share <= 1.0:
         raise ValueError(f"suffix_share = {suffix_share} is not valid: it must be between 0 and 1")
+    if suffix_tokens is not None and suffix_tokens < 0:
+        raise ValueError(f"suffix_tokens = {suffix_tokens} is not valid: it must be at least 0")
     if anchor_lines < 1 or first_line < 0:
         raise ValueError(f"anchor_lines = {anchor_lines}, first_line = {first_line}: need >= 1 and >= 0")
     available = budget_tokens
@@ -763,7 +795,8 @@ def build_prompt(
         available -= header_tokens
 
     if fim_template is not None:
-        suffix_budget = min(math.floor(budget_tokens * suffix_share + 1e-9), available)
+        share = math.floor(budget_tokens * suffix_share + 1e-9) if suffix_tokens is None else suffix_tokens
+        suffix_budget = min(share, available)
         available -= _take_after(parts, after, suffix_budget, count_tokens)
 
     def take_before(limit: int) -> None:

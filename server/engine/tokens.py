@@ -37,6 +37,11 @@ class LocalTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
+    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+        """`encode(text)`, and where each token ends in `text` (a character offset)."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return list(encoding.ids), [end for _, end in encoding.offsets]
+
     def decode(self, token_ids: list[int]) -> str:
         return str(self._tok.decode(token_ids, skip_special_tokens=True))
 

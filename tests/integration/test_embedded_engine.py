@@ -15,6 +15,7 @@ import pytest
 from kernel.settings import Settings
 from server.engine import AdapterError, AdapterRef, Engine, EngineError
 from server.engine.embedded import EmbeddedEngine, cpu_bind_spec
+from server.engine.tokens import LocalTokenizer
 from tests.conftest import hf_token_logprobs, make_lora_adapter, peft_token_logprobs
 
 pytestmark = pytest.mark.engine
@@ -287,6 +288,27 @@ async def test_a_repeated_prompt_is_read_again_only_past_its_last_full_cache_blo
     again = await embedded_engine.generate(ids, max_tokens=2, temperature=0.0)
     assert engine_settings.engine.block_size == 32
     assert again.timing.cached_tokens == 96
+
+
+async def test_a_text_read_in_pieces_is_held_for_the_longer_prompts_that_start_with_it(
+    embedded_engine: EmbeddedEngine, engine_settings: Settings
+) -> None:
+    """What `completion.warm_context` relies on: the text before a cursor, encoded by the server's own
+    tokenizer and read 64 tokens at a time (requests of one new token each), is in the prefix cache for the
+    fill-in-the-middle prompt sent as text later: the engine reads only what follows it (and the partial
+    block it ends in)."""
+    tokenizer = LocalTokenizer(engine_settings.model_path())
+    head = "<fim_prefix># file: table.py\n" + "".join(f"cell_{i} = rows[{i}] * {i} + {i % 7}\n" for i in range(60))
+    ids, ends = tokenizer.encode_with_ends(head)
+    assert ids == embedded_engine.tokenize(head) and ends[-1] == len(head) and len(ids) > 600
+    for end in range(64, len(ids) + 64, 64):
+        piece = await embedded_engine.generate(ids[: min(end, len(ids))], max_tokens=1, temperature=0.0)
+        assert piece.timing.cached_tokens == end - 64  # each piece reads only its own 64 tokens
+    gen = await embedded_engine.generate(head + "cell_60 = <fim_suffix>\n<fim_middle>", max_tokens=1, temperature=0.0)
+    prompt = gen.prompt_token_ids
+    shared = next((i for i, (a, b) in enumerate(zip(ids, prompt, strict=False)) if a != b), len(ids))
+    assert shared >= len(ids) - 1  # the text after it changes at most the last token of the head
+    assert gen.timing.cached_tokens == shared // 32 * 32
 
 
 async def test_a_single_candidate_reports_its_first_token_time_and_cached_tokens(

@@ -21,7 +21,9 @@ from lsp_handlers.context import (
     comment_header,
     continue_prompt,
     heal,
+    prompt_head,
     scope_openers,
+    shared_start,
 )
 from server.model_prep import DEFAULT_MODEL
 from tests.conftest import SMALL_MODEL, prepared
@@ -408,6 +410,80 @@ def test_fim_suffix_budget_is_a_share_of_the_budget() -> None:
     assert prompt.suffix == "abc\n"
     assert prompt.header == "# file: a.py\n"
     assert prompt.tokens == 36 + 13 + 6 + 4
+
+
+def test_suffix_tokens_replaces_the_share() -> None:
+    # chars, budget 80, template 36 -> 44 left. suffix_tokens 6 (the share would give 20): " + b\n" 5 fits,
+    # "\n" 1 fits (6), "print..." does not. The prefix gets 44 - 6 = 38: all 27 characters of `before`.
+    prompt = build_prompt(
+        "def add(a, b):\n    return a",
+        " + b\n\nprint(add(1, 2))\n",
+        file_name=None,
+        language_id=None,
+        budget_tokens=80,
+        count_tokens=chars,
+        fim_template=STARCODER,
+        suffix_tokens=6,
+    )
+    assert prompt.suffix == " + b\n\n"
+    assert prompt.text == "<fim_prefix>def add(a, b):\n    return a<fim_suffix> + b\n\n<fim_middle>"
+    # 0: no text after the cursor at all; negative: an error naming it.
+    none = build_prompt(
+        "x = ",
+        "1\n",
+        file_name=None,
+        language_id=None,
+        budget_tokens=80,
+        count_tokens=chars,
+        fim_template=STARCODER,
+        suffix_tokens=0,
+    )
+    assert none.suffix == "" and none.text == "<fim_prefix>x = <fim_suffix><fim_middle>"
+    with pytest.raises(ValueError, match="suffix_tokens = -1"):
+        build_prompt(
+            "x",
+            "",
+            file_name=None,
+            language_id=None,
+            budget_tokens=80,
+            count_tokens=chars,
+            fim_template=STARCODER,
+            suffix_tokens=-1,
+        )
+
+
+def test_prompt_head_is_the_healed_prompt_up_to_the_cursor() -> None:
+    # FIM with a header: the template's text before {prefix}, the header, the prefix without its blanks.
+    prompt = build_prompt(
+        "def f():\n    ",
+        "\n    return 1\n",
+        file_name="a.py",
+        language_id="python",
+        budget_tokens=200,
+        count_tokens=chars,
+        fim_template=QWEN,
+    )
+    head = prompt_head(prompt)
+    assert head == "<|fim_prefix|># file: a.py\ndef f():\n"
+    text, healed = heal(prompt)
+    assert (
+        healed == "    "
+        and text.startswith(head)
+        and text[len(head) :] == "<|fim_suffix|>\n    return 1\n<|fim_middle|>"
+    )
+    # Prefix mode: the header and the prefix.
+    plain = build_prompt(
+        "x = 1\ny = ", "", file_name=None, language_id=None, budget_tokens=200, count_tokens=chars, fim_template=None
+    )
+    assert prompt_head(plain) == "x = 1\ny =" == heal(plain)[0]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [("", "", 0), ("abc", "", 0), ("abc", "abc", 3), ("abc", "abd", 2), ("abcdef", "abc", 3), ("xbc", "abc", 0)],
+)
+def test_shared_start(a: str, b: str, expected: int) -> None:
+    assert shared_start(a, b) == expected == shared_start(b, a)
 
 
 def test_fim_cursor_line_remainder_too_long_is_cut_from_its_right() -> None:
