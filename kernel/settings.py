@@ -235,6 +235,14 @@ class CompletionSettings:
         min=0,
         max=600000,
     )
+    prefill_tokens: int = setting(
+        0,
+        "The prompt's budget fixed at this many tokens (at most `context_tokens`) instead of learned from "
+        "`prefill_target_ms`: for a machine whose speed wanders, where a learned budget would follow it, and "
+        "for comparing settings at one budget. 0: learned.",
+        min=0,
+        max=131072,
+    )
     suffix_share: float = setting(
         0.25, "Share of the context budget given to the text after the cursor (FIM models).", min=0.0, max=0.9
     )
@@ -281,6 +289,15 @@ class CompletionSettings:
         "the whole last prompt, so it reads only the typed tokens, where a new prompt has the text after the "
         "cursor read again. Off: it halved the engine's wait while typing but the default model completes worse "
         "from such a prompt (docs/benchmarks.md).",
+    )
+    warm_context: bool = setting(
+        False,
+        "Where the learned budget (`prefill_target_ms`) is below `context_tokens`: after a completion at the "
+        "learned budget, the engine reads the text before that cursor at `context_tokens` in the background, "
+        "128 tokens at a time while no completion was asked for 0.3 s, so that its prefix cache holds it; the "
+        "following requests in those lines (typing, the next line) get prompts of up to `context_tokens` while "
+        "the engine reads no more of each than the learned budget (the text after the cursor keeps the learned "
+        "budget's share).",
     )
     type_through: bool = setting(
         True,

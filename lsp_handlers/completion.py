@@ -26,7 +26,16 @@ from lsprotocol import types
 from kernel.fim import file_separator_for, fim_template_for, unheal
 from kernel.settings import ADAPTER_ARMS, BASELINE_ARMS, Settings
 from lsp_handlers.budget import PrefillClock
-from lsp_handlers.context import Continuation, Prompt, build_prompt, comment_syntax, continue_prompt, heal
+from lsp_handlers.context import (
+    Continuation,
+    Prompt,
+    build_prompt,
+    comment_syntax,
+    continue_prompt,
+    heal,
+    prompt_head,
+    shared_start,
+)
 from lsp_handlers.crossfile import WINDOW_LINES, Neighbours, repository_context
 from lsp_handlers.documents import TextDocument, file_name_of
 from lsp_handlers.postprocess import is_single_line, postprocess
@@ -45,6 +54,9 @@ _CHARS_PER_TOKEN_BOUND = 16
 _STARTS_KEPT = 1024  # documents whose last prompt's start line is remembered (the least recently asked go)
 _ANCHORS_KEPT = 64  # (developer, document) pairs whose last new prompt later keystrokes may extend
 _TYPED_MAX_CHARS = 64  # most characters typed since a prompt that extending it takes (then a new prompt)
+_SPANS_KEPT = 64  # (developer, document) pairs whose warm prompt start is remembered (`completion.warm_context`)
+WARM_PIECE_TOKENS = 128  # tokens a warm reads per engine request (at least a KV-cache block: `engine.block_size`)
+WARM_QUIET_S = 0.3  # how long no completion must have been asked for before a warm reads a piece
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +76,29 @@ class Served:
     position: types.Position
     line_prefix: str
     recorded: bool = True  # False: served while the developer had recording paused; nothing of it is stored
+
+
+@dataclass(slots=True)
+class WarmSpan:
+    """Where a document's prompts at the full context budget start, and how much of such a prompt the engine's
+    prefix cache holds (`completion.warm_context`): read in the background after a completion at the learned
+    budget, then by every request that started there."""
+
+    version: str | None  # the adapter version (`Lease.version_id`) whose prefix cache holds it
+    first_line: int  # the document line the prompts start on
+    head: str  # the prompt's text from its start that the engine has read (`prompt_head`)
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """A request's prompt as built (`CompletionService._prompt`)."""
+
+    text: str  # what the engine is sent
+    healed: str  # the blanks healing took off its end
+    mode: Literal["fim", "prefix"]
+    before_tail: str  # the end of the text before the cursor it kept
+    cold: bool = False  # kept to a learned budget below `completion.context_tokens` (a warm may follow)
+    full: bool = False  # at `completion.context_tokens` from a warm start (`_full_prompt`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +121,19 @@ class CompletionRequest:
     arm: str
     lease: Lease  # the adapter that serves it (released by `complete`)
     started: float  # `time.perf_counter()` when the request arrived
+    text: str = ""  # the document's text when the request arrived
+    cold: bool = False  # the prompt kept to a learned budget below `completion.context_tokens`: warm after it
+    full: bool = False  # the prompt at `completion.context_tokens` from a warm span's start (`_full_prompt`)
+
+
+def _line_start(text: str, line: int) -> int:
+    """The offset in `text` where its line `line` starts (the text's end past its last line)."""
+    at = 0
+    for _ in range(line):
+        at = text.find("\n", at) + 1
+        if at == 0:
+            return len(text)
+    return at
 
 
 def fit_candidate(candidate: Candidate, shown: str, engine: Engine) -> CandidateRecord:
@@ -143,11 +191,21 @@ class CompletionService:
         self._starts: OrderedDict[str, int] = OrderedDict()
         # Each (developer, document)'s last new prompt, which keystrokes at its cursor extend (`continue_prompt`).
         self._anchors: OrderedDict[tuple[str, str], Continuation] = OrderedDict()
+        # Each (developer, document)'s warm start (`completion.warm_context`), and the one warm running.
+        self._spans: OrderedDict[tuple[str, str], WarmSpan] = OrderedDict()
+        self._warming: asyncio.Task[None] | None = None
+        self._in_flight = 0  # completion requests waiting for the engine: a warm waits while any are
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._last_request = 0.0  # `time.perf_counter()` when the last completion request arrived or ended
 
     def context_budget(self, settings: Settings) -> int:
-        """The prompt's token budget now: `completion.context_tokens`, less where this machine's engine would
-        take longer than `completion.prefill_target_ms` to read it (`PrefillClock`)."""
+        """The prompt's token budget now: `completion.prefill_tokens` when set, else `completion.context_tokens`,
+        less where this machine's engine would take longer than `completion.prefill_target_ms` to read it
+        (`PrefillClock`)."""
         c = settings.completion
+        if c.prefill_tokens > 0:
+            return min(c.prefill_tokens, c.context_tokens)
         budget = self.prefill.budget(c.context_tokens, c.prefill_target_ms)
         if budget != self._budget_logged and self.prefill.samples:
             rate = self.prefill.seconds_per_token() or 0.0
@@ -297,7 +355,6 @@ class CompletionService:
         notes: list[str] = []
         if arm in BASELINE_ARMS:
             notes = await self.services.corrections_of(identity.developer_id, settings.experiment.baseline_corrections)
-        prompt_text, healed, mode, before_tail = self._prompt(doc, offset, identity, settings, notes, neighbours)
         lease = BASE
         if arm in ADAPTER_ARMS:
             try:
@@ -306,31 +363,45 @@ class CompletionService:
                 log.warning(
                     "serving %s with the base model: their adapter could not be loaded: %s", identity.developer_id, exc
                 )
-        line_prefix, line_suffix = doc.line_at(offset)
-        request = CompletionRequest(
-            doc=doc,
-            position=position,
-            offset=offset,
-            line_prefix=line_prefix,
-            line_suffix=line_suffix,
-            single=is_single_line(line_prefix, line_suffix),
-            identity=identity,
-            settings=settings,
-            document=document,
-            prompt_text=prompt_text,
-            healed=healed,
-            mode=mode,
-            before_tail=before_tail,
-            arm=arm,
-            lease=lease,
-            started=started,
-        )
         self.services.request_started()
+        self._in_flight += 1
+        self._idle.clear()
+        self._last_request = time.perf_counter()
         try:
-            return await self._complete(engine, request)
+            built = self._prompt(doc, offset, identity, settings, notes, neighbours, lease)
+            line_prefix, line_suffix = doc.line_at(offset)
+            request = CompletionRequest(
+                doc=doc,
+                position=position,
+                offset=offset,
+                line_prefix=line_prefix,
+                line_suffix=line_suffix,
+                single=is_single_line(line_prefix, line_suffix),
+                identity=identity,
+                settings=settings,
+                document=document,
+                prompt_text=built.text,
+                healed=built.healed,
+                mode=built.mode,
+                before_tail=built.before_tail,
+                arm=arm,
+                lease=lease,
+                started=started,
+                text=doc.text,
+                cold=built.cold,
+                full=built.full,
+            )
+            served = await self._complete(engine, request)
+            if request.cold:
+                self._warm_soon(engine, request)
+            return served
         finally:
             lease.release()
             self.services.request_finished()
+            self._in_flight -= 1
+            self._last_request = time.perf_counter()
+            if not self._in_flight:
+                self._idle.set()
 
     def _prompt(
         self,
@@ -340,11 +411,13 @@ class CompletionService:
         settings: Settings,
         notes: Sequence[str],
         neighbours: Neighbours | None,
-    ) -> tuple[str, str, Literal["fim", "prefix"], str]:
-        """(the prompt to send, the blanks healing took off it, its mode, the end of the text before the cursor
-        it kept): the developer's last prompt on the document extended by what they typed at its cursor since
-        (`completion.extend_prompt`, `continue_prompt`), else a new prompt (`prompt_for`, healed), which
-        later keystrokes may extend."""
+        lease: Lease,
+    ) -> Built:
+        """The prompt to send: the developer's last prompt on the document extended by what they typed at its
+        cursor since (`completion.extend_prompt`, `continue_prompt`); else the prompt at `completion.context_tokens`
+        from the document's warm start when the engine's prefix cache holds all but the learned budget of it
+        (`completion.warm_context`, `_full_prompt`); else a new prompt at the learned budget (`prompt_for`,
+        healed), which later keystrokes may extend and a warm may follow."""
         key = (identity.developer_id, doc.uri)
         anchor = self._anchors.get(key) if settings.completion.extend_prompt else None
         if anchor is not None:
@@ -356,7 +429,12 @@ class CompletionService:
                 # stays within completion.context_tokens, which the engine's context length is checked for.
                 if tokens <= settings.completion.context_tokens:
                     log.debug("prompt for %s: the last one and %d characters typed at its cursor", doc.uri, len(typed))
-                    return anchor.prompt + appended, healed, anchor.mode, (anchor.before_tail + typed)[-512:]
+                    before_tail = (anchor.before_tail + typed)[-512:]
+                    return Built(anchor.prompt + appended, healed, anchor.mode, before_tail)
+        full = self._full_prompt(doc, offset, key, settings, notes, neighbours, lease)
+        if full is not None:
+            prompt_text, healed = heal(full)
+            return Built(prompt_text, healed, full.mode, full.prefix[-512:], full=True)
         prompt = self.prompt_for(doc, offset, settings, notes, neighbours)
         # Token healing (see `heal`): the blanks before the cursor are taken off the prompt and back off the
         # front of what the model writes.
@@ -374,7 +452,228 @@ class CompletionService:
             self._anchors.move_to_end(key)
             if len(self._anchors) > _ANCHORS_KEPT:
                 self._anchors.popitem(last=False)
-        return prompt_text, healed, prompt.mode, prompt.prefix[-512:]
+        cold = self._warms(settings, neighbours) and self.context_budget(settings) < settings.completion.context_tokens
+        return Built(prompt_text, healed, prompt.mode, prompt.prefix[-512:], cold=cold)
+
+    @staticmethod
+    def _warms(settings: Settings, neighbours: Neighbours | None) -> bool:
+        """Whether prompts may be warmed: `completion.warm_context`, and no snippets of other files (they follow
+        the lines around the cursor, so the start of a prompt changes from line to line)."""
+        c = settings.completion
+        return c.warm_context and (neighbours is None or c.crossfile_share <= 0)
+
+    def _count(self, text: str) -> int:
+        return len(self.services.tokenizer.encode(text))
+
+    def _build(
+        self,
+        doc_text: str,
+        start: int,
+        offset: int,
+        doc: TextDocument,
+        settings: Settings,
+        notes: Sequence[str],
+        budget: int,
+        suffix_tokens: int,
+        first_line: int,
+    ) -> Prompt:
+        """The prompt at `offset` of the document's text `doc_text` within `budget` tokens, its text before the
+        cursor taken from `start` (a line's start) on, nothing moved (a cold prompt's start)."""
+        c = settings.completion
+        return build_prompt(
+            doc_text[start:offset],
+            doc_text[offset : offset + c.context_tokens * _CHARS_PER_TOKEN_BOUND],
+            file_name=file_name_of(doc.uri),
+            language_id=doc.language_id,
+            budget_tokens=budget,
+            count_tokens=self._count,
+            fim_template=fim_template_for(settings.model.fim_template, self.services.vocabulary),
+            suffix_share=c.suffix_share,
+            suffix_tokens=suffix_tokens,
+            notes=notes,
+            outline_lines=c.outline_lines,
+            first_line=first_line,
+        )
+
+    def _full_prompt(
+        self,
+        doc: TextDocument,
+        offset: int,
+        key: tuple[str, str],
+        settings: Settings,
+        notes: Sequence[str],
+        neighbours: Neighbours | None,
+        lease: Lease,
+    ) -> Prompt | None:
+        """The prompt at `completion.context_tokens` that starts on the document's warm start line (`WarmSpan`)
+        and keeps the learned budget's share of text after the cursor, when all of its text before the cursor
+        from there still fits and the engine has to read no more of it than the learned budget (the rest its
+        prefix cache holds: the warm, or earlier requests from the same start). None otherwise."""
+        span = self._spans.get(key)
+        c = settings.completion
+        if span is None or span.version != lease.version_id or not self._warms(settings, neighbours):
+            return None
+        learned = self.context_budget(settings)
+        if learned >= c.context_tokens:
+            return None
+        start = doc.offset_at(types.Position(line=span.first_line, character=0))
+        if start > offset:
+            return None
+        suffix_tokens = math.floor(learned * c.suffix_share)
+        prompt = self._build(
+            doc.text, start, offset, doc, settings, notes, c.context_tokens, suffix_tokens, span.first_line
+        )
+        if len(prompt.prefix) != offset - start:
+            return None  # the lines from the warm start no longer fit: a new start, at the learned budget
+        head = prompt_head(prompt)
+        held = shared_start(head, span.head)
+        prompt_text, _ = heal(prompt)
+        read = self._count(prompt_text[held:])
+        if read > learned:
+            log.debug(
+                "no prompt from the warm start for %s: %d tokens past its cached text, over the budget", doc.uri, read
+            )
+            return None
+        log.debug(
+            "prompt for %s: %d tokens from the warm start on line %d, about %d of them to read",
+            doc.uri,
+            prompt.tokens,
+            span.first_line,
+            read,
+        )
+        span.head = head  # the engine holds it once it has read this prompt
+        self._spans.move_to_end(key)
+        return prompt
+
+    def _warm_soon(self, engine: Engine, req: CompletionRequest) -> None:
+        """After a completion at the learned budget: warm its place in the background (`_warm`). One warm runs
+        at a time: the latest place wins."""
+        if req.arm in BASELINE_ARMS:
+            return  # their notes change as corrections come: a warm prompt would not stay what they are sent
+        if self._warming is not None:
+            self._warming.cancel()
+        lease = req.lease.share()
+        task = asyncio.ensure_future(self._warm(engine, req, lease))
+        task.add_done_callback(lambda _: lease.release())
+        self._warming = task
+
+    async def _warm(self, engine: Engine, req: CompletionRequest, lease: Lease) -> None:
+        """Have the engine read the text before the request's cursor that a prompt at
+        `completion.context_tokens` holds, so that the next requests in those lines can have it
+        (`_full_prompt`); its start leaves the learned budget's worth of room to write on below the cursor
+        before it has to move. The tokens are read `WARM_PIECE_TOKENS` at a time (at least a KV-cache block),
+        each piece a request of one new token sent once no completion was asked for a moment (`_quiet`: a
+        completion that comes meanwhile waits for one piece at most); the span's `head` says how far it got."""
+        await self._quiet()  # while the developer types on, nothing is built either (the next request cancels it)
+        c = req.settings.completion
+        learned = self.context_budget(req.settings)
+        suffix_tokens = math.floor(learned * c.suffix_share)
+        text, offset = req.text, req.offset
+        start = max(0, offset - c.context_tokens * _CHARS_PER_TOKEN_BOUND)
+        if start > 0:
+            newline = text.find("\n", start, offset)
+            start = newline + 1 if newline >= 0 else offset
+        budget = c.context_tokens - learned + suffix_tokens
+        key = (req.identity.developer_id, req.doc.uri)
+        span = self._spans.get(key)
+        prompt: Prompt | None = None
+        if span is not None and span.version == lease.version_id:
+            # The document's warm start, while its lines still fit: what the engine holds from it is kept.
+            kept = _line_start(text, span.first_line)
+            if kept <= offset:
+                prompt = self._build(
+                    text, kept, offset, req.doc, req.settings, [], budget, suffix_tokens, span.first_line
+                )
+                if len(prompt.prefix) != offset - kept:
+                    prompt = None
+        if prompt is None:
+            first_line = text.count("\n", 0, start)
+            prompt = self._build(text, start, offset, req.doc, req.settings, [], budget, suffix_tokens, first_line)
+            dropped = offset - start - len(prompt.prefix)
+            if prompt.tokens <= learned or (dropped > 0 and text[start + dropped - 1] != "\n"):
+                return  # nothing more than the learned budget held, or a line too long to start on
+            # The very prompt `_full_prompt` builds from that start (every line from it on, no scope openers).
+            span = WarmSpan(lease.version_id, first_line + text.count("\n", start, start + dropped), "")
+            start += dropped
+            prompt = self._build(text, start, offset, req.doc, req.settings, [], budget, suffix_tokens, span.first_line)
+            if len(prompt.prefix) != offset - start:
+                return
+        assert span is not None
+        self._spans[key] = span
+        self._spans.move_to_end(key)
+        if len(self._spans) > _SPANS_KEPT:
+            self._spans.popitem(last=False)
+        head = prompt_head(prompt)
+        ids, ends = self.services.tokenizer.encode_with_ends(head)
+        piece = max(WARM_PIECE_TOKENS, req.settings.engine.block_size)
+        started = time.perf_counter()
+        read = 0
+        request_id = ""
+        try:
+            for end in range(min(piece, len(ids)), len(ids) + piece, piece):
+                end = min(end, len(ids))
+                await self._quiet()
+                request_id = f"warm-{uuid.uuid4().hex}"
+                gen = await engine.generate(
+                    ids[:end], n=1, max_tokens=1, temperature=0.0, adapter=lease.ref, request_id=request_id
+                )
+                request_id = ""
+                read += end - (gen.timing.cached_tokens or 0)
+                warmed = head[: ends[end - 1]]
+                if shared_start(span.head, head) < len(warmed):  # the span's text is not already further on
+                    span.head = warmed
+                if end == len(ids):
+                    break
+        except asyncio.CancelledError:
+            if request_id:
+                await self._abort(engine, request_id)
+            raise
+        except Exception as exc:  # a warm only saves time: the server serves on without it
+            log.warning("the text before the cursor in %s was not warmed: %s", req.doc.uri, exc)
+            return
+        log.debug(
+            "warmed %d tokens of %s from line %d in %.0f ms (%d of them read)",
+            len(ids),
+            req.doc.uri,
+            span.first_line,
+            (time.perf_counter() - started) * 1000,
+            read,
+        )
+
+    async def _quiet(self) -> None:
+        """Wait until no completion request is in flight and none came for `WARM_QUIET_S` (typing at the
+        editor's pace leaves no such gap: a warm reads while the developer pauses)."""
+        while True:
+            await self._idle.wait()
+            left = self._last_request + WARM_QUIET_S - time.perf_counter()
+            if left <= 0 and self._idle.is_set():
+                return
+            await asyncio.sleep(max(left, 0.0))
+
+    def _check_span(self, req: CompletionRequest, gen: Generation) -> None:
+        """After a request from a warm start: when the engine read far more of it than the learned budget (its
+        prefix cache lost the text: the weights changed, or the cache evicted it), the start is forgotten, so
+        that the next request is not sent a long prompt to read whole."""
+        cached = gen.timing.cached_tokens
+        if cached is None:
+            return
+        read = len(gen.prompt_token_ids) - cached
+        learned = self.context_budget(req.settings)
+        log.debug(
+            "the engine read %d tokens of the prompt from the warm start (%d of %d cached)",
+            read,
+            cached,
+            len(gen.prompt_token_ids),
+        )
+        if read > learned + max(WARM_PIECE_TOKENS, req.settings.engine.block_size):
+            key = (req.identity.developer_id, req.doc.uri)
+            self._spans.pop(key, None)
+            log.info(
+                "the engine read %d tokens of a prompt from %s's warm start (%d cached): the start is forgotten",
+                read,
+                req.doc.uri,
+                cached,
+            )
 
     async def _complete(self, engine: Engine, req: CompletionRequest) -> Served | None:
         prompt_text, healed = req.prompt_text, req.healed
@@ -536,6 +835,8 @@ class CompletionService:
             return None
         self.services.engine.report_success()
         self._observe(gen)
+        if req.full:
+            self._check_span(req, gen)
         return gen
 
     async def _sample_group(
@@ -579,6 +880,8 @@ class CompletionService:
             log.debug("abort of %s failed: %s", request_id, exc)
 
     async def drain(self) -> None:
-        """Wait for background group sampling (at shutdown, so no record is left half-made)."""
+        """Wait for background group sampling (at shutdown, so no record is left half-made); a warm stops."""
+        if self._warming is not None:
+            self._warming.cancel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)

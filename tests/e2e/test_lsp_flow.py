@@ -541,6 +541,62 @@ async def test_a_short_prompt_keeps_the_signature_and_its_start_while_typing(lsp
     assert (p3, s3) == (s2, s2)  # asked again: the same start
 
 
+async def test_a_warm_start_gives_the_next_requests_the_whole_context_at_the_learned_cost(
+    lsp_setup: ServerSetup,
+) -> None:
+    # A function of 150 lines and a prompt budget of 256 tokens under a context of 1,024: the first request
+    # is cold, at 256; the engine then reads the text before that cursor in the background; the request after
+    # a few characters typed there gets a prompt of far more than 256 tokens, of which the text the warm did
+    # not cover (the typed characters, the text after the cursor) is within the budget; a line added at the
+    # top changes the text the engine holds, so the next request is at the budget again, and the warm after
+    # it gives the request after that the whole context again. (That the engine's prefix cache then holds
+    # what was warmed is tests/integration/test_embedded_engine.py's.)
+    text = "def table(rows):\n" + "".join(f"    cell_{i} = rows[{i}] * {i} + {i % 7}\n" for i in range(150))
+    text += "    "
+    lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
+    uri = "file:///work/warm.py"
+    settings = {"context_tokens": 1024, "prefill_tokens": 256, "warm_context": True, "type_through": False}
+    options = {"developerId": "dev-warm", "sessionId": "dev-warm-1", "settings": {"completion": settings}}
+    log = lsp_setup.log
+
+    async def warmed(count: int) -> None:
+        for _ in range(600):
+            if log.read_text().count("warmed ") >= count:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError("the server did not finish warming within 60 s:\n" + log.read_text()[-3000:])
+
+    async with running_client("vscode", lsp_setup.config, log, options) as client:
+        await client.wait_status("ready")
+        client.open(uri, text)
+        await client.inline(uri, 151, 4)  # cold: the learned budget
+        await warmed(1)
+        client.change(uri, [((151, 4), (151, 4), "tot")])
+        await client.inline(uri, 151, 7)  # from the warm start
+        client.change(uri, [((0, 0), (0, 0), "# tables\n")])
+        await client.inline(uri, 152, 7)  # the text before the cursor changed at its start: the budget again
+        await warmed(2)  # ... and a warm after it, of the text as it is now
+        client.change(uri, [((152, 7), (152, 7), "al")])
+        await client.inline(uri, 152, 9)  # from the warm start again
+    lines = log.read_text().splitlines()
+    prompts = [
+        line.split("prompt for file:///work/warm.py: ", 1)[1]
+        for line in lines
+        if "prompt for file:///work/warm.py: " in line
+    ]
+    assert len(prompts) == 4, prompts
+    cold = re.search(r"^(\d+) tokens from line (\d+)", prompts[0])
+    assert cold and int(cold.group(1)) <= 256, prompts[0]
+    full = re.search(r"^(\d+) tokens from the warm start on line (\d+), about (\d+) of them to read", prompts[1])
+    assert full, prompts[1]
+    assert 512 < int(full.group(1)) <= 1024 and int(full.group(3)) <= 256, prompts[1]
+    assert int(full.group(2)) < int(cold.group(2))  # it reaches farther up than the cold prompt
+    again = re.search(r"^(\d+) tokens from line", prompts[2])
+    assert again and int(again.group(1)) <= 256, prompts[2]
+    assert any(line.endswith("past its cached text, over the budget") for line in lines)
+    assert re.search(r"^(\d+) tokens from the warm start on line \d+, about (\d+) of them to read", prompts[3])
+
+
 async def test_keystrokes_at_the_cursor_extend_the_last_prompt_until_something_else_changes(
     lsp_setup: ServerSetup,
 ) -> None:
