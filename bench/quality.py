@@ -36,11 +36,13 @@ With `--typed N` the suggestion scored is the one shown after the developer type
 of the blanked line (at most all but its last), one keystroke at a time after a first request at the
 cursor, each keystroke a request as an editor sends them: what typing shows (the prompt's start kept
 from keystroke to keystroke, the rest of a suggestion typed through); the typed characters and the
-suggestion's first line make the line scored.
+suggestion's first line make the line scored. `--pause-ms MS` waits that long after the first suggestion before
+the first character is typed (the developer reading it: the server's background work, such as
+`completion.warm_context`, has that time).
 
     .venv/bin/python -m bench.quality [--model NAME ...] [--style fim|prefix ...] [--humaneval 80]
         [--stdlib 80] [--repo 0] [--crossfile SHARE ...] [--context-tokens N|learned ...]
-        [--quantization none|int8 ...] [--set "section.key=value,..." ...] [--typed 0] [--seed 0]
+        [--quantization none|int8 ...] [--set "section.key=value,..." ...] [--typed 0] [--pause-ms 0] [--seed 0]
         [--max-tokens 64] [--json]
 """
 
@@ -356,6 +358,7 @@ async def run_config(
     overrides: str = "",
     index: int = 0,
     typed: int = 0,
+    pause_s: float = 0.0,
 ) -> ConfigResult:
     from kernel import paths
     from server.model_prep import known_model
@@ -400,6 +403,8 @@ async def run_config(
             keys = min(typed, max(len(case.expected) - 1, 0))
             for k in range(keys):
                 await complete(client, case, uri, k)
+                if k == 0 and pause_s > 0:
+                    await asyncio.sleep(pause_s)  # the developer reads the first suggestion before typing on
                 column = case.character + client_length(case.expected[:k], UTF16)
                 client.insert(uri, 2 + k, case.line, column, case.expected[k])
             suggestion, seconds = await complete(client, case, uri, keys)
@@ -505,6 +510,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         overrides=overrides,
                         index=index,
                         typed=args.typed,
+                        pause_s=args.pause_ms / 1000,
                     )
                     row = score(result)
                     rows.append(row)
@@ -515,6 +521,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "max_tokens": args.max_tokens,
         "typed": args.typed,
+        "pause_ms": args.pause_ms,
         "humaneval_cases": sum(c.kind == "humaneval" for c in cases),
         "stdlib_cases": sum(c.kind == "stdlib" for c in cases),
         "repo_cases": sum(c.kind == "repo" for c in cases),
@@ -532,6 +539,7 @@ def print_table(report: dict[str, Any]) -> None:
         f"single-line infilling cases, {report['stdlib_cases']} stdlib lines, {report['repo_cases']} repository "
         f"lines, seed {report['seed']}, up to {report['max_tokens']} new tokens"
         + (f", scored after typing {report['typed']} characters of the line" if report.get("typed") else "")
+        + (f" (after a {report['pause_ms']} ms pause before the first)" if report.get("pause_ms") else "")
     )
     print()
     print(
@@ -600,6 +608,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="score the suggestion shown after typing the line's first N characters, a request per keystroke "
         "(default 0: the first request at the cursor)",
     )
+    parser.add_argument(
+        "--pause-ms",
+        type=int,
+        default=0,
+        metavar="MS",
+        help="with --typed: how long the developer reads the first suggestion before typing the first character "
+        "(default 0)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64, help="completion.max_tokens (default 64, as served)")
     parser.add_argument("--json", action="store_true")
@@ -612,6 +628,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.set = args.set or [""]
     if args.typed < 0:
         parser.error(f"--typed {args.typed}: the number of characters typed cannot be negative")
+    if args.pause_ms < 0 or (args.pause_ms and not args.typed):
+        parser.error(f"--pause-ms {args.pause_ms}: a pause is 0 or more milliseconds, and needs --typed N (N > 0)")
     return args
 
 

@@ -127,4 +127,8 @@ def test_typed_characters_are_counted_and_positioned_in_utf16_units() -> None:
     assert (args.typed, args.set) == (3, ["", "completion.suffix_share=0.4"])
     with pytest.raises(SystemExit):
         parse_args(["--typed", "-1"])
+    assert parse_args(["--typed", "3", "--pause-ms", "3000"]).pause_ms == 3000
+    for bad in (["--pause-ms", "3000"], ["--typed", "3", "--pause-ms", "-1"]):  # a pause needs typing after it
+        with pytest.raises(SystemExit):
+            parse_args(bad)
     assert [client_length(t, UTF16) for t in ("", "x = 1", "é", "🎉")] == [0, 5, 1, 2]
