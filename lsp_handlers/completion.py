@@ -35,6 +35,7 @@ from lsp_handlers.context import (
     heal,
     prompt_head,
     shared_start,
+    suffix_share_of,
 )
 from lsp_handlers.crossfile import WINDOW_LINES, Neighbours, repository_context
 from lsp_handlers.documents import TextDocument, file_name_of
@@ -124,6 +125,15 @@ class CompletionRequest:
     text: str = ""  # the document's text when the request arrived
     cold: bool = False  # the prompt kept to a learned budget below `completion.context_tokens`: warm after it
     full: bool = False  # the prompt at `completion.context_tokens` from a warm span's start (`_full_prompt`)
+
+
+def _whole_lines_from(text: str, start: int, offset: int) -> int | None:
+    """Where the first whole line at or after `start` begins, up to `offset` (None: no line starts there).
+    `start` 0 is the text's start."""
+    if start == 0:
+        return 0
+    newline = text.find("\n", start, offset)
+    return newline + 1 if newline >= 0 else None
 
 
 def _line_start(text: str, line: int) -> int:
@@ -265,16 +275,11 @@ class CompletionService:
         window = budget * _CHARS_PER_TOKEN_BOUND
         text = doc.text
         start = max(0, offset - window)
-        if start > 0:
-            # Whole lines only: a line cut by the window would be a fragment of code to the model (and to
-            # `scope_openers`, a line with no indentation).
-            newline = text.find("\n", start, offset)
-            if newline >= 0:
-                start = newline + 1
+        # Whole lines only: a line cut by the window would be a fragment of code to the model (and to
+        # `scope_openers`, a line with no indentation).
+        start = _whole_lines_from(text, start, offset) or start
         before = text[start:offset]
         first_line = text.count("\n", 0, start)
-        after = text[offset : offset + window]
-        tokenizer = self.services.tokenizer
         repository = ""
         if neighbours is not None and settings.completion.crossfile_share > 0:
             # The lines above the cursor's line: the snippets stay the same while the developer types on a
@@ -285,7 +290,7 @@ class CompletionService:
                 query,
                 neighbours.sources,
                 math.floor(budget * settings.completion.crossfile_share),
-                lambda s: len(tokenizer.encode(s)),
+                self._count,
                 separator=file_separator_for(self.services.vocabulary),
                 comment=comment_syntax(file_name_of(doc.uri), doc.language_id),
             )
@@ -296,21 +301,20 @@ class CompletionService:
                 ", ".join(f"{s.path} ({s.kind})" for s in neighbours.sources),
             )
         previous = self._starts.get(doc.uri)  # where the last prompt on this document started
-        prompt = build_prompt(
-            before,
-            after,
-            file_name=file_name_of(doc.uri),
-            language_id=doc.language_id,
-            budget_tokens=budget,
-            count_tokens=lambda s: len(tokenizer.encode(s)),
-            fim_template=fim_template_for(settings.model.fim_template, self.services.vocabulary),
-            suffix_share=settings.completion.suffix_share,
-            notes=notes,
+        prompt = self._build(
+            text,
+            start,
+            offset,
+            doc,
+            settings,
+            notes,
+            budget,
+            suffix_share_of(budget, settings.completion.suffix_share),
+            first_line,
             anchor_lines=settings.completion.prefix_anchor_lines,
-            outline_lines=settings.completion.outline_lines,
-            first_line=first_line,
             previous_start=previous,
             repository=repository,
+            window=window,
         )
         self._starts[doc.uri] = first_line + before.count("\n", 0, len(before) - len(prompt.prefix))
         self._starts.move_to_end(doc.uri)
@@ -476,13 +480,23 @@ class CompletionService:
         budget: int,
         suffix_tokens: int,
         first_line: int,
+        *,
+        anchor_lines: int = 1,
+        previous_start: int | None = None,
+        repository: str = "",
+        window: int | None = None,
     ) -> Prompt:
         """The prompt at `offset` of the document's text `doc_text` within `budget` tokens, its text before the
-        cursor taken from `start` (a line's start) on, nothing moved (a cold prompt's start)."""
+        cursor taken from `start` (document line `first_line`'s start) on; `build_prompt` says what
+        `anchor_lines`, `previous_start` and `repository` do (by default nothing moves: a cold prompt's start).
+        The text after the cursor is looked at up to `window` characters (by default what
+        `completion.context_tokens` could hold)."""
         c = settings.completion
+        if window is None:
+            window = c.context_tokens * _CHARS_PER_TOKEN_BOUND
         return build_prompt(
             doc_text[start:offset],
-            doc_text[offset : offset + c.context_tokens * _CHARS_PER_TOKEN_BOUND],
+            doc_text[offset : offset + window],
             file_name=file_name_of(doc.uri),
             language_id=doc.language_id,
             budget_tokens=budget,
@@ -493,6 +507,9 @@ class CompletionService:
             notes=notes,
             outline_lines=c.outline_lines,
             first_line=first_line,
+            anchor_lines=anchor_lines,
+            previous_start=previous_start,
+            repository=repository,
         )
 
     def _full_prompt(
@@ -519,7 +536,7 @@ class CompletionService:
         start = doc.offset_at(types.Position(line=span.first_line, character=0))
         if start > offset:
             return None
-        suffix_tokens = math.floor(learned * c.suffix_share)
+        suffix_tokens = suffix_share_of(learned, c.suffix_share)
         prompt = self._build(
             doc.text, start, offset, doc, settings, notes, c.context_tokens, suffix_tokens, span.first_line
         )
@@ -567,12 +584,11 @@ class CompletionService:
         await self._quiet()  # while the developer types on, nothing is built either (the next request cancels it)
         c = req.settings.completion
         learned = self.context_budget(req.settings)
-        suffix_tokens = math.floor(learned * c.suffix_share)
+        suffix_tokens = suffix_share_of(learned, c.suffix_share)
         text, offset = req.text, req.offset
-        start = max(0, offset - c.context_tokens * _CHARS_PER_TOKEN_BOUND)
-        if start > 0:
-            newline = text.find("\n", start, offset)
-            start = newline + 1 if newline >= 0 else offset
+        start = _whole_lines_from(text, max(0, offset - c.context_tokens * _CHARS_PER_TOKEN_BOUND), offset)
+        if start is None:
+            start = offset
         budget = c.context_tokens - learned + suffix_tokens
         key = (req.identity.developer_id, req.doc.uri)
         span = self._spans.get(key)
@@ -592,12 +608,14 @@ class CompletionService:
             dropped = offset - start - len(prompt.prefix)
             if prompt.tokens <= learned or (dropped > 0 and text[start + dropped - 1] != "\n"):
                 return  # nothing more than the learned budget held, or a line too long to start on
-            # The very prompt `_full_prompt` builds from that start (every line from it on, no scope openers).
             span = WarmSpan(lease.version_id, first_line + text.count("\n", start, start + dropped), "")
             start += dropped
-            prompt = self._build(text, start, offset, req.doc, req.settings, [], budget, suffix_tokens, span.first_line)
-            if len(prompt.prefix) != offset - start:
-                return
+            if prompt.outline:  # the very prompt `_full_prompt` builds from that start has no scope openers above
+                prompt = self._build(
+                    text, start, offset, req.doc, req.settings, [], budget, suffix_tokens, span.first_line
+                )
+                if len(prompt.prefix) != offset - start:
+                    return
         assert span is not None
         self._spans[key] = span
         self._spans.move_to_end(key)

@@ -34,6 +34,7 @@ __all__ = [
     "prompt_head",
     "scope_openers",
     "shared_start",
+    "suffix_share_of",
 ]
 
 CountTokens = Callable[[str], int]
@@ -80,6 +81,11 @@ def prompt_head(prompt: Prompt) -> str:
     kept, _ = split_blanks(prompt.prefix)
     opening = prompt.template[: prompt.template.index("{prefix}")] if prompt.template is not None else ""
     return prompt.repository + opening + prompt.header + prompt.outline + kept
+
+
+def suffix_share_of(budget_tokens: int, suffix_share: float) -> int:
+    """The tokens a budget gives the text after the cursor: floor(budget_tokens * suffix_share)."""
+    return math.floor(budget_tokens * suffix_share + 1e-9)
 
 
 def shared_start(a: str, b: str) -> int:
@@ -795,7 +801,7 @@ def build_prompt(
         available -= header_tokens
 
     if fim_template is not None:
-        share = math.floor(budget_tokens * suffix_share + 1e-9) if suffix_tokens is None else suffix_tokens
+        share = suffix_share_of(budget_tokens, suffix_share) if suffix_tokens is None else suffix_tokens
         suffix_budget = min(share, available)
         available -= _take_after(parts, after, suffix_budget, count_tokens)
 
