@@ -15,8 +15,11 @@ prompt whose budget switches starts somewhere else, which the prefix cache canno
 
 The rate is the median over the last `WINDOW` samples: one request slowed by something else on the
 machine moves nothing, a machine that stays busier (a training round beside the server) shrinks the
-budget, and five quiet requests bring it back. Requests that read fewer than `MIN_SAMPLE_TOKENS` (a keystroke whose
-prompt the prefix cache mostly held) are not samples: their fixed costs would look like a slow rate.
+budget, and five quiet requests bring it back. Requests that read fewer than `MIN_SAMPLE_TOKENS`, or than half the
+smallest budget given (a keystroke whose prompt the prefix cache mostly held, a prompt from a warm start), are not
+samples: every request costs about one pass over the model's weights before its first token however few tokens it
+reads (some 100 ms on these CPUs), which on a short read would look like a slow rate and shrink the budget that
+the cold requests, which read all of it, are given.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ class PrefillClock:
     def observe(self, read_tokens: int, seconds: float) -> bool:
         """Record that the engine read `read_tokens` prompt tokens (those its prefix cache did not hold)
         in `seconds` (to the first new token). Returns whether it counted as a sample."""
-        if read_tokens < MIN_SAMPLE_TOKENS or not seconds > 0:
+        least = max(MIN_SAMPLE_TOKENS, min(self._given.values(), default=0) // 2)
+        if read_tokens < least or not seconds > 0:
             return False
         self._rates.append(seconds / read_tokens)
         return True

@@ -69,3 +69,18 @@ def test_a_speed_on_a_steps_edge_keeps_one_budget() -> None:
     assert clock.budget(1536, 600) == 576
     # Another developer's settings (another target) have a budget of their own: 700 ms reads 770 -> 768.
     assert clock.budget(1536, 700) == 768
+
+
+def test_once_a_budget_is_given_a_request_that_read_less_than_half_of_it_is_not_a_sample() -> None:
+    clock = PrefillClock()
+    assert clock.observe(1000, 1.0)  # 1 ms a token: 600 ms reads 600 -> 576
+    assert clock.budget(1536, 600) == 576
+    # A prompt whose start the cache held: 200 tokens read in 0.3 s (a fixed 0.1 s and 1 ms a token) would
+    # be 1.5 ms a token and shrink the budget; it is under 288 (half of 576), so it is no sample.
+    assert not clock.observe(200, 0.3)
+    assert clock.observe(288, 0.288)
+    assert clock.samples == 2
+    # Two settings with budgets of their own: the smaller one sets the bar (half of 448 is 224).
+    assert clock.budget(1536, 450) == 448  # 450 tokens -> 448
+    assert clock.observe(224, 0.224)
+    assert not clock.observe(223, 0.223)
