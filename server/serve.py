@@ -235,12 +235,19 @@ class _Listener:
             return
 
 
+def _announce(line: str) -> None:
+    """Write `line` to stderr in one write: `print` writes the text and the line end apart, and a log record from
+    another thread (the engine starting) written between them would run on after the port on the same line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 async def serve_tcp(services: Services, host: str, port: int, auth: AuthPolicy) -> int:
     listener = _Listener(services, auth)
     server = await asyncio.start_server(listener.on_connect, host, port, limit=CHUNK)
     bound = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
     # The one line a supervisor (or a test) reads to learn the port when --port 0 was given.
-    print(f"heedful: listening on {bound}", file=sys.stderr, flush=True)
+    _announce(f"heedful: listening on {bound}")
     return await listener.run(server)
 
 
@@ -265,7 +272,7 @@ async def serve_socket(services: Services, path: Path, idle_exit_s: float) -> in
         server = await asyncio.start_unix_server(listener.on_connect, str(path), limit=CHUNK)
     finally:
         os.umask(old_umask)
-    print(f"heedful: listening on {path}", file=sys.stderr, flush=True)
+    _announce(f"heedful: listening on {path}")
     try:
         return await listener.run(server, idle_exit_s)
     finally:
