@@ -36,9 +36,14 @@ Cases, each with p50/p95/p99 over the same requests:
 The CPU model and llama.cpp's build flags are printed with the figures.
 
     .venv/bin/python -m bench.latency [--requests 40] [--sessions 8] [--typing 12] [--no-llama-cpp]
-        [--typing-only] [--context-tokens N] [--quantization auto|none|int8] [--json]
+        [--typing-only] [--typing-variants default,...] [--set "section.key=value,..." ...] [--pause-ms 0]
+        [--context-tokens N] [--quantization auto|none|int8] [--json]
 
-`--typing-only` runs the typing servers alone (a few minutes instead of half an hour).
+`--typing-only` runs the typing servers alone (a few minutes instead of half an hour); `--typing-variants`
+picks which of them run. `--set` (repeatable) adds a typing server per group of settings, base developers
+only, e.g. `--set "completion.warm_context=true"`. `--pause-ms` is how long the developer reads the first
+suggestion at a cursor before typing: the time background work, such as `completion.warm_context`'s, has;
+the first keystroke after it is timed on its own as well.
 
 `--quantization` sets `engine.quantization` of every vLLM case (default `none`, the setting's default; `int8`
 or `auto` serve the model's int8 (W8A8) copy on a CPU); the table says which weights served.
@@ -76,6 +81,8 @@ from bench.lsp import (
     fill_prompts,
     learned_budgets,
     log_tail,
+    overrides_arg,
+    parse_overrides,
     recorded_prompts,
     report_or_exit,
     server_command,
@@ -158,24 +165,22 @@ def write_config(
     adapter_serving: str,
     *,
     prefix_caching: bool = False,
-    completion: dict[str, Any] | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[Path, Path]:
-    """`completion`: settings of the `[completion]` table beyond the bench's own (the defaults otherwise)."""
-    completion = {"single_line_max_tokens": MAX_TOKENS, "timeout_ms": 120000, **FIXED_BUDGET, **(completion or {})}
-    return bench_config(
-        tmp,
-        name,
-        model,
-        {
-            "engine": {
-                "adapter_serving": adapter_serving,
-                "enable_prefix_caching": prefix_caching,
-                "merge_window_s": MERGE_WINDOW_S,
-                **WEIGHTS,
-            },
-            "completion": completion,
+    """`sections`: settings beyond the bench's own, by section (the defaults otherwise); they win over the
+    bench's."""
+    config: dict[str, dict[str, Any]] = {
+        "engine": {
+            "adapter_serving": adapter_serving,
+            "enable_prefix_caching": prefix_caching,
+            "merge_window_s": MERGE_WINDOW_S,
+            **WEIGHTS,
         },
-    )
+        "completion": {"single_line_max_tokens": MAX_TOKENS, "timeout_ms": 120000, **FIXED_BUDGET},
+    }
+    for section, values in (sections or {}).items():
+        config.setdefault(section, {}).update(values)
+    return bench_config(tmp, name, model, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,11 +195,11 @@ async def start_server(
     adapter_serving: str,
     *,
     prefix_caching: bool = False,
-    completion: dict[str, Any] | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[Path, Path, str, asyncio.subprocess.Process]:
     """A `heedful serve --tcp` whose store has `adapter` active for the team: (db, log, version, process).
-    `completion`: `[completion]` settings that differ from the defaults."""
-    config, db = write_config(tmp, name, model, adapter_serving, prefix_caching=prefix_caching, completion=completion)
+    `sections`: settings that differ from the defaults, by section."""
+    config, db = write_config(tmp, name, model, adapter_serving, prefix_caching=prefix_caching, sections=sections)
     await publish_db_ready(config, db)
     version, _ = await publish(db, adapter, tmp / f"adapters-{name}")
     log = tmp / f"serve-{name}.log"
@@ -277,47 +282,69 @@ async def serve_cases(
 UNANCHORED = "base typing, start not anchored x1"
 NO_TYPE_THROUGH = "base typing, no type-through x1"
 EXTENDED = "base typing, prompt extended x1"
+
+
+@dataclasses.dataclass(frozen=True)
+class TypingVariant:
+    """A typing server: `server` names its files, `label` its base case (the default variant also has a
+    personalized one), `sections` the settings it changes."""
+
+    server: str
+    label: str
+    sections: dict[str, dict[str, Any]]
+
+
 # Typing servers: the default, and peers of it that each change one thing (base developers only).
-TYPING_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "default": ("typing", {}),
-    "unanchored": ("typing-unanchored", {"prefix_anchor_lines": 1}),
-    "no-type-through": ("typing-no-type-through", {"type_through": False}),
-    "extended": ("typing-extended", {"extend_prompt": True}),
+TYPING_VARIANTS: dict[str, TypingVariant] = {
+    "default": TypingVariant("typing", "base typing x1", {}),
+    "unanchored": TypingVariant("typing-unanchored", UNANCHORED, {"completion": {"prefix_anchor_lines": 1}}),
+    "no-type-through": TypingVariant(
+        "typing-no-type-through", NO_TYPE_THROUGH, {"completion": {"type_through": False}}
+    ),
+    "extended": TypingVariant("typing-extended", EXTENDED, {"completion": {"extend_prompt": True}}),
 }
-TYPING_LABELS = {"unanchored": UNANCHORED, "no-type-through": NO_TYPE_THROUGH, "extended": EXTENDED}
+
+
+def set_variant(index: int, group: str) -> TypingVariant:
+    """The typing server of `--set`'s `index`-th group ("section.key=value,...")."""
+    return TypingVariant(f"typing-set-{index}", f"base typing, {group} x1", parse_overrides(group))
 
 
 async def typing_cases(
-    tmp: Path, model: Path, adapter: Path, requests: list[Request], variant: str = "default"
-) -> tuple[dict[str, Case], dict[str, float], dict[str, float]]:
+    tmp: Path,
+    model: Path,
+    adapter: Path,
+    requests: list[Request],
+    variant: TypingVariant = TYPING_VARIANTS["default"],
+    pause_s: float = 0.0,
+) -> tuple[dict[str, Case], dict[str, float], dict[str, float], dict[str, float]]:
     """Keystrokes with prefix caching on (the default): after a completion at the cursor, the developer
-    types the call's arguments one character at a time and every keystroke asks again. All but the
-    last few prompt tokens were computed for the previous keystroke, so only they are prefilled, if the
-    prompt starts where it started before; and a keystroke that types what the suggestion shows is
-    answered with the suggestion's rest (`completion.type_through`), without the engine.
+    reads it for `pause_s`, then types the call's arguments one character at a time and every keystroke asks
+    again. All but the last few prompt tokens were computed for the previous keystroke, so only they are
+    prefilled, if the prompt starts where it started before; and a keystroke that types what the suggestion
+    shows is answered with the suggestion's rest (`completion.type_through`), without the engine.
 
-    `variant` "unanchored" serves with `completion.prefix_anchor_lines` = 1 (the prompt's first line is the
-    farthest that fits, which moves as the cursor line grows), "no-type-through" with
-    `completion.type_through` off and "extended" with `completion.extend_prompt` on, base developers only,
-    as peers of the default. Returns the cases and,
-    for each, the share of keystrokes answered from the suggestion typed through and the keystrokes the
-    engine answered (its own p50 is printed beside the case's)."""
-    name, completion = TYPING_VARIANTS[variant]
+    The default variant has base and personalized developers; the others (`TYPING_VARIANTS`: the prompt's
+    first line the farthest that fits, which moves as the cursor line grows; `completion.type_through` off;
+    `completion.extend_prompt` on; and `--set`'s groups) base developers only, as peers of the default.
+    Returns the cases and, for each, the share of keystrokes answered from the suggestion typed through, the
+    p50 of the keystrokes the engine answered, and the p50 of the first keystroke after the pause (the one a
+    background read in the pause, such as `completion.warm_context`'s, may delay)."""
     db, log, version, proc = await start_server(
-        tmp, name, model, adapter, "auto", prefix_caching=True, completion=completion
+        tmp, variant.server, model, adapter, "auto", prefix_caching=True, sections=variant.sections
     )
     clients: list[BenchClient] = []
     cases: dict[str, Case] = {}
     reuses: dict[str, float] = {}
     engine_p50: dict[str, float] = {}  # label -> p50 (ms) of the keystrokes not answered from the suggestion
-    kinds = (("base", None), ("personalized", TEAM)) if variant == "default" else (("base", None),)
+    first_p50: dict[str, float] = {}  # label -> p50 (ms) of the first keystroke after the pause
+    default = variant == TYPING_VARIANTS["default"]
+    kinds = (("base", None), ("personalized", TEAM)) if default else (("base", None),)
     try:
         port = await wait_or_exit(proc, listening_port(log), log, 600)
         for kind, team in kinds:
-            label = f"{kind} typing x1" if kind == "base" else "personalized auto typing x1"
-            if variant != "default":
-                label = TYPING_LABELS[variant]
-            client = BenchClient(f"bench-{name}-{kind}", team)
+            label = variant.label if kind == "base" else "personalized auto typing x1"
+            client = BenchClient(f"bench-{variant.server}-{kind}", team)
             await client.lc.start_tcp("127.0.0.1", port)
             await wait_or_exit(proc, client.initialize(), log, 120)
             clients.append(client)
@@ -325,16 +352,20 @@ async def typing_cases(
             await asyncio.sleep(MERGE_WINDOW_S + 0.5)
             measured: list[tuple[Request, float]] = []
             engine_times: list[float] = []  # the keystrokes not answered from the suggestion typed through
+            firsts: list[float] = []
             answered = 0  # requests the engine answered with a completion (the others leave no record)
             for r in tagged(requests, label.replace(" ", "-")):
                 client.open(r)
                 _, previous = await client.inline_answer(r)  # the cold request at the cursor: not measured
                 answered += previous is not None
+                await asyncio.sleep(pause_s)
                 for k, char in enumerate(r.typed):
                     client.insert(r.uri, 2 + k, r.line, r.character + k, char)
                     key = dataclasses.replace(r, character=r.character + k + 1)
                     seconds, answer = await client.inline_answer(key)
                     measured.append((r, seconds))
+                    if k == 0:
+                        firsts.append(seconds)
                     # The same id again means the developer typed what the suggestion showed and the server
                     # answered with its rest, with no engine call and no record; anything else asked the engine.
                     if answer is None or answer != previous:
@@ -343,6 +374,7 @@ async def typing_cases(
                     previous = answer
             reuses[label] = 1 - len(engine_times) / len(measured)
             engine_p50[label] = statistics.median(engine_times) * 1000 if engine_times else float("nan")
+            first_p50[label] = statistics.median(firsts) * 1000 if firsts else float("nan")
             deadline = time.monotonic() + 15  # answers come before the batching writer commits
             while True:
                 with sqlite3.connect(db) as conn:
@@ -364,12 +396,13 @@ async def typing_cases(
             p50 = statistics.median(t for _, t in measured)
             print(
                 f"[bench.latency] {label}: p50 {p50 * 1000:.0f} ms over {len(measured)} keystrokes, "
-                f"{reuses[label]:.0%} answered from the suggestion, the others {engine_p50[label]:.0f} ms p50",
+                f"{reuses[label]:.0%} answered from the suggestion, the others {engine_p50[label]:.0f} ms p50, "
+                f"the first after the pause {first_p50[label]:.0f} ms p50",
                 file=sys.stderr,
             )
     finally:
         await stop_server(clients, proc)
-    return cases, reuses, engine_p50
+    return cases, reuses, engine_p50, first_p50
 
 
 def served_prompts(db: Path, requests: list[Request], tag: str, fallback: list[list[int]]) -> list[list[int]]:
@@ -532,6 +565,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     times: dict[str, Case] = {}
     type_through: dict[str, float] = {}  # typing case -> share of keystrokes answered from the suggestion
     typing_engine: dict[str, float] = {}  # typing case -> p50 ms of the keystrokes the engine answered
+    typing_first: dict[str, float] = {}  # typing case -> p50 ms of the first keystroke after the pause
+    variants = [TYPING_VARIANTS[name] for name in args.typing_variants]
+    variants += [set_variant(k, group) for k, group in enumerate(args.set)]
     with tempfile.TemporaryDirectory(prefix="heedful-bench-latency-") as tmp_name:
         tmp = Path(tmp_name)
         config, _ = write_config(tmp, "prompts", model, "auto")
@@ -560,12 +596,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             prompts = served_prompts(tmp / "auto.db", requests, "base-x1-0", prompts)
         print("[bench.latency] heedful serve, typing with prefix caching ...", file=sys.stderr, flush=True)
         typing = requests[WARMUP : WARMUP + args.typing]
-        for variant in TYPING_VARIANTS:
-            print(f"[bench.latency] heedful serve, typing ({variant}) ...", file=sys.stderr, flush=True)
-            cases, shares, engine_p50 = await typing_cases(tmp, model, adapter, typing, variant)
+        for variant in variants:
+            print(f"[bench.latency] heedful serve, typing ({variant.label}) ...", file=sys.stderr, flush=True)
+            cases, shares, engine_p50, first = await typing_cases(
+                tmp, model, adapter, typing, variant, args.pause_ms / 1000
+            )
             times |= cases
             type_through |= shares
             typing_engine |= engine_p50
+            typing_first |= first
         if not args.typing_only:
             print("[bench.latency] raw vLLM ...", file=sys.stderr, flush=True)
             times |= await raw_vllm(prompts, n)
@@ -608,6 +647,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": figures,
         "typing_answered_from_suggestion": type_through,
         "typing_engine_p50_ms": typing_engine,
+        "typing_first_p50_ms": typing_first,
+        "typing_pause_ms": args.pause_ms,
         "ratios_p50": {
             "personalized (merged) / base, 1 session": ratio("personalized auto x1", "base x1"),
             f"personalized (merged) / base, {n} sessions": ratio(f"personalized auto x{n}", f"base x{n}"),
@@ -621,6 +662,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "base typing / typing, start not anchored": ratio("base typing x1", UNANCHORED),
             "base typing / typing, no type-through": ratio("base typing x1", NO_TYPE_THROUGH),
             "base typing / typing, prompt extended": ratio("base typing x1", EXTENDED),
+            **{
+                f"typing, {group} / base typing": ratio(f"base typing, {group} x1", "base typing x1")
+                for group in args.set
+            },
             "raw vLLM / llama.cpp": ratio("raw vLLM x1", "llama.cpp x1"),
             "HF generate / llama.cpp": ratio("HF generate x1", "llama.cpp x1"),
         },
@@ -653,11 +698,14 @@ def print_table(r: dict[str, Any]) -> None:
         "tokens: mean new tokens generated (the shown candidate's, as the server recorded them); "
         "nulls: requests answered with nothing; <= N ms: share answered within the default completion.timeout_ms"
     )
+    if r["typing_answered_from_suggestion"]:
+        print(f"typing: the developer reads each first suggestion for {r['typing_pause_ms']} ms before typing")
     for label, share in r["typing_answered_from_suggestion"].items():
         engine = r["typing_engine_p50_ms"].get(label, float("nan"))
+        first = r["typing_first_p50_ms"].get(label, float("nan"))
         print(
             f"{label}: {share:.0%} of keystrokes answered from the suggestion typed through; "
-            f"the others, answered by the engine: {engine:.0f} ms p50"
+            f"the others, answered by the engine: {engine:.0f} ms p50; the first after the pause {first:.0f} ms p50"
         )
     print("p50 ratios:")
     for label, value in r["ratios_p50"].items():
@@ -680,6 +728,29 @@ async def main() -> None:
         "--rounds", type=int, default=2, help="alternating rounds of the single-session base/merged cases (default 2)"
     )
     parser.add_argument("--typing", type=int, default=12, help="cursors of the typing case (default 12)")
+    parser.add_argument(
+        "--typing-variants",
+        type=_variants,
+        default=list(TYPING_VARIANTS),
+        metavar="NAME,...",
+        help=f"the typing servers to run, of {', '.join(TYPING_VARIANTS)} (default all)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        type=overrides_arg,
+        metavar="SECTION.KEY=VALUE,...",
+        help="one more typing server (base developers) with these settings (repeatable: a server per group), "
+        'e.g. --set "completion.warm_context=true"',
+    )
+    parser.add_argument(
+        "--pause-ms",
+        type=int,
+        default=0,
+        metavar="MS",
+        help="how long the developer reads the first suggestion at a cursor before typing (default 0)",
+    )
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peer (and its build)")
     parser.add_argument(
         "--typing-only",
@@ -706,7 +777,19 @@ async def main() -> None:
         FIXED_BUDGET.update(context_tokens=args.context_tokens, prefill_target_ms=0)
     if args.requests < args.sessions or args.sessions < 1:
         parser.error("--sessions must be at least 1 and --requests at least --sessions")
+    if args.pause_ms < 0:
+        parser.error(f"--pause-ms {args.pause_ms}: a pause is 0 or more milliseconds")
     await report_or_exit("bench.latency", run(args), args.json, print_table)
+
+
+def _variants(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TYPING_VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown typing variant {', '.join(unknown)}: choose among {', '.join(TYPING_VARIANTS)}"
+        )
+    return names
 
 
 if __name__ == "__main__":

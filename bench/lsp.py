@@ -95,6 +95,15 @@ def parse_overrides(group: str, option: str = "--set") -> dict[str, dict[str, An
     return sections
 
 
+def overrides_arg(value: str) -> str:
+    """argparse `type=` for a `--set` group: the group itself, once `parse_overrides` has read it."""
+    try:
+        parse_overrides(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 async def report_or_exit(
     name: str, report: Awaitable[dict[str, Any]], as_json: bool, print_table: Callable[[dict[str, Any]], None]
 ) -> None:

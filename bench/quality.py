@@ -77,6 +77,7 @@ from bench.lsp import (
     close_stdio_server,
     drain,
     learned_budget,
+    overrides_arg,
     parse_overrides,
     report_or_exit,
     server_command,
@@ -596,7 +597,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--set",
         action="append",
-        type=_overrides,
+        type=overrides_arg,
         metavar="SECTION.KEY=VALUE,...",
         help='settings to run each configuration with (repeatable: one run per group; "" for the defaults)',
     )
@@ -631,14 +632,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.pause_ms < 0 or (args.pause_ms and not args.typed):
         parser.error(f"--pause-ms {args.pause_ms}: a pause is 0 or more milliseconds, and needs --typed N (N > 0)")
     return args
-
-
-def _overrides(value: str) -> str:
-    try:
-        parse_overrides(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
 
 
 def _budget(value: str) -> int | None:
