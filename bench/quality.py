@@ -360,6 +360,7 @@ async def run_config(
     index: int = 0,
     typed: int = 0,
     pause_s: float = 0.0,
+    open_pause_s: float = 0.0,
 ) -> ConfigResult:
     from kernel import paths
     from server.model_prep import known_model
@@ -399,6 +400,7 @@ async def run_config(
             file = "humaneval.py" if case.kind == "humaneval" else case.name.split(":")[0]
             uri = case.path.as_uri() if case.path else f"file:///bench/quality/{i:04d}/{file}"
             client.open(Request(uri, case.text, case.line, case.character))
+            await asyncio.sleep(open_pause_s)  # the file has been open this long before the cursor gets there
             # Typing: a request at the cursor, then one per character typed of the line; the last one's
             # answer is scored.
             keys = min(typed, max(len(case.expected) - 1, 0))
@@ -512,6 +514,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         index=index,
                         typed=args.typed,
                         pause_s=args.pause_ms / 1000,
+                        open_pause_s=args.open_pause_ms / 1000,
                     )
                     row = score(result)
                     rows.append(row)
@@ -523,6 +526,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": args.max_tokens,
         "typed": args.typed,
         "pause_ms": args.pause_ms,
+        "open_pause_ms": args.open_pause_ms,
         "humaneval_cases": sum(c.kind == "humaneval" for c in cases),
         "stdlib_cases": sum(c.kind == "stdlib" for c in cases),
         "repo_cases": sum(c.kind == "repo" for c in cases),
@@ -541,6 +545,11 @@ def print_table(report: dict[str, Any]) -> None:
         f"lines, seed {report['seed']}, up to {report['max_tokens']} new tokens"
         + (f", scored after typing {report['typed']} characters of the line" if report.get("typed") else "")
         + (f" (after a {report['pause_ms']} ms pause before the first)" if report.get("pause_ms") else "")
+        + (
+            f"; each file open {report['open_pause_ms']} ms before the first request"
+            if report.get("open_pause_ms")
+            else ""
+        )
     )
     print()
     print(
@@ -617,6 +626,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --typed: how long the developer reads the first suggestion before typing the first character "
         "(default 0)",
     )
+    parser.add_argument(
+        "--open-pause-ms",
+        type=int,
+        default=0,
+        metavar="MS",
+        help="how long each case's file is open before the first request (default 0: at once)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64, help="completion.max_tokens (default 64, as served)")
     parser.add_argument("--json", action="store_true")
@@ -629,6 +645,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.set = args.set or [""]
     if args.typed < 0:
         parser.error(f"--typed {args.typed}: the number of characters typed cannot be negative")
+    if args.open_pause_ms < 0:
+        parser.error(f"--open-pause-ms {args.open_pause_ms}: a pause is 0 or more milliseconds")
     if args.pause_ms < 0 or (args.pause_ms and not args.typed):
         parser.error(f"--pause-ms {args.pause_ms}: a pause is 0 or more milliseconds, and needs --typed N (N > 0)")
     return args

@@ -131,4 +131,7 @@ def test_typed_characters_are_counted_and_positioned_in_utf16_units() -> None:
     for bad in (["--pause-ms", "3000"], ["--typed", "3", "--pause-ms", "-1"]):  # a pause needs typing after it
         with pytest.raises(SystemExit):
             parse_args(bad)
+    assert (parse_args([]).open_pause_ms, parse_args(["--open-pause-ms", "5000"]).open_pause_ms) == (0, 5000)
+    with pytest.raises(SystemExit):
+        parse_args(["--open-pause-ms", "-1"])
     assert [client_length(t, UTF16) for t in ("", "x = 1", "é", "🎉")] == [0, 5, 1, 2]
