@@ -297,7 +297,18 @@ class CompletionSettings:
         "128 tokens at a time while no completion was asked for 0.3 s, so that its prefix cache holds it; the "
         "following requests in those lines (typing, the next line) get prompts of up to `context_tokens` while "
         "the engine reads no more of each than the learned budget (the text after the cursor keeps the learned "
-        "budget's share).",
+        "budget's share). With `warm_open_tokens`, a document is read like that when it is opened too.",
+    )
+    warm_open_tokens: int = setting(
+        8192,
+        "With `warm_context`: when a document is opened, the engine reads up to this many tokens of it from its "
+        "top in the background, as prompts at `context_tokens` whose starts are half a prompt apart, so that the "
+        "first request anywhere in those lines already gets a prompt of 700 or more tokens of the text before the "
+        "cursor (at the default `context_tokens`) while the engine reads no more of it than the learned budget. "
+        "A document is about twice its own tokens to read; the latest opened document is read first. 0: not on "
+        "opening.",
+        min=0,
+        max=1_000_000,
     )
     type_through: bool = setting(
         True,

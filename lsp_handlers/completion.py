@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from lsprotocol import types
@@ -55,7 +55,9 @@ _CHARS_PER_TOKEN_BOUND = 16
 _STARTS_KEPT = 1024  # documents whose last prompt's start line is remembered (the least recently asked go)
 _ANCHORS_KEPT = 64  # (developer, document) pairs whose last new prompt later keystrokes may extend
 _TYPED_MAX_CHARS = 64  # most characters typed since a prompt that extending it takes (then a new prompt)
-_SPANS_KEPT = 64  # (developer, document) pairs whose warm prompt start is remembered (`completion.warm_context`)
+_SPANS_KEPT = 64  # (developer, document) pairs whose warm prompt starts are remembered (`completion.warm_context`)
+_SPANS_PER_DOCUMENT = 32  # warm starts kept per (developer, document): the last ones used or warmed stay
+_SPAN_SLACK_LINES = 16  # lines below a span's last line a request may be and still be tried from its start
 WARM_PIECE_TOKENS = 128  # tokens a warm reads per engine request (at least a KV-cache block: `engine.block_size`)
 WARM_QUIET_S = 0.3  # how long no completion must have been asked for before a warm reads a piece
 
@@ -88,6 +90,8 @@ class WarmSpan:
     version: str | None  # the adapter version (`Lease.version_id`) whose prefix cache holds it
     first_line: int  # the document line the prompts start on
     head: str  # the prompt's text from its start that the engine has read (`prompt_head`)
+    last_line: int  # the document line the head reaches (a request further down reads the lines between)
+    used: float = field(default_factory=time.monotonic)  # when it was last warmed or used
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +205,11 @@ class CompletionService:
         self._starts: OrderedDict[str, int] = OrderedDict()
         # Each (developer, document)'s last new prompt, which keystrokes at its cursor extend (`continue_prompt`).
         self._anchors: OrderedDict[tuple[str, str], Continuation] = OrderedDict()
-        # Each (developer, document)'s warm start (`completion.warm_context`), and the one warm running.
-        self._spans: OrderedDict[tuple[str, str], WarmSpan] = OrderedDict()
+        # Each (developer, document)'s warm starts (`completion.warm_context`), by first line, and the one warm
+        # running.
+        self._spans: OrderedDict[tuple[str, str], list[WarmSpan]] = OrderedDict()
         self._warming: asyncio.Task[None] | None = None
+        self._opening: asyncio.Task[None] | None = None  # the warm of the latest opened document (`warm_open_soon`)
         self._in_flight = 0  # completion requests waiting for the engine: a warm waits while any are
         self._idle = asyncio.Event()
         self._idle.set()
@@ -522,45 +528,74 @@ class CompletionService:
         neighbours: Neighbours | None,
         lease: Lease,
     ) -> Prompt | None:
-        """The prompt at `completion.context_tokens` that starts on the document's warm start line (`WarmSpan`)
-        and keeps the learned budget's share of text after the cursor, when all of its text before the cursor
-        from there still fits and the engine has to read no more of it than the learned budget (the rest its
-        prefix cache holds: the warm, or earlier requests from the same start). None otherwise."""
-        span = self._spans.get(key)
+        """The prompt at `completion.context_tokens` that starts on one of the document's warm start lines
+        (`WarmSpan`, the farthest up first) and keeps the learned budget's share of text after the cursor, when
+        all of its text before the cursor from there still fits and the engine has to read no more of it than
+        the learned budget (the rest its prefix cache holds: a warm, or earlier requests from the same start).
+        None otherwise."""
         c = settings.completion
-        if span is None or span.version != lease.version_id or not self._warms(settings, neighbours):
+        if not self._warms(settings, neighbours):
             return None
         learned = self.context_budget(settings)
         if learned >= c.context_tokens:
             return None
-        start = doc.offset_at(types.Position(line=span.first_line, character=0))
-        if start > offset:
-            return None
+        line = doc.text.count("\n", 0, offset)
+        spans = [
+            span
+            for span in self._spans.get(key, ())
+            if span.version == lease.version_id and span.first_line <= line <= span.last_line + _SPAN_SLACK_LINES
+        ]
         suffix_tokens = suffix_share_of(learned, c.suffix_share)
-        prompt = self._build(
-            doc.text, start, offset, doc, settings, notes, c.context_tokens, suffix_tokens, span.first_line
-        )
-        if len(prompt.prefix) != offset - start:
-            return None  # the lines from the warm start no longer fit: a new start, at the learned budget
-        head = prompt_head(prompt)
-        held = shared_start(head, span.head)
-        prompt_text, _ = heal(prompt)
-        read = self._count(prompt_text[held:])
-        if read > learned:
-            log.debug(
-                "no prompt from the warm start for %s: %d tokens past its cached text, over the budget", doc.uri, read
+        for span in spans:
+            start = _line_start(doc.text, span.first_line)
+            if start > offset:
+                continue
+            prompt = self._build(
+                doc.text, start, offset, doc, settings, notes, c.context_tokens, suffix_tokens, span.first_line
             )
-            return None
-        log.debug(
-            "prompt for %s: %d tokens from the warm start on line %d, about %d of them to read",
-            doc.uri,
-            prompt.tokens,
-            span.first_line,
-            read,
-        )
-        span.head = head  # the engine holds it once it has read this prompt
+            if len(prompt.prefix) != offset - start:
+                continue  # the lines from this start no longer fit: a later start may
+            head = prompt_head(prompt)
+            held = shared_start(head, span.head)
+            prompt_text, _ = heal(prompt)
+            read = self._count(prompt_text[held:])
+            if read > learned:
+                log.debug(
+                    "no prompt from the warm start on line %d for %s: %d tokens past its cached text, over the budget",
+                    span.first_line,
+                    doc.uri,
+                    read,
+                )
+                continue
+            log.debug(
+                "prompt for %s: %d tokens from the warm start on line %d, about %d of them to read",
+                doc.uri,
+                prompt.tokens,
+                span.first_line,
+                read,
+            )
+            # The engine holds it once it has read this prompt (and still the longer text it read before).
+            if span.head.startswith(head):
+                span.last_line = max(span.last_line, line)
+            else:
+                span.head, span.last_line = head, line
+            span.used = time.monotonic()
+            self._spans.move_to_end(key)
+            return prompt
+        return None
+
+    def _keep_span(self, key: tuple[str, str], span: WarmSpan) -> None:
+        """Remember `span` among the document's warm starts (one per first line and adapter version, ordered by
+        first line; the least recently warmed or used go past `_SPANS_PER_DOCUMENT`)."""
+        spans = [s for s in self._spans.get(key, ()) if (s.first_line, s.version) != (span.first_line, span.version)]
+        spans.append(span)
+        if len(spans) > _SPANS_PER_DOCUMENT:
+            spans.remove(min(spans, key=lambda s: s.used))
+        spans.sort(key=lambda s: s.first_line)
+        self._spans[key] = spans
         self._spans.move_to_end(key)
-        return prompt
+        if len(self._spans) > _SPANS_KEPT:
+            self._spans.popitem(last=False)
 
     def _warm_soon(self, engine: Engine, req: CompletionRequest) -> None:
         """After a completion at the learned budget: warm its place in the background (`_warm`). One warm runs
@@ -578,37 +613,35 @@ class CompletionService:
         """Have the engine read the text before the request's cursor that a prompt at
         `completion.context_tokens` holds, so that the next requests in those lines can have it
         (`_full_prompt`); its start leaves the learned budget's worth of room to write on below the cursor
-        before it has to move. The tokens are read `WARM_PIECE_TOKENS` at a time (at least a KV-cache block),
-        each piece a request of one new token sent once no completion was asked for a moment (`_quiet`: a
-        completion that comes meanwhile waits for one piece at most); the span's `head` says how far it got."""
+        before it has to move. A warm start of the document whose lines from there still fit is kept (what the
+        engine holds from it is not read again), the farthest up first. The reading is `_read_head`'s."""
         await self._quiet()  # while the developer types on, nothing is built either (the next request cancels it)
         c = req.settings.completion
         learned = self.context_budget(req.settings)
         suffix_tokens = suffix_share_of(learned, c.suffix_share)
         text, offset = req.text, req.offset
-        start = _whole_lines_from(text, max(0, offset - c.context_tokens * _CHARS_PER_TOKEN_BOUND), offset)
-        if start is None:
-            start = offset
+        line = text.count("\n", 0, offset)
         budget = c.context_tokens - learned + suffix_tokens
         key = (req.identity.developer_id, req.doc.uri)
-        span = self._spans.get(key)
+        span: WarmSpan | None = None
         prompt: Prompt | None = None
-        if span is not None and span.version == lease.version_id:
-            # The document's warm start, while its lines still fit: what the engine holds from it is kept.
-            kept = _line_start(text, span.first_line)
-            if kept <= offset:
-                prompt = self._build(
-                    text, kept, offset, req.doc, req.settings, [], budget, suffix_tokens, span.first_line
-                )
-                if len(prompt.prefix) != offset - kept:
-                    prompt = None
-        if prompt is None:
+        for kept in self._spans.get(key, ()):
+            start = _line_start(text, kept.first_line)
+            if kept.version != lease.version_id or start > offset:
+                continue
+            prompt = self._build(text, start, offset, req.doc, req.settings, [], budget, suffix_tokens, kept.first_line)
+            if len(prompt.prefix) == offset - start:
+                span = kept
+                break
+        if span is None:
+            whole = _whole_lines_from(text, max(0, offset - c.context_tokens * _CHARS_PER_TOKEN_BOUND), offset)
+            start = offset if whole is None else whole
             first_line = text.count("\n", 0, start)
             prompt = self._build(text, start, offset, req.doc, req.settings, [], budget, suffix_tokens, first_line)
             dropped = offset - start - len(prompt.prefix)
             if prompt.tokens <= learned or (dropped > 0 and text[start + dropped - 1] != "\n"):
                 return  # nothing more than the learned budget held, or a line too long to start on
-            span = WarmSpan(lease.version_id, first_line + text.count("\n", start, start + dropped), "")
+            span = WarmSpan(lease.version_id, first_line + text.count("\n", start, start + dropped), "", line)
             start += dropped
             if prompt.outline:  # the very prompt `_full_prompt` builds from that start has no scope openers above
                 prompt = self._build(
@@ -616,30 +649,50 @@ class CompletionService:
                 )
                 if len(prompt.prefix) != offset - start:
                     return
-        assert span is not None
-        self._spans[key] = span
-        self._spans.move_to_end(key)
-        if len(self._spans) > _SPANS_KEPT:
-            self._spans.popitem(last=False)
-        head = prompt_head(prompt)
+        assert prompt is not None
+        span.last_line = max(span.last_line, line)
+        self._keep_span(key, span)
+        await self._read_head(engine, span, prompt_head(prompt), lease, req.settings, req.doc.uri)
+
+    async def _read_head(
+        self,
+        engine: Engine,
+        span: WarmSpan,
+        head: str,
+        lease: Lease,
+        settings: Settings,
+        uri: str,
+        *,
+        second: bool = False,
+    ) -> bool:
+        """Have the engine read `head` (the text of a prompt from `span`'s start up to a cursor)
+        `WARM_PIECE_TOKENS` at a time (at least a KV-cache block), each piece a request of one new token sent
+        once no completion was asked for a moment (`_quiet`: a completion that comes meanwhile waits for one
+        piece at most); the span's `head` says how far it got. `second`: a warm on opening, whose pieces wait
+        while a cursor's warm runs. False when the engine failed."""
         ids, ends = self.services.tokenizer.encode_with_ends(head)
-        piece = max(WARM_PIECE_TOKENS, req.settings.engine.block_size)
+        piece = max(WARM_PIECE_TOKENS, settings.engine.block_size)
         started = time.perf_counter()
-        read = 0
+        read: int | None = 0  # tokens the engine did not have cached (None: it does not say, a remote engine)
         request_id = ""
         try:
             for end in range(min(piece, len(ids)), len(ids) + piece, piece):
                 end = min(end, len(ids))
                 await self._quiet()
+                while second and self._warming is not None and not self._warming.done():
+                    await asyncio.wait({self._warming})
+                    await self._quiet()
                 request_id = f"warm-{uuid.uuid4().hex}"
                 gen = await engine.generate(
                     ids[:end], n=1, max_tokens=1, temperature=0.0, adapter=lease.ref, request_id=request_id
                 )
                 request_id = ""
-                read += end - (gen.timing.cached_tokens or 0)
+                cached = gen.timing.cached_tokens
+                read = None if read is None or cached is None else read + end - cached
                 warmed = head[: ends[end - 1]]
-                if shared_start(span.head, head) < len(warmed):  # the span's text is not already further on
+                if not span.head.startswith(warmed):  # the span's text is not already further on
                     span.head = warmed
+                span.used = time.monotonic()
                 if end == len(ids):
                     break
         except asyncio.CancelledError:
@@ -647,16 +700,122 @@ class CompletionService:
                 await self._abort(engine, request_id)
             raise
         except Exception as exc:  # a warm only saves time: the server serves on without it
-            log.warning("the text before the cursor in %s was not warmed: %s", req.doc.uri, exc)
-            return
+            log.warning("the text before the cursor in %s was not warmed: %s", uri, exc)
+            return False
         log.debug(
-            "warmed %d tokens of %s from line %d in %.0f ms (%d of them read)",
+            "warmed %d tokens of %s from line %d in %.0f ms (%s of them read)",
             len(ids),
-            req.doc.uri,
+            uri,
             span.first_line,
             (time.perf_counter() - started) * 1000,
-            read,
+            "an unknown number" if read is None else read,
         )
+        return True
+
+    def warm_open_soon(self, doc: TextDocument, identity: Identity, settings: Settings) -> None:
+        """A document was opened: read its top in the background (`_warm_open`, `completion.warm_open_tokens`).
+        The latest opened document wins over one still being read."""
+        c = settings.completion
+        if not self._warms(settings, None) or c.warm_open_tokens <= 0 or c.crossfile_share > 0:
+            return
+        if arm_of(identity.developer_id, settings.experiment.arms) in BASELINE_ARMS:
+            return  # their notes change as corrections come: a warm prompt would not stay what they are sent
+        if self._opening is not None:
+            self._opening.cancel()
+        self._opening = asyncio.ensure_future(self._warm_open(doc, identity, settings))
+
+    async def _warm_open(self, doc: TextDocument, identity: Identity, settings: Settings) -> None:
+        """Have the engine read the document from its top as prompts at `completion.context_tokens` (`_open_span`:
+        each as long as such a prompt's text before the cursor can be, each starting about half of that below the
+        last one's start), up to `completion.warm_open_tokens` tokens, once the engine is ready and its speed
+        known; a cursor's first request then finds a warm start at most half a prompt above its reach
+        (`_full_prompt`). Cursor warms go first (`_read_head`); an edit to the document ends it."""
+        while (engine := self.services.engine.ready()) is None:
+            await asyncio.sleep(0.5)
+        c = settings.completion
+        if self._calibration is None and c.prefill_target_ms > 0:
+            self.calibrate_soon()
+        if self._calibration is not None:
+            await asyncio.shield(self._calibration)
+        learned = self.context_budget(settings)
+        if learned >= c.context_tokens:
+            return  # every prompt is read whole anyway
+        lease = BASE
+        if arm_of(identity.developer_id, settings.experiment.arms) in ADAPTER_ARMS:
+            try:
+                lease = await self.services.adapters.acquire(identity.developer_id, identity.team_id)
+            except (EngineError, TimeoutError) as exc:
+                log.debug(
+                    "%s was not warmed: %s's adapter could not be loaded: %s", doc.uri, identity.developer_id, exc
+                )
+                return
+        try:
+            text = doc.text
+            key = (identity.developer_id, doc.uri)
+            suffix_tokens = suffix_share_of(learned, c.suffix_share)
+            left = c.warm_open_tokens
+            start: int | None = 0
+            spans = 0
+            while start is not None and left > 0:
+                await self._quiet()
+                if doc.text != text:
+                    return  # edited: the requests at its cursors warm what they need
+                found = self._open_span(text, start, doc, settings, suffix_tokens)
+                if found is None:
+                    break
+                prompt, end, start_next = found
+                first_line = text.count("\n", 0, start)
+                span = WarmSpan(lease.version_id, first_line, "", text.count("\n", 0, end))
+                self._keep_span(key, span)
+                head = prompt_head(prompt)
+                if not await self._read_head(engine, span, head, lease, settings, doc.uri, second=True):
+                    return
+                spans += 1
+                left -= prompt.tokens
+                start = start_next
+            log.debug(
+                "%s warmed on opening: %d starts, down to line %d of %d",
+                doc.uri,
+                spans,
+                text.count("\n", 0, end) if spans else 0,
+                text.count("\n"),
+            )
+        finally:
+            lease.release()
+
+    def _open_span(
+        self, text: str, start: int, doc: TextDocument, settings: Settings, suffix_tokens: int
+    ) -> tuple[Prompt, int, int | None] | None:
+        """The prompt at `completion.context_tokens` from `start` (a line start of `text`) whose cursor is the
+        farthest line start its text before the cursor still reaches whole (the text's end when that fits), that
+        cursor, and where the next span starts (the first line start past half of this one's tokens; None after
+        the last). None when not even one line from `start` fits."""
+        c = settings.completion
+        window = text[start : start + c.context_tokens * _CHARS_PER_TOKEN_BOUND]
+        ids, ends = self.services.tokenizer.encode_with_ends(window)
+        if not ids:
+            return None
+        room = max(1, c.context_tokens - suffix_tokens - 32)  # less the template's and header's tokens, about
+        if len(ids) <= room and start + len(window) == len(text):
+            end = len(text)
+        else:
+            end = start + (window.rfind("\n", 0, ends[min(room, len(ids)) - 1]) + 1)
+        first_line = text.count("\n", 0, start)
+        for _ in range(4):
+            if end <= start:
+                return None
+            prompt = self._build(text, start, end, doc, settings, [], c.context_tokens, suffix_tokens, first_line)
+            dropped = (end - start) - len(prompt.prefix)
+            if dropped == 0:
+                break
+            end = text.rfind("\n", start, end - dropped) + 1  # whole lines fewer by at least what was dropped
+        else:
+            return None
+        if end >= len(text):
+            return prompt, end, None
+        half = ends[min(len(ids), max(1, prompt.tokens // 2)) - 1]
+        following = _whole_lines_from(text, start + half, end)
+        return prompt, end, following if following is not None and following > start else end
 
     async def _quiet(self) -> None:
         """Wait until no completion request is in flight and none came for `WARM_QUIET_S` (typing at the
@@ -670,8 +829,8 @@ class CompletionService:
 
     def _check_span(self, req: CompletionRequest, gen: Generation) -> None:
         """After a request from a warm start: when the engine read far more of it than the learned budget (its
-        prefix cache lost the text: the weights changed, or the cache evicted it), the start is forgotten, so
-        that the next request is not sent a long prompt to read whole."""
+        prefix cache lost the text: the weights changed, or the cache evicted it), the document's warm starts are
+        forgotten, so that the next request is not sent a long prompt to read whole."""
         cached = gen.timing.cached_tokens
         if cached is None:
             return
@@ -687,7 +846,7 @@ class CompletionService:
             key = (req.identity.developer_id, req.doc.uri)
             self._spans.pop(key, None)
             log.info(
-                "the engine read %d tokens of a prompt from %s's warm start (%d cached): the start is forgotten",
+                "the engine read %d tokens of a prompt from %s's warm start (%d cached): its warm starts are forgotten",
                 read,
                 req.doc.uri,
                 cached,
@@ -899,7 +1058,8 @@ class CompletionService:
 
     async def drain(self) -> None:
         """Wait for background group sampling (at shutdown, so no record is left half-made); a warm stops."""
-        if self._warming is not None:
-            self._warming.cancel()
+        for warm in (self._warming, self._opening):
+            if warm is not None:
+                warm.cancel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)

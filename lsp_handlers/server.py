@@ -394,6 +394,8 @@ def did_open(ls: HeedfulLanguageServer, params: types.DidOpenTextDocumentParams)
         seen = DocumentSeen(ls.identity.session_id, doc.uri, doc.language_id, doc.version or 0)
         ls.services.store.record_document(seen).add_done_callback(_log_failed_write)
     ls.open_docs[doc.uri] = OpenDocument(doc, seen)
+    if ls.identity is not None:
+        ls.completions.warm_open_soon(doc, ls.identity, ls.settings)
 
 
 def did_change(ls: HeedfulLanguageServer, params: types.DidChangeTextDocumentParams) -> None:

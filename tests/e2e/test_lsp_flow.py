@@ -555,7 +555,13 @@ async def test_a_warm_start_gives_the_next_requests_the_whole_context_at_the_lea
     text += "    "
     lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
     uri = "file:///work/warm.py"
-    settings = {"context_tokens": 1024, "prefill_tokens": 256, "warm_context": True, "type_through": False}
+    settings = {
+        "context_tokens": 1024,
+        "prefill_tokens": 256,
+        "warm_context": True,
+        "warm_open_tokens": 0,  # no warm on opening: the first request is cold
+        "type_through": False,
+    }
     options = {"developerId": "dev-warm", "sessionId": "dev-warm-1", "settings": {"completion": settings}}
     log = lsp_setup.log
 
@@ -595,6 +601,59 @@ async def test_a_warm_start_gives_the_next_requests_the_whole_context_at_the_lea
     assert again and int(again.group(1)) <= 256, prompts[2]
     assert any(line.endswith("past its cached text, over the budget") for line in lines)
     assert re.search(r"^(\d+) tokens from the warm start on line \d+, about (\d+) of them to read", prompts[3])
+
+
+async def test_a_document_warmed_on_opening_gives_the_first_request_anywhere_in_it_a_long_prompt(
+    lsp_setup: ServerSetup,
+) -> None:
+    # 300 lines (about 4,500 tokens), a budget of 256 tokens under a context of 1,024: once the document is
+    # opened the engine reads it from the top as prompts of 1,024 tokens starting half a prompt apart, so the
+    # first request at a cursor deep in it, and one at its end, each get a prompt of more than half the
+    # context from one of those starts, of which the engine reads no more than the budget; a request after
+    # a line is added at the top (every start's text moved) is at the budget again.
+    text = "def table(rows):\n" + "".join(f"    cell_{i} = rows[{i}] * {i} + {i % 7}\n" for i in range(300))
+    text += "    "
+    lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
+    uri = "file:///work/opened.py"
+    settings = {
+        "context_tokens": 1024,
+        "prefill_tokens": 256,
+        "warm_context": True,
+        "warm_open_tokens": 16384,  # about twice the document
+        "type_through": False,
+    }
+    options = {"developerId": "dev-open", "sessionId": "dev-open-1", "settings": {"completion": settings}}
+    log = lsp_setup.log
+    async with running_client("vscode", lsp_setup.config, log, options) as client:
+        await client.wait_status("ready")
+        client.open(uri, text)
+        for _ in range(1200):
+            if "file:///work/opened.py warmed on opening" in log.read_text():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the document was not warmed within 120 s:\n" + log.read_text()[-3000:])
+        await client.inline(uri, 160, 4)  # the middle of a line: a cursor none of the starts ended at
+        await client.inline(uri, 301, 4)  # the end of the document
+        client.change(uri, [((0, 0), (0, 0), "# tables\n")])
+        await client.inline(uri, 302, 4)
+    lines = log.read_text().splitlines()
+    done = next(line for line in lines if "file:///work/opened.py warmed on opening" in line)
+    found = re.search(r"warmed on opening: (\d+) starts, down to line (\d+) of (\d+)", done)
+    assert found and int(found.group(1)) >= 4 and found.group(2) == found.group(3) == "301", done
+    prompts = [
+        line.split("prompt for file:///work/opened.py: ", 1)[1]
+        for line in lines
+        if "prompt for file:///work/opened.py: " in line
+    ]
+    assert len(prompts) == 3, prompts
+    for prompt, cursor_line in zip(prompts[:2], (160, 301), strict=True):
+        full = re.search(r"^(\d+) tokens from the warm start on line (\d+), about (\d+) of them to read", prompt)
+        assert full, prompt
+        assert 512 < int(full.group(1)) <= 1024 and int(full.group(3)) <= 256, prompt
+        assert int(full.group(2)) < cursor_line - 30, prompt  # far above what 256 tokens reach (about 17 lines)
+    cold = re.search(r"^(\d+) tokens from line", prompts[2])
+    assert cold and int(cold.group(1)) <= 256, prompts[2]
 
 
 async def test_keystrokes_at_the_cursor_extend_the_last_prompt_until_something_else_changes(
