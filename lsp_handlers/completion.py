@@ -567,6 +567,18 @@ class CompletionService:
                     read,
                 )
                 continue
+            # What the budget leaves unread goes to the text after the cursor (the engine reads it whole at every
+            # request: it follows the cursor), up to the share a prompt at `context_tokens` gives it, as long
+            # as the text before the cursor still fits from this start.
+            wide = suffix_share_of(c.context_tokens, c.suffix_share)
+            more = min(wide, suffix_tokens + min(learned - read, c.context_tokens - prompt.tokens))
+            if more > suffix_tokens:
+                wider = self._build(
+                    doc.text, start, offset, doc, settings, notes, c.context_tokens, more, span.first_line
+                )
+                wider_text, _ = heal(wider)
+                if len(wider.prefix) == offset - start and (wider_read := self._count(wider_text[held:])) <= learned:
+                    prompt, read = wider, wider_read
             log.debug(
                 "prompt for %s: %d tokens from the warm start on line %d, about %d of them to read",
                 doc.uri,
