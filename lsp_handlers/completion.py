@@ -236,6 +236,14 @@ class CompletionService:
             self._budget_logged = budget
         return budget
 
+    async def _calibrated(self, settings: Settings) -> None:
+        """Wait for the engine to be timed (a fraction of a second, once after start-up; started here if it was
+        not), so that a prompt built next is sized to this machine."""
+        if self._calibration is None and settings.completion.prefill_target_ms > 0:
+            self.calibrate_soon()
+        if self._calibration is not None and not self._calibration.done():
+            await asyncio.shield(self._calibration)
+
     def calibrate_soon(self) -> None:
         """Time the engine reading a prompt once (in the background), if nothing has been timed yet."""
         if self._calibration is None and not self.prefill.samples:
@@ -352,12 +360,7 @@ class CompletionService:
             log.info("no completion for %s: the engine is %s (%s)", doc.uri, status.state.value, status.message)
             return None
         started = time.perf_counter()
-        if self._calibration is None and settings.completion.prefill_target_ms > 0:
-            self.calibrate_soon()
-        if self._calibration is not None and not self._calibration.done():
-            # The first request after start-up waits for the engine to be timed (a fraction of a second),
-            # so that its own prompt is sized to this machine.
-            await asyncio.shield(self._calibration)
+        await self._calibrated(settings)
         if settings.completion.show_threshold > 0:
             await self.policies.ready(identity.developer_id)  # the first request waits for the stored outcomes
         offset = doc.offset_at(position)
@@ -730,13 +733,14 @@ class CompletionService:
         c = settings.completion
         if not self._warms(settings, None) or c.warm_open_tokens <= 0 or c.crossfile_share > 0:
             return
-        if arm_of(identity.developer_id, settings.experiment.arms) in BASELINE_ARMS:
+        arm = arm_of(identity.developer_id, settings.experiment.arms)
+        if arm in BASELINE_ARMS:
             return  # their notes change as corrections come: a warm prompt would not stay what they are sent
         if self._opening is not None:
             self._opening.cancel()
-        self._opening = asyncio.ensure_future(self._warm_open(doc, identity, settings))
+        self._opening = asyncio.ensure_future(self._warm_open(doc, identity, settings, arm))
 
-    async def _warm_open(self, doc: TextDocument, identity: Identity, settings: Settings) -> None:
+    async def _warm_open(self, doc: TextDocument, identity: Identity, settings: Settings, arm: str) -> None:
         """Have the engine read the document from its top as prompts at `completion.context_tokens` (`_open_span`:
         each as long as such a prompt's text before the cursor can be, each starting about half of that below the
         last one's start), up to `completion.warm_open_tokens` tokens, once the engine is ready and its speed
@@ -745,15 +749,12 @@ class CompletionService:
         while (engine := self.services.engine.ready()) is None:
             await asyncio.sleep(0.5)
         c = settings.completion
-        if self._calibration is None and c.prefill_target_ms > 0:
-            self.calibrate_soon()
-        if self._calibration is not None:
-            await asyncio.shield(self._calibration)
+        await self._calibrated(settings)
         learned = self.context_budget(settings)
         if learned >= c.context_tokens:
             return  # every prompt is read whole anyway
         lease = BASE
-        if arm_of(identity.developer_id, settings.experiment.arms) in ADAPTER_ARMS:
+        if arm in ADAPTER_ARMS:
             try:
                 lease = await self.services.adapters.acquire(identity.developer_id, identity.team_id)
             except (EngineError, TimeoutError) as exc:
@@ -767,41 +768,41 @@ class CompletionService:
             suffix_tokens = suffix_share_of(learned, c.suffix_share)
             left = c.warm_open_tokens
             start: int | None = 0
-            spans = 0
+            spans = reached = 0  # the starts read, and the line the last one reached
             while start is not None and left > 0:
                 await self._quiet()
                 if doc.text != text:
                     return  # edited: the requests at its cursors warm what they need
-                found = self._open_span(text, start, doc, settings, suffix_tokens)
+                first_line = text.count("\n", 0, start)
+                found = self._open_span(text, start, first_line, doc, settings, suffix_tokens)
                 if found is None:
                     break
                 prompt, end, start_next = found
-                first_line = text.count("\n", 0, start)
                 span = WarmSpan(lease.version_id, first_line, "", text.count("\n", 0, end))
                 self._keep_span(key, span)
                 head = prompt_head(prompt)
                 if not await self._read_head(engine, span, head, lease, settings, doc.uri, second=True):
                     return
-                spans += 1
+                spans, reached = spans + 1, span.last_line
                 left -= prompt.tokens
                 start = start_next
             log.debug(
                 "%s warmed on opening: %d starts, down to line %d of %d",
                 doc.uri,
                 spans,
-                text.count("\n", 0, end) if spans else 0,
+                reached,
                 text.count("\n"),
             )
         finally:
             lease.release()
 
     def _open_span(
-        self, text: str, start: int, doc: TextDocument, settings: Settings, suffix_tokens: int
+        self, text: str, start: int, first_line: int, doc: TextDocument, settings: Settings, suffix_tokens: int
     ) -> tuple[Prompt, int, int | None] | None:
-        """The prompt at `completion.context_tokens` from `start` (a line start of `text`) whose cursor is the
-        farthest line start its text before the cursor still reaches whole (the text's end when that fits), that
-        cursor, and where the next span starts (the first line start past half of this one's tokens; None after
-        the last). None when not even one line from `start` fits."""
+        """The prompt at `completion.context_tokens` from `start` (where `text`'s line `first_line` starts) whose
+        cursor is the farthest line start its text before the cursor still reaches whole (the text's end when that
+        fits), that cursor, and where the next span starts (the first line start past half of this one's tokens;
+        None after the last). None when not even one line from `start` fits."""
         c = settings.completion
         window = text[start : start + c.context_tokens * _CHARS_PER_TOKEN_BOUND]
         ids, ends = self.services.tokenizer.encode_with_ends(window)
@@ -812,7 +813,6 @@ class CompletionService:
             end = len(text)
         else:
             end = start + (window.rfind("\n", 0, ends[min(room, len(ids)) - 1]) + 1)
-        first_line = text.count("\n", 0, start)
         for _ in range(4):
             if end <= start:
                 return None
