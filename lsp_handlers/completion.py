@@ -94,6 +94,28 @@ class WarmSpan:
     used: float = field(default_factory=time.monotonic)  # when it was last warmed or used
 
 
+def move_spans(
+    spans: Sequence[WarmSpan], first: int, last: int, new_lines: int, *, last_starts_line: bool
+) -> list[WarmSpan]:
+    """The warm starts after an edit replaced the text from a place on line `first` to one on line `last` by
+    text of `new_lines` line breaks (`last_starts_line`: after it, what was line `last` still begins a line,
+    as when whole lines are inserted or deleted): those starting below the edit move by the lines it added or
+    removed, those whose line's beginning it replaced go, and the last line of those starting above it, where
+    it lies at or below the edit, moves too. Each start kept is changed in place."""
+    delta = new_lines - (last - first)
+    kept: list[WarmSpan] = []
+    for span in spans:
+        if span.first_line > last or (last_starts_line and span.first_line == last):
+            span.first_line += delta
+            span.last_line += delta
+        elif span.first_line > first:
+            continue
+        elif span.last_line >= last:
+            span.last_line += delta
+        kept.append(span)
+    return kept
+
+
 @dataclass(frozen=True, slots=True)
 class Built:
     """A request's prompt as built (`CompletionService._prompt`)."""
@@ -205,6 +227,9 @@ class CompletionService:
         self._starts: OrderedDict[str, int] = OrderedDict()
         # Each (developer, document)'s last new prompt, which keystrokes at its cursor extend (`continue_prompt`).
         self._anchors: OrderedDict[tuple[str, str], Continuation] = OrderedDict()
+        # The document line of each (developer, document)'s last request: a warm-start prompt widens the text
+        # after the cursor only at a new line (`_full_prompt`).
+        self._lines: OrderedDict[tuple[str, str], int] = OrderedDict()
         # Each (developer, document)'s warm starts (`completion.warm_context`), by first line, and the one warm
         # running.
         self._spans: OrderedDict[tuple[str, str], list[WarmSpan]] = OrderedDict()
@@ -430,7 +455,7 @@ class CompletionService:
         cursor since (`completion.extend_prompt`, `continue_prompt`); else the prompt at `completion.context_tokens`
         from the document's warm start when the engine's prefix cache holds all but the learned budget of it
         (`completion.warm_context`, `_full_prompt`); else a new prompt at the learned budget (`prompt_for`,
-        healed), which later keystrokes may extend and a warm may follow."""
+        healed), which a warm may follow. Later keystrokes at the cursor may extend either."""
         key = (identity.developer_id, doc.uri)
         anchor = self._anchors.get(key) if settings.completion.extend_prompt else None
         if anchor is not None:
@@ -438,35 +463,58 @@ class CompletionService:
             if extended is not None:
                 appended, healed, typed = extended
                 tokens = anchor.tokens + len(self.services.tokenizer.encode(appended))
-                # The prompt grows past the budget by the typed tokens (they are all the engine reads); it
-                # stays within completion.context_tokens, which the engine's context length is checked for.
-                if tokens <= settings.completion.context_tokens:
+                # The prompt grows past the budget by the typed tokens (they are all the engine reads); with
+                # the longest answer it stays within model.max_model_len, which settings are checked against.
+                if tokens <= settings.model.max_model_len - settings.completion.max_tokens:
                     log.debug("prompt for %s: the last one and %d characters typed at its cursor", doc.uri, len(typed))
                     before_tail = (anchor.before_tail + typed)[-512:]
                     return Built(anchor.prompt + appended, healed, anchor.mode, before_tail)
-        full = self._full_prompt(doc, offset, key, settings, notes, neighbours, lease)
+        line = doc.text.count("\n", 0, offset)
+        new_line = self._lines.get(key) != line
+        self._lines[key] = line
+        self._lines.move_to_end(key)
+        if len(self._lines) > _ANCHORS_KEPT:
+            self._lines.popitem(last=False)
+        full = self._full_prompt(doc, offset, line, key, settings, notes, neighbours, lease, widen=new_line)
         if full is not None:
+            # Keystrokes at this cursor extend it like any prompt: a new prompt from the warm start would
+            # put the text after the cursor after a changed token and have the engine read it again.
             prompt_text, healed = heal(full)
+            self._anchor(key, doc, offset, full, prompt_text, healed, settings)
             return Built(prompt_text, healed, full.mode, full.prefix[-512:], full=True)
         prompt = self.prompt_for(doc, offset, settings, notes, neighbours)
         # Token healing (see `heal`): the blanks before the cursor are taken off the prompt and back off the
         # front of what the model writes.
         prompt_text, healed = heal(prompt)
-        if settings.completion.extend_prompt:
-            self._anchors[key] = Continuation(
-                before=doc.text[:offset],
-                after=doc.text[offset:],
-                prompt=prompt_text,
-                healed=healed,
-                tokens=prompt.tokens,
-                mode=prompt.mode,
-                before_tail=prompt.prefix[-512:],
-            )
-            self._anchors.move_to_end(key)
-            if len(self._anchors) > _ANCHORS_KEPT:
-                self._anchors.popitem(last=False)
+        self._anchor(key, doc, offset, prompt, prompt_text, healed, settings)
         cold = self._warms(settings, neighbours) and self.context_budget(settings) < settings.completion.context_tokens
         return Built(prompt_text, healed, prompt.mode, prompt.prefix[-512:], cold=cold)
+
+    def _anchor(
+        self,
+        key: tuple[str, str],
+        doc: TextDocument,
+        offset: int,
+        prompt: Prompt,
+        prompt_text: str,
+        healed: str,
+        settings: Settings,
+    ) -> None:
+        """Remember the prompt sent at `offset` for the keystrokes that follow there (`completion.extend_prompt`)."""
+        if not settings.completion.extend_prompt:
+            return
+        self._anchors[key] = Continuation(
+            before=doc.text[:offset],
+            after=doc.text[offset:],
+            prompt=prompt_text,
+            healed=healed,
+            tokens=prompt.tokens,
+            mode=prompt.mode,
+            before_tail=prompt.prefix[-512:],
+        )
+        self._anchors.move_to_end(key)
+        if len(self._anchors) > _ANCHORS_KEPT:
+            self._anchors.popitem(last=False)
 
     @staticmethod
     def _warms(settings: Settings, neighbours: Neighbours | None) -> bool:
@@ -525,24 +573,27 @@ class CompletionService:
         self,
         doc: TextDocument,
         offset: int,
+        line: int,
         key: tuple[str, str],
         settings: Settings,
         notes: Sequence[str],
         neighbours: Neighbours | None,
         lease: Lease,
+        *,
+        widen: bool,
     ) -> Prompt | None:
         """The prompt at `completion.context_tokens` that starts on one of the document's warm start lines
         (`WarmSpan`, the farthest up first) and keeps the learned budget's share of text after the cursor, when
         all of its text before the cursor from there still fits and the engine has to read no more of it than
         the learned budget (the rest its prefix cache holds: a warm, or earlier requests from the same start).
-        None otherwise."""
+        With `widen` (the first request on the cursor's `line`), the text after the cursor also gets what the
+        budget leaves unread. None otherwise."""
         c = settings.completion
         if not self._warms(settings, neighbours):
             return None
         learned = self.context_budget(settings)
         if learned >= c.context_tokens:
             return None
-        line = doc.text.count("\n", 0, offset)
         spans = [
             span
             for span in self._spans.get(key, ())
@@ -570,12 +621,13 @@ class CompletionService:
                     read,
                 )
                 continue
-            # What the budget leaves unread goes to the text after the cursor (the engine reads it whole at every
-            # request: it follows the cursor), up to the share a prompt at `context_tokens` gives it, as long
-            # as the text before the cursor still fits from this start.
+            # At a new line, what the budget leaves unread goes to the text after the cursor, up to the share a
+            # prompt at `context_tokens` gives it, as long as the text before the cursor still fits from this
+            # start. Not while the developer types on that line: the engine reads the text after the cursor
+            # whole at every request (it follows the cursor), and each keystroke would read up to the budget.
             wide = suffix_share_of(c.context_tokens, c.suffix_share)
             more = min(wide, suffix_tokens + min(learned - read, c.context_tokens - prompt.tokens))
-            if more > suffix_tokens:
+            if widen and more > suffix_tokens:
                 wider = self._build(
                     doc.text, start, offset, doc, settings, notes, c.context_tokens, more, span.first_line
                 )
@@ -583,11 +635,13 @@ class CompletionService:
                 if len(wider.prefix) == offset - start and (wider_read := self._count(wider_text[held:])) <= learned:
                     prompt, read = wider, wider_read
             log.debug(
-                "prompt for %s: %d tokens from the warm start on line %d, about %d of them to read",
+                "prompt for %s: %d tokens from the warm start on line %d, about %d of them to read, %d characters "
+                "after the cursor",
                 doc.uri,
                 prompt.tokens,
                 span.first_line,
                 read,
+                len(prompt.suffix),
             )
             # The engine holds it once it has read this prompt (and still the longer text it read before).
             if span.head.startswith(head):
@@ -838,6 +892,25 @@ class CompletionService:
             if left <= 0 and self._idle.is_set():
                 return
             await asyncio.sleep(max(left, 0.0))
+
+    def edited(self, developer_id: str, uri: str, changes: Sequence[types.TextDocumentContentChangeEvent]) -> None:
+        """One didChange of the developer's document: its warm starts below an edit move with the lines the
+        edit added or removed, so that the text the engine's prefix cache holds from them is found again (a
+        line added above them all, an import, would otherwise leave every start on the wrong line). A start
+        whose line the edit replaced goes; one above the edit keeps its line (the read count of the next prompt
+        from it says how much of its text the cache still holds). A whole new text drops them all."""
+        key = (developer_id, uri)
+        spans = self._spans.get(key)
+        if not spans:
+            return
+        for change in changes:
+            if not isinstance(change, types.TextDocumentContentChangePartial):
+                del self._spans[key]
+                return
+            start, end, text = change.range.start, change.range.end, change.text
+            whole = end.character == 0 and (text.endswith("\n") or (not text and start.character == 0))
+            spans = move_spans(spans, start.line, end.line, text.count("\n"), last_starts_line=whole)
+        self._spans[key] = spans
 
     def _check_span(self, req: CompletionRequest, gen: Generation) -> None:
         """After a request from a warm start: when the engine read far more of it than the learned budget (its

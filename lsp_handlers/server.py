@@ -413,6 +413,8 @@ def did_change(ls: HeedfulLanguageServer, params: types.DidChangeTextDocumentPar
         log.warning("didChange for %s ignored: %s", uri, exc)
         return
     ls.followup.observe(uri, edits)
+    if ls.identity is not None:
+        ls.completions.edited(ls.identity.developer_id, uri, params.content_changes)
 
 
 def did_close(ls: HeedfulLanguageServer, params: types.DidCloseTextDocumentParams) -> None:

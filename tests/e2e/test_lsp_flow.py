@@ -541,15 +541,29 @@ async def test_a_short_prompt_keeps_the_signature_and_its_start_while_typing(lsp
     assert (p3, s3) == (s2, s2)  # asked again: the same start
 
 
+async def logged(log: Path, needle: str, count: int = 1, *, seconds: float = 120) -> None:
+    """Wait until the server's log holds `needle` `count` times (background work such as a warm says it is done
+    there), at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while log.read_text().count(needle) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"the server log did not say {needle!r} {count} time(s) within {seconds:g} s:\n"
+                + log.read_text()[-3000:]
+            )
+        await asyncio.sleep(0.1)
+
+
 async def test_a_warm_start_gives_the_next_requests_the_whole_context_at_the_learned_cost(
     lsp_setup: ServerSetup,
 ) -> None:
     # A function of 150 lines and a prompt budget of 256 tokens under a context of 1,024: the first request
     # is cold, at 256; the engine then reads the text before that cursor in the background; the request after
     # a few characters typed there gets a prompt of far more than 256 tokens, of which the text the warm did
-    # not cover (the typed characters, the text after the cursor) is within the budget; a line added at the
-    # top changes the text the engine holds, so the next request is at the budget again, and the warm after
-    # it gives the request after that the whole context again. (That the engine's prefix cache then holds
+    # not cover (the typed characters, the text after the cursor) is within the budget; an edit 26 lines above
+    # the cursor (some 570 tokens: below the warm start, above the budget's reach) changes the text the engine
+    # holds, so the next request is at the budget again, and the warm after it gives the request after that
+    # the whole context again. (That the engine's prefix cache then holds
     # what was warmed is tests/integration/test_embedded_engine.py's.)
     text = "def table(rows):\n" + "".join(f"    cell_{i} = rows[{i}] * {i} + {i % 7}\n" for i in range(150))
     text += "    "
@@ -565,25 +579,18 @@ async def test_a_warm_start_gives_the_next_requests_the_whole_context_at_the_lea
     options = {"developerId": "dev-warm", "sessionId": "dev-warm-1", "settings": {"completion": settings}}
     log = lsp_setup.log
 
-    async def warmed(count: int) -> None:
-        for _ in range(600):
-            if log.read_text().count("warmed ") >= count:
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError("the server did not finish warming within 60 s:\n" + log.read_text()[-3000:])
-
     async with running_client("vscode", lsp_setup.config, log, options) as client:
         await client.wait_status("ready")
         client.open(uri, text)
         await client.inline(uri, 151, 4)  # cold: the learned budget
-        await warmed(1)
+        await logged(log, "warmed ", 1, seconds=60)
         client.change(uri, [((151, 4), (151, 4), "tot")])
         await client.inline(uri, 151, 7)  # from the warm start
-        client.change(uri, [((0, 0), (0, 0), "# tables\n")])
-        await client.inline(uri, 152, 7)  # the text before the cursor changed at its start: the budget again
-        await warmed(2)  # ... and a warm after it, of the text as it is now
-        client.change(uri, [((152, 7), (152, 7), "al")])
-        await client.inline(uri, 152, 9)  # from the warm start again
+        client.change(uri, [((125, 4), (125, 8), "item")])
+        await client.inline(uri, 151, 7)  # the text before the cursor changed at its start: the budget again
+        await logged(log, "warmed ", 2, seconds=60)  # ... and a warm after it, of the text as it is now
+        client.change(uri, [((151, 7), (151, 7), "al")])
+        await client.inline(uri, 151, 9)  # from the warm start again
     lines = log.read_text().splitlines()
     prompts = [
         line.split("prompt for file:///work/warm.py: ", 1)[1]
@@ -609,8 +616,9 @@ async def test_a_document_warmed_on_opening_gives_the_first_request_anywhere_in_
     # 300 lines (about 4,500 tokens), a budget of 256 tokens under a context of 1,024: once the document is
     # opened the engine reads it from the top as prompts of 1,024 tokens starting half a prompt apart, so the
     # first request at a cursor deep in it, and one at its end, each get a prompt of more than half the
-    # context from one of those starts, of which the engine reads no more than the budget; a request after
-    # a line is added at the top (every start's text moved) is at the budget again.
+    # context from one of those starts, of which the engine reads no more than the budget; after a line is
+    # added at the top the starts below it move down a line with their text, and a request gets such a prompt
+    # still.
     text = "def table(rows):\n" + "".join(f"    cell_{i} = rows[{i}] * {i} + {i % 7}\n" for i in range(300))
     text += "    "
     lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
@@ -627,12 +635,7 @@ async def test_a_document_warmed_on_opening_gives_the_first_request_anywhere_in_
     async with running_client("vscode", lsp_setup.config, log, options) as client:
         await client.wait_status("ready")
         client.open(uri, text)
-        for _ in range(1200):
-            if "file:///work/opened.py warmed on opening" in log.read_text():
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("the document was not warmed within 120 s:\n" + log.read_text()[-3000:])
+        await logged(log, f"{uri} warmed on opening")
         await client.inline(uri, 160, 4)  # the middle of a line: a cursor none of the starts ended at
         await client.inline(uri, 301, 4)  # the end of the document
         client.change(uri, [((0, 0), (0, 0), "# tables\n")])
@@ -652,8 +655,63 @@ async def test_a_document_warmed_on_opening_gives_the_first_request_anywhere_in_
         assert full, prompt
         assert 512 < int(full.group(1)) <= 1024 and int(full.group(3)) <= 256, prompt
         assert int(full.group(2)) < cursor_line - 30, prompt  # far above what 256 tokens reach (about 17 lines)
-    cold = re.search(r"^(\d+) tokens from line", prompts[2])
-    assert cold and int(cold.group(1)) <= 256, prompts[2]
+    moved = re.search(r"^(\d+) tokens from the warm start on line (\d+), about (\d+) of them to read", prompts[2])
+    assert moved, prompts[2]
+    assert 512 < int(moved.group(1)) <= 1024 and int(moved.group(3)) <= 256, prompts[2]
+    assert int(moved.group(2)) > 0, prompts[2]  # not the start at the top: its first line is now another
+
+
+async def test_a_prompt_from_a_warm_start_widens_the_text_after_the_cursor_at_a_new_line_only(
+    lsp_setup: ServerSetup,
+) -> None:
+    # A fill-in-the-middle template (SmolLM2 has no FIM tokens of its own: any template with both places does),
+    # a budget of 256 tokens under a context of 1,024 (64 and 256 tokens after the cursor) and a document
+    # warmed on opening: the first request on a line gets the text after the cursor that the budget leaves
+    # unread; a keystroke on that line gets the budget's narrow share again (the engine reads the text after
+    # the cursor whole at each request); the next line is new again.
+    text = "def table(rows):\n" + "".join(f"    cell_{i} = rows[{i}] * {i} + {i % 7}\n" for i in range(300))
+    config = lsp_setup.config.read_text().replace(
+        "[model]\n", '[model]\nfim_template = "{prefix}<|im_end|>{suffix}"\n', 1
+    )
+    lsp_setup.config.write_text(config + '\n[logging]\nlevel = "DEBUG"\n')
+    uri = "file:///work/widened.py"
+    settings = {
+        "context_tokens": 1024,
+        "prefill_tokens": 256,
+        "warm_context": True,
+        "warm_open_tokens": 16384,
+        "type_through": False,
+    }
+    options = {"developerId": "dev-wide", "sessionId": "dev-wide-1", "settings": {"completion": settings}}
+    log = lsp_setup.log
+    async with running_client("vscode", lsp_setup.config, log, options) as client:
+        await client.wait_status("ready")
+        client.open(uri, text)
+        await logged(log, f"{uri} warmed on opening")
+        # Near the top: the prompt from the start on line 0 leaves room for a wide text after the cursor.
+        await client.inline(uri, 10, 4)
+        client.change(uri, [((10, 4), (10, 4), "c")])
+        await client.inline(uri, 10, 5)
+        await client.inline(uri, 12, 4)
+    prompts = [
+        line.split(f"prompt for {uri}: ", 1)[1]
+        for line in log.read_text().splitlines()
+        if f"prompt for {uri}: " in line
+    ]
+    assert len(prompts) == 3, prompts
+    found = [
+        re.search(
+            r"^\d+ tokens from the warm start on line \d+, about (\d+) of them to read, (\d+) characters after", p
+        )
+        for p in prompts
+    ]
+    assert all(found), prompts
+    read = [int(f.group(1)) for f in found if f]
+    after = [int(f.group(2)) for f in found if f]
+    assert max(read) <= 256, prompts
+    # Each of these lines is some 22 tokens (SmolLM2 reads each digit alone): 64 tokens after the cursor are
+    # about 3 lines, the 190 or so the budget leaves unread about 8 more.
+    assert after[0] > 2 * after[1] and after[2] > 2 * after[1], prompts
 
 
 async def test_keystrokes_at_the_cursor_extend_the_last_prompt_until_something_else_changes(
