@@ -291,7 +291,7 @@ class CompletionSettings:
         "from such a prompt (docs/benchmarks.md).",
     )
     warm_context: bool = setting(
-        False,
+        True,
         "Where the learned budget (`prefill_target_ms`) is below `context_tokens`: after a completion at the "
         "learned budget, the engine reads the text before that cursor at `context_tokens` in the background, "
         "128 tokens at a time while no completion was asked for 0.3 s, so that its prefix cache holds it; the "
