@@ -908,6 +908,8 @@ class CompletionService:
                 del self._spans[key]
                 return
             start, end, text = change.range.start, change.range.end, change.text
+            if (end.line, end.character) < (start.line, start.character):
+                start, end = end, start  # as the document applies it
             whole = end.character == 0 and (text.endswith("\n") or (not text and start.character == 0))
             spans = move_spans(spans, start.line, end.line, text.count("\n"), last_starts_line=whole)
         self._spans[key] = spans
