@@ -19,7 +19,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from lsprotocol import types
 
@@ -92,6 +92,18 @@ class WarmSpan:
     head: str  # the prompt's text from its start that the engine has read (`prompt_head`)
     last_line: int  # the document line the head reaches (a request further down reads the lines between)
     used: float = field(default_factory=time.monotonic)  # when it was last warmed or used
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _keep_recent(recent: OrderedDict[_K, _V], key: _K, value: _V, limit: int) -> None:
+    """`recent[key] = value` as the most recently used entry; the least recently used go past `limit`."""
+    recent[key] = value
+    recent.move_to_end(key)
+    if len(recent) > limit:
+        recent.popitem(last=False)
 
 
 def move_spans(
@@ -355,18 +367,16 @@ class CompletionService:
             repository=repository,
             window=window,
         )
-        self._starts[doc.uri] = first_line + before.count("\n", 0, len(before) - len(prompt.prefix))
-        self._starts.move_to_end(doc.uri)
+        start_line = first_line + before.count("\n", 0, len(before) - len(prompt.prefix))
+        _keep_recent(self._starts, doc.uri, start_line, _STARTS_KEPT)
         log.debug(
             "prompt for %s: %d tokens from line %d (the previous prompt's start: %s), %d scope lines above it",
             doc.uri,
             prompt.tokens,
-            self._starts[doc.uri],
+            start_line,
             previous,
             prompt.outline.count("\n"),
         )
-        if len(self._starts) > _STARTS_KEPT:
-            self._starts.popitem(last=False)
         return prompt
 
     async def complete(
@@ -469,13 +479,7 @@ class CompletionService:
                     log.debug("prompt for %s: the last one and %d characters typed at its cursor", doc.uri, len(typed))
                     before_tail = (anchor.before_tail + typed)[-512:]
                     return Built(anchor.prompt + appended, healed, anchor.mode, before_tail)
-        line = doc.text.count("\n", 0, offset)
-        new_line = self._lines.get(key) != line
-        self._lines[key] = line
-        self._lines.move_to_end(key)
-        if len(self._lines) > _ANCHORS_KEPT:
-            self._lines.popitem(last=False)
-        full = self._full_prompt(doc, offset, line, key, settings, notes, neighbours, lease, widen=new_line)
+        full = self._full_prompt(doc, offset, key, settings, notes, neighbours, lease)
         if full is not None:
             # Keystrokes at this cursor extend it like any prompt: a new prompt from the warm start would
             # put the text after the cursor after a changed token and have the engine read it again.
@@ -503,7 +507,7 @@ class CompletionService:
         """Remember the prompt sent at `offset` for the keystrokes that follow there (`completion.extend_prompt`)."""
         if not settings.completion.extend_prompt:
             return
-        self._anchors[key] = Continuation(
+        anchor = Continuation(
             before=doc.text[:offset],
             after=doc.text[offset:],
             prompt=prompt_text,
@@ -512,9 +516,7 @@ class CompletionService:
             mode=prompt.mode,
             before_tail=prompt.prefix[-512:],
         )
-        self._anchors.move_to_end(key)
-        if len(self._anchors) > _ANCHORS_KEPT:
-            self._anchors.popitem(last=False)
+        _keep_recent(self._anchors, key, anchor, _ANCHORS_KEPT)
 
     @staticmethod
     def _warms(settings: Settings, neighbours: Neighbours | None) -> bool:
@@ -573,27 +575,27 @@ class CompletionService:
         self,
         doc: TextDocument,
         offset: int,
-        line: int,
         key: tuple[str, str],
         settings: Settings,
         notes: Sequence[str],
         neighbours: Neighbours | None,
         lease: Lease,
-        *,
-        widen: bool,
     ) -> Prompt | None:
         """The prompt at `completion.context_tokens` that starts on one of the document's warm start lines
         (`WarmSpan`, the farthest up first) and keeps the learned budget's share of text after the cursor, when
         all of its text before the cursor from there still fits and the engine has to read no more of it than
         the learned budget (the rest its prefix cache holds: a warm, or earlier requests from the same start).
-        With `widen` (the first request on the cursor's `line`), the text after the cursor also gets what the
-        budget leaves unread. None otherwise."""
+        At the first request on the cursor's line, the text after the cursor also gets what the budget leaves
+        unread. None otherwise."""
         c = settings.completion
         if not self._warms(settings, neighbours):
             return None
         learned = self.context_budget(settings)
         if learned >= c.context_tokens:
             return None
+        line = doc.text.count("\n", 0, offset)
+        widen = self._lines.get(key) != line
+        _keep_recent(self._lines, key, line, _ANCHORS_KEPT)
         spans = [
             span
             for span in self._spans.get(key, ())
@@ -661,10 +663,7 @@ class CompletionService:
         if len(spans) > _SPANS_PER_DOCUMENT:
             spans.remove(min(spans, key=lambda s: s.used))
         spans.sort(key=lambda s: s.first_line)
-        self._spans[key] = spans
-        self._spans.move_to_end(key)
-        if len(self._spans) > _SPANS_KEPT:
-            self._spans.popitem(last=False)
+        _keep_recent(self._spans, key, spans, _SPANS_KEPT)
 
     def _warm_soon(self, engine: Engine, req: CompletionRequest) -> None:
         """After a completion at the learned budget: warm its place in the background (`_warm`). One warm runs

@@ -541,6 +541,28 @@ async def test_a_short_prompt_keeps_the_signature_and_its_start_while_typing(lsp
     assert (p3, s3) == (s2, s2)  # asked again: the same start
 
 
+def table_source(rows: int) -> str:
+    """A function of `rows` assignment lines (about 22 SmolLM2 tokens each: it reads each digit alone)."""
+    return "def table(rows):\n" + "".join(f"    cell_{i} = rows[{i}] * {i} + {i % 7}\n" for i in range(rows))
+
+
+def prompts_logged(log: Path, uri: str) -> list[str]:
+    """What the server's debug log says of each prompt it built for `uri`, in order."""
+    marker = f"prompt for {uri}: "
+    return [line.split(marker, 1)[1] for line in log.read_text().splitlines() if marker in line]
+
+
+# A budget of 256 tokens under a context of 1,024, the document read on opening (16,384 tokens: about twice a
+# 300-line `table_source`), no type-through (every request reaches the engine).
+WARM_ON_OPENING = {
+    "context_tokens": 1024,
+    "prefill_tokens": 256,
+    "warm_context": True,
+    "warm_open_tokens": 16384,
+    "type_through": False,
+}
+
+
 async def logged(log: Path, needle: str, count: int = 1, *, seconds: float = 120) -> None:
     """Wait until the server's log holds `needle` `count` times (background work such as a warm says it is done
     there), at most `seconds`."""
@@ -565,7 +587,7 @@ async def test_a_warm_start_gives_the_next_requests_the_whole_context_at_the_lea
     # holds, so the next request is at the budget again, and the warm after it gives the request after that
     # the whole context again. (That the engine's prefix cache then holds
     # what was warmed is tests/integration/test_embedded_engine.py's.)
-    text = "def table(rows):\n" + "".join(f"    cell_{i} = rows[{i}] * {i} + {i % 7}\n" for i in range(150))
+    text = table_source(150)
     text += "    "
     lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
     uri = "file:///work/warm.py"
@@ -592,11 +614,7 @@ async def test_a_warm_start_gives_the_next_requests_the_whole_context_at_the_lea
         client.change(uri, [((151, 7), (151, 7), "al")])
         await client.inline(uri, 151, 9)  # from the warm start again
     lines = log.read_text().splitlines()
-    prompts = [
-        line.split("prompt for file:///work/warm.py: ", 1)[1]
-        for line in lines
-        if "prompt for file:///work/warm.py: " in line
-    ]
+    prompts = prompts_logged(log, uri)
     assert len(prompts) == 4, prompts
     cold = re.search(r"^(\d+) tokens from line (\d+)", prompts[0])
     assert cold and int(cold.group(1)) <= 256, prompts[0]
@@ -619,18 +637,11 @@ async def test_a_document_warmed_on_opening_gives_the_first_request_anywhere_in_
     # context from one of those starts, of which the engine reads no more than the budget; after a line is
     # added at the top the starts below it move down a line with their text, and a request gets such a prompt
     # still.
-    text = "def table(rows):\n" + "".join(f"    cell_{i} = rows[{i}] * {i} + {i % 7}\n" for i in range(300))
+    text = table_source(300)
     text += "    "
     lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
     uri = "file:///work/opened.py"
-    settings = {
-        "context_tokens": 1024,
-        "prefill_tokens": 256,
-        "warm_context": True,
-        "warm_open_tokens": 16384,  # about twice the document
-        "type_through": False,
-    }
-    options = {"developerId": "dev-open", "sessionId": "dev-open-1", "settings": {"completion": settings}}
+    options = {"developerId": "dev-open", "sessionId": "dev-open-1", "settings": {"completion": WARM_ON_OPENING}}
     log = lsp_setup.log
     async with running_client("vscode", lsp_setup.config, log, options) as client:
         await client.wait_status("ready")
@@ -644,11 +655,7 @@ async def test_a_document_warmed_on_opening_gives_the_first_request_anywhere_in_
     done = next(line for line in lines if "file:///work/opened.py warmed on opening" in line)
     found = re.search(r"warmed on opening: (\d+) starts, down to line (\d+) of (\d+)", done)
     assert found and int(found.group(1)) >= 4 and found.group(2) == found.group(3) == "301", done
-    prompts = [
-        line.split("prompt for file:///work/opened.py: ", 1)[1]
-        for line in lines
-        if "prompt for file:///work/opened.py: " in line
-    ]
+    prompts = prompts_logged(log, uri)
     assert len(prompts) == 3, prompts
     for prompt, cursor_line in zip(prompts[:2], (160, 301), strict=True):
         full = re.search(r"^(\d+) tokens from the warm start on line (\d+), about (\d+) of them to read", prompt)
@@ -669,20 +676,13 @@ async def test_a_prompt_from_a_warm_start_widens_the_text_after_the_cursor_at_a_
     # warmed on opening: the first request on a line gets the text after the cursor that the budget leaves
     # unread; a keystroke on that line gets the budget's narrow share again (the engine reads the text after
     # the cursor whole at each request); the next line is new again.
-    text = "def table(rows):\n" + "".join(f"    cell_{i} = rows[{i}] * {i} + {i % 7}\n" for i in range(300))
+    text = table_source(300)
     config = lsp_setup.config.read_text().replace(
         "[model]\n", '[model]\nfim_template = "{prefix}<|im_end|>{suffix}"\n', 1
     )
     lsp_setup.config.write_text(config + '\n[logging]\nlevel = "DEBUG"\n')
     uri = "file:///work/widened.py"
-    settings = {
-        "context_tokens": 1024,
-        "prefill_tokens": 256,
-        "warm_context": True,
-        "warm_open_tokens": 16384,
-        "type_through": False,
-    }
-    options = {"developerId": "dev-wide", "sessionId": "dev-wide-1", "settings": {"completion": settings}}
+    options = {"developerId": "dev-wide", "sessionId": "dev-wide-1", "settings": {"completion": WARM_ON_OPENING}}
     log = lsp_setup.log
     async with running_client("vscode", lsp_setup.config, log, options) as client:
         await client.wait_status("ready")
@@ -693,11 +693,7 @@ async def test_a_prompt_from_a_warm_start_widens_the_text_after_the_cursor_at_a_
         client.change(uri, [((10, 4), (10, 4), "c")])
         await client.inline(uri, 10, 5)
         await client.inline(uri, 12, 4)
-    prompts = [
-        line.split(f"prompt for {uri}: ", 1)[1]
-        for line in log.read_text().splitlines()
-        if f"prompt for {uri}: " in line
-    ]
+    prompts = prompts_logged(log, uri)
     assert len(prompts) == 3, prompts
     found = [
         re.search(
