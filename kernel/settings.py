@@ -294,7 +294,8 @@ class CompletionSettings:
         True,
         "Where the learned budget (`prefill_target_ms`) is below `context_tokens`: after a completion at the "
         "learned budget, the engine reads the text before that cursor at `context_tokens` in the background, "
-        "128 tokens at a time while no completion was asked for 0.3 s, so that its prefix cache holds it; the "
+        "in pieces of what it reads in about 150 ms (at most 128 tokens) while no completion was asked for 0.3 s, "
+        "so that its prefix cache holds it; the "
         "following requests in those lines (typing, the next line) get prompts of up to `context_tokens` while "
         "the engine reads no more of each than the learned budget (at the first request on a line, the text after "
         "the cursor gets what the budget leaves unread, up to the share of a prompt at `context_tokens`). With "

@@ -20,6 +20,12 @@ smallest budget given (a keystroke whose prompt the prefix cache mostly held, a 
 samples: every request costs about one pass over the model's weights before its first token however few tokens it
 reads (some 100 ms on these CPUs), which on a short read would look like a slow rate and shrink the budget that
 the cold requests, which read all of it, are given.
+
+The same rate sizes the pieces a warm reads the text before a cursor in (`warm_piece_tokens`): a completion that
+arrives during a piece waits for it, so a piece is what the engine reads in about `WARM_PIECE_S`, in whole KV-cache
+blocks, at most `WARM_PIECE_TOKENS`. A request costs some 35-100 ms beyond its reading on these CPUs, so smaller
+pieces would make the warm itself much slower: 128 tokens take 290-370 ms on two AMD EPYC cores (64 there), about
+the target where AMX units do the work.
 """
 
 from __future__ import annotations
@@ -32,6 +38,19 @@ FLOOR_TOKENS = 256
 MIN_SAMPLE_TOKENS = 128
 WINDOW = 9
 UP_MARGIN = 0.05
+WARM_PIECE_S = 0.15
+WARM_PIECE_TOKENS = 128
+
+
+def warm_piece_tokens(seconds_per_token: float | None, block_size: int) -> int:
+    """The tokens a warm reads per engine request: what the engine reads in `WARM_PIECE_S` at `seconds_per_token`,
+    rounded down to whole blocks of `block_size` tokens, at least one block and at most `WARM_PIECE_TOKENS` (or one
+    block where a block is bigger); `WARM_PIECE_TOKENS` before the speed is known."""
+    most = max(WARM_PIECE_TOKENS, block_size)
+    if seconds_per_token is None or not seconds_per_token > 0:
+        return most
+    fits = int(WARM_PIECE_S / seconds_per_token) // block_size * block_size
+    return min(most, max(block_size, fits))
 
 
 class PrefillClock:

@@ -25,7 +25,7 @@ from lsprotocol import types
 
 from kernel.fim import file_separator_for, fim_template_for, unheal
 from kernel.settings import ADAPTER_ARMS, BASELINE_ARMS, Settings
-from lsp_handlers.budget import PrefillClock
+from lsp_handlers.budget import PrefillClock, warm_piece_tokens
 from lsp_handlers.context import (
     Continuation,
     Prompt,
@@ -58,7 +58,6 @@ _TYPED_MAX_CHARS = 64  # most characters typed since a prompt that extending it 
 _SPANS_KEPT = 64  # (developer, document) pairs whose warm prompt starts are remembered (`completion.warm_context`)
 _SPANS_PER_DOCUMENT = 32  # warm starts kept per (developer, document): the last ones used or warmed stay
 _SPAN_SLACK_LINES = 16  # lines below a span's last line a request may be and still be tried from its start
-WARM_PIECE_TOKENS = 128  # tokens a warm reads per engine request (at least a KV-cache block: `engine.block_size`)
 WARM_QUIET_S = 0.3  # how long no completion must have been asked for before a warm reads a piece
 
 
@@ -272,6 +271,10 @@ class CompletionService:
             )
             self._budget_logged = budget
         return budget
+
+    def _warm_piece(self, settings: Settings) -> int:
+        """The tokens a warm reads per engine request on this machine now (`warm_piece_tokens`)."""
+        return warm_piece_tokens(self.prefill.seconds_per_token(), settings.engine.block_size)
 
     async def _calibrated(self, settings: Settings) -> None:
         """Wait for the engine to be timed (a fraction of a second, once after start-up; started here if it was
@@ -733,13 +736,13 @@ class CompletionService:
         *,
         second: bool = False,
     ) -> bool:
-        """Have the engine read `head` (the text of a prompt from `span`'s start up to a cursor)
-        `WARM_PIECE_TOKENS` at a time (at least a KV-cache block), each piece a request of one new token sent
-        once no completion was asked for a moment (`_quiet`: a completion that comes meanwhile waits for one
-        piece at most); the span's `head` says how far it got. `second`: a warm on opening, whose pieces wait
-        while a cursor's warm runs. False when the engine failed."""
+        """Have the engine read `head` (the text of a prompt from `span`'s start up to a cursor) in pieces of
+        `warm_piece_tokens` (what the engine reads in about 150 ms, in KV-cache blocks), each piece a request of
+        one new token sent once no completion was asked for a moment (`_quiet`: a completion that comes meanwhile
+        waits for one piece at most); the span's `head` says how far it got. `second`: a warm on opening, whose
+        pieces wait while a cursor's warm runs. False when the engine failed."""
         ids, ends = self.services.tokenizer.encode_with_ends(head)
-        piece = max(WARM_PIECE_TOKENS, settings.engine.block_size)
+        piece = self._warm_piece(settings)
         started = time.perf_counter()
         read: int | None = 0  # tokens the engine did not have cached (None: it does not say, a remote engine)
         request_id = ""
@@ -928,7 +931,7 @@ class CompletionService:
             cached,
             len(gen.prompt_token_ids),
         )
-        if read > learned + max(WARM_PIECE_TOKENS, req.settings.engine.block_size):
+        if read > learned + self._warm_piece(req.settings):
             key = (req.identity.developer_id, req.doc.uri)
             self._spans.pop(key, None)
             log.info(

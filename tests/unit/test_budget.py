@@ -3,7 +3,7 @@ against hand-computed values."""
 
 from __future__ import annotations
 
-from lsp_handlers.budget import FLOOR_TOKENS, MIN_SAMPLE_TOKENS, PrefillClock
+from lsp_handlers.budget import FLOOR_TOKENS, MIN_SAMPLE_TOKENS, WARM_PIECE_TOKENS, PrefillClock, warm_piece_tokens
 
 
 def test_without_a_sample_or_a_target_the_budget_is_the_settings_own() -> None:
@@ -84,3 +84,18 @@ def test_once_a_budget_is_given_a_request_that_read_less_than_half_of_it_is_not_
     assert clock.budget(1536, 450) == 448  # 450 tokens -> 448
     assert clock.observe(224, 0.224)
     assert not clock.observe(223, 0.223)
+
+
+def test_a_warm_piece_is_what_the_engine_reads_in_150_ms_in_whole_blocks() -> None:
+    # Two AMD EPYC cores read about 480 prompt tokens a second: 150 ms reads 72 -> 64 (2 blocks of 32).
+    assert warm_piece_tokens(1 / 480, 32) == 64
+    # With blocks of 64 the same 72 tokens make one block; with blocks of 128, one block is the least.
+    assert warm_piece_tokens(1 / 480, 64) == 64
+    assert warm_piece_tokens(1 / 480, 128) == 128
+    # 1,400 tokens a second (AMX units): 210 -> 192, held at WARM_PIECE_TOKENS; 200 a second: 30 -> one block.
+    assert warm_piece_tokens(1 / 1400, 32) == WARM_PIECE_TOKENS == 128
+    assert warm_piece_tokens(1 / 200, 32) == 32
+    # Blocks bigger than the most: one block. Before the speed is known: the most.
+    assert warm_piece_tokens(1 / 1400, 256) == 256
+    assert warm_piece_tokens(None, 32) == 128
+    assert warm_piece_tokens(0.0, 32) == 128
