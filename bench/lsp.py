@@ -347,6 +347,14 @@ class BenchClient:
             )
         )
 
+    def cursor(self, request: Request) -> None:
+        """The developer's cursor came to rest at the request's place (`heedful/didMoveCursor`, as the editor
+        clients send it)."""
+        self.lc.protocol.notify(
+            "heedful/didMoveCursor",
+            {"textDocument": {"uri": request.uri}, "position": {"line": request.line, "character": request.character}},
+        )
+
     def insert(self, uri: str, version: int, line: int, character: int, text: str) -> None:
         """A keystroke: `text` inserted at (line, character) of the open document, its new `version`."""
         self.lc.text_document_did_change(

@@ -38,12 +38,15 @@ cursor, each keystroke a request as an editor sends them: what typing shows (the
 from keystroke to keystroke, the rest of a suggestion typed through); the typed characters and the
 suggestion's first line make the line scored. `--pause-ms MS` waits that long after the first suggestion before
 the first character is typed (the developer reading it: the server's background work, such as
-`completion.warm_context`, has that time).
+`completion.warm_context`, has that time). `--open-pause-ms MS` keeps each file open that long before its
+first request; with `--cursor-rest` the bench says, right after opening it, that the developer's cursor came
+to rest at the case's place (`heedful/didMoveCursor`, as the editor clients send it), so that the server's
+warm can read the text before it meanwhile.
 
     .venv/bin/python -m bench.quality [--model NAME ...] [--style fim|prefix ...] [--humaneval 80]
         [--stdlib 80] [--repo 0] [--crossfile SHARE ...] [--context-tokens N|learned ...]
         [--quantization none|int8 ...] [--set "section.key=value,..." ...] [--typed 0] [--pause-ms 0] [--seed 0]
-        [--max-tokens 64] [--json]
+        [--open-pause-ms 0] [--cursor-rest] [--max-tokens 64] [--json]
 """
 
 from __future__ import annotations
@@ -361,6 +364,7 @@ async def run_config(
     typed: int = 0,
     pause_s: float = 0.0,
     open_pause_s: float = 0.0,
+    cursor_rest: bool = False,
 ) -> ConfigResult:
     from kernel import paths
     from server.model_prep import known_model
@@ -399,7 +403,10 @@ async def run_config(
         for i, case in enumerate([warm, *cases]):
             file = "humaneval.py" if case.kind == "humaneval" else case.name.split(":")[0]
             uri = case.path.as_uri() if case.path else f"file:///bench/quality/{i:04d}/{file}"
-            client.open(Request(uri, case.text, case.line, case.character))
+            request = Request(uri, case.text, case.line, case.character)
+            client.open(request)
+            if cursor_rest:
+                client.cursor(request)
             await asyncio.sleep(open_pause_s)  # the file has been open this long before the cursor gets there
             # Typing: a request at the cursor, then one per character typed of the line; the last one's
             # answer is scored.
@@ -515,6 +522,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         typed=args.typed,
                         pause_s=args.pause_ms / 1000,
                         open_pause_s=args.open_pause_ms / 1000,
+                        cursor_rest=args.cursor_rest,
                     )
                     row = score(result)
                     rows.append(row)
@@ -527,6 +535,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "typed": args.typed,
         "pause_ms": args.pause_ms,
         "open_pause_ms": args.open_pause_ms,
+        "cursor_rest": args.cursor_rest,
         "humaneval_cases": sum(c.kind == "humaneval" for c in cases),
         "stdlib_cases": sum(c.kind == "stdlib" for c in cases),
         "repo_cases": sum(c.kind == "repo" for c in cases),
@@ -548,6 +557,11 @@ def print_table(report: dict[str, Any]) -> None:
         + (
             f"; each file open {report['open_pause_ms']} ms before the first request"
             if report.get("open_pause_ms")
+            else ""
+        )
+        + (
+            ", the cursor said to rest at its place on opening (heedful/didMoveCursor)"
+            if report.get("cursor_rest")
             else ""
         )
     )
@@ -632,6 +646,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         metavar="MS",
         help="how long each case's file is open before the first request (default 0: at once)",
+    )
+    parser.add_argument(
+        "--cursor-rest",
+        action="store_true",
+        help="say that the cursor came to rest at the case's place right after opening its file "
+        "(heedful/didMoveCursor, as the editor clients send it)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64, help="completion.max_tokens (default 64, as served)")

@@ -246,6 +246,8 @@ class CompletionService:
         self._spans: OrderedDict[tuple[str, str], list[WarmSpan]] = OrderedDict()
         self._warming: asyncio.Task[None] | None = None
         self._opening: asyncio.Task[None] | None = None  # the warm of the latest opened document (`warm_open_soon`)
+        # The place the editor last said a cursor came to rest (developer, document, version, line): `warm_cursor_soon`.
+        self._cursor_place: tuple[str, str, int | None, int] | None = None
         self._in_flight = 0  # completion requests waiting for the engine: a warm waits while any are
         self._idle = asyncio.Event()
         self._idle.set()
@@ -676,31 +678,92 @@ class CompletionService:
         if self._warming is not None:
             self._warming.cancel()
         lease = req.lease.share()
-        task = asyncio.ensure_future(self._warm(engine, req, lease))
+        task = asyncio.ensure_future(
+            self._warm(engine, req.doc, req.text, req.offset, req.identity, req.settings, lease)
+        )
         task.add_done_callback(lambda _: lease.release())
         self._warming = task
 
-    async def _warm(self, engine: Engine, req: CompletionRequest, lease: Lease) -> None:
-        """Have the engine read the text before the request's cursor that a prompt at
+    def warm_cursor_soon(
+        self, doc: TextDocument, position: types.Position, identity: Identity, settings: Settings
+    ) -> None:
+        """The editor says the developer's cursor came to rest at `position` (`heedful/didMoveCursor`): warm the
+        text before it in the background (`_warm`), as after a cold request there, so that the first request
+        there already gets a prompt from a warm start. The latest place wins over a warm still running; the
+        place warmed last (same document version and line) is not warmed again."""
+        c = settings.completion
+        if not self._warms(settings, None) or c.crossfile_share > 0:
+            return
+        arm = arm_of(identity.developer_id, settings.experiment.arms)
+        if arm in BASELINE_ARMS:
+            return  # their notes change as corrections come: a warm prompt would not stay what they are sent
+        offset = doc.offset_at(position)
+        text = doc.text
+        place = (identity.developer_id, doc.uri, doc.version, text.count("\n", 0, offset))
+        if place == self._cursor_place:
+            return
+        self._cursor_place = place
+        if self._warming is not None:
+            self._warming.cancel()
+        self._warming = asyncio.ensure_future(self._warm_cursor(doc, text, offset, identity, settings, arm))
+
+    async def _warm_cursor(
+        self, doc: TextDocument, text: str, offset: int, identity: Identity, settings: Settings, arm: str
+    ) -> None:
+        engine = self.services.engine.ready()
+        if engine is None:
+            return  # not up yet: the requests at the cursor warm it once it is
+        await self._calibrated(settings)
+        if self.context_budget(settings) >= settings.completion.context_tokens:
+            return  # every prompt is read whole anyway
+        lease = await self._warm_lease(doc, identity, arm)
+        if lease is None:
+            return
+        try:
+            await self._warm(engine, doc, text, offset, identity, settings, lease)
+        finally:
+            lease.release()
+
+    async def _warm_lease(self, doc: TextDocument, identity: Identity, arm: str) -> Lease | None:
+        """The weights a warm of `doc` reads with: the developer's adapter in an adapter arm (None when it could
+        not be loaded: nothing is warmed), else the base."""
+        if arm not in ADAPTER_ARMS:
+            return BASE
+        try:
+            return await self.services.adapters.acquire(identity.developer_id, identity.team_id)
+        except (EngineError, TimeoutError) as exc:
+            log.debug("%s was not warmed: %s's adapter could not be loaded: %s", doc.uri, identity.developer_id, exc)
+            return None
+
+    async def _warm(
+        self,
+        engine: Engine,
+        doc: TextDocument,
+        text: str,
+        offset: int,
+        identity: Identity,
+        settings: Settings,
+        lease: Lease,
+    ) -> None:
+        """Have the engine read the text before the cursor at `offset` of `text` (`doc`'s) that a prompt at
         `completion.context_tokens` holds, so that the next requests in those lines can have it
         (`_full_prompt`); its start leaves the learned budget's worth of room to write on below the cursor
         before it has to move. A warm start of the document whose lines from there still fit is kept (what the
         engine holds from it is not read again), the farthest up first. The reading is `_read_head`'s."""
         await self._quiet()  # while the developer types on, nothing is built either (the next request cancels it)
-        c = req.settings.completion
-        learned = self.context_budget(req.settings)
+        c = settings.completion
+        learned = self.context_budget(settings)
         suffix_tokens = suffix_share_of(learned, c.suffix_share)
-        text, offset = req.text, req.offset
         line = text.count("\n", 0, offset)
         budget = c.context_tokens - learned + suffix_tokens
-        key = (req.identity.developer_id, req.doc.uri)
+        key = (identity.developer_id, doc.uri)
         span: WarmSpan | None = None
         prompt: Prompt | None = None
         for kept in self._spans.get(key, ()):
             start = _line_start(text, kept.first_line)
             if kept.version != lease.version_id or start > offset:
                 continue
-            prompt = self._build(text, start, offset, req.doc, req.settings, [], budget, suffix_tokens, kept.first_line)
+            prompt = self._build(text, start, offset, doc, settings, [], budget, suffix_tokens, kept.first_line)
             if len(prompt.prefix) == offset - start:
                 span = kept
                 break
@@ -708,22 +771,20 @@ class CompletionService:
             whole = _whole_lines_from(text, max(0, offset - c.context_tokens * _CHARS_PER_TOKEN_BOUND), offset)
             start = offset if whole is None else whole
             first_line = text.count("\n", 0, start)
-            prompt = self._build(text, start, offset, req.doc, req.settings, [], budget, suffix_tokens, first_line)
+            prompt = self._build(text, start, offset, doc, settings, [], budget, suffix_tokens, first_line)
             dropped = offset - start - len(prompt.prefix)
             if prompt.tokens <= learned or (dropped > 0 and text[start + dropped - 1] != "\n"):
                 return  # nothing more than the learned budget held, or a line too long to start on
             span = WarmSpan(lease.version_id, first_line + text.count("\n", start, start + dropped), "", line)
             start += dropped
             if prompt.outline:  # the very prompt `_full_prompt` builds from that start has no scope openers above
-                prompt = self._build(
-                    text, start, offset, req.doc, req.settings, [], budget, suffix_tokens, span.first_line
-                )
+                prompt = self._build(text, start, offset, doc, settings, [], budget, suffix_tokens, span.first_line)
                 if len(prompt.prefix) != offset - start:
                     return
         assert prompt is not None
         span.last_line = max(span.last_line, line)
         self._keep_span(key, span)
-        await self._read_head(engine, span, prompt_head(prompt), lease, req.settings, req.doc.uri)
+        await self._read_head(engine, span, prompt_head(prompt), lease, settings, doc.uri)
 
     async def _read_head(
         self,
@@ -809,15 +870,9 @@ class CompletionService:
         learned = self.context_budget(settings)
         if learned >= c.context_tokens:
             return  # every prompt is read whole anyway
-        lease = BASE
-        if arm in ADAPTER_ARMS:
-            try:
-                lease = await self.services.adapters.acquire(identity.developer_id, identity.team_id)
-            except (EngineError, TimeoutError) as exc:
-                log.debug(
-                    "%s was not warmed: %s's adapter could not be loaded: %s", doc.uri, identity.developer_id, exc
-                )
-                return
+        lease = await self._warm_lease(doc, identity, arm)
+        if lease is None:
+            return
         try:
             text = doc.text
             key = (identity.developer_id, doc.uri)

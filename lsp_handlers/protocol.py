@@ -37,6 +37,7 @@ INLINE_COMPLETION = types.TEXT_DOCUMENT_INLINE_COMPLETION
 DID_SHOW_COMPLETION = "textDocument/didShowCompletion"
 DID_PARTIALLY_ACCEPT_COMPLETION = "textDocument/didPartiallyAcceptCompletion"
 DID_REJECT_COMPLETION = "heedful/didRejectCompletion"
+DID_MOVE_CURSOR = "heedful/didMoveCursor"
 STATUS = "heedful/status"
 ACCEPT_COMMAND = "heedful.acceptCompletion"
 FEEDBACK_COMMAND = "heedful.feedback"
@@ -65,6 +66,15 @@ class DidRejectCompletionParams:
 
 
 @attrs.define
+class DidMoveCursorParams:
+    """The developer's cursor came to rest at `position` in the open document `text_document` (sent when it
+    comes to rest on another line or in another document)."""
+
+    text_document: types.TextDocumentIdentifier
+    position: types.Position
+
+
+@attrs.define
 class DidShowCompletionNotification:
     params: DidShowCompletionParams
     method: str = DID_SHOW_COMPLETION
@@ -85,10 +95,18 @@ class DidRejectCompletionNotification:
     jsonrpc: str = "2.0"
 
 
+@attrs.define
+class DidMoveCursorNotification:
+    params: DidMoveCursorParams
+    method: str = DID_MOVE_CURSOR
+    jsonrpc: str = "2.0"
+
+
 CUSTOM_MESSAGES: dict[str, type[Any]] = {
     DID_SHOW_COMPLETION: DidShowCompletionNotification,
     DID_PARTIALLY_ACCEPT_COMPLETION: DidPartiallyAcceptCompletionNotification,
     DID_REJECT_COMPLETION: DidRejectCompletionNotification,
+    DID_MOVE_CURSOR: DidMoveCursorNotification,
 }
 
 

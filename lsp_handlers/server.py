@@ -44,11 +44,13 @@ from lsp_handlers.followup import Followup, nothing_recorded
 from lsp_handlers.learning import LEARNING_COMMAND, REPORT_COMMAND, ReportHtml, learning_command, report_command
 from lsp_handlers.protocol import (
     ACCEPT_COMMAND,
+    DID_MOVE_CURSOR,
     DID_PARTIALLY_ACCEPT_COMPLETION,
     DID_REJECT_COMPLETION,
     DID_SHOW_COMPLETION,
     FEEDBACK_COMMAND,
     STATUS,
+    DidMoveCursorParams,
     DidPartiallyAcceptCompletionParams,
     DidRejectCompletionParams,
     DidShowCompletionParams,
@@ -59,6 +61,7 @@ from lsp_handlers.protocol import (
 from lsp_handlers.workspace import Workspace
 from server import __version__
 from server.learning import learning_state
+from server.logs import clip
 from server.runtime import EngineState, EngineStatus, Services, arm_of
 from storage.models import EventKind
 from storage.repositories import Scope
@@ -417,6 +420,21 @@ def did_change(ls: HeedfulLanguageServer, params: types.DidChangeTextDocumentPar
         ls.completions.edited(ls.identity.developer_id, uri, params.content_changes)
 
 
+def did_move_cursor(ls: HeedfulLanguageServer, params: DidMoveCursorParams) -> None:
+    """The developer's cursor came to rest: the engine reads the text before it while they think (warm context)."""
+    uri = params.text_document.uri
+    doc = ls.documents.find(uri)
+    if doc is None:
+        log.warning("%s for %s, which is not open; ignored (send didOpen first)", DID_MOVE_CURSOR, clip(uri))
+        return
+    if ls.identity is None:
+        return
+    try:
+        ls.completions.warm_cursor_soon(doc, params.position, ls.identity, ls.settings)
+    except DocumentError as exc:
+        log.warning("%s ignored: %s", DID_MOVE_CURSOR, exc)
+
+
 def did_close(ls: HeedfulLanguageServer, params: types.DidCloseTextDocumentParams) -> None:
     uri = params.text_document.uri
     ls.documents.close(uri)
@@ -670,6 +688,7 @@ def create_server(
     ls.feature(DID_SHOW_COMPLETION)(did_show)
     ls.feature(DID_PARTIALLY_ACCEPT_COMPLETION)(did_partially_accept)
     ls.feature(DID_REJECT_COMPLETION)(did_reject)
+    ls.feature(DID_MOVE_CURSOR)(did_move_cursor)
     ls.command(FEEDBACK_COMMAND)(feedback)
     ls.command(LEARNING_COMMAND)(learning)
     ls.command(REPORT_COMMAND)(report)

@@ -668,6 +668,42 @@ async def test_a_document_warmed_on_opening_gives_the_first_request_anywhere_in_
     assert int(moved.group(2)) > 0, prompts[2]  # not the start at the top: its first line is now another
 
 
+async def test_a_cursor_that_comes_to_rest_is_warmed_before_the_first_request_there(
+    lsp_setup: ServerSetup,
+) -> None:
+    # 300 lines (about 4,500 tokens), a budget of 256 tokens under a context of 1,024, nothing read on opening:
+    # the editor says the cursor came to rest on line 250 (heedful/didMoveCursor), the engine reads the text
+    # before it while the developer thinks, and the first request there gets a prompt of more than half the
+    # context from that warm start, of which the engine reads no more than the budget. The same place said again
+    # is not read again; a cursor in a document that is not open is a warning, and the server serves on.
+    text = table_source(300)
+    lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
+    uri = "file:///work/cursor.py"
+    settings = WARM_ON_OPENING | {"warm_open_tokens": 0}
+    options = {"developerId": "dev-cursor", "sessionId": "dev-cursor-1", "settings": {"completion": settings}}
+    log = lsp_setup.log
+    async with running_client("vscode", lsp_setup.config, log, options) as client:
+        await client.wait_status("ready")
+        client.open(uri, text)
+        closed = {"textDocument": {"uri": "file:///work/closed.py"}, "position": {"line": 1, "character": 0}}
+        client.notify("heedful/didMoveCursor", closed)
+        for _ in range(2):
+            client.notify(
+                "heedful/didMoveCursor", {"textDocument": {"uri": uri}, "position": {"line": 250, "character": 4}}
+            )
+        await logged(log, f"tokens of {uri} from line")
+        await client.inline(uri, 250, 4)
+    lines = log.read_text().splitlines()
+    assert any("heedful/didMoveCursor for file:///work/closed.py, which is not open" in line for line in lines)
+    warmed = [line for line in lines if f"tokens of {uri} from line" in line]
+    assert len(warmed) == 1, warmed
+    (prompt,) = prompts_logged(log, uri)
+    full = re.search(r"^(\d+) tokens from the warm start on line (\d+), about (\d+) of them to read", prompt)
+    assert full, prompt
+    assert 512 < int(full.group(1)) <= 1024 and int(full.group(3)) <= 256, prompt
+    assert int(full.group(2)) < 250 - 30, prompt  # far above what 256 tokens reach (about 17 lines)
+
+
 async def test_a_prompt_from_a_warm_start_widens_the_text_after_the_cursor_at_a_new_line_only(
     lsp_setup: ServerSetup,
 ) -> None:
