@@ -716,6 +716,9 @@ class CompletionService:
         await self._calibrated(settings)
         if self.context_budget(settings) >= settings.completion.context_tokens:
             return  # every prompt is read whole anyway
+        await self._quiet()
+        if doc.text != text:
+            return  # edited since: the requests at its cursor warm what they need
         lease = await self._warm_lease(doc, identity, arm)
         if lease is None:
             return

@@ -427,6 +427,7 @@ def did_move_cursor(ls: HeedfulLanguageServer, params: DidMoveCursorParams) -> N
     if doc is None:
         log.warning("%s for %s, which is not open; ignored (send didOpen first)", DID_MOVE_CURSOR, clip(uri))
         return
+    log.debug("the cursor rests on line %d of %s", params.position.line, uri)
     if ls.identity is None:
         return
     try:

@@ -428,6 +428,39 @@ def test_two_neovims_share_one_server(lsp_setup: ServerSetup, tmp_path: Path) ->
         shutil.rmtree(run, ignore_errors=True)
 
 
+def test_neovim_says_where_the_cursor_comes_to_rest(lsp_setup: ServerSetup, tmp_path: Path) -> None:
+    """`heedful/didMoveCursor` (the server reads the text before the cursor meanwhile): once the buffer is
+    attached, and whenever the cursor rests on another line; moving along a line says nothing."""
+    config = tmp_path / "debug.toml"
+    config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
+    file = tmp_path / "orders.py"
+    file.write_text(SOURCE)
+    server = [sys.executable, "-m", "server.cli", "--config", str(config), "--log-file", str(lsp_setup.log), "serve"]
+    init = write_init(tmp_path / "init.lua", server, "dev-rest", "session-rest", "builtin")
+    neovim = Neovim(nvim_binary(), tmp_path, init, file)
+    uri = file.as_uri()
+
+    def rests() -> list[int]:
+        text = lsp_setup.log.read_text(errors="replace") if lsp_setup.log.exists() else ""
+        return [int(n) for n in re.findall(rf"the cursor rests on line (\d+) of {re.escape(uri)}", text)]
+
+    try:
+        neovim.wait_for(functools.partial(ready_status, neovim), "heedful/status to say ready")
+        neovim.wait_for(lambda: rests() == [0], "the cursor's place on attaching", timeout=30)
+        neovim.send("4G")
+        neovim.wait_for(lambda: rests() == [0, 3], "the cursor's rest on line 4", timeout=30)
+        neovim.send("ll")  # along the line: nothing to say
+        time.sleep(1.0)
+        neovim.send("6G")
+        neovim.wait_for(lambda: rests() == [0, 3, 5], "the cursor's rest on line 6", timeout=30)
+        neovim.send("4Gj4G")  # through line 5 and back, quicker than a rest: only where it rests is said
+        neovim.wait_for(lambda: rests() == [0, 3, 5, 3], "the cursor's rest on line 4 again", timeout=30)
+        time.sleep(1.0)
+        assert rests() == [0, 3, 5, 3]
+    finally:
+        neovim.close()
+
+
 def ready_status(neovim: Neovim) -> Any:
     """The plugin's last heedful/status once it says ready, else None."""
     status = neovim.lua('require("heedful").last_status or vim.NIL')

@@ -226,10 +226,10 @@ class Shared:
 def shared(lsp_setup: ServerSetup, tmp_path: Path) -> Iterator[Shared]:
     """`heedful serve --shared` (the extension's default command) on the suite's settings, with a runtime dir
     (short: a socket path has at most 107 bytes) and a data dir of the test's own; it stops 2 s after the
-    last editor leaves."""
+    last editor leaves; its log says where the editors' cursors came to rest (debug)."""
     run = Path(tempfile.mkdtemp(prefix="hf-run-"))
     config = tmp_path / "shared.toml"
-    config.write_text(lsp_setup.config.read_text() + "\n[server]\nidle_exit_s = 2\n")
+    config.write_text(lsp_setup.config.read_text() + '\n[server]\nidle_exit_s = 2\n\n[logging]\nlevel = "DEBUG"\n')
     env = {"XDG_RUNTIME_DIR": str(run), "HEEDFUL_DATA_DIR": str(tmp_path / "data")}
     yield Shared(config, env, shared_socket(config, env))
     shutil.rmtree(run, ignore_errors=True)
@@ -269,6 +269,10 @@ def test_vscode_shows_ghost_text_accepts_with_tab_and_sends_a_correction(
     assert accepted["completion_id"] in shown and accepted["accepted_length"] > 0
     (completion,) = lsp_setup.rows("SELECT * FROM completions WHERE id = ?", accepted["completion_id"])
     assert completion["line"] == 6 and completion["character"] >= 4  # where the test typed
+    # The cursor came to rest there (Ctrl+End, then typing along the line): the server was told, once the
+    # extension's 300 ms passed, and read the text before it.
+    rests = re.findall(r"the cursor rests on line (\d+) of (\S+)", lsp_setup.log.read_text(errors="replace"))
+    assert ("6", completion["uri"]) in rests, rests
     # The accepted text is in the editor: the server follows it there (edit snapshots), and the page shows
     # it (the DOM renders spaces as no-break spaces).
     document = result["documentText"].replace("\u00a0", " ")

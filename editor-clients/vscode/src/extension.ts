@@ -6,7 +6,9 @@
 // dismissed, so this extension infers "shown" (the answer arrived for the place the cursor still is, and
 // VS Code reports an inline suggestion visible there) and owns the keys that dismiss a suggestion or take
 // one word of it, sending textDocument/didShowCompletion, heedful/didRejectCompletion and
-// textDocument/didPartiallyAcceptCompletion. Typing past a suggestion is noticed by the server itself.
+// textDocument/didPartiallyAcceptCompletion. Typing past a suggestion is noticed by the server itself. Once the
+// cursor rests on another line (or in another document) for `heedful.cursorRestMs`, it sends
+// heedful/didMoveCursor: the server reads the text before that place while the developer thinks.
 
 import * as os from "os";
 import * as vscode from "vscode";
@@ -22,6 +24,7 @@ import {
 const SHOW = "textDocument/didShowCompletion";
 const PARTIAL = "textDocument/didPartiallyAcceptCompletion";
 const REJECT = "heedful/didRejectCompletion";
+const CURSOR = "heedful/didMoveCursor";
 const STATUS = "heedful/status";
 const ACCEPT_COMMAND = "heedful.acceptCompletion";
 const FEEDBACK_COMMAND = "heedful.feedback";
@@ -137,6 +140,10 @@ class Heedful {
   reportPanel: vscode.WebviewPanel | undefined;
   snoozedUntil = 0; // epoch ms; suggestions stay off until then
   private snoozeTimer: ReturnType<typeof setTimeout> | undefined;
+  private selector: vscode.DocumentSelector = [];
+  private restTimer: ReturnType<typeof setTimeout> | undefined;
+  private cursorLine: string | undefined; // "uri:line" the cursor was last on
+  private toldPlace: string | undefined; // "uri:version:line" the server was last told the cursor rests at
   readonly statusBar = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
   readonly output = vscode.window.createOutputChannel("Heedful", { log: true });
 
@@ -224,11 +231,12 @@ class Heedful {
     // No `transport`: the client would append `--stdio`, which `heedful serve` does not take (stdio is its default).
     const server: ServerOptions = { command: command[0], args: command.slice(1) };
     const languages = config.get<string[]>("documentSelector", ["*"]);
+    this.selector = languages.flatMap((language) => [
+      { scheme: "file", language },
+      { scheme: "untitled", language },
+    ]);
     const options: LanguageClientOptions = {
-      documentSelector: languages.flatMap((language) => [
-        { scheme: "file", language },
-        { scheme: "untitled", language },
-      ]),
+      documentSelector: this.selector,
       initializationOptions: {
         developerId: config.get<string>("developerId") || os.userInfo().username,
         team: config.get<string>("team") || undefined,
@@ -272,6 +280,44 @@ class Heedful {
           "Set heedful.serverCommand to the full path of `heedful` (and `serve`).",
       );
     }
+  }
+
+  /** The cursor moved in `editor`: once it rests on another line or in another document, tell the server. */
+  cursorMoved(editor: vscode.TextEditor | undefined): void {
+    const rest = vscode.workspace.getConfiguration("heedful").get<number>("cursorRestMs", 300);
+    if (!editor || !(rest > 0)) {
+      return;
+    }
+    const line = `${editor.document.uri.toString()}:${editor.selection.active.line}`;
+    if (line === this.cursorLine) {
+      return; // along a line (typing on it) the text before the cursor is what the requests read
+    }
+    this.cursorLine = line;
+    clearTimeout(this.restTimer);
+    this.restTimer = setTimeout(() => this.cursorRested(), rest);
+  }
+
+  /** heedful/didMoveCursor for where the active editor's cursor is, unless the server was told that place last. */
+  cursorRested(): void {
+    const editor = vscode.window.activeTextEditor;
+    const client = this.client;
+    if (!editor || !client?.isRunning() || !this.suggestsIn(editor.document)) {
+      return;
+    }
+    const document = editor.document;
+    if (vscode.languages.match(this.selector, document) === 0) {
+      return; // a document the server is not told about
+    }
+    const position = editor.selection.active;
+    const place = `${document.uri.toString()}:${document.version}:${position.line}`;
+    if (place === this.toldPlace) {
+      return;
+    }
+    this.toldPlace = place;
+    void client.sendNotification(CURSOR, {
+      textDocument: { uri: client.code2ProtocolConverter.asUri(document.uri) },
+      position: { line: position.line, character: position.character },
+    });
   }
 
   async stop(): Promise<void> {
@@ -576,7 +622,11 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     }),
     vscode.commands.registerCommand("heedful.snooze", () => h.snooze()),
     vscode.commands.registerCommand("heedful.resume", () => h.resume()),
-    vscode.window.onDidChangeActiveTextEditor(() => h.renderStatus()),
+    vscode.window.onDidChangeActiveTextEditor((editor) => {
+      h.renderStatus();
+      h.cursorMoved(editor);
+    }),
+    vscode.window.onDidChangeTextEditorSelection((event) => h.cursorMoved(event.textEditor)),
     vscode.workspace.onDidChangeTextDocument((event) => {
       // Any edit at the suggestion's place moves on from it; the server judges typing past it.
       if (h.shown && event.document.uri.toString() === h.shown.uri && event.contentChanges.length > 0) {
@@ -593,6 +643,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     }),
   );
   await h.start();
+  h.cursorMoved(vscode.window.activeTextEditor);
 }
 
 export async function deactivate(): Promise<void> {

@@ -6,7 +6,8 @@
 --- did (the feedback contract in docs/language-server.md): `textDocument/didShowCompletion` when a suggestion
 --- appears, the item's `heedful.acceptCompletion` command after an accept,
 --- `textDocument/didPartiallyAcceptCompletion` after accepting a word, `heedful/didRejectCompletion` when a
---- suggestion is dismissed, and the `heedful.feedback` command for `:HeedfulCorrect {text}`.
+--- suggestion is dismissed, and the `heedful.feedback` command for `:HeedfulCorrect {text}`. It also says where the
+--- cursor came to rest (`heedful/didMoveCursor`), so that the server reads the text before it while you think.
 
 local ghost = require("heedful.ghost")
 
@@ -18,6 +19,7 @@ local REJECT = "heedful/didRejectCompletion"
 local STATUS = "heedful/status"
 local FEEDBACK = "heedful.feedback"
 local INLINE = "textDocument/inlineCompletion"
+local CURSOR = "heedful/didMoveCursor"
 
 ---@class heedful.Keymaps
 ---@field accept string|false Insert-mode key that accepts the whole suggestion (falls back to the key itself)
@@ -36,6 +38,7 @@ local INLINE = "textDocument/inlineCompletion"
 ---@field filetypes string[]? Filetypes to attach to; nil attaches to every file with a filetype
 ---@field renderer "auto"|"builtin"|"extmark" "auto" uses vim.lsp.inline_completion when present
 ---@field debounce_ms integer Pause after typing before the extmark renderer asks for a suggestion
+---@field cursor_rest_ms integer How long the cursor rests on another line before the server is told (0: never)
 ---@field keymaps heedful.Keymaps
 ---@field exit_timeout_ms integer On quit, how long Neovim waits for the server to record the session's end
 local defaults = {
@@ -48,6 +51,7 @@ local defaults = {
   filetypes = nil,
   renderer = "auto",
   debounce_ms = 200,
+  cursor_rest_ms = 300,
   exit_timeout_ms = 5000,
   keymaps = { accept = "<Tab>", accept_word = "<M-Right>", dismiss = "<C-]>", trigger = "<M-\\>" },
 }
@@ -394,6 +398,62 @@ local function set_keymaps(bufnr)
   end
 end
 
+-- Where the cursor rests: the server reads the text before it while the developer thinks. -------------------
+
+local rest_timer = nil
+local told = nil -- the place last told: "bufnr:changedtick:row"
+
+--- Tell the server the cursor rests at its place in `bufnr`, unless it was told this line of this text last.
+function M.cursor_rested(bufnr)
+  local client = M.client(bufnr)
+  if not client or not M.enabled or vim.api.nvim_get_current_buf() ~= bufnr then
+    return
+  end
+  local row = vim.api.nvim_win_get_cursor(0)[1]
+  local place = ("%d:%d:%d"):format(bufnr, vim.api.nvim_buf_get_changedtick(bufnr), row)
+  if place == told then
+    return
+  end
+  told = place
+  local params = vim.lsp.util.make_position_params(0, client.offset_encoding)
+  client:notify(CURSOR, { textDocument = params.textDocument, position = params.position })
+end
+
+local function rest_soon(bufnr)
+  rest_timer = rest_timer or assert(vim.uv.new_timer())
+  rest_timer:stop()
+  rest_timer:start(
+    M.config.cursor_rest_ms,
+    0,
+    vim.schedule_wrap(function()
+      if vim.api.nvim_buf_is_valid(bufnr) then
+        M.cursor_rested(bufnr)
+      end
+    end)
+  )
+end
+
+--- Once attached, and whenever the cursor comes to another line or buffer: tell the server where it rests.
+local function watch_cursor(bufnr)
+  if M.config.cursor_rest_ms <= 0 then
+    return
+  end
+  local last_row = vim.api.nvim_win_get_cursor(0)[1]
+  vim.api.nvim_create_autocmd({ "CursorMoved", "CursorMovedI", "BufEnter" }, {
+    group = vim.api.nvim_create_augroup("heedful.cursor." .. bufnr, { clear = true }),
+    buffer = bufnr,
+    callback = function(ev)
+      local row = vim.api.nvim_win_get_cursor(0)[1]
+      if ev.event ~= "BufEnter" and row == last_row then
+        return -- along a line (typing on it) the text before the cursor is what the requests read
+      end
+      last_row = row
+      rest_soon(bufnr)
+    end,
+  })
+  rest_soon(bufnr)
+end
+
 local function on_attach(client, bufnr)
   if use_builtin() then
     attach_builtin_renderer(client, bufnr)
@@ -401,6 +461,7 @@ local function on_attach(client, bufnr)
     attach_extmark_renderer(bufnr)
   end
   set_keymaps(bufnr)
+  watch_cursor(bufnr)
   vim.api.nvim_create_autocmd({ "InsertLeave", "BufLeave" }, {
     group = vim.api.nvim_create_augroup("heedful.leave." .. bufnr, { clear = true }),
     buffer = bufnr,
