@@ -140,7 +140,7 @@ class Heedful {
   reportPanel: vscode.WebviewPanel | undefined;
   snoozedUntil = 0; // epoch ms; suggestions stay off until then
   private snoozeTimer: ReturnType<typeof setTimeout> | undefined;
-  private selector: vscode.DocumentSelector = [];
+  private selector: { scheme: string; language: string }[] = [];
   private restTimer: ReturnType<typeof setTimeout> | undefined;
   private cursorLine: string | undefined; // "uri:line" the cursor was last on
   private toldPlace: string | undefined; // "uri:version:line" the server was last told the cursor rests at
