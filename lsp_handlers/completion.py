@@ -607,58 +607,92 @@ class CompletionService:
             if span.version == lease.version_id and span.first_line <= line <= span.last_line + _SPAN_SLACK_LINES
         ]
         suffix_tokens = suffix_share_of(learned, c.suffix_share)
-        for span in spans:
-            start = _line_start(doc.text, span.first_line)
-            if start > offset:
-                continue
-            prompt = self._build(
-                doc.text, start, offset, doc, settings, notes, c.context_tokens, suffix_tokens, span.first_line
-            )
-            if len(prompt.prefix) != offset - start:
-                continue  # the lines from this start no longer fit: a later start may
-            head = prompt_head(prompt)
-            held = shared_start(head, span.head)
-            prompt_text, _ = heal(prompt)
-            read = self._count(prompt_text[held:])
-            if read > learned:
+        wide = suffix_share_of(c.context_tokens, c.suffix_share)
+        # At a new line, first a prompt with the whole share of text after the cursor that the engine already holds
+        # (a rested cursor's warm read it: `warm_cursor_soon`); else the first start whose prompt fits the budget.
+        for whole in (True, False) if widen and wide > suffix_tokens else (False,):
+            for span in spans:
+                prompt = self._span_prompt(
+                    doc, offset, span, settings, notes, suffix_tokens, wide, learned, whole, widen
+                )
+                if prompt is not None:
+                    # The engine holds it once it has read this prompt (and still the longer text it read before).
+                    head = prompt_head(prompt)
+                    if span.head.startswith(head):
+                        span.last_line = max(span.last_line, line)
+                    else:
+                        span.head, span.last_line = head, line
+                    span.used = time.monotonic()
+                    self._spans.move_to_end(key)
+                    return prompt
+        return None
+
+    def _span_prompt(
+        self,
+        doc: TextDocument,
+        offset: int,
+        span: WarmSpan,
+        settings: Settings,
+        notes: Sequence[str],
+        suffix_tokens: int,
+        wide: int,
+        learned: int,
+        whole: bool,
+        widen: bool,
+    ) -> Prompt | None:
+        """`_full_prompt`'s prompt from `span`'s start, or None: with `whole`, the one whose text after the cursor
+        has the whole share of a prompt at `completion.context_tokens` (`wide` tokens), when the engine holds all
+        but the budget of it; else the one with `suffix_tokens` after the cursor, widened at a new line (`widen`)
+        by what the budget leaves unread."""
+        c = settings.completion
+        start = _line_start(doc.text, span.first_line)
+        if start > offset:
+            return None
+        prompt = self._build(
+            doc.text,
+            start,
+            offset,
+            doc,
+            settings,
+            notes,
+            c.context_tokens,
+            wide if whole else suffix_tokens,
+            span.first_line,
+        )
+        if len(prompt.prefix) != offset - start:
+            return None  # the lines from this start no longer fit: a later start may
+        prompt_text, _ = heal(prompt)
+        read = self._count(prompt_text[shared_start(prompt_text, span.head) :])
+        if read > learned:
+            if not whole:
                 log.debug(
                     "no prompt from the warm start on line %d for %s: %d tokens past its cached text, over the budget",
                     span.first_line,
                     doc.uri,
                     read,
                 )
-                continue
-            # At a new line, what the budget leaves unread goes to the text after the cursor, up to the share a
-            # prompt at `context_tokens` gives it, as long as the text before the cursor still fits from this
-            # start. Not while the developer types on that line: the engine reads the text after the cursor
-            # whole at every request (it follows the cursor), and each keystroke would read up to the budget.
-            wide = suffix_share_of(c.context_tokens, c.suffix_share)
-            more = min(wide, suffix_tokens + min(learned - read, c.context_tokens - prompt.tokens))
-            if widen and more > suffix_tokens:
-                wider = self._build(
-                    doc.text, start, offset, doc, settings, notes, c.context_tokens, more, span.first_line
-                )
-                wider_text, _ = heal(wider)
-                if len(wider.prefix) == offset - start and (wider_read := self._count(wider_text[held:])) <= learned:
-                    prompt, read = wider, wider_read
-            log.debug(
-                "prompt for %s: %d tokens from the warm start on line %d, about %d of them to read, %d characters "
-                "after the cursor",
-                doc.uri,
-                prompt.tokens,
-                span.first_line,
-                read,
-                len(prompt.suffix),
-            )
-            # The engine holds it once it has read this prompt (and still the longer text it read before).
-            if span.head.startswith(head):
-                span.last_line = max(span.last_line, line)
-            else:
-                span.head, span.last_line = head, line
-            span.used = time.monotonic()
-            self._spans.move_to_end(key)
-            return prompt
-        return None
+            return None
+        # At a new line, what the budget leaves unread goes to the text after the cursor, up to the share a
+        # prompt at `context_tokens` gives it, as long as the text before the cursor still fits from this
+        # start. Not while the developer types on that line: the engine reads the text after the cursor
+        # whole at every request (it follows the cursor), and each keystroke would read up to the budget.
+        more = min(wide, suffix_tokens + min(learned - read, c.context_tokens - prompt.tokens))
+        if not whole and widen and more > suffix_tokens:
+            wider = self._build(doc.text, start, offset, doc, settings, notes, c.context_tokens, more, span.first_line)
+            wider_text, _ = heal(wider)
+            held = shared_start(wider_text, span.head)
+            if len(wider.prefix) == offset - start and (wider_read := self._count(wider_text[held:])) <= learned:
+                prompt, read = wider, wider_read
+        log.debug(
+            "prompt for %s: %d tokens from the warm start on line %d, about %d of them to read, %d characters "
+            "after the cursor",
+            doc.uri,
+            prompt.tokens,
+            span.first_line,
+            read,
+            len(prompt.suffix),
+        )
+        return prompt
 
     def _keep_span(self, key: tuple[str, str], span: WarmSpan) -> None:
         """Remember `span` among the document's warm starts (one per first line and adapter version, ordered by
@@ -722,8 +756,9 @@ class CompletionService:
         lease = await self._warm_lease(doc, identity, arm)
         if lease is None:
             return
+        whole = fim_template_for(settings.model.fim_template, self.services.vocabulary) is not None
         try:
-            await self._warm(engine, doc, text, offset, identity, settings, lease)
+            await self._warm(engine, doc, text, offset, identity, settings, lease, whole=whole)
         finally:
             lease.release()
 
@@ -747,22 +782,30 @@ class CompletionService:
         identity: Identity,
         settings: Settings,
         lease: Lease,
+        *,
+        whole: bool = False,
     ) -> None:
         """Have the engine read the text before the cursor at `offset` of `text` (`doc`'s) that a prompt at
         `completion.context_tokens` holds, so that the next requests in those lines can have it
         (`_full_prompt`); its start leaves the learned budget's worth of room to write on below the cursor
         before it has to move. A warm start of the document whose lines from there still fit is kept (what the
-        engine holds from it is not read again), the farthest up first. The reading is `_read_head`'s."""
+        engine holds from it is not read again), the farthest up first. The reading is `_read_head`'s.
+
+        `whole` (a cursor at rest, a fill-in-the-middle template): the engine reads the whole prompt a request at
+        that very cursor gets at `completion.context_tokens`, the text after the cursor included (its full
+        share), from that prompt's own start; the first request there finds all of it held."""
         await self._quiet()  # while the developer types on, nothing is built either (the next request cancels it)
         c = settings.completion
         learned = self.context_budget(settings)
         suffix_tokens = suffix_share_of(learned, c.suffix_share)
         line = text.count("\n", 0, offset)
         budget = c.context_tokens - learned + suffix_tokens
+        if whole:
+            budget, suffix_tokens = c.context_tokens, suffix_share_of(c.context_tokens, c.suffix_share)
         key = (identity.developer_id, doc.uri)
         span: WarmSpan | None = None
         prompt: Prompt | None = None
-        for kept in self._spans.get(key, ()):
+        for kept in () if whole else self._spans.get(key, ()):
             start = _line_start(text, kept.first_line)
             if kept.version != lease.version_id or start > offset:
                 continue
@@ -771,8 +814,8 @@ class CompletionService:
                 span = kept
                 break
         if span is None:
-            whole = _whole_lines_from(text, max(0, offset - c.context_tokens * _CHARS_PER_TOKEN_BOUND), offset)
-            start = offset if whole is None else whole
+            lines_from = _whole_lines_from(text, max(0, offset - c.context_tokens * _CHARS_PER_TOKEN_BOUND), offset)
+            start = offset if lines_from is None else lines_from
             first_line = text.count("\n", 0, start)
             prompt = self._build(text, start, offset, doc, settings, [], budget, suffix_tokens, first_line)
             dropped = offset - start - len(prompt.prefix)
@@ -787,7 +830,7 @@ class CompletionService:
         assert prompt is not None
         span.last_line = max(span.last_line, line)
         self._keep_span(key, span)
-        await self._read_head(engine, span, prompt_head(prompt), lease, settings, doc.uri)
+        await self._read_head(engine, span, heal(prompt)[0] if whole else prompt_head(prompt), lease, settings, doc.uri)
 
     async def _read_head(
         self,

@@ -671,13 +671,18 @@ async def test_a_document_warmed_on_opening_gives_the_first_request_anywhere_in_
 async def test_a_cursor_that_comes_to_rest_is_warmed_before_the_first_request_there(
     lsp_setup: ServerSetup,
 ) -> None:
-    # 300 lines (about 4,500 tokens), a budget of 256 tokens under a context of 1,024, nothing read on opening:
-    # the editor says the cursor came to rest on line 250 (heedful/didMoveCursor), the engine reads the text
-    # before it while the developer thinks, and the first request there gets a prompt of more than half the
-    # context from that warm start, of which the engine reads no more than the budget. The same place said again
-    # is not read again; a cursor in a document that is not open is a warning, and the server serves on.
+    # 300 lines (about 6,600 tokens), a fill-in-the-middle template (SmolLM2 has no FIM tokens of its own: any
+    # template with both places does), a budget of 256 tokens under a context of 1,024, nothing read on opening:
+    # the editor says the cursor came to rest on line 250 (heedful/didMoveCursor), the engine reads the whole
+    # prompt a request there gets at 1,024 tokens while the developer thinks, and the first request there gets
+    # it, its text after the cursor the whole share of such a prompt (256 tokens, not the budget's 64), of which
+    # the engine reads next to nothing. The same place said again is not read again; a cursor in a document that
+    # is not open is a warning, and the server serves on.
     text = table_source(300)
-    lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
+    config = lsp_setup.config.read_text().replace(
+        "[model]\n", '[model]\nfim_template = "{prefix}<|im_end|>{suffix}"\n', 1
+    )
+    lsp_setup.config.write_text(config + '\n[logging]\nlevel = "DEBUG"\n')
     uri = "file:///work/cursor.py"
     settings = WARM_ON_OPENING | {"warm_open_tokens": 0}
     options = {"developerId": "dev-cursor", "sessionId": "dev-cursor-1", "settings": {"completion": settings}}
@@ -698,10 +703,15 @@ async def test_a_cursor_that_comes_to_rest_is_warmed_before_the_first_request_th
     warmed = [line for line in lines if f"tokens of {uri} from line" in line]
     assert len(warmed) == 1, warmed
     (prompt,) = prompts_logged(log, uri)
-    full = re.search(r"^(\d+) tokens from the warm start on line (\d+), about (\d+) of them to read", prompt)
+    full = re.search(
+        r"^(\d+) tokens from the warm start on line (\d+), about (\d+) of them to read, (\d+) characters after", prompt
+    )
     assert full, prompt
-    assert 512 < int(full.group(1)) <= 1024 and int(full.group(3)) <= 256, prompt
-    assert int(full.group(2)) < 250 - 30, prompt  # far above what 256 tokens reach (about 17 lines)
+    assert 768 < int(full.group(1)) <= 1024 and int(full.group(3)) <= 16, prompt
+    assert int(full.group(2)) < 250 - 30, prompt  # far above what 256 tokens reach (about 11 lines)
+    # Each of these lines is some 22 tokens (SmolLM2 reads each digit alone): 256 tokens after the cursor are
+    # about 11 lines, the budget's 64 about 3.
+    assert int(full.group(4)) > 8 * len(text.splitlines()[251]), prompt
 
 
 async def test_a_prompt_from_a_warm_start_widens_the_text_after_the_cursor_at_a_new_line_only(
