@@ -299,7 +299,9 @@ class CompletionSettings:
         "following requests in those lines (typing, the next line) get prompts of up to `context_tokens` while "
         "the engine reads no more of each than the learned budget (at the first request on a line, the text after "
         "the cursor gets what the budget leaves unread, up to the share of a prompt at `context_tokens`). With "
-        "`warm_open_tokens`, a document is read like that when it is opened too.",
+        "`warm_open_tokens`, a document is read like that when it is opened too; where the editor says a cursor "
+        "came to rest (`heedful/didMoveCursor`), the whole prompt a request there gets at `context_tokens` is read, "
+        "its text after the cursor included.",
     )
     warm_open_tokens: int = setting(
         8192,

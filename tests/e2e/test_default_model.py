@@ -58,6 +58,10 @@ min_new_rollouts = 4
 threads = 2
 nice = 0
 
+# About the loop; the HumanEval gate of a round on this model: tests/integration/test_ability_gate.py.
+[thresholds]
+humaneval_cases = 0
+
 [database]
 url = "sqlite+aiosqlite:///{db}"
 """

@@ -145,6 +145,7 @@ async def test_one_round_teaches_type_hints(embedded_engine: EmbeddedEngine, sma
     config.write_text(
         f'[model]\npath = "{small_model}"\n\n[database]\nurl = "sqlite+aiosqlite:///{db}"\n\n'
         "[training]\nsteps_per_round = 24\nbatch_size = 8\nmin_new_rollouts = 8\nthreads = 2\nnice = 0\n"
+        "[thresholds]\nhumaneval_cases = 0\n"  # about what a round teaches; the gate: test_ability_gate.py
     )
     settings = Settings()
     settings.model.path = str(small_model)
