@@ -799,9 +799,10 @@ class CompletionService:
         learned = self.context_budget(settings)
         suffix_tokens = suffix_share_of(learned, c.suffix_share)
         line = text.count("\n", 0, offset)
-        budget = c.context_tokens - learned + suffix_tokens
         if whole:
             budget, suffix_tokens = c.context_tokens, suffix_share_of(c.context_tokens, c.suffix_share)
+        else:
+            budget = c.context_tokens - learned + suffix_tokens
         key = (identity.developer_id, doc.uri)
         span: WarmSpan | None = None
         prompt: Prompt | None = None

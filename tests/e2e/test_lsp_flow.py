@@ -472,7 +472,7 @@ async def test_a_completion_carries_what_its_imports_say_read_only_inside_the_wo
         "def with_tax(net, region):\n    rate = tax_rate(region)\n    "
     )
     # The debug log names the files a prompt's snippets came from (paths only, never their text).
-    lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
+    log_debug(lsp_setup)
     uri = (folder / "billing" / "invoice.py").as_uri()
     options = {"developerId": "dev-x", "sessionId": "dev-x-1"}
     async with running_client("vscode", lsp_setup.config, lsp_setup.log, options, folders=[folder]) as client:
@@ -509,7 +509,7 @@ async def test_a_short_prompt_keeps_the_signature_and_its_start_while_typing(lsp
     # prompt starts on a line that is a multiple of 4; the same cursor asked again starts there again (the
     # engine's prefix cache reuses it).
     text = "def total(values):\n" + "".join(f"    x{i} = values[{i}] * {i}\n" for i in range(1, 40)) + "    "
-    lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
+    log_debug(lsp_setup)
     uri = "file:///work/anchored.py"
     settings = {
         "context_tokens": 64,
@@ -539,6 +539,19 @@ async def test_a_short_prompt_keeps_the_signature_and_its_start_while_typing(lsp
     assert int(s1) % 4 != 0, "the cold prompt should not have been moved to a multiple of 4 on this text"
     assert p2 == s1 and int(s2) > int(s1) and int(s2) % 4 == 0  # typing pushed the start out: anchored
     assert (p3, s3) == (s2, s2)  # asked again: the same start
+
+
+# SmolLM2 has no fill-in-the-middle tokens of its own: any template with both places does.
+ANY_FIM_TEMPLATE = "{prefix}<|im_end|>{suffix}"
+
+
+def log_debug(setup: ServerSetup, *, fim_template: str | None = None) -> None:
+    """Have the test's server log at debug level (what the prompts were built from), with `fim_template` as
+    `model.fim_template` when given."""
+    config = setup.config.read_text()
+    if fim_template is not None:
+        config = config.replace("[model]\n", f"[model]\nfim_template = {json.dumps(fim_template)}\n", 1)
+    setup.config.write_text(config + '\n[logging]\nlevel = "DEBUG"\n')
 
 
 def table_source(rows: int) -> str:
@@ -589,7 +602,7 @@ async def test_a_warm_start_gives_the_next_requests_the_whole_context_at_the_lea
     # what was warmed is tests/integration/test_embedded_engine.py's.)
     text = table_source(150)
     text += "    "
-    lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
+    log_debug(lsp_setup)
     uri = "file:///work/warm.py"
     settings = {
         "context_tokens": 1024,
@@ -639,7 +652,7 @@ async def test_a_document_warmed_on_opening_gives_the_first_request_anywhere_in_
     # still.
     text = table_source(300)
     text += "    "
-    lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
+    log_debug(lsp_setup)
     uri = "file:///work/opened.py"
     options = {"developerId": "dev-open", "sessionId": "dev-open-1", "settings": {"completion": WARM_ON_OPENING}}
     log = lsp_setup.log
@@ -679,10 +692,7 @@ async def test_a_cursor_that_comes_to_rest_is_warmed_before_the_first_request_th
     # the engine reads next to nothing. The same place said again is not read again; a cursor in a document that
     # is not open is a warning, and the server serves on.
     text = table_source(300)
-    config = lsp_setup.config.read_text().replace(
-        "[model]\n", '[model]\nfim_template = "{prefix}<|im_end|>{suffix}"\n', 1
-    )
-    lsp_setup.config.write_text(config + '\n[logging]\nlevel = "DEBUG"\n')
+    log_debug(lsp_setup, fim_template=ANY_FIM_TEMPLATE)
     uri = "file:///work/cursor.py"
     settings = WARM_ON_OPENING | {"warm_open_tokens": 0}
     options = {"developerId": "dev-cursor", "sessionId": "dev-cursor-1", "settings": {"completion": settings}}
@@ -723,10 +733,7 @@ async def test_a_prompt_from_a_warm_start_widens_the_text_after_the_cursor_at_a_
     # unread; a keystroke on that line gets the budget's narrow share again (the engine reads the text after
     # the cursor whole at each request); the next line is new again.
     text = table_source(300)
-    config = lsp_setup.config.read_text().replace(
-        "[model]\n", '[model]\nfim_template = "{prefix}<|im_end|>{suffix}"\n', 1
-    )
-    lsp_setup.config.write_text(config + '\n[logging]\nlevel = "DEBUG"\n')
+    log_debug(lsp_setup, fim_template=ANY_FIM_TEMPLATE)
     uri = "file:///work/widened.py"
     options = {"developerId": "dev-wide", "sessionId": "dev-wide-1", "settings": {"completion": WARM_ON_OPENING}}
     log = lsp_setup.log
@@ -760,7 +767,7 @@ async def test_keystrokes_at_the_cursor_extend_the_last_prompt_until_something_e
     lsp_setup: ServerSetup,
 ) -> None:
     text = "def area(width, height):\n    "
-    lsp_setup.config.write_text(lsp_setup.config.read_text() + '\n[logging]\nlevel = "DEBUG"\n')
+    log_debug(lsp_setup)
     uri = "file:///work/extended.py"
     settings = {"extend_prompt": True, "type_through": False}
     options = {"developerId": "dev-extend", "sessionId": "dev-extend-1", "settings": {"completion": settings}}
