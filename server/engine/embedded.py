@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import multiprocessing
 import os
 import time
 import uuid
@@ -82,6 +83,28 @@ def cpu_bind_spec(setting: str) -> str | None:
         else:
             runs.append([core, core])
     return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
+
+
+ENGINE_CORE_NAMES = ("EngineCore", "EngineCore_DP")  # what vLLM names its engine core's process
+
+
+def stop_engine_cores(grace_s: float = 5.0) -> list[int]:
+    """Stop this process's vLLM engine core processes (SIGTERM, SIGKILL after `grace_s`); their pids.
+
+    vLLM starts its engine core as a multiprocessing child named `EngineCore` (`EngineCore_DP<n>` with data
+    parallelism); no other child of the server has such a name."""
+    cores = [p for p in multiprocessing.active_children() if p.name.startswith(ENGINE_CORE_NAMES)]
+    for proc in cores:
+        proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in cores:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5.0)
+    if cores:
+        log.info("stopped vLLM's engine core (pid %s) while it started", ", ".join(str(p.pid) for p in cores))
+    return [p.pid for p in cores if p.pid is not None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,8 +580,11 @@ class EmbeddedEngine:
     async def close(self) -> None:
         starting, self._starting = self._starting, None
         if starting is not None and self._llm is None:
-            # Stopped while the engine core was being started: its thread cannot be interrupted, so wait for
-            # it and shut down what it started (else the engine's processes would outlive the server).
+            # Stopped while the engine core was being started: its thread cannot be interrupted, but the
+            # start waits on the core's process, which loads the model for tens of seconds. Stop that process
+            # and the start fails at once; then shut down whatever it had started (else the engine's
+            # processes would outlive the server).
+            await asyncio.to_thread(stop_engine_cores)
             with contextlib.suppress(Exception):
                 self._llm = await starting
         if self._llm is None or self._closed:

@@ -308,7 +308,8 @@ async def test_a_server_stopped_while_its_engine_starts_exits_and_leaves_no_engi
     tmp_path: Path, small_model: Path
 ) -> None:
     """An editor (or a supervisor) stops `heedful serve` with SIGTERM while vLLM is still starting: the
-    server exits cleanly, and none of the engine's processes outlives it (they hold gigabytes)."""
+    server exits cleanly without waiting for the engine to finish starting (it stops the engine core's
+    process, which loads the model), and none of the engine's processes outlives it (they hold gigabytes)."""
     config = tmp_path / "heedful.toml"
     config.write_text(
         f'[model]\npath = "{small_model}"\n\n[engine]\nkv_cache_gib = 1\n\n'
@@ -334,6 +335,8 @@ async def test_a_server_stopped_while_its_engine_starts_exits_and_leaves_no_engi
                 break
             await asyncio.sleep(0.1)
         assert not in_session(proc.pid), log.read_text(errors="replace")[-3000:]
+        text = log.read_text(errors="replace")
+        assert "stopped vLLM's engine core (pid" in text and "vLLM's engine core started in" not in text, text[-3000:]
     finally:
         for pid in in_session(proc.pid):
             with contextlib.suppress(ProcessLookupError):
