@@ -37,13 +37,15 @@ The CPU model and llama.cpp's build flags are printed with the figures.
 
     .venv/bin/python -m bench.latency [--requests 40] [--sessions 8] [--typing 12] [--no-llama-cpp]
         [--typing-only] [--typing-variants default,...] [--set "section.key=value,..." ...] [--pause-ms 0]
-        [--context-tokens N] [--quantization auto|none|int8] [--json]
+        [--cursor-rest] [--context-tokens N] [--quantization auto|none|int8] [--json]
 
 `--typing-only` runs the typing servers alone (a few minutes instead of half an hour); `--typing-variants`
 picks which of them run. `--set` (repeatable) adds a typing server per group of settings, base developers
 only, e.g. `--set "completion.warm_context=true"`. `--pause-ms` is how long the developer reads the first
 suggestion at a cursor before typing: the time background work, such as `completion.warm_context`'s, has;
-the first keystroke after it is timed on its own as well.
+the first keystroke after it is timed on its own as well. `--cursor-rest` has the typing client say, right
+after opening each file, that the cursor rests at the cursor's place (`heedful/didMoveCursor`, as the Neovim
+and VS Code clients send it), so that the server's warm reads the whole prompt there.
 
 `--quantization` sets `engine.quantization` of every vLLM case (default `none`, the setting's default; `int8`
 or `auto` serve the model's int8 (W8A8) copy on a CPU); the table says which weights served.
@@ -317,6 +319,7 @@ async def typing_cases(
     requests: list[Request],
     variant: TypingVariant = TYPING_VARIANTS["default"],
     pause_s: float = 0.0,
+    cursor_rest: bool = False,
 ) -> tuple[dict[str, Case], dict[str, float], dict[str, float], dict[str, float]]:
     """Keystrokes with prefix caching on (the default): after a completion at the cursor, the developer
     reads it for `pause_s`, then types the call's arguments one character at a time and every keystroke asks
@@ -329,7 +332,9 @@ async def typing_cases(
     `completion.extend_prompt` on; and `--set`'s groups) base developers only, as peers of the default.
     Returns the cases and, for each, the share of keystrokes answered from the suggestion typed through, the
     p50 of the keystrokes the engine answered, and the p50 of the first keystroke after the pause (the one a
-    background read in the pause, such as `completion.warm_context`'s, may delay)."""
+    background read in the pause, such as `completion.warm_context`'s, may delay). With `cursor_rest` the
+    client says, right after opening each file, that the cursor rests at the cursor's place
+    (`heedful/didMoveCursor`, as the Neovim and VS Code clients do once it has rested 300 ms)."""
     db, log, version, proc = await start_server(
         tmp, variant.server, model, adapter, "auto", prefix_caching=True, sections=variant.sections
     )
@@ -356,6 +361,8 @@ async def typing_cases(
             answered = 0  # requests the engine answered with a completion (the others leave no record)
             for r in tagged(requests, label.replace(" ", "-")):
                 client.open(r)
+                if cursor_rest:
+                    client.cursor(r)
                 _, previous = await client.inline_answer(r)  # the cold request at the cursor: not measured
                 answered += previous is not None
                 await asyncio.sleep(pause_s)
@@ -599,7 +606,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for variant in variants:
             print(f"[bench.latency] heedful serve, typing ({variant.label}) ...", file=sys.stderr, flush=True)
             cases, shares, engine_p50, first = await typing_cases(
-                tmp, model, adapter, typing, variant, args.pause_ms / 1000
+                tmp, model, adapter, typing, variant, args.pause_ms / 1000, args.cursor_rest
             )
             times |= cases
             type_through |= shares
@@ -649,6 +656,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "typing_engine_p50_ms": typing_engine,
         "typing_first_p50_ms": typing_first,
         "typing_pause_ms": args.pause_ms,
+        "typing_cursor_rest": args.cursor_rest,
         "ratios_p50": {
             "personalized (merged) / base, 1 session": ratio("personalized auto x1", "base x1"),
             f"personalized (merged) / base, {n} sessions": ratio(f"personalized auto x{n}", f"base x{n}"),
@@ -699,7 +707,8 @@ def print_table(r: dict[str, Any]) -> None:
         "nulls: requests answered with nothing; <= N ms: share answered within the default completion.timeout_ms"
     )
     if r["typing_answered_from_suggestion"]:
-        print(f"typing: the developer reads each first suggestion for {r['typing_pause_ms']} ms before typing")
+        rest = "; the cursor's rest said at each file's opening" if r.get("typing_cursor_rest") else ""
+        print(f"typing: the developer reads each first suggestion for {r['typing_pause_ms']} ms before typing{rest}")
     for label, share in r["typing_answered_from_suggestion"].items():
         engine = r["typing_engine_p50_ms"].get(label, float("nan"))
         first = r["typing_first_p50_ms"].get(label, float("nan"))
@@ -750,6 +759,11 @@ async def main() -> None:
         default=0,
         metavar="MS",
         help="how long the developer reads the first suggestion at a cursor before typing (default 0)",
+    )
+    parser.add_argument(
+        "--cursor-rest",
+        action="store_true",
+        help="typing: say the cursor rests at each cursor right after opening its file (heedful/didMoveCursor)",
     )
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peer (and its build)")
     parser.add_argument(

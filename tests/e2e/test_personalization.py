@@ -33,8 +33,7 @@ TRAIN = TYPE_HINT_TRAIN[:20]  # training.min_new_rollouts (16) and a few more
 HELD_OUT = TYPE_HINT_HELD_OUT[:8]
 # Every training setting at its default. The ability gate is off: this test is about who is served what,
 # and the small model passes too few HumanEval cases (about 3 of 40) for the gate to be more than noise
-# here; it is tested in tests/integration/test_ability_gate.py and, on the default model, in
-# tests/e2e/test_default_model.py.
+# here; it is tested, on the default model, in tests/integration/test_ability_gate.py.
 THRESHOLDS = "\n[thresholds]\nhumaneval_cases = 0\n"
 
 
