@@ -85,26 +85,17 @@ def cpu_bind_spec(setting: str) -> str | None:
     return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
 
 
-ENGINE_CORE_NAMES = ("EngineCore", "EngineCore_DP")  # what vLLM names its engine core's process
+def stop_engine_cores() -> None:
+    """Stop this process's vLLM engine core processes: vLLM starts its engine core as a multiprocessing child
+    named `EngineCore` (`EngineCore_DP<n>` with data parallelism); no other child of the server has such a
+    name. vLLM's own process shutdown (SIGTERM, SIGKILL after its grace period) stops them."""
+    cores = [p for p in multiprocessing.active_children() if p.name.startswith("EngineCore")]
+    if not cores:
+        return
+    from vllm.v1.utils import shutdown
 
-
-def stop_engine_cores(grace_s: float = 5.0) -> list[int]:
-    """Stop this process's vLLM engine core processes (SIGTERM, SIGKILL after `grace_s`); their pids.
-
-    vLLM starts its engine core as a multiprocessing child named `EngineCore` (`EngineCore_DP<n>` with data
-    parallelism); no other child of the server has such a name."""
-    cores = [p for p in multiprocessing.active_children() if p.name.startswith(ENGINE_CORE_NAMES)]
-    for proc in cores:
-        proc.terminate()
-    deadline = time.monotonic() + grace_s
-    for proc in cores:
-        proc.join(max(0.0, deadline - time.monotonic()))
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5.0)
-    if cores:
-        log.info("stopped vLLM's engine core (pid %s) while it started", ", ".join(str(p.pid) for p in cores))
-    return [p.pid for p in cores if p.pid is not None]
+    shutdown(cores)
+    log.info("stopped vLLM's engine core (pid %s) while it started", ", ".join(str(p.pid) for p in cores))
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ def heedful(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
 
 def test_generate_json_from_stdin(tmp_path: Path, small_model: Path) -> None:
     # On the small model (the default model's engine start is tested where a developer meets it:
-    # test_default_model.py, test_ability_gate.py): about a minute less of make test on 2 cores.
+    # test_default_model.py, test_ability_gate.py): half a minute less of make test on 2 AMD EPYC cores.
     config = tmp_path / "heedful.toml"
     config.write_text(f'[model]\npath = "{small_model}"\n\n[engine]\nkv_cache_gib = 1\n')
     proc = heedful(
