@@ -37,7 +37,7 @@ The CPU model and llama.cpp's build flags are printed with the figures.
 
     .venv/bin/python -m bench.latency [--requests 40] [--sessions 8] [--typing 12] [--no-llama-cpp]
         [--typing-only] [--typing-variants default,...] [--set "section.key=value,..." ...] [--pause-ms 0]
-        [--cursor-rest] [--context-tokens N] [--quantization auto|none|int8] [--json]
+        [--cursor-rest [didMoveCursor|documentHighlight]] [--context-tokens N] [--quantization auto|none|int8] [--json]
 
 `--typing-only` runs the typing servers alone (a few minutes instead of half an hour); `--typing-variants`
 picks which of them run. `--set` (repeatable) adds a typing server per group of settings, base developers
@@ -45,7 +45,8 @@ only, e.g. `--set "completion.warm_context=true"`. `--pause-ms` is how long the 
 suggestion at a cursor before typing: the time background work, such as `completion.warm_context`'s, has;
 the first keystroke after it is timed on its own as well. `--cursor-rest` has the typing client say, right
 after opening each file, that the cursor rests at the cursor's place (`heedful/didMoveCursor`, as the Neovim
-and VS Code clients send it), so that the server's warm reads the whole prompt there.
+and VS Code clients send it; `--cursor-rest documentHighlight`: the `textDocument/documentHighlight` JetBrains
+IDEs ask through LSP4IJ), so that the server's warm reads the whole prompt there.
 
 `--quantization` sets `engine.quantization` of every vLLM case (default `none`, the setting's default; `int8`
 or `auto` serve the model's int8 (W8A8) copy on a CPU); the table says which weights served.
@@ -92,6 +93,7 @@ from bench.lsp import (
     wait_or_exit,
 )
 from bench.swap import TEAM, listening_port, make_adapter, publish, publish_db_ready
+from lsp_handlers.auth import CURSOR_REST_SIGNALS
 from server.engine.machine import cpu_model
 
 WARMUP = 3
@@ -319,7 +321,7 @@ async def typing_cases(
     requests: list[Request],
     variant: TypingVariant = TYPING_VARIANTS["default"],
     pause_s: float = 0.0,
-    cursor_rest: bool = False,
+    cursor_rest: str | None = None,
 ) -> tuple[dict[str, Case], dict[str, float], dict[str, float], dict[str, float]]:
     """Keystrokes with prefix caching on (the default): after a completion at the cursor, the developer
     reads it for `pause_s`, then types the call's arguments one character at a time and every keystroke asks
@@ -333,8 +335,9 @@ async def typing_cases(
     Returns the cases and, for each, the share of keystrokes answered from the suggestion typed through, the
     p50 of the keystrokes the engine answered, and the p50 of the first keystroke after the pause (the one a
     background read in the pause, such as `completion.warm_context`'s, may delay). With `cursor_rest` the
-    client says, right after opening each file, that the cursor rests at the cursor's place
-    (`heedful/didMoveCursor`, as the Neovim and VS Code clients do once it has rested 300 ms)."""
+    client says, right after opening each file, that the cursor rests at the cursor's place, that way
+    (`BenchClient.cursor`: `heedful/didMoveCursor`, as the Neovim and VS Code clients do once it has rested
+    300 ms, or `textDocument/documentHighlight`, as LSP4IJ asks it)."""
     db, log, version, proc = await start_server(
         tmp, variant.server, model, adapter, "auto", prefix_caching=True, sections=variant.sections
     )
@@ -349,7 +352,7 @@ async def typing_cases(
         port = await wait_or_exit(proc, listening_port(log), log, 600)
         for kind, team in kinds:
             label = variant.label if kind == "base" else "personalized auto typing x1"
-            client = BenchClient(f"bench-{variant.server}-{kind}", team)
+            client = BenchClient(f"bench-{variant.server}-{kind}", team, cursor_rest=cursor_rest)
             await client.lc.start_tcp("127.0.0.1", port)
             await wait_or_exit(proc, client.initialize(), log, 120)
             clients.append(client)
@@ -362,7 +365,7 @@ async def typing_cases(
             for r in tagged(requests, label.replace(" ", "-")):
                 client.open(r)
                 if cursor_rest:
-                    client.cursor(r)
+                    await client.cursor(r)
                 _, previous = await client.inline_answer(r)  # the cold request at the cursor: not measured
                 answered += previous is not None
                 await asyncio.sleep(pause_s)
@@ -707,7 +710,8 @@ def print_table(r: dict[str, Any]) -> None:
         "nulls: requests answered with nothing; <= N ms: share answered within the default completion.timeout_ms"
     )
     if r["typing_answered_from_suggestion"]:
-        rest = "; the cursor's rest said at each file's opening" if r.get("typing_cursor_rest") else ""
+        said = r.get("typing_cursor_rest")
+        rest = f"; the cursor's rest said at each file's opening ({said})" if said else ""
         print(f"typing: the developer reads each first suggestion for {r['typing_pause_ms']} ms before typing{rest}")
     for label, share in r["typing_answered_from_suggestion"].items():
         engine = r["typing_engine_p50_ms"].get(label, float("nan"))
@@ -762,8 +766,11 @@ async def main() -> None:
     )
     parser.add_argument(
         "--cursor-rest",
-        action="store_true",
-        help="typing: say the cursor rests at each cursor right after opening its file (heedful/didMoveCursor)",
+        nargs="?",
+        const="didMoveCursor",
+        choices=CURSOR_REST_SIGNALS,
+        help="typing: say the cursor rests at each cursor right after opening its file: didMoveCursor (the "
+        "default: heedful/didMoveCursor) or documentHighlight (textDocument/documentHighlight, as LSP4IJ asks it)",
     )
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peer (and its build)")
     parser.add_argument(

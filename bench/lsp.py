@@ -283,10 +283,15 @@ CAPABILITIES = types.ClientCapabilities(
 class BenchClient:
     """One editor session: initialize, open documents, time inline completions."""
 
-    def __init__(self, developer: str, team: str | None = None, *, workspace: Path | None = None) -> None:
+    def __init__(
+        self, developer: str, team: str | None = None, *, workspace: Path | None = None, cursor_rest: str | None = None
+    ) -> None:
         self.developer = developer
         self.team = team
         self.workspace = workspace  # the folder `initialize` names (cross-file context reads only there)
+        # How `cursor` says where the cursor rests (`CURSOR_REST_SIGNALS`: heedful/didMoveCursor as the Heedful
+        # clients send it, or textDocument/documentHighlight as LSP4IJ asks it); None: it is never said.
+        self.cursor_rest = cursor_rest
         self.lc = LanguageClient("heedful-bench", "1")
         self.states: list[tuple[str, str | None]] = []
         self._changed = asyncio.Event()
@@ -311,7 +316,8 @@ class BenchClient:
             types.InitializeParams(
                 capabilities=CAPABILITIES,
                 client_info=types.ClientInfo(name="heedful-bench", version="1"),
-                initialization_options={"developerId": self.developer, "team": self.team},
+                initialization_options={"developerId": self.developer, "team": self.team}
+                | ({"cursorRest": self.cursor_rest} if self.cursor_rest else {}),
                 process_id=os.getpid(),
                 workspace_folders=[types.WorkspaceFolder(uri=self.workspace.as_uri(), name=self.workspace.name)]
                 if self.workspace
@@ -347,9 +353,20 @@ class BenchClient:
             )
         )
 
-    def cursor(self, request: Request) -> None:
-        """The developer's cursor came to rest at the request's place (`heedful/didMoveCursor`, as the editor
-        clients send it)."""
+    async def cursor(self, request: Request) -> None:
+        """The developer's cursor came to rest at the request's place, said the client's way (`cursor_rest`):
+        `heedful/didMoveCursor` as the Heedful editor clients send it, or the `textDocument/documentHighlight`
+        LSP4IJ asks where the caret settles (its answer awaited)."""
+        position = types.Position(line=request.line, character=request.character)
+        if self.cursor_rest == "documentHighlight":
+            await self.lc.text_document_document_highlight_async(
+                types.DocumentHighlightParams(
+                    text_document=types.TextDocumentIdentifier(uri=request.uri), position=position
+                )
+            )
+            return
+        if self.cursor_rest != "didMoveCursor":
+            raise BenchError(f"this client does not say where the cursor rests (cursor_rest={self.cursor_rest!r})")
         self.lc.protocol.notify(
             "heedful/didMoveCursor",
             {"textDocument": {"uri": request.uri}, "position": {"line": request.line, "character": request.character}},

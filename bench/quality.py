@@ -40,13 +40,14 @@ suggestion's first line make the line scored. `--pause-ms MS` waits that long af
 the first character is typed (the developer reading it: the server's background work, such as
 `completion.warm_context`, has that time). `--open-pause-ms MS` keeps each file open that long before its
 first request; with `--cursor-rest` the bench says, right after opening it, that the developer's cursor came
-to rest at the case's place (`heedful/didMoveCursor`, as the editor clients send it), so that the server's
-warm can read the text before it meanwhile.
+to rest at the case's place (`heedful/didMoveCursor`, as the Neovim and VS Code clients send it; with
+`--cursor-rest documentHighlight`, the `textDocument/documentHighlight` JetBrains IDEs ask through LSP4IJ),
+so that the server's warm can read the text before it meanwhile.
 
     .venv/bin/python -m bench.quality [--model NAME ...] [--style fim|prefix ...] [--humaneval 80]
         [--stdlib 80] [--repo 0] [--crossfile SHARE ...] [--context-tokens N|learned ...]
         [--quantization none|int8 ...] [--set "section.key=value,..." ...] [--typed 0] [--pause-ms 0] [--seed 0]
-        [--open-pause-ms 0] [--cursor-rest] [--max-tokens 64] [--json]
+        [--open-pause-ms 0] [--cursor-rest [didMoveCursor|documentHighlight]] [--max-tokens 64] [--json]
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ from bench.lsp import (
     report_or_exit,
     server_command,
 )
+from lsp_handlers.auth import CURSOR_REST_SIGNALS
 from lsp_handlers.documents import client_length
 from personalization import humaneval
 from personalization.humaneval import first_line
@@ -364,7 +366,7 @@ async def run_config(
     typed: int = 0,
     pause_s: float = 0.0,
     open_pause_s: float = 0.0,
-    cursor_rest: bool = False,
+    cursor_rest: str | None = None,
 ) -> ConfigResult:
     from kernel import paths
     from server.model_prep import known_model
@@ -388,7 +390,7 @@ async def run_config(
         sections.setdefault(section, {}).update(values)
     config, _ = bench_config(tmp, name, folder, sections)
     log = tmp / f"{name}.log"
-    client = BenchClient(f"bench-quality-{name}", workspace=workspace)
+    client = BenchClient(f"bench-quality-{name}", workspace=workspace, cursor_rest=cursor_rest)
     await client.lc.start_io(*server_command(config), cwd=str(ROOT), env=dict(os.environ))
     proc = cast(asyncio.subprocess.Process, client.lc._server)
     assert proc.stderr is not None
@@ -406,7 +408,7 @@ async def run_config(
             request = Request(uri, case.text, case.line, case.character)
             client.open(request)
             if cursor_rest:
-                client.cursor(request)
+                await client.cursor(request)
             await asyncio.sleep(open_pause_s)  # the file has been open this long before the cursor gets there
             # Typing: a request at the cursor, then one per character typed of the line; the last one's
             # answer is scored.
@@ -560,7 +562,7 @@ def print_table(report: dict[str, Any]) -> None:
             else ""
         )
         + (
-            ", the cursor said to rest at its place on opening (heedful/didMoveCursor)"
+            f", the cursor said to rest at its place on opening ({report['cursor_rest']})"
             if report.get("cursor_rest")
             else ""
         )
@@ -649,9 +651,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--cursor-rest",
-        action="store_true",
-        help="say that the cursor came to rest at the case's place right after opening its file "
-        "(heedful/didMoveCursor, as the editor clients send it)",
+        nargs="?",
+        const="didMoveCursor",
+        choices=CURSOR_REST_SIGNALS,
+        help="say that the cursor came to rest at the case's place right after opening its file: "
+        "didMoveCursor (the default: heedful/didMoveCursor, as the Neovim and VS Code clients send it) or "
+        "documentHighlight (textDocument/documentHighlight, as JetBrains IDEs ask it through LSP4IJ)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64, help="completion.max_tokens (default 64, as served)")

@@ -26,11 +26,20 @@ from typing import Any
 
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
 
+from server.logs import clip
 from storage.models import CLIENT_NAME_CHARS, CLIENT_VERSION_CHARS, DEVELOPER_ID_CHARS, SESSION_ID_CHARS, TEAM_ID_CHARS
 from storage.store import RolloutStore
 from storage.tokens import check_id, has_tokens, identity_of
 
 log = logging.getLogger(__name__)
+
+# `initializationOptions.cursorRest`: how the editor says where the developer's cursor came to rest (the server
+# reads the text before it meanwhile). "didMoveCursor": it sends `heedful/didMoveCursor` (the Heedful clients);
+# "documentHighlight" (default): the server asks for the standard `textDocument/documentHighlight`, which editors
+# send where the cursor rests to highlight the symbol under it (JetBrains IDEs through LSP4IJ), and answers it
+# with no highlights.
+CURSOR_REST_SIGNALS = ("didMoveCursor", "documentHighlight")
+CURSOR_REST_DEFAULT = "documentHighlight"
 
 
 class ConnectionRefused(JsonRpcException):
@@ -63,6 +72,7 @@ class Claim:
     token: object  # a string when given; anything else is refused over TCP (stdio ignores it)
     settings: Any
     developer_given: bool
+    cursor_rest: str = CURSOR_REST_DEFAULT  # how the editor says where the cursor rests (`CURSOR_REST_SIGNALS`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +101,14 @@ def parse_claim(options: Any) -> Claim:
         check_id("initializationOptions.team", team, TEAM_ID_CHARS, required=False)
     except ValueError as exc:
         raise JsonRpcInvalidParams(str(exc)) from None
-    return Claim(developer, session, team, options.get("token"), options.get("settings"), given is not None)
+    rest = options.get("cursorRest", CURSOR_REST_DEFAULT)
+    if rest not in CURSOR_REST_SIGNALS:
+        raise JsonRpcInvalidParams(
+            f"initializationOptions.cursorRest is {clip(repr(rest), 80)}: it says how the editor tells where the "
+            f'cursor rests, "didMoveCursor" (it sends heedful/didMoveCursor) or "documentHighlight" (the default: '
+            f"it asks textDocument/documentHighlight there); give one of them or leave it out"
+        )
+    return Claim(developer, session, team, options.get("token"), options.get("settings"), given is not None, rest)
 
 
 def check_client_info(name: str | None, version: str | None) -> None:

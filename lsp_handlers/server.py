@@ -99,6 +99,7 @@ class HeedfulLanguageServer(LanguageServer):
         self.shutdown_requested = False
         self.closed = False
         self.last_status: dict[str, Any] | None = None
+        self.highlight_place: tuple[str, int] | None = None  # (uri, line) of the last textDocument/documentHighlight
         self.status_started = False  # statuses go out from `initialized` on, the first with the learning state
         self._settings_files: list[Path] = []
         self._settings_stamp: FileStamp = ()
@@ -334,6 +335,10 @@ async def initialize(ls: HeedfulLanguageServer, params: types.InitializeParams) 
         ls.show_message(f"Heedful: {exc}; serving with the global settings until it is fixed")
         ls.resolved = ls.services.base
     ls.apply_settings(claim.settings, "initializationOptions.settings")
+    highlight = types.TEXT_DOCUMENT_DOCUMENT_HIGHLIGHT
+    if claim.cursor_rest == "documentHighlight" and highlight not in ls.protocol.fm.features:
+        # pygls computes the capabilities after this handler: the editor is told of documentHighlight only here.
+        ls.feature(types.TEXT_DOCUMENT_DOCUMENT_HIGHLIGHT)(document_highlight)
     ls.identity = Identity(developer, session_id, team)
     ls.watch_settings()
     ls.watch_learning()
@@ -427,13 +432,33 @@ def did_move_cursor(ls: HeedfulLanguageServer, params: DidMoveCursorParams) -> N
     if doc is None:
         log.warning("%s for %s, which is not open; ignored (send didOpen first)", DID_MOVE_CURSOR, clip(uri))
         return
-    log.debug("the cursor rests on line %d of %s", params.position.line, uri)
+    _cursor_rests(ls, doc, params.position, DID_MOVE_CURSOR)
+
+
+def document_highlight(ls: HeedfulLanguageServer, params: types.DocumentHighlightParams) -> None:
+    """Which text to highlight at the cursor: none from Heedful (the editor's own highlighting of the symbol there
+    stays). Registered where `initializationOptions.cursorRest` is "documentHighlight" (the default): editors ask
+    it where the cursor settles (JetBrains IDEs through LSP4IJ, to highlight the usages of the symbol at the
+    caret), so it says where the cursor rests, as `heedful/didMoveCursor` does, when it is on another line or in
+    another document than the last time it was asked."""
+    uri = params.text_document.uri
+    doc = ls.documents.find(uri)
+    place = (uri, params.position.line)
+    if doc is None or place == ls.highlight_place:
+        return None
+    ls.highlight_place = place
+    _cursor_rests(ls, doc, params.position, types.TEXT_DOCUMENT_DOCUMENT_HIGHLIGHT)
+    return None
+
+
+def _cursor_rests(ls: HeedfulLanguageServer, doc: TextDocument, position: types.Position, via: str) -> None:
+    log.debug("the cursor rests on line %d of %s (%s)", position.line, doc.uri, via)
     if ls.identity is None:
         return
     try:
-        ls.completions.warm_cursor_soon(doc, params.position, ls.identity, ls.settings)
+        ls.completions.warm_cursor_soon(doc, position, ls.identity, ls.settings)
     except DocumentError as exc:
-        log.warning("%s ignored: %s", DID_MOVE_CURSOR, exc)
+        log.warning("%s ignored: %s", via, exc)
 
 
 def did_close(ls: HeedfulLanguageServer, params: types.DidCloseTextDocumentParams) -> None:

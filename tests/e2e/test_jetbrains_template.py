@@ -2,8 +2,9 @@
 
 LSP4IJ runs the template's `programArgs` command as a shell would and sends `initializationOptions.json` in
 `initialize`. This test does the same with the command as written (`heedful` found on PATH, from this
-installation's environment), then checks what a JetBrains IDE relies on: the capabilities, a completion
-popup item whose command records the accept, and the status notification.
+installation's environment), then checks what a JetBrains IDE relies on: the capabilities, an empty answer
+to the documentHighlight LSP4IJ asks where the caret settles, a completion popup item whose command records
+the accept, and the status notification.
 """
 
 from __future__ import annotations
@@ -123,12 +124,19 @@ async def _drive_template(
         assert caps.completion_provider is not None
         assert caps.execute_command_provider is not None
         assert {ACCEPT_COMMAND, FEEDBACK_COMMAND} <= set(caps.execute_command_provider.commands)
+        # LSP4IJ asks documentHighlight where the caret settles (to highlight the usages of the symbol there):
+        # Heedful takes it as where the cursor rests and answers no highlights, which leaves the IDE's own.
+        assert caps.document_highlight_provider is True
         status = await client.wait_status("ready", timeout=120)
         assert status["developerId"] == "dev-jetbrains"
 
         # LSP4IJ versions without inline completion show Heedful in the completion popup; choosing the
         # item applies its edit and runs its command.
         client.open(URI, SOURCE)
+        highlight = types.DocumentHighlightParams(
+            text_document=types.TextDocumentIdentifier(uri=URI), position=types.Position(line=2, character=4)
+        )
+        assert await client.lc.text_document_document_highlight_async(highlight) is None
         result = await client.completion(URI, 2, 4)
         assert isinstance(result, types.CompletionList) and result.items
         item = result.items[0]

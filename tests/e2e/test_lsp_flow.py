@@ -684,35 +684,58 @@ async def test_a_document_warmed_on_opening_gives_the_first_request_anywhere_in_
     assert int(moved.group(2)) > 0, prompts[2]  # not the start at the top: its first line is now another
 
 
+@pytest.mark.parametrize("signal", ["didMoveCursor", "documentHighlight"])
 async def test_a_cursor_that_comes_to_rest_is_warmed_before_the_first_request_there(
-    lsp_setup: ServerSetup,
+    signal: str, lsp_setup: ServerSetup
 ) -> None:
     # 300 lines (about 6,600 tokens), a fill-in-the-middle template (SmolLM2 has no FIM tokens of its own: any
     # template with both places does), a budget of 256 tokens under a context of 1,024, nothing read on opening:
-    # the editor says the cursor came to rest on line 250 (heedful/didMoveCursor), the engine reads the whole
-    # prompt a request there gets at 1,024 tokens while the developer thinks, and the first request there gets
-    # it, its text after the cursor the whole share of such a prompt (256 tokens, not the budget's 64), of which
-    # the engine reads next to nothing. The same place said again is not read again; a cursor in a document that
-    # is not open is a warning, and the server serves on.
+    # the editor says the cursor came to rest on line 250 (heedful/didMoveCursor from a client that says it sends
+    # it; else the standard textDocument/documentHighlight the server then asks for, answered with no
+    # highlights), the engine reads the whole prompt a request there gets at 1,024 tokens while the developer
+    # thinks, and the first request there gets it, its text after the cursor the whole share of such a prompt (256
+    # tokens, not the budget's 64), of which the engine reads next to nothing. The same place said again is not
+    # read again; a cursor in a document that is not open is ignored (heedful/didMoveCursor: a warning), and the
+    # server serves on.
     text = table_source(300)
     log_debug(lsp_setup, fim_template=ANY_FIM_TEMPLATE)
     uri = "file:///work/cursor.py"
     settings = WARM_ON_OPENING | {"warm_open_tokens": 0}
-    options = {"developerId": "dev-cursor", "sessionId": "dev-cursor-1", "settings": {"completion": settings}}
+    options: dict[str, Any] = {"developerId": "dev-cursor", "sessionId": f"dev-cursor-{signal}"}
+    options["settings"] = {"completion": settings}
+    if signal == "didMoveCursor":
+        options["cursorRest"] = signal
     log = lsp_setup.log
     async with running_client("vscode", lsp_setup.config, log, options) as client:
+        caps = client.capabilities
+        assert caps is not None
+        assert bool(caps.document_highlight_provider) is (signal == "documentHighlight")
         await client.wait_status("ready")
         client.open(uri, text)
-        closed = {"textDocument": {"uri": "file:///work/closed.py"}, "position": {"line": 1, "character": 0}}
-        client.notify("heedful/didMoveCursor", closed)
-        for _ in range(2):
-            client.notify(
-                "heedful/didMoveCursor", {"textDocument": {"uri": uri}, "position": {"line": 250, "character": 4}}
+
+        async def rests(where: str, line: int, character: int) -> None:
+            place = {"textDocument": {"uri": where}, "position": {"line": line, "character": character}}
+            if signal == "didMoveCursor":
+                client.notify("heedful/didMoveCursor", place)
+                return
+            params = types.DocumentHighlightParams(
+                text_document=types.TextDocumentIdentifier(uri=where),
+                position=types.Position(line=line, character=character),
             )
+            assert await client.lc.text_document_document_highlight_async(params) is None
+
+        await rests("file:///work/closed.py", 1, 0)
+        for character in (4, 2):  # the same line again: not read again
+            await rests(uri, 250, character)
         await logged(log, f"tokens of {uri} from line")
         await client.inline(uri, 250, 4)
     lines = log.read_text().splitlines()
-    assert any("heedful/didMoveCursor for file:///work/closed.py, which is not open" in line for line in lines)
+    closed = "heedful/didMoveCursor for file:///work/closed.py, which is not open"
+    assert any(closed in line for line in lines) is (signal == "didMoveCursor")
+    # Both notifications are taken (the warm skips the place said again); a documentHighlight on the line of
+    # the last one is not even taken as a rest.
+    via, taken = ("heedful/didMoveCursor", 2) if signal == "didMoveCursor" else ("textDocument/documentHighlight", 1)
+    assert sum(f"the cursor rests on line 250 of {uri} ({via})" in line for line in lines) == taken
     warmed = [line for line in lines if f"tokens of {uri} from line" in line]
     assert len(warmed) == 1, warmed
     (prompt,) = prompts_logged(log, uri)

@@ -31,6 +31,18 @@ def test_ids_the_store_cannot_hold_are_invalid_params(options: dict[str, object]
         parse_claim(options)
 
 
+def test_the_cursor_rest_signal_is_documenthighlight_unless_the_client_says_it_sends_its_own() -> None:
+    assert parse_claim({"developerId": "a"}).cursor_rest == "documentHighlight"
+    assert parse_claim({"developerId": "a", "cursorRest": "didMoveCursor"}).cursor_rest == "didMoveCursor"
+    assert parse_claim({"developerId": "a", "cursorRest": "documentHighlight"}).cursor_rest == "documentHighlight"
+    for wrong, shown in (("didmovecursor", "'didmovecursor'"), (1, "1"), ("x" * 500, "'xxxx")):
+        with pytest.raises(JsonRpcInvalidParams) as info:
+            parse_claim({"developerId": "a", "cursorRest": wrong})
+        message = str(info.value)
+        assert f"initializationOptions.cursorRest is {shown}" in message and '"didMoveCursor"' in message
+        assert len(message) < 400
+
+
 def test_long_values_are_shortened_in_the_error() -> None:
     with pytest.raises(ValueError) as info:
         check_id("team", "x" * 5000, 64)

@@ -241,6 +241,10 @@ class Heedful {
         developerId: config.get<string>("developerId") || os.userInfo().username,
         team: config.get<string>("team") || undefined,
         token: config.get<string>("token") || undefined,
+        // This client says where the cursor rests itself (heedful/didMoveCursor, `heedful.cursorRestMs`): the
+        // server then does not ask for textDocument/documentHighlight in its stead (VS Code would give up its own
+        // word highlighting in files no other extension highlights).
+        cursorRest: "didMoveCursor",
       },
       outputChannel: this.output,
       middleware: {

@@ -641,6 +641,9 @@ local function init_options(cfg)
     token = cfg.token,
     sessionId = cfg.session_id,
     settings = cfg.settings,
+    -- This client says where the cursor rests itself (heedful/didMoveCursor, `cursor_rest_ms`): the server then
+    -- does not ask for textDocument/documentHighlight in its stead.
+    cursorRest = "didMoveCursor",
   }
 end
 
