@@ -91,6 +91,7 @@ class WarmSpan:
     head: str  # the prompt's text from its start that the engine has read (`prompt_head`)
     last_line: int  # the document line the head reaches (a request further down reads the lines between)
     used: float = field(default_factory=time.monotonic)  # when it was last warmed or used
+    rested: bool = False  # read by a rested cursor's warm: the whole prompt at that cursor (`warm_cursor_soon`)
 
 
 _K = TypeVar("_K")
@@ -103,6 +104,23 @@ def _keep_recent(recent: OrderedDict[_K, _V], key: _K, value: _V, limit: int) ->
     recent.move_to_end(key)
     if len(recent) > limit:
         recent.popitem(last=False)
+
+
+def with_span(spans: Sequence[WarmSpan], span: WarmSpan, limit: int, *, opening: bool = False) -> list[WarmSpan] | None:
+    """A document's warm starts (`spans`, by first line) with `span` in place of the one with its first line and
+    adapter version, by first line; past `limit`, the least recently warmed or used goes. None, and nothing
+    changes, where `span` is a warm on opening's (`opening`) and that one a rested cursor's (`WarmSpan.rested`):
+    the engine holds the whole prompt at that cursor, of which the opening's span would know only its own pieces
+    (the cursor's first request would find less of its prompt held and get a shorter one)."""
+    place = (span.first_line, span.version)
+    if opening and any(s.rested and (s.first_line, s.version) == place for s in spans):
+        return None
+    kept = [s for s in spans if (s.first_line, s.version) != place]
+    kept.append(span)
+    if len(kept) > limit:
+        kept.remove(min(kept, key=lambda s: s.used))
+    kept.sort(key=lambda s: s.first_line)
+    return kept
 
 
 def move_spans(
@@ -694,15 +712,15 @@ class CompletionService:
         )
         return prompt
 
-    def _keep_span(self, key: tuple[str, str], span: WarmSpan) -> None:
-        """Remember `span` among the document's warm starts (one per first line and adapter version, ordered by
-        first line; the least recently warmed or used go past `_SPANS_PER_DOCUMENT`)."""
-        spans = [s for s in self._spans.get(key, ()) if (s.first_line, s.version) != (span.first_line, span.version)]
-        spans.append(span)
-        if len(spans) > _SPANS_PER_DOCUMENT:
-            spans.remove(min(spans, key=lambda s: s.used))
-        spans.sort(key=lambda s: s.first_line)
+    def _keep_span(self, key: tuple[str, str], span: WarmSpan, *, opening: bool = False) -> bool:
+        """Remember `span` among the document's warm starts (`with_span`: one per first line and adapter version,
+        up to `_SPANS_PER_DOCUMENT`); False, and nothing changes, for a warm on opening's `span` where a rested
+        cursor's warm read from that line."""
+        spans = with_span(self._spans.get(key, ()), span, _SPANS_PER_DOCUMENT, opening=opening)
+        if spans is None:
+            return False
         _keep_recent(self._spans, key, spans, _SPANS_KEPT)
+        return True
 
     def _warm_soon(self, engine: Engine, req: CompletionRequest) -> None:
         """After a completion at the learned budget: warm its place in the background (`_warm`). One warm runs
@@ -823,6 +841,7 @@ class CompletionService:
             if prompt.tokens <= learned or (dropped > 0 and text[start + dropped - 1] != "\n"):
                 return  # nothing more than the learned budget held, or a line too long to start on
             span = WarmSpan(lease.version_id, first_line + text.count("\n", start, start + dropped), "", line)
+            span.rested = whole
             start += dropped
             if prompt.outline:  # the very prompt `_full_prompt` builds from that start has no scope openers above
                 prompt = self._build(text, start, offset, doc, settings, [], budget, suffix_tokens, span.first_line)
@@ -937,12 +956,12 @@ class CompletionService:
                     break
                 prompt, end, start_next = found
                 span = WarmSpan(lease.version_id, first_line, "", text.count("\n", 0, end))
-                self._keep_span(key, span)
-                head = prompt_head(prompt)
-                if not await self._read_head(engine, span, head, lease, settings, doc.uri, second=True):
-                    return
+                if self._keep_span(key, span, opening=True):
+                    head = prompt_head(prompt)
+                    if not await self._read_head(engine, span, head, lease, settings, doc.uri, second=True):
+                        return
+                    left -= prompt.tokens
                 spans, reached = spans + 1, span.last_line
-                left -= prompt.tokens
                 start = start_next
             log.debug(
                 "%s warmed on opening: %d starts, down to line %d of %d",
