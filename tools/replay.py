@@ -59,6 +59,9 @@ IGNORED_NOTIFICATIONS = frozenset({"window/logMessage", "$/logTrace", "$/progres
 # Lists a newer server may add to: a replay passes while it still offers everything recorded (a recording
 # made before the server gained a command still replays), in any order.
 GROWING_LISTS = frozenset({"capabilities.executeCommandProvider.commands"})
+# Objects a newer server may add keys to: a replay passes while every recorded key answers as recorded (a
+# recording made before the server offered a capability, such as textDocument/documentHighlight, still replays).
+GROWING_OBJECTS = frozenset({"result.capabilities"})
 
 
 class RecordingError(ValueError):
@@ -199,12 +202,13 @@ def diff_values(recorded: Any, live: Any, *, structural: bool, volatile: frozens
                 if key not in got:
                     out.append(f"{sub}: recorded {_show(rec[key])}, missing in the replay")
                 elif key not in rec:
-                    out.append(f"{sub}: not recorded, replayed {_show(got[key])}")
+                    if not _grows(where, GROWING_OBJECTS):
+                        out.append(f"{sub}: not recorded, replayed {_show(got[key])}")
                 elif not _free_text(key, rec[key], got[key], structural):
                     walk(rec[key], got[key], sub)
             return
         if isinstance(rec, list) and isinstance(got, list):
-            if any(where == g or where.endswith("." + g) for g in GROWING_LISTS):
+            if _grows(where, GROWING_LISTS):
                 missing = [r for r in rec if r not in got]
                 if missing:
                     out.append(f"{where}: recorded {_show(missing)}, missing in the replay")
@@ -219,6 +223,10 @@ def diff_values(recorded: Any, live: Any, *, structural: bool, volatile: frozens
 
     walk(recorded, live, path)
     return out
+
+
+def _grows(where: str, paths: frozenset[str]) -> bool:
+    return any(where == g or where.endswith("." + g) for g in paths)
 
 
 def _free_text(key: str, rec: Any, got: Any, structural: bool) -> bool:

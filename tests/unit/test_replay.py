@@ -230,3 +230,22 @@ def test_a_server_that_offers_more_commands_than_recorded_still_matches() -> Non
     assert diff_values({"xs": [1, 2]}, {"xs": [1, 2, 3]}, structural=False, volatile=frozenset()) == [
         "xs: recorded 2 items, replayed 3"
     ]
+
+
+def test_a_server_that_offers_a_capability_more_than_recorded_still_matches() -> None:
+    recorded = {"result": {"capabilities": {"hoverProvider": True, "textDocumentSync": {"change": 2}}}}
+    grown = {"result": {"capabilities": {"hoverProvider": True, "textDocumentSync": {"change": 2}, "x": True}}}
+    assert diff_values(recorded, grown, structural=False, volatile=frozenset()) == []
+    # A recorded capability gone, or one answered otherwise, is a difference; so is a key more inside one.
+    gone = {"result": {"capabilities": {"textDocumentSync": {"change": 2}, "x": True}}}
+    assert diff_values(recorded, gone, structural=False, volatile=frozenset()) == [
+        "result.capabilities.hoverProvider: recorded true, missing in the replay"
+    ]
+    deeper = {"result": {"capabilities": {"hoverProvider": True, "textDocumentSync": {"change": 2, "save": True}}}}
+    assert diff_values(recorded, deeper, structural=False, volatile=frozenset()) == [
+        "result.capabilities.textDocumentSync.save: not recorded, replayed true"
+    ]
+    # Elsewhere a key more is a difference as before.
+    assert diff_values({"a": {}}, {"a": {"b": 1}}, structural=False, volatile=frozenset()) == [
+        "a.b: not recorded, replayed 1"
+    ]
