@@ -357,13 +357,11 @@ class BenchClient:
         """The developer's cursor came to rest at the request's place, said the client's way (`cursor_rest`):
         `heedful/didMoveCursor` as the Heedful editor clients send it, or the `textDocument/documentHighlight`
         LSP4IJ asks where the caret settles (its answer awaited)."""
-        position = types.Position(line=request.line, character=request.character)
         if self.cursor_rest == "documentHighlight":
-            await self.lc.text_document_document_highlight_async(
-                types.DocumentHighlightParams(
-                    text_document=types.TextDocumentIdentifier(uri=request.uri), position=position
-                )
-            )
+            document = types.TextDocumentIdentifier(uri=request.uri)
+            position = types.Position(line=request.line, character=request.character)
+            params = types.DocumentHighlightParams(text_document=document, position=position)
+            await self.lc.text_document_document_highlight_async(params)
             return
         if self.cursor_rest != "didMoveCursor":
             raise BenchError(f"this client does not say where the cursor rests (cursor_rest={self.cursor_rest!r})")

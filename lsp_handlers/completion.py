@@ -840,8 +840,8 @@ class CompletionService:
             dropped = offset - start - len(prompt.prefix)
             if prompt.tokens <= learned or (dropped > 0 and text[start + dropped - 1] != "\n"):
                 return  # nothing more than the learned budget held, or a line too long to start on
-            span = WarmSpan(lease.version_id, first_line + text.count("\n", start, start + dropped), "", line)
-            span.rested = whole
+            first = first_line + text.count("\n", start, start + dropped)
+            span = WarmSpan(lease.version_id, first, "", line, rested=whole)
             start += dropped
             if prompt.outline:  # the very prompt `_full_prompt` builds from that start has no scope openers above
                 prompt = self._build(text, start, offset, doc, settings, [], budget, suffix_tokens, span.first_line)

@@ -338,7 +338,7 @@ async def initialize(ls: HeedfulLanguageServer, params: types.InitializeParams) 
     highlight = types.TEXT_DOCUMENT_DOCUMENT_HIGHLIGHT
     if claim.cursor_rest == "documentHighlight" and highlight not in ls.protocol.fm.features:
         # pygls computes the capabilities after this handler: the editor is told of documentHighlight only here.
-        ls.feature(types.TEXT_DOCUMENT_DOCUMENT_HIGHLIGHT)(document_highlight)
+        ls.feature(highlight)(document_highlight)
     ls.identity = Identity(developer, session_id, team)
     ls.watch_settings()
     ls.watch_learning()
