@@ -58,6 +58,10 @@ _TYPED_MAX_CHARS = 64  # most characters typed since a prompt that extending it 
 _SPANS_KEPT = 64  # (developer, document) pairs whose warm prompt starts are remembered (`completion.warm_context`)
 _SPANS_PER_DOCUMENT = 32  # warm starts kept per (developer, document): the last ones used or warmed stay
 _SPAN_SLACK_LINES = 16  # lines below a span's last line a request may be and still be tried from its start
+# The first request on the line where the cursor last came to rest may read this many times the learned budget to
+# get the whole prompt there: its warm is still reading it (in pieces, each a request: slower than one request
+# reads the rest), and a prompt at the budget would leave the warm's work unused.
+_RESTED_READ_FACTOR = 2
 WARM_QUIET_S = 0.3  # how long no completion must have been asked for before a warm reads a piece
 
 
@@ -154,7 +158,9 @@ class Built:
     mode: Literal["fim", "prefix"]
     before_tail: str  # the end of the text before the cursor it kept
     cold: bool = False  # kept to a learned budget below `completion.context_tokens` (a warm may follow)
-    full: bool = False  # at `completion.context_tokens` from a warm start (`_full_prompt`)
+    # At `completion.context_tokens` from a warm start (`_full_prompt`): the most tokens of it the engine was to
+    # read (what its prefix cache did not hold); 0 for any other prompt.
+    read_limit: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +185,7 @@ class CompletionRequest:
     started: float  # `time.perf_counter()` when the request arrived
     text: str = ""  # the document's text when the request arrived
     cold: bool = False  # the prompt kept to a learned budget below `completion.context_tokens`: warm after it
-    full: bool = False  # the prompt at `completion.context_tokens` from a warm span's start (`_full_prompt`)
+    read_limit: int = 0  # from a warm span's start: the most of the prompt the engine was to read (`Built`)
 
 
 def _whole_lines_from(text: str, start: int, offset: int) -> int | None:
@@ -460,7 +466,7 @@ class CompletionService:
                 started=started,
                 text=doc.text,
                 cold=built.cold,
-                full=built.full,
+                read_limit=built.read_limit,
             )
             served = await self._complete(engine, request)
             if request.cold:
@@ -502,13 +508,14 @@ class CompletionService:
                     log.debug("prompt for %s: the last one and %d characters typed at its cursor", doc.uri, len(typed))
                     before_tail = (anchor.before_tail + typed)[-512:]
                     return Built(anchor.prompt + appended, healed, anchor.mode, before_tail)
-        full = self._full_prompt(doc, offset, key, settings, notes, neighbours, lease)
-        if full is not None:
+        found = self._full_prompt(doc, offset, key, settings, notes, neighbours, lease)
+        if found is not None:
+            full, limit = found
             # Keystrokes at this cursor extend it like any prompt: a new prompt from the warm start would
             # put the text after the cursor after a changed token and have the engine read it again.
             prompt_text, healed = heal(full)
             self._anchor(key, doc, offset, full, prompt_text, healed, settings)
-            return Built(prompt_text, healed, full.mode, full.prefix[-512:], full=True)
+            return Built(prompt_text, healed, full.mode, full.prefix[-512:], read_limit=limit)
         prompt = self.prompt_for(doc, offset, settings, notes, neighbours)
         # Token healing (see `heal`): the blanks before the cursor are taken off the prompt and back off the
         # front of what the model writes.
@@ -603,13 +610,13 @@ class CompletionService:
         notes: Sequence[str],
         neighbours: Neighbours | None,
         lease: Lease,
-    ) -> Prompt | None:
+    ) -> tuple[Prompt, int] | None:
         """The prompt at `completion.context_tokens` that starts on one of the document's warm start lines
         (`WarmSpan`, the farthest up first) and keeps the learned budget's share of text after the cursor, when
         all of its text before the cursor from there still fits and the engine has to read no more of it than
         the learned budget (the rest its prefix cache holds: a warm, or earlier requests from the same start).
         At the first request on the cursor's line, the text after the cursor also gets what the budget leaves
-        unread. None otherwise."""
+        unread. With the most tokens of it the engine is to read; None otherwise."""
         c = settings.completion
         if not self._warms(settings, neighbours):
             return None
@@ -626,12 +633,16 @@ class CompletionService:
         ]
         suffix_tokens = suffix_share_of(learned, c.suffix_share)
         wide = suffix_share_of(c.context_tokens, c.suffix_share)
+        place = self._cursor_place
+        rested = place is not None and (place[0], place[1], place[3]) == (*key, line)
         # At a new line, first a prompt with the whole share of text after the cursor that the engine already holds
-        # (a rested cursor's warm read it: `warm_cursor_soon`); else the first start whose prompt fits the budget.
+        # (a rested cursor's warm read it: `warm_cursor_soon`), or most of it on the line where the cursor rests
+        # (`_RESTED_READ_FACTOR`); else the first start whose prompt fits the budget.
         for whole in (True, False) if widen and wide > suffix_tokens else (False,):
+            limit = learned * _RESTED_READ_FACTOR if whole and rested else learned
             for span in spans:
                 prompt = self._span_prompt(
-                    doc, offset, span, settings, notes, suffix_tokens, wide, learned, whole, widen
+                    doc, offset, span, settings, notes, suffix_tokens, wide, learned, whole, widen, limit
                 )
                 if prompt is not None:
                     # The engine holds it once it has read this prompt (and still the longer text it read before).
@@ -642,7 +653,7 @@ class CompletionService:
                         span.head, span.last_line = head, line
                     span.used = time.monotonic()
                     self._spans.move_to_end(key)
-                    return prompt
+                    return prompt, limit
         return None
 
     def _span_prompt(
@@ -657,11 +668,13 @@ class CompletionService:
         learned: int,
         whole: bool,
         widen: bool,
+        limit: int,
     ) -> Prompt | None:
         """`_full_prompt`'s prompt from `span`'s start, or None: with `whole`, the one whose text after the cursor
         has the whole share of a prompt at `completion.context_tokens` (`wide` tokens), when the engine holds all
-        but the budget of it; else the one with `suffix_tokens` after the cursor, widened at a new line (`widen`)
-        by what the budget leaves unread."""
+        but `limit` tokens of it; else the one with `suffix_tokens` after the cursor, when it holds all but
+        `limit` (the learned budget, `learned`), widened at a new line (`widen`) by what the budget leaves
+        unread."""
         c = settings.completion
         start = _line_start(doc.text, span.first_line)
         if start > offset:
@@ -681,7 +694,7 @@ class CompletionService:
             return None  # the lines from this start no longer fit: a later start may
         prompt_text, _ = heal(prompt)
         read = self._count(prompt_text[shared_start(prompt_text, span.head) :])
-        if read > learned:
+        if read > limit:
             if not whole:
                 log.debug(
                     "no prompt from the warm start on line %d for %s: %d tokens past its cached text, over the budget",
@@ -848,9 +861,14 @@ class CompletionService:
                 if len(prompt.prefix) != offset - start:
                     return
         assert prompt is not None
+        head = heal(prompt)[0] if whole else prompt_head(prompt)
+        if not span.head:  # a new start: the engine holds what it shares with the text read from that line before
+            place = (span.first_line, span.version)
+            held = next((s.head for s in self._spans.get(key, ()) if (s.first_line, s.version) == place), "")
+            span.head = held[: shared_start(held, head)]
         span.last_line = max(span.last_line, line)
         self._keep_span(key, span)
-        await self._read_head(engine, span, heal(prompt)[0] if whole else prompt_head(prompt), lease, settings, doc.uri)
+        await self._read_head(engine, span, head, lease, settings, doc.uri)
 
     async def _read_head(
         self,
@@ -1038,21 +1056,21 @@ class CompletionService:
         self._spans[key] = spans
 
     def _check_span(self, req: CompletionRequest, gen: Generation) -> None:
-        """After a request from a warm start: when the engine read far more of it than the learned budget (its
-        prefix cache lost the text: the weights changed, or the cache evicted it), the document's warm starts are
-        forgotten, so that the next request is not sent a long prompt to read whole."""
+        """After a request from a warm start: when the engine read far more of it than it was to read
+        (`CompletionRequest.read_limit`: its prefix cache lost the text: the weights changed, or the cache evicted
+        it), the document's warm starts are forgotten, so that the next request is not sent a long prompt to read
+        whole."""
         cached = gen.timing.cached_tokens
         if cached is None:
             return
         read = len(gen.prompt_token_ids) - cached
-        learned = self.context_budget(req.settings)
         log.debug(
             "the engine read %d tokens of the prompt from the warm start (%d of %d cached)",
             read,
             cached,
             len(gen.prompt_token_ids),
         )
-        if read > learned + self._warm_piece(req.settings):
+        if read > req.read_limit + self._warm_piece(req.settings):
             key = (req.identity.developer_id, req.doc.uri)
             self._spans.pop(key, None)
             log.info(
@@ -1222,7 +1240,7 @@ class CompletionService:
             return None
         self.services.engine.report_success()
         self._observe(gen)
-        if req.full:
+        if req.read_limit:
             self._check_span(req, gen)
         return gen
 

@@ -750,6 +750,45 @@ async def test_a_cursor_that_comes_to_rest_is_warmed_before_the_first_request_th
     assert int(full.group(4)) > 8 * len(text.splitlines()[251]), prompt
 
 
+async def test_the_first_request_where_the_cursor_rests_reads_up_to_twice_the_budget_for_the_whole_prompt(
+    lsp_setup: ServerSetup,
+) -> None:
+    # As above (a budget of 256 tokens under a context of 1,024), the whole prompt at line 250 warmed where the
+    # cursor rested; then the developer changes a digit five lines above the cursor and the cursor rests there
+    # again. The new warm starts on the same line, and the engine still holds the old prompt up to the changed
+    # digit, so the first request there, sent at once, has some 370 tokens to read for the whole prompt (the five
+    # lines and the whole text after the cursor): more than the budget, less than twice it. It gets that prompt,
+    # not one at the budget with a narrower text after the cursor.
+    text = table_source(300)
+    log_debug(lsp_setup, fim_template=ANY_FIM_TEMPLATE)
+    uri = "file:///work/rested-again.py"
+    options: dict[str, Any] = {"developerId": "dev-rest-again", "sessionId": "dev-rest-again-1"}
+    options["settings"] = {"completion": WARM_ON_OPENING | {"warm_open_tokens": 0}}
+    options["cursorRest"] = "didMoveCursor"
+    log = lsp_setup.log
+    place = {"textDocument": {"uri": uri}, "position": {"line": 250, "character": 4}}
+    changed = text.splitlines()[245]
+    async with running_client("vscode", lsp_setup.config, log, options) as client:
+        await client.wait_status("ready")
+        client.open(uri, text)
+        client.notify("heedful/didMoveCursor", place)
+        await logged(log, f"tokens of {uri} from line")
+        digit = str((int(changed[-1]) + 1) % 7)  # one digit for another: the prompt's start stays on its line
+        client.change(uri, [((245, len(changed) - 1), (245, len(changed)), digit)])
+        client.notify("heedful/didMoveCursor", place)
+        await client.inline(uri, 250, 4)
+    (prompt,) = prompts_logged(log, uri)
+    full = re.search(
+        r"^(\d+) tokens from the warm start on line (\d+), about (\d+) of them to read, (\d+) characters after", prompt
+    )
+    assert full, prompt
+    assert 768 < int(full.group(1)) <= 1024 and 256 < int(full.group(3)) <= 512, prompt
+    assert int(full.group(2)) < 245, prompt
+    # The whole share of a prompt at 1,024 tokens after the cursor (256 tokens, about 11 lines), not the 190 or
+    # so a prompt at the budget widens to (about 8).
+    assert int(full.group(4)) > 9 * len(text.splitlines()[251]), prompt
+
+
 async def test_a_prompt_from_a_warm_start_widens_the_text_after_the_cursor_at_a_new_line_only(
     lsp_setup: ServerSetup,
 ) -> None:
