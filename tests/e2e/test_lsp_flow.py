@@ -568,6 +568,18 @@ def prompts_logged(log: Path, uri: str) -> list[str]:
     return [line.split(marker, 1)[1] for line in log.read_text().splitlines() if marker in line]
 
 
+def warm_start_prompt(prompt: str) -> tuple[int, int, int, int]:
+    """What the debug log says of a prompt from a warm start (one of `prompts_logged`): its tokens, the line it
+    starts on, about how many of them the engine was to read and the characters after the cursor. The test fails
+    on any other prompt."""
+    found = re.search(
+        r"^(\d+) tokens from the warm start on line (\d+), about (\d+) of them to read, (\d+) characters after", prompt
+    )
+    assert found, prompt
+    tokens, first_line, read, after = (int(group) for group in found.groups())
+    return tokens, first_line, read, after
+
+
 # A budget of 256 tokens under a context of 1,024, the document read on opening (16,384 tokens: about twice a
 # 300-line `table_source`), no type-through (every request reaches the engine).
 WARM_ON_OPENING = {
@@ -634,14 +646,13 @@ async def test_a_warm_start_gives_the_next_requests_the_whole_context_at_the_lea
     assert len(prompts) == 4, prompts
     cold = re.search(r"^(\d+) tokens from line (\d+)", prompts[0])
     assert cold and int(cold.group(1)) <= 256, prompts[0]
-    full = re.search(r"^(\d+) tokens from the warm start on line (\d+), about (\d+) of them to read", prompts[1])
-    assert full, prompts[1]
-    assert 512 < int(full.group(1)) <= 1024 and int(full.group(3)) <= 256, prompts[1]
-    assert int(full.group(2)) < int(cold.group(2))  # it reaches farther up than the cold prompt
+    tokens, first_line, read, _ = warm_start_prompt(prompts[1])
+    assert 512 < tokens <= 1024 and read <= 256, prompts[1]
+    assert first_line < int(cold.group(2))  # it reaches farther up than the cold prompt
     again = re.search(r"^(\d+) tokens from line", prompts[2])
     assert again and int(again.group(1)) <= 256, prompts[2]
     assert any(line.endswith("past its cached text, over the budget") for line in lines)
-    assert re.search(r"^(\d+) tokens from the warm start on line \d+, about (\d+) of them to read", prompts[3])
+    warm_start_prompt(prompts[3])
 
 
 async def test_a_document_warmed_on_opening_gives_the_first_request_anywhere_in_it_a_long_prompt(
@@ -674,14 +685,12 @@ async def test_a_document_warmed_on_opening_gives_the_first_request_anywhere_in_
     prompts = prompts_logged(log, uri)
     assert len(prompts) == 3, prompts
     for prompt, cursor_line in zip(prompts[:2], (160, 301), strict=True):
-        full = re.search(r"^(\d+) tokens from the warm start on line (\d+), about (\d+) of them to read", prompt)
-        assert full, prompt
-        assert 512 < int(full.group(1)) <= 1024 and int(full.group(3)) <= 256, prompt
-        assert int(full.group(2)) < cursor_line - 30, prompt  # far above what 256 tokens reach (about 17 lines)
-    moved = re.search(r"^(\d+) tokens from the warm start on line (\d+), about (\d+) of them to read", prompts[2])
-    assert moved, prompts[2]
-    assert 512 < int(moved.group(1)) <= 1024 and int(moved.group(3)) <= 256, prompts[2]
-    assert int(moved.group(2)) > 0, prompts[2]  # not the start at the top: its first line is now another
+        tokens, first_line, read, _ = warm_start_prompt(prompt)
+        assert 512 < tokens <= 1024 and read <= 256, prompt
+        assert first_line < cursor_line - 30, prompt  # far above what 256 tokens reach (about 17 lines)
+    tokens, first_line, read, _ = warm_start_prompt(prompts[2])
+    assert 512 < tokens <= 1024 and read <= 256, prompts[2]
+    assert first_line > 0, prompts[2]  # not the start at the top: its first line is now another
 
 
 @pytest.mark.parametrize("signal", ["didMoveCursor", "documentHighlight"])
@@ -739,15 +748,12 @@ async def test_a_cursor_that_comes_to_rest_is_warmed_before_the_first_request_th
     warmed = [line for line in lines if f"tokens of {uri} from line" in line]
     assert len(warmed) == 1, warmed
     (prompt,) = prompts_logged(log, uri)
-    full = re.search(
-        r"^(\d+) tokens from the warm start on line (\d+), about (\d+) of them to read, (\d+) characters after", prompt
-    )
-    assert full, prompt
-    assert 768 < int(full.group(1)) <= 1024 and int(full.group(3)) <= 16, prompt
-    assert int(full.group(2)) < 250 - 30, prompt  # far above what 256 tokens reach (about 11 lines)
+    tokens, first_line, read, after = warm_start_prompt(prompt)
+    assert 768 < tokens <= 1024 and read <= 16, prompt
+    assert first_line < 250 - 30, prompt  # far above what 256 tokens reach (about 11 lines)
     # Each of these lines is some 22 tokens (SmolLM2 reads each digit alone): 256 tokens after the cursor are
     # about 11 lines, the budget's 64 about 3.
-    assert int(full.group(4)) > 8 * len(text.splitlines()[251]), prompt
+    assert after > 8 * len(text.splitlines()[251]), prompt
 
 
 async def test_the_first_request_where_the_cursor_rests_reads_up_to_twice_the_budget_for_the_whole_prompt(
@@ -778,15 +784,12 @@ async def test_the_first_request_where_the_cursor_rests_reads_up_to_twice_the_bu
         client.notify("heedful/didMoveCursor", place)
         await client.inline(uri, 250, 4)
     (prompt,) = prompts_logged(log, uri)
-    full = re.search(
-        r"^(\d+) tokens from the warm start on line (\d+), about (\d+) of them to read, (\d+) characters after", prompt
-    )
-    assert full, prompt
-    assert 768 < int(full.group(1)) <= 1024 and 256 < int(full.group(3)) <= 512, prompt
-    assert int(full.group(2)) < 245, prompt
+    tokens, first_line, read, after = warm_start_prompt(prompt)
+    assert 768 < tokens <= 1024 and 256 < read <= 512, prompt
+    assert first_line < 245, prompt
     # The whole share of a prompt at 1,024 tokens after the cursor (256 tokens, about 11 lines), not the 190 or
     # so a prompt at the budget widens to (about 8).
-    assert int(full.group(4)) > 9 * len(text.splitlines()[251]), prompt
+    assert after > 9 * len(text.splitlines()[251]), prompt
 
 
 async def test_a_prompt_from_a_warm_start_widens_the_text_after_the_cursor_at_a_new_line_only(
@@ -813,15 +816,9 @@ async def test_a_prompt_from_a_warm_start_widens_the_text_after_the_cursor_at_a_
         await client.inline(uri, 12, 4)
     prompts = prompts_logged(log, uri)
     assert len(prompts) == 3, prompts
-    found = [
-        re.search(
-            r"^\d+ tokens from the warm start on line \d+, about (\d+) of them to read, (\d+) characters after", p
-        )
-        for p in prompts
-    ]
-    assert all(found), prompts
-    read = [int(f.group(1)) for f in found if f]
-    after = [int(f.group(2)) for f in found if f]
+    found = [warm_start_prompt(p) for p in prompts]
+    read = [r for _, _, r, _ in found]
+    after = [a for _, _, _, a in found]
     assert max(read) <= 256, prompts
     # Each of these lines is some 22 tokens (SmolLM2 reads each digit alone): 64 tokens after the cursor are
     # about 3 lines, the 190 or so the budget leaves unread about 8 more.
